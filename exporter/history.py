@@ -1,0 +1,272 @@
+"""Scope history: what the evaluator needs, in memory, for every global/app/model scope.
+
+Three time rings share one layout (scope rows × time slots), with one tag per slot saying
+which absolute slot it holds, so a slot is recycled for all scopes at once as event time
+moves on:
+
+- hourly sums (and hourly p95/p50 from sketches) over the horizon, for the baseline;
+- fine sums (1/60 of the window) and coarse sketches (1/12 of the window) for the window
+  under test.
+
+Everything is fed from `buckets.Groups` (already summed per series and fine slot), so the
+cost of an update scales with the distinct (series, slot) pairs of a batch. The layout is
+rebuilt from the store's buckets at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import sketch
+from .buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, Groups
+
+SCOPES = ("global", "app", "model")
+ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
+QUANTILES = {"latency": 0.95, "ttft": 0.95, "otps": 0.5}
+OPEN_HOURS = 3
+MIN_SKETCH_COUNT = 5
+_DIVISORS_OF_60 = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)
+
+
+def fine_resolution(window: float) -> int:
+    """The largest divisor of 60 s not above window/60, so fine slots nest in minutes."""
+    target = window / 60.0
+    return max(d for d in _DIVISORS_OF_60 if d <= max(target, 1))
+
+
+class Ring:
+    """Slots of `res` seconds, `n` of them, tagged with the absolute slot they hold."""
+
+    def __init__(self, res: int, n: int) -> None:
+        self.res, self.n = res, n
+        self.tag = np.full(n, -1, dtype=np.int64)
+
+    def claim(self, absolute: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Slot per absolute index, a mask of those still in range, and slots to clear."""
+        slot = absolute % self.n
+        cleared: list[int] = []
+        for a in np.unique(absolute):
+            s = int(a % self.n)
+            if self.tag[s] < a:
+                cleared.append(s)
+                self.tag[s] = a
+        return slot, self.tag[slot] == absolute, cleared
+
+    def slots_for(self, absolute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slot = absolute % self.n
+        return slot, self.tag[slot] == absolute
+
+
+@dataclass(slots=True)
+class WindowValues:
+    """Per-scope sums and quantiles over the window under test."""
+
+    adds: np.ndarray                  # (S, len(FIELDS))
+    quantiles: dict[str, np.ndarray]  # sketch kind -> (S,)
+    counts: dict[str, np.ndarray]
+
+
+class ScopeHistory:
+    """Per-scope rings for the evaluator; see the module docstring."""
+
+    def __init__(self, window: float, horizon: float) -> None:
+        self.window = float(window)
+        self.fine = fine_resolution(window)
+        coarse_slots = max(1, round(window / 12 / self.fine))
+        self.coarse = self.fine * coarse_slots
+        self.hours = Ring(3600, int(math.ceil(horizon / 3600)) + 2)
+        self.open = Ring(3600, OPEN_HOURS)
+        self.fine_ring = Ring(self.fine, int(math.ceil(window / self.fine)) + 4)
+        self.coarse_ring = Ring(self.coarse, int(math.ceil(window / self.coarse)) + 2)
+        self.keys: list[ScopeKey] = []
+        self._index: dict[ScopeKey, int] = {}
+        self._series_rows: dict[int, tuple[int, int, int]] = {}
+        self._cap = 0
+        nf, nk, nb = len(FIELDS), len(SKETCHES), sketch.NBINS
+        self.hour_add = np.zeros((0, self.hours.n, nf))
+        self.hour_q = np.full((0, self.hours.n, nk), np.nan)
+        self.open_sk = np.zeros((0, self.open.n, nk, nb), dtype=np.int32)
+        self.fine_add = np.zeros((0, self.fine_ring.n, nf))
+        self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
+        self.first_hour = np.zeros(0, dtype=np.int64)
+        self.late_sketch_groups = 0
+        self._grow(16)
+
+    # --- scopes -----------------------------------------------------------------------
+
+    def _grow(self, cap: int) -> None:
+        def g(a: np.ndarray, fill: float = 0) -> np.ndarray:
+            out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
+            out[: a.shape[0]] = a
+            return out
+        self.hour_add, self.fine_add = g(self.hour_add), g(self.fine_add)
+        self.hour_q = g(self.hour_q, np.nan)
+        self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
+        self.first_hour = g(self.first_hour, np.iinfo(np.int64).max)
+        self._cap = cap
+
+    def _scope(self, key: ScopeKey) -> int:
+        i = self._index.get(key)
+        if i is None:
+            i = len(self.keys)
+            if i >= self._cap:
+                self._grow(self._cap * 2)
+            self._index[key] = i
+            self.keys.append(key)
+        return i
+
+    def scope_rows(self, series: np.ndarray, series_keys: dict[int, tuple[str, str, str]]) -> np.ndarray:
+        """(G, 3) scope rows (global, app, model) for each series id."""
+        out = np.empty((len(series), 3), dtype=np.int64)
+        for j, sid in enumerate(series.tolist()):
+            rows = self._series_rows.get(sid)
+            if rows is None:
+                app, provider, model = series_keys[sid]
+                rows = (self._scope(("global", "", "", "")), self._scope(("app", app, "", "")),
+                        self._scope(("model", "", provider, model)))
+                self._series_rows[sid] = rows
+            out[j] = rows
+        return out
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    # --- updates ----------------------------------------------------------------------
+
+    def add(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]], hourly: bool = True) -> None:
+        """Fold groups aligned to the fine resolution into every ring (`hourly=False`: the
+        window rings only, for minute buckets re-read at start-up whose hours are restored
+        separately by `add_hours`)."""
+        if not len(groups):
+            return
+        if (groups.start % self.fine).any():
+            raise ValueError("history.add: groups must be aligned to the fine resolution")
+        rows, rep = self._expand(groups, series_keys)
+        if hourly:
+            self._add_hourly(rows, rep, groups)
+            self._add_open(rows, rep, groups)
+        adds = groups.adds[rep]
+        slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
+        np.add.at(self.fine_add, (rows[ok], slot[ok]), adds[ok])
+        slot, ok = self._claim(self.coarse_ring, np.repeat(groups.start // self.coarse, 3), self.coarse_sk, 0)
+        for k, kind in enumerate(SKETCHES):
+            np.add.at(self.coarse_sk, (rows[ok], slot[ok], k), groups.sketches[kind][rep[ok]].astype(np.int32))
+
+    def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
+        """Fold hourly groups (the store's hourly buckets, at start-up)."""
+        if not len(groups):
+            return
+        rows, rep = self._expand(groups, series_keys)
+        self._add_hourly(rows, rep, groups)
+        self._add_open(rows, rep, groups)
+        hour_abs = np.repeat(groups.start // 3600, 3)
+        slot, ok = self.hours.slots_for(hour_abs)
+        key = rows[ok] * self.hours.n + slot[ok]
+        uniq, inv = np.unique(key, return_inverse=True)
+        for k, kind in enumerate(SKETCHES):
+            summed = np.zeros((len(uniq), sketch.NBINS), dtype=np.int64)
+            np.add.at(summed, inv, groups.sketches[kind][rep][ok])
+            self.hour_q[uniq // self.hours.n, uniq % self.hours.n, k] = _quantiles(summed, QUANTILES[kind])
+
+    def _expand(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Each group once per scope it belongs to: flat scope rows and the group of each."""
+        rows = self.scope_rows(groups.series, series_keys).reshape(-1)
+        return rows, np.repeat(np.arange(len(groups)), 3)
+
+    def _claim(self, ring: Ring, absolute: np.ndarray, data: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray]:
+        slot, ok, cleared = ring.claim(absolute)
+        for s in cleared:
+            data[:, s] = fill
+        return slot, ok
+
+    def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
+        hour_abs = np.repeat(groups.start // 3600, 3)
+        np.minimum.at(self.first_hour, rows, hour_abs)
+        slot, ok, cleared = self.hours.claim(hour_abs)
+        for s in cleared:
+            self.hour_add[:, s] = 0.0
+            self.hour_q[:, s] = np.nan
+        np.add.at(self.hour_add, (rows[ok], slot[ok]), groups.adds[rep][ok])
+
+    def _add_open(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
+        """Sketches of the newest hours, whose quantiles are still changing.
+
+        Hours are taken in order so that a replay batch spanning many hours finalises each
+        hour's quantiles before its slot is reused (a loop over hours, not records)."""
+        hour_abs = np.repeat(groups.start // 3600, 3)
+        for hour in np.unique(hour_abs):
+            sel = hour_abs == hour
+            slot, ok, cleared = self.open.claim(hour_abs[sel])
+            for s in cleared:
+                self._finalise_open(s)
+                self.open_sk[:, s] = 0
+            if not ok[0]:
+                self.late_sketch_groups += int(sel.sum())
+                continue
+            r, g = rows[sel], rep[sel]
+            for k, kind in enumerate(SKETCHES):
+                np.add.at(self.open_sk, (r, slot[0], k), groups.sketches[kind][g].astype(np.int32))
+
+    def _finalise_open(self, open_slot: int) -> None:
+        hour = int(self.open.tag[open_slot])
+        if hour < 0:
+            return
+        hslot = hour % self.hours.n
+        if self.hours.tag[hslot] != hour:
+            return
+        n = self.size
+        for k, kind in enumerate(SKETCHES):
+            self.hour_q[:n, hslot, k] = _quantiles(self.open_sk[:n, open_slot, k], QUANTILES[kind])
+
+    def refresh_open_hours(self) -> None:
+        for s in range(self.open.n):
+            self._finalise_open(s)
+
+    # --- reads ------------------------------------------------------------------------
+
+    def window_values(self, t: float) -> WindowValues:
+        """Sums and quantiles over the window (t - window, t]."""
+        n = self.size
+        lo = math.floor((t - self.window) / self.fine) + 1
+        fine_abs = np.arange(lo, math.floor(t / self.fine) + 1)
+        slot, ok = self.fine_ring.slots_for(fine_abs)
+        adds = self.fine_add[:n][:, slot[ok]].sum(axis=1)
+        lo = math.floor((t - self.window) / self.coarse) + 1
+        coarse_abs = np.arange(lo, math.floor(t / self.coarse) + 1)
+        slot, ok = self.coarse_ring.slots_for(coarse_abs)
+        sk = self.coarse_sk[:n][:, slot[ok]].sum(axis=1, dtype=np.int64)   # (S, K, NBINS)
+        qs = {kind: sketch.quantile(sk[:, k], QUANTILES[kind]) for k, kind in enumerate(SKETCHES)}
+        counts = {kind: sk[:, k].sum(axis=1) for k, kind in enumerate(SKETCHES)}
+        return WindowValues(adds, qs, counts)
+
+    def hourly(self, t: float, baseline: float, seasonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Hourly sums (S, H, F), quantiles (S, H, K), a mask of hours before each scope existed,
+        and each scope's history length in hours — for the hours that end before the window."""
+        n = self.size
+        self.refresh_open_hours()
+        end = math.floor((t - self.window) / 3600)          # first hour that overlaps the window
+        count = int(round(baseline / 3600))
+        hours = np.arange(end - count, end)
+        if seasonal:
+            target = math.floor((t - self.window / 2) / 3600) % 24
+            hours = hours[hours % 24 == target]
+        slot, ok = self.hours.slots_for(hours)
+        adds = np.where(ok[None, :, None], self.hour_add[:n][:, slot], 0.0)
+        q = np.where(ok[None, :, None], self.hour_q[:n][:, slot], np.nan)
+        before = hours[None, :] < self.first_hour[:n, None]
+        span = np.clip(end - np.maximum(self.first_hour[:n], end - count), 0, count)
+        return adds, q, before, span
+
+
+def _quantiles(counts: np.ndarray, q: float) -> np.ndarray:
+    total = counts.sum(axis=-1)
+    out = sketch.quantile(counts, q)
+    return np.where(total >= MIN_SKETCH_COUNT, out, np.nan)
+
+
+def token_sum(adds: np.ndarray) -> np.ndarray:
+    return sum(adds[..., F[name]] for name in TOKEN_FIELDS)

@@ -1,0 +1,163 @@
+"""The usage counters and histograms, kept as numpy arrays and exposed by a custom collector.
+
+prometheus-client's own Counter and Histogram take a lock and walk Python objects per
+observation; a batch of a thousand records would cost thousands of calls. Here a batch is
+folded into arrays with `np.add.at`, and each touched series' totals are serialised for
+the store so the counters resume after a restart instead of dropping to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .records import ERROR_TYPES, TOKEN_TYPES, RecordColumns
+
+INF = math.inf
+HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "llm_request_duration_seconds": ("End-to-end duration of LLM requests.",
+                                     (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, INF)),
+    "llm_time_to_first_token_seconds": ("Time to first token of streamed LLM requests.",
+                                        (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, INF)),
+    "llm_output_tokens_per_second": ("Output tokens per second of generation time (after the first token).",
+                                     (1, 5, 10, 20, 30, 45, 60, 80, 100, 150, 200, 300, INF)),
+}
+SERIES_LABELS = ("app", "provider", "model")
+
+
+class UsageMetrics(Collector):
+    """Counters and histograms per (app, provider, model) series, indexed by store series id."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, str, str]] = []
+        self.sids: list[int] = []
+        self._row: dict[int, int] = {}
+        self._cap = 0
+        self.requests = np.zeros(0)
+        self.errors = np.zeros((0, len(ERROR_TYPES)))
+        self.tokens = np.zeros((0, len(TOKEN_TYPES)))
+        self.cost = np.zeros(0)
+        self.unpriced = np.zeros(0)
+        self.hist = {n: np.zeros((0, len(b))) for n, (_, b) in HISTOGRAMS.items()}
+        self.hist_sum = {n: np.zeros(0) for n in HISTOGRAMS}
+        self._grow(64)
+
+    def _grow(self, cap: int) -> None:
+        def g(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((cap,) + a.shape[1:])
+            out[: a.shape[0]] = a
+            return out
+        self.requests, self.errors, self.tokens = g(self.requests), g(self.errors), g(self.tokens)
+        self.cost, self.unpriced = g(self.cost), g(self.unpriced)
+        self.hist = {n: g(a) for n, a in self.hist.items()}
+        self.hist_sum = {n: g(a) for n, a in self.hist_sum.items()}
+        self._cap = cap
+
+    def rows(self, series_ids: list[int], keys: list[tuple[str, str, str]]) -> np.ndarray:
+        """Row index per series id, adding rows for new series."""
+        out = np.empty(len(series_ids), dtype=np.int64)
+        for i, (sid, key) in enumerate(zip(series_ids, keys)):
+            r = self._row.get(sid)
+            if r is None:
+                r = len(self.keys)
+                if r >= self._cap:
+                    self._grow(self._cap * 2)
+                self._row[sid] = r
+                self.keys.append(key)
+                self.sids.append(sid)
+            out[i] = r
+        return out
+
+    def add(self, row: np.ndarray, cols: RecordColumns, cost: np.ndarray) -> None:
+        """Fold a batch in; `row` is each record's row (from `rows`)."""
+        np.add.at(self.requests, row, 1.0)
+        if cols.is_error.any():
+            et = np.array([ERROR_TYPES.index(e) if e in ERROR_TYPES else len(ERROR_TYPES) - 1
+                           for e in cols.error_type[cols.is_error]], dtype=np.int64)
+            np.add.at(self.errors, (row[cols.is_error], et), 1.0)
+        tok = np.stack([cols.input_tokens, cols.output_tokens, cols.cache_read_tokens,
+                        cols.cache_write_tokens, cols.reasoning_tokens], axis=1)
+        np.add.at(self.tokens, row, tok)
+        priced = ~np.isnan(cost)
+        np.add.at(self.cost, row[priced], cost[priced])
+        np.add.at(self.unpriced, row[~priced], 1.0)
+        for name, values in (("llm_request_duration_seconds", cols.latency),
+                             ("llm_time_to_first_token_seconds", cols.ttft),
+                             ("llm_output_tokens_per_second", cols.output_tokens_per_second)):
+            ok = ~np.isnan(values)
+            if not ok.any():
+                continue
+            bounds = np.array(HISTOGRAMS[name][1])
+            b = np.searchsorted(bounds, values[ok], side="left")
+            np.add.at(self.hist[name], (row[ok], b), 1.0)
+            np.add.at(self.hist_sum[name], row[ok], values[ok])
+
+    # --- persistence -------------------------------------------------------------------
+
+    def dump(self, r: int) -> bytes:
+        """One series' totals as bytes, for the store."""
+        parts = [self.requests[r:r + 1], self.errors[r], self.tokens[r], self.cost[r:r + 1], self.unpriced[r:r + 1]]
+        for n in HISTOGRAMS:
+            parts += [self.hist[n][r], self.hist_sum[n][r:r + 1]]
+        return np.concatenate(parts).astype(np.float64).tobytes()
+
+    def load(self, sid: int, key: tuple[str, str, str], blob: bytes) -> None:
+        r = int(self.rows([sid], [key])[0])
+        v = np.frombuffer(blob, dtype=np.float64)
+        i = 0
+
+        def take(n: int) -> np.ndarray:
+            nonlocal i
+            out = v[i:i + n]
+            i += n
+            return out
+        self.requests[r] = take(1)[0]
+        self.errors[r] = take(len(ERROR_TYPES))
+        self.tokens[r] = take(len(TOKEN_TYPES))
+        self.cost[r] = take(1)[0]
+        self.unpriced[r] = take(1)[0]
+        for n, (_, bounds) in HISTOGRAMS.items():
+            self.hist[n][r] = take(len(bounds))
+            self.hist_sum[n][r] = take(1)[0]
+
+    def row_of(self, sid: int) -> int | None:
+        return self._row.get(sid)
+
+    # --- exposition -------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        n = len(self.keys)
+        keys = [list(k) for k in self.keys]
+        req = CounterMetricFamily("llm_requests", "LLM requests.", labels=SERIES_LABELS)
+        cost = CounterMetricFamily("llm_cost_usd", "Cost of LLM requests in US dollars (priced requests only).", labels=SERIES_LABELS)
+        unp = CounterMetricFamily("llm_unpriced_requests", "Requests whose cost is unknown: no cost in the record and no price for the model.", labels=SERIES_LABELS)
+        err = CounterMetricFamily("llm_request_errors", "Failed LLM requests by error type.", labels=SERIES_LABELS + ("error_type",))
+        tok = CounterMetricFamily("llm_tokens", "Tokens processed, by token type.", labels=SERIES_LABELS + ("token_type",))
+        for r in range(n):
+            req.add_metric(keys[r], self.requests[r])
+            cost.add_metric(keys[r], self.cost[r])
+            unp.add_metric(keys[r], self.unpriced[r])
+            for j, et in enumerate(ERROR_TYPES):
+                if self.errors[r, j]:
+                    err.add_metric(keys[r] + [et], self.errors[r, j])
+            for j, tt in enumerate(TOKEN_TYPES):
+                if self.tokens[r, j]:
+                    tok.add_metric(keys[r] + [tt], self.tokens[r, j])
+        yield from (req, err, tok, cost, unp)
+        for name, (doc, bounds) in HISTOGRAMS.items():
+            fam = HistogramMetricFamily(name, doc, labels=SERIES_LABELS)
+            counts = np.cumsum(self.hist[name][:n], axis=1)
+            les = [_le(b) for b in bounds]
+            for r in range(n):
+                if counts[r, -1] == 0:
+                    continue
+                fam.add_metric(keys[r], list(zip(les, counts[r].tolist())), self.hist_sum[name][r])
+            yield fam
+
+
+def _le(b: float) -> str:
+    return "+Inf" if b == INF else repr(float(b))

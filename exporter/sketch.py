@@ -1,0 +1,70 @@
+"""Log-bucketed quantile sketches: fixed bins, so sketches add by plain array addition.
+
+A value v falls in bin floor(log(v / LO) / log(GAMMA)); reporting the bin's geometric
+midpoint bounds the relative error by (GAMMA - 1) / 2, about 2 % with GAMMA = 1.04. Fixed
+bins make merging minutes into hours, and series into scopes, a numpy sum, and make an
+hourly p95 exact to that bound no matter how many records it covers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GAMMA = 1.04
+LO = 1e-3          # 1 ms (seconds) or 0.001 tokens/s
+HI = 1e5           # ~28 hours / 100k tokens/s
+NBINS = int(np.ceil(np.log(HI / LO) / np.log(GAMMA))) + 1
+_LOG_GAMMA = float(np.log(GAMMA))
+MIDPOINTS = LO * GAMMA ** (np.arange(NBINS) + 0.5)
+
+
+def bin_index(values: np.ndarray) -> np.ndarray:
+    """Bin of each value; -1 for NaN or negative (missing). Values are clamped into range."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v) & (v >= 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idx = np.floor(np.log(np.maximum(v, LO) / LO) / _LOG_GAMMA)
+    idx = np.clip(np.nan_to_num(idx, nan=0.0), 0, NBINS - 1).astype(np.int64)
+    return np.where(ok, idx, -1)
+
+
+def histogram(values: np.ndarray) -> np.ndarray:
+    """One sketch (NBINS counts) of the given values."""
+    idx = bin_index(values)
+    return np.bincount(idx[idx >= 0], minlength=NBINS).astype(np.int64)
+
+
+def grouped(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sketches per group: shape (n_groups, NBINS)."""
+    idx = bin_index(values)
+    keep = idx >= 0
+    flat = groups[keep] * NBINS + idx[keep]
+    return np.bincount(flat, minlength=n_groups * NBINS).reshape(n_groups, NBINS).astype(np.int64)
+
+
+def quantile(counts: np.ndarray, q: float) -> np.ndarray:
+    """The q-quantile of each sketch along the last axis; NaN where a sketch is empty."""
+    counts = np.asarray(counts)
+    total = counts.sum(axis=-1)
+    cum = np.cumsum(counts, axis=-1)
+    target = np.ceil(q * total)[..., None]
+    pos = np.argmax(cum >= np.maximum(target, 1), axis=-1)
+    out = MIDPOINTS[pos]
+    return np.where(total > 0, out, np.nan)
+
+
+def encode(counts: np.ndarray) -> bytes:
+    """Sparse bytes: (uint16 bin, uint32 count) pairs of the non-empty bins."""
+    nz = np.flatnonzero(counts)
+    rec = np.empty(len(nz), dtype=[("i", "<u2"), ("n", "<u4")])
+    rec["i"] = nz
+    rec["n"] = counts[nz]
+    return rec.tobytes()
+
+
+def decode(blob: bytes | None) -> np.ndarray:
+    out = np.zeros(NBINS, dtype=np.int64)
+    if blob:
+        rec = np.frombuffer(blob, dtype=[("i", "<u2"), ("n", "<u4")])
+        out[rec["i"].astype(np.int64)] = rec["n"]
+    return out
