@@ -70,6 +70,7 @@ class Engine:
         self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()
+        self.counters_lock = threading.Lock()   # held briefly: counter updates and scrapes
         self.results_total = dict.fromkeys(RESULTS, 0.0)
         self.overflow_total = dict.fromkeys(self.guards, 0.0)
         self.last_record_wallclock = 0.0
@@ -112,23 +113,35 @@ class Engine:
 
     # --- ingest -----------------------------------------------------------------------
 
-    def ingest(self, items: Sequence[Any], now: float | None = None) -> IngestResult:
+    def ingest(self, items: Sequence[Any], now: float | None = None, meta: dict[str, str] | None = None) -> IngestResult:
         """Validate, dedupe, count and persist a batch of decoded items."""
         now = self.clock() if now is None else now
         records, rejected, indices = parse_items(items, now)
+        return self.ingest_records(records, indices, rejected, now, meta)
+
+    def ingest_records(self, records: list[UsageRecord], indices: list[int] | None = None,
+                       rejected: list[Rejected] | None = None, now: float | None = None,
+                       meta: dict[str, str] | None = None) -> IngestResult:
+        """Dedupe, count and persist already-validated records (replay, backtest, tail).
+
+        `meta` is written in the same transaction (a tail follower's file offset), so a crash
+        can never store records without their offset or the other way round."""
+        now = self.clock() if now is None else now
+        indices = list(range(len(records))) if indices is None else indices
+        rejected = rejected or []
         with self.lock:
             result = IngestResult(rejected=rejected)
             fresh, dup_idx, ids = self._dedupe(records, indices)
             result.duplicate_indices = dup_idx
             result.duplicate = len(dup_idx)
+            pending = {"accepted": len(fresh), "duplicate": len(dup_idx), "rejected": len(rejected)}
             if fresh:
-                self._apply(fresh, ids, now, result)
+                self._apply(fresh, ids, now, pending, meta or {})
+            else:
+                self.store.write(BatchWrite(meta={**(meta or {}), "exporter_totals": self._totals_json(pending)}))
+            for k, v in pending.items():
+                self.results_total[k] += v
             result.accepted = len(fresh)
-            self.results_total["accepted"] += result.accepted
-            self.results_total["duplicate"] += result.duplicate
-            self.results_total["rejected"] += len(rejected)
-            if not fresh:
-                self.store.set_meta("exporter_totals", self._totals_json())
         return result
 
     def _dedupe(self, records: list[UsageRecord], indices: list[int]) -> tuple[list[UsageRecord], list[int], list[str]]:
@@ -147,7 +160,8 @@ class Engine:
             fresh.append(r)
         return fresh, dup, list(batch_ids)
 
-    def _apply(self, records: list[UsageRecord], ids: list[str], now: float, result: IngestResult) -> None:
+    def _apply(self, records: list[UsageRecord], ids: list[str], now: float, pending: dict[str, int],
+               meta: dict[str, str]) -> None:
         cols = to_columns(records)
         raw_model = cols.model
         overflow_before = {k: g.overflow_total for k, g in self.guards.items()}
@@ -161,11 +175,13 @@ class Engine:
         uniq, inverse = np.unique(triples, return_inverse=True)
         keys = [tuple(u.split("\x1f")) for u in uniq.tolist()]
         sids = self.store.series_ids(keys)  # type: ignore[arg-type]
-        rows = self.usage.rows(sids, keys)  # type: ignore[arg-type]
+        with self.counters_lock:
+            rows = self.usage.rows(sids, keys)  # type: ignore[arg-type]
         series = np.asarray(sids, dtype=np.int64)[inverse]
         touched = np.unique(rows)
         before = {int(r): self.usage.dump(int(r)) for r in touched}
-        self.usage.add(rows[inverse], cols, cost)
+        with self.counters_lock:
+            self.usage.add(rows[inverse], cols, cost)
 
         groups = aggregate(cols, series, cost, res=self.history.fine)
         newest = max(self.newest_event_ts, float(cols.ts.max()))
@@ -179,13 +195,14 @@ class Engine:
             records=self._raw(records, cost) if self.settings.record_retention > 0 else [],
             labels=new_labels,
             daily_cost=_daily_cost(cols.app, cols.ts, cost),
-            meta={"newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending=len(records))},
+            meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending)},
         )
         try:
             self.store.write(write)
         except StoreError:
-            for r, blob in before.items():
-                self.usage.load(self.usage.sids[r], self.usage.keys[r], blob)
+            with self.counters_lock:
+                for r, blob in before.items():
+                    self.usage.load(self.usage.sids[r], self.usage.keys[r], blob)
             for name, v in new_labels:   # persist them with the next batch that succeeds
                 self.guards[name].newly_admitted.append(v)
             raise
@@ -201,9 +218,8 @@ class Engine:
             out.append((r.ts, orjson.dumps(d)))
         return out
 
-    def _totals_json(self, pending: int = 0) -> str:
-        results = dict(self.results_total)
-        results["accepted"] += pending
+    def _totals_json(self, pending: dict[str, int]) -> str:
+        results = {k: v + pending.get(k, 0) for k, v in self.results_total.items()}
         return orjson.dumps({"results": results, "overflow": self.overflow_total}).decode()
 
     # --- evaluation -------------------------------------------------------------------
