@@ -471,13 +471,12 @@ class RunawayDetector:
         sig_s = np.where(valid, sig, "").astype(str)
         prev = sess.last_sig[slots].astype(str)
         _, codes = np.unique(np.concatenate([sig_s, prev]), return_inverse=True)
-        longest, last_code, last_len, last_valid = tool_runs(
+        longest, _, last_len, last_valid = tool_runs(
             g, codes[: g.shape[0]], valid, codes[g.shape[0]:], sess.run_len[slots])
         sess.max_run[slots] = np.maximum(sess.max_run[slots], longest)
-        last_pos = ends  # the record that ends each group carries its final signature
-        sess.last_sig[slots] = np.where(last_valid, sig_s[last_pos], "")
+        # The record that ends each group carries the signature its run continues with.
+        sess.last_sig[slots] = np.where(last_valid, sig_s[ends], "")
         sess.run_len[slots] = np.where(last_valid, last_len, 0)
-        del last_code
 
         self._events.append(slots[g].astype(np.int32), t, burst_tok.astype(np.int64),
                             self._clock - self._log_window)
