@@ -206,6 +206,32 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
                 and (severity is None or SEVERITY_ORDER[r["severity"]] >= SEVERITY_ORDER[severity])]
         return ORJSONResponse({"evaluated_at": snap.t, "anomalies": rows})
 
+    def detector_report(name: str) -> Response:
+        rep = engine.detectors.latest
+        if rep is None:
+            return _error(503, "no evaluation yet")
+        value = getattr(rep, name)
+        body = [r.to_dict() for r in value] if isinstance(value, list) else value.to_dict()
+        return ORJSONResponse({"evaluated_at": engine.snapshot.t if engine.snapshot else None, name: body})
+
+    @app.get("/api/drift")
+    def drift(min_severity: int = Query(0, ge=0, le=2)) -> Response:
+        """Per-model drift values, severity and the reasons behind it."""
+        rep = engine.detectors.latest
+        if rep is None:
+            return _error(503, "no evaluation yet")
+        return ORJSONResponse({"drift": [r.to_dict() for r in rep.drift if r.severity >= min_severity]})
+
+    @app.get("/api/runaways")
+    def runaways() -> Response:
+        """Flagged sessions (ids only here, never in labels), counts per app and reason, invocation spikes."""
+        return detector_report("runaway")
+
+    @app.get("/api/budgets")
+    def budgets() -> Response:
+        """Budgets, period-to-date spend and forecasts per app and overall."""
+        return detector_report("budget")
+
     @app.get("/", response_class=HTMLResponse)
     def landing() -> Response:
         return HTMLResponse(landing_page(engine))

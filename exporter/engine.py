@@ -24,12 +24,15 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .buckets import Groups, aggregate
 from .config import Settings
+from .detectors import DetectorCollector, Detectors
+from .budget import local_day_index
 from .evaluator import AnomalyCollector, Evaluator, Snapshot
 from .history import ScopeHistory
 from .instruments import UsageMetrics
 from .labels import LabelGuard
 from .prices import PriceTable
 from .records import Rejected, UsageRecord, parse_items, to_columns
+from .records import RecordColumns
 from .signals import signal_specs
 from .store import BatchWrite, Store, StoreError
 
@@ -68,6 +71,7 @@ class Engine:
         self.usage = UsageMetrics()
         self.history = ScopeHistory(settings.window, settings.horizon)
         self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
+        self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets)
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()
         self.counters_lock = threading.Lock()   # held briefly: counter updates and scrapes
@@ -84,6 +88,7 @@ class Engine:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=self.registry)
         self.registry.register(self.usage)
         self.registry.register(AnomalyCollector(self))
+        self.registry.register(DetectorCollector(self.detectors))
         self.registry.register(_SelfCollector(self))
 
     # --- start-up ---------------------------------------------------------------------
@@ -100,8 +105,10 @@ class Engine:
             self.overflow_total.update(d.get("overflow", {}))
         newest = float(self.store.get_meta("newest_event_ts") or 0.0)
         self.newest_event_ts = newest
+        self.detectors.restore_budget(self.store.daily_costs())
         if not keys:
             return
+        self._restore_detectors(newest)
         now = max(self.clock(), newest)
         hourly = list(self.store.buckets(3600, now - self.settings.horizon, now + 3600))
         if hourly:
@@ -110,6 +117,33 @@ class Engine:
         recent = list(self.store.buckets(60, newest - self.settings.window - 60, newest + 60))
         if recent:
             self.history.add(_groups(recent), keys, hourly=False)
+
+    def _restore_detectors(self, newest: float) -> None:
+        """Drift and runaway windows from the raw records of the last day (budget excluded:
+        it was restored from daily cost)."""
+        recent: list[UsageRecord] = []
+        for d in self.store.records(newest - 86400, newest + 1):
+            d["tool_names"] = tuple(d.get("tool_names") or ())
+            recent.append(UsageRecord(**d))
+            if len(recent) >= 5000:
+                self._observe_restored(recent)
+                recent = []
+        self._observe_restored(recent)
+
+    def _observe_restored(self, records: list[UsageRecord]) -> None:
+        if not records:
+            return
+        cols = to_columns(records)
+        self._guard(cols)
+        self.detectors.observe(cols, budget=False)
+
+    def _guard(self, cols: RecordColumns) -> np.ndarray:
+        """Apply the label guards in place; returns the raw model names (for prices)."""
+        raw_model = cols.model
+        cols.app = self.guards["app"].guard(cols.app)
+        cols.provider = self.guards["provider"].guard(cols.provider)
+        cols.model = self.guards["model"].guard(cols.model)
+        return raw_model
 
     # --- ingest -----------------------------------------------------------------------
 
@@ -163,11 +197,8 @@ class Engine:
     def _apply(self, records: list[UsageRecord], ids: list[str], now: float, pending: dict[str, int],
                meta: dict[str, str]) -> None:
         cols = to_columns(records)
-        raw_model = cols.model
         overflow_before = {k: g.overflow_total for k, g in self.guards.items()}
-        cols.app = self.guards["app"].guard(cols.app)
-        cols.provider = self.guards["provider"].guard(cols.provider)
-        cols.model = self.guards["model"].guard(cols.model)
+        raw_model = self._guard(cols)
         cost = self.prices.costs(cols, raw_model)
         cols.cost = cost
 
@@ -194,7 +225,7 @@ class Engine:
             totals={self.usage.sids[int(r)]: self.usage.dump(int(r)) for r in touched},
             records=self._raw(records, cost) if self.settings.record_retention > 0 else [],
             labels=new_labels,
-            daily_cost=_daily_cost(cols.app, cols.ts, cost),
+            daily_cost=_daily_cost(cols.app, local_day_index(cols.ts, self.detectors.budget.tz), cost),
             meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending)},
         )
         try:
@@ -209,6 +240,7 @@ class Engine:
         self.newest_event_ts = newest
         self.last_record_wallclock = time.time()
         self.history.add(groups, self.store.series())
+        self.detectors.observe(cols)
 
     def _raw(self, records: list[UsageRecord], cost: np.ndarray) -> list[tuple[float, bytes]]:
         out = []
@@ -231,6 +263,7 @@ class Engine:
         try:
             with self.lock:
                 snap = self.evaluator.evaluate(t)
+                snap.extra["detectors"] = self.detectors.evaluate(t)
         except Exception:  # one failing part must not break the scrape: count it and keep the last snapshot
             log.exception("evaluation at %s failed", t)
             self.evaluation_errors_total += 1
@@ -257,9 +290,8 @@ def _groups(rows: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]]) -> G
     return Groups(series, start, adds, sketches)
 
 
-def _daily_cost(app: np.ndarray, ts: np.ndarray, cost: np.ndarray) -> list[tuple[str, int, float]]:
-    """Cost per (app, UTC day) of a batch, for budgets and forecasts."""
-    day = (ts // 86400).astype(np.int64)
+def _daily_cost(app: np.ndarray, day: np.ndarray, cost: np.ndarray) -> list[tuple[str, int, float]]:
+    """Cost per (app, local day) of a batch, for budgets and forecasts."""
     c = np.nan_to_num(cost, nan=0.0)
     key = np.char.add(np.char.add(app.astype(str), "\x1f"), day.astype(str))
     uniq, inv = np.unique(key, return_inverse=True)
