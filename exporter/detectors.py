@@ -106,10 +106,12 @@ class DetectorCollector(Collector):
             rs.add_metric([app, reason], n)
         yield rs
         iz = GaugeMetricFamily("llm_runaway_invocation_zscore",
-                               "Robust z of an app's last-5-minute call count against its own recent 5-minute counts.",
-                               labels=["app"])
+                               "Robust z of an app's last-5-minute call count against its own recent 5-minute counts "
+                               "(NaN below the minimum call count, where z is noise).", labels=["app"])
+        min_count = self.d.runaway.settings.spike_min_count
         for app, z in sorted(rep.runaway.invocation_zscore.items()):
-            iz.add_metric([app], z)
+            enough = rep.runaway.invocation_count.get(app, 0) >= min_count
+            iz.add_metric([app], z if enough else math.nan)
         yield iz
         yield CounterMetricFamily("llm_exporter_sessions_overflow",
                                   "Sessions not tracked by the runaway detector because max_sessions was reached.",
