@@ -33,7 +33,8 @@ def _knob_help() -> str:
     for name, f in Settings.model_fields.items():
         flag = "(env/file only)" if name in FLAG_FORBIDDEN else "(YAML only)" if name not in SCALAR_FIELDS else f"--{name.replace('_', '-')}"
         default = f.default if f.default_factory is None else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {name:<22} {flag:<26} {ENV_PREFIX}{name.upper():<22} default {default!r}: {f.description}")
+        env = f"{ENV_PREFIX}{name.upper()}" if name in SCALAR_FIELDS else "-"   # YAML-only knobs have no variable
+        lines.append(f"  {name:<22} {flag:<26} {env:<35} default {default!r}: {f.description}")
     return "\n".join(lines)
 
 
