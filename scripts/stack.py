@@ -8,8 +8,9 @@ copied into a working directory and rewritten there:
 * the compose host names (`exporter:9473`, `prometheus:9090`, `alertmanager:9093`, and
   their `localhost:` spellings) become `127.0.0.1:<port>` with the ports in use, in every
   string of both files (scrape targets, the Alertmanager address, webhook URLs);
-* container paths (`/etc/prometheus/…`, `/etc/alertmanager/…`,
-  `/etc/alertmanager-secrets/…`) become the copies, the same mounts docker-compose.yml uses;
+* container paths (`/etc/prometheus/…`, `/etc/alertmanager/…`) become the copies, and
+  `/etc/alertmanager/secrets/…` becomes `deploy/alertmanager-secrets/`, as docker-compose.yml
+  mounts them;
 * scrape jobs whose targets are services this runner does not start (Grafana) are dropped.
 
 With `--fast` (`fast=True`) only timing changes, never an expression: the scrape and rule
@@ -75,13 +76,15 @@ _ADDR = re.compile(r"(?<![\w.-])(?:%s):(%s)(?![\d])" % (
     "|".join(re.escape(h) for h in HOST_ALIASES),
     "|".join(str(p) for p in sorted(set(DEFAULT_PORTS.values())))))
 _SERVICE_BY_PORT = {str(p): s for s, p in DEFAULT_PORTS.items()}
-# Container paths (as mounted by docker-compose.yml) -> where the native copy lives.
-# Keys are container prefixes; values are names resolved by Stack._path_map().
+# Container paths as docker-compose.yml mounts them -> the repository directory behind them
+# (most specific first). prometheus/ and alertmanager/ are copied into the working
+# directory and rewritten there; other sources (secrets) are used in place.
 CONTAINER_PATHS: dict[str, str] = {
-    "/etc/prometheus/": "prometheus",
+    "/etc/alertmanager/secrets/": "deploy/alertmanager-secrets",
     "/etc/alertmanager/": "alertmanager",
-    "/etc/alertmanager-secrets/": "alertmanager-secrets",
+    "/etc/prometheus/": "prometheus",
 }
+COPIED = ("prometheus", "alertmanager")
 _DURATION_PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000,
             "y": 31_536_000_000}
@@ -188,10 +191,23 @@ def _is_local(target: str) -> bool:
 
 
 def render_prometheus(doc: dict[str, Any], ports: Mapping[str, int], path_map: Mapping[str, Path], *,
-                      fast: bool, time_scale: float, interval: str = "1s") -> tuple[dict[str, Any], list[str]]:
-    """The shipped prometheus.yml rewritten for 127.0.0.1; returns (doc, notes)."""
+                      fast: bool, time_scale: float, interval: str = "1s",
+                      absent: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """The shipped prometheus.yml rewritten for 127.0.0.1; returns (doc, notes).
+
+    Targets of services named in `absent` (not started, no port given) are dropped like
+    those of services the native stack never runs.
+    """
     notes: list[str] = []
     doc = _map_strings(copy.deepcopy(doc or {}), lambda s: _rewrite_paths(rewrite_addresses(s, ports), path_map))
+    gone = {f"127.0.0.1:{ports[s]}" for s in absent}
+
+    def local(t: str) -> bool:
+        return _is_local(t) and t not in gone
+
+    for am in (doc.get("alerting") or {}).get("alertmanagers") or []:
+        for sc in am.get("static_configs") or []:
+            sc["targets"] = [t for t in sc.get("targets") or [] if local(t)]
     glob_ = doc.setdefault("global", {}) or {}
     doc["global"] = glob_
     if fast:
@@ -207,8 +223,8 @@ def render_prometheus(doc: dict[str, Any], ports: Mapping[str, int], path_map: M
         if statics:
             kept = []
             for sc in statics:
-                targets = [t for t in sc.get("targets") or [] if _is_local(t)]
-                dropped = [t for t in sc.get("targets") or [] if not _is_local(t)]
+                targets = [t for t in sc.get("targets") or [] if local(t)]
+                dropped = [t for t in sc.get("targets") or [] if not local(t)]
                 if dropped:
                     notes.append(f"job {job.get('job_name')}: not scraping {', '.join(dropped)} (not started natively)")
                 if targets:
@@ -337,6 +353,8 @@ class Stack:
         unknown = set(given) - set(DEFAULT_PORTS)
         if unknown:
             raise ValueError(f"unknown service(s) in ports: {sorted(unknown)}")
+        # services neither started here nor given a port: the configs' references to them go
+        self.absent = {s for s in ("prometheus", "alertmanager") if not self.enabled[s] and s not in given}
         missing = [s for s in DEFAULT_PORTS if s not in given]
         for s, p in zip(missing, free_ports(len(missing))):
             given[s] = p
@@ -354,12 +372,9 @@ class Stack:
     # -- configuration ------------------------------------------------------------
 
     def _path_map(self) -> dict[str, Path]:
-        where = {
-            "prometheus": self.workdir / "prometheus",
-            "alertmanager": self.workdir / "alertmanager",
-            "alertmanager-secrets": self.repo / "deploy" / "alertmanager-secrets",
-        }
-        return {prefix: where[name] for prefix, name in CONTAINER_PATHS.items()}
+        """Container path prefix -> where the native stack finds it."""
+        return {prefix: (self.workdir / src if src in COPIED else self.repo / src)
+                for prefix, src in CONTAINER_PATHS.items()}
 
     @property
     def prometheus_config(self) -> Path:
@@ -382,8 +397,8 @@ class Stack:
             shutil.copytree(src, dst)
             doc, notes = render_prometheus(yaml.safe_load((src / "prometheus.yml").read_text()), self.ports,
                                            path_map, fast=self.fast, time_scale=self.time_scale,
-                                           interval=self.interval)
-            if not self.enabled["alertmanager"]:
+                                           interval=self.interval, absent=self.absent)
+            if "alertmanager" in self.absent:
                 notes.append("alertmanager not started: alerts are evaluated but not delivered")
             self.notes.extend(notes)
             for pattern in doc.get("rule_files") or []:
