@@ -409,7 +409,8 @@ def overview() -> Board:
         ('llm_cost_usd_period_to_date{period="month", app=""} / llm_budget_usd{period="month", app=""}', "used"),
         instant=True), "percentunit", "Share of the monthly budget spent so far.", steps=budget_steps, max_=1.5), 6, 6)
     b.add(gauge("Month-end forecast against the budget", targets(
-        ('llm_cost_usd_forecast{horizon="month_end", app=""} / llm_budget_usd{period="month", app=""}', "forecast"),
+        ('llm_cost_usd_forecast{horizon="month_end", app=""} / ignoring (horizon, period) '
+         'llm_budget_usd{period="month", app=""}', "forecast"),
         instant=True), "percentunit", "The exporter's month-end spend forecast as a share of the monthly budget.",
         steps=budget_steps, max_=1.5), 6, 6)
     b.add(table("Budgets by app", targets(
@@ -488,8 +489,10 @@ def overview() -> Board:
     b.add(timeseries("Exporter problems", targets(
         ("sum(rate(llm_exporter_evaluation_errors_total[$__rate_interval]))", "evaluation errors"),
         ("sum(rate(llm_exporter_store_errors_total[$__rate_interval]))", "store errors"),
-        ("sum by (label) (rate(llm_exporter_label_overflow_total[$__rate_interval]))", "label overflow: {{label}}")),
-        "short", "Errors per second; label overflow means a label hit its limit and new values map to `other`.",
+        ("sum by (label) (rate(llm_exporter_label_overflow_total[$__rate_interval]))", "label overflow: {{label}}"),
+        ("sum(rate(llm_exporter_sessions_overflow_total[$__rate_interval]))", "session tracking overflow")),
+        "short", "Errors per second. Label overflow: a label hit its limit and new values map to `other`. Session "
+        "tracking overflow: more open conversations than the runaway detector tracks.",
         axis="per second"), 24, 7)
     return b
 
@@ -541,18 +544,18 @@ def anomalies() -> Board:
                                           instant=True), "short",
                "Series (signal and scope) whose severity is high now.",
                steps=thresholds(("green", None), ("red", 1))), 4, 4)
-    b.add(stat("Shortest baseline", targets(("min(llm_anomaly_baseline_hours)", "hours"), instant=True), "h",
-               "Hours of history behind the thinnest baseline; alerts stay quiet until a signal has enough.",
-               steps=thresholds(("orange", None), ("green", 24))), 4, 4)
+    b.add(stat("Shortest baseline", targets(("min(llm_anomaly_baseline_span_seconds)", "history"), instant=True), "s",
+               "History behind the thinnest baseline; a signal stays quiet until its baseline spans a day.",
+               steps=thresholds(("orange", None), ("green", 86400))), 4, 4)
     b.add(table("Anomaly status", targets(
         (f"llm_anomaly_severity{{{ASEL}}}", ""), (f"llm_anomaly_ratio{{{ASEL}}}", ""),
-        (f"llm_anomaly_zscore{{{ASEL}}}", ""), (f"llm_anomaly_baseline_hours{{{ASEL}}}", ""),
+        (f"llm_anomaly_zscore{{{ASEL}}}", ""), (f"llm_anomaly_baseline_span_seconds{{{ASEL}}}", ""),
         instant=True, table=True), "short",
         "Every signal and scope now: severity (ok / warning / high), current / baseline, robust z-score, and "
-        "the hours of history the baseline rests on.",
-        columns={"Value #A": "severity", "Value #B": "ratio", "Value #C": "z-score", "Value #D": "baseline hours"},
+        "how much history the baseline rests on.",
+        columns={"Value #A": "severity", "Value #B": "ratio", "Value #C": "z-score", "Value #D": "baseline history"},
         overrides=[severity_column("severity"), unit_column("ratio", "short", 2), unit_column("z-score", "short", 1),
-                   unit_column("baseline hours", "h", 0)],
+                   unit_column("baseline history", "s", 0)],
         sort=("severity", True)), 12, 8)
     for signal, title, unit, axis, direction, desc in SIGNALS:
         b.row(title)
@@ -680,7 +683,8 @@ def budget() -> Board:
         (f'llm_cost_usd_period_to_date{{period="month", {g}}} / llm_budget_usd{{period="month", {g}}}', "used"),
         instant=True), "percentunit", "Month to date as a share of the monthly budget.", steps=steps, max_=1.5), 4, 5)
     b.add(gauge("Forecast against budget", targets(
-        (f'llm_cost_usd_forecast{{horizon="month_end", {g}}} / llm_budget_usd{{period="month", {g}}}', "forecast"),
+        (f'llm_cost_usd_forecast{{horizon="month_end", {g}}} / ignoring (horizon, period) '
+         f'llm_budget_usd{{period="month", {g}}}', "forecast"),
         instant=True), "percentunit", "Month-end forecast as a share of the monthly budget.", steps=steps,
         max_=1.5), 4, 5)
     b.add(stat("Spend today", targets((f'llm_cost_usd_period_to_date{{period="day", {g}}}', "spent"),
@@ -688,23 +692,25 @@ def budget() -> Board:
                "currencyUSD", "Spend since the start of the day and the daily budget.", text_mode="value_and_name",
                decimals=2), 4, 5)
     mtd = f'llm_cost_usd_period_to_date{{period="month", {g}}}'
-    proj = lambda w: f"{mtd} + scalar(sum(rate(llm_cost_usd_total[{w}]))) * {MONTH_LEFT}"  # noqa: E731
     b.add(timeseries("Month to date, budget and projection", targets(
         (mtd, "month to date"),
         (f'llm_budget_usd{{period="month", {g}}}', "budget"),
-        (f'llm_cost_usd_forecast{{horizon="month_end", {g}}}', "forecast (exporter)"),
-        (proj("1d"), "projection at the last day's pace"),
-        (proj("7d"), "projection at the last week's pace")), "currencyUSD",
-        "The shaded band spans two straight-line projections of the month's total (spend so far plus the rest of the "
-        "month at the last day's and the last week's pace; PromQL calendar functions are UTC). The exporter's "
-        "forecast should sit near the band; the budget line is the limit.",
+        (f'llm_cost_usd_forecast{{horizon="month_end", {g}}}', "forecast"),
+        (f'llm_cost_usd_forecast_upper{{horizon="month_end", {g}}}', "forecast upper (95 %)"),
+        (f'llm_cost_usd_forecast_lower{{horizon="month_end", {g}}}', "forecast lower (5 %)"),
+        (f"{mtd} + scalar(sum(rate(llm_cost_usd_total[7d]))) * {MONTH_LEFT}", "straight line at last week's pace")),
+        "currencyUSD",
+        "Spend so far this month, the monthly budget, and the exporter's month-end forecast with its 90 % band "
+        "(shaded). The dotted line projects the last week's average pace to the end of the month (PromQL calendar "
+        "functions count in UTC).",
         fill=0, legend_calcs=("lastNotNull",), overrides=[
             by_name("month to date", ("custom.lineWidth", 2), ("custom.fillOpacity", 10)),
             threshold_line("budget", "red"),
-            by_name("forecast (exporter)", ("custom.lineStyle", DASHED), ("color", color("purple"))),
-            by_name("projection at the last day's pace", ("custom.fillBelowTo", "projection at the last week's pace"),
-                    ("custom.fillOpacity", 20), ("color", color("blue")), ("custom.lineWidth", 0)),
-            by_name("projection at the last week's pace", ("color", color("blue")), ("custom.lineWidth", 0)),
+            by_name("forecast", ("color", color("purple")), ("custom.lineWidth", 2)),
+            by_name("forecast upper (95 %)", ("custom.fillBelowTo", "forecast lower (5 %)"),
+                    ("custom.fillOpacity", 20), ("color", color("purple")), ("custom.lineWidth", 0)),
+            by_name("forecast lower (5 %)", ("color", color("purple")), ("custom.lineWidth", 0)),
+            by_name("straight line at last week's pace", ("custom.lineStyle", DOTTED), ("color", color("blue"))),
         ]), 16, 9)
     b.add(bargauge("Forecast by horizon", targets(
         (f'llm_cost_usd_forecast{{horizon="month_end", {g}}}', "month end"),
