@@ -236,6 +236,8 @@ class Engine:
                     self.usage.load(self.usage.sids[r], self.usage.keys[r], blob)
             for name, v in new_labels:   # persist them with the next batch that succeeds
                 self.guards[name].newly_admitted.append(v)
+            for name, g in self.guards.items():   # not counted, so its overflow is not either
+                self.overflow_total[name] -= g.overflow_total - overflow_before[name]
             raise
         self.newest_event_ts = newest
         self.last_record_wallclock = time.time()
