@@ -1,0 +1,178 @@
+"""The SQLite store: batch transactions, failure atomicity, ranges, pruning and metadata.
+
+Failures are real SQLite failures: a second connection installs a trigger that aborts
+inserts, as a full disk or a locked file would abort the batch's transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from helpers import T0, engine_at, rec, settings_for, value
+
+from exporter.api import create_app
+from exporter.store import BatchWrite, Store, StoreError
+
+SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
+
+
+def break_table(db: Path, table: str) -> sqlite3.Connection:
+    """Make every insert into `table` fail until `mend` is called."""
+    c = sqlite3.connect(db)
+    c.execute(f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    c.commit()
+    return c
+
+
+def mend(c: sqlite3.Connection, table: str) -> None:
+    c.execute(f"DROP TRIGGER fail_{table}")
+    c.commit()
+    c.close()
+
+
+def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "dir" / "s.db"
+    s = Store(db)
+    assert s.get_meta("schema_version") == "1"
+    assert s.get_meta("nothing") is None
+    s.set_meta("k", "v1")
+    s.set_meta("k", "v2")
+    assert s.get_meta("k") == "v2"
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    assert Store(db).get_meta("k") == "v2"
+
+
+def test_unopenable_store_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a-directory.db").mkdir()
+    with pytest.raises(StoreError, match="db: cannot open .*a-directory.db"):
+        Store(tmp_path / "a-directory.db")
+
+
+def test_series_ids_are_stable_across_reopen(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    ids = s.series_ids([("a", "p", "m1"), ("a", "p", "m2"), ("a", "p", "m1")])
+    assert ids[0] == ids[2] and ids[0] != ids[1]
+    s.close()
+    s = Store(tmp_path / "s.db")
+    assert s.series_ids([("a", "p", "m2"), ("a", "p", "m1")]) == [ids[1], ids[0]]
+    assert s.series() == {ids[0]: ("a", "p", "m1"), ids[1]: ("a", "p", "m2")}
+
+
+def test_write_is_atomic(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    s.write(BatchWrite(request_ids=[("r1", T0)], records=[(T0, b'{"n":1}')], meta={"m": "1"}))
+    c = break_table(tmp_path / "s.db", "records")
+    with pytest.raises(StoreError, match="db: write to .*s.db failed: disk says no"):
+        s.write(BatchWrite(request_ids=[("r2", T0)], records=[(T0 + 1, b'{"n":2}')], labels=[("model", "x")],
+                           meta={"m": "2"}))
+    assert s.errors_total == 1
+    assert s.seen(["r1", "r2"]) == {"r1"}                     # nothing of the failed batch was kept
+    assert s.get_meta("m") == "1" and s.label_values() == {}
+    assert list(s.records(0, T0 + 10)) == [{"n": 1}]
+    mend(c, "records")
+    s.write(BatchWrite(request_ids=[("r2", T0)], records=[(T0 + 1, b'{"n":2}')], meta={"m": "2"}))
+    assert s.seen(["r1", "r2", "r3"]) == {"r1", "r2"}
+
+
+def test_seen_handles_more_ids_than_one_query_takes(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    ids = [f"id-{i}" for i in range(2500)]
+    s.write(BatchWrite(request_ids=[(i, T0) for i in ids[::2]]))
+    assert s.seen(ids) == set(ids[::2])
+
+
+def test_records_range_order_and_limit(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    s.write(BatchWrite(records=[(T0 + k, orjson.dumps({"k": k})) for k in (5, 1, 3, 2, 4)]))
+    assert [r["k"] for r in s.records(T0 + 2, T0 + 4)] == [2, 3]                 # [start, end)
+    assert [r["k"] for r in s.records(0, T0 + 100, limit=2, newest_first=True)] == [5, 4]
+    assert [r["k"] for r in s.records(0, T0 + 100)] == [1, 2, 3, 4, 5]
+
+
+def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, minute_retention="2h", record_retention="1h", dedupe_window="3h",
+                            baseline="1d", horizon="2d")
+    engine, clock = engine_at(settings, T0)
+    engine.ingest([rec(T0 - 5 * 3600, request_id="old", cost_usd=1.0), rec(T0 - 600, request_id="new", cost_usd=1.0)])
+    st = engine.store
+    mins = lambda: sorted({b[0] for b in st.buckets(60, 0, T0 + 10**6)})      # noqa: E731
+    hours = lambda: sorted({b[0] for b in st.buckets(3600, 0, T0 + 10**6)})   # noqa: E731
+    assert mins() == [T0 - 5 * 3600, T0 - 600] and len(hours()) == 2
+    engine.prune()
+    assert mins() == [T0 - 600]                                  # minute buckets: 2 h
+    assert len(hours()) == 2                                      # hourly buckets: 2 d
+    assert [r["request_id"] for r in st.records(0, T0 + 10)] == ["new"]   # raw records: 1 h
+    assert st.seen(["old", "new"]) == {"old", "new"}              # both seen at T0 (ingest time)
+    clock.t = T0 + 3 * 86400
+    engine.prune()
+    assert mins() == [] and hours() == [] and st.seen(["old", "new"]) == set()
+    assert sum(c for _, _, c in st.daily_costs()) == pytest.approx(2.0)   # daily costs stay for forecasts
+    engine.close()
+
+
+def test_notifications_keep_the_newest(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.db")
+    for i in range(7):
+        s.add_notification(T0 + i, {"status": "firing", "n": i}, keep=5)
+    got = s.notifications(limit=10)
+    assert [n["n"] for n in got] == [6, 5, 4, 3, 2]
+    assert got[0]["received_at"] == T0 + 6
+
+
+def test_buckets_roundtrip_minute_and_hour(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    engine, _ = engine_at(settings)
+    engine.ingest([rec(T0 - 3600 + 30, latency_s=1.0, cost_usd=0.5), rec(T0 - 3600 + 90, latency_s=2.0, cost_usd=0.25),
+                   rec(T0 - 3600 + 100, latency_s=3.0, cost_usd=0.25, status=500)])
+    from exporter.buckets import F
+    minute = list(engine.store.buckets(60, 0, T0))
+    assert [(b[0], b[2][F["requests"]]) for b in minute] == [(T0 - 3600, 1.0), (T0 - 3540, 2.0)]
+    (start, _, adds, sk), = engine.store.buckets(3600, 0, T0)
+    assert start == T0 - 3600
+    assert (adds[F["requests"]], adds[F["errors"]], adds[F["cost"]], adds[F["input_tokens"]]) == (3, 1, 1.0, 3000)
+    assert int(sk["latency"].sum()) == 3 and np.count_nonzero(sk["latency"]) == 3
+    engine.close()
+
+
+# --- a failed write never double counts ---------------------------------------------------------
+
+def test_failed_batch_is_not_counted_and_retry_counts_once(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    engine, _ = engine_at(settings)
+    engine.ingest([rec(T0 - 100, request_id="a", cost_usd=1.0)])
+    c = break_table(settings.db, "dedupe")
+    batch = [rec(T0 - 90, request_id="b", cost_usd=2.0, latency_s=1.0)]
+    with TestClient(create_app(settings, engine=engine, background=False)) as client:
+        r = client.post("/v1/records", json=batch)
+        assert r.status_code == 503 and "retry the same batch" in r.json()["error"]
+        assert value(engine, "llm_requests_total", **SERIES) == 1
+        assert value(engine, "llm_cost_usd_total", **SERIES) == 1.0
+        assert value(engine, "llm_request_duration_seconds_count", **SERIES) is None
+        assert value(engine, "llm_exporter_store_errors_total") == 1
+        assert value(engine, "llm_exporter_records_total", result="accepted") == 1
+        mend(c, "dedupe")
+        assert client.post("/v1/records", json=batch).json()["accepted"] == 1
+        assert client.post("/v1/records", json=batch).json()["duplicate"] == 1
+        assert value(engine, "llm_requests_total", **SERIES) == 2
+        assert value(engine, "llm_cost_usd_total", **SERIES) == 3.0
+        assert value(engine, "llm_request_duration_seconds_count", **SERIES) == 1
+
+
+def test_failed_batch_does_not_count_label_overflow_twice(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, label_limit_model=1)
+    engine, _ = engine_at(settings)
+    engine.ingest([rec(T0 - 100, model="m1")])
+    c = break_table(settings.db, "records")
+    from exporter.store import StoreError as SE
+    with pytest.raises(SE):
+        engine.ingest([rec(T0 - 90, model="m2", request_id="o1")])
+    mend(c, "records")
+    engine.ingest([rec(T0 - 90, model="m2", request_id="o1")])
+    assert value(engine, "llm_requests_total", app="chat", provider="openai", model="other") == 1
+    assert value(engine, "llm_exporter_label_overflow_total", label="model") == 1
+    engine.close()
