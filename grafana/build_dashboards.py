@@ -194,9 +194,12 @@ def gauge(title: str, tgts: list[dict[str, Any]], unit: str, description: str = 
 
 
 def bargauge(title: str, tgts: list[dict[str, Any]], unit: str, description: str = "", *,
-             steps: dict[str, Any] | None = None, min_: float | None = 0, max_: float | None = None) -> dict[str, Any]:
+             steps: dict[str, Any] | None = None, min_: float | None = 0, max_: float | None = None,
+             no_value: str | None = None) -> dict[str, Any]:
     defaults: dict[str, Any] = {"unit": unit, "color": {"mode": "continuous-GrYlRd"}, "thresholds": steps or GREEN,
                                 "mappings": []}
+    if no_value:
+        defaults["noValue"] = no_value
     if min_ is not None:
         defaults["min"] = min_
     if max_ is not None:
@@ -214,7 +217,8 @@ def bargauge(title: str, tgts: list[dict[str, Any]], unit: str, description: str
 def table(title: str, tgts: list[dict[str, Any]], unit: str, description: str = "", *,
           columns: dict[str, str] | None = None, overrides: list[dict[str, Any]] | None = None,
           hide: Iterable[str] = (), sort: tuple[str, bool] | None = None,
-          mappings: list | None = None, steps: dict[str, Any] | None = None) -> dict[str, Any]:
+          mappings: list | None = None, steps: dict[str, Any] | None = None,
+          no_value: str | None = None) -> dict[str, Any]:
     """Instant queries in table format, merged on their labels; `columns` renames `Value #X`."""
     exclude = {"Time": True, "__name__": True, "job": True, "instance": True}
     exclude.update({h: True for h in hide})
@@ -227,17 +231,19 @@ def table(title: str, tgts: list[dict[str, Any]], unit: str, description: str = 
         rename = {"Value": next(iter(rename.values()))}
     transformations.append({"id": "organize", "options": {"excludeByName": exclude, "indexByName": {},
                                                           "renameByName": rename}})
+    defaults: dict[str, Any] = {"unit": unit, "color": {"mode": "thresholds"}, "thresholds": steps or GREEN,
+                                "mappings": mappings or [],
+                                "custom": {"align": "auto", "cellOptions": {"type": "auto"}, "inspect": False,
+                                           "filterable": True}}
+    if no_value:
+        defaults["noValue"] = no_value
     opts: dict[str, Any] = {"showHeader": True, "cellHeight": "sm",
                             "footer": {"show": False, "reducer": ["sum"], "fields": "", "countRows": False}}
     if sort:
         opts["sortBy"] = [{"displayName": sort[0], "desc": sort[1]}]
     return {
         "type": "table", "title": title, "description": description, "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": unit, "color": {"mode": "thresholds"}, "thresholds": steps or GREEN,
-                                     "mappings": mappings or [],
-                                     "custom": {"align": "auto", "cellOptions": {"type": "auto"}, "inspect": False,
-                                                "filterable": True}},
-                        "overrides": overrides or []},
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
         "options": opts,
         "transformations": transformations,
         "targets": tgts,
@@ -471,7 +477,7 @@ def overview() -> Board:
         "Failed requests in the selected time range by error type."), 8, 8)
     b.add(table("Firing alerts", targets((ALERTS_FIRING, ""), instant=True, table=True), "short",
                 "Alerts Prometheus is firing now (Watchdog excluded). Alertmanager routes and silences them.",
-                hide=["Value", "alertstate"], sort=("severity", False)), 16, 8)
+                hide=["Value", "alertstate"], sort=("severity", False), no_value="no alerts firing"), 16, 8)
 
     b.row("Exporter")
     b.add(timeseries("Records ingested", targets(
@@ -811,7 +817,7 @@ def quality() -> Board:
         stack=True, interpolation="stepAfter", decimals=0), 10, 8)
     b.add(bargauge("Runaway sessions by app and reason", targets(
         ('sum by (app, reason) (llm_runaway_sessions{app=~"$app"}) > 0', "{{app}} {{reason}}"), instant=True),
-        "short", "Apps with flagged conversations now."), 10, 8)
+        "short", "Apps with flagged conversations now.", no_value="no runaway sessions"), 10, 8)
     b.add(timeseries("Invocation spike z-score by app", targets(
         ('llm_runaway_invocation_zscore{app=~"$app"}', "{{app}}"),
         ("llm:runaway_threshold:invocation_zscore", "alert threshold")), "short",

@@ -17,7 +17,8 @@ With `--fast` (`fast=True`) only timing changes, never an expression: the scrape
 evaluation intervals become 1s, and every `for:` / `keep_firing_for:` and rule group
 `interval:` in the rule files, Prometheus' alert resend delay, and Alertmanager's
 `group_wait`, `group_interval`, `repeat_interval` and `resolve_timeout` are divided by
-`--time-scale` (default 60, so `for: 5m` becomes 5s and `repeat_interval: 4h` becomes 4m).
+`--time-scale` (default 60, so `for: 5m` becomes 5s and `repeat_interval: 4h` becomes 4m);
+the exporter recomputes its gauges every second (`--evaluation-interval`, unless given).
 Range selectors such as `[1h]` keep their length, so a rule still looks at the same amount of
 data; feed it accordingly (for instance by backfilling history with the exporter).
 
@@ -430,8 +431,11 @@ class Stack:
         if self.enabled["exporter"]:
             base = self.exporter_cmd or [sys.executable, "-c",
                                          "import sys; from exporter.cli import main; sys.exit(main())"]
+            extra = list(self.exporter_args)
+            if self.fast and not any(a.startswith("--evaluation-interval") for a in extra):
+                extra.append(f"--evaluation-interval={self.interval}")
             cmds["exporter"] = [*base, "serve", "--host", "127.0.0.1", "--port", str(self.ports["exporter"]),
-                                "--db", str(self.workdir / "exporter" / "usage.db"), *self.exporter_args]
+                                "--db", str(self.workdir / "exporter" / "usage.db"), *extra]
         if self.enabled["alertmanager"]:
             am = alertmanager_binary()
             if not am:
