@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .buckets import Groups, aggregate
 from .config import Settings
+from .dedupe import DedupeIndex, hash_ids
 from .detectors import DetectorCollector, Detectors
 from .budget import local_day_index
 from .evaluator import AnomalyCollector, Evaluator, Snapshot
@@ -31,8 +32,8 @@ from .history import ScopeHistory
 from .instruments import UsageMetrics
 from .labels import LabelGuard
 from .prices import PriceTable
-from .records import Rejected, UsageRecord, parse_items, to_columns
-from .records import RecordColumns
+from .batch import parse_batch, stored_blob, take
+from .records import RecordColumns, Rejected, UsageRecord, to_columns
 from .signals import signal_specs
 from .store import BatchWrite, Store, StoreError
 
@@ -72,6 +73,7 @@ class Engine:
         self.history = ScopeHistory(settings.window, settings.horizon)
         self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
         self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets)
+        self.dedupe = DedupeIndex(settings.dedupe_window)
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()
         self.counters_lock = threading.Lock()   # held briefly: counter updates and scrapes
@@ -105,6 +107,8 @@ class Engine:
             self.overflow_total.update(d.get("overflow", {}))
         newest = float(self.store.get_meta("newest_event_ts") or 0.0)
         self.newest_event_ts = newest
+        for seen, hashes in self.store.dedupe_hashes(self.clock() - self.settings.dedupe_window):
+            self.dedupe.add(hashes, seen)
         self.detectors.restore_budget(self.store.daily_costs())
         if not keys:
             return
@@ -121,55 +125,57 @@ class Engine:
     def _restore_detectors(self, newest: float) -> None:
         """Drift and runaway windows from the raw records of the last day (budget excluded:
         it was restored from daily cost)."""
-        recent: list[UsageRecord] = []
+        chunk: list[dict[str, Any]] = []
         for d in self.store.records(newest - 86400, newest + 1):
-            d["tool_names"] = tuple(d.get("tool_names") or ())
-            recent.append(UsageRecord(**d))
-            if len(recent) >= 5000:
-                self._observe_restored(recent)
-                recent = []
-        self._observe_restored(recent)
+            chunk.append(d)
+            if len(chunk) >= 5000:
+                self._observe_restored(chunk)
+                chunk = []
+        self._observe_restored(chunk)
 
-    def _observe_restored(self, records: list[UsageRecord]) -> None:
-        if not records:
+    def _observe_restored(self, stored: list[dict[str, Any]]) -> None:
+        if not stored:
             return
-        cols = to_columns(records)
+        cols, _, _ = parse_batch(stored, self.newest_event_ts)
         self._guard(cols)
         self.detectors.observe(cols, budget=False)
 
-    def _guard(self, cols: RecordColumns) -> np.ndarray:
-        """Apply the label guards in place; returns the raw model names (for prices)."""
-        raw_model = cols.model
+    def _guard(self, cols: RecordColumns) -> dict[str, np.ndarray]:
+        """Apply the label guards in place; returns the label columns as they were sent."""
+        raw = {"app": cols.app, "provider": cols.provider, "model": cols.model}
         cols.app = self.guards["app"].guard(cols.app)
         cols.provider = self.guards["provider"].guard(cols.provider)
         cols.model = self.guards["model"].guard(cols.model)
-        return raw_model
+        return raw
 
     # --- ingest -----------------------------------------------------------------------
 
     def ingest(self, items: Sequence[Any], now: float | None = None, meta: dict[str, str] | None = None) -> IngestResult:
         """Validate, dedupe, count and persist a batch of decoded items."""
         now = self.clock() if now is None else now
-        records, rejected, indices = parse_items(items, now)
-        return self.ingest_records(records, indices, rejected, now, meta)
+        cols, rejected, indices = parse_batch(items, now)
+        return self.ingest_columns(cols, indices, rejected, now, meta)
 
-    def ingest_records(self, records: list[UsageRecord], indices: list[int] | None = None,
-                       rejected: list[Rejected] | None = None, now: float | None = None,
+    def ingest_records(self, records: list[UsageRecord], now: float | None = None,
                        meta: dict[str, str] | None = None) -> IngestResult:
-        """Dedupe, count and persist already-validated records (replay, backtest, tail).
+        """Dedupe, count and persist already-validated records (replay, backtest)."""
+        return self.ingest_columns(to_columns(records), list(range(len(records))), [], now, meta)
+
+    def ingest_columns(self, cols: RecordColumns, indices: list[int], rejected: list[Rejected],
+                       now: float | None = None, meta: dict[str, str] | None = None) -> IngestResult:
+        """The common tail of every ingest path.
 
         `meta` is written in the same transaction (a tail follower's file offset), so a crash
         can never store records without their offset or the other way round."""
         now = self.clock() if now is None else now
-        indices = list(range(len(records))) if indices is None else indices
-        rejected = rejected or []
         with self.lock:
             result = IngestResult(rejected=rejected)
-            fresh, dup_idx, ids = self._dedupe(records, indices)
+            keep, dup_idx, ids = self._dedupe(cols, indices, now)
             result.duplicate_indices = dup_idx
             result.duplicate = len(dup_idx)
+            fresh = cols if keep is None else take(cols, keep)
             pending = {"accepted": len(fresh), "duplicate": len(dup_idx), "rejected": len(rejected)}
-            if fresh:
+            if len(fresh):
                 self._apply(fresh, ids, now, pending, meta or {})
             else:
                 self.store.write(BatchWrite(meta={**(meta or {}), "exporter_totals": self._totals_json(pending)}))
@@ -178,28 +184,31 @@ class Engine:
             result.accepted = len(fresh)
         return result
 
-    def _dedupe(self, records: list[UsageRecord], indices: list[int]) -> tuple[list[UsageRecord], list[int], list[str]]:
-        ids = [r.request_id for r in records if r.request_id]
-        seen = self.store.seen(ids) if ids else set()
-        fresh: list[UsageRecord] = []
-        dup: list[int] = []
-        batch_ids: set[str] = set()
-        for r, i in zip(records, indices):
-            rid = r.request_id
-            if rid is not None and (rid in seen or rid in batch_ids):
-                dup.append(i)
-                continue
-            if rid is not None:
-                batch_ids.add(rid)
-            fresh.append(r)
-        return fresh, dup, list(batch_ids)
+    def _dedupe(self, cols: RecordColumns, indices: list[int], now: float) -> tuple[np.ndarray | None, list[int], np.ndarray]:
+        """Rows to keep (None: all), input indices of duplicates, and the hashes of new ids."""
+        ids = cols.request_id.tolist()
+        has = np.fromiter((i is not None for i in ids), dtype=bool, count=len(ids))
+        if not has.any():
+            return None, [], np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero(has)
+        hashes = hash_ids([ids[j] for j in rows])
+        self.dedupe.expire(now)
+        dup = self.dedupe.seen(hashes)
+        _, first = np.unique(hashes, return_index=True)       # within the batch the first one counts
+        repeat = np.ones(rows.size, dtype=bool)
+        repeat[first] = False
+        dup |= repeat
+        if not dup.any():
+            return None, [], hashes
+        drop = rows[dup]
+        keep = np.setdiff1d(np.arange(len(ids)), drop)
+        return keep, [indices[j] for j in drop.tolist()], hashes[~dup]
 
-    def _apply(self, records: list[UsageRecord], ids: list[str], now: float, pending: dict[str, int],
+    def _apply(self, cols: RecordColumns, ids: np.ndarray, now: float, pending: dict[str, int],
                meta: dict[str, str]) -> None:
-        cols = to_columns(records)
         overflow_before = {k: g.overflow_total for k, g in self.guards.items()}
-        raw_model = self._guard(cols)
-        cost = self.prices.costs(cols, raw_model)
+        raw = self._guard(cols)
+        cost = self.prices.costs(cols, raw["model"])
         cols.cost = cost
 
         triples = np.char.add(np.char.add(cols.app.astype(str), "\x1f"), np.char.add(np.char.add(cols.provider.astype(str), "\x1f"), cols.model.astype(str)))
@@ -220,10 +229,10 @@ class Engine:
         for name, g in self.guards.items():
             self.overflow_total[name] += g.overflow_total - overflow_before[name]
         write = BatchWrite(
-            request_ids=[(rid, now) for rid in ids],
+            dedupe=(now, ids.tobytes()) if ids.size else None,
             groups=groups if self.history.fine == 60 else groups.coarsen(60),
             totals={self.usage.sids[int(r)]: self.usage.dump(int(r)) for r in touched},
-            records=self._raw(records, cost) if self.settings.record_retention > 0 else [],
+            records=_records_blob(cols, raw) if self.settings.record_retention > 0 else None,
             labels=new_labels,
             daily_cost=_daily_cost(cols.app, local_day_index(cols.ts, self.detectors.budget.tz), cost),
             meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending)},
@@ -239,18 +248,11 @@ class Engine:
             for name, g in self.guards.items():   # not counted, so its overflow is not either
                 self.overflow_total[name] -= g.overflow_total - overflow_before[name]
             raise
+        self.dedupe.add(ids, now)
         self.newest_event_ts = newest
         self.last_record_wallclock = time.time()
         self.history.add(groups, self.store.series())
         self.detectors.observe(cols)
-
-    def _raw(self, records: list[UsageRecord], cost: np.ndarray) -> list[tuple[float, bytes]]:
-        out = []
-        for r, c in zip(records, cost.tolist()):
-            d = r.to_dict()
-            d["cost_usd"] = None if c != c else c
-            out.append((r.ts, orjson.dumps(d)))
-        return out
 
     def _totals_json(self, pending: dict[str, int]) -> str:
         results = {k: v + pending.get(k, 0) for k, v in self.results_total.items()}
@@ -290,6 +292,10 @@ def _groups(rows: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]]) -> G
     adds = np.stack([r[2] for r in rows])
     sketches = {k: np.stack([r[3][k] for r in rows]) for k in rows[0][3]}
     return Groups(series, start, adds, sketches)
+
+
+def _records_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> tuple[float, float, bytes]:
+    return float(cols.ts.min()), float(cols.ts.max()), stored_blob(cols, raw)
 
 
 def _daily_cost(app: np.ndarray, day: np.ndarray, cost: np.ndarray) -> list[tuple[str, int, float]]:

@@ -423,6 +423,10 @@ class RecordColumns:
     request_had_tools: np.ndarray
     tool_calls: np.ndarray
     tool_signature: np.ndarray
+    request_id: np.ndarray
+    operation: np.ndarray
+    stream: np.ndarray
+    tool_names: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -474,4 +478,8 @@ def to_columns(records: Sequence[UsageRecord], costs: Sequence[float | None] | N
         request_had_tools=col(lambda r: r.request_had_tools, np.bool_),
         tool_calls=col(lambda r: r.tool_calls, np.int64),
         tool_signature=ocol(lambda r: "|".join(r.tool_names) if r.tool_names else None),
+        request_id=ocol(lambda r: r.request_id),
+        operation=ocol(lambda r: r.operation),
+        stream=col(lambda r: r.stream, np.bool_),
+        tool_names=ocol(lambda r: r.tool_names),
     )

@@ -2,9 +2,10 @@
 
 What lives here: minute and hourly buckets per (app, provider, model) with latency, TTFT
 and throughput sketches; the running counter totals (so counters never go backwards
-across a restart); the dedupe window of request ids; admitted label values; daily cost
-per app (for budgets and forecasts); raw records for a limited retention (without any
-text); Alertmanager notifications; and small bits of state such as tail offsets.
+across a restart); the dedupe window (each batch's request-id hashes as one blob); admitted
+label values; daily cost per app (for budgets and forecasts); raw records for a limited
+retention, without any text, one JSONL blob per batch (one row per record costs ten times
+more to insert); Alertmanager notifications; and small bits of state such as tail offsets.
 
 Every ingest batch is one transaction, committed before the HTTP answer is sent: an
 acknowledged record survives `kill -9` (WAL with synchronous=NORMAL is durable against a
@@ -13,6 +14,7 @@ process crash; set synchronous=FULL through the environment for power-loss durab
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import threading
@@ -24,6 +26,7 @@ import numpy as np
 import orjson
 
 from . import sketch
+from .batch import stored_records
 from .buckets import FIELDS, SKETCHES, Groups
 
 SCHEMA = """
@@ -36,15 +39,15 @@ CREATE TABLE IF NOT EXISTS buckets (
   adds BLOB NOT NULL, latency BLOB, ttft BLOB, otps BLOB,
   PRIMARY KEY (res, start, series)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (series INTEGER PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS dedupe (request_id TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedupe (id INTEGER PRIMARY KEY, seen REAL NOT NULL, hashes BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS dedupe_seen ON dedupe (seen);
-CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, ts REAL NOT NULL, data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
+CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, ts_min REAL NOT NULL, ts_max REAL NOT NULL, data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts_max);
 CREATE TABLE IF NOT EXISTS label_values (label TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (label, value));
 CREATE TABLE IF NOT EXISTS daily_cost (app TEXT NOT NULL, day INTEGER NOT NULL, cost REAL NOT NULL, PRIMARY KEY (app, day));
 CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
 """
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 RESOLUTIONS = (60, 3600)
 
 
@@ -62,10 +65,10 @@ class Bucket:
 class BatchWrite:
     """Everything one ingest batch changes, written in one transaction."""
 
-    request_ids: list[tuple[str, float]] = field(default_factory=list)
+    dedupe: tuple[float, bytes] | None = None
+    records: tuple[float, float, bytes] | None = None
     groups: Groups | None = None
     totals: dict[int, bytes] = field(default_factory=dict)
-    records: list[tuple[float, bytes]] = field(default_factory=list)
     labels: list[tuple[str, str]] = field(default_factory=list)
     daily_cost: list[tuple[str, int, float]] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
@@ -116,18 +119,6 @@ class Store:
         with self._lock:
             return {i: k for k, i in self._series.items()}
 
-    # --- dedupe ----------------------------------------------------------------------
-
-    def seen(self, request_ids: Sequence[str]) -> set[str]:
-        """Which of these request ids are already in the dedupe window."""
-        found: set[str] = set()
-        with self._lock:
-            for i in range(0, len(request_ids), 900):
-                chunk = request_ids[i:i + 900]
-                q = f"SELECT request_id FROM dedupe WHERE request_id IN ({','.join('?' * len(chunk))})"
-                found.update(r[0] for r in self._db.execute(q, chunk))
-        return found
-
     # --- buckets ---------------------------------------------------------------------
 
     def _bucket(self, res: int, start: int, sid: int) -> Bucket:
@@ -172,14 +163,14 @@ class Store:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                if batch.request_ids:
-                    self._db.executemany("INSERT OR REPLACE INTO dedupe VALUES (?, ?)", batch.request_ids)
+                if batch.dedupe is not None:
+                    self._db.execute("INSERT INTO dedupe (seen, hashes) VALUES (?, ?)", batch.dedupe)
                 if batch.groups is not None and len(batch.groups):
                     self._write_groups(batch.groups)
                 if batch.totals:
                     self._db.executemany("INSERT OR REPLACE INTO totals VALUES (?, ?)", batch.totals.items())
-                if batch.records:
-                    self._db.executemany("INSERT INTO records (ts, data) VALUES (?, ?)", batch.records)
+                if batch.records is not None:
+                    self._db.execute("INSERT INTO records (ts_min, ts_max, data) VALUES (?, ?, ?)", batch.records)
                 if batch.labels:
                     self._db.executemany("INSERT OR IGNORE INTO label_values VALUES (?, ?)", batch.labels)
                 if batch.daily_cost:
@@ -225,21 +216,35 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT app, day, cost FROM daily_cost ORDER BY day").fetchall()
 
-    def records(self, start: float, end: float, limit: int | None = None, newest_first: bool = False) -> Iterator[dict[str, Any]]:
-        order = "DESC" if newest_first else "ASC"
-        q = f"SELECT data FROM records WHERE ts >= ? AND ts < ? ORDER BY ts {order}, id {order}"
-        args: list[Any] = [start, end]
-        if limit is not None:
-            q += " LIMIT ?"
-            args.append(limit)
+    def dedupe_hashes(self, since: float) -> Iterator[tuple[float, np.ndarray]]:
+        """(seen, hashes) of every batch remembered since `since`."""
         with self._lock:
-            cur = self._db.execute(q, args)
-            while True:
-                rows = cur.fetchmany(1000)
-                if not rows:
-                    break
-                for (data,) in rows:
-                    yield orjson.loads(data)
+            rows = self._db.execute("SELECT seen, hashes FROM dedupe WHERE seen >= ? ORDER BY id", (since,)).fetchall()
+        for seen, blob in rows:
+            yield seen, np.frombuffer(blob, dtype=np.int64)
+
+    def records(self, start: float, end: float, limit: int | None = None, newest_first: bool = False) -> Iterator[dict[str, Any]]:
+        """Stored records with start <= ts < end, in arrival order (newest first if asked)."""
+        order = "DESC" if newest_first else "ASC"
+        q = f"SELECT id, data FROM records WHERE ts_max >= ? AND ts_min < ? ORDER BY id {order}"
+        left = math.inf if limit is None else limit
+        last_id = None
+        while left > 0:
+            with self._lock:   # page through so a long export does not hold the lock
+                page = self._db.execute(
+                    q.replace("ORDER BY", "AND id " + ("<" if newest_first else ">") + " ? ORDER BY") + " LIMIT 64",
+                    (start, end, last_id if last_id is not None else (math.inf if newest_first else -1))).fetchall()
+            if not page:
+                return
+            for rid, data in page:
+                last_id = rid
+                batch = stored_records(data)
+                for rec in (reversed(batch) if newest_first else batch):
+                    if start <= rec["ts"] < end:
+                        yield rec
+                        left -= 1
+                        if left <= 0:
+                            return
 
     # --- meta, notifications, pruning ------------------------------------------------
 
@@ -270,7 +275,7 @@ class Store:
                 self._db.execute("DELETE FROM buckets WHERE res=60 AND start < ?", (int(now - minute_retention),))
                 self._db.execute("DELETE FROM buckets WHERE res=3600 AND start < ?", (int(now - horizon),))
                 self._db.execute("DELETE FROM dedupe WHERE seen < ?", (now - dedupe_window,))
-                self._db.execute("DELETE FROM records WHERE ts < ?", (now - record_retention,))
+                self._db.execute("DELETE FROM records WHERE ts_max < ?", (now - record_retention,))
                 self._db.execute("DELETE FROM daily_cost WHERE day < ?", (int(now // 86400) - 400,))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:

@@ -295,7 +295,7 @@ def test_prompt_and_completion_text_is_never_stored(tmp_path: Path) -> None:
         recent = client.get("/v1/usage/recent")
         rows = [orjson.loads(line) for line in export.content.splitlines()]
         assert [row["request_id"] for row in rows] == ["no-text-1", "no-text-2"]   # the records are there...
-        assert rows[0]["tool_names"] == ["lookup"]
+        assert rows[0]["tool_calls"] == ["lookup"]     # names only, in the input format (replayable)
         assert len(recent.json()["records"]) == 2
         db_bytes = b"".join(p.read_bytes() for p in tmp_path.glob("usage.db*"))   # db, -wal, -shm while open
         assert b"no-text-1" in db_bytes                                           # ...and stored

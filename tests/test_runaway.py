@@ -279,7 +279,8 @@ def ragpulse_columns() -> RecordColumns:
         output_tokens=out[order], cache_read_tokens=zeros, cache_write_tokens=zeros, reasoning_tokens=zeros,
         cost=(inp * 3e-6 + out * 15e-6)[order], latency=nan, ttft=nan, is_error=np.zeros(n, dtype=bool),
         error_type=obj([None] * n), stop_reason=obj([None] * n), request_had_tools=np.zeros(n, dtype=bool),
-        tool_calls=zeros, tool_signature=obj([None] * n),
+        tool_calls=zeros, tool_signature=obj([None] * n), request_id=obj([None] * n),
+        operation=obj(["chat"] * n), stream=np.zeros(n, dtype=bool), tool_names=obj([()] * n),
     )
 
 
