@@ -1,0 +1,89 @@
+"""The columnar batch parser must accept, reject and convert exactly like the per-record one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.batch import concat, parse_batch, stored_blob, stored_records, take
+from exporter.records import RecordColumns, parse_items, to_columns
+
+NOW = 1_800_000_000.0
+
+numbers = st.one_of(st.none(), st.integers(-5, 2_000_000), st.floats(-1, 1e7, allow_nan=False),
+                    st.sampled_from(["12", "x", "", True, [1], {"a": 1}, 1.5e12]))
+texts = st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["OpenAI", " gpt-4o ", "x" * 201, 7, False, ["a"]]))
+record = st.fixed_dictionaries(
+    {"provider": st.one_of(st.sampled_from(["openai", "Anthropic"]), texts),
+     "model": st.one_of(st.sampled_from(["gpt-4o-mini", "claude-3-5-haiku"]), texts)},
+    optional={
+        "ts": st.one_of(numbers, st.sampled_from(["2026-11-23T10:00:00Z", "2026-11-23 10:00:00", "yesterday"])),
+        "app": texts, "operation": texts, "session_id": texts, "request_id": texts,
+        "input_tokens": numbers, "output_tokens": numbers, "cache_read_tokens": numbers,
+        "cache_write_tokens": numbers, "reasoning_tokens": numbers,
+        "cost_usd": numbers, "latency_s": numbers, "ttft_s": numbers,
+        "stream": st.one_of(st.booleans(), st.none(), st.sampled_from(["true", "no", 2])),
+        "request_had_tools": st.one_of(st.booleans(), st.none(), st.sampled_from(["yes", 3])),
+        "status": st.one_of(st.none(), st.sampled_from(["ok", "error", "failed", 200, 429, 503, "weird", True])),
+        "error_type": st.one_of(st.none(), st.sampled_from(["rate_limit", "timeout", "ratelimit", "odd", 5])),
+        "stop_reason": st.one_of(st.none(), st.sampled_from(["stop", "LENGTH", ["tool_calls"], [], 3, " "])),
+        "tool_calls": st.one_of(st.none(), st.integers(-1, 5), st.sampled_from([["search"], [{"name": "a"}], [1], "2"])),
+        "prompt": st.text(max_size=5),
+    })
+
+
+def assert_same(a: RecordColumns, b: RecordColumns) -> None:
+    assert len(a) == len(b)
+    for f in RecordColumns.__slots__:  # type: ignore[attr-defined]
+        x, y = getattr(a, f), getattr(b, f)
+        if x.dtype.kind == "f":
+            assert np.allclose(x, y, equal_nan=True), f
+        else:
+            assert [tuple(v) if isinstance(v, tuple) else v for v in x.tolist()] == \
+                   [tuple(v) if isinstance(v, tuple) else v for v in y.tolist()], f
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(record, min_size=1, max_size=12))
+def test_fast_path_matches_per_record_parser(items: list[dict]) -> None:
+    cols, rejected, idx = parse_batch(items, NOW)
+    good, bad, ref_idx = parse_items(items, NOW)
+    assert sorted((r.index, r.field) for r in rejected) == sorted((r.index, r.field) for r in bad)
+    # Columns may come in another order (rows that failed a fast check are re-parsed and appended).
+    order = np.argsort(idx, kind="stable")
+    assert sorted(idx) == ref_idx
+    assert_same(take(cols, order), to_columns(good))
+
+
+def test_alias_spellings_take_the_per_record_path() -> None:
+    items = [{"provider": "openai", "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "latency_ms": 1500}]
+    cols, rejected, _ = parse_batch(items, NOW)
+    assert not rejected
+    assert cols.input_tokens.tolist() == [10] and cols.output_tokens.tolist() == [5]
+    assert math.isclose(cols.latency[0], 1.5)
+
+
+def test_stored_blob_round_trips_without_text() -> None:
+    items = [{"provider": "openai", "model": "gpt-4o", "app": "Bot", "input_tokens": 3, "ttft_s": 0.1, "latency_s": 0.5,
+              "tool_calls": [{"function": {"name": "lookup", "arguments": "{\"q\": \"secret question\"}"}}],
+              "prompt": "secret question", "request_id": "r1"},
+             {"provider": "anthropic", "model": "claude-3-5-haiku", "status": 429}]
+    cols, _, _ = parse_batch(items, NOW)
+    raw = {"app": cols.app, "provider": cols.provider, "model": cols.model}
+    blob = stored_blob(cols, raw)
+    assert b"secret" not in blob
+    rows = stored_records(blob)
+    assert rows[0]["tool_calls"] == ["lookup"] and rows[0]["app"] == "Bot" and rows[0]["ttft_s"] == 0.1
+    assert rows[1]["status"] == "error" and rows[1]["error_type"] == "rate_limit" and rows[1]["cost_usd"] is None
+    again, rejected, _ = parse_batch(rows, NOW)       # what is stored parses back to the same columns
+    assert not rejected
+    assert_same(again, cols)
+
+
+def test_concat_and_take_keep_every_column() -> None:
+    cols, _, _ = parse_batch([{"provider": "p", "model": "m", "input_tokens": i} for i in range(4)], NOW)
+    both = concat([take(cols, np.array([0, 1])), take(cols, np.array([2, 3]))])
+    assert_same(both, cols)
