@@ -1,0 +1,183 @@
+"""Restarts: counters resume from the store, dedupe and label guards remember, the
+anomaly history is rebuilt, and an acknowledged batch survives `kill -9` of the server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import HOUR, T0, Server, engine_at, ingest_by_day, rec, sample_sum, settings_for, steady_history, steady_hour, value
+
+from exporter.engine import Engine
+
+USAGE_FAMILIES = ("llm_requests", "llm_request_errors", "llm_tokens", "llm_cost_usd", "llm_unpriced_requests",
+                  "llm_request_duration_seconds", "llm_time_to_first_token_seconds", "llm_output_tokens_per_second",
+                  "llm_exporter_records", "llm_exporter_label_overflow")
+
+
+def usage_samples(engine: Engine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in engine.registry.collect():
+        if fam.name in USAGE_FAMILIES:
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def mixed_batch(t: float, k: int, prefix: str) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(k)
+    out = []
+    for i in range(k):
+        out.append(rec(t + i, app=("chat", "search")[i % 2], model=("gpt-4o-mini", "gpt-4o", "mystery-1")[i % 3],
+                       input_tokens=int(rng.integers(1, 5000)), output_tokens=int(rng.integers(0, 900)),
+                       cache_read_tokens=int(rng.integers(0, 300)), latency_s=float(rng.lognormal(0, 1)),
+                       ttft_s=0.05, status=(200, 429, 500, 200)[i % 4], request_id=f"{prefix}-{i}"))
+    return out
+
+
+def test_counters_resume_after_restart(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, label_limit_model=2)
+    engine, _ = engine_at(settings)
+    engine.ingest(mixed_batch(T0 - 900, 60, "a"))
+    engine.ingest(mixed_batch(T0 - 600, 40, "b") + [{"bad": "record"}])
+    before = usage_samples(engine)
+    assert before[("llm_requests_total", (("app", "chat"), ("model", "gpt-4o-mini"), ("provider", "openai")))] > 0
+    assert before[("llm_exporter_label_overflow_total", (("label", "model"),))] > 0
+    assert before[("llm_exporter_records_total", (("result", "rejected"),))] == 1
+    assert any(n == "llm_request_duration_seconds_bucket" for n, _ in before)
+    engine.close()
+
+    again, _ = engine_at(settings, T0 + 60)
+    assert usage_samples(again) == before
+    # and they keep counting from there
+    again.ingest([rec(T0, app="chat", model="gpt-4o-mini", latency_s=0.3, request_id="c-1")])
+    labels = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
+    key = ("llm_requests_total", tuple(sorted(labels.items())))
+    assert value(again, "llm_requests_total", **labels) == before[key] + 1
+    assert value(again, "llm_request_duration_seconds_count", **labels) == \
+        before[("llm_request_duration_seconds_count", key[1])] + 1
+    again.close()
+
+
+def test_dedupe_survives_restart(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    engine, _ = engine_at(settings)
+    assert engine.ingest([rec(T0 - 10, request_id="once"), rec(T0 - 9, request_id="twice")]).accepted == 2
+    engine.close()
+    engine, _ = engine_at(settings)
+    r = engine.ingest([rec(T0 - 10, request_id="once"), rec(T0 - 8, request_id="fresh"), rec(T0 - 9, request_id="twice")])
+    assert (r.accepted, r.duplicate, r.duplicate_indices) == (1, 2, [0, 2])
+    assert value(engine, "llm_requests_total", app="chat", provider="openai", model="gpt-4o-mini") == 3
+    assert value(engine, "llm_exporter_records_total", result="duplicate") == 2
+    engine.close()
+
+
+def test_admitted_labels_survive_restart(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, label_limit_model=3)
+    engine, _ = engine_at(settings)
+    for m in ("m-a", "m-b", "m-c", "m-d", "m-e"):
+        engine.ingest([rec(T0 - 60, model=m)])
+    assert value(engine, "llm_exporter_label_overflow_total", label="model") == 2
+    engine.close()
+    engine, _ = engine_at(settings)
+    assert engine.guards["model"].values == ["m-a", "m-b", "m-c"]
+    engine.ingest([rec(T0 - 30, model="m-c"), rec(T0 - 30, model="m-d"), rec(T0 - 30, model="m-f")])
+    m = lambda name: value(engine, "llm_requests_total", app="chat", provider="openai", model=name)   # noqa: E731
+    assert (m("m-a"), m("m-c"), m("other"), m("m-d"), m("m-f")) == (1, 2, 4, None, None)
+    assert value(engine, "llm_exporter_label_overflow_total", label="model") == 4
+    engine.close()
+
+
+def test_anomaly_verdicts_are_the_same_after_restart(tmp_path: Path) -> None:
+    """The history is rebuilt from hourly and minute buckets: a restart in the middle of a
+    cost spike and a latency spike gives the same snapshot as the process that saw it live."""
+    settings = settings_for(tmp_path)
+    t = T0 + HOUR - 1
+    engine, _ = engine_at(settings, t)
+    spike = steady_hour(T0, np.random.default_rng(2), cost=5.0, latency=4.0, n=40)
+    ingest_by_day(engine, steady_history(days=8) + spike, now=t)
+    live = {(r["signal"], r["scope"]): r for r in engine.evaluate(t).rows()}
+    assert live[("cost_per_hour", "global")]["severity"] == "high"
+    assert live[("latency_p95", "global")]["severity"] == "warning"
+    engine.close()
+
+    again, _ = engine_at(settings, t)
+    restored = {(r["signal"], r["scope"]): r for r in again.evaluate(t).rows()}
+    assert restored.keys() == live.keys()
+    for k, row in live.items():
+        for field in ("current", "baseline", "ratio", "zscore", "band_lower", "band_upper", "baseline_hours",
+                      "requests_in_window", "severity"):
+            assert restored[k][field] == pytest.approx(row[field], rel=1e-9, abs=1e-9), (k, field)
+    again.close()
+
+
+# --- kill -9 ---------------------------------------------------------------------------------
+
+BATCH = 25
+BATCHES = 160
+
+
+def batch_of(i: int, t: float) -> list[dict[str, Any]]:
+    return [rec(t, request_id=f"k9-{i}-{j}", app=("a", "b")[j % 2], input_tokens=100 + j, output_tokens=10,
+                latency_s=0.5) for j in range(BATCH)]
+
+
+def test_acknowledged_records_survive_kill_9(tmp_path: Path) -> None:
+    db = tmp_path / "k9.db"
+    t = time.time() - 120
+    acked: list[int] = []
+    in_flight: list[int] = []
+    stop = threading.Event()
+
+    srv = Server(tmp_path, db).start()
+
+    def client() -> None:
+        for i in range(BATCHES):
+            if stop.is_set():
+                return
+            in_flight[:] = [i]
+            try:
+                r = srv.client.post("/v1/records", json=batch_of(i, t), timeout=10)
+            except Exception:   # the server died under us: this batch may or may not be stored
+                return
+            if r.status_code == 200 and r.json()["accepted"] == BATCH:
+                acked.append(i)
+                in_flight.clear()
+            else:
+                return
+
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 20 and time.monotonic() < deadline and th.is_alive():
+        time.sleep(0.005)
+    srv.kill9()                                   # mid-stream: the client is posting batch after batch
+    stop.set()
+    th.join(timeout=30)
+    srv.stop()
+    srv.client.close()
+    assert len(acked) >= 20, "the client never got going"
+    assert acked == list(range(len(acked)))       # sequential, so only one batch can be in flight
+    assert len(acked) < BATCHES, "the kill came after the stream ended"
+
+    with Server(tmp_path, db) as again:
+        samples = again.scrape()
+        counted = sample_sum(samples, "llm_requests_total")
+        print(f"acked {len(acked)} in flight {in_flight} counted {counted}")
+        acknowledged = len(acked) * BATCH
+        assert counted >= acknowledged
+        assert counted in (acknowledged, acknowledged + BATCH * len(in_flight))
+        assert sample_sum(samples, "llm_exporter_records_total", result="accepted") == counted
+        assert sample_sum(samples, "llm_request_duration_seconds_count") == counted
+        # re-posting everything: dedupe makes the total exactly the number of distinct records
+        accepted = duplicate = 0
+        for i in range(BATCHES):
+            body = again.client.post("/v1/records", json=batch_of(i, t)).json()
+            accepted += body["accepted"]
+            duplicate += body["duplicate"]
+        assert duplicate == counted and accepted == BATCHES * BATCH - counted
+        assert sample_sum(again.scrape(), "llm_requests_total") == BATCHES * BATCH
