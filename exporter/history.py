@@ -200,9 +200,10 @@ class ScopeHistory:
         hour_abs = np.repeat(groups.start // 3600, 3)
         for hour in np.unique(hour_abs):
             sel = hour_abs == hour
+            held = self.open.tag.copy()          # claim() re-tags the slots it clears
             slot, ok, cleared = self.open.claim(hour_abs[sel])
             for s in cleared:
-                self._finalise_open(s)
+                self._finalise_open(s, int(held[s]))
                 self.open_sk[:, s] = 0
             if not ok[0]:
                 self.late_sketch_groups += int(sel.sum())
@@ -211,8 +212,9 @@ class ScopeHistory:
             for k, kind in enumerate(SKETCHES):
                 np.add.at(self.open_sk, (r, slot[0], k), groups.sketches[kind][g].astype(np.int32))
 
-    def _finalise_open(self, open_slot: int) -> None:
-        hour = int(self.open.tag[open_slot])
+    def _finalise_open(self, open_slot: int, hour: int | None = None) -> None:
+        """Quantiles of the hour an open slot holds (`hour`: the one it held before a claim)."""
+        hour = int(self.open.tag[open_slot]) if hour is None else hour
         if hour < 0:
             return
         hslot = hour % self.hours.n
