@@ -237,3 +237,18 @@ def test_series_without_window_or_baseline_is_not_published(tmp_path: Path) -> N
     engine.evaluate(T_EVAL)
     assert severity(engine, "cost_per_hour", "app", app="gone") is None
     assert severity(engine, "cost_per_hour", "app", **CHAT) == OK
+
+
+def test_hourly_quantiles_belong_to_their_own_hour(tmp_path: Path) -> None:
+    """One batch spanning ten hours (a replay or catch-up), each hour with its own latency:
+    the baseline's hourly p95 of every hour must be that hour's, not a neighbour's."""
+    engine, _ = engine_at(settings_for(tmp_path), T0)
+    latency = {h: 1.0 + 0.5 * h for h in range(10)}
+    items = [{"ts": T0 - (10 - h) * HOUR + 60 * i + 5, "provider": "openai", "model": "m", "latency_s": latency[h]}
+             for h in range(10) for i in range(30)]
+    assert engine.ingest(items, now=T0).accepted == 300
+    _, q, before, span = engine.history.hourly(T0 + HOUR, baseline=10 * HOUR, seasonal=False)
+    row = engine.history.keys.index(("global", "", "", ""))
+    assert span[row] == 10
+    got = q[row, :, 0]                                      # latency p95 per hour, oldest first
+    assert got == pytest.approx([latency[h] for h in range(10)], rel=0.025)
