@@ -1,0 +1,468 @@
+"""The Alertmanager side: alertmanager.yml, its routes, inhibitions and templates.
+
+`amtool` checks the configuration, resolves every alert of the rule files to its receiver
+and renders the notification templates. A real Alertmanager then runs the shipped
+configuration (only the delivery addresses and timings changed) to show that critical
+alerts silence their warning twins, that a down exporter silences the alerts built on it,
+and that the opt-in Slack and email channels deliver the templated messages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+AM_DIR = ROOT / "alertmanager"
+AM_CONFIG = AM_DIR / "alertmanager.yml"
+RULES_DIR = ROOT / "prometheus" / "rules"
+EXPORTER_WEBHOOK = "http://exporter:9473/api/alertmanager/webhook"
+
+AMTOOL = shutil.which("amtool")
+ALERTMANAGER = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
+needs_amtool = pytest.mark.skipif(AMTOOL is None, reason="amtool is not installed (Debian package prometheus-alertmanager)")
+needs_alertmanager = pytest.mark.skipif(ALERTMANAGER is None, reason="alertmanager is not installed (Debian package prometheus-alertmanager)")
+
+
+def amtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert AMTOOL is not None
+    return subprocess.run([AMTOOL, *args], cwd=AM_DIR, capture_output=True, text=True, timeout=60)
+
+
+def routed_receivers(labels: dict[str, str]) -> list[str]:
+    """The receivers `amtool config routes test` resolves for an alert with these labels."""
+    result = amtool("config", "routes", "test", "--config.file=alertmanager.yml",
+                    *(f"{k}={v}" for k, v in sorted(labels.items())))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().split(",")
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    rules = []
+    for path in sorted(RULES_DIR.glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            rules.extend(r for r in group["rules"] if "alert" in r)
+    return rules
+
+
+def expected_receiver(alertname: str, severity: str) -> str:
+    if alertname == "Watchdog":
+        return "watchdog"
+    return {"critical": "pager", "warning": "chat", "info": "ticket"}[severity]
+
+
+ALERT_CASES = sorted({(r["alert"], r["labels"]["severity"]) for r in alert_rules()})
+
+
+# --- amtool ---------------------------------------------------------------------------
+
+
+@needs_amtool
+def test_alertmanager_config_is_valid() -> None:
+    result = amtool("check-config", "alertmanager.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 templates" in result.stdout and "SUCCESS" in result.stdout, result.stdout
+
+
+def test_every_rule_file_alert_is_covered() -> None:
+    assert len(ALERT_CASES) >= 20
+    assert ("Watchdog", "info") in ALERT_CASES
+
+
+@needs_amtool
+@pytest.mark.parametrize(("alertname", "severity"), ALERT_CASES, ids=lambda v: str(v))
+def test_every_alert_reaches_its_severity_receiver(alertname: str, severity: str) -> None:
+    rule = next(r for r in alert_rules() if r["alert"] == alertname and r["labels"]["severity"] == severity)
+    labels = {"alertname": alertname, **rule["labels"], "app": "chat", "provider": "openai", "model": "gpt-4o"}
+    assert routed_receivers(labels) == [expected_receiver(alertname, severity)]
+
+
+@needs_amtool
+@pytest.mark.parametrize(("labels", "receivers"), [
+    # opt-in channels add to the severity receiver, they never replace it
+    ({"alertname": "LLMCostSpike", "severity": "critical", "notify_slack": "true"}, ["slack", "pager"]),
+    ({"alertname": "LLMCostSpike", "severity": "warning", "notify_slack": "true"}, ["slack", "chat"]),
+    ({"alertname": "LLMLabelOverflow", "severity": "info", "notify_slack": "true"}, ["ticket"]),
+    ({"alertname": "LLMCostSpike", "severity": "critical", "notify_email": "true"}, ["email", "pager"]),
+    ({"alertname": "LLMCostSpike", "severity": "warning", "notify_email": "true"}, ["chat"]),
+    ({"alertname": "LLMLabelOverflow", "severity": "info", "notify_email": "true"}, ["email", "ticket"]),
+    ({"alertname": "LLMExporterDown", "severity": "critical", "notify_slack": "true", "notify_email": "true"},
+     ["slack", "email", "pager"]),
+    ({"alertname": "LLMCostSpike", "severity": "critical", "notify_slack": "false"}, ["pager"]),
+    # the Watchdog never reaches a person, whatever its labels
+    ({"alertname": "Watchdog", "severity": "info", "notify_slack": "true", "notify_email": "true"}, ["watchdog"]),
+    # anything else falls through to the default receiver
+    ({"alertname": "SomethingElse"}, ["default"]),
+    ({"alertname": "SomethingElse", "severity": "page"}, ["default"]),
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_opt_in_channels_and_fallbacks(labels: dict[str, str], receivers: list[str]) -> None:
+    assert routed_receivers(labels) == receivers
+
+
+def test_every_receiver_posts_to_the_exporter_out_of_the_box() -> None:
+    config = yaml.safe_load(AM_CONFIG.read_text())
+    for receiver in config["receivers"]:
+        if receiver["name"] in ("slack", "email"):
+            continue
+        urls = [w["url"] for w in receiver.get("webhook_configs") or []]
+        assert urls == [EXPORTER_WEBHOOK], receiver["name"]
+
+
+def test_no_secret_in_the_config() -> None:
+    config = yaml.safe_load(AM_CONFIG.read_text())
+    text = AM_CONFIG.read_text()
+    assert "hooks.slack.com" not in text
+    slack = next(r for r in config["receivers"] if r["name"] == "slack")["slack_configs"][0]
+    assert "api_url" not in slack and slack["api_url_file"].startswith("/etc/alertmanager/secrets/")
+    assert "smtp_auth_password" not in config["global"]
+    assert config["global"]["smtp_auth_password_file"].startswith("/etc/alertmanager/secrets/")
+
+
+# --- templates ------------------------------------------------------------------------
+
+TEMPLATE_DATA = {
+    "receiver": "slack", "status": "firing", "externalURL": "http://localhost:9093", "version": "4",
+    "groupKey": "{}:{alertname=\"LLMCostSpike\"}", "truncatedAlerts": 0,
+    "groupLabels": {"alertname": "LLMCostSpike", "app": "chat"},
+    "commonLabels": {"alertname": "LLMCostSpike", "severity": "critical", "app": "chat", "scope": "app",
+                     "signal": "cost_per_hour"},
+    "commonAnnotations": {},
+    "alerts": [{
+        "status": "firing", "fingerprint": "0123456789abcdef",
+        "labels": {"alertname": "LLMCostSpike", "severity": "critical", "app": "chat", "scope": "app",
+                   "signal": "cost_per_hour"},
+        "annotations": {
+            "summary": "LLM spend is far above its usual level",
+            "description": "Cost over the last hour for app chat is 5.0x its baseline: $10.00/h against a baseline of $2.00/h (robust z 4.0).",
+            "runbook_url": "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md#llmcostspike"},
+        "startsAt": "2026-01-05T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://localhost:9090/graph?g0.expr=llm_anomaly_ratio"}],
+}
+
+
+@pytest.fixture
+def template_data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(TEMPLATE_DATA))
+    return path
+
+
+def render(template_data: Path, name: str, kind: str = "text") -> str:
+    result = amtool("template", "render", "--template.glob=templates/*.tmpl", f"--template.data={template_data}",
+                    f"--template.type={kind}", f'--template.text={{{{ template "{name}" . }}}}')
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@needs_amtool
+def test_title_template(template_data: Path) -> None:
+    assert render(template_data, "llm.title").strip() == "[FIRING:1] LLMCostSpike (critical) app=chat"
+
+
+@needs_amtool
+def test_slack_templates(template_data: Path) -> None:
+    text = render(template_data, "llm.slack.text")
+    assert "*LLM spend is far above its usual level* (app chat [cost_per_hour])" in text
+    assert "5.0x its baseline" in text
+    assert "<https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md#llmcostspike|Runbook>" in text
+    assert render(template_data, "llm.slack.color").strip() == "danger"
+    assert render(template_data, "llm.slack.title_link").strip().endswith("#llmcostspike")
+
+
+@needs_amtool
+def test_email_templates(template_data: Path) -> None:
+    text = render(template_data, "llm.email.text")
+    assert "Severity: critical. Since: 2026-01-05 10:00 UTC." in text
+    assert "Runbook: https://github.com/" in text
+    html = render(template_data, "llm.email.html", "html")
+    assert "<strong>LLM spend is far above its usual level</strong>" in html
+    assert 'href="https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md#llmcostspike"' in html
+
+
+# --- a real Alertmanager ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Captured:
+    """Notifications received by the fake endpoints: webhook/Slack posts and SMTP mails."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        self.mails: list[str] = []
+        self.lock = threading.Lock()
+
+    def webhook_alerts(self, receiver: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [a for path, body in self.posts if path == f"/{receiver}" for a in body.get("alerts", [])]
+
+    def slack(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [body for path, body in self.posts if path == "/slack-api"]
+
+
+def http_capture(captured: Captured) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            with captured.lock:
+                captured.posts.append((self.path, json.loads(body)))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def smtp_capture(captured: Captured) -> socketserver.ThreadingTCPServer:
+    """Just enough SMTP (no TLS, no AUTH advertised) to receive Alertmanager's mail."""
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(b"220 localhost ESMTP test\r\n")
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
+                cmd = line.decode(errors="replace").strip().upper()
+                if cmd.startswith(("EHLO", "HELO")):
+                    self.wfile.write(b"250-localhost\r\n250 8BITMIME\r\n")
+                elif cmd == "DATA":
+                    self.wfile.write(b"354 end with .\r\n")
+                    data = []
+                    while (chunk := self.rfile.readline()) not in (b".\r\n", b""):
+                        data.append(chunk.decode(errors="replace"))
+                    with captured.lock:
+                        captured.mails.append("".join(data))
+                    self.wfile.write(b"250 queued\r\n")
+                elif cmd == "QUIT":
+                    self.wfile.write(b"221 bye\r\n")
+                    return
+                else:
+                    self.wfile.write(b"250 ok\r\n")
+
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def local_config(config: dict[str, Any], http_port: int, smtp_port: int, slack_url_file: Path) -> dict[str, Any]:
+    """The shipped config with local delivery addresses and second-long timings, nothing else."""
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs") or []:
+            assert hook["url"] == EXPORTER_WEBHOOK
+            hook["url"] = f"http://127.0.0.1:{http_port}/{receiver['name']}"
+        for slack in receiver.get("slack_configs") or []:
+            slack["api_url_file"] = str(slack_url_file)
+    config["global"]["smtp_smarthost"] = f"127.0.0.1:{smtp_port}"
+    config["global"]["smtp_require_tls"] = False
+
+    def fast(route: dict[str, Any]) -> None:
+        for key in ("group_wait", "group_interval"):
+            route[key] = "1s"
+        for child in route.get("routes") or []:
+            fast(child)
+    fast(config["route"])
+    return config
+
+
+class RunningAlertmanager:
+    def __init__(self, url: str, captured: Captured) -> None:
+        self.url = url
+        self.captured = captured
+
+    def post(self, alerts: list[dict[str, Any]]) -> None:
+        now = datetime.now(timezone.utc)
+        body = [{"labels": a["labels"], "annotations": a.get("annotations", {}),
+                 "startsAt": now.isoformat(), "endsAt": (now + timedelta(hours=1)).isoformat(),
+                 "generatorURL": "http://localhost:9090/graph"} for a in alerts]
+        req = urllib.request.Request(f"{self.url}/api/v2/alerts", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200
+
+    def alerts(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=5) as r:
+            return json.loads(r.read())
+
+    def inhibited(self) -> dict[tuple[str, str], bool]:
+        """(alertname, distinguishing label) -> whether Alertmanager marks it inhibited."""
+        out = {}
+        for a in self.alerts():
+            lab = a["labels"]
+            key = (lab["alertname"], lab.get("severity", "") + "|" + lab.get("app", lab.get("instance", "")))
+            out[key] = bool(a["status"]["inhibitedBy"])
+        return out
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[RunningAlertmanager]:
+    captured = Captured()
+    http_server = http_capture(captured)
+    smtp_server = smtp_capture(captured)
+    http_port, smtp_port = http_server.server_address[1], smtp_server.server_address[1]
+    slack_url_file = tmp_path / "slack_webhook_url"
+    slack_url_file.write_text(f"http://127.0.0.1:{http_port}/slack-api\n")
+    workdir = tmp_path / "alertmanager"
+    shutil.copytree(AM_DIR / "templates", workdir / "templates")
+    config = local_config(yaml.safe_load(AM_CONFIG.read_text()), http_port, smtp_port, slack_url_file)
+    (workdir / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (tmp_path / "alertmanager.log").open("w")
+    assert ALERTMANAGER is not None
+    proc = subprocess.Popen(
+        [ALERTMANAGER, f"--config.file={workdir / 'alertmanager.yml'}", f"--storage.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=debug"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("alertmanager exited:\n" + (tmp_path / "alertmanager.log").read_text())
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
+    try:
+        wait_for(ready, "alertmanager to start")
+        yield RunningAlertmanager(url, captured)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        http_server.shutdown()
+        smtp_server.shutdown()
+
+
+def alert(alertname: str, severity: str, **labels: str) -> dict[str, Any]:
+    return {"labels": {"alertname": alertname, "severity": severity, **labels},
+            "annotations": {"summary": f"{alertname} summary", "description": f"{alertname} {severity} description",
+                            "runbook_url": f"https://example.org/runbook.md#{alertname.lower()}"}}
+
+
+EXP = {"instance": "exporter:9473", "job": "llm-usage-exporter"}
+
+
+@pytest.mark.e2e
+@needs_alertmanager
+def test_inhibitions_and_deliveries(alertmanager: RunningAlertmanager) -> None:
+    am = alertmanager
+    cost = {"scope": "app", "signal": "cost_per_hour", **EXP}
+    am.post([
+        alert("LLMCostSpike", "critical", app="chat", **cost),
+        alert("LLMCostSpike", "warning", app="chat", **cost),            # twin of the critical one
+        alert("LLMCostSpike", "warning", app="search", **cost),          # no critical twin
+        alert("LLMIngestStalled", "warning", instance="exporter-b:9473", job="llm-usage-exporter"),
+        alert("LLMRequestRateDrop", "warning", scope="global", signal="request_rate",
+              instance="exporter-b:9473", job="llm-usage-exporter"),   # caused by the stall there
+        alert("LLMRequestRateDrop", "warning", scope="global", signal="request_rate", **EXP),
+        alert("LLMMonthlyBudgetNearlySpent", "info", app="chat", period="month", notify_email="true", **EXP),
+        alert("LLMRunawaySessions", "critical", app="agent", reason="session_cost", notify_slack="true", **EXP),
+        alert("Watchdog", "info"),
+    ])
+    cap = am.captured
+    wait_for(lambda: len(cap.webhook_alerts("pager")) >= 2 and cap.webhook_alerts("chat") and cap.webhook_alerts("ticket")
+             and cap.webhook_alerts("watchdog") and cap.slack() and cap.mails, "every receiver to be notified")
+    time.sleep(2.5)  # a few more group intervals: anything wrongly delivered would show now
+
+    assert am.inhibited() == {
+        ("LLMCostSpike", "critical|chat"): False,
+        ("LLMCostSpike", "warning|chat"): True,
+        ("LLMCostSpike", "warning|search"): False,
+        ("LLMIngestStalled", "warning|exporter-b:9473"): False,
+        ("LLMRequestRateDrop", "warning|exporter-b:9473"): True,
+        ("LLMRequestRateDrop", "warning|exporter:9473"): False,
+        ("LLMMonthlyBudgetNearlySpent", "info|chat"): False,
+        ("LLMRunawaySessions", "critical|agent"): False,
+        ("Watchdog", "info|"): False,
+    }
+
+    def names(receiver: str) -> set[tuple[str, str]]:
+        return {(a["labels"]["alertname"], a["labels"].get("app") or a["labels"].get("instance", ""))
+                for a in cap.webhook_alerts(receiver)}
+    assert names("pager") == {("LLMCostSpike", "chat"), ("LLMRunawaySessions", "agent")}
+    assert names("chat") == {("LLMCostSpike", "search"), ("LLMIngestStalled", "exporter-b:9473"),
+                             ("LLMRequestRateDrop", "exporter:9473")}
+    assert names("ticket") == {("LLMMonthlyBudgetNearlySpent", "chat")}
+    assert names("watchdog") == {("Watchdog", "")}
+    assert names("default") == set()
+
+    # Slack: only the opted-in alert, rendered with the shipped templates
+    slack = cap.slack()
+    assert len(slack) == 1
+    attachment = slack[0]["attachments"][0]
+    assert attachment["title"] == "[FIRING:1] LLMRunawaySessions (critical) app=agent"
+    assert attachment["title_link"] == "https://example.org/runbook.md#llmrunawaysessions"
+    assert attachment["color"] == "danger"
+    assert "*LLMRunawaySessions summary* (app agent [session_cost])" in attachment["text"]
+    assert "LLMRunawaySessions critical description" in attachment["text"]
+
+    # email: only the opted-in alert, subject and body from the shipped templates
+    assert len(cap.mails) == 1
+    mail = cap.mails[0]
+    assert "Subject: [FIRING:1] LLMMonthlyBudgetNearlySpent (info) app=chat" in mail
+    assert "To: llm-oncall@example.com" in mail
+    assert "LLMMonthlyBudgetNearlySpent info description" in mail
+
+
+@pytest.mark.e2e
+@needs_alertmanager
+def test_exporter_down_silences_the_alerts_built_on_it(alertmanager: RunningAlertmanager) -> None:
+    am = alertmanager
+    am.post([
+        alert("LLMExporterDown", "critical", **EXP),
+        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o"),
+        alert("LLMBudgetBurnRate", "critical", app="chat"),
+        alert("LLMIngestStalled", "warning", **EXP),
+        alert("Watchdog", "info"),
+    ])
+    cap = am.captured
+    wait_for(lambda: bool(cap.webhook_alerts("pager")) and bool(cap.webhook_alerts("watchdog")), "the page")
+    wait_for(lambda: am.inhibited().get(("LLMBudgetBurnRate", "critical|chat")) is True, "the inhibition")
+    time.sleep(2.5)
+    assert am.inhibited() == {
+        ("LLMExporterDown", "critical|exporter:9473"): False,
+        ("LLMErrorRatioHigh", "warning|"): True,
+        ("LLMBudgetBurnRate", "critical|chat"): True,
+        ("LLMIngestStalled", "warning|exporter:9473"): True,
+        ("Watchdog", "info|"): False,
+    }
+    assert {a["labels"]["alertname"] for a in cap.webhook_alerts("pager")} == {"LLMExporterDown"}
+    assert cap.webhook_alerts("chat") == []
