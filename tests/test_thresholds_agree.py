@@ -69,3 +69,12 @@ def test_every_down_signal_has_an_alert_for_its_direction() -> None:
             assert re.search(
                 rf'llm_anomaly_ratio\{{signal="{spec.name}"\}}\s*>= on\(signal\) group_left\(\) llm:anomaly_threshold:ratio\{{',
                 rules_text), f"no up-direction alert for {spec.name}"
+
+
+def test_invocation_spike_thresholds_equal_the_runaway_detector_defaults() -> None:
+    """The exporter flags spikes (/api/runaways) with the numbers the alert uses."""
+    from exporter.runaway import RunawaySettings
+
+    defaults = RunawaySettings()
+    assert rule_value("llm:runaway_threshold:invocation_zscore") == defaults.spike_z
+    assert rule_value("llm:runaway_threshold:invocation_min_count") == defaults.spike_min_count
