@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,7 @@ from .signals import signal_specs
 from .store import BatchWrite, Store, StoreError
 
 log = logging.getLogger("llm_usage_exporter")
+disable_created_metrics()   # the metric contract: no `_created` series (process-wide switch)
 Clock = Callable[[], float]
 RESULTS = ("accepted", "duplicate", "rejected")
 
