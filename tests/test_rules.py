@@ -225,3 +225,25 @@ def test_thresholds_live_only_in_thresholds_yml() -> None:
                 used.update(re.findall(r"[a-z_]+:[a-z_]*threshold[a-z_]*:[a-z0-9_]+", rule["expr"]))
     assert used, "no alert reads a threshold series"
     assert not used - defined, f"read but not defined in thresholds.yml: {sorted(used - defined)}"
+
+
+def test_rules_read_only_metrics_of_the_contract() -> None:
+    """Every exporter metric an expression or description reads is in docs/metrics.md."""
+    contract = (ROOT / "docs" / "metrics.md").read_text()
+    recorded = set()
+    texts = []
+    for path in RULE_FILES:
+        for group in load(path)["groups"]:
+            for rule in group["rules"]:
+                recorded.add(rule.get("record"))
+                texts.append(rule["expr"])
+                texts.extend(str(v) for v in (rule.get("annotations") or {}).values())
+    read = set(re.findall(r"(?<![:\w])llm_[a-z0-9_]+", "\n".join(texts))) - recorded
+    assert read, "no exporter metric found in the rules"
+
+    def documented(name: str) -> bool:
+        base = re.sub(r"_(bucket|count|sum)$", "", name)
+        return re.search(rf"`{re.escape(name)}[`{{]", contract) is not None or \
+            re.search(rf"`{re.escape(base)}[`{{]", contract) is not None
+    missing = sorted(n for n in read if not documented(n))
+    assert not missing, f"the rules read metrics docs/metrics.md does not define: {missing}"
