@@ -247,3 +247,12 @@ def test_rules_read_only_metrics_of_the_contract() -> None:
             re.search(rf"`{re.escape(base)}[`{{]", contract) is not None
     missing = sorted(n for n in read if not documented(n))
     assert not missing, f"the rules read metrics docs/metrics.md does not define: {missing}"
+
+    # ... and that the exporter publishes (metric family names as string literals)
+    source = "\n".join(p.read_text() for p in (ROOT / "exporter").glob("*.py"))
+
+    def published(name: str) -> bool:
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        return f'"{name}"' in source or f'"{base}"' in source
+    unpublished = sorted(n for n in read if not published(n))
+    assert not unpublished, f"the rules read metrics the exporter does not publish: {unpublished}"
