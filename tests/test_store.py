@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from helpers import T0, engine_at, rec, settings_for, value
 
 from exporter.api import create_app
-from exporter.store import BatchWrite, Store, StoreError
+from exporter.dedupe import hash_ids
+from exporter.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 
@@ -37,7 +38,7 @@ def mend(c: sqlite3.Connection, table: str) -> None:
 def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "dir" / "s.db"
     s = Store(db)
-    assert s.get_meta("schema_version") == "1"
+    assert s.get_meta("schema_version") == SCHEMA_VERSION
     assert s.get_meta("nothing") is None
     s.set_meta("k", "v1")
     s.set_meta("k", "v2")
@@ -63,42 +64,59 @@ def test_series_ids_are_stable_across_reopen(tmp_path: Path) -> None:
     assert s.series() == {ids[0]: ("a", "p", "m1"), ids[1]: ("a", "p", "m2")}
 
 
+def remembered(s: Store, since: float = 0.0) -> set[int]:
+    return {int(h) for _, hashes in s.dedupe_hashes(since) for h in hashes}
+
+
 def test_write_is_atomic(tmp_path: Path) -> None:
     s = Store(tmp_path / "s.db")
-    s.write(BatchWrite(request_ids=[("r1", T0)], records=[(T0, b'{"n":1}')], meta={"m": "1"}))
-    c = break_table(tmp_path / "s.db", "records")
+    h1, h2 = hash_ids(["r1"]), hash_ids(["r2"])
+    s.write(BatchWrite(dedupe=(T0, h1.tobytes()), labels=[("model", "a")], daily_cost=[("chat", 1, 1.0)], meta={"m": "1"}))
+    c = break_table(tmp_path / "s.db", "label_values")
     with pytest.raises(StoreError, match="db: write to .*s.db failed: disk says no"):
-        s.write(BatchWrite(request_ids=[("r2", T0)], records=[(T0 + 1, b'{"n":2}')], labels=[("model", "x")],
+        s.write(BatchWrite(dedupe=(T0, h2.tobytes()), labels=[("model", "x")], daily_cost=[("chat", 1, 2.0)],
                            meta={"m": "2"}))
     assert s.errors_total == 1
-    assert s.seen(["r1", "r2"]) == {"r1"}                     # nothing of the failed batch was kept
-    assert s.get_meta("m") == "1" and s.label_values() == {}
-    assert list(s.records(0, T0 + 10)) == [{"n": 1}]
-    mend(c, "records")
-    s.write(BatchWrite(request_ids=[("r2", T0)], records=[(T0 + 1, b'{"n":2}')], meta={"m": "2"}))
-    assert s.seen(["r1", "r2", "r3"]) == {"r1", "r2"}
+    assert remembered(s) == {int(h1[0])}                       # nothing of the failed batch was kept
+    assert s.get_meta("m") == "1" and s.label_values() == {"model": ["a"]}
+    assert s.daily_costs() == [("chat", 1, 1.0)]
+    mend(c, "label_values")
+    s.write(BatchWrite(dedupe=(T0 + 1, h2.tobytes()), labels=[("model", "x")], daily_cost=[("chat", 1, 2.0)], meta={"m": "2"}))
+    assert remembered(s) == {int(h1[0]), int(h2[0])}
+    assert remembered(s, since=T0 + 0.5) == {int(h2[0])}
+    assert s.label_values() == {"model": ["a", "x"]} and s.daily_costs() == [("chat", 1, 3.0)]
 
 
-def test_seen_handles_more_ids_than_one_query_takes(tmp_path: Path) -> None:
-    s = Store(tmp_path / "s.db")
+def test_request_ids_are_remembered_as_stable_hashes(tmp_path: Path) -> None:
     ids = [f"id-{i}" for i in range(2500)]
-    s.write(BatchWrite(request_ids=[(i, T0) for i in ids[::2]]))
-    assert s.seen(ids) == set(ids[::2])
+    h = hash_ids(ids)
+    assert len(set(h.tolist())) == 2500
+    assert hash_ids(["id-7"])[0] == h[7]                         # the same in every process
+    s = Store(tmp_path / "s.db")
+    s.write(BatchWrite(dedupe=(T0, h[::2].tobytes())))
+    s.close()
+    assert remembered(Store(tmp_path / "s.db")) == set(h[::2].tolist())
 
 
 def test_records_range_order_and_limit(tmp_path: Path) -> None:
-    s = Store(tmp_path / "s.db")
-    s.write(BatchWrite(records=[(T0 + k, orjson.dumps({"k": k})) for k in (5, 1, 3, 2, 4)]))
-    assert [r["k"] for r in s.records(T0 + 2, T0 + 4)] == [2, 3]                 # [start, end)
-    assert [r["k"] for r in s.records(0, T0 + 100, limit=2, newest_first=True)] == [5, 4]
-    assert [r["k"] for r in s.records(0, T0 + 100)] == [1, 2, 3, 4, 5]
+    """Raw records come back in arrival order, filtered to start <= ts < end."""
+    engine, _ = engine_at(settings_for(tmp_path))
+    for batch in ((5, 1), (3,), (2, 4)):
+        engine.ingest([rec(T0 + k, request_id=f"k{k}") for k in batch])
+    st = engine.store
+    assert [r["request_id"] for r in st.records(T0 + 2, T0 + 4)] == ["k3", "k2"]
+    assert [r["request_id"] for r in st.records(0, T0 + 100, limit=2, newest_first=True)] == ["k4", "k2"]
+    assert [r["request_id"] for r in st.records(0, T0 + 100)] == ["k5", "k1", "k3", "k2", "k4"]
+    assert [r["request_id"] for r in st.records(T0 + 6, T0 + 100)] == []
+    engine.close()
 
 
 def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, minute_retention="2h", record_retention="1h", dedupe_window="3h",
                             baseline="1d", horizon="2d")
     engine, clock = engine_at(settings, T0)
-    engine.ingest([rec(T0 - 5 * 3600, request_id="old", cost_usd=1.0), rec(T0 - 600, request_id="new", cost_usd=1.0)])
+    engine.ingest([rec(T0 - 5 * 3600, request_id="old", cost_usd=1.0)], now=T0 - 3600)
+    engine.ingest([rec(T0 - 600, request_id="new", cost_usd=1.0)], now=T0)
     st = engine.store
     mins = lambda: sorted({b[0] for b in st.buckets(60, 0, T0 + 10**6)})      # noqa: E731
     hours = lambda: sorted({b[0] for b in st.buckets(3600, 0, T0 + 10**6)})   # noqa: E731
@@ -107,10 +125,13 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     assert mins() == [T0 - 600]                                  # minute buckets: 2 h
     assert len(hours()) == 2                                      # hourly buckets: 2 d
     assert [r["request_id"] for r in st.records(0, T0 + 10)] == ["new"]   # raw records: 1 h
-    assert st.seen(["old", "new"]) == {"old", "new"}              # both seen at T0 (ingest time)
+    assert remembered(st) == set(hash_ids(["old", "new"]).tolist())       # ingested 1 h and 0 h ago: within 3 h
+    clock.t = T0 + 2.5 * 3600
+    engine.prune()
+    assert remembered(st) == set(hash_ids(["new"]).tolist())
     clock.t = T0 + 3 * 86400
     engine.prune()
-    assert mins() == [] and hours() == [] and st.seen(["old", "new"]) == set()
+    assert mins() == [] and hours() == [] and remembered(st) == set()
     assert sum(c for _, _, c in st.daily_costs()) == pytest.approx(2.0)   # daily costs stay for forecasts
     engine.close()
 
