@@ -8,6 +8,7 @@ fires it and one that keeps it quiet.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ PROM_DIR = ROOT / "prometheus"
 RULES_DIR = PROM_DIR / "rules"
 TESTS_DIR = PROM_DIR / "tests"
 RUNBOOK = ROOT / "docs" / "runbook.md"
+DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RUNBOOK_URL = "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md#"
 SEVERITIES = {"critical", "warning", "info"}
 
@@ -164,6 +166,12 @@ def test_alert_rules_follow_the_conventions() -> None:
             problems.append(f"{where}: summary must be static")
         if name != "Watchdog" and "{{" not in str(ann.get("description", "")):
             problems.append(f"{where}: description is not templated")
+        if name != "Watchdog":
+            m = re.match(r"http://localhost:3000/d/([\w-]+)\?orgId=1", str(ann.get("dashboard_url", "")))
+            if not m:
+                problems.append(f"{where}: no dashboard_url into Grafana")
+            elif not any(json.loads(p.read_text()).get("uid") == m.group(1) for p in DASHBOARDS):
+                problems.append(f"{where}: dashboard_url names dashboard {m.group(1)!r}, which grafana/dashboards lacks")
         if ann.get("runbook_url") != RUNBOOK_URL + name.lower():
             problems.append(f"{where}: runbook_url {ann.get('runbook_url')!r} is not {RUNBOOK_URL + name.lower()!r}")
     assert not problems, "\n".join(problems)
