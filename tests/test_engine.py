@@ -186,3 +186,25 @@ def test_unknown_model_is_unpriced_not_free(engine: Engine) -> None:
     assert value(engine, "llm_cost_usd_total", **m) == pytest.approx(0.2)   # only the record that carried a cost
     stored = {r["request_id"]: r["cost_usd"] for r in engine.store.records(0, T0 + 1)}
     assert stored == {"u1": None, "u2": None, "u3": 0.2}                   # unknown, not zero
+
+
+# --- timestamps from the future ----------------------------------------------------------------
+
+def test_far_future_timestamps_are_rejected_and_cannot_wipe_history(tmp_path: Path) -> None:
+    """A typo'd year or a microsecond epoch (read as milliseconds: year 55,840) must not be
+    accepted: pruning measures retention from the newest event, so one such record would
+    delete every real bucket and record, and the second one could not even be stored."""
+    settings = settings_for(tmp_path)
+    engine, _ = engine_at(settings, T0)
+    engine.ingest([rec(T0 - 600, cost_usd=1.0, request_id="real")])
+    res = engine.ingest([rec(T0 + 400 * 86400, request_id="typo-year"), rec(1_699_999_200_000_000, request_id="micro"),
+                         rec(T0 + 1800, request_id="skewed-clock"), rec(T0 - 300, request_id="fine")])
+    assert [(r.index, r.field) for r in res.rejected] == [(0, "ts"), (1, "ts")]
+    assert "ahead of" in res.rejected[0].reason
+    assert res.accepted == 2                                   # half an hour of clock skew is tolerated
+    engine.prune()
+    assert value(engine, "llm_requests_total", **SERIES) == 3
+    assert [r["request_id"] for r in engine.store.records(0, T0 + 86400)] == ["real", "skewed-clock", "fine"]
+    assert len(list(engine.store.buckets(3600, 0, T0 + 86400))) == 2
+    assert len(list(engine.store.buckets(60, 0, T0 + 86400))) == 3
+    engine.close()
