@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from .records import (ALIASES, MAX_COST, MAX_FUTURE, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MILLISECOND_FIELDS, RecordColumns,
+from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MILLISECOND_FIELDS, RecordColumns,
                       RecordError, Rejected, _status_and_error, _tool_calls, parse_record, parse_ts, to_columns)
 
 SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
@@ -135,7 +135,6 @@ def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarr
             except RecordError:
                 bad[j] = True
                 ts[j] = now
-    bad[ts > now + MAX_FUTURE] = True      # the per-record path says why
 
     tokens = {f: number(f, MAX_TOKENS, True) for f in TOKEN_COLUMNS}
     cost = number("cost_usd", MAX_COST, False)

@@ -23,7 +23,6 @@ MAX_TEXT = 200
 MAX_TOKENS = 1_000_000_000
 MAX_COST = 1_000_000.0
 MAX_SECONDS = 86_400.0
-MAX_FUTURE = 3_600.0      # how far ahead of arrival a record may be dated (clock skew)
 
 # Other spellings of our fields, so that OpenAI-style usage blocks, LiteLLM spend logs and
 # OpenTelemetry GenAI attributes can be posted as they are.
@@ -175,16 +174,6 @@ def parse_ts(v: Any, now: float) -> float:
     return dt.timestamp()
 
 
-def _not_future(ts: float, now: float) -> float:
-    """Refuse event times well ahead of arrival (a typo'd year, microseconds read as
-    milliseconds): retention and the live window are measured from the newest event, so one
-    such record would age out all real history."""
-    if ts > now + MAX_FUTURE:
-        raise RecordError("ts", f"is {(ts - now) / 3600:.3g} h ahead of the exporter's clock (at most "
-                                f"{MAX_FUTURE / 3600:g} h): check the unit (seconds or milliseconds) and the time zone")
-    return ts
-
-
 def _looks_numeric(s: str) -> bool:
     try:
         float(s)
@@ -293,7 +282,7 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
         stop = stop[0] if stop else None
     stream = _bool("stream", d.get("stream")) or ttft is not None
     return UsageRecord(
-        ts=_not_future(parse_ts(d.get("ts"), now), now),
+        ts=parse_ts(d.get("ts"), now),
         provider=_text("provider", d.get("provider"), required=True, lower=True),  # type: ignore[arg-type]
         model=_text("model", d.get("model"), required=True, lower=True),  # type: ignore[arg-type]
         app=_text("app", d.get("app")) or "unknown",
