@@ -223,9 +223,17 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         return ORJSONResponse({"drift": [r.to_dict() for r in rep.drift if r.severity >= min_severity]})
 
     @app.get("/api/runaways")
-    def runaways() -> Response:
+    def runaways(app_: str | None = Query(None, alias="app")) -> Response:
         """Flagged sessions (ids only here, never in labels), counts per app and reason, invocation spikes."""
-        return detector_report("runaway")
+        rep = engine.detectors.latest
+        if rep is None:
+            return _error(503, "no evaluation yet")
+        body = rep.runaway.to_dict()
+        if app_ is not None:
+            body["offenders"] = [o for o in body["offenders"] if o.get("app") == app_]
+            body["sessions_by_app_reason"] = [r for r in body["sessions_by_app_reason"] if r["app"] == app_]
+        return ORJSONResponse({"evaluated_at": rep.runaway and engine.snapshot.t if engine.snapshot else None,
+                               "runaway": body})
 
     @app.get("/api/budgets")
     def budgets() -> Response:

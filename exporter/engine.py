@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -93,6 +93,7 @@ class Engine:
         self.registry.register(AnomalyCollector(self))
         self.registry.register(DetectorCollector(self.detectors))
         self.registry.register(_SelfCollector(self))
+        ProcessCollector(registry=self.registry)   # process_start_time_seconds etc., as every exporter has
 
     # --- start-up ---------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class Engine:
             self.overflow_total.update(d.get("overflow", {}))
         newest = float(self.store.get_meta("newest_event_ts") or 0.0)
         self.newest_event_ts = newest
+        self.last_record_wallclock = float(self.store.get_meta("last_ingest_wallclock") or 0.0)
         for seen, hashes in self.store.dedupe_hashes(self.clock() - self.settings.dedupe_window):
             self.dedupe.add(hashes, seen)
         self.detectors.restore_budget(self.store.daily_costs())
@@ -229,6 +231,7 @@ class Engine:
         new_labels = [(name, v) for name, g in self.guards.items() for v in g.take_new()]
         for name, g in self.guards.items():
             self.overflow_total[name] += g.overflow_total - overflow_before[name]
+        wallclock = time.time()
         write = BatchWrite(
             dedupe=(now, ids.tobytes()) if ids.size else None,
             groups=groups if self.history.fine == 60 else groups.coarsen(60),
@@ -236,7 +239,8 @@ class Engine:
             records=_records_blob(cols, raw) if self.settings.record_retention > 0 else None,
             labels=new_labels,
             daily_cost=_daily_cost(cols.app, local_day_index(cols.ts, self.detectors.budget.tz), cost),
-            meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending)},
+            meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending),
+                  "last_ingest_wallclock": repr(wallclock)},
         )
         try:
             self.store.write(write)
@@ -251,7 +255,7 @@ class Engine:
             raise
         self.dedupe.add(ids, now)
         self.newest_event_ts = newest
-        self.last_record_wallclock = time.time()
+        self.last_record_wallclock = wallclock
         self.history.add(groups, self.store.series())
         self.detectors.observe(cols)
 

@@ -7,7 +7,8 @@ regenerate it with
     UPDATE_GOLDEN=1 python -m pytest tests/test_exposition.py
 
 and review the diff like code. The comparison leaves out what depends on the wall clock:
-`llm_exporter_last_*` gauges and the `llm_exporter_evaluation_duration_seconds` histogram.
+`llm_exporter_last_*` gauges, the `llm_exporter_evaluation_duration_seconds` histogram and
+the library's `process_*` metrics (CPU, memory, start time of this process).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from exporter.engine import Engine
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
 T_EVAL = T0 + HOUR - 1
-WALL_CLOCK = re.compile(r"^(# (HELP|TYPE) )?(llm_exporter_last_\w+|llm_exporter_evaluation_duration_seconds\w*)[ {]")
+WALL_CLOCK = re.compile(r"^(# (HELP|TYPE) )?(llm_exporter_last_\w+|llm_exporter_evaluation_duration_seconds\w*|process_\w+)[ {]")
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 
