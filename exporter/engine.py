@@ -41,6 +41,7 @@ log = logging.getLogger("llm_usage_exporter")
 disable_created_metrics()   # the metric contract: no `_created` series (process-wide switch)
 Clock = Callable[[], float]
 RESULTS = ("accepted", "duplicate", "rejected")
+MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
 
 
 @dataclass(slots=True)
@@ -171,6 +172,7 @@ class Engine:
         `meta` is written in the same transaction (a tail follower's file offset), so a crash
         can never store records without their offset or the other way round."""
         now = self.clock() if now is None else now
+        cols, indices, rejected = _drop_future(cols, indices, rejected, now)
         with self.lock:
             result = IngestResult(rejected=rejected)
             keep, dup_idx, ids = self._dedupe(cols, indices, now)
@@ -289,6 +291,21 @@ class Engine:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _drop_future(cols: RecordColumns, indices: list[int], rejected: list[Rejected],
+                 now: float) -> tuple[RecordColumns, list[int], list[Rejected]]:
+    """Refuse event times well ahead of arrival (a typo'd year, microseconds read as
+    milliseconds): pruning and the restored window are measured from the newest event, so
+    one such record would age out all real history."""
+    ahead = cols.ts > now + MAX_FUTURE
+    if not ahead.any():
+        return cols, indices, rejected
+    bad = [Rejected(indices[j], "ts", f"is {(float(cols.ts[j]) - now) / 3600:.3g} h ahead of the exporter's clock "
+                                      f"(at most {MAX_FUTURE / 3600:g} h): check the unit (seconds or milliseconds) "
+                                      "and the time zone") for j in np.flatnonzero(ahead).tolist()]
+    keep = np.flatnonzero(~ahead)
+    return take(cols, keep), [indices[j] for j in keep.tolist()], sorted(rejected + bad, key=lambda r: r.index)
 
 
 def _groups(rows: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]]) -> Groups:
