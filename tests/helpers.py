@@ -209,7 +209,7 @@ class Server:
         self.client = httpx.Client(base_url=self.url, timeout=30)
         self._log = None
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 60.0) -> "Server":
         log_path = self.tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(log_path, "wb")
         cmd = exporter_command() + ["serve", "--db", str(self.db), "--port", str(self.port),
