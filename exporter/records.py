@@ -339,7 +339,11 @@ def decode_body(body: bytes, content_type: str = "") -> list[Any | Rejected]:
         raise BodyError("empty body: send a JSON object, a JSON array or NDJSON")
     ndjson = ct in ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
     if not ndjson and ct not in ("application/json",) and not text.startswith(b"[") and b"\n" in text:
-        ndjson = True
+        try:        # a pretty-printed object is one document; NDJSON never parses as one
+            doc = orjson.loads(text)
+            return doc if isinstance(doc, list) else [doc]
+        except orjson.JSONDecodeError:
+            ndjson = True
     if ndjson:
         return list(_decode_lines(text.split(b"\n")))
     try:
