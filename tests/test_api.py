@@ -266,3 +266,26 @@ def test_alertmanager_webhook_then_notifications(api: tuple[TestClient, Engine])
     assert len(client.get("/api/notifications", params={"limit": 1}).json()) == 1
     assert client.post("/api/alertmanager/webhook", content=b"{nope").status_code == 400
     assert client.post("/api/alertmanager/webhook", json={"status": "firing"}).status_code == 400
+
+
+def test_pretty_printed_object_without_json_content_type(api: tuple[TestClient, Engine]) -> None:
+    """`curl -d @record.json` sends a form content type; a pretty-printed object is still one
+    JSON document, not NDJSON (which never parses as a single document)."""
+    client, engine = api
+    body = orjson.dumps(rec(T0 - 5, request_id="pretty"), option=orjson.OPT_INDENT_2)
+    assert body.count(b"\n") > 3
+    r = client.post("/v1/records", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    nd = orjson.dumps(rec(T0 - 4)) + b"\n" + orjson.dumps(rec(T0 - 3)) + b"\n"
+    assert client.post("/v1/records", content=nd).json()["accepted"] == 2     # real NDJSON still NDJSON
+    assert value(engine, "llm_requests_total", **SERIES) == 3
+
+
+def test_future_dated_records_are_rejected_by_index(api: tuple[TestClient, Engine]) -> None:
+    client, engine = api
+    r = client.post("/v1/records", json=[rec(T0 - 5), rec(T0 + 3 * HOUR), rec(1_699_999_200_000_000)])
+    assert r.status_code == 200
+    errors = r.json()["errors"]
+    assert [(e["index"], e["field"]) for e in errors] == [(1, "ts"), (2, "ts")]
+    assert errors[0]["reason"].startswith("is 3 h ahead of the exporter's clock")
+    assert value(engine, "llm_requests_total", **SERIES) == 1
