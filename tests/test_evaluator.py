@@ -252,3 +252,16 @@ def test_hourly_quantiles_belong_to_their_own_hour(tmp_path: Path) -> None:
     assert span[row] == 10
     got = q[row, :, 0]                                      # latency p95 per hour, oldest first
     assert got == pytest.approx([latency[h] for h in range(10)], rel=0.025)
+
+
+@pytest.mark.parametrize("seasonal,expected", [(False, HIGH), (True, OK)])
+def test_seasonal_baseline_compares_the_same_hour_of_day(tmp_path: Path, seasonal: bool, expected: float) -> None:
+    """Every evening hour (22:00 UTC, the test hour's) costs $5 instead of $1: against the
+    whole week that is a spike, against the same hour of the past days it is normal."""
+    assert (T0 % DAY) / HOUR == 22
+
+    def daily(hs: float, rng: np.random.Generator) -> list[dict[str, Any]]:
+        return steady_hour(hs, rng, cost=5.0 if (hs % DAY) / HOUR == 22 else 1.0)
+    engine = run(tmp_path, history_of(daily), hour(cost=5.0, noise=0.0), seasonal=seasonal)
+    assert severity(engine, "cost_per_hour") == expected
+    assert gauge(engine, "llm_anomaly_baseline", "cost_per_hour") == pytest.approx(5.0 if seasonal else 1.0, rel=0.1)
