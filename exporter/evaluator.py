@@ -32,7 +32,7 @@ class Snapshot:
     keys: list[ScopeKey]
     specs: tuple[SignalSpec, ...]
     verdicts: dict[str, Verdict]
-    active: np.ndarray                       # scopes with data in the window or a baseline
+    active: np.ndarray                       # scopes with requests in the window or the baseline hours
     window_requests: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -106,7 +106,7 @@ class Evaluator:
             cur, hist, n = signal_inputs(spec, win, adds, q, before, h.window)
             verdicts[spec.name] = judge(spec, cur, hist, span, n)
         w_req = win.adds[:, F["requests"]]
-        active = (w_req > 0) | (span > 0)
+        active = (w_req > 0) | (h.baseline_requests(t, self.baseline) > 0)
         return Snapshot(t, list(h.keys[: h.size]), self.specs, verdicts, active, w_req)
 
 

@@ -264,6 +264,16 @@ class ScopeHistory:
         return adds, q, before, span
 
 
+    def baseline_requests(self, t: float, baseline: float) -> np.ndarray:
+        """Requests per scope over all baseline hours (seasonal or not): a scope with none
+        there and none in the window has nothing to say and leaves /metrics."""
+        n = self.size
+        end = math.floor((t - self.window) / 3600)
+        hours = np.arange(end - int(round(baseline / 3600)), end)
+        slot, ok = self.hours.slots_for(hours)
+        return self.hour_add[:n][:, slot[ok], F["requests"]].sum(axis=1)
+
+
 def _quantiles(counts: np.ndarray, q: float) -> np.ndarray:
     total = counts.sum(axis=-1)
     out = sketch.quantile(counts, q)

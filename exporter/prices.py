@@ -10,12 +10,19 @@ from __future__ import annotations
 from importlib import resources
 from typing import Mapping
 
+import re
+
 import numpy as np
 import yaml
 
 from .records import RecordColumns
 
 PRICE_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning")
+# What may follow a priced name for a model to share its price: dates, build numbers,
+# versions and "latest" (gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, gemini-1.5-pro-002,
+# claude-sonnet-4@20250514, ...-v2:0). Anything else ("-pro", "-mini", ".5-preview") is a
+# different model with a different price, and stays unpriced until configured.
+_SNAPSHOT_SUFFIX = re.compile(r"^([-@:](\d[\d-]*|latest|v\d+(:\d+)?))+$")
 _FALLBACK = {"reasoning": "output", "cache_read": "input", "cache_write": "input"}
 
 
@@ -60,7 +67,8 @@ class PriceTable:
         name = model.split("/", 1)[1] if "/" in model and model.split("/", 1)[0] not in self._vectors else model
         found = self._vectors.get(name)
         if found is None:
-            found = next((self._vectors[m] for m in self._by_length if name.startswith(m)), None)
+            found = next((self._vectors[m] for m in self._by_length
+                          if name.startswith(m) and _SNAPSHOT_SUFFIX.match(name[len(m):])), None)
         self._cache[model] = found
         return found
 

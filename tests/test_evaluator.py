@@ -226,9 +226,6 @@ def test_signal_threshold_override_from_config(tmp_path: Path) -> None:
     assert rows[0]["threshold"] == {"warning": 3.0, "high": 8.0}
 
 
-@pytest.mark.xfail(strict=True, reason="evaluator: a scope counts as active while its first hour is older than the "
-                   "baseline (span > 0), even with no requests in the window or in any baseline hour, so a series silent "
-                   "for weeks stays in /metrics with a full baseline_span until the next restart drops it")
 def test_series_without_window_or_baseline_is_not_published(tmp_path: Path) -> None:
     """A scope with no requests in the window nor in the baseline has nothing to say; it
     should leave /metrics as it does after a restart (which reloads only the horizon)."""
