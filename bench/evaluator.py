@@ -1,0 +1,130 @@
+"""Evaluator: one full evaluation of 1,000 scopes with 14 days of hourly history.
+
+The scope history is built directly (no HTTP, no SQLite) the way the engine restores it at
+start-up: `ScopeHistory.add_hours` with hourly `buckets.Groups` for 14 days, then
+`ScopeHistory.add(..., hourly=False)` with minute groups for the window. 500 series
+(app_i, provider, model_{i mod 499}) give 1 global + 500 app + 499 model scopes = 1,000
+scopes. Sketches are drawn from a pool of pre-built log-normal sketches. The build time is
+reported too: it is the same work the engine does when it restores history at start-up.
+
+`--quick` stores 1 day of history instead of 14: the evaluator reads fixed (scopes x
+baseline hours) arrays, NaN where an hour is empty, so its cost hardly depends on how
+many of those hours hold data, while building 14 days takes far longer.
+
+Timed: `Evaluator.evaluate(t)` with the default settings (7-day baseline), with a 14-day
+baseline (every stored hour in the baseline), and seasonal (same hour of day), median of
+repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+
+import common
+
+TARGET_MS = 100.0
+
+
+def sketch_pool(rng: np.random.Generator, size: int, samples: int) -> dict[str, np.ndarray]:
+    from exporter import sketch
+    from exporter.buckets import SKETCHES
+    centre = {"latency": 1.5, "ttft": 0.5, "otps": 70.0}
+    pool = {}
+    for kind in SKETCHES:
+        scale = centre[kind] * rng.lognormal(0, 0.4, size)
+        vals = scale[:, None] * rng.lognormal(0, 0.5, (size, samples))
+        pool[kind] = np.stack([sketch.histogram(v) for v in vals])
+    return pool
+
+
+def synthetic_groups(series: np.ndarray, starts: np.ndarray, rng: np.random.Generator,
+                     pool: dict[str, np.ndarray], per_group: float) -> Any:
+    """Groups for every (series, start) pair: request counts with a daily cycle, tokens, cost."""
+    from exporter.buckets import FIELDS, Groups
+    s = np.repeat(series, len(starts))
+    st = np.tile(starts, len(series))
+    g = len(s)
+    hour = (st % 86400) / 3600
+    lam = per_group * (0.6 + 0.4 * np.sin((hour - 10) / 24 * 2 * np.pi)) * (1 + (s % 7) / 7)
+    req = rng.poisson(lam).astype(np.float64) + 1
+    adds = np.zeros((g, len(FIELDS)))
+    col = {name: i for i, name in enumerate(FIELDS)}
+    adds[:, col["requests"]] = req
+    adds[:, col["errors"]] = rng.binomial(req.astype(np.int64), 0.01)
+    adds[:, col["input_tokens"]] = req * rng.lognormal(6.8, 0.2, g)
+    adds[:, col["output_tokens"]] = req * rng.lognormal(5.3, 0.2, g)
+    adds[:, col["cache_read_tokens"]] = adds[:, col["input_tokens"]] * 0.2
+    adds[:, col["cost"]] = adds[:, col["input_tokens"]] * 2e-6 + adds[:, col["output_tokens"]] * 8e-6
+    ids = rng.integers(0, len(next(iter(pool.values()))), g)
+    return Groups(s.astype(np.int64), st.astype(np.int64), adds, {k: v[ids] for k, v in pool.items()})
+
+
+def build_history(n_scopes: int, days: float, t: float, window: float, horizon: float,
+                  rng: np.random.Generator) -> tuple[Any, dict[int, tuple[str, str, str]], float]:
+    """A ScopeHistory of `n_scopes` scopes (1 global, n/2 apps, the rest models)."""
+    from exporter.history import ScopeHistory
+    n_apps = n_scopes // 2
+    n_models = n_scopes - 1 - n_apps
+    keys = {}
+    for i in range(max(n_apps, n_models)):
+        j = i % n_models
+        keys[i + 1] = (f"app-{i % n_apps:04d}", f"prov{j % 4}", f"model-{j:04d}")
+    series = np.array(sorted(keys), dtype=np.int64)
+    hist = ScopeHistory(window, horizon)
+    t0 = time.perf_counter()
+    hour_now = int(t // 3600)
+    hours = np.arange(hour_now - int(days * 24), hour_now + 1) * 3600
+    hour_pool = sketch_pool(rng, 64, 40)
+    for c in range(0, len(hours), 6):                     # whole hours per call, as at start-up
+        hist.add_hours(synthetic_groups(series, hours[c:c + 6], rng, hour_pool, 40.0), keys)
+    minute_pool = sketch_pool(rng, 64, 3)
+    minutes = np.arange(int((t - window) // 60) + 1, int(t // 60) + 1) * 60
+    for c in range(0, len(minutes), 10):
+        hist.add(synthetic_groups(series, minutes[c:c + 10], rng, minute_pool, 0.7), keys, hourly=False)
+    return hist, keys, time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from exporter.config import load_settings
+    from exporter.evaluator import Evaluator
+    from exporter.signals import signal_specs
+
+    repeats = 10 if args.quick else 30
+    days = 1 if args.quick else 14
+    s = load_settings(flags={"db": ":memory:"}, environ={})
+    rng = np.random.default_rng(5)
+    t = (time.time() // 3600) * 3600 + 1800
+    hist, keys, build_s = build_history(args.scopes, days, t, s.window, s.horizon, rng)
+    specs = signal_specs(s.signals)
+    variants = {
+        "default (7-day baseline)": Evaluator(hist, specs, s.baseline, False),
+        "14-day baseline": Evaluator(hist, specs, 14 * 86400, False),
+        "seasonal, 7-day baseline": Evaluator(hist, specs, s.baseline, True),
+    }
+    timings: dict[str, list[float]] = {}
+    active = 0
+    for name, ev in variants.items():
+        timings[name] = [x * 1e3 for x in common.repeat(lambda: ev.evaluate(t), repeats, warmup=2, max_seconds=30)]
+        active = int(ev.evaluate(t).active.sum())
+    figures = [common.figure("build_s", f"build: add_hours of {days} day{'s' if days != 1 else ''} x {len(keys)} series (start-up restore work)",
+                             build_s, "s", decimals=1)]
+    for name, ms in timings.items():
+        med = common.median(ms)
+        target = f"< {TARGET_MS:g} ms" if not name.startswith("seasonal") else None
+        figures.append(common.figure(f"evaluate_ms[{name}]", f"evaluate {hist.size:,} scopes, {name}", med, "ms",
+                                     target, (med < TARGET_MS) if target else None, 1))
+    return {"name": "evaluator", "figures": figures,
+            "detail": {"scopes": hist.size, "series": len(keys), "active_scopes": active, "history_days": days,
+                       "build_s": build_s, "repeats": repeats, "timings_ms": timings}}
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scopes", type=int, default=1000, help="scopes to build (default 1000)")
+
+
+if __name__ == "__main__":
+    common.cli("evaluator", run, _args)
