@@ -110,6 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Idle keep-alive connections stay open longer than Prometheus' and Alertmanager's HTTP
+# clients keep them (5 minutes), so the client, not the server, closes an idle one. With
+# uvicorn's default of 5 s a request sent just as the server closed the connection failed
+# with "connection reset by peer" (Alertmanager then retried the webhook delivery).
+KEEP_ALIVE_S = 310
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_binding()
     import uvicorn
@@ -124,7 +131,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         tasks.append(_demo_task(engine))
     app = create_app(settings, engine=engine, extra_tasks=tasks)
     log.info("listening on http://%s:%d (db %s)", settings.host, settings.port, settings.db)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                timeout_keep_alive=KEEP_ALIVE_S)
     return 0
 
 
