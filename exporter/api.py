@@ -177,9 +177,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
     def metrics(request: Request) -> Response:
         if settings.protect_metrics and not authorised(request):
             return unauthorised()
-        with engine.counters_lock:
-            payload = generate_latest(engine.registry)
-        return Response(payload, media_type=CONTENT_TYPE_LATEST)
+        return Response(engine.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> Response:

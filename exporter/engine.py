@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,14 +71,14 @@ class Engine:
             "provider": LabelGuard("provider", settings.label_limit_provider, saved.get("provider", ())),
             "model": LabelGuard("model", settings.label_limit_model, saved.get("model", ())),
         }
-        self.usage = UsageMetrics()
+        self.counters_lock = threading.Lock()   # held briefly: counter updates and a scrape's copy
+        self.usage = UsageMetrics(self.counters_lock)
         self.history = ScopeHistory(settings.window, settings.horizon)
         self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
         self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets)
         self.dedupe = DedupeIndex(settings.dedupe_window)
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()
-        self.counters_lock = threading.Lock()   # held briefly: counter updates and scrapes
         self.results_total = dict.fromkeys(RESULTS, 0.0)
         self.overflow_total = dict.fromkeys(self.guards, 0.0)
         self.last_record_wallclock = 0.0
@@ -86,15 +86,18 @@ class Engine:
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
         self._restore()
+        # `registry` holds everything (tests read it with get_sample_value); `/metrics` writes
+        # the usage families directly (UsageMetrics.render) and the rest from `scrape_registry`.
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.scrape_registry = CollectorRegistry(auto_describe=True)
         self.evaluation_duration = Histogram(
             "llm_exporter_evaluation_duration_seconds", "Time one evaluation of all signals takes.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=self.registry)
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=None)
         self.registry.register(self.usage)
-        self.registry.register(AnomalyCollector(self))
-        self.registry.register(DetectorCollector(self.detectors))
-        self.registry.register(_SelfCollector(self))
-        ProcessCollector(registry=self.registry)   # process_start_time_seconds etc., as every exporter has
+        for collector in (self.evaluation_duration, AnomalyCollector(self), DetectorCollector(self.detectors),
+                          _SelfCollector(self), ProcessCollector(registry=None)):
+            self.registry.register(collector)
+            self.scrape_registry.register(collector)
 
     # --- start-up ---------------------------------------------------------------------
 
@@ -283,6 +286,10 @@ class Engine:
         self.snapshot = snap
         self.last_evaluation = time.time()
         return snap
+
+    def exposition(self) -> bytes:
+        """The full /metrics text; a scrape never holds a lock while formatting."""
+        return self.usage.render().encode() + generate_latest(self.scrape_registry)
 
     def prune(self) -> None:
         s = self.settings

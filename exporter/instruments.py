@@ -9,11 +9,14 @@ the store so the counters resume after a restart instead of dropping to zero.
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .records import ERROR_TYPES, TOKEN_TYPES, RecordColumns
 
@@ -32,8 +35,10 @@ SERIES_LABELS = ("app", "provider", "model")
 class UsageMetrics(Collector):
     """Counters and histograms per (app, provider, model) series, indexed by store series id."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self.lock = lock or threading.Lock()     # held by writers and, briefly, by readers taking a copy
         self.keys: list[tuple[str, str, str]] = []
+        self._label_text: list[str] = []
         self.sids: list[int] = []
         self._row: dict[int, int] = {}
         self._cap = 0
@@ -69,6 +74,7 @@ class UsageMetrics(Collector):
                 self._row[sid] = r
                 self.keys.append(key)
                 self.sids.append(sid)
+                self._label_text.append(f'app="{_esc(key[0])}",model="{_esc(key[2])}",provider="{_esc(key[1])}"')
             out[i] = r
         return out
 
@@ -129,34 +135,132 @@ class UsageMetrics(Collector):
 
     # --- exposition -------------------------------------------------------------------
 
+    def frozen(self) -> "Frozen":
+        """A copy of everything a scrape reads, taken under the lock in microseconds, so
+        formatting (seconds at tens of thousands of series) never blocks ingest."""
+        with self.lock:
+            n = len(self.keys)
+            return Frozen(list(self.keys), list(self._label_text), self.requests[:n].copy(), self.errors[:n].copy(),
+                          self.tokens[:n].copy(), self.cost[:n].copy(), self.unpriced[:n].copy(),
+                          {k: v[:n].copy() for k, v in self.hist.items()}, {k: v[:n].copy() for k, v in self.hist_sum.items()})
+
     def collect(self) -> Iterator[Metric]:
-        n = len(self.keys)
-        keys = [list(k) for k in self.keys]
-        req = CounterMetricFamily("llm_requests", "LLM requests.", labels=SERIES_LABELS)
-        cost = CounterMetricFamily("llm_cost_usd", "Cost of LLM requests in US dollars (priced requests only).", labels=SERIES_LABELS)
-        unp = CounterMetricFamily("llm_unpriced_requests", "Requests whose cost is unknown: no cost in the record and no price for the model.", labels=SERIES_LABELS)
-        err = CounterMetricFamily("llm_request_errors", "Failed LLM requests by error type.", labels=SERIES_LABELS + ("error_type",))
-        tok = CounterMetricFamily("llm_tokens", "Tokens processed, by token type.", labels=SERIES_LABELS + ("token_type",))
+        """The families as prometheus-client objects (registry reads, tests). `/metrics`
+        uses `render`, which writes the same text directly."""
+        f = self.frozen()
+        n = len(f.keys)
+        keys = [list(k) for k in f.keys]
+        req = CounterMetricFamily("llm_requests", HELP["llm_requests"], labels=SERIES_LABELS)
+        cost = CounterMetricFamily("llm_cost_usd", HELP["llm_cost_usd"], labels=SERIES_LABELS)
+        unp = CounterMetricFamily("llm_unpriced_requests", HELP["llm_unpriced_requests"], labels=SERIES_LABELS)
+        err = CounterMetricFamily("llm_request_errors", HELP["llm_request_errors"], labels=SERIES_LABELS + ("error_type",))
+        tok = CounterMetricFamily("llm_tokens", HELP["llm_tokens"], labels=SERIES_LABELS + ("token_type",))
         for r in range(n):
-            req.add_metric(keys[r], self.requests[r])
-            cost.add_metric(keys[r], self.cost[r])
-            unp.add_metric(keys[r], self.unpriced[r])
+            req.add_metric(keys[r], f.requests[r])
+            cost.add_metric(keys[r], f.cost[r])
+            unp.add_metric(keys[r], f.unpriced[r])
             for j, et in enumerate(ERROR_TYPES):
-                if self.errors[r, j]:
-                    err.add_metric(keys[r] + [et], self.errors[r, j])
+                if f.errors[r, j]:
+                    err.add_metric(keys[r] + [et], f.errors[r, j])
             for j, tt in enumerate(TOKEN_TYPES):
-                if self.tokens[r, j]:
-                    tok.add_metric(keys[r] + [tt], self.tokens[r, j])
+                if f.tokens[r, j]:
+                    tok.add_metric(keys[r] + [tt], f.tokens[r, j])
         yield from (req, err, tok, cost, unp)
         for name, (doc, bounds) in HISTOGRAMS.items():
             fam = HistogramMetricFamily(name, doc, labels=SERIES_LABELS)
-            counts = np.cumsum(self.hist[name][:n], axis=1)
+            counts = np.cumsum(f.hist[name], axis=1)
             les = [_le(b) for b in bounds]
             for r in range(n):
                 if counts[r, -1] == 0:
                     continue
-                fam.add_metric(keys[r], list(zip(les, counts[r].tolist())), self.hist_sum[name][r])
+                fam.add_metric(keys[r], list(zip(les, counts[r].tolist())), f.hist_sum[name][r])
             yield fam
+
+    def render(self) -> str:
+        """The exposition text of these families, as prometheus-client would write it."""
+        f = self.frozen()
+        lab = f.labels
+        out: list[str] = []
+
+        def family(name: str, kind: str, doc: str) -> None:
+            out.append(f"# HELP {name} {_esc_help(doc)}\n# TYPE {name} {kind}\n")
+
+        def plain(name: str, values: np.ndarray, rows: np.ndarray | None = None, extra: str = "") -> None:
+            idx = range(len(lab)) if rows is None else rows.tolist()
+            out.extend(f"{name}{{{_with(lab[r], extra)}}} {floatToGoString(v)}\n"
+                       for r, v in zip(idx, values.tolist()))
+
+        family("llm_requests_total", "counter", HELP["llm_requests"])
+        plain("llm_requests_total", f.requests)
+        family("llm_request_errors_total", "counter", HELP["llm_request_errors"])
+        rows, cols = np.nonzero(f.errors)
+        out.extend(f"llm_request_errors_total{{{_with(lab[r], ERROR_LABELS[c])}}} {floatToGoString(v)}\n"
+                   for r, c, v in zip(rows.tolist(), cols.tolist(), f.errors[rows, cols].tolist()))
+        family("llm_tokens_total", "counter", HELP["llm_tokens"])
+        rows, cols = np.nonzero(f.tokens)
+        out.extend(f"llm_tokens_total{{{lab[r]},{TOKEN_LABELS[c]}}} {floatToGoString(v)}\n"
+                   for r, c, v in zip(rows.tolist(), cols.tolist(), f.tokens[rows, cols].tolist()))
+        family("llm_cost_usd_total", "counter", HELP["llm_cost_usd"])
+        plain("llm_cost_usd_total", f.cost)
+        family("llm_unpriced_requests_total", "counter", HELP["llm_unpriced_requests"])
+        plain("llm_unpriced_requests_total", f.unpriced)
+        for name, (doc, bounds) in HISTOGRAMS.items():
+            family(name, "histogram", doc)
+            counts = np.cumsum(f.hist[name], axis=1)
+            le_labels = [f'le="{_le(b)}"' for b in bounds]
+            for r in np.flatnonzero(counts[:, -1]).tolist():
+                head, tail = _split_le(lab[r])
+                c = counts[r].tolist()
+                out.extend(f"{name}_bucket{{{head}{le},{tail}}} {floatToGoString(v)}\n" for le, v in zip(le_labels, c))
+                out.append(f"{name}_count{{{lab[r]}}} {floatToGoString(c[-1])}\n"
+                           f"{name}_sum{{{lab[r]}}} {floatToGoString(f.hist_sum[name][r])}\n")
+        return "".join(out)
+
+
+@dataclass(slots=True)
+class Frozen:
+    keys: list[tuple[str, str, str]]
+    labels: list[str]
+    requests: np.ndarray
+    errors: np.ndarray
+    tokens: np.ndarray
+    cost: np.ndarray
+    unpriced: np.ndarray
+    hist: dict[str, np.ndarray]
+    hist_sum: dict[str, np.ndarray]
+
+
+ERROR_LABELS = [f'error_type="{e}"' for e in ERROR_TYPES]
+TOKEN_LABELS = [f'token_type="{t}"' for t in TOKEN_TYPES]
+HELP = {
+    "llm_requests": "LLM requests.",
+    "llm_cost_usd": "Cost of LLM requests in US dollars (priced requests only).",
+    "llm_unpriced_requests": "Requests whose cost is unknown: no cost in the record and no price for the model.",
+    "llm_request_errors": "Failed LLM requests by error type.",
+    "llm_tokens": "Tokens processed, by token type.",
+}
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _esc_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _with(labels: str, extra: str) -> str:
+    """Insert `extra` (error_type=...) in sorted label order: after app, before model."""
+    if not extra:
+        return labels
+    head, tail = _split_le(labels)
+    return f"{head}{extra},{tail}"
+
+
+def _split_le(labels: str) -> tuple[str, str]:
+    """Split the series labels where a label sorting between app and model goes (error_type, le)."""
+    cut = labels.index(",model=")
+    return labels[: cut + 1], labels[cut + 1:]
 
 
 def _le(b: float) -> str:
