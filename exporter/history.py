@@ -153,8 +153,7 @@ class ScopeHistory:
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
         np.add.at(self.fine_add, (rows[ok], slot[ok]), adds[ok])
         slot, ok = self._claim(self.coarse_ring, np.repeat(groups.start // self.coarse, 3), self.coarse_sk, 0)
-        for k, kind in enumerate(SKETCHES):
-            np.add.at(self.coarse_sk, (rows[ok], slot[ok], k), groups.sketches[kind][rep[ok]].astype(np.int32))
+        _scatter(self.coarse_sk, rows, slot, ok, _nonzero_bins(groups))
 
     def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Fold hourly groups (the store's hourly buckets, at start-up)."""
@@ -198,6 +197,8 @@ class ScopeHistory:
         Hours are taken in order so that a replay batch spanning many hours finalises each
         hour's quantiles before its slot is reused (a loop over hours, not records)."""
         hour_abs = np.repeat(groups.start // 3600, 3)
+        bins = _nonzero_bins(groups)
+        slot_all = np.zeros(hour_abs.shape[0], dtype=np.int64)
         for hour in np.unique(hour_abs):
             sel = hour_abs == hour
             held = self.open.tag.copy()          # claim() re-tags the slots it clears
@@ -208,9 +209,8 @@ class ScopeHistory:
             if not ok[0]:
                 self.late_sketch_groups += int(sel.sum())
                 continue
-            r, g = rows[sel], rep[sel]
-            for k, kind in enumerate(SKETCHES):
-                np.add.at(self.open_sk, (r, slot[0], k), groups.sketches[kind][g].astype(np.int32))
+            slot_all[sel] = slot
+            _scatter(self.open_sk, rows, slot_all, sel, bins)
 
     def _finalise_open(self, open_slot: int, hour: int | None = None) -> None:
         """Quantiles of the hour an open slot holds (`hour`: the one it held before a claim)."""
@@ -272,6 +272,32 @@ class ScopeHistory:
         hours = np.arange(end - int(round(baseline / 3600)), end)
         slot, ok = self.hours.slots_for(hours)
         return self.hour_add[:n][:, slot[ok], F["requests"]].sum(axis=1)
+
+
+def _nonzero_bins(groups: Groups) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per sketch kind: (group, bin, count) of the non-empty bins. A group of a few records
+    fills a handful of its 471 bins, so updates touch only those."""
+    out = []
+    for kind in SKETCHES:
+        sk = groups.sketches[kind]
+        g, b = np.nonzero(sk)
+        out.append((g, b, sk[g, b]))
+    return out
+
+
+def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray,
+             bins: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Add group sketches into target[row, slot, kind, bin] for each of a group's three
+    scope entries (entries 3g, 3g+1, 3g+2 of `rows`/`slot`/`ok`)."""
+    _, n_slots, n_kinds, n_bins = target.shape
+    flat = target.reshape(-1)
+    for k, (g, b, c) in enumerate(bins):
+        if g.size == 0:
+            continue
+        e = (g[:, None] * 3 + np.arange(3)).reshape(-1)
+        keep = ok[e]
+        idx = ((rows[e] * n_slots + slot[e]) * n_kinds + k) * n_bins + np.repeat(b, 3)
+        np.add.at(flat, idx[keep], np.repeat(c, 3)[keep].astype(flat.dtype))
 
 
 def _quantiles(counts: np.ndarray, q: float) -> np.ndarray:
