@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY, received_at RE
 """
 SCHEMA_VERSION = "2"
 RESOLUTIONS = (60, 3600)
+MAX_CACHED_BUCKETS = 100_000
 
 
 class StoreError(RuntimeError):
@@ -57,8 +58,11 @@ class StoreError(RuntimeError):
 
 @dataclass(slots=True)
 class Bucket:
+    """A cached bucket row: sums, and sketches kept encoded (sparse) so that tens of
+    thousands of open buckets cost kilobytes, not the 11 KB each a dense copy would."""
+
     adds: np.ndarray
-    sketches: dict[str, np.ndarray]
+    sketches: list[bytes]
 
 
 @dataclass(slots=True)
@@ -92,6 +96,8 @@ class Store:
         self._series: dict[tuple[str, str, str], int] = {
             (a, p, m): i for i, a, p, m in self._db.execute("SELECT id, app, provider, model FROM series")}
         self._cache: dict[tuple[int, int, int], Bucket] = {}
+        self._newest: dict[int, int] = {}
+        self._writes = 0
         self.errors_total = 0
         if self.get_meta("schema_version") is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
@@ -128,33 +134,37 @@ class Store:
             row = self._db.execute(
                 "SELECT adds, latency, ttft, otps FROM buckets WHERE res=? AND start=? AND series=?", key).fetchone()
             if row is None:
-                b = Bucket(np.zeros(len(FIELDS)), {k: np.zeros(sketch.NBINS, dtype=np.int64) for k in SKETCHES})
+                b = Bucket(np.zeros(len(FIELDS)), [b""] * len(SKETCHES))
             else:
-                b = Bucket(np.frombuffer(row[0], dtype=np.float64).copy(),
-                           {k: sketch.decode(row[i + 1]) for i, k in enumerate(SKETCHES)})
+                b = Bucket(np.frombuffer(row[0], dtype=np.float64).copy(), [bytes(x or b"") for x in row[1:]])
             self._cache[key] = b
         return b
 
     def _write_groups(self, groups: Groups) -> None:
+        """Read-modify-write of each touched minute and hour bucket (one row each per batch)."""
         rows = []
         for res in RESOLUTIONS:
             g = groups if res == 60 else groups.coarsen(res)
             for j in range(len(g)):
                 b = self._bucket(res, int(g.start[j]), int(g.series[j]))
                 b.adds += g.adds[j]
-                for k in SKETCHES:
-                    b.sketches[k] += g.sketches[k][j]
-                rows.append((res, int(g.start[j]), int(g.series[j]), b.adds.tobytes(),
-                             *(sketch.encode(b.sketches[k]) for k in SKETCHES)))
-            newest = int(g.start.max()) if len(g) else 0
-            self._evict(res, newest - 2 * res)
+                for k, kind in enumerate(SKETCHES):
+                    add = g.sketches[kind][j]
+                    if add.any():
+                        b.sketches[k] = sketch.encode(sketch.decode(b.sketches[k]) + add)
+                rows.append((res, int(g.start[j]), int(g.series[j]), b.adds.tobytes(), *b.sketches))
+            if len(g):
+                self._newest[res] = max(self._newest.get(res, 0), int(g.start.max()))
         self._db.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self._writes += 1
+        if self._writes % 256 == 0 or len(self._cache) > MAX_CACHED_BUCKETS:
+            self._evict()
 
-    def _evict(self, res: int, before: int) -> None:
-        if len(self._cache) < 4096:
-            return
-        for key in [k for k in self._cache if k[0] == res and k[1] < before]:
-            del self._cache[key]
+    def _evict(self) -> None:
+        """Drop cached buckets that are two buckets behind the newest (a late record for
+        them is read back from the table)."""
+        keep_after = {res: newest - 2 * res for res, newest in self._newest.items()}
+        self._cache = {k: v for k, v in self._cache.items() if k[1] >= keep_after.get(k[0], 0)}
 
     # --- the batch transaction -----------------------------------------------------
 
