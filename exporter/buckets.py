@@ -23,14 +23,33 @@ SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps")
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
+Bins = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
 @dataclass(slots=True)
 class Groups:
-    """Sums per group. `series` and `start` identify each group; `adds` is (G, len(FIELDS))."""
+    """Sums per group. `series` and `start` identify each group; `adds` is (G, len(FIELDS)).
+
+    Sketches come dense (`sketches`, kind -> (G, NBINS), from a batch of records) or sparse
+    (`bins`, per kind in SKETCHES order: (group, bin, count) of the non-empty bins, from
+    stored rows), so that reading a large store never materialises dense sketches.
+    """
 
     series: np.ndarray
     start: np.ndarray
     adds: np.ndarray
-    sketches: dict[str, np.ndarray]
+    sketches: dict[str, np.ndarray] | None
+    bins: Bins | None = None
+
+    def nonzero_bins(self) -> Bins:
+        if self.bins is None:
+            out = []
+            for kind in SKETCHES:
+                sk = self.sketches[kind]  # type: ignore[index]
+                g, b = np.nonzero(sk)
+                out.append((g, b, sk[g, b]))
+            self.bins = out
+        return self.bins
 
     def __len__(self) -> int:
         return int(self.series.shape[0])
@@ -83,3 +102,13 @@ def regroup(series: np.ndarray, start: np.ndarray, adds: np.ndarray, sketches: d
         np.add.at(s, inverse, v)
         sk[k] = s
     return Groups(uniq[:, 0].copy(), uniq[:, 1].copy(), out, sk)
+
+
+def groups_from_rows(start: np.ndarray, series: np.ndarray, adds: np.ndarray, blobs: list[list[bytes]]) -> Groups:
+    """Groups from stored bucket rows; `blobs` holds, per sketch kind, each row's encoded sketch."""
+    bins = []
+    for kind_blobs in blobs:
+        lengths = np.fromiter((len(b) // sketch.PAIR_BYTES for b in kind_blobs), dtype=np.int64, count=len(kind_blobs))
+        pairs = sketch.decode_pairs(b"".join(kind_blobs))
+        bins.append((np.repeat(np.arange(len(kind_blobs)), lengths), pairs[0], pairs[1]))
+    return Groups(series, start, adds, None, bins)

@@ -121,13 +121,11 @@ class Engine:
             return
         self._restore_detectors(newest)
         now = max(self.clock(), newest)
-        hourly = list(self.store.buckets(3600, now - self.settings.horizon, now + 3600))
-        if hourly:
-            self.history.add_hours(_groups(hourly), keys)
+        for groups in self.store.bucket_groups(3600, now - self.settings.horizon, now + 3600):
+            self.history.add_hours(groups, keys)
         # The window needs slots finer than hours: the minute buckets of the last window.
-        recent = list(self.store.buckets(60, newest - self.settings.window - 60, newest + 60))
-        if recent:
-            self.history.add(_groups(recent), keys, hourly=False)
+        for groups in self.store.bucket_groups(60, newest - self.settings.window - 60, newest + 60):
+            self.history.add(groups, keys, hourly=False)
 
     def _restore_detectors(self, newest: float) -> None:
         """Drift and runaway windows from the raw records of the last day (budget excluded:
@@ -313,14 +311,6 @@ def _drop_future(cols: RecordColumns, indices: list[int], rejected: list[Rejecte
                                       "and the time zone") for j in np.flatnonzero(ahead).tolist()]
     keep = np.flatnonzero(~ahead)
     return take(cols, keep), [indices[j] for j in keep.tolist()], sorted(rejected + bad, key=lambda r: r.index)
-
-
-def _groups(rows: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]]) -> Groups:
-    start = np.array([r[0] for r in rows], dtype=np.int64)
-    series = np.array([r[1] for r in rows], dtype=np.int64)
-    adds = np.stack([r[2] for r in rows])
-    sketches = {k: np.stack([r[3][k] for r in rows]) for k in rows[0][3]}
-    return Groups(series, start, adds, sketches)
 
 
 def _records_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> tuple[float, float, bytes]:

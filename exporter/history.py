@@ -153,7 +153,7 @@ class ScopeHistory:
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
         np.add.at(self.fine_add, (rows[ok], slot[ok]), adds[ok])
         slot, ok = self._claim(self.coarse_ring, np.repeat(groups.start // self.coarse, 3), self.coarse_sk, 0)
-        _scatter(self.coarse_sk, rows, slot, ok, _nonzero_bins(groups))
+        _scatter(self.coarse_sk, rows, slot, ok, groups.nonzero_bins())
 
     def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Fold hourly groups (the store's hourly buckets, at start-up)."""
@@ -164,12 +164,17 @@ class ScopeHistory:
         self._add_open(rows, rep, groups)
         hour_abs = np.repeat(groups.start // 3600, 3)
         slot, ok = self.hours.slots_for(hour_abs)
-        key = rows[ok] * self.hours.n + slot[ok]
-        uniq, inv = np.unique(key, return_inverse=True)
-        for k, kind in enumerate(SKETCHES):
-            summed = np.zeros((len(uniq), sketch.NBINS), dtype=np.int64)
-            np.add.at(summed, inv, groups.sketches[kind][rep][ok])
-            self.hour_q[uniq // self.hours.n, uniq % self.hours.n, k] = _quantiles(summed, QUANTILES[kind])
+        key = rows * self.hours.n + slot
+        uniq, inv = np.unique(key[ok], return_inverse=True)
+        entry = np.full(key.shape[0], -1, dtype=np.int64)
+        entry[ok] = inv.reshape(-1)
+        for k, (g, b, c) in enumerate(groups.nonzero_bins()):
+            e = (g[:, None] * 3 + np.arange(3)).reshape(-1)
+            ek = entry[e]
+            keep = ek >= 0
+            summed = np.bincount(ek[keep] * sketch.NBINS + np.repeat(b, 3)[keep], weights=np.repeat(c, 3)[keep],
+                                 minlength=len(uniq) * sketch.NBINS).reshape(len(uniq), sketch.NBINS)
+            self.hour_q[uniq // self.hours.n, uniq % self.hours.n, k] = _quantiles(summed, QUANTILES[SKETCHES[k]])
 
     def _expand(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
         """Each group once per scope it belongs to: flat scope rows and the group of each."""
@@ -197,7 +202,7 @@ class ScopeHistory:
         Hours are taken in order so that a replay batch spanning many hours finalises each
         hour's quantiles before its slot is reused (a loop over hours, not records)."""
         hour_abs = np.repeat(groups.start // 3600, 3)
-        bins = _nonzero_bins(groups)
+        bins = groups.nonzero_bins()
         slot_all = np.zeros(hour_abs.shape[0], dtype=np.int64)
         for hour in np.unique(hour_abs):
             sel = hour_abs == hour
@@ -272,17 +277,6 @@ class ScopeHistory:
         hours = np.arange(end - int(round(baseline / 3600)), end)
         slot, ok = self.hours.slots_for(hours)
         return self.hour_add[:n][:, slot[ok], F["requests"]].sum(axis=1)
-
-
-def _nonzero_bins(groups: Groups) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per sketch kind: (group, bin, count) of the non-empty bins. A group of a few records
-    fills a handful of its 471 bins, so updates touch only those."""
-    out = []
-    for kind in SKETCHES:
-        sk = groups.sketches[kind]
-        g, b = np.nonzero(sk)
-        out.append((g, b, sk[g, b]))
-    return out
 
 
 def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray,

@@ -62,6 +62,16 @@ def encode(counts: np.ndarray) -> bytes:
     return rec.tobytes()
 
 
+PAIR = np.dtype([("i", "<u2"), ("n", "<u4")])
+PAIR_BYTES = PAIR.itemsize
+
+
+def decode_pairs(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(bins, counts) of one or many concatenated encoded sketches."""
+    rec = np.frombuffer(blob, dtype=PAIR)
+    return rec["i"].astype(np.int64), rec["n"].astype(np.int64)
+
+
 def decode(blob: bytes | None) -> np.ndarray:
     out = np.zeros(NBINS, dtype=np.int64)
     if blob:

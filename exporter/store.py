@@ -27,7 +27,7 @@ import orjson
 
 from . import sketch
 from .batch import stored_records
-from .buckets import FIELDS, SKETCHES, Groups
+from .buckets import FIELDS, SKETCHES, Groups, groups_from_rows
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -222,6 +222,29 @@ class Store:
         for st, sid, adds, *sk in rows:
             yield int(st), int(sid), np.frombuffer(adds, dtype=np.float64), {k: sketch.decode(sk[i]) for i, k in enumerate(SKETCHES)}
 
+    def bucket_groups(self, res: int, start: float, end: float, rows_per_chunk: int = 20_000) -> Iterator[Groups]:
+        """Buckets with start in [start, end) as sparse Groups, a few buckets' starts at a time
+        (whole starts per chunk), so reading weeks of history never holds it all at once."""
+        q = "SELECT start, series, adds, latency, ttft, otps FROM buckets WHERE res=? AND start>=? AND start<? ORDER BY start"
+        cursor_start = int(start)
+        while True:
+            with self._lock:   # page by bucket start so the lock is not held for the whole read
+                page = self._db.execute(q + " LIMIT ?", (res, cursor_start, int(end), rows_per_chunk)).fetchall()
+            if not page:
+                break
+            last = page[-1][0]
+            if len(page) == rows_per_chunk and page[0][0] != last:
+                page = [r for r in page if r[0] != last]      # the last start may continue on the next page
+                cursor_start = last
+            elif len(page) == rows_per_chunk:                  # one start with more rows than a page
+                page = self._db.execute(q, (res, last, last + 1)).fetchall()
+                cursor_start = last + 1
+            else:
+                cursor_start = last + 1
+            yield _groups_of(page)
+            if cursor_start >= end:
+                break
+
     def daily_costs(self) -> list[tuple[str, int, float]]:
         with self._lock:
             return self._db.execute("SELECT app, day, cost FROM daily_cost ORDER BY day").fetchall()
@@ -294,3 +317,11 @@ class Store:
                 raise StoreError(f"db: pruning {self.path} failed: {e}") from None
             self._cache = {k: v for k, v in self._cache.items()
                            if k[1] >= now - (minute_retention if k[0] == 60 else horizon)}
+
+
+def _groups_of(rows: list[tuple[Any, ...]]) -> Groups:
+    start = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    series = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+    adds = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), len(FIELDS))
+    blobs = [[r[3 + k] or b"" for r in rows] for k in range(len(SKETCHES))]
+    return groups_from_rows(start, series, adds.copy(), blobs)
