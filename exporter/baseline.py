@@ -70,35 +70,62 @@ class Verdict:
     severity: np.ndarray
 
 
-def judge(spec: SignalSpec, current: np.ndarray, history: np.ndarray, baseline_hours: np.ndarray,
-          window_requests: np.ndarray) -> Verdict:
-    """Compare each series' current value against its hourly history.
+@dataclass(slots=True)
+class Stats:
+    """What a baseline says, independent of the current value: per series, the count of
+    hourly values, their quartiles and median in the statistics' space, the MAD, the
+    median and MAD of hour-to-hour steps, and the last value. It changes only when the
+    hour turns or history arrives late, so the evaluator keeps it between evaluations."""
 
-    `history` is (S, H) in the signal's unit, oldest hour first, NaN where missing; it must
-    already exclude the window under test. `baseline_hours` is how much history each series
-    has (for the warm-up rule); `window_requests` gates signals that need samples.
-    """
+    n: np.ndarray
+    q1: np.ndarray
+    med: np.ndarray
+    q3: np.ndarray
+    mad: np.ndarray
+    step_med: np.ndarray
+    step_mad: np.ndarray
+    step_n: np.ndarray
+    last: np.ndarray
+
+
+def baseline_stats(spec: SignalSpec, history: np.ndarray) -> Stats:
+    """Robust statistics of each row of `history` (S, H), NaN ignored."""
     x = transform(history, spec)
     q, n = row_quantiles(x, (0.25, 0.5, 0.75))
     q1, med, q3 = q[:, 0], q[:, 1], q[:, 2]
-    dev = np.abs(x - med[:, None])
-    mad = row_quantiles(dev, (0.5,))[0][:, 0] * MAD_SCALE
+    mad = row_quantiles(np.abs(x - med[:, None]), (0.5,))[0][:, 0] * MAD_SCALE
     mad_floor = LOG_MAD_FLOOR if spec.log_space else np.maximum(spec.baseline_floor * 0.5, 0.1 * np.abs(med))
-    mad = np.fmax(mad, mad_floor)
+    d = np.diff(x, axis=1)
+    dq, dn = row_quantiles(d, (0.5,))
+    dmed = dq[:, 0]
+    dmad = row_quantiles(np.abs(d - dmed[:, None]), (0.5,))[0][:, 0] * MAD_SCALE
+    return Stats(n, q1, med, q3, np.fmax(mad, mad_floor), dmed, np.fmax(dmad, LOG_MAD_FLOOR), dn, _last_valid(x))
 
-    enough = n >= MIN_POINTS
+
+def judge(spec: SignalSpec, current: np.ndarray, history: np.ndarray | None, baseline_hours: np.ndarray,
+          window_requests: np.ndarray, stats: Stats | None = None) -> Verdict:
+    """Compare each series' current value against its hourly history.
+
+    `history` is (S, H) in the signal's unit, oldest hour first, NaN where missing; it must
+    already exclude the window under test (or pass its `stats` instead). `baseline_hours` is
+    how much history each series has (for the warm-up rule); `window_requests` gates
+    signals that need samples.
+    """
+    st = stats if stats is not None else baseline_stats(spec, history)  # type: ignore[arg-type]
+    enough = st.n >= MIN_POINTS
     sampled = window_requests >= spec.min_requests
     has_current = ~np.isnan(current) & sampled
     xc = transform(current, spec)
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(enough & has_current, (xc - med) / mad, np.nan)
-    baseline = np.where(enough, untransform(med, spec), np.nan)
+        z = np.where(enough & has_current, (xc - st.med) / st.mad, np.nan)
+    baseline = np.where(enough, untransform(st.med, spec), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(enough & has_current, current / np.maximum(baseline, spec.baseline_floor), np.nan)
-    iqr = q3 - q1
-    lower = np.where(enough, untransform(q1 - 1.5 * iqr, spec), np.nan)
-    upper = np.where(enough, untransform(q3 + 1.5 * iqr, spec), np.nan)
-    change_z = _change_zscore(x, xc)
+    iqr = st.q3 - st.q1
+    lower = np.where(enough, untransform(st.q1 - 1.5 * iqr, spec), np.nan)
+    upper = np.where(enough, untransform(st.q3 + 1.5 * iqr, spec), np.nan)
+    with np.errstate(invalid="ignore"):
+        change_z = np.where(st.step_n >= MIN_POINTS, (xc - st.last - st.step_med) / st.step_mad, np.nan)
 
     sev = np.zeros(current.shape[0], dtype=np.int64)
     ready = enough & has_current & (baseline_hours >= spec.min_baseline_hours)
@@ -112,18 +139,6 @@ def judge(spec: SignalSpec, current: np.ndarray, history: np.ndarray, baseline_h
             sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / spec.warning_ratio), int(Severity.WARNING), 0))
             sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / spec.high_ratio), int(Severity.HIGH), 0))
     return Verdict(current, baseline, ratio, z, lower, upper, change_z, baseline_hours.astype(np.float64), sev)
-
-
-def _change_zscore(x: np.ndarray, xc: np.ndarray) -> np.ndarray:
-    """How unusual the step from the last baseline hour to now is, against past hourly steps."""
-    d = np.diff(x, axis=1)
-    q, n = row_quantiles(d, (0.5,))
-    dmed = q[:, 0]
-    dmad = row_quantiles(np.abs(d - dmed[:, None]), (0.5,))[0][:, 0] * MAD_SCALE
-    dmad = np.fmax(dmad, LOG_MAD_FLOOR)
-    last = _last_valid(x)
-    with np.errstate(invalid="ignore"):
-        return np.where(n >= MIN_POINTS, (xc - last - dmed) / dmad, np.nan)
 
 
 def _last_valid(x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .baseline import Verdict, judge
+from .baseline import Stats, Verdict, baseline_stats, judge
 from .buckets import F
 from .history import ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
@@ -88,6 +88,13 @@ def signal_inputs(spec: SignalSpec, win: WindowValues, adds: np.ndarray, q: np.n
     return cur.astype(np.float64), hist.astype(np.float64), n
 
 
+def current_value(spec: SignalSpec, win: WindowValues, window_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(current value, samples in window) of one signal, without its history."""
+    empty = np.zeros((win.adds.shape[0], 0, win.adds.shape[1]))
+    cur, _, n = signal_inputs(spec, win, empty, np.zeros(empty.shape[:2] + (3,)), np.zeros(empty.shape[:2], bool), window_s)
+    return cur, n
+
+
 class Evaluator:
     """Judges all signals over all scopes at a given event time."""
 
@@ -96,15 +103,31 @@ class Evaluator:
         self.specs = specs
         self.baseline = baseline
         self.seasonal = seasonal
+        self._stats: dict[str, Stats] = {}
+        self._stats_key: tuple[int, int, int] | None = None
 
     def evaluate(self, t: float) -> Snapshot:
         h = self.history
         win = h.window_values(t)
-        adds, q, before, span = h.hourly(t, self.baseline, self.seasonal)
+        # Baseline statistics depend only on the hours before the window: reuse them until
+        # the hour turns, a scope appears, or one of those hours changes (late data).
+        end = math.floor((t - h.window) / 3600)
+        season = math.floor((t - h.window / 2) / 3600) % 24 if self.seasonal else -1
+        key = (end, season, h.size)
+        h.refresh_open_hours(before_hour=end)
+        if key != self._stats_key or h.changed_from_hour < end:
+            adds, q, before, _ = h.hourly(t, self.baseline, self.seasonal)
+            self._stats = {}
+            for spec in self.specs:
+                _, hist, _ = signal_inputs(spec, win, adds, q, before, h.window)
+                self._stats[spec.name] = baseline_stats(spec, hist)
+            self._stats_key = key
+        h.changed_from_hour = np.iinfo(np.int64).max
+        span = h.span(t, self.baseline)
         verdicts = {}
         for spec in self.specs:
-            cur, hist, n = signal_inputs(spec, win, adds, q, before, h.window)
-            verdicts[spec.name] = judge(spec, cur, hist, span, n)
+            cur, n = current_value(spec, win, h.window)
+            verdicts[spec.name] = judge(spec, cur, None, span, n, stats=self._stats[spec.name])
         w_req = win.adds[:, F["requests"]]
         active = (w_req > 0) | (h.baseline_requests(t, self.baseline) > 0)
         return Snapshot(t, list(h.keys[: h.size]), self.specs, verdicts, active, w_req)

@@ -93,6 +93,8 @@ class ScopeHistory:
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.first_hour = np.zeros(0, dtype=np.int64)
         self.late_sketch_groups = 0
+        self._dirty_open: set[int] = set()              # open slots with sketches newer than their quantiles
+        self.changed_from_hour = np.iinfo(np.int64).max  # oldest hour changed since the evaluator last looked
         self._grow(16)
 
     # --- scopes -----------------------------------------------------------------------
@@ -189,6 +191,7 @@ class ScopeHistory:
 
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         hour_abs = np.repeat(groups.start // 3600, 3)
+        self.changed_from_hour = min(self.changed_from_hour, int(hour_abs.min()))
         np.minimum.at(self.first_hour, rows, hour_abs)
         slot, ok, cleared = self.hours.claim(hour_abs)
         for s in cleared:
@@ -216,12 +219,15 @@ class ScopeHistory:
                 continue
             slot_all[sel] = slot
             _scatter(self.open_sk, rows, slot_all, sel, bins)
+            self._dirty_open.add(int(slot[0]))
 
     def _finalise_open(self, open_slot: int, hour: int | None = None) -> None:
         """Quantiles of the hour an open slot holds (`hour`: the one it held before a claim)."""
         hour = int(self.open.tag[open_slot]) if hour is None else hour
+        self._dirty_open.discard(open_slot)
         if hour < 0:
             return
+        self.changed_from_hour = min(self.changed_from_hour, hour)
         hslot = hour % self.hours.n
         if self.hours.tag[hslot] != hour:
             return
@@ -229,9 +235,12 @@ class ScopeHistory:
         for k, kind in enumerate(SKETCHES):
             self.hour_q[:n, hslot, k] = _quantiles(self.open_sk[:n, open_slot, k], QUANTILES[kind])
 
-    def refresh_open_hours(self) -> None:
-        for s in range(self.open.n):
-            self._finalise_open(s)
+    def refresh_open_hours(self, before_hour: int | None = None) -> None:
+        """Recompute the quantiles of open hours that received data (those before
+        `before_hour` only: later ones are not in any baseline yet)."""
+        for s in sorted(self._dirty_open):
+            if before_hour is None or self.open.tag[s] < before_hour:
+                self._finalise_open(s)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -245,7 +254,9 @@ class ScopeHistory:
         lo = math.floor((t - self.window) / self.coarse) + 1
         coarse_abs = np.arange(lo, math.floor(t / self.coarse) + 1)
         slot, ok = self.coarse_ring.slots_for(coarse_abs)
-        sk = self.coarse_sk[:n][:, slot[ok]].sum(axis=1, dtype=np.int64)   # (S, K, NBINS)
+        sk = np.zeros((n, len(SKETCHES), sketch.NBINS), dtype=np.int32)   # a window's counts fit in 32 bits
+        for s in slot[ok].tolist():           # slot by slot: no copy of the whole ring
+            sk += self.coarse_sk[:n, s]
         qs = {kind: sketch.quantile(sk[:, k], QUANTILES[kind]) for k, kind in enumerate(SKETCHES)}
         counts = {kind: sk[:, k].sum(axis=1) for k, kind in enumerate(SKETCHES)}
         return WindowValues(adds, qs, counts)
@@ -254,19 +265,27 @@ class ScopeHistory:
         """Hourly sums (S, H, F), quantiles (S, H, K), a mask of hours before each scope existed,
         and each scope's history length in hours — for the hours that end before the window."""
         n = self.size
-        self.refresh_open_hours()
         end = math.floor((t - self.window) / 3600)          # first hour that overlaps the window
+        self.refresh_open_hours(before_hour=end)
         count = int(round(baseline / 3600))
         hours = np.arange(end - count, end)
         if seasonal:
             target = math.floor((t - self.window / 2) / 3600) % 24
             hours = hours[hours % 24 == target]
         slot, ok = self.hours.slots_for(hours)
-        adds = np.where(ok[None, :, None], self.hour_add[:n][:, slot], 0.0)
-        q = np.where(ok[None, :, None], self.hour_q[:n][:, slot], np.nan)
+        adds = self.hour_add[:n, slot]          # one copy; hours the ring no longer holds are zeroed in place
+        q = self.hour_q[:n, slot]
+        if not ok.all():
+            adds[:, ~ok] = 0.0
+            q[:, ~ok] = np.nan
         before = hours[None, :] < self.first_hour[:n, None]
-        span = np.clip(end - np.maximum(self.first_hour[:n], end - count), 0, count)
-        return adds, q, before, span
+        return adds, q, before, self.span(t, baseline)
+
+    def span(self, t: float, baseline: float) -> np.ndarray:
+        """Hours of history each scope has before the window, up to the baseline's length."""
+        end = math.floor((t - self.window) / 3600)
+        count = int(round(baseline / 3600))
+        return np.clip(end - np.maximum(self.first_hour[: self.size], end - count), 0, count)
 
 
     def baseline_requests(self, t: float, baseline: float) -> np.ndarray:
