@@ -6,7 +6,9 @@
         q.dashboard, q.panel, q.expr             # uid, panel title, expr with Grafana variables filled in
 
     Stack = load_stack().Stack                   # scripts/stack.py, importable without a package
-    with Stack(fast=True) as stack: ...
+    with Stack(fast=True) as stack:
+        delivered(stack, receiver="pager", status="firing", labels={"alertname": "LLMCostSpike"})
+        exporter_json(stack, "/api/runaways"); prom_api(stack, "query_range", {...}); rule_errors(stack)
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import json
 import re
 import shutil
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, NamedTuple
@@ -124,3 +129,66 @@ def load_stack() -> ModuleType:
 
 def promtool() -> str | None:
     return shutil.which("promtool")
+
+
+# --- reading a running stack (tests/test_e2e_alerts.py, tests/test_dashboards_live.py) ------
+
+def exporter_json(stack: Any, path: str, timeout: float = 10.0) -> Any:
+    """GET a JSON document from the stack's exporter, e.g. "/api/runaways"."""
+    return load_stack().http_json(stack.urls["exporter"] + path, timeout=timeout)
+
+
+def delivered(stack: Any, *, receiver: str | None = None, status: str | None = None,
+              labels: dict[str, str] | None = None, limit: int = 1000) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(notification, alert) pairs the exporter's webhook receiver got from Alertmanager.
+
+    Newest first. `receiver` is the Alertmanager receiver name, `status` the alert's own
+    status (firing / resolved), `labels` exact values the alert must carry (others may
+    be there too)."""
+    out = []
+    for note in exporter_json(stack, f"/api/notifications?limit={limit}"):
+        if receiver is not None and note.get("receiver") != receiver:
+            continue
+        for alert in note.get("alerts") or []:
+            if status is not None and alert.get("status") != status:
+                continue
+            if all((alert.get("labels") or {}).get(k) == v for k, v in (labels or {}).items()):
+                out.append((note, alert))
+    return out
+
+
+def prom_api(stack: Any, endpoint: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """A Prometheus HTTP API answer (e.g. "query_range") as a dict, errors included.
+
+    Unlike `Stack.prom_query` an HTTP 400/422 (a query that does not parse or evaluate)
+    is returned, not raised, so the caller can report Prometheus' own error message."""
+    url = f"{stack.urls['prometheus']}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {"status": "error", "errorType": str(e.code), "error": body.decode(errors="replace")}
+
+
+def runbook_anchors(path: Path = REPO / "docs" / "runbook.md") -> set[str]:
+    """GitHub's anchors for the headings of docs/runbook.md ("### LLMCostSpike" -> "llmcostspike")."""
+    anchors, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"#{1,6}\s+(.*\S)\s*$", line)
+        if m:
+            text = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower())
+            anchors.add(text.replace(" ", "-"))
+    return anchors
+
+
+def rule_errors(stack: Any) -> list[str]:
+    """Rules whose last evaluation in the stack's Prometheus failed ("group / rule: error")."""
+    return [f"{g['name']} / {r.get('name')}: {r.get('lastError')}"
+            for g in stack.prom_rule_groups() for r in g.get("rules", [])
+            if r.get("health") == "err" or r.get("lastError")]
