@@ -112,7 +112,9 @@ def cache_bytes(engine: Any) -> tuple[int, int]:
     total = 0
     for b in cache.values():
         total += getattr(getattr(b, "adds", None), "nbytes", 0)
-        total += sum(getattr(v, "nbytes", 0) for v in getattr(b, "sketches", {}).values())
+        sk = getattr(b, "sketches", ())
+        total += sum(getattr(v, "nbytes", len(v) if isinstance(v, bytes) else 0)
+                     for v in (sk.values() if isinstance(sk, dict) else sk))
     return len(cache), total
 
 

@@ -78,3 +78,26 @@ def decode(blob: bytes | None) -> np.ndarray:
         rec = np.frombuffer(blob, dtype=[("i", "<u2"), ("n", "<u4")])
         out[rec["i"].astype(np.int64)] = rec["n"]
     return out
+
+
+def decode_many(blobs: list[bytes]) -> np.ndarray:
+    """Dense (len(blobs), NBINS) counts of many encoded sketches, in one pass."""
+    out = np.zeros((len(blobs), NBINS), dtype=np.int64)
+    if not blobs:
+        return out
+    lengths = np.fromiter((len(b) // PAIR_BYTES for b in blobs), dtype=np.int64, count=len(blobs))
+    bins, counts = decode_pairs(b"".join(blobs))
+    rows = np.repeat(np.arange(len(blobs)), lengths)
+    out.reshape(-1)[rows * NBINS + bins] = counts       # a sketch never repeats a bin
+    return out
+
+
+def encode_many(counts: np.ndarray) -> list[bytes]:
+    """`encode` of every row of a (G, NBINS) array, in one pass."""
+    rows, bins = np.nonzero(counts)                      # row-major: grouped by row
+    rec = np.empty(rows.shape[0], dtype=PAIR)
+    rec["i"] = bins
+    rec["n"] = counts[rows, bins]
+    data = rec.tobytes()
+    cut = (np.searchsorted(rows, np.arange(counts.shape[0] + 1)) * PAIR_BYTES).tolist()
+    return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]

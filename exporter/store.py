@@ -145,16 +145,18 @@ class Store:
         rows = []
         for res in RESOLUTIONS:
             g = groups if res == 60 else groups.coarsen(res)
-            for j in range(len(g)):
-                b = self._bucket(res, int(g.start[j]), int(g.series[j]))
-                b.adds += g.adds[j]
-                for k, kind in enumerate(SKETCHES):
-                    add = g.sketches[kind][j]
-                    if add.any():
-                        b.sketches[k] = sketch.encode(sketch.decode(b.sketches[k]) + add)
-                rows.append((res, int(g.start[j]), int(g.series[j]), b.adds.tobytes(), *b.sketches))
-            if len(g):
-                self._newest[res] = max(self._newest.get(res, 0), int(g.start.max()))
+            if not len(g):
+                continue
+            starts, series = g.start.tolist(), g.series.tolist()
+            cached = [self._bucket(res, st, sid) for st, sid in zip(starts, series)]
+            adds = np.stack([b.adds for b in cached]) + g.adds
+            encoded = [sketch.encode_many(sketch.decode_many([b.sketches[k] for b in cached]) + g.sketches[kind])
+                       for k, kind in enumerate(SKETCHES)]
+            for j, b in enumerate(cached):
+                b.adds = adds[j]
+                b.sketches = [encoded[0][j], encoded[1][j], encoded[2][j]]
+                rows.append((res, starts[j], series[j], adds[j].tobytes(), *b.sketches))
+            self._newest[res] = max(self._newest.get(res, 0), max(starts))
         self._db.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         self._writes += 1
         if self._writes % 256 == 0 or len(self._cache) > MAX_CACHED_BUCKETS:

@@ -56,3 +56,13 @@ def test_range_bounds_are_half_open(tmp_path: Path) -> None:
     starts = sorted({s for g in store.bucket_groups(60, 120, 180) for s in g.start.tolist()})
     assert starts == [120]
     store.close()
+
+
+def test_many_sketches_encode_and_decode_like_one() -> None:
+    rng = np.random.default_rng(3)
+    dense = rng.integers(0, 5, (40, sketch.NBINS)) * (rng.random((40, sketch.NBINS)) < 0.03)
+    dense[[0, 17, 39]] = 0                                   # empty sketches in between
+    encoded = sketch.encode_many(dense)
+    assert encoded == [sketch.encode(row) for row in dense]
+    assert (sketch.decode_many(encoded) == dense).all()
+    assert sketch.decode_many([]).shape == (0, sketch.NBINS)
