@@ -26,7 +26,7 @@ from . import __version__, sketch
 from .buckets import F, TOKEN_FIELDS
 from .config import Settings
 from .engine import Engine
-from .records import BodyError, parse_ts, RecordError
+from .records import BodyError, RecordError, decode_body, parse_ts
 from .store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
@@ -123,18 +123,21 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def authorised_body(request: Request) -> bytes | Response:
+        """The body of an authorised POST, or the response that refuses it (401 or 413)."""
+        if not authorised(request):
+            return unauthorised()
+        return await read_body(request)
+
     # --- ingest -----------------------------------------------------------------------
 
     @app.post("/v1/records")
     async def post_records(request: Request) -> Response:
         """Accept one JSON object, a JSON array, or NDJSON. Good records count even when others fail."""
-        if not authorised(request):
-            return unauthorised()
-        body = await read_body(request)
+        body = await authorised_body(request)
         if isinstance(body, Response):
             return body
         try:
-            from .records import decode_body
             items = decode_body(body, request.headers.get("content-type", ""))
         except BodyError as e:
             return _error(400, str(e), line=e.line, column=e.column, position=e.pos)
@@ -150,9 +153,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
     @app.post("/api/alertmanager/webhook")
     async def alertmanager_webhook(request: Request) -> Response:
         """A receiver for Alertmanager's webhook, so the stack delivers somewhere out of the box."""
-        if not authorised(request):
-            return unauthorised()
-        body = await read_body(request)
+        body = await authorised_body(request)
         if isinstance(body, Response):
             return body
         try:
