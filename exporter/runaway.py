@@ -15,7 +15,7 @@ Per tracked session (records without a session id take no part):
   agent session re-reads its whole cached context on every turn, which is cheap and
   healthy, and counting it would flag every such session.
 - `tool_repetition`: the same tool signature (the names of the tools called) comes back
-  `tool_repeat_max` (default 10) times in a row. A response without tool calls, or with
+  `tool_repeat_max` (default 20) times in a row. A response without tool calls, or with
   a different set of tools, ends the run.
 - `session_cost`: the session has cost more than max(k × the app's median cost of
   recently completed sessions, a floor), once the app has enough completed sessions;
@@ -98,7 +98,7 @@ class RunawaySettings:
     burst_window_s: float = 300.0
     burst_max_tokens: int = 200_000
     burst_count_cache_reads: bool = False
-    tool_repeat_max: int = 10
+    tool_repeat_max: int = 20
     session_cost_k: float = 10.0
     session_cost_floor_usd: float = 5.0
     session_cost_cold_usd: float = 50.0

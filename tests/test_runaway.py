@@ -55,7 +55,7 @@ def test_looping_session_trips_chain_and_repetition_across_batches() -> None:
 
 
 def test_tool_runs_break_on_other_tools_and_plain_answers() -> None:
-    det = RunawayDetector(RunawaySettings())
+    det = RunawayDetector(RunawaySettings(tool_repeat_max=10))
     sigs = [["read_file"]] * 9 + [["write_file"]] + [["read_file"]] * 9 + [None] + [["read_file"]] * 9
     det.observe(recs(session("s", len(sigs), T0, 30.0, tool_calls=sigs)))
     rep = det.evaluate(T0 + 1000)
