@@ -109,19 +109,26 @@ class Evaluator:
     def evaluate(self, t: float) -> Snapshot:
         h = self.history
         win = h.window_values(t)
-        # Baseline statistics depend only on the hours before the window: reuse them until
-        # the hour turns, a scope appears, or one of those hours changes (late data).
+        # Flat baselines depend only on the hours before the window: their statistics are
+        # reused until the hour turns, a scope appears or one of those hours changes (late
+        # data). Seasonal ones blend two hours by the window's position, so they are
+        # recomputed each time (over a week's worth of points, which is cheap).
         end = math.floor((t - h.window) / 3600)
-        season = math.floor((t - h.window / 2) / 3600) % 24 if self.seasonal else -1
-        key = (end, season, h.size)
         h.refresh_open_hours(before_hour=end)
-        if key != self._stats_key or h.changed_from_hour < end:
-            adds, q, before, _ = h.hourly(t, self.baseline, self.seasonal)
-            self._stats = {}
-            for spec in self.specs:
+        flat = [spec for spec in self.specs if not (self.seasonal or spec.seasonal)]
+        daily = [spec for spec in self.specs if self.seasonal or spec.seasonal]
+        key = (end, h.size)
+        if flat and (key != self._stats_key or h.changed_from_hour < end):
+            adds, q, before, _ = h.hourly(t, self.baseline, False)
+            for spec in flat:
                 _, hist, _ = signal_inputs(spec, win, adds, q, before, h.window)
                 self._stats[spec.name] = baseline_stats(spec, hist)
             self._stats_key = key
+        if daily:
+            adds, q, before, _ = h.hourly(t, self.baseline, True)
+            for spec in daily:
+                _, hist, _ = signal_inputs(spec, win, adds, q, before, h.window)
+                self._stats[spec.name] = baseline_stats(spec, hist)
         h.changed_from_hour = np.iinfo(np.int64).max
         span = h.span(t, self.baseline)
         verdicts = {}

@@ -263,23 +263,41 @@ class ScopeHistory:
 
     def hourly(self, t: float, baseline: float, seasonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Hourly sums (S, H, F), quantiles (S, H, K), a mask of hours before each scope existed,
-        and each scope's history length in hours — for the hours that end before the window."""
-        n = self.size
+        and each scope's history length in hours — for the hours that end before the window.
+
+        Seasonal: one value per earlier day for the same time of day. The window straddles
+        two clock hours, so each day's value blends those two hours by how much of the
+        window each covers; comparing with one of them alone makes every steep part of a
+        daily cycle look like an anomaly around the half hour."""
         end = math.floor((t - self.window) / 3600)          # first hour that overlaps the window
         self.refresh_open_hours(before_hour=end)
         count = int(round(baseline / 3600))
-        hours = np.arange(end - count, end)
-        if seasonal:
-            target = math.floor((t - self.window / 2) / 3600) % 24
-            hours = hours[hours % 24 == target]
+        if not seasonal:
+            hours = np.arange(end - count, end)
+            adds, q = self._take_hours(hours)
+            return adds, q, hours[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
+        start = t - self.window
+        w1 = min(max((start % 3600) / 3600, 0.0), 1.0)       # share of the window in the later hour
+        first = math.floor(start / 3600)
+        days = np.arange(max(count // 24, 1), 0, -1)
+        hours0 = first - 24 * days                           # oldest day first
+        a0, q0 = self._take_hours(hours0)
+        a1, q1 = self._take_hours(hours0 + 1)
+        adds = (1 - w1) * a0 + w1 * a1
+        with np.errstate(invalid="ignore"):
+            q = np.where(np.isnan(q0), q1, np.where(np.isnan(q1), q0, (1 - w1) * q0 + w1 * q1))
+        return adds, q, hours0[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
+
+    def _take_hours(self, hours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sums and quantiles of the given absolute hours (zero / NaN where the ring has none)."""
+        n = self.size
         slot, ok = self.hours.slots_for(hours)
         adds = self.hour_add[:n, slot]          # one copy; hours the ring no longer holds are zeroed in place
         q = self.hour_q[:n, slot]
         if not ok.all():
             adds[:, ~ok] = 0.0
             q[:, ~ok] = np.nan
-        before = hours[None, :] < self.first_hour[:n, None]
-        return adds, q, before, self.span(t, baseline)
+        return adds, q
 
     def span(self, t: float, baseline: float) -> np.ndarray:
         """Hours of history each scope has before the window, up to the baseline's length."""
