@@ -22,6 +22,10 @@ from .history import ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
+# An hour's error ratio enters the baseline from this many requests. It is lower than the
+# window's `min_requests` on purpose: the baseline is a median over many hours, so single
+# hours may be noisier than the one a verdict rests on.
+BASELINE_HOUR_MIN_REQUESTS = 20
 
 
 @dataclass(slots=True)
@@ -74,7 +78,7 @@ def signal_inputs(spec: SignalSpec, win: WindowValues, adds: np.ndarray, q: np.n
             cur, hist, n = w_req * 60 / window_s, h_req / 60, w_req
         elif name == "error_rate":
             cur = np.where(w_req > 0, win.adds[:, F["errors"]] / w_req, np.nan)
-            hist = np.where(h_req >= max(spec.min_requests, 1), adds[..., F["errors"]] / h_req, np.nan)
+            hist = np.where(h_req >= BASELINE_HOUR_MIN_REQUESTS, adds[..., F["errors"]] / h_req, np.nan)
             n = w_req
         elif name == "latency_p95":
             cur, hist, n = win.quantiles["latency"], q[..., 0], win.counts["latency"]

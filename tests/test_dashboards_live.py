@@ -1,7 +1,7 @@
 """Every panel query of every shipped dashboard against a real Prometheus with real data.
 
 The native stack (scripts/stack.py, fast timing) runs the exporter with a budget
-configuration like deploy/exporter.yaml, fed with three days of demo history
+configuration like deploy/exporter.yaml, fed with a week of demo history
 (`exporter.demo.backfill`) and then live demo traffic for long enough that Prometheus,
 scraping every second, has several samples inside every short rate window. The live
 traffic carries what some panels need to show anything at all, by construction:
@@ -52,7 +52,7 @@ pytestmark = [
 ]
 
 RATE_INTERVAL = "30s"
-HISTORY_DAYS = 3
+HISTORY_DAYS = 7       # the seasonal request-rate baseline needs six earlier days
 LIVE_MIN_S = 35.0          # live traffic before the queries: one rate window plus slack
 LOOP_SESSION = "agent-loop-" + uuid.uuid4().hex[:8]
 
