@@ -25,6 +25,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, NamedTuple
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = REPO / "grafana" / "dashboards"
 PROVISIONING_DIR = REPO / "grafana" / "provisioning"
@@ -192,3 +194,12 @@ def rule_errors(stack: Any) -> list[str]:
     return [f"{g['name']} / {r.get('name')}: {r.get('lastError')}"
             for g in stack.prom_rule_groups() for r in g.get("rules", [])
             if r.get("health") == "err" or r.get("lastError")]
+
+
+def e2e_marks() -> list[Any]:
+    """`pytestmark` of the tests that run the real stack: marked e2e, skipped with a clear
+    reason where the Prometheus / Alertmanager binaries are not installed."""
+    stack = load_stack()
+    return [pytest.mark.e2e,
+            pytest.mark.skipif(not (stack.prometheus_binary() and stack.alertmanager_binary()),
+                               reason="prometheus / alertmanager binaries not installed")]

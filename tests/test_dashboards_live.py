@@ -37,19 +37,15 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import (exporter_json, iter_dashboard_queries, load_dashboards, load_stack, prom_api,  # noqa: E402
-                        rule_errors)
+from stack_util import (e2e_marks, exporter_json, iter_dashboard_queries, load_dashboards, load_stack,  # noqa: E402
+                        prom_api, rule_errors)
 
 from exporter import demo  # noqa: E402
 
 stack_mod = load_stack()
 Stack = stack_mod.Stack
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not (stack_mod.prometheus_binary() and stack_mod.alertmanager_binary()),
-                       reason="prometheus / alertmanager binaries not installed"),
-]
+pytestmark = e2e_marks()
 
 RATE_INTERVAL = "30s"
 HISTORY_DAYS = 7       # the seasonal request-rate baseline needs six earlier days

@@ -42,16 +42,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import REPO, delivered, exporter_json, load_stack, rule_errors, runbook_anchors  # noqa: E402
+from stack_util import (REPO, delivered, e2e_marks, exporter_json, load_stack, rule_errors,  # noqa: E402
+                        runbook_anchors)
 
 stack_mod = load_stack()
 Stack = stack_mod.Stack
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not (stack_mod.prometheus_binary() and stack_mod.alertmanager_binary()),
-                       reason="prometheus / alertmanager binaries not installed"),
-]
+pytestmark = e2e_marks()
 
 WINDOW_S = 60                  # --window: the anomaly window
 STEP_S = 10.0                  # one spike-app call every 10 s, in history and live
