@@ -385,17 +385,22 @@ class Stack:
     def alertmanager_config(self) -> Path:
         return self.workdir / "alertmanager" / "alertmanager.yml"
 
+    def _copy_config(self, folder: str, main_file: str) -> tuple[Path, Path]:
+        """Copy a shipped configuration folder into the working directory, fresh each time."""
+        src = self.repo / folder
+        if not (src / main_file).is_file():
+            raise StackError(f"{src / main_file} does not exist")
+        dst = self.workdir / folder
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        return src, dst
+
     def render(self) -> Path:
         """Write the rewritten configurations into the working directory."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         path_map = self._path_map()
         if self.enabled["prometheus"]:
-            src = self.repo / "prometheus"
-            if not (src / "prometheus.yml").is_file():
-                raise StackError(f"{src / 'prometheus.yml'} does not exist")
-            dst = self.workdir / "prometheus"
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
+            src, dst = self._copy_config("prometheus", "prometheus.yml")
             doc, notes = render_prometheus(yaml.safe_load((src / "prometheus.yml").read_text()), self.ports,
                                            path_map, fast=self.fast, time_scale=self.time_scale,
                                            interval=self.interval, absent=self.absent)
@@ -411,12 +416,7 @@ class Stack:
                         _dump(render_rules(rules, fast=True, time_scale=self.time_scale, floor=self.interval), p)
             _dump(doc, self.prometheus_config)
         if self.enabled["alertmanager"]:
-            src = self.repo / "alertmanager"
-            if not (src / "alertmanager.yml").is_file():
-                raise StackError(f"{src / 'alertmanager.yml'} does not exist")
-            dst = self.workdir / "alertmanager"
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
+            src, dst = self._copy_config("alertmanager", "alertmanager.yml")
             doc = render_alertmanager(yaml.safe_load((src / "alertmanager.yml").read_text()), self.ports,
                                       path_map, fast=self.fast, time_scale=self.time_scale)
             _dump(doc, self.alertmanager_config)
