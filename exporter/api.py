@@ -43,7 +43,7 @@ def _error(status: int, message: str, **extra: Any) -> ORJSONResponse:
 
 
 class Background:
-    """Periodic evaluation and pruning, and the tail followers, on daemon threads."""
+    """Periodic evaluation, checkpoints and pruning, and the tail followers, on daemon threads."""
 
     def __init__(self, engine: Engine, extra: list[Callable[[threading.Event], None]] | None = None) -> None:
         self.engine = engine
@@ -63,6 +63,10 @@ class Background:
         last_prune = 0.0
         while not stop.wait(interval):
             self.engine.evaluate()
+            try:    # a quiet exporter still folds its last batches into the buckets
+                self.engine.store.checkpoint()
+            except StoreError:
+                log.exception("checkpoint failed")
             if time.monotonic() - last_prune > 600:
                 try:
                     self.engine.prune()

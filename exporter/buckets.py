@@ -112,3 +112,32 @@ def groups_from_rows(start: np.ndarray, series: np.ndarray, adds: np.ndarray, bl
         pairs = sketch.decode_pairs(b"".join(kind_blobs))
         bins.append((np.repeat(np.arange(len(kind_blobs)), lengths), pairs[0], pairs[1]))
     return Groups(series, start, adds, None, bins)
+
+
+def sparse(groups: Groups) -> Groups:
+    """The same groups with sparse sketches only: what a pending batch keeps in memory
+    (a dense batch is about 11 KB per group; its non-empty bins are a few hundred bytes)."""
+    return Groups(groups.series, groups.start, groups.adds, None, groups.nonzero_bins())
+
+
+def merge(parts: list[Groups]) -> Groups:
+    """Many batches' groups as one, summed per (series, start), with dense sketches.
+
+    The store folds its pending batches with this in one go, so the read-modify-write of a
+    bucket row happens once per checkpoint instead of once per batch."""
+    series = np.concatenate([p.series for p in parts]).astype(np.int64)
+    start = np.concatenate([p.start for p in parts]).astype(np.int64)
+    uniq, inverse = np.unique(np.stack([series, start], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    g = len(uniq)
+    adds = np.zeros((g, len(FIELDS)))
+    np.add.at(adds, inverse, np.concatenate([p.adds for p in parts]))
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    sketches = {}
+    for k, kind in enumerate(SKETCHES):
+        bins = [p.nonzero_bins()[k] for p in parts]
+        rows = inverse[np.concatenate([b[0] + off for b, off in zip(bins, offsets)])]
+        flat = rows * sketch.NBINS + np.concatenate([b[1] for b in bins])
+        counts = np.concatenate([b[2] for b in bins])
+        sketches[kind] = np.bincount(flat, weights=counts, minlength=g * sketch.NBINS).reshape(g, sketch.NBINS).astype(np.int64)
+    return Groups(uniq[:, 0].copy(), uniq[:, 1].copy(), adds, sketches)

@@ -32,7 +32,7 @@ from .history import ScopeHistory
 from .instruments import UsageMetrics
 from .labels import LabelGuard
 from .prices import PriceTable
-from .batch import parse_batch, stored_blob, take
+from .batch import parse_batch, stored_blob, stored_records, take
 from .records import RecordColumns, Rejected, UsageRecord, to_columns
 from .signals import signal_specs
 from .store import BatchWrite, Store, StoreError
@@ -62,7 +62,7 @@ class Engine:
     def __init__(self, settings: Settings, clock: Clock = time.time, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.store = Store(settings.db)
+        self.store = Store(settings.db, keep_records=settings.record_retention > 0)
         self.prices = PriceTable(settings.prices)
         self.specs = signal_specs(settings.signals)
         saved = self.store.label_values()
@@ -117,6 +117,8 @@ class Engine:
         for seen, hashes in self.store.dedupe_hashes(self.clock() - self.settings.dedupe_window):
             self.dedupe.add(hashes, seen)
         self.detectors.restore_budget(self.store.daily_costs())
+        self._fold_journal()
+        keys = self.store.series()
         if not keys:
             return
         self._restore_detectors(newest)
@@ -126,6 +128,33 @@ class Engine:
         # The window needs slots finer than hours: the minute buckets of the last window.
         for groups in self.store.bucket_groups(60, newest - self.settings.window - 60, newest + 60):
             self.history.add(groups, keys, hourly=False)
+
+    def _fold_journal(self) -> None:
+        """Batches committed after the last checkpoint (the process died before it) are in
+        the journal but not yet in the buckets: fold them in before the buckets are read."""
+        for row_id, blob in self.store.unfolded():
+            cols, _, _ = parse_batch(stored_records(blob), self.newest_event_ts)
+            self._guard(cols)
+            groups = aggregate(cols, self._series_of(cols), cols.cost, res=60)
+            self.store.fold(groups, row_id)
+        self.store.checkpoint()
+
+    def _series_of(self, cols: RecordColumns) -> np.ndarray:
+        """The series id of every (guarded) record, creating new series in the store."""
+        codes, labels = [], []
+        for col in (cols.app, cols.provider, cols.model):
+            uniq, inv = np.unique(col, return_inverse=True)
+            codes.append(inv.reshape(-1))
+            labels.append(uniq.tolist())
+        combined = (codes[0] * len(labels[1]) + codes[1]) * len(labels[2]) + codes[2]
+        present, inverse = np.unique(combined, return_inverse=True)
+        keys = []
+        for c in present.tolist():
+            rest, m = divmod(c, len(labels[2]))
+            a, p = divmod(rest, len(labels[1]))
+            keys.append((labels[0][a], labels[1][p], labels[2][m]))
+        sids = np.asarray(self.store.series_ids(keys), dtype=np.int64)
+        return sids[inverse.reshape(-1)]
 
     def _restore_detectors(self, newest: float) -> None:
         """Drift and runaway windows from the raw records of the last day (budget excluded:
@@ -217,17 +246,16 @@ class Engine:
         cost = self.prices.costs(cols, raw["model"])
         cols.cost = cost
 
-        triples = np.char.add(np.char.add(cols.app.astype(str), "\x1f"), np.char.add(np.char.add(cols.provider.astype(str), "\x1f"), cols.model.astype(str)))
-        uniq, inverse = np.unique(triples, return_inverse=True)
-        keys = [tuple(u.split("\x1f")) for u in uniq.tolist()]
-        sids = self.store.series_ids(keys)  # type: ignore[arg-type]
+        series = self._series_of(cols)
+        sids, inverse = np.unique(series, return_inverse=True)
+        names = self.store.series_keys()
+        keys = [names[sid] for sid in sids.tolist()]
         with self.counters_lock:
-            rows = self.usage.rows(sids, keys)  # type: ignore[arg-type]
-        series = np.asarray(sids, dtype=np.int64)[inverse]
+            rows = self.usage.rows(sids.tolist(), keys)
         touched = np.unique(rows)
         before = {int(r): self.usage.dump(int(r)) for r in touched}
         with self.counters_lock:
-            self.usage.add(rows[inverse], cols, cost)
+            self.usage.add(rows[inverse.reshape(-1)], cols, cost)
 
         groups = aggregate(cols, series, cost, res=self.history.fine)
         newest = max(self.newest_event_ts, float(cols.ts.max()))
@@ -239,7 +267,7 @@ class Engine:
             dedupe=(now, ids.tobytes()) if ids.size else None,
             groups=groups if self.history.fine == 60 else groups.coarsen(60),
             totals={self.usage.sids[int(r)]: self.usage.dump(int(r)) for r in touched},
-            records=_records_blob(cols, raw) if self.settings.record_retention > 0 else None,
+            records=_records_blob(cols, raw),   # also the journal the buckets are checkpointed from
             labels=new_labels,
             daily_cost=_daily_cost(cols.app, local_day_index(cols.ts, self.detectors.budget.tz), cost),
             meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending),
@@ -259,7 +287,7 @@ class Engine:
         self.dedupe.add(ids, now)
         self.newest_event_ts = newest
         self.last_record_wallclock = wallclock
-        self.history.add(groups, self.store.series())
+        self.history.add(groups, self.store.series_keys())
         self.detectors.observe(cols)
 
     def _totals_json(self, pending: dict[str, int]) -> str:

@@ -10,10 +10,19 @@ more to insert); Alertmanager notifications; and small bits of state such as tai
 Every ingest batch is one transaction, committed before the HTTP answer is sent: an
 acknowledged record survives `kill -9` (WAL with synchronous=NORMAL is durable against a
 process crash; set synchronous=FULL through the environment for power-loss durability).
+
+The batch's raw records are its journal entry. Buckets are a view of the journal that is
+brought up to date at checkpoints: the groups of the last few batches wait in memory and
+are folded into the bucket rows together, because a read-modify-write of every touched
+minute and hour per batch was most of the cost of a write. `folded_through` (in meta)
+names the last journal row the buckets include; after a crash the engine folds the rows
+after it again (`unfolded`, `fold`), so no acknowledged record is missing from them.
+Readers of buckets checkpoint first and so always see every committed batch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sqlite3
@@ -27,7 +36,7 @@ import orjson
 
 from . import sketch
 from .batch import stored_records
-from .buckets import FIELDS, SKETCHES, Groups, groups_from_rows
+from .buckets import FIELDS, SKETCHES, Groups, groups_from_rows, merge, sparse
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,6 +59,8 @@ CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY, received_at RE
 SCHEMA_VERSION = "2"
 RESOLUTIONS = (60, 3600)
 MAX_CACHED_BUCKETS = 100_000
+CHECKPOINT_BATCHES = 16      # pending batches that trigger a checkpoint (a few hundred KB held)
+log = logging.getLogger("llm_usage_exporter")
 
 
 class StoreError(RuntimeError):
@@ -79,10 +90,15 @@ class BatchWrite:
 
 
 class Store:
-    """One SQLite file. Writes go through `write()`; reads may come from any thread."""
+    """One SQLite file. Writes go through `write()`; reads may come from any thread.
 
-    def __init__(self, path: Path | str) -> None:
+    `keep_records=False` (record retention 0) keeps raw records only as the journal:
+    they are deleted once folded into the buckets and never served."""
+
+    def __init__(self, path: Path | str, keep_records: bool = True, checkpoint_batches: int = CHECKPOINT_BATCHES) -> None:
         self.path = str(path)
+        self.keep_records = keep_records
+        self.checkpoint_batches = checkpoint_batches
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -95,15 +111,28 @@ class Store:
         self._lock = threading.RLock()
         self._series: dict[tuple[str, str, str], int] = {
             (a, p, m): i for i, a, p, m in self._db.execute("SELECT id, app, provider, model FROM series")}
+        self._keys = {i: k for k, i in self._series.items()}
         self._cache: dict[tuple[int, int, int], Bucket] = {}
         self._newest: dict[int, int] = {}
         self._writes = 0
         self.errors_total = 0
+        self._pending: list[Groups] = []       # sparse minute groups of committed, unfolded batches
+        self._pending_through = 0              # the journal row of the newest of them
         if self.get_meta("schema_version") is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
+        folded = self.get_meta("folded_through")
+        if folded is None:   # a new file, or one written before checkpoints: its buckets are complete
+            (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()
+            self.set_meta("folded_through", str(last))
+            folded = str(last)
+        self.folded_through = int(folded)
 
     def close(self) -> None:
         with self._lock:
+            try:
+                self.checkpoint()
+            except StoreError:
+                log.exception("final checkpoint failed; the journal is folded at the next start")
             self._db.close()
 
     # --- series ----------------------------------------------------------------------
@@ -118,12 +147,18 @@ class Store:
                     cur = self._db.execute("INSERT INTO series (app, provider, model) VALUES (?, ?, ?)", k)
                     sid = int(cur.lastrowid)  # type: ignore[arg-type]
                     self._series[k] = sid
+                    self._keys[sid] = k
                 out.append(sid)
         return out
 
     def series(self) -> dict[int, tuple[str, str, str]]:
+        """A copy of id -> (app, provider, model), safe to iterate while ingest goes on."""
         with self._lock:
-            return {i: k for k, i in self._series.items()}
+            return dict(self._keys)
+
+    def series_keys(self) -> dict[int, tuple[str, str, str]]:
+        """The live id -> key mapping, for lookups by the (single) writer without a copy."""
+        return self._keys
 
     # --- buckets ---------------------------------------------------------------------
 
@@ -141,7 +176,7 @@ class Store:
         return b
 
     def _write_groups(self, groups: Groups) -> None:
-        """Read-modify-write of each touched minute and hour bucket (one row each per batch)."""
+        """Read-modify-write of each touched minute and hour bucket (one row each per checkpoint)."""
         rows = []
         for res in RESOLUTIONS:
             g = groups if res == 60 else groups.coarsen(res)
@@ -159,7 +194,7 @@ class Store:
             self._newest[res] = max(self._newest.get(res, 0), max(starts))
         self._db.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         self._writes += 1
-        if self._writes % 256 == 0 or len(self._cache) > MAX_CACHED_BUCKETS:
+        if self._writes % 16 == 0 or len(self._cache) > MAX_CACHED_BUCKETS:
             self._evict()
 
     def _evict(self) -> None:
@@ -177,12 +212,12 @@ class Store:
                 self._db.execute("BEGIN IMMEDIATE")
                 if batch.dedupe is not None:
                     self._db.execute("INSERT INTO dedupe (seen, hashes) VALUES (?, ?)", batch.dedupe)
-                if batch.groups is not None and len(batch.groups):
-                    self._write_groups(batch.groups)
                 if batch.totals:
                     self._db.executemany("INSERT OR REPLACE INTO totals VALUES (?, ?)", batch.totals.items())
+                row_id = None
                 if batch.records is not None:
-                    self._db.execute("INSERT INTO records (ts_min, ts_max, data) VALUES (?, ?, ?)", batch.records)
+                    row_id = self._db.execute("INSERT INTO records (ts_min, ts_max, data) VALUES (?, ?, ?)",
+                                              batch.records).lastrowid
                 if batch.labels:
                     self._db.executemany("INSERT OR IGNORE INTO label_values VALUES (?, ?)", batch.labels)
                 if batch.daily_cost:
@@ -194,9 +229,58 @@ class Store:
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._db.execute("ROLLBACK")
-                self._cache.clear()  # cached buckets may hold the rolled-back additions
                 self.errors_total += 1
                 raise StoreError(f"db: write to {self.path} failed: {e}") from None
+            if batch.groups is not None and len(batch.groups):
+                if row_id is None:
+                    raise ValueError("a batch with groups needs its records: they are the journal the buckets are rebuilt from")
+                self.fold(batch.groups, int(row_id))
+
+    def fold(self, groups: Groups, through: int) -> None:
+        """Queue the minute groups of journal row `through` (and those before it) for the next
+        checkpoint; checkpoint when enough are waiting. A failed checkpoint leaves them queued:
+        the batch itself is already committed."""
+        with self._lock:
+            self._pending.append(sparse(groups))
+            self._pending_through = max(self._pending_through, through)
+            if len(self._pending) >= self.checkpoint_batches:
+                try:
+                    self.checkpoint()
+                except StoreError:
+                    log.exception("checkpoint failed; retrying with the next batch")
+
+    def checkpoint(self) -> None:
+        """Fold the pending batches into the minute and hour buckets in one transaction."""
+        with self._lock:
+            if not self._pending:
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._write_groups(merge(self._pending))
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('folded_through', ?)", (str(self._pending_through),))
+                if not self.keep_records:
+                    self._db.execute("DELETE FROM records WHERE id <= ?", (self._pending_through,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._db.execute("ROLLBACK")
+                self._cache.clear()  # cached buckets may hold the rolled-back additions
+                self.errors_total += 1
+                raise StoreError(f"db: checkpoint of {self.path} failed: {e}") from None
+            self.folded_through = self._pending_through
+            self._pending.clear()
+
+    def unfolded(self) -> Iterator[tuple[int, bytes]]:
+        """(row id, blob) of journal rows written after the last checkpoint (after a crash)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, data FROM records WHERE id > ? ORDER BY id",
+                                    (self.folded_through,)).fetchall()
+        yield from rows
+
+    def _checkpoint_for_read(self) -> None:
+        try:
+            self.checkpoint()
+        except StoreError:
+            log.exception("checkpoint before a read failed; the read misses the newest batches")
 
     # --- reads for start-up ----------------------------------------------------------
 
@@ -219,6 +303,7 @@ class Store:
             ids = list(series)
             q += f" AND series IN ({','.join('?' * len(ids))})"
             args += ids
+        self._checkpoint_for_read()
         with self._lock:
             rows = self._db.execute(q + " ORDER BY start", args).fetchall()
         for st, sid, adds, *sk in rows:
@@ -229,6 +314,7 @@ class Store:
         (whole starts per chunk), so reading weeks of history never holds it all at once."""
         q = "SELECT start, series, adds, latency, ttft, otps FROM buckets WHERE res=? AND start>=? AND start<? ORDER BY start"
         cursor_start = int(start)
+        self._checkpoint_for_read()
         while True:
             with self._lock:   # page by bucket start so the lock is not held for the whole read
                 page = self._db.execute(q + " LIMIT ?", (res, cursor_start, int(end), rows_per_chunk)).fetchall()
@@ -260,6 +346,8 @@ class Store:
 
     def records(self, start: float, end: float, limit: int | None = None, newest_first: bool = False) -> Iterator[dict[str, Any]]:
         """Stored records with start <= ts < end, in arrival order (newest first if asked)."""
+        if not self.keep_records:
+            return
         order = "DESC" if newest_first else "ASC"
         q = f"SELECT id, data FROM records WHERE ts_max >= ? AND ts_min < ? ORDER BY id {order}"
         left = math.inf if limit is None else limit
@@ -304,13 +392,14 @@ class Store:
 
     def prune(self, now: float, minute_retention: float, horizon: float, dedupe_window: float, record_retention: float) -> None:
         """Drop what has aged out. Daily costs are kept for 400 days (forecasts, month-to-date)."""
+        self.checkpoint()
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("DELETE FROM buckets WHERE res=60 AND start < ?", (int(now - minute_retention),))
                 self._db.execute("DELETE FROM buckets WHERE res=3600 AND start < ?", (int(now - horizon),))
                 self._db.execute("DELETE FROM dedupe WHERE seen < ?", (now - dedupe_window,))
-                self._db.execute("DELETE FROM records WHERE ts_max < ?", (now - record_retention,))
+                self._db.execute("DELETE FROM records WHERE ts_max < ? AND id <= ?", (now - record_retention, self.folded_through))
                 self._db.execute("DELETE FROM daily_cost WHERE day < ?", (int(now // 86400) - 400,))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:

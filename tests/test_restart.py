@@ -173,6 +173,10 @@ def test_acknowledged_records_survive_kill_9(tmp_path: Path) -> None:
         assert counted in (acknowledged, acknowledged + BATCH * len(in_flight))
         assert sample_sum(samples, "llm_exporter_records_total", result="accepted") == counted
         assert sample_sum(samples, "llm_request_duration_seconds_count") == counted
+        # the buckets (read by the stats API) hold every counted record: batches that were
+        # committed but not yet checkpointed into buckets were folded in from the journal
+        stats = again.client.get("/v1/usage/stats", params={"group_by": "app"}).json()
+        assert sum(g["requests"] for g in stats["groups"]) == counted
         # re-posting everything: dedupe makes the total exactly the number of distinct records
         accepted = duplicate = 0
         for i in range(BATCHES):
@@ -181,3 +185,51 @@ def test_acknowledged_records_survive_kill_9(tmp_path: Path) -> None:
             duplicate += body["duplicate"]
         assert duplicate == counted and accepted == BATCHES * BATCH - counted
         assert sample_sum(again.scrape(), "llm_requests_total") == BATCHES * BATCH
+
+
+# --- the journal: batches committed between checkpoints ------------------------------------
+
+def bucket_rows(engine: Engine) -> dict[tuple[int, int, int], tuple[list[float], list[int]]]:
+    out = {}
+    for res in (60, 3600):
+        for start, sid, adds, sk in engine.store.buckets(res, 0, T0 + 10 * HOUR):
+            out[(res, start, sid)] = (adds.tolist(), [int(x) for k in ("latency", "ttft", "otps") for x in sk[k]])
+    return out
+
+
+def test_a_crash_between_checkpoints_loses_nothing_from_the_buckets(tmp_path: Path) -> None:
+    """A process that dies after acknowledging batches but before folding them into the
+    buckets: the next start folds them from the journal, and the buckets (and the history
+    built from them) are exactly those of a process that shut down cleanly."""
+    batches = [mixed_batch(T0 - 3 * HOUR + 97 * k, 30, f"j{k}") for k in range(5)]
+    clean, _ = engine_at(settings_for(tmp_path / "clean"), T0)
+    for b in batches:
+        assert clean.ingest(b).accepted == 30
+    expected = bucket_rows(clean)
+    snap_clean = {(r["signal"], r["scope"]): r["current"] for r in clean.evaluate(T0).rows()}
+    clean.close()
+
+    crashed, _ = engine_at(settings_for(tmp_path / "crash"), T0)
+    for b in batches:
+        crashed.ingest(b)
+    assert crashed.store._pending, "the batches should still be waiting for a checkpoint"
+    # no close(): the process is gone with its pending groups; only the SQLite file remains
+    again, _ = engine_at(settings_for(tmp_path / "crash"), T0)
+    assert bucket_rows(again) == expected
+    snap = {(r["signal"], r["scope"]): r["current"] for r in again.evaluate(T0).rows()}
+    assert snap == pytest.approx(snap_clean, nan_ok=True)
+    again.close()
+    third, _ = engine_at(settings_for(tmp_path / "crash"), T0)      # folded once, not again
+    assert bucket_rows(third) == expected
+    third.close()
+
+
+def test_records_kept_only_as_journal_when_retention_is_zero(tmp_path: Path) -> None:
+    engine, _ = engine_at(settings_for(tmp_path, record_retention=0), T0)
+    engine.ingest(mixed_batch(T0 - 600, 12, "r0"))
+    assert list(engine.store.records(0, T0 + 1)) == []            # never served
+    engine.store.checkpoint()
+    rows = engine.store._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+    assert rows == 0                                              # and gone once folded
+    assert sum(b[2][0] for b in engine.store.buckets(60, 0, T0 + 1)) == 12
+    engine.close()

@@ -197,3 +197,19 @@ def test_failed_batch_does_not_count_label_overflow_twice(tmp_path: Path) -> Non
     assert value(engine, "llm_requests_total", app="chat", provider="openai", model="other") == 1
     assert value(engine, "llm_exporter_label_overflow_total", label="model") == 1
     engine.close()
+
+
+def test_a_failed_checkpoint_keeps_the_batches_for_the_next_one(tmp_path: Path) -> None:
+    """Folding into the buckets fails (the batch itself was committed and acknowledged): the
+    groups stay queued, the failure is counted, and the next checkpoint folds them."""
+    engine, _ = engine_at(settings_for(tmp_path))
+    c = break_table(Path(engine.store.path), "buckets")
+    assert engine.ingest([rec(T0 - 600, request_id="a")]).accepted == 1
+    with pytest.raises(StoreError, match="checkpoint"):
+        engine.store.checkpoint()
+    assert engine.store.errors_total == 1
+    mend(c, "buckets")
+    assert engine.ingest([rec(T0 - 500, request_id="b")]).accepted == 1
+    from exporter.buckets import F
+    assert sum(b[2][F["requests"]] for b in engine.store.buckets(60, 0, T0)) == 2
+    engine.close()
