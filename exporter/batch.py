@@ -11,7 +11,6 @@ the same columns (a test compares them on generated input).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MILL
 
 SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
 _NUMBER_TYPES = (int, float, type(None))
+_FLAG_TYPES = {bool, type(None)}
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
@@ -93,18 +93,17 @@ def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarr
     def text(field: str, lower: bool = False, required: bool = False) -> np.ndarray:
         vals = values(field)
         out = np.empty(n, dtype=object)
-        cleaned = []
-        for j, v in enumerate(vals):
-            if type(v) is str:
-                t = v.strip()
-                if len(t) > MAX_TEXT:
-                    bad[j] = True
-                cleaned.append((t.lower() if lower else t) or None)
-            elif v is None:
-                cleaned.append(None)
-            else:
-                bad[j] = True
-                cleaned.append(None)
+        cleaned = _clean_texts(vals, lower)
+        if cleaned is None:     # something is not a string or too long: find which, per item
+            cleaned = []
+            for j, v in enumerate(vals):
+                if type(v) is str and len(v.strip()) <= MAX_TEXT:
+                    t = v.strip()
+                    cleaned.append((t.lower() if lower else t) or None)
+                else:
+                    if v is not None:
+                        bad[j] = True
+                    cleaned.append(None)
         out[:] = cleaned
         if required:
             bad[np.equal(out, None)] = True
@@ -112,6 +111,8 @@ def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarr
 
     def flag(field: str) -> np.ndarray:
         vals = values(field)
+        if set(map(type, vals)) <= _FLAG_TYPES:
+            return np.equal(np.array(vals, dtype=object), True)
         out = np.zeros(n, dtype=bool)
         for j, v in enumerate(vals):
             if v is True:
@@ -147,14 +148,13 @@ def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarr
     error_type = values("error_type")
     is_error = np.zeros(n, dtype=bool)
     etype = np.empty(n, dtype=object)
-    for j, (st, et) in enumerate(zip(status, error_type)):
-        try:
-            s, e = _status_cached(st, et)
-        except (RecordError, TypeError):
-            bad[j] = True
-            continue
-        is_error[j] = s == "error"
-        etype[j] = e
+    judged = _per_distinct(list(zip(status, error_type)), _status_or_none)
+    failed = [j for j, p in enumerate(judged) if p is None]
+    if failed:
+        bad[failed] = True
+        judged = [p or ("ok", None) for p in judged]
+    is_error[:] = [p[0] == "error" for p in judged]
+    etype[:] = [p[1] for p in judged]
 
     calls_vals = values("tool_calls")
     tool_calls = np.zeros(n, dtype=np.int64)
@@ -176,15 +176,19 @@ def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarr
 
     stop = np.empty(n, dtype=object)
     stop_vals = values("stop_reason")
-    for j, v in enumerate(stop_vals):
-        if isinstance(v, list):
-            v = v[0] if v else None
-        if v is None or (type(v) is str and not v.strip()):
-            stop[j] = None
-        elif type(v) is str and len(v.strip()) <= MAX_TEXT:
-            stop[j] = v.strip().lower()
-        else:
-            bad[j] = True
+    stop_clean = _clean_texts(stop_vals, lower=True)
+    if stop_clean is not None:
+        stop[:] = stop_clean
+    else:                       # lists (one reason per choice), or something to refuse
+        for j, v in enumerate(stop_vals):
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if v is None or (type(v) is str and not v.strip()):
+                stop[j] = None
+            elif type(v) is str and len(v.strip()) <= MAX_TEXT:
+                stop[j] = v.strip().lower()
+            else:
+                bad[j] = True
 
     app = text("app")
     app[np.equal(app, None)] = "unknown"
@@ -207,9 +211,40 @@ def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarr
     return cols, bad
 
 
-@lru_cache(maxsize=4096)
-def _status_cached(status: Any, error_type: Any) -> tuple[str, str | None]:
-    return _status_and_error(status, error_type)
+def _per_distinct(vals: list[Any], fn: Any) -> list[Any]:
+    """`fn` of every value, computed once per distinct value: a batch holds thousands of
+    records but a handful of apps, models or statuses. Unhashable values go one by one."""
+    try:
+        table = {v: fn(v) for v in set(vals)}
+    except TypeError:
+        return [fn(v) for v in vals]
+    return list(map(table.__getitem__, vals))
+
+
+def _status_or_none(pair: tuple[Any, Any]) -> tuple[str, str | None] | None:
+    try:
+        return _status_and_error(*pair)
+    except (RecordError, TypeError):
+        return None
+
+
+def _clean_texts(vals: list[Any], lower: bool) -> list[str | None] | None:
+    """Stripped (and lower-cased) strings, with '' as None; None if any value is neither a
+    string nor null, or too long (the caller then finds which, item by item)."""
+    try:
+        distinct = set(vals)
+    except TypeError:
+        return None
+    distinct.discard(None)
+    table: dict[Any, str | None] = {None: None}
+    for v in distinct:
+        if type(v) is not str:
+            return None
+        t = v.strip()
+        if len(t) > MAX_TEXT:
+            return None
+        table[v] = (t.lower() if lower else t) or None
+    return list(map(table.__getitem__, vals))
 
 
 def take(cols: RecordColumns, idx: np.ndarray) -> RecordColumns:

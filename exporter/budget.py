@@ -45,6 +45,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 
+from exporter.codes import factorize
 from exporter.records import RecordColumns
 
 PERIODS: tuple[str, ...] = ("day", "month")
@@ -411,7 +412,7 @@ class BudgetTracker:
         cost = np.nan_to_num(cols.cost.astype(np.float64), nan=0.0)
         d_u, d_i = np.unique(day, return_inverse=True)
         self._ring(None).add(d_u, np.bincount(d_i, weights=cost, minlength=d_u.shape[0]))
-        a_u, a_i = np.unique(cols.app.astype(str), return_inverse=True)
+        a_u, a_i = factorize(cols.app)
         key = a_i.astype(np.int64) * d_u.shape[0] + d_i
         k_u, k_i = np.unique(key, return_inverse=True)
         sums = np.bincount(k_i, weights=cost, minlength=k_u.shape[0])

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from exporter.codes import factorize
 from exporter.records import RecordColumns
 
 SIGNALS: tuple[str, ...] = (
@@ -347,8 +348,8 @@ class DriftDetector:
         if n == 0:
             return
         flags = response_flags(cols)
-        p_u, p_i = np.unique(cols.provider.astype(str), return_inverse=True)
-        m_u, m_i = np.unique(cols.model.astype(str), return_inverse=True)
+        p_u, p_i = factorize(cols.provider)
+        m_u, m_i = factorize(cols.model)
         code = p_i.astype(np.int64) * m_u.size + m_i
         order = np.lexsort((cols.ts, code))
         code_s = code[order]

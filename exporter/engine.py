@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .buckets import Groups, aggregate
+from .codes import factorize
 from .config import Settings
 from .dedupe import DedupeIndex, hash_ids
 from .detectors import DetectorCollector, Detectors
@@ -143,8 +144,8 @@ class Engine:
         """The series id of every (guarded) record, creating new series in the store."""
         codes, labels = [], []
         for col in (cols.app, cols.provider, cols.model):
-            uniq, inv = np.unique(col, return_inverse=True)
-            codes.append(inv.reshape(-1))
+            uniq, inv = factorize(col)
+            codes.append(inv)
             labels.append(uniq.tolist())
         combined = (codes[0] * len(labels[1]) + codes[1]) * len(labels[2]) + codes[2]
         present, inverse = np.unique(combined, return_inverse=True)
@@ -348,14 +349,11 @@ def _records_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> tuple[floa
 def _daily_cost(app: np.ndarray, day: np.ndarray, cost: np.ndarray) -> list[tuple[str, int, float]]:
     """Cost per (app, local day) of a batch, for budgets and forecasts."""
     c = np.nan_to_num(cost, nan=0.0)
-    key = np.char.add(np.char.add(app.astype(str), "\x1f"), day.astype(str))
-    uniq, inv = np.unique(key, return_inverse=True)
-    sums = np.bincount(inv, weights=c)
-    out = []
-    for k, s in zip(uniq.tolist(), sums.tolist()):
-        a, d = k.rsplit("\x1f", 1)
-        out.append((a, int(d), float(s)))
-    return out
+    apps, a_i = factorize(app)
+    days, d_i = np.unique(day, return_inverse=True)
+    key, inv = np.unique(a_i * len(days) + d_i.reshape(-1), return_inverse=True)
+    sums = np.bincount(inv.reshape(-1), weights=c)
+    return [(apps[k // len(days)], int(days[k % len(days)]), s) for k, s in zip(key.tolist(), sums.tolist())]
 
 
 class _SelfCollector(Collector):

@@ -11,6 +11,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .codes import factorize
+
 OTHER = "other"
 
 
@@ -33,7 +35,7 @@ class LabelGuard:
 
     def guard(self, values: np.ndarray) -> np.ndarray:
         """Map an object array of values; loops only over the batch's distinct values."""
-        uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+        uniq, inverse = factorize(values)
         mapped = np.empty(len(uniq), dtype=object)
         overflow_counts = np.bincount(inverse, minlength=len(uniq))
         for i, v in enumerate(uniq):

@@ -15,6 +15,7 @@ import re
 import numpy as np
 import yaml
 
+from .codes import factorize
 from .records import RecordColumns
 
 PRICE_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning")
@@ -78,7 +79,7 @@ class PriceTable:
         `raw_model` is the model name before label guarding (an `other` model still has a price).
         """
         models = raw_model if raw_model is not None else cols.model
-        uniq, inverse = np.unique(models.astype(str), return_inverse=True)
+        uniq, inverse = factorize(models)
         table = np.full((len(uniq), len(PRICE_TYPES)), np.nan)
         for i, m in enumerate(uniq):
             v = self.lookup(m)

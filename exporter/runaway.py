@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from exporter.codes import factorize
 from exporter.records import RecordColumns
 
 REASONS: tuple[str, ...] = ("chain_length", "token_burst", "session_cost", "tool_repetition")
@@ -399,7 +400,7 @@ class RunawayDetector:
     # -- ingest ------------------------------------------------------------------------
 
     def _app_codes(self, app: np.ndarray) -> np.ndarray:
-        uniq, inv = np.unique(app.astype(str), return_inverse=True)
+        uniq, inv = factorize(app)
         codes = np.empty(uniq.shape[0], dtype=np.int32)
         for j, a in enumerate(uniq.tolist()):  # one iteration per distinct app
             c = self._app_code.get(a)
@@ -427,8 +428,8 @@ class RunawayDetector:
         has = np.flatnonzero(cols.session_id != None)  # noqa: E711 (elementwise)
         if has.shape[0] == 0:
             return
-        sid = cols.session_id[has].astype(str)
-        uniq, first_idx, inv = np.unique(sid, return_index=True, return_inverse=True)
+        uniq, inv = factorize(cols.session_id[has])
+        first_idx = np.unique(inv, return_index=True)[1]
         slots_u = np.empty(uniq.shape[0], dtype=np.int64)
         first_app = app[has][first_idx]
         sess = self._sessions
