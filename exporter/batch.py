@@ -42,7 +42,7 @@ def parse_batch(items: Sequence[Any], now: float) -> tuple[RecordColumns, list[R
     keys: set[str] = set().union(*dicts) if dicts else set()
     if keys & SLOW_KEYS:
         return _slow(dicts, idx, now, rejected)
-    cols, bad = _fast(dicts, now)
+    cols, bad = _fast(dicts, now, keys)
     if bad.any():
         good = ~bad
         slow_cols, rejected, slow_idx = _slow([dicts[j] for j in np.flatnonzero(bad)],
@@ -64,13 +64,15 @@ def _slow(dicts: list[dict[str, Any]], idx: list[int], now: float,
     return to_columns(good), rejected, good_idx
 
 
-def _fast(ds: list[dict[str, Any]], now: float) -> tuple[RecordColumns, np.ndarray]:
-    """Columns for every item, and a mask of the items that need the per-record path."""
+def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[RecordColumns, np.ndarray]:
+    """Columns for every item, and a mask of the items that need the per-record path.
+    `present` holds every key used in the batch: fields no record sends are not looked up."""
     n = len(ds)
     bad = np.zeros(n, dtype=bool)
+    nothing: list[Any] = [None] * n
 
     def values(field: str) -> list[Any]:
-        return [d.get(field) for d in ds]
+        return [d.get(field) for d in ds] if field in present else nothing
 
     def number(field: str, upper: float, integer: bool) -> np.ndarray:
         vals = values(field)
