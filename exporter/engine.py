@@ -222,12 +222,11 @@ class Engine:
 
     def _dedupe(self, cols: RecordColumns, indices: list[int], now: float) -> tuple[np.ndarray | None, list[int], np.ndarray]:
         """Rows to keep (None: all), input indices of duplicates, and the hashes of new ids."""
-        ids = cols.request_id.tolist()
-        has = np.fromiter((i is not None for i in ids), dtype=bool, count=len(ids))
+        has = np.not_equal(cols.request_id, None)
         if not has.any():
             return None, [], np.zeros(0, dtype=np.int64)
         rows = np.flatnonzero(has)
-        hashes = hash_ids([ids[j] for j in rows])
+        hashes = hash_ids(cols.request_id[rows].tolist())
         self.dedupe.expire(now)
         dup = self.dedupe.seen(hashes)
         _, first = np.unique(hashes, return_index=True)       # within the batch the first one counts
@@ -237,7 +236,7 @@ class Engine:
         if not dup.any():
             return None, [], hashes
         drop = rows[dup]
-        keep = np.setdiff1d(np.arange(len(ids)), drop)
+        keep = np.setdiff1d(np.arange(len(cols)), drop)
         return keep, [indices[j] for j in drop.tolist()], hashes[~dup]
 
     def _apply(self, cols: RecordColumns, ids: np.ndarray, now: float, pending: dict[str, int],

@@ -37,6 +37,7 @@ import orjson
 from . import sketch
 from .batch import stored_records
 from .buckets import FIELDS, SKETCHES, Groups, groups_from_rows, merge, sparse
+from .dedupe import HASH_NAME
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -120,12 +121,23 @@ class Store:
         self._pending_through = 0              # the journal row of the newest of them
         if self.get_meta("schema_version") is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
+        if self.get_meta("dedupe_hash") != HASH_NAME:
+            self._forget_foreign_hashes()
         folded = self.get_meta("folded_through")
         if folded is None:   # a new file, or one written before checkpoints: its buckets are complete
             (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()
             self.set_meta("folded_through", str(last))
             folded = str(last)
         self.folded_through = int(folded)
+
+    def _forget_foreign_hashes(self) -> None:
+        """Request-id hashes written with another hash function cannot match new ones."""
+        (n,) = self._db.execute("SELECT COUNT(*) FROM dedupe").fetchone()
+        if n:
+            log.warning("db %s: the dedupe window was stored with an older request-id hash; it starts empty, "
+                        "so a retry of a batch sent before this upgrade may count twice", self.path)
+            self._db.execute("DELETE FROM dedupe")
+        self.set_meta("dedupe_hash", HASH_NAME)
 
     def close(self) -> None:
         with self._lock:

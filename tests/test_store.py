@@ -213,3 +213,18 @@ def test_a_failed_checkpoint_keeps_the_batches_for_the_next_one(tmp_path: Path) 
     from exporter.buckets import F
     assert sum(b[2][F["requests"]] for b in engine.store.buckets(60, 0, T0)) == 2
     engine.close()
+
+
+def test_hashes_of_another_hash_function_are_dropped(tmp_path: Path) -> None:
+    """A store written with a different request-id hash: its window cannot be compared, so
+    it is emptied (and the store says which hash it now holds)."""
+    s = Store(tmp_path / "s.db")
+    s.write(BatchWrite(dedupe=(T0, hash_ids(["a", "b"]).tobytes())))
+    s.set_meta("dedupe_hash", "blake2b-64")
+    s.close()
+    again = Store(tmp_path / "s.db")
+    assert remembered(again) == set()
+    assert again.get_meta("dedupe_hash") != "blake2b-64"
+    again.write(BatchWrite(dedupe=(T0, hash_ids(["c"]).tobytes())))
+    again.close()
+    assert remembered(Store(tmp_path / "s.db")) == set(hash_ids(["c"]).tolist())   # its own hashes stay
