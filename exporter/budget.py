@@ -150,6 +150,17 @@ def utc_offsets(ts: np.ndarray, tz: TzLike = "UTC") -> np.ndarray:
     return np.where(ts >= switch[inv], after[inv], before[inv])
 
 
+def daily_cost_rows(app: np.ndarray, ts: np.ndarray, cost: np.ndarray, tz: ZoneInfo) -> list[tuple[str, int, float]]:
+    """Cost per (app, local day) of a batch, unpriced records counting 0: what the store
+    adds to its daily table and the tracker to its rings."""
+    c = np.nan_to_num(np.asarray(cost, dtype=np.float64), nan=0.0)
+    apps, a_i = factorize(app)
+    days, d_i = np.unique(local_day_index(ts, tz), return_inverse=True)
+    key, inv = np.unique(a_i * len(days) + d_i.reshape(-1), return_inverse=True)
+    sums = np.bincount(inv.reshape(-1), weights=c)
+    return [(apps[k // len(days)], int(days[k % len(days)]), s) for k, s in zip(key.tolist(), sums.tolist())]
+
+
 def local_day_index(ts: np.ndarray, tz: TzLike = "UTC") -> np.ndarray:
     """Local calendar day of each timestamp as days since 1970-01-01 (int64)."""
     ts = np.asarray(ts, dtype=np.float64)
@@ -405,21 +416,23 @@ class BudgetTracker:
 
     def observe(self, cols: RecordColumns) -> None:
         """Add a batch's cost to its local days (unpriced records count as 0)."""
-        n = len(cols)
-        if n == 0:
+        if len(cols):
+            self.add_daily(daily_cost_rows(cols.app, cols.ts, cols.cost, self.tz))
+
+    def add_daily(self, rows: list[tuple[str, int, float]]) -> None:
+        """Add (app, local day, cost) rows, as `daily_cost_rows` makes them: the engine
+        computes them once per batch for the store and for this tracker."""
+        if not rows:
             return
-        day = local_day_index(cols.ts, self.tz)
-        cost = np.nan_to_num(cols.cost.astype(np.float64), nan=0.0)
-        d_u, d_i = np.unique(day, return_inverse=True)
-        self._ring(None).add(d_u, np.bincount(d_i, weights=cost, minlength=d_u.shape[0]))
-        a_u, a_i = factorize(cols.app)
-        key = a_i.astype(np.int64) * d_u.shape[0] + d_i
-        k_u, k_i = np.unique(key, return_inverse=True)
-        sums = np.bincount(k_i, weights=cost, minlength=k_u.shape[0])
-        k_app, k_day = k_u // d_u.shape[0], d_u[k_u % d_u.shape[0]]
-        bounds = np.flatnonzero(np.r_[True, k_app[1:] != k_app[:-1], True])
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):  # one iteration per app
-            self._ring(str(a_u[k_app[a]])).add(k_day[a:b], sums[a:b])
+        days = np.array([r[1] for r in rows], dtype=np.int64)
+        cost = np.array([r[2] for r in rows], dtype=np.float64)
+        d_u, d_i = np.unique(days, return_inverse=True)
+        self._ring(None).add(d_u, np.bincount(d_i.reshape(-1), weights=cost, minlength=d_u.shape[0]))
+        by_app: dict[str, list[int]] = {}
+        for j, r in enumerate(rows):      # one iteration per (app, day) of the batch
+            by_app.setdefault(r[0], []).append(j)
+        for app, idx in by_app.items():
+            self._ring(app).add(days[idx], cost[idx])
 
     def load_daily(self, app: str | None, day_index: np.ndarray, cost: np.ndarray) -> None:
         """Restore a scope's daily spend (e.g. from the store after a restart).

@@ -52,11 +52,16 @@ class Detectors:
         self.budget = BudgetTracker(_build(BudgetSettings, "budgets", budgets))
         self.latest: DetectorReports | None = None
 
-    def observe(self, cols: RecordColumns, budget: bool = True) -> None:
+    def observe(self, cols: RecordColumns, budget: bool = True,
+                daily: list[tuple[str, int, float]] | None = None) -> None:
+        """`daily`: the batch's (app, local day, cost) rows when the caller has them already."""
         self.drift.observe(cols)
         self.runaway.observe(cols)
         if budget:
-            self.budget.observe(cols)
+            if daily is None:
+                self.budget.observe(cols)
+            else:
+                self.budget.add_daily(daily)
 
     def evaluate(self, now: float) -> DetectorReports:
         self.latest = DetectorReports(self.drift.evaluate(now), self.runaway.evaluate(now), self.budget.evaluate(now))

@@ -27,7 +27,7 @@ from .codes import factorize
 from .config import Settings
 from .dedupe import DedupeIndex, hash_ids
 from .detectors import DetectorCollector, Detectors
-from .budget import local_day_index
+from .budget import daily_cost_rows
 from .evaluator import AnomalyCollector, Evaluator, Snapshot
 from .history import ScopeHistory
 from .instruments import UsageMetrics
@@ -263,13 +263,14 @@ class Engine:
         for name, g in self.guards.items():
             self.overflow_total[name] += g.overflow_total - overflow_before[name]
         wallclock = time.time()
+        daily = daily_cost_rows(cols.app, cols.ts, cost, self.detectors.budget.tz)
         write = BatchWrite(
             dedupe=(now, ids.tobytes()) if ids.size else None,
             groups=groups if self.history.fine == 60 else groups.coarsen(60),
             totals={self.usage.sids[int(r)]: self.usage.dump(int(r)) for r in touched},
             records=_records_blob(cols, raw),   # also the journal the buckets are checkpointed from
             labels=new_labels,
-            daily_cost=_daily_cost(cols.app, local_day_index(cols.ts, self.detectors.budget.tz), cost),
+            daily_cost=daily,
             meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending),
                   "last_ingest_wallclock": repr(wallclock)},
         )
@@ -288,7 +289,7 @@ class Engine:
         self.newest_event_ts = newest
         self.last_record_wallclock = wallclock
         self.history.add(groups, self.store.series_keys())
-        self.detectors.observe(cols)
+        self.detectors.observe(cols, daily=daily)
 
     def _totals_json(self, pending: dict[str, int]) -> str:
         results = {k: v + pending.get(k, 0) for k, v in self.results_total.items()}
@@ -343,16 +344,6 @@ def _drop_future(cols: RecordColumns, indices: list[int], rejected: list[Rejecte
 
 def _records_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> tuple[float, float, bytes]:
     return float(cols.ts.min()), float(cols.ts.max()), stored_blob(cols, raw)
-
-
-def _daily_cost(app: np.ndarray, day: np.ndarray, cost: np.ndarray) -> list[tuple[str, int, float]]:
-    """Cost per (app, local day) of a batch, for budgets and forecasts."""
-    c = np.nan_to_num(cost, nan=0.0)
-    apps, a_i = factorize(app)
-    days, d_i = np.unique(day, return_inverse=True)
-    key, inv = np.unique(a_i * len(days) + d_i.reshape(-1), return_inverse=True)
-    sums = np.bincount(inv.reshape(-1), weights=c)
-    return [(apps[k // len(days)], int(days[k % len(days)]), s) for k, s in zip(key.tolist(), sums.tolist())]
 
 
 class _SelfCollector(Collector):

@@ -469,9 +469,8 @@ class RunawayDetector:
 
         sig = cols.tool_signature[rec]
         valid = sig != None  # noqa: E711
-        sig_s = np.where(valid, sig, "").astype(str)
-        prev = sess.last_sig[slots].astype(str)
-        _, codes = np.unique(np.concatenate([sig_s, prev]), return_inverse=True)
+        sig_s = np.where(valid, sig, "")
+        _, codes = factorize(np.concatenate([sig_s, sess.last_sig[slots]]))
         longest, _, last_len, last_valid = tool_runs(
             g, codes[: g.shape[0]], valid, codes[g.shape[0]:], sess.run_len[slots])
         sess.max_run[slots] = np.maximum(sess.max_run[slots], longest)
