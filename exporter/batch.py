@@ -31,14 +31,17 @@ def parse_batch(items: Sequence[Any], now: float) -> tuple[RecordColumns, list[R
     rejected: list[Rejected] = []
     idx: list[int] = []
     dicts: list[dict[str, Any]] = []
-    for i, item in enumerate(items):
-        if type(item) is dict:
-            dicts.append(item)
-            idx.append(i)
-        elif isinstance(item, Rejected):
-            rejected.append(Rejected(i, item.field, item.reason))
-        else:
-            rejected.append(Rejected(i, "record", f"must be a JSON object, got {type(item).__name__}"))
+    if set(map(type, items)) == {dict}:       # the usual batch: every item is an object
+        dicts, idx = list(items), list(range(len(items)))
+    else:
+        for i, item in enumerate(items):
+            if type(item) is dict:
+                dicts.append(item)
+                idx.append(i)
+            elif isinstance(item, Rejected):
+                rejected.append(Rejected(i, item.field, item.reason))
+            else:
+                rejected.append(Rejected(i, "record", f"must be a JSON object, got {type(item).__name__}"))
     keys: set[str] = set().union(*dicts) if dicts else set()
     if keys & SLOW_KEYS:
         return _slow(dicts, idx, now, rejected)
@@ -274,13 +277,11 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
     arrays in one call instead of one dict per record. `raw` holds the label columns
     before guarding (the store keeps what was sent). Tool calls are kept as the list of
     tool names when there are names, so a restart restores the loop detector's view."""
-    def floats(a: np.ndarray) -> list[float | None]:
-        return [None if v != v else v for v in a.tolist()]
     columns: dict[str, Any] = {
         "ts": cols.ts, "provider": raw["provider"].tolist(), "model": raw["model"].tolist(), "app": raw["app"].tolist(),
         "operation": cols.operation.tolist(),
         **{f: getattr(cols, f) for f in TOKEN_COLUMNS},
-        "cost_usd": floats(cols.cost), "latency_s": floats(cols.latency), "ttft_s": floats(cols.ttft),
+        "cost_usd": cols.cost, "latency_s": cols.latency, "ttft_s": cols.ttft,    # NaN is written as null
         "stream": cols.stream, "status": np.where(cols.is_error, "error", "ok").tolist(),
         "error_type": cols.error_type.tolist(), "stop_reason": cols.stop_reason.tolist(),
         "request_had_tools": cols.request_had_tools,
