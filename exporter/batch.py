@@ -79,6 +79,8 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
 
     def number(field: str, upper: float, integer: bool) -> np.ndarray:
         vals = values(field)
+        if vals is nothing:
+            return np.full(n, np.nan)
         if not set(map(type, vals)) <= set(_NUMBER_TYPES):
             arr = np.full(n, np.nan)
             for j, v in enumerate(vals):
@@ -88,11 +90,11 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                     bad[j] = True      # strings, booleans, objects: the per-record path decides
             vals = arr
         arr = np.asarray(vals, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            wrong = ~np.isnan(arr) & (~np.isfinite(arr) | (arr < 0) | (arr > upper))
-            if integer:
-                wrong |= ~np.isnan(arr) & (arr != np.floor(arr))
-        bad[wrong] = True
+        missing = np.isnan(arr)
+        ok = (arr >= 0) & (arr <= upper)                   # false for NaN and infinities
+        if integer:
+            ok &= arr == np.floor(arr)
+        bad[~(ok | missing)] = True
         return arr
 
     def text(field: str, lower: bool = False, required: bool = False) -> np.ndarray:
@@ -204,16 +206,21 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
     cols = RecordColumns(
         ts=ts, app=app, provider=text("provider", lower=True, required=True),
         model=text("model", lower=True, required=True), session_id=text("session_id"),
-        input_tokens=np.nan_to_num(tokens["input_tokens"]).astype(np.int64),
-        output_tokens=np.nan_to_num(tokens["output_tokens"]).astype(np.int64),
-        cache_read_tokens=np.nan_to_num(tokens["cache_read_tokens"]).astype(np.int64),
-        cache_write_tokens=np.nan_to_num(tokens["cache_write_tokens"]).astype(np.int64),
-        reasoning_tokens=np.nan_to_num(tokens["reasoning_tokens"]).astype(np.int64),
+        input_tokens=_count(tokens["input_tokens"]),
+        output_tokens=_count(tokens["output_tokens"]),
+        cache_read_tokens=_count(tokens["cache_read_tokens"]),
+        cache_write_tokens=_count(tokens["cache_write_tokens"]),
+        reasoning_tokens=_count(tokens["reasoning_tokens"]),
         cost=cost, latency=latency, ttft=ttft, is_error=is_error, error_type=etype, stop_reason=stop,
         request_had_tools=had_tools, tool_calls=tool_calls, tool_signature=signature,
         request_id=text("request_id"), operation=operation, stream=stream, tool_names=names,
     )
     return cols, bad
+
+
+def _count(a: np.ndarray) -> np.ndarray:
+    """A token column as integers, missing counting 0."""
+    return np.where(np.isnan(a), 0.0, a).astype(np.int64)
 
 
 def _per_distinct(vals: list[Any], fn: Any) -> list[Any]:

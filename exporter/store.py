@@ -236,8 +236,8 @@ class Store:
                     self._db.executemany(
                         "INSERT INTO daily_cost VALUES (?, ?, ?) ON CONFLICT (app, day) DO UPDATE SET cost = cost + excluded.cost",
                         batch.daily_cost)
-                for k, v in batch.meta.items():
-                    self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+                if batch.meta:
+                    self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._db.execute("ROLLBACK")
