@@ -4,6 +4,7 @@ webhook and notifications."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,9 +12,9 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from helpers import HOUR, T0, engine_at, ingest_by_day, rec, settings_for, steady_history, steady_hour, value
+from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, rec, settings_for, steady_history, steady_hour, value
 
-from exporter.api import create_app
+from exporter.api import create_app, usage_statistics
 from exporter.engine import Engine
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
@@ -164,6 +165,23 @@ def test_usage_stats_totals_and_percentiles(tmp_path: Path) -> None:
         assert groups["a"]["requests"] + groups["b"]["requests"] == 1000
         assert client.get("/v1/usage/stats", params={"group_by": "user"}).status_code == 400
         assert client.get("/v1/usage/stats", params={"start": "last tuesday"}).status_code == 400
+    engine.close()
+
+
+def test_usage_stats_are_the_same_whatever_the_page_size(tmp_path: Path) -> None:
+    """Stats sum pages of sparse buckets; small pages (many partial sums) give the same answer."""
+    settings = settings_for(tmp_path)
+    engine, _ = engine_at(settings)
+    rng = np.random.default_rng(5)
+    result = engine.ingest([rec(T0 - 20 * HOUR + 37 * i, app=f"app{i % 7}", model=("gpt-4o-mini", "gpt-4o")[i % 2],
+                                latency_s=0.2 + float(rng.lognormal(0, 1)), ttft_s=0.1, request_id=f"p{i}")
+                            for i in range(1500)])
+    assert result.accepted == 1500, result.to_dict()["errors"][:3]
+    whole = usage_statistics(engine, T0 - DAY, T0, ["app", "model"])
+    paged = engine.store.bucket_groups
+    engine.store.bucket_groups = functools.partial(paged, rows_per_chunk=3)   # type: ignore[method-assign]
+    assert usage_statistics(engine, T0 - DAY, T0, ["app", "model"]) == whole
+    assert len(whole["groups"]) == 14 and sum(g["requests"] for g in whole["groups"]) == 1500
     engine.close()
 
 

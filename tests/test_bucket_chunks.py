@@ -66,3 +66,4 @@ def test_many_sketches_encode_and_decode_like_one() -> None:
     assert encoded == [sketch.encode(row) for row in dense]
     assert (sketch.decode_many(encoded) == dense).all()
     assert sketch.decode_many([]).shape == (0, sketch.NBINS)
+
