@@ -9,6 +9,7 @@ per-row paths of np.nanpercentile.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -20,25 +21,113 @@ MIN_POINTS = 6              # fewer baseline values than this give no verdict
 
 
 def row_quantiles(x: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Linear-interpolated quantiles of each row, ignoring NaN; returns (S, len(qs)) and counts.
+    """Linear-interpolated quantiles of each row, ignoring NaN; returns (S, len(qs)) and counts."""
+    s, n = sorted_rows(x)
+    return sorted_quantiles(s, n, qs), n
 
-    Sorting puts NaN last, so the valid values of a row are its first n entries.
+
+def sorted_rows(x: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each row sorted ascending, and its count of valid values.
+
+    Sorting puts NaN last, so the valid values of a row are its first n entries. The sort
+    is the expensive step of the statistics, so callers sort once and read every quantile
+    and MAD from the sorted rows. `overwrite`: x is a temporary that may be sorted in place.
     """
-    s = np.sort(x, axis=1)
-    n = np.sum(~np.isnan(x), axis=1)
-    out = np.full((x.shape[0], len(qs)), np.nan)
-    ok = n > 0
-    if not ok.any():
-        return out, n
-    rows = np.nonzero(ok)[0]
-    nn = n[ok]
+    s = x if overwrite else x.copy()
+    s.sort(axis=1)
+    width = s.shape[1]
+    rows = np.arange(s.shape[0])
+    n = _first_true(lambda j: np.isnan(s[rows, np.minimum(j, width - 1)]), np.full(s.shape[0], width), width)
+    return s, n
+
+
+def _first_true(pred: Callable[[np.ndarray], np.ndarray], hi: np.ndarray, width: int) -> np.ndarray:
+    """Per element, the first j in [0, hi) where `pred(j)` holds, or hi where none does.
+
+    `pred` must be false then true along j (it is also called with j == hi). A binary
+    search, all rows at once: a few steps over (rows,) arrays instead of a pass over every
+    value; `width` bounds hi.
+    """
+    lo = np.zeros_like(hi)
+    for _ in range(int(width).bit_length()):            # each step halves hi - lo
+        mid = (lo + hi) >> 1
+        holds = pred(mid)
+        hi = np.where(holds, mid, hi)
+        lo = np.where(holds, lo, np.minimum(mid + 1, hi))
+    return lo
+
+
+def _ranks(n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two neighbouring ranks of the q-quantile of n values (n > 0) and the weight of
+    the upper one, as linear interpolation (numpy's default) defines them."""
+    pos = (n - 1) * q
+    lo = np.floor(pos).astype(np.int64)
+    return lo, np.minimum(lo + 1, n - 1), pos - lo
+
+
+def sorted_quantiles(s: np.ndarray, n: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """Quantiles (S, len(qs)) of rows sorted by `sorted_rows`; NaN where a row has no values."""
+    out = np.full((s.shape[0], len(qs)), np.nan)
+    rows = np.flatnonzero(n > 0)
+    if not rows.size:
+        return out
+    nn = n[rows]
     for j, q in enumerate(qs):
-        pos = (nn - 1) * q
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, nn - 1)
-        frac = pos - lo
+        lo, hi, frac = _ranks(nn, q)
         out[rows, j] = s[rows, lo] * (1 - frac) + s[rows, hi] * frac
-    return out, n
+    return out
+
+
+def sorted_abs_dev_median(s: np.ndarray, n: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Median of |x - centre| per row (the MAD, unscaled), from rows sorted by `sorted_rows`.
+
+    Equal to `row_quantiles(np.abs(x - centre[:, None]), (0.5,))` but without sorting the
+    deviations a second time: over sorted values the deviations fall then rise, so their
+    k-th smallest is found by a binary search per row (see `_kth_abs_deviation`). Rows
+    holding an infinite value (a zero in log space with a zero floor) can make deviations
+    NaN, which the search cannot rank; those few rows take the sorting path.
+    """
+    out = np.full(s.shape[0], np.nan)
+    rows = np.flatnonzero(n > 0)
+    if not rows.size:
+        return out
+    nn = n[rows]
+    inf = np.isinf(s[rows, 0]) | np.isinf(s[rows, nn - 1])
+    if inf.any():
+        bad = rows[inf]
+        out[bad] = row_quantiles(np.abs(s[bad] - centre[bad, None]), (0.5,))[0][:, 0]
+        rows, nn = rows[~inf], nn[~inf]
+    lo, hi, frac = _ranks(nn, 0.5)
+    dev = _kth_abs_deviation(s, rows, nn, centre[rows], np.stack([lo, hi], axis=1))
+    out[rows] = dev[:, 0] * (1 - frac) + dev[:, 1] * frac
+    return out
+
+
+def _kth_abs_deviation(s: np.ndarray, rows: np.ndarray, n: np.ndarray, centre: np.ndarray,
+                       k: np.ndarray) -> np.ndarray:
+    """The k-th smallest (0-based; k is (R, K)) of |s[r, :n] - centre| for each selected row r.
+
+    With v = s[r, :n] sorted, the k+1 smallest deviations are k+1 neighbouring values
+    v[j .. j+k], and the largest deviation in such a run sits at one of its ends, so the
+    answer is min over j of max(centre - v[j], v[j+k] - centre). The first term falls and
+    the second rises with j, so a binary search finds the first j where the second reaches
+    the first, and the answer is the smaller of the second there and the first just before.
+    The deviations compared are the very floats |v - centre| gives, so the result is exact.
+    """
+    width = s.shape[1]
+    flat = s.reshape(-1)
+    start = (rows * width)[:, None]                     # flat index of each row's first value
+    m = centre[:, None]
+    last = n[:, None] - 1 - k                           # the last start j whose run fits
+
+    def reached(j: np.ndarray) -> np.ndarray:
+        j = start + np.minimum(j, last)
+        return flat[j + k] - m >= m - flat[j]
+
+    lo = _first_true(reached, last + 1, width)
+    right = flat[start + np.minimum(lo, last) + k] - m  # the run starting at lo
+    left = m - flat[start + np.maximum(lo - 1, 0)]      # the run starting just before it
+    return np.where(lo > last, left, np.where(lo > 0, np.minimum(right, left), right))
 
 
 def transform(v: np.ndarray, spec: SignalSpec) -> np.ndarray:
@@ -89,17 +178,24 @@ class Stats:
 
 
 def baseline_stats(spec: SignalSpec, history: np.ndarray) -> Stats:
-    """Robust statistics of each row of `history` (S, H), NaN ignored."""
+    """Robust statistics of each row of `history` (S, H), NaN ignored.
+
+    Two sorts, of the values and of their hour-to-hour steps; the quartiles, medians and
+    MADs are all read from those two (see `sorted_abs_dev_median`). Sorting is most of
+    the cost when the hour turns, so nothing is sorted twice.
+    """
     x = transform(history, spec)
-    q, n = row_quantiles(x, (0.25, 0.5, 0.75))
+    last = _last_valid(x)
+    steps = np.diff(x, axis=1)
+    s, n = sorted_rows(x, overwrite=x is not history)
+    q = sorted_quantiles(s, n, (0.25, 0.5, 0.75))
     q1, med, q3 = q[:, 0], q[:, 1], q[:, 2]
-    mad = row_quantiles(np.abs(x - med[:, None]), (0.5,))[0][:, 0] * MAD_SCALE
+    mad = sorted_abs_dev_median(s, n, med) * MAD_SCALE
     mad_floor = LOG_MAD_FLOOR if spec.log_space else np.maximum(spec.baseline_floor * 0.5, 0.1 * np.abs(med))
-    d = np.diff(x, axis=1)
-    dq, dn = row_quantiles(d, (0.5,))
-    dmed = dq[:, 0]
-    dmad = row_quantiles(np.abs(d - dmed[:, None]), (0.5,))[0][:, 0] * MAD_SCALE
-    return Stats(n, q1, med, q3, np.fmax(mad, mad_floor), dmed, np.fmax(dmad, LOG_MAD_FLOOR), dn, _last_valid(x))
+    ds, dn = sorted_rows(steps, overwrite=True)
+    dmed = sorted_quantiles(ds, dn, (0.5,))[:, 0]
+    dmad = sorted_abs_dev_median(ds, dn, dmed) * MAD_SCALE
+    return Stats(n, q1, med, q3, np.fmax(mad, mad_floor), dmed, np.fmax(dmad, LOG_MAD_FLOOR), dn, last)
 
 
 def judge(spec: SignalSpec, current: np.ndarray, history: np.ndarray | None, baseline_hours: np.ndarray,
@@ -142,7 +238,11 @@ def judge(spec: SignalSpec, current: np.ndarray, history: np.ndarray | None, bas
 
 
 def _last_valid(x: np.ndarray) -> np.ndarray:
-    valid = ~np.isnan(x)
-    idx = x.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
-    out = x[np.arange(x.shape[0]), idx]
-    return np.where(valid.any(axis=1), out, np.nan)
+    """The last non-NaN value of each row, NaN if none; only rows ending in NaN are searched."""
+    out = x[:, -1].copy()
+    gap = np.flatnonzero(np.isnan(out))
+    if gap.size:
+        valid = ~np.isnan(x[gap])
+        idx = x.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
+        out[gap] = np.where(valid.any(axis=1), x[gap, idx], np.nan)
+    return out
