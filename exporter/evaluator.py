@@ -88,8 +88,9 @@ def signal_inputs(spec: SignalSpec, win: WindowValues, adds: np.ndarray, q: np.n
             cur, hist, n = win.quantiles["otps"], q[..., 2], win.counts["otps"]
         else:
             raise KeyError(f"no inputs defined for signal {name!r}")
-    hist = np.where(before, np.nan, hist)
-    return cur.astype(np.float64), hist.astype(np.float64), n
+    if before.any():
+        hist = np.where(before, np.nan, hist)
+    return cur.astype(np.float64), hist.astype(np.float64, copy=False), n
 
 
 def current_value(spec: SignalSpec, win: WindowValues, window_s: float) -> tuple[np.ndarray, np.ndarray]:

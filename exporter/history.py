@@ -250,16 +250,14 @@ class ScopeHistory:
         lo = math.floor((t - self.window) / self.fine) + 1
         fine_abs = np.arange(lo, math.floor(t / self.fine) + 1)
         slot, ok = self.fine_ring.slots_for(fine_abs)
-        adds = self.fine_add[:n][:, slot[ok]].sum(axis=1)
+        adds = np.take(self.fine_add[:n], slot[ok], axis=1).sum(axis=1)
         lo = math.floor((t - self.window) / self.coarse) + 1
         coarse_abs = np.arange(lo, math.floor(t / self.coarse) + 1)
         slot, ok = self.coarse_ring.slots_for(coarse_abs)
-        sk = np.zeros((n, len(SKETCHES), sketch.NBINS), dtype=np.int32)   # a window's counts fit in 32 bits
-        for s in slot[ok].tolist():           # slot by slot: no copy of the whole ring
-            sk += self.coarse_sk[:n, s]
-        qs = {kind: sketch.quantile(sk[:, k], QUANTILES[kind]) for k, kind in enumerate(SKETCHES)}
-        counts = {kind: sk[:, k].sum(axis=1) for k, kind in enumerate(SKETCHES)}
-        return WindowValues(adds, qs, counts)
+        sk = _sum_slots(self.coarse_sk[:n], slot[ok])    # a window's counts fit in 32 bits
+        total = sk.sum(axis=-1)
+        counts = {kind: total[:, k] for k, kind in enumerate(SKETCHES)}
+        return WindowValues(adds, _window_quantiles(sk, total), counts)
 
     def hourly(self, t: float, baseline: float, seasonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Hourly sums (S, H, F), quantiles (S, H, K), a mask of hours before each scope existed,
@@ -289,11 +287,12 @@ class ScopeHistory:
         return adds, q, hours0[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
 
     def _take_hours(self, hours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sums and quantiles of the given absolute hours (zero / NaN where the ring has none)."""
+        """Sums (S, H, F) and quantiles (S, H, K) of the given absolute hours (zero / NaN where
+        the ring has none), each field stored contiguously (see `_take_planes`)."""
         n = self.size
         slot, ok = self.hours.slots_for(hours)
-        adds = self.hour_add[:n, slot]          # one copy; hours the ring no longer holds are zeroed in place
-        q = self.hour_q[:n, slot]
+        adds = _take_planes(self.hour_add[:n], slot)     # hours the ring no longer holds are
+        q = _take_planes(self.hour_q[:n], slot)          # zeroed in place below
         if not ok.all():
             adds[:, ~ok] = 0.0
             q[:, ~ok] = np.nan
@@ -313,7 +312,7 @@ class ScopeHistory:
         end = math.floor((t - self.window) / 3600)
         hours = np.arange(end - int(round(baseline / 3600)), end)
         slot, ok = self.hours.slots_for(hours)
-        return self.hour_add[:n][:, slot[ok], F["requests"]].sum(axis=1)
+        return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
 
 
 def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray,
@@ -331,6 +330,59 @@ def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndar
         np.add.at(flat, idx[keep], np.repeat(c, 3)[keep].astype(flat.dtype))
 
 
+def _take_planes(ring: np.ndarray, slots: np.ndarray, block: int = 128) -> np.ndarray:
+    """`ring[:, slots]` of a (scopes, slots, fields) ring, as an (S, H, F) view of memory laid
+    out field by field, (F, S, H).
+
+    The evaluator reads one field at a time over every scope and hour. In the ring's own
+    layout the fields of an hour sit side by side, so reading one field walks the whole
+    array and costs about as much as reading all of them. Here the ring is read once, a
+    block of scopes at a time, and each block is transposed while it is still in cache.
+    """
+    n, _, f = ring.shape
+    out = np.empty((f, n, len(slots)), dtype=ring.dtype)
+    for a in range(0, n, block):
+        out[:, a:a + block] = np.take(ring[a:a + block], slots, axis=1).transpose(2, 0, 1)
+    return out.transpose(1, 2, 0)
+
+
+def _sum_slots(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """`ring[:, slots].sum(axis=1)` in int32 for a ring of (scopes, slots, kinds, bins).
+
+    The window's slots are neighbours in the ring but for one wrap-around, so the sum is
+    taken over at most two slices: each streams its part of the ring once, where adding
+    slot by slot (or gathering the slots first) walks the whole array once per slot.
+    Integer sums, so the order of the slots does not change the result.
+    """
+    parts = [ring[:, a:b].sum(axis=1, dtype=np.int32) for a, b in _runs(slots)]
+    if not parts:
+        return np.zeros((ring.shape[0],) + ring.shape[2:], dtype=np.int32)
+    out = parts[0]
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """Distinct slot indices as [start, stop) runs of consecutive slots."""
+    s = np.unique(slots)
+    breaks = np.flatnonzero(np.diff(s) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(s, breaks)] if s.size else []
+
+
+def _window_quantiles(sk: np.ndarray, total: np.ndarray) -> dict[str, np.ndarray]:
+    """`sketch.quantile` of each kind of the window's (S, kinds, bins) sketches, given their
+    totals: one cumulative sum for all kinds, in int32 when the totals fit (numpy's default
+    int64 accumulator costs several times more), compared with the same float targets."""
+    cum = np.cumsum(sk, axis=-1, dtype=np.int32 if total.max(initial=0) < 2**31 else np.int64)
+    out = {}
+    for k, kind in enumerate(SKETCHES):
+        target = np.ceil(QUANTILES[kind] * total[:, k])[:, None]
+        pos = np.argmax(cum[:, k] >= np.maximum(target, 1), axis=-1)
+        out[kind] = np.where(total[:, k] > 0, sketch.MIDPOINTS[pos], np.nan)
+    return out
+
+
 def _quantiles(counts: np.ndarray, q: float) -> np.ndarray:
     total = counts.sum(axis=-1)
     out = sketch.quantile(counts, q)
@@ -338,4 +390,8 @@ def _quantiles(counts: np.ndarray, q: float) -> np.ndarray:
 
 
 def token_sum(adds: np.ndarray) -> np.ndarray:
-    return sum(adds[..., F[name]] for name in TOKEN_FIELDS)
+    """All token fields added, in field order, into one array (no temporary per field)."""
+    out = np.zeros(adds.shape[:-1])
+    for name in TOKEN_FIELDS:
+        out += adds[..., F[name]]
+    return out
