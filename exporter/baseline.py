@@ -82,8 +82,8 @@ def sorted_abs_dev_median(s: np.ndarray, n: np.ndarray, centre: np.ndarray) -> n
     """Median of |x - centre| per row (the MAD, unscaled), from rows sorted by `sorted_rows`.
 
     Equal to `row_quantiles(np.abs(x - centre[:, None]), (0.5,))` but without sorting the
-    deviations a second time: over sorted values the deviations fall then rise, so their
-    k-th smallest is found by a binary search per row (see `_kth_abs_deviation`). Rows
+    deviations a second time: over sorted values the deviations fall then rise, so the two
+    middle ones are found by a binary search per row (see `_middle_abs_deviations`). Rows
     holding an infinite value (a zero in log space with a zero floor) can make deviations
     NaN, which the search cannot rank; those few rows take the sorting path.
     """
@@ -98,36 +98,45 @@ def sorted_abs_dev_median(s: np.ndarray, n: np.ndarray, centre: np.ndarray) -> n
         out[bad] = row_quantiles(np.abs(s[bad] - centre[bad, None]), (0.5,))[0][:, 0]
         rows, nn = rows[~inf], nn[~inf]
     lo, hi, frac = _ranks(nn, 0.5)
-    dev = _kth_abs_deviation(s, rows, nn, centre[rows], np.stack([lo, hi], axis=1))
-    out[rows] = dev[:, 0] * (1 - frac) + dev[:, 1] * frac
+    kth, following = _middle_abs_deviations(s, rows, nn, centre[rows], lo)
+    out[rows] = kth * (1 - frac) + np.where(hi > lo, following, kth) * frac
     return out
 
 
-def _kth_abs_deviation(s: np.ndarray, rows: np.ndarray, n: np.ndarray, centre: np.ndarray,
-                       k: np.ndarray) -> np.ndarray:
-    """The k-th smallest (0-based; k is (R, K)) of |s[r, :n] - centre| for each selected row r.
+def _middle_abs_deviations(s: np.ndarray, rows: np.ndarray, n: np.ndarray, centre: np.ndarray,
+                           k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k-th and (k+1)-th smallest (0-based) of |s[r, :n] - centre| for each selected row r.
 
-    With v = s[r, :n] sorted, the k+1 smallest deviations are k+1 neighbouring values
-    v[j .. j+k], and the largest deviation in such a run sits at one of its ends, so the
-    answer is min over j of max(centre - v[j], v[j+k] - centre). The first term falls and
-    the second rises with j, so a binary search finds the first j where the second reaches
-    the first, and the answer is the smaller of the second there and the first just before.
-    The deviations compared are the very floats |v - centre| gives, so the result is exact.
+    With v = s[r, :n] sorted, the deviations fall then rise along v, so the k+1 smallest
+    are k+1 neighbouring values v[j .. j+k] (a run) and the largest in a run sits at one of
+    its ends: the k-th is min over j of max(centre - v[j], v[j+k] - centre). The first term
+    falls and the second rises with j, so a binary search finds the first j where the
+    second reaches the first, and the best run starts there or just before.
+
+    The (k+1)-th is the smaller deviation of the run's two outer neighbours, or the k-th
+    itself if that is larger: a value further out deviates no less than the neighbour on
+    its side unless that neighbour deviates no more than the k-th, and then one value
+    outside the run ties or beats the k-th, which makes the two equal. Every deviation
+    compared is the very float |v - centre| gives, so the results are exact.
     """
     width = s.shape[1]
     flat = s.reshape(-1)
-    start = (rows * width)[:, None]                     # flat index of each row's first value
-    m = centre[:, None]
-    last = n[:, None] - 1 - k                           # the last start j whose run fits
+    start = rows * width                                # flat index of each row's first value
+    last = n - 1 - k                                    # the last start j whose run fits
 
     def reached(j: np.ndarray) -> np.ndarray:
         j = start + np.minimum(j, last)
-        return flat[j + k] - m >= m - flat[j]
+        return flat[j + k] - centre >= centre - flat[j]
 
-    lo = _first_true(reached, last + 1, width)
-    right = flat[start + np.minimum(lo, last) + k] - m  # the run starting at lo
-    left = m - flat[start + np.maximum(lo - 1, 0)]      # the run starting just before it
-    return np.where(lo > last, left, np.where(lo > 0, np.minimum(right, left), right))
+    j = _first_true(reached, last + 1, width)
+    right = flat[start + np.minimum(j, last) + k] - centre  # largest deviation of the run at j
+    left = centre - flat[start + np.maximum(j - 1, 0)]      # and of the run at j - 1
+    at_j = (j <= last) & ((j == 0) | (right <= left))
+    kth = np.where(at_j, right, left)
+    run = np.where(at_j, j, j - 1)
+    below = np.where(run > 0, np.abs(flat[start + np.maximum(run - 1, 0)] - centre), np.inf)
+    above = np.where(run + k + 1 < n, np.abs(flat[start + np.minimum(run + k + 1, n - 1)] - centre), np.inf)
+    return kth, np.maximum(kth, np.minimum(below, above))
 
 
 def transform(v: np.ndarray, spec: SignalSpec) -> np.ndarray:

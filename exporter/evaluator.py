@@ -109,7 +109,7 @@ class Evaluator:
         self.baseline = baseline
         self.seasonal = seasonal
         self._stats: dict[str, Stats] = {}
-        self._stats_key: tuple[int, int, int] | None = None
+        self._stats_key: tuple[int, int] | None = None
 
     def evaluate(self, t: float) -> Snapshot:
         h = self.history

@@ -330,16 +330,22 @@ def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndar
         np.add.at(flat, idx[keep], np.repeat(c, 3)[keep].astype(flat.dtype))
 
 
-def _take_planes(ring: np.ndarray, slots: np.ndarray, block: int = 128) -> np.ndarray:
+def _take_planes(ring: np.ndarray, slots: np.ndarray, block_bytes: int = 4 << 20) -> np.ndarray:
     """`ring[:, slots]` of a (scopes, slots, fields) ring, as an (S, H, F) view of memory laid
-    out field by field, (F, S, H).
+    out field by field, (F, S, H), when that is large.
 
     The evaluator reads one field at a time over every scope and hour. In the ring's own
     layout the fields of an hour sit side by side, so reading one field walks the whole
     array and costs about as much as reading all of them. Here the ring is read once, a
-    block of scopes at a time, and each block is transposed while it is still in cache.
+    block of scopes at a time (`block_bytes` of gathered values), and each block is
+    transposed while it is still in cache. A gather no larger than one block stays in
+    cache anyway and keeps the ring's layout.
     """
     n, _, f = ring.shape
+    row_bytes = max(1, len(slots) * f * ring.itemsize)
+    if n * row_bytes <= block_bytes:
+        return np.take(ring, slots, axis=1)
+    block = max(1, block_bytes // row_bytes)
     out = np.empty((f, n, len(slots)), dtype=ring.dtype)
     for a in range(0, n, block):
         out[:, a:a + block] = np.take(ring[a:a + block], slots, axis=1).transpose(2, 0, 1)

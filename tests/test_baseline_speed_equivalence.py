@@ -111,6 +111,19 @@ def test_stats_equal_reference_with_infinities(hours: int) -> None:
     assert_stats_equal(baseline.baseline_stats(linear, history), reference_stats(linear, history))
 
 
+@pytest.mark.parametrize("hours", [1, 2, 3, 4, 5, 8, 9, 40])
+def test_mad_equals_reference_on_ties_and_skew(hours: int) -> None:
+    """Small integers give runs of equal deviations on both sides of the median."""
+    rng = np.random.default_rng(100 + hours)
+    x = rng.integers(0, rng.integers(1, 6, (4000, 1)), (4000, hours)).astype(np.float64)
+    x[rng.random(x.shape) < 0.2] = np.nan
+    x[::5] = x[::5] ** 3                                                  # skewed rows
+    s, n = baseline.sorted_rows(x)
+    for centre in (reference_quantiles(x, (0.5,))[0][:, 0], rng.integers(-2, 8, 4000).astype(np.float64)):
+        want = reference_quantiles(np.abs(x - centre[:, None]), (0.5,))[0][:, 0]
+        assert np.array_equal(baseline.sorted_abs_dev_median(s, n, centre), want, equal_nan=True)
+
+
 def test_row_quantiles_equal_reference() -> None:
     rng = np.random.default_rng(3)
     for hours in (1, 5, 300):
@@ -123,10 +136,12 @@ def test_take_planes_equals_fancy_indexing() -> None:
     rng = np.random.default_rng(4)
     ring = rng.normal(size=(300, 40, len(FIELDS)))
     slots = np.concatenate([np.arange(30, 40), np.arange(0, 17)])
-    got = _take_planes(ring, slots, block=64)
+    got = _take_planes(ring, slots, block_bytes=64 * len(slots) * len(FIELDS) * 8 + 5)
     assert got.shape == (300, len(slots), len(FIELDS))
     assert np.array_equal(got, ring[:, slots])
     assert got[..., F["cost"]].flags.c_contiguous
+    small = _take_planes(ring, slots)                                     # one block: the ring's layout
+    assert np.array_equal(small, ring[:, slots]) and small.flags.c_contiguous
 
 
 def test_window_sums_and_quantiles_equal_sketch_quantile() -> None:
