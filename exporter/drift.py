@@ -12,7 +12,9 @@ and, at evaluation time, computes five signals over the entries younger than
 
 - `empty_response_rate`: non-error responses with zero output tokens / non-error responses
 - `length_collapse_ratio`: median output tokens of the recent half of the window / median
-  of the earlier half (non-error, non-empty responses; small means collapse)
+  of the earlier half (non-error, non-empty responses; small means collapse), each
+  answer measured against the median of its own app, so that one model shared by a
+  terse app and a verbose one does not "collapse" when the terse app gets busier
 - `tool_silence_rate`: non-error requests that offered tools and got no tool call /
   non-error requests that offered tools
 - `stop_anomaly_rate`: non-error responses whose stop reason is not a normal end, a tool
@@ -223,7 +225,7 @@ def stop_is_anomalous(stop_reason: np.ndarray) -> np.ndarray:
 
 
 def drift_signals(ts: np.ndarray, output_tokens: np.ndarray, flags: np.ndarray,
-                  min_signal_n: int = 20) -> dict[str, float]:
+                  min_signal_n: int = 20, app: np.ndarray | None = None) -> dict[str, float]:
     """The five signals over one window's entries (any order; sorted by time here).
 
     Rates whose denominator is empty are NaN; so is the length ratio when either half
@@ -242,7 +244,7 @@ def drift_signals(ts: np.ndarray, output_tokens: np.ndarray, flags: np.ndarray,
 
     out = {
         "empty_response_rate": rate(int(((flags & _EMPTY) != 0).sum()), n_ok),
-        "length_collapse_ratio": length_collapse_ratio(ts, output_tokens, flags, min_signal_n),
+        "length_collapse_ratio": length_collapse_ratio(ts, output_tokens, flags, min_signal_n, app),
         "tool_silence_rate": rate(int(((flags & _TOOL_SILENT) != 0).sum()), had_tools, min_signal_n),
         "stop_anomaly_rate": rate(int(((flags & _STOP_ANOMALY) != 0).sum()), n_ok),
         "error_rate": rate(int(err.sum()), n),
@@ -251,23 +253,39 @@ def drift_signals(ts: np.ndarray, output_tokens: np.ndarray, flags: np.ndarray,
 
 
 def length_collapse_ratio(ts: np.ndarray, output_tokens: np.ndarray, flags: np.ndarray,
-                          min_half: int = 20) -> float:
+                          min_half: int = 20, app: np.ndarray | None = None) -> float:
     """Median output length of the recent half over the earlier half of the window.
 
     Only successful, non-empty answers count: errors have no length and empty answers
     are already their own signal, so counting them here would report one fault twice.
+    With `app` (a code per entry) the ratio is taken per app and the apps' ratios are
+    combined (a geometric mean weighted by the smaller half): when a terse app gets busier
+    on a model it shares with a verbose one, no app's answers got shorter, while a model
+    that collapses shortens every app's. Apps with fewer than `min_half` // 4 answers in
+    either half do not take part.
     """
     keep = (flags & (_ERROR | _EMPTY)) == 0
     if int(keep.sum()) < 2 * min_half:
         return float("nan")
     order = np.argsort(ts[keep], kind="stable")
     lengths = output_tokens[keep][order].astype(np.float64)
-    half = lengths.shape[0] // 2
-    earlier = float(np.median(lengths[: lengths.shape[0] - half]))
-    recent = float(np.median(lengths[lengths.shape[0] - half:]))
-    if earlier <= 0:
+    recent = np.arange(lengths.shape[0]) >= lengths.shape[0] - lengths.shape[0] // 2
+    group = np.zeros(lengths.shape[0], dtype=np.int64) if app is None else app[keep][order]
+    min_app = max(1, min_half // 4)
+    logs, weights = [], []
+    for code in np.unique(group).tolist():         # one iteration per app on this model
+        mine = group == code
+        earlier_n, recent_n = int((mine & ~recent).sum()), int((mine & recent).sum())
+        if min(earlier_n, recent_n) < min_app:
+            continue
+        earlier = float(np.median(lengths[mine & ~recent]))
+        if earlier <= 0:
+            continue
+        logs.append(math.log(max(float(np.median(lengths[mine & recent])), 1e-9) / earlier))
+        weights.append(min(earlier_n, recent_n))
+    if not weights:
         return float("nan")
-    return recent / earlier
+    return math.exp(float(np.average(logs, weights=weights)))
 
 
 def judge(values: dict[str, float], thresholds: dict[str, Threshold], counts: dict[str, int],
@@ -300,31 +318,33 @@ def judge(values: dict[str, float], thresholds: dict[str, Threshold], counts: di
 class _Ring:
     """A fixed-size ring of the most recent responses of one series."""
 
-    __slots__ = ("ts", "out", "flags", "head", "size")
+    __slots__ = ("ts", "out", "flags", "app", "head", "size")
 
     def __init__(self, capacity: int) -> None:
         self.ts = np.zeros(capacity, dtype=np.float64)
         self.out = np.zeros(capacity, dtype=np.int64)
         self.flags = np.zeros(capacity, dtype=np.uint8)
+        self.app = np.zeros(capacity, dtype=np.int32)
         self.head = 0  # next write position
         self.size = 0
 
-    def push(self, ts: np.ndarray, out: np.ndarray, flags: np.ndarray) -> None:
+    def push(self, ts: np.ndarray, out: np.ndarray, flags: np.ndarray, app: np.ndarray) -> None:
         cap = self.ts.shape[0]
         n = ts.shape[0]
         if n >= cap:
-            ts, out, flags = ts[-cap:], out[-cap:], flags[-cap:]
+            ts, out, flags, app = ts[-cap:], out[-cap:], flags[-cap:], app[-cap:]
             n = cap
         pos = (self.head + np.arange(n)) % cap
         self.ts[pos] = ts
         self.out[pos] = out
         self.flags[pos] = flags
+        self.app[pos] = app
         self.head = int((self.head + n) % cap)
         self.size = min(cap, self.size + n)
 
-    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         s = self.size
-        return self.ts[:s], self.out[:s], self.flags[:s]  # the filled slots (order irrelevant)
+        return self.ts[:s], self.out[:s], self.flags[:s], self.app[:s]  # the filled slots (order irrelevant)
 
 
 class DriftDetector:
@@ -332,13 +352,15 @@ class DriftDetector:
     the evaluator's clock.
 
     Memory is bounded by the label guards: at most providers × models series, each a
-    fixed ring of `window` entries (17 bytes per entry), and a series whose every entry
-    is older than `max_age_s` is dropped at evaluation.
+    fixed ring of `window` entries (21 bytes per entry), and a series whose every entry
+    is older than `max_age_s` is dropped at evaluation. Apps are kept as small integer
+    codes (the label guard bounds them too).
     """
 
     def __init__(self, settings: DriftSettings) -> None:
         self.settings = settings
         self._rings: dict[tuple[str, str], _Ring] = {}
+        self._app_codes: dict[str, int] = {}
 
     def observe(self, cols: RecordColumns) -> None:
         """Add a batch. Records go to their series in event-time order within the batch;
@@ -348,6 +370,8 @@ class DriftDetector:
         if n == 0:
             return
         flags = response_flags(cols)
+        a_u, a_i = factorize(cols.app)
+        app = np.array([self._app_codes.setdefault(a, len(self._app_codes)) for a in a_u.tolist()], dtype=np.int32)[a_i]
         p_u, p_i = factorize(cols.provider)
         m_u, m_i = factorize(cols.model)
         code = p_i.astype(np.int64) * m_u.size + m_i
@@ -362,7 +386,7 @@ class DriftDetector:
             ring = self._rings.get(key)
             if ring is None:
                 ring = self._rings[key] = _Ring(self.settings.window)
-            ring.push(cols.ts[idx], cols.output_tokens[idx], flags[idx])
+            ring.push(cols.ts[idx], cols.output_tokens[idx], flags[idx], app[idx])
 
     def evaluate(self, now: float) -> list[DriftResult]:
         """One result per series with entries younger than `max_age_s` at `now`, sorted
@@ -372,14 +396,14 @@ class DriftDetector:
         results: list[DriftResult] = []
         for key in sorted(self._rings):
             ring = self._rings[key]
-            ts, out, flags = ring.view()
+            ts, out, flags, app = ring.view()
             keep = ts >= cutoff
             fill = int(keep.sum())
             if fill == 0:
                 del self._rings[key]
                 continue
-            ts, out, flags = ts[keep], out[keep], flags[keep]
-            values = drift_signals(ts, out, flags, s.min_signal_n)
+            ts, out, flags, app = ts[keep], out[keep], flags[keep], app[keep]
+            values = drift_signals(ts, out, flags, s.min_signal_n, app)
             preset = s.preset_for(*key)
             ready = fill >= s.min_fill
             severity, reasons = 0, []

@@ -214,3 +214,21 @@ def test_to_dict_is_json_safe() -> None:
     d = run(batch(60)).to_dict()
     assert d["values"]["tool_silence_rate"] is None
     assert d["provider"] == "openai" and d["model"] == "gpt-4o" and d["ready"] is True
+
+
+def test_a_change_in_the_app_mix_is_not_a_length_collapse() -> None:
+    """One model, a verbose app (~600 tokens) and a terse one (~60): the terse app takes
+    over the recent half. Per app nothing changed, so no collapse; the raw medians would
+    say 0.1."""
+    rng = np.random.default_rng(4)
+    app = ["verbose"] * 70 + ["terse"] * 30 + ["verbose"] * 20 + ["terse"] * 80
+    out = [int(rng.normal(600 if a == "verbose" else 60, 20)) for a in app]
+    cols = batch(200, output_tokens=out, app=app)
+    r = run(cols)
+    assert 0.8 < r.values["length_collapse_ratio"] < 1.25 and r.severity == 0
+    raw = length_collapse_ratio(cols.ts, cols.output_tokens, response_flags(cols), 20)
+    assert raw < 0.2                                           # what the app-blind ratio would say
+    # a real collapse in both apps still shows
+    collapsed = [o if i < 100 else o // 5 for i, o in enumerate(out)]
+    r = run(batch(200, output_tokens=collapsed, app=app))
+    assert r.values["length_collapse_ratio"] < 0.3 and r.severity == 2
