@@ -291,11 +291,11 @@ class ScopeHistory:
         the ring has none), each field stored contiguously (see `_take_planes`)."""
         n = self.size
         slot, ok = self.hours.slots_for(hours)
-        adds = _take_planes(self.hour_add[:n], slot)     # hours the ring no longer holds are
-        q = _take_planes(self.hour_q[:n], slot)          # zeroed in place below
-        if not ok.all():
-            adds[:, ~ok] = 0.0
-            q[:, ~ok] = np.nan
+        adds = _take_planes(self.hour_add[:n], slot)
+        q = _take_planes(self.hour_q[:n], slot)
+        if not ok.all():                                 # hours the ring no longer holds
+            np.copyto(adds, 0.0, where=~ok[None, :, None])
+            np.copyto(q, np.nan, where=~ok[None, :, None])
         return adds, q
 
     def span(self, t: float, baseline: float) -> np.ndarray:
