@@ -84,6 +84,8 @@ class ScopeHistory:
         self.keys: list[ScopeKey] = []
         self._index: dict[ScopeKey, int] = {}
         self._series_rows: dict[int, tuple[int, int, int]] = {}
+        self._sids = np.zeros(0, dtype=np.int64)             # the ids of _series_rows, sorted ...
+        self._sid_rows = np.zeros((0, 3), dtype=np.int64)    # ... and their scope rows
         self._cap = 0
         nf, nk, nb = len(FIELDS), len(SKETCHES), sketch.NBINS
         self.hour_add = np.zeros((0, self.hours.n, nf))
@@ -121,17 +123,31 @@ class ScopeHistory:
         return i
 
     def scope_rows(self, series: np.ndarray, series_keys: dict[int, tuple[str, str, str]]) -> np.ndarray:
-        """(G, 3) scope rows (global, app, model) for each series id."""
-        out = np.empty((len(series), 3), dtype=np.int64)
-        for j, sid in enumerate(series.tolist()):
-            rows = self._series_rows.get(sid)
-            if rows is None:
+        """(G, 3) scope rows (global, app, model) for each series id.
+
+        Series seen before are looked up all at once in a sorted table of their ids; only new
+        ones go through `_scope`, in the order they first appear, so scopes are numbered
+        exactly as a pass over the groups one by one would number them."""
+        series = np.asarray(series, dtype=np.int64)
+        pos, known = self._lookup(series)
+        if not known.all():
+            for sid in dict.fromkeys(series[~known].tolist()):
                 app, provider, model = series_keys[sid]
-                rows = (self._scope(("global", "", "", "")), self._scope(("app", app, "", "")),
-                        self._scope(("model", "", provider, model)))
-                self._series_rows[sid] = rows
-            out[j] = rows
-        return out
+                self._series_rows[sid] = (self._scope(("global", "", "", "")), self._scope(("app", app, "", "")),
+                                          self._scope(("model", "", provider, model)))
+            ids = np.fromiter(self._series_rows, dtype=np.int64, count=len(self._series_rows))
+            order = np.argsort(ids)
+            self._sids = ids[order]
+            self._sid_rows = np.array(list(self._series_rows.values()), dtype=np.int64)[order]
+            pos, known = self._lookup(series)
+        return self._sid_rows[pos]
+
+    def _lookup(self, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Position of each series id in the sorted table, and whether it is there."""
+        if not self._sids.size:
+            return np.zeros(series.shape, dtype=np.int64), np.zeros(series.shape, dtype=bool)
+        pos = np.minimum(np.searchsorted(self._sids, series), self._sids.size - 1)
+        return pos, self._sids[pos] == series
 
     @property
     def size(self) -> int:
@@ -153,30 +169,58 @@ class ScopeHistory:
             self._add_open(rows, rep, groups)
         adds = groups.adds[rep]
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
-        np.add.at(self.fine_add, (rows[ok], slot[ok]), adds[ok])
+        _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
         slot, ok = self._claim(self.coarse_ring, np.repeat(groups.start // self.coarse, 3), self.coarse_sk, 0)
         _scatter(self.coarse_sk, rows, slot, ok, groups.nonzero_bins())
 
     def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
-        """Fold hourly groups (the store's hourly buckets, at start-up)."""
+        """Fold hourly groups (the store's hourly buckets, at start-up).
+
+        The groups' sketches are summed per (hour, scope) first (`_sum_sketches`: a few
+        bincounts over all their bins, no per-scope copies of them); those sums give the
+        hours' quantiles and are what the open-hour slots receive. The hourly and open-hour
+        state left is the one `add` leaves for the same groups, plus the quantiles of every
+        hour they cover."""
         if not len(groups):
             return
         rows, rep = self._expand(groups, series_keys)
         self._add_hourly(rows, rep, groups)
-        self._add_open(rows, rep, groups)
-        hour_abs = np.repeat(groups.start // 3600, 3)
-        slot, ok = self.hours.slots_for(hour_abs)
-        key = rows * self.hours.n + slot
-        uniq, inv = np.unique(key[ok], return_inverse=True)
-        entry = np.full(key.shape[0], -1, dtype=np.int64)
-        entry[ok] = inv.reshape(-1)
-        for k, (g, b, c) in enumerate(groups.nonzero_bins()):
-            e = (g[:, None] * 3 + np.arange(3)).reshape(-1)
-            ek = entry[e]
-            keep = ek >= 0
-            summed = np.bincount(ek[keep] * sketch.NBINS + np.repeat(b, 3)[keep], weights=np.repeat(c, 3)[keep],
-                                 minlength=len(uniq) * sketch.NBINS).reshape(len(uniq), sketch.NBINS)
-            self.hour_q[uniq // self.hours.n, uniq % self.hours.n, k] = _quantiles(summed, QUANTILES[SKETCHES[k]])
+        hour = groups.start // 3600
+        first = int(hour.min())
+        hours, hour_code = _codes(hour - first, int(hour.max()) - first + 1)
+        # One key per (hour, scope), hour-major, so the keys of an hour are a run.
+        n = self.size
+        key, entry = _codes(hour_code[:, None] * n + rows.reshape(-1, 3), len(hours) * n)
+        key_hour, key_row = first + hours[key // n], key % n
+        # Every series is in one app, so an hour's global sketch is the sum of the hour's app
+        # sketches: adding those few rows saves counting every bin a third time.
+        sums = [_sum_sketches(entry[:, 1:], bins, len(key)) for bins in groups.nonzero_bins()]
+        _sum_into_parents(sums, entry[:, 1], entry[:, 0])
+        runs = np.searchsorted(key // n, np.arange(len(hours) + 1)).tolist()
+        entries = (3 * np.bincount(hour_code, minlength=len(hours))).tolist()
+        self._add_open_sums((first + hours).tolist(), runs, entries, key_row, sums)
+        slot, ok = self.hours.slots_for(key_hour)
+        for k, kind in enumerate(SKETCHES):
+            self.hour_q[key_row[ok], slot[ok], k] = _quantiles(sums[k][ok], QUANTILES[kind])
+
+    def _add_open_sums(self, hours: list[int], runs: list[int], entries: list[int], key_row: np.ndarray,
+                       sums: list[np.ndarray]) -> None:
+        """`_add_open` for sketches already summed per (hour, scope): the same claims,
+        finalised hours and late counts, hour by hour in order. The keys of hours[j] are
+        runs[j]:runs[j + 1] of `key_row` and `sums`; `entries` counts its (group, scope) pairs."""
+        for j, hour in enumerate(hours):
+            held = self.open.tag.copy()          # claim() re-tags the slots it clears
+            slot, ok, cleared = self.open.claim(np.array([hour]))
+            for s in cleared:
+                self._finalise_open(s, int(held[s]))
+                self.open_sk[:, s] = 0
+            if not ok[0]:
+                self.late_sketch_groups += entries[j]
+                continue
+            lo, hi, s = runs[j], runs[j + 1], int(slot[0])
+            for k, summed in enumerate(sums):
+                self.open_sk[key_row[lo:hi], s, k] += summed[lo:hi].astype(np.int64)
+            self._dirty_open.add(s)
 
     def _expand(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
         """Each group once per scope it belongs to: flat scope rows and the group of each."""
@@ -190,14 +234,15 @@ class ScopeHistory:
         return slot, ok
 
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
-        hour_abs = np.repeat(groups.start // 3600, 3)
-        self.changed_from_hour = min(self.changed_from_hour, int(hour_abs.min()))
-        np.minimum.at(self.first_hour, rows, hour_abs)
-        slot, ok, cleared = self.hours.claim(hour_abs)
+        hour = groups.start // 3600
+        self.changed_from_hour = min(self.changed_from_hour, int(hour.min()))
+        np.minimum.at(self.first_hour, rows, np.repeat(hour, 3))
+        slot, ok, cleared = self.hours.claim(hour)      # per group, then per (group, scope)
         for s in cleared:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan
-        np.add.at(self.hour_add, (rows[ok], slot[ok]), groups.adds[rep][ok])
+        slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
+        _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
 
     def _add_open(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         """Sketches of the newest hours, whose quantiles are still changing.
@@ -328,6 +373,63 @@ def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndar
         keep = ok[e]
         idx = ((rows[e] * n_slots + slot[e]) * n_kinds + k) * n_bins + np.repeat(b, 3)
         np.add.at(flat, idx[keep], np.repeat(c, 3)[keep].astype(flat.dtype))
+
+
+def _sum_sketches(entry: np.ndarray, bins: tuple[np.ndarray, np.ndarray, np.ndarray], n: int) -> np.ndarray:
+    """Sparse group sketches summed per key: (n, NBINS) counts, where group g adds its bins to
+    each of the keys entry[g] (one per scope it belongs to).
+
+    One bincount per column of `entry` over all the groups' bins: the bins are never
+    repeated per scope, and nothing dense is larger than the result. Float64 counts are
+    exact (integers far below 2**53), so the quantiles are those of integer sums."""
+    g, b, c = bins
+    weights = c.astype(np.float64)
+    out = np.zeros(n * sketch.NBINS)
+    for col in (entry * sketch.NBINS).T:
+        flat = col[g]
+        flat += b
+        out += np.bincount(flat, weights=weights, minlength=n * sketch.NBINS)
+    return out.reshape(n, sketch.NBINS)
+
+
+def _sum_into_parents(sums: list[np.ndarray], child: np.ndarray, parent: np.ndarray) -> None:
+    """In each array of `sums` (one row per key), set each parent key's row, still zero, to
+    the sum of its children's rows. Group g has child key child[g] and parent key
+    parent[g]; a child has one parent, and the children of a parent are numbered
+    consecutively (as an hour's app keys are, under the hour's global key). The rows hold
+    integer counts, so the sums are exact in any order."""
+    of = np.full(sums[0].shape[0], -1, dtype=np.int64)
+    of[child] = parent
+    children = np.flatnonzero(of >= 0)
+    parents = of[children]
+    starts = np.flatnonzero(np.diff(parents, prepend=-1))
+    for s in sums:
+        s[parents[starts]] = np.add.reduceat(s[children], starts, axis=0)
+
+
+def _codes(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(values, return_inverse=True)` for integers in [0, bound), the inverse in the
+    shape of `values`. When the bound is not far above the number of values (scopes x hours
+    of a chunk), a table of the values present takes the place of a sort."""
+    if bound > 4 * values.size:
+        uniq, inverse = np.unique(values, return_inverse=True)
+        return uniq, inverse.reshape(values.shape)
+    present = np.zeros(bound, dtype=bool)
+    present[values] = True
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[values]
+
+
+def _add_at_cells(ring: np.ndarray, rows: np.ndarray, slots: np.ndarray, values: np.ndarray) -> None:
+    """`np.add.at(ring, (rows, slots), values)` for a (scopes, slots, fields) ring: the same
+    additions in the same order, so bit-identical sums, made through the flat view of a
+    contiguous ring, where add.at has a fast path several times quicker than with a pair of
+    indices and a row of fields each."""
+    if not ring.flags.c_contiguous:
+        np.add.at(ring, (rows, slots), values)
+        return
+    n_slots, width = ring.shape[1:]
+    cells = ((rows * n_slots + slots)[:, None] * width + np.arange(width)).reshape(-1)
+    np.add.at(ring.reshape(-1), cells, values.reshape(-1))
 
 
 def _take_planes(ring: np.ndarray, slots: np.ndarray, block_bytes: int = 4 << 20) -> np.ndarray:

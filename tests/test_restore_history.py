@@ -1,0 +1,109 @@
+"""Rebuilding the scope history at start-up: however the hourly groups are folded, the
+history comes out bit for bit the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import DAY, T0
+
+from exporter import sketch
+from exporter.buckets import FIELDS, SKETCHES, Groups
+from exporter.history import ScopeHistory, _codes
+
+ARRAYS = ("hour_add", "hour_q", "open_sk", "fine_add", "coarse_sk", "first_hour")
+RINGS = ("hours", "open", "fine_ring", "coarse_ring")
+
+
+def state(h: ScopeHistory) -> dict[str, Any]:
+    """Everything a ScopeHistory holds; arrays as (dtype, shape, bytes), so NaNs compare too."""
+    out: dict[str, Any] = {name: (a.dtype, a.shape, a.tobytes()) for name in ARRAYS for a in [getattr(h, name)]}
+    out.update({f"{r}.tag": getattr(h, r).tag.tolist() for r in RINGS})
+    out.update(keys=list(h.keys), series_rows=dict(h._series_rows), late=h.late_sketch_groups,
+               dirty=set(h._dirty_open), changed_from=h.changed_from_hour)
+    return out
+
+
+def different(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [k for k in a if a[k] != b[k]]
+
+
+# --- add_hours against the live path -----------------------------------------------------------
+
+def hourly_groups(rng: np.random.Generator, series: list[int], hours: list[int]) -> Groups:
+    """One group per (series, hour) in a shuffled order, with random sums and sketches (some empty)."""
+    s = np.repeat(np.array(series), len(hours))
+    st = np.tile(np.array(hours) * 3600, len(series))
+    order = rng.permutation(len(s))
+    s, st = s[order], st[order]
+    adds = rng.lognormal(2, 1, (len(s), len(FIELDS)))
+    sketches = {}
+    for k in SKETCHES:
+        dense = rng.integers(0, 4, (len(s), sketch.NBINS)) * (rng.random((len(s), sketch.NBINS)) < 0.04)
+        dense[rng.random(len(s)) < 0.2] = 0
+        sketches[k] = dense.astype(np.int64)
+    return Groups(s.astype(np.int64), st.astype(np.int64), adds, sketches)
+
+
+def test_add_hours_leaves_the_hourly_state_add_leaves() -> None:
+    """add_hours (sketches summed per scope and hour at once) and add (each group's bins
+    scattered to each of its scopes) agree bit for bit on the hourly sums, the open hours'
+    sketches, the hours' quantiles, and the late count; add_hours just computes every
+    hour's quantiles straight away."""
+    rng = np.random.default_rng(4)
+    keys = {sid: (f"app{sid % 3}", "p", f"m{sid % 4}") for sid in range(1, 13)}
+    h0 = int(T0 // 3600)
+    calls = [([3, 1, 2], [h0]), ([1, 2, 3, 4, 5], [h0 + 1, h0 + 2]),
+             ([6, 2, 7], [h0 + 3, h0 + 4, h0 + 5, h0 + 6, h0 + 7]),    # the open ring wraps within one call
+             ([8, 1], [h0 + 2]),                                      # late: older than every open hour
+             ([9, 10, 11, 12, 2], [h0 + 7, h0 + 8])]
+    batch, live = ScopeHistory(3600, 2 * DAY), ScopeHistory(3600, 2 * DAY)
+    late_hour_slot = (h0 + 2) % batch.hours.n
+    for series, hours in calls:
+        g = hourly_groups(rng, series, hours)
+        batch.add_hours(g, keys)
+        live.add(g, keys)
+    a, b = state(batch), state(live)
+    assert a["late"] == b["late"] > 0
+    assert different(a, b) == ["hour_q", "fine_add", "coarse_sk", "fine_ring.tag", "coarse_ring.tag"]
+    batch.refresh_open_hours()
+    live.refresh_open_hours()
+    n = batch.size
+    q_batch, q_live = batch.hour_q[:n].copy(), live.hour_q[:n].copy()
+    # The late hour: add_hours took the late groups' quantiles, add has none for them.
+    assert np.isfinite(q_batch[:, late_hour_slot]).any()
+    q_batch[:, late_hour_slot] = q_live[:, late_hour_slot]
+    assert q_batch.tobytes() == q_live.tobytes()
+    assert np.isfinite(q_live).sum() > 20
+
+
+def test_scopes_are_numbered_in_the_order_series_first_appear() -> None:
+    keys = {sid: (f"app{sid % 4}", "p", f"m{sid % 5}") for sid in range(1, 30)}
+    batches = [[7, 3, 7, 12], [3, 1, 20, 7, 1], [29, 3, 2, 12, 28]]
+    h = ScopeHistory(3600, DAY)
+    expected_keys: list[tuple[str, str, str, str]] = []
+    index: dict[tuple[str, str, str, str], int] = {}
+
+    def scope(k: tuple[str, str, str, str]) -> int:
+        if k not in index:
+            index[k] = len(expected_keys)
+            expected_keys.append(k)
+        return index[k]
+
+    for batch in batches:
+        rows = h.scope_rows(np.array(batch), keys)
+        want = [[scope(("global", "", "", "")), scope(("app", keys[s][0], "", "")), scope(("model", "", "p", keys[s][2]))]
+                for s in batch]
+        assert rows.tolist() == want
+    assert h.keys == expected_keys
+
+
+@pytest.mark.parametrize("bound", [50, 100_000])
+def test_codes_are_those_of_unique(bound: int) -> None:
+    values = np.random.default_rng(2).integers(0, bound, (300, 3))
+    uniq, inverse = _codes(values, bound)
+    want_uniq, want_inverse = np.unique(values, return_inverse=True)
+    assert uniq.tolist() == want_uniq.tolist()
+    assert inverse.tolist() == want_inverse.reshape(values.shape).tolist()
