@@ -9,6 +9,7 @@ of distinct (series, minute) pairs in a batch instead of the number of records.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -108,14 +109,50 @@ def _sketch_bins(values: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.
     return flat // sketch.NBINS, flat % sketch.NBINS, counts.astype(np.int64)
 
 
-def groups_from_rows(start: np.ndarray, series: np.ndarray, adds: np.ndarray, blobs: list[list[bytes]]) -> Groups:
-    """Groups from stored bucket rows; `blobs` holds, per sketch kind, each row's encoded sketch."""
-    bins = []
-    for kind_blobs in blobs:
-        lengths = np.fromiter((len(b) // sketch.PAIR_BYTES for b in kind_blobs), dtype=np.int64, count=len(kind_blobs))
-        pairs = sketch.decode_pairs(b"".join(kind_blobs))
-        bins.append((np.repeat(np.arange(len(kind_blobs)), lengths), pairs[0], pairs[1]))
-    return Groups(series, start, adds, None, bins)
+@dataclass(slots=True)
+class StoredRows:
+    """Bucket rows as read from the store, column by column, sketches still encoded.
+
+    Each page of rows (a thousand or so) is turned into columns as soon as it is fetched,
+    while its Python objects are still in cache: with tens of thousands of rows per fetch
+    the same work costs several times more. Pages are then joined and decoded into Groups
+    once per chunk (`groups`). The (bin, count) pairs stay plain bytes until then, because
+    numpy concatenates a structured dtype field by field."""
+
+    start: np.ndarray           # (n,) int64
+    series: np.ndarray          # (n,) int64
+    adds: np.ndarray            # (n, len(FIELDS)) float64
+    lengths: list[np.ndarray]   # per kind in SKETCHES order: (n,) pairs in each row's sketch
+    pairs: list[np.ndarray]     # per kind: the rows' encoded (bin, count) pairs one after another, as bytes (uint8)
+
+    @classmethod
+    def from_rows(cls, start: int, rows: Sequence[tuple[int, bytes, bytes, bytes, bytes]]) -> "StoredRows":
+        """Rows of (series, adds, *encoded sketches) (b"" for no sketch) of bucket `start`:
+        one transpose and one `len`/`join` per column, all in C."""
+        series, adds, *blobs = zip(*rows)
+        return cls(np.full(len(rows), start, dtype=np.int64), np.array(series, dtype=np.int64),
+                   np.frombuffer(b"".join(adds), dtype=np.float64).reshape(len(rows), len(FIELDS)),
+                   [np.fromiter(map(len, col), dtype=np.int64, count=len(col)) // sketch.PAIR_BYTES for col in blobs],
+                   [np.frombuffer(b"".join(col), dtype=np.uint8) for col in blobs])
+
+    @classmethod
+    def concat(cls, parts: list["StoredRows"]) -> "StoredRows":
+        """The parts' rows one after another (always a copy)."""
+        return cls(np.concatenate([p.start for p in parts]), np.concatenate([p.series for p in parts]),
+                   np.concatenate([p.adds for p in parts]),
+                   [np.concatenate([p.lengths[k] for p in parts]) for k in range(len(SKETCHES))],
+                   [np.concatenate([p.pairs[k] for p in parts]) for k in range(len(SKETCHES))])
+
+    def __len__(self) -> int:
+        return int(self.start.shape[0])
+
+    def groups(self) -> Groups:
+        """Sparse Groups of these rows. Bins and counts are views of the encoded pairs
+        (uint16, uint32): widening them would copy every pair twice more per kind."""
+        rows = np.arange(len(self))
+        pairs = [p.view(sketch.PAIR) for p in self.pairs]
+        bins = [(np.repeat(rows, n), p["i"], p["n"]) for n, p in zip(self.lengths, pairs)]
+        return Groups(self.series, self.start, self.adds, None, bins)
 
 
 def sparse(groups: Groups) -> Groups:

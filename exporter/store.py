@@ -36,7 +36,7 @@ import orjson
 
 from . import sketch
 from .batch import stored_records
-from .buckets import FIELDS, SKETCHES, Groups, groups_from_rows, merge, sparse
+from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
 from .dedupe import HASH_NAME
 
 SCHEMA = """
@@ -62,6 +62,10 @@ RESOLUTIONS = (60, 3600)
 MAX_CACHED_BUCKETS = 100_000
 CHECKPOINT_BATCHES = 16      # pending batches that trigger a checkpoint (a few hundred KB held)
 log = logging.getLogger("llm_usage_exporter")
+PAGE_ROWS = 1_000            # bucket rows per read: small enough to be turned into columns while in cache
+# A bucket row's columns as `StoredRows.from_rows` takes them: a missing sketch is an empty blob.
+_SKETCH_COLUMNS = "adds, " + ", ".join(f"ifnull({k}, x'')" for k in SKETCHES)
+_BEFORE_ANY_SERIES = -(2**63)
 
 
 class StoreError(RuntimeError):
@@ -323,27 +327,50 @@ class Store:
 
     def bucket_groups(self, res: int, start: float, end: float, rows_per_chunk: int = 20_000) -> Iterator[Groups]:
         """Buckets with start in [start, end) as sparse Groups, a few buckets' starts at a time
-        (whole starts per chunk), so reading weeks of history never holds it all at once."""
-        q = "SELECT start, series, adds, latency, ttft, otps FROM buckets WHERE res=? AND start>=? AND start<? ORDER BY start"
-        cursor_start = int(start)
+        (whole starts per chunk, about `rows_per_chunk` rows, more if one start has more), so
+        reading weeks of history never holds it all at once.
+
+        Rows come start by start in pages (`_bucket_pages`), are held as columns, and are
+        joined into a chunk once it holds enough rows and the next page begins a new start."""
+        held: list[StoredRows] = []
+        count = 0
+        for page in self._bucket_pages(res, start, end, min(rows_per_chunk, PAGE_ROWS)):
+            if count >= rows_per_chunk and page.start[0] != held[-1].start[0]:
+                chunk = StoredRows.concat(held).groups()
+                held, count = [], 0            # the pages are copied: let them go before the chunk is used
+                yield chunk
+            held.append(page)
+            count += len(page)
+        if held:
+            chunk = StoredRows.concat(held).groups()
+            held = []
+            yield chunk
+
+    def _bucket_pages(self, res: int, start: float, end: float, page_rows: int) -> Iterator[StoredRows]:
+        """Bucket rows with start in [start, end) in key order, one start at a time, at most
+        `page_rows` per page, each page as columns. Each query is short (an index seek for the
+        next start, or one page), so the lock is never held for the whole read, and every row
+        is read once. Pages are small so that each is turned into columns while in cache."""
+        next_start = "SELECT start FROM buckets WHERE res=? AND start>=? AND start<? ORDER BY start LIMIT 1"
+        page = (f"SELECT series, {_SKETCH_COLUMNS} FROM buckets WHERE res=? AND start=? AND series>? "
+                "ORDER BY series LIMIT ?")
+        at = int(start)
         self._checkpoint_for_read()
         while True:
-            with self._lock:   # page by bucket start so the lock is not held for the whole read
-                page = self._db.execute(q + " LIMIT ?", (res, cursor_start, int(end), rows_per_chunk)).fetchall()
-            if not page:
-                break
-            last = page[-1][0]
-            if len(page) == rows_per_chunk and page[0][0] != last:
-                page = [r for r in page if r[0] != last]      # the last start may continue on the next page
-                cursor_start = last
-            elif len(page) == rows_per_chunk:                  # one start with more rows than a page
-                page = self._db.execute(q, (res, last, last + 1)).fetchall()
-                cursor_start = last + 1
-            else:
-                cursor_start = last + 1
-            yield _groups_of(page)
-            if cursor_start >= end:
-                break
+            with self._lock:
+                found = self._db.execute(next_start, (res, at, int(end))).fetchone()
+            if found is None:
+                return
+            at, after = int(found[0]), _BEFORE_ANY_SERIES
+            while True:
+                with self._lock:
+                    rows = self._db.execute(page, (res, at, after, page_rows)).fetchall()
+                if rows:
+                    yield StoredRows.from_rows(at, rows)
+                if len(rows) < page_rows:
+                    break
+                after = rows[-1][0]
+            at += 1
 
     def daily_costs(self) -> list[tuple[str, int, float]]:
         with self._lock:
@@ -420,11 +447,3 @@ class Store:
                 raise StoreError(f"db: pruning {self.path} failed: {e}") from None
             self._cache = {k: v for k, v in self._cache.items()
                            if k[1] >= now - (minute_retention if k[0] == 60 else horizon)}
-
-
-def _groups_of(rows: list[tuple[Any, ...]]) -> Groups:
-    start = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    series = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-    adds = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), len(FIELDS))
-    blobs = [[r[3 + k] or b"" for r in rows] for k in range(len(SKETCHES))]
-    return groups_from_rows(start, series, adds.copy(), blobs)

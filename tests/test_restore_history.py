@@ -1,17 +1,20 @@
-"""Rebuilding the scope history at start-up: however the hourly groups are folded, the
-history comes out bit for bit the same."""
+"""Rebuilding the scope history at start-up: however the buckets are paged and chunked, and
+however the hourly groups are folded, the history comes out bit for bit the same."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import DAY, T0
+from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, settings_for, steady_hour
 
 from exporter import sketch
+from exporter import store as store_module
 from exporter.buckets import FIELDS, SKETCHES, Groups
 from exporter.history import ScopeHistory, _codes
+from exporter.store import Store
 
 ARRAYS = ("hour_add", "hour_q", "open_sk", "fine_add", "coarse_sk", "first_hour")
 RINGS = ("hours", "open", "fine_ring", "coarse_ring")
@@ -28,6 +31,95 @@ def state(h: ScopeHistory) -> dict[str, Any]:
 
 def different(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in a if a[k] != b[k]]
+
+
+# --- restart: paging and chunking -------------------------------------------------------------
+
+def mixed_traffic(end: float, days: int) -> list[dict[str, Any]]:
+    """A few apps and models, some without TTFT (empty sketches), some failing, with a
+    daily cycle, up to `end`."""
+    rng = np.random.default_rng(11)
+    out: list[dict[str, Any]] = []
+    start = end - days * DAY
+    for h in range(days * 24):
+        hs = start + h * HOUR
+        for app, model, ttft in (("chat", "gpt-4o-mini", 0.3), ("chat", "gpt-4o", None), ("search", "gpt-4o-mini", 0.2),
+                                 ("batch", "claude-3-5-haiku", 0.5)):
+            n = int(10 + 8 * np.sin(h / 24 * 2 * np.pi) + rng.integers(0, 6))
+            out += steady_hour(hs, rng, n=n, app=app, model=model, ttft=ttft, latency=1.0 + 0.5 * rng.random(),
+                               error_rate=0.05 if app == "batch" else 0.0,
+                               provider="anthropic" if model.startswith("claude") else "openai")
+    return out
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with four days of hourly and the last hour's minute buckets."""
+    tmp_path = tmp_path_factory.mktemp("restore")
+    settings = settings_for(tmp_path)
+    t = T0 + HOUR - 1
+    engine, _ = engine_at(settings, t)
+    ingest_by_day(engine, mixed_traffic(T0 + HOUR, days=4), now=t)
+    engine.close()
+    return tmp_path
+
+
+def restored(tmp_path: Path) -> dict[str, Any]:
+    engine, _ = engine_at(settings_for(tmp_path), T0 + HOUR - 1)
+    try:
+        return state(engine.history)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("rows_per_chunk, page_rows", [(1, 1), (5, 2), (9, 4), (60, 7), (1_000, 1_000)])
+def test_restored_history_is_the_same_for_any_page_and_chunk_size(
+        stored: Path, monkeypatch: pytest.MonkeyPatch, rows_per_chunk: int, page_rows: int) -> None:
+    """From chunks of one start each, read a row or two at a time, to chunks of many hours."""
+    whole = restored(stored)
+    assert len(whole["keys"]) == 1 + 3 + 3
+    paged = Store.bucket_groups
+
+    def bucket_groups(self: Store, res: int, start: float, end: float, **_: Any) -> Any:
+        return paged(self, res, start, end, rows_per_chunk=rows_per_chunk)
+
+    monkeypatch.setattr(Store, "bucket_groups", bucket_groups)
+    monkeypatch.setattr(store_module, "PAGE_ROWS", page_rows)
+    again = restored(stored)
+    assert not different(whole, again)
+
+
+def test_chunks_hold_whole_starts_and_every_row_once(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "PAGE_ROWS", 3)
+    store = Store(stored / "usage.db")
+    rows = store._db.execute("SELECT start, series FROM buckets WHERE res=3600 ORDER BY start, series").fetchall()
+    seen: list[tuple[int, int]] = []
+    starts_per_chunk, sizes = [], []
+    for g in store.bucket_groups(3600, 0, T0 + 2 * HOUR, rows_per_chunk=10):
+        seen += list(zip(g.start.tolist(), g.series.tolist()))
+        starts_per_chunk.append(sorted(set(g.start.tolist())))
+        sizes.append(len(g))
+    assert seen == rows
+    flat = [s for chunk in starts_per_chunk for s in chunk]
+    assert flat == sorted(set(flat))          # no start is split between chunks
+    assert min(sizes[:-1]) >= 10 and max(sizes) < 10 + 4   # four series: a chunk stops at the first start past 10 rows
+    store.close()
+
+
+def test_missing_sketches_read_as_empty(tmp_path: Path) -> None:
+    """Rows written with NULL sketches (the column allows it) come back with no bins."""
+    store = Store(tmp_path / "s.db")
+    sid = store.series_ids([("a", "p", "m")])[0]
+    adds = np.arange(len(FIELDS), dtype=np.float64)
+    lat = sketch.encode(sketch.histogram(np.array([0.5, 0.5, 2.0])))
+    store._db.execute("INSERT INTO buckets VALUES (3600, 7200, ?, ?, ?, NULL, NULL)", (sid, adds.tobytes(), lat))
+    store._db.execute("INSERT INTO buckets VALUES (3600, 10800, ?, ?, NULL, NULL, x'')", (sid, adds.tobytes()))
+    (g,) = list(store.bucket_groups(3600, 0, 20_000))
+    assert g.start.tolist() == [7200, 10800] and (g.adds == adds).all()
+    latency, ttft, otps = g.nonzero_bins()
+    assert latency[0].tolist() == [0, 0] and latency[2].tolist() == [2, 1]
+    assert ttft[0].size == 0 and otps[0].size == 0
+    store.close()
 
 
 # --- add_hours against the live path -----------------------------------------------------------
