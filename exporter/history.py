@@ -131,14 +131,16 @@ class ScopeHistory:
         series = np.asarray(series, dtype=np.int64)
         pos, known = self._lookup(series)
         if not known.all():
-            for sid in dict.fromkeys(series[~known].tolist()):
+            new = list(dict.fromkeys(series[~known].tolist()))
+            for sid in new:
                 app, provider, model = series_keys[sid]
                 self._series_rows[sid] = (self._scope(("global", "", "", "")), self._scope(("app", app, "", "")),
                                           self._scope(("model", "", provider, model)))
-            ids = np.fromiter(self._series_rows, dtype=np.int64, count=len(self._series_rows))
-            order = np.argsort(ids)
-            self._sids = ids[order]
-            self._sid_rows = np.array(list(self._series_rows.values()), dtype=np.int64)[order]
+            order = np.argsort(np.array(new, dtype=np.int64))
+            ids = np.array(new, dtype=np.int64)[order]
+            rows = np.array([self._series_rows[sid] for sid in new], dtype=np.int64)[order]
+            at = np.searchsorted(self._sids, ids)
+            self._sids, self._sid_rows = np.insert(self._sids, at, ids), np.insert(self._sid_rows, at, rows, axis=0)
             pos, known = self._lookup(series)
         return self._sid_rows[pos]
 
