@@ -168,3 +168,14 @@ def _same_line(a: str, b: str) -> bool:
         return False
     x, y = float(va), float(vb)
     return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_usage_families_describe_the_names_they_collect(tmp_path: Path) -> None:
+    """describe() (what registration reads) names exactly the families collect() yields."""
+    engine, _ = engine_at(settings_for(tmp_path))
+    engine.ingest([{"ts": T0 - 60, "provider": "openai", "model": "gpt-4o", "input_tokens": 5, "latency_s": 0.5,
+                    "ttft_s": 0.1, "status": 500}])
+    described = [(m.name, m.type) for m in engine.usage.describe()]
+    collected = [(m.name, m.type) for m in engine.usage.collect()]
+    assert described == collected and all(not m.samples for m in engine.usage.describe())
+    engine.close()
