@@ -243,6 +243,11 @@ def _status_or_none(pair: tuple[Any, Any]) -> tuple[str, str | None] | None:
 def _clean_texts(vals: list[Any], lower: bool) -> list[str | None] | None:
     """Stripped (and lower-cased) strings, with '' as None; None if any value is neither a
     string nor null, or too long (the caller then finds which, item by item)."""
+    if not lower and set(map(type, vals)) == {str}:   # ids: all distinct, usually clean already
+        stripped = list(map(str.strip, vals))
+        if max(map(len, stripped), default=0) > MAX_TEXT:
+            return None
+        return [s or None for s in stripped] if "" in stripped else stripped
     try:
         distinct = set(vals)
     except TypeError:
