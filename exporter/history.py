@@ -239,7 +239,11 @@ class ScopeHistory:
         hour = groups.start // 3600
         self.changed_from_hour = min(self.changed_from_hour, int(hour.min()))
         np.minimum.at(self.first_hour, rows, np.repeat(hour, 3))
+        held = self.hours.tag.copy()                    # claim() re-tags the slots it clears
         slot, ok, cleared = self.hours.claim(hour)      # per group, then per (group, scope)
+        evicted = [int(held[s]) for s in cleared if held[s] >= 0]
+        if evicted:     # an hour left the ring: statistics that included it are stale
+            self.changed_from_hour = min(self.changed_from_hour, min(evicted))
         for s in cleared:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import DAY, HOUR, T0, engine_at, gauge, ingest_by_day, settings_for, severity, steady_history, steady_hour
 
+from exporter import sketch
 from exporter.engine import Engine
 from exporter.signals import DEFAULT_SIGNALS, SIGNAL_NAMES
 
@@ -266,3 +267,27 @@ def test_seasonal_baseline_compares_the_same_hour_of_day(tmp_path: Path, seasona
     engine = run(tmp_path, history_of(daily), hour(cost=5.0, noise=0.0), seasonal=seasonal)
     assert severity(engine, "cost_per_hour") == expected
     assert gauge(engine, "llm_anomaly_baseline", "cost_per_hour") == pytest.approx(5.0 if seasonal else 1.0, rel=0.1)
+
+
+
+def test_an_hour_leaving_the_ring_marks_the_history_changed() -> None:
+    """When an hour claims the ring slot of an older one, the cached baseline statistics
+    may include the hour that left: the history reports it as changed from that hour, so
+    the evaluator recomputes them (and not only when the hour turns)."""
+    from exporter.buckets import FIELDS, Groups
+    from exporter.history import ScopeHistory
+
+    def hour_group(hour: int) -> Groups:
+        empty = np.zeros((1, sketch.NBINS), dtype=np.int64)
+        return Groups(np.array([1]), np.array([hour * 3600]), np.ones((1, len(FIELDS))),
+                      {"latency": empty, "ttft": empty, "otps": empty})
+
+    h = ScopeHistory(window=HOUR, horizon=4 * HOUR)
+    keys = {1: ("app", "p", "m")}
+    h0 = int(T0 // HOUR)
+    for k in range(h.hours.n):                       # fill every slot
+        h.add(hour_group(h0 + k), keys)
+    h.changed_from_hour = np.iinfo(np.int64).max     # as after an evaluation
+    h.add(hour_group(h0 + h.hours.n), keys)          # the next hour takes the oldest one's slot
+    assert h.hours.tag[h0 % h.hours.n] == h0 + h.hours.n
+    assert h.changed_from_hour == h0
