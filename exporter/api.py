@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__, sketch
 from .buckets import FIELDS, SKETCHES, F, TOKEN_FIELDS

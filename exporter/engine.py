@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .buckets import Groups, aggregate
+from .buckets import aggregate
 from .codes import factorize
 from .config import Settings
 from .dedupe import DedupeIndex, hash_ids

@@ -8,7 +8,6 @@ is dropped here, which is how the exporter keeps its promise never to store text
 from __future__ import annotations
 
 import csv
-import io
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

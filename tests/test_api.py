@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, rec, settings_for, steady_history, steady_hour, value
+from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, rec, settings_for, steady_hour, value
 
 from exporter.api import create_app, usage_statistics
 from exporter.engine import Engine

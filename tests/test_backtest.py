@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from helpers import CLEAN_ENV, HOUR, T0, engine_at, exporter_command, ingest_by_day, settings_for, steady_history, steady_hour, value
+from helpers import CLEAN_ENV, HOUR, T0, engine_at, exporter_command, ingest_by_day, settings_for, steady_hour, value
 
 from exporter.evaluator import Snapshot
 from exporter.replay import backtest, load_records

@@ -9,7 +9,6 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 from fastapi.testclient import TestClient
 from helpers import T0, engine_at, rec, settings_for, value
