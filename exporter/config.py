@@ -49,7 +49,7 @@ class Settings(BaseModel):
     window: float = Field(3600, gt=0, description="the window each anomaly signal is measured over (current value)")
     baseline: float = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
     horizon: float = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline)")
-    seasonal: bool = Field(False, description="compare against the same hour of day only (needs a week of history)")
+    alert_budget: float = Field(1.0, gt=0, description="false anomaly warnings a week the evaluator's evidence thresholds allow, over all signals and scopes together")
     evaluation_interval: float = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
     dedupe_window: float = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
     record_retention: float = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ disable_created_metrics()   # the metric contract: no `_created` series (process
 Clock = Callable[[], float]
 RESULTS = ("accepted", "duplicate", "rejected")
 MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
+BURST_RESTORE = 6 * 3600.0  # minutes re-read at start-up for the burstiness of their hours
 
 
 @dataclass(slots=True)
@@ -76,7 +78,7 @@ class Engine:
         self.counters_lock = threading.Lock()   # held briefly: counter updates and a scrape's copy
         self.usage = UsageMetrics(self.counters_lock)
         self.history = ScopeHistory(settings.window, settings.horizon)
-        self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
+        self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.alert_budget)
         self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets)
         self.dedupe = DedupeIndex(settings.dedupe_window)
         self.snapshot: Snapshot | None = None
@@ -127,8 +129,14 @@ class Engine:
         now = max(self.clock(), newest)
         for groups in self.store.bucket_groups(3600, now - self.settings.horizon, now + 3600):
             self.history.add_hours(groups, keys)
-        # The window needs slots finer than hours: the minute buckets of the last window.
-        for groups in self.store.bucket_groups(60, newest - self.settings.window - 60, newest + 60):
+        # The window needs slots finer than hours: the minute buckets of the last window, from
+        # the start of a coarse slot. The minutes before it only tell how bursty their hours
+        # were (what the coarse slots would have handed on had the process kept running).
+        coarse = self.history.coarse
+        cut = math.floor((newest - self.settings.window - 60) / coarse) * coarse
+        kept = min(self.settings.minute_retention, BURST_RESTORE)
+        self.history.add_bursts(list(self.store.bucket_groups(60, cut - kept, cut)), keys)
+        for groups in self.store.bucket_groups(60, cut, newest + 60):
             self.history.add(groups, keys, hourly=False)
         _release_freed_heap()
 

@@ -36,7 +36,7 @@ import orjson
 
 from . import sketch
 from .batch import stored_records
-from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
+from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse, widen_adds
 from .dedupe import HASH_NAME
 
 SCHEMA = """
@@ -187,7 +187,7 @@ class Store:
             if row is None:
                 b = Bucket(np.zeros(len(FIELDS)), [b""] * len(SKETCHES))
             else:
-                b = Bucket(np.frombuffer(row[0], dtype=np.float64).copy(), [bytes(x or b"") for x in row[1:]])
+                b = Bucket(widen_adds(np.frombuffer(row[0], dtype=np.float64).copy()), [bytes(x or b"") for x in row[1:]])
             self._cache[key] = b
         return b
 
@@ -323,7 +323,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(q + " ORDER BY start", args).fetchall()
         for st, sid, adds, *sk in rows:
-            yield int(st), int(sid), np.frombuffer(adds, dtype=np.float64), {k: sketch.decode(sk[i]) for i, k in enumerate(SKETCHES)}
+            yield int(st), int(sid), widen_adds(np.frombuffer(adds, dtype=np.float64)), {k: sketch.decode(sk[i]) for i, k in enumerate(SKETCHES)}
 
     def bucket_groups(self, res: int, start: float, end: float, rows_per_chunk: int = 20_000) -> Iterator[Groups]:
         """Buckets with start in [start, end) as sparse Groups, a few buckets' starts at a time
