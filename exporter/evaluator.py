@@ -48,7 +48,6 @@ from .evidence import binomial_z, count_z, mean_z, z_threshold
 from .history import QUANTILES, ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 
-DEBUG: list | None = None
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
 WINDOW_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0)   # of the configured window
 SUSTAINED_HOURS = (2, 4, 8)                                     # cost and token creep
@@ -422,8 +421,6 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
             zk = mean_z(mean_k, mk, stk.centre, stk.var, stk.dispersion)
             with np.errstate(invalid="ignore"):
                 creep |= ok & (zk >= c.zc_long[j]) & (np.exp(np.nan_to_num(mean_k - stk.centre)) >= spec.sustained_ratio)
-    if DEBUG is not None:
-        DEBUG.append((c.t, spec.name, size_ok & (size_ratio >= spec.warning_ratio), total_ok & (total_ratio >= spec.warning_ratio), count_ok & (count_ratio >= spec.warning_ratio), creep, hour_value.copy(), expected.copy(), z_total.copy(), seasonal.level_sd.copy(), c.zc[-1], list(c.h.keys[:c.n])))
     sev = _severity(warn, high)
     sev = np.maximum(sev, np.where(creep, int(Severity.WARNING), 0))
     zs, win, rel = _strongest(np.where(ok[:, None], z_size, np.nan), c.zc, c.ev.window_s)
