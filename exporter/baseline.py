@@ -23,11 +23,13 @@ import numpy as np
 
 MAD_SCALE = 1.4826          # makes the MAD estimate sigma for normal data
 CHI2_1_MEDIAN = 0.4549      # median of chi-square with one degree of freedom
+Q75_ABS_NORMAL = 1.1503     # upper quartile of |z| for standard normal z
 MIN_DAYS = 3                # earlier days a seasonal expectation needs
 MIN_HOURS = 6               # hours a flat statistic needs
 PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen whole
 MIN_LEVEL_SD = 0.05
 MIN_SIZE_SD = 0.05
+MIN_BLOCKS = 6              # blocks a spread at that block length needs
 
 
 def nan_median(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -96,6 +98,33 @@ def level_spread(values: np.ndarray, expected: np.ndarray, sampling_var: np.ndar
     excess = r * r - sampling_var
     med = nan_median(np.where(np.isnan(expected) | np.isnan(values), np.nan, excess), axis=1)
     return np.sqrt(np.maximum(np.nan_to_num(med / CHI2_1_MEDIAN, nan=0.0), MIN_LEVEL_SD ** 2))
+
+
+def block_spread(observed: np.ndarray, expected: np.ndarray, hours: int) -> np.ndarray:
+    """Spread of log(observed / expected) over consecutive blocks of `hours` hours, the
+    newest block ending with the last column: the noise a shift held for that long must
+    stand out from. Measured at the block length itself, because a busy or quiet day moves
+    every hour of it the same way and so does not average out (see `_tail_scale`). (S, H)
+    inputs, (S,) out; NaN with fewer than MIN_BLOCKS blocks."""
+    s, h = observed.shape
+    n_blocks = h // hours
+    if n_blocks == 0:
+        return np.full(s, np.nan)
+    cut = h - n_blocks * hours
+    o = observed[:, cut:].reshape(s, n_blocks, hours).sum(axis=2)
+    e = expected[:, cut:].reshape(s, n_blocks, hours).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.log((o + 0.5) / (e + 0.5))
+    valid = np.sum(~np.isnan(r), axis=1)
+    out = _tail_scale(r)
+    return np.where(valid >= MIN_BLOCKS, np.maximum(out, MIN_LEVEL_SD), np.nan)
+
+
+def _tail_scale(x: np.ndarray) -> np.ndarray:
+    """A normal sigma read off the upper quartile of |x| (rows, NaN ignored): it sees more of
+    a heavy tail than the median does, yet a quarter of the values may be anomalous (a
+    creep or an outage still in the baseline) without inflating it."""
+    return nan_quantile(np.abs(x), 0.75, axis=1) / Q75_ABS_NORMAL
 
 
 @dataclass(slots=True)

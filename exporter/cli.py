@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format", choices=("table", "json", "csv"), default=None, help="default: table on a terminal, json otherwise")
     _add_knobs(b)
 
+    g = sub.add_parser("rules", help="write the anomaly alert rules and thresholds from the signal specs in effect")
+    g.add_argument("--out", default="prometheus/rules", help="rules directory holding anomaly.yml and thresholds.yml")
+    g.add_argument("--check", action="store_true", help="change nothing; exit 1 when the files differ from the specs")
+    _add_knobs(g)
+
     d = sub.add_parser("demo", help="send demo traffic (a week of history, then live with anomalies) to an exporter")
     d.add_argument("--target", default="http://127.0.0.1:9473", help="exporter base URL")
     d.add_argument("--days", type=float, default=7.0, help="days of history to backfill first")
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         settings = _settings(args)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-        return {"serve": _serve, "replay": _replay, "backtest": _backtest}[args.command](settings, args)
+        return {"serve": _serve, "replay": _replay, "backtest": _backtest, "rules": _rules}[args.command](settings, args)
     except (ConfigError, PriceError, StoreError) as e:
         print(f"llm-usage-exporter: {e}", file=sys.stderr)
         return 2
@@ -179,6 +184,23 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     if problems:
         print(file_problems_report(problems), file=sys.stderr)
     return 0
+
+
+def _rules(settings: Settings, args: argparse.Namespace) -> int:
+    from .rules import generate
+    from .signals import signal_specs
+
+    out = Path(args.out)
+    if not (out / "thresholds.yml").is_file():
+        raise ConfigError(f"rules: {out} holds no thresholds.yml (point --out at prometheus/rules)")
+    try:
+        specs = signal_specs(settings.signals)
+        stale = generate(out, specs, check=args.check)
+    except ValueError as e:
+        raise ConfigError(f"rules: {e}") from None
+    for path in stale:
+        print(f"{'differs from the specs' if args.check else 'written'}: {path}")
+    return 1 if args.check and stale else 0
 
 
 def _backtest(settings: Settings, args: argparse.Namespace) -> int:

@@ -41,10 +41,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import sketch
-from .baseline import (ErrorStats, SizeStats, burstiness, error_stats, level_spread, nan_median, seasonal_profile,
-                       size_stats, sum_spread)
+from .baseline import (ErrorStats, SizeStats, block_spread, burstiness, error_stats, level_spread,
+                       nan_median, seasonal_profile, size_stats, sum_spread)
 from .buckets import F
-from .evidence import binomial_z, count_z, mean_z, z_threshold
+from .evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from .history import QUANTILES, ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 
@@ -146,6 +146,16 @@ class Baseline:
     errors: ErrorStats
     quantile: dict[str, np.ndarray]           # kind -> (S,) median of the hourly quantiles
     threshold_bins: np.ndarray                # (S, kinds) sketch bin of each kind's exceedance threshold
+    sustained: dict[int, "Sustained"]          # hours -> the baseline of a shift held that long
+
+
+@dataclass(slots=True)
+class Sustained:
+    """For a request-rate shift held over the last k whole hours (the k hours up to
+    `Baseline.end`): the spread of k-hour request counts around their expectation, from the
+    baseline hours before those k."""
+
+    count_sd: np.ndarray
 
 
 class Evaluator:
@@ -204,8 +214,12 @@ class Evaluator:
         qs = np.where(held[..., None], q[:, base], np.nan)
         quantile = {kind: nan_median(qs[..., k], axis=1) for k, kind in enumerate(KINDS)}
         bins = np.stack([self._threshold_bin(quantile[kind], kind) for kind in KINDS], axis=1)
+        sustained = {}
+        for k in SUSTAINED_HOURS:
+            cols = slice(24 * SEASONAL_DAYS + 1 - k, 24 * SEASONAL_DAYS + count + 1 - k)
+            sustained[k] = Sustained(block_spread(np.nan_to_num(req[:, cols]), np.nan_to_num(requests[:, cols]), k))
         b = Baseline(
-            end=end, first=int(first),
+            end=end, first=int(first), sustained=sustained,
             requests=seasonal(req, 0.5, 1.0),
             cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], spread),
             tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, spread),
@@ -284,6 +298,7 @@ class _Context:
         idx = np.array(ev.coarse_slots) - 1
         self.above, self.samples = ca[:, idx], ct[:, idx]          # (S, W, kinds)
         self._expected: np.ndarray | None = None
+        self._whole: dict[int, np.ndarray] = {}
 
     def expected_requests(self) -> np.ndarray:
         """(S, W) requests the time of day leads to expect in each window: the seasonal hourly
@@ -316,6 +331,13 @@ class _Context:
         slots = self._coarse_abs[-self.ev.coarse_slots[w]:]
         sk = self.h.coarse_sketches(rows, slots, k)
         return sketch.quantile(sk, q)
+
+    def whole_hours(self, k: int) -> np.ndarray:
+        """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
+        if k not in self._whole:
+            adds, _ = self.h._take_hours(np.arange(self.base.end + 1 - k, self.base.end + 1))
+            self._whole[k] = adds.sum(axis=1)
+        return self._whole[k]
 
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
@@ -360,17 +382,50 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     up = ok & (z >= c.zc) & (rate >= spec.min_current)
     down = ok & (z <= -c.zc) & (usual >= spec.min_current) & (spec.drop_warning_ratio > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        warn = (up & (ratio >= spec.warning_ratio)) | (down & (ratio <= 1 / spec.drop_warning_ratio))
-        high = up & (ratio >= spec.high_ratio)
-        if spec.drop_high_ratio > 0:
-            high |= down & (ratio <= 1 / spec.drop_high_ratio)
+        warn_up, high_up = up & (ratio >= spec.warning_ratio), up & (ratio >= spec.high_ratio)
+        warn_down = down & (ratio <= 1 / spec.drop_warning_ratio) if spec.drop_warning_ratio > 0 else np.zeros_like(up)
+        high_down = down & (ratio <= 1 / spec.drop_high_ratio) if spec.drop_high_ratio > 0 else np.zeros_like(up)
+    held_up, held_down = _sustained_requests(spec, c)
+    sev = np.maximum(_severity(warn_up | warn_down, high_up | high_down),
+                     np.where(held_up | held_down, int(Severity.WARNING), 0))
     zs, win, _ = _strongest(np.where(ok, z, np.nan), c.zc, c.ev.window_s)
+    # the sign of the published z says which way the verdict went (the alerts split on it)
+    rising = warn_up.any(axis=1) | held_up
+    falling = (warn_down.any(axis=1) | held_down) & ~rising
+    zs = np.where(rising, np.abs(zs), np.where(falling, -np.abs(zs), zs))
+    fired = (warn_up | warn_down).any(axis=1)
+    window = np.where(fired, win, np.where(held_up | held_down, 3600.0 * SUSTAINED_HOURS[0], 0.0))
     current, baseline = rate[:, -1], usual[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
     lo, hi = _band(baseline, band_sd, c.zc[-1])
-    return _verdict(c, spec, current, baseline, zs, lo, hi, _severity(warn, high), np.where(warn.any(1), win, 0.0),
-                    excess=n[:, -1] - expected[:, -1])
+    return _verdict(c, spec, current, baseline, zs, lo, hi, sev, window, excess=n[:, -1] - expected[:, -1])
+
+
+def _sustained_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray]:
+    """A smaller shift of the request rate, either way, held over the last 2, 4 or 8 whole
+    hours: against the sum of those hours' seasonal expectations, judged by how much k-hour
+    sums strayed from theirs in the baseline (and by sampling noise, for quiet scopes)."""
+    b = c.base
+    rising, falling = np.zeros(c.n, dtype=bool), np.zeros(c.n, dtype=bool)
+    if spec.sustained_ratio <= 0:
+        return rising, falling
+    ready = c.ready(spec)
+    for j, k in enumerate(SUSTAINED_HOURS):
+        n = c.whole_hours(k)[:, F["requests"]]
+        cols = np.arange(b.end + 1 - k, b.end + 1) - b.first
+        expected = b.requests.expected[:, cols].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = (n + 0.5) / (expected + 0.5)
+            z_level = np.log(ratio) / b.sustained[k].count_sd
+        z_sampling = quasi_poisson_z(n, expected, b.burstiness)
+        z = np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            up = (z >= c.zc_long[j]) & (ratio >= spec.sustained_ratio) & (n / (60.0 * k) >= spec.min_current)
+            down = (z <= -c.zc_long[j]) & (ratio <= 1 / spec.sustained_ratio) & (expected / (60.0 * k) >= spec.min_current)
+        rising |= ready & np.isfinite(expected) & up
+        falling |= ready & np.isfinite(expected) & down
+    return rising, falling
 
 
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float) -> Verdict:
@@ -407,20 +462,18 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         count_ok = hour_ok & (z_count >= c.zc[-1])
         warn[:, -1] |= (total_ok & (total_ratio >= spec.warning_ratio)) | (count_ok & (count_ratio >= spec.warning_ratio))
         high[:, -1] |= (total_ok & (total_ratio >= spec.high_ratio)) | (count_ok & (count_ratio >= spec.high_ratio))
-    # 4. a creep: a smaller size rise held for hours
+    # 4. a creep: a smaller size rise held for hours, against a baseline without those hours
     creep = np.zeros(c.n, dtype=bool)
     if spec.sustained_ratio > 0:
-        hour_now = math.floor(c.t / 3600)
         for j, k in enumerate(SUSTAINED_HOURS):
-            adds, _ = c.h._take_hours(np.arange(hour_now - k + 1, hour_now + 1))
-            s = adds.sum(axis=1)
-            mk = s[:, F["sized_requests"]]
+            sums = c.whole_hours(k)
+            mk = sums[:, F["sized_requests"]]
             with np.errstate(invalid="ignore", divide="ignore"):
-                mean_k = s[:, F["log_tokens"]] / mk
-            stk = c.ev._sizes_before(hour_now - k + 1)
-            zk = mean_z(mean_k, mk, stk.centre, stk.var, stk.dispersion)
+                mean_k = sums[:, F["log_tokens"]] / mk
+            st_k = c.ev._sizes_before(b.end + 1 - k)
+            zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
             with np.errstate(invalid="ignore"):
-                creep |= ok & (zk >= c.zc_long[j]) & (np.exp(np.nan_to_num(mean_k - stk.centre)) >= spec.sustained_ratio)
+                creep |= ok & (zk >= c.zc_long[j]) & (np.exp(np.nan_to_num(mean_k - st_k.centre)) >= spec.sustained_ratio)
     sev = _severity(warn, high)
     sev = np.maximum(sev, np.where(creep, int(Severity.WARNING), 0))
     zs, win, rel = _strongest(np.where(ok[:, None], z_size, np.nan), c.zc, c.ev.window_s)

@@ -41,8 +41,9 @@ class SignalSpec:
     value falls to 1/ratio or below, so 2 reads "halved". Request rate moves both ways and
     has its own pair for drops (`drop_warning_ratio` / `drop_high_ratio`): night-time lulls
     in real traffic routinely reach a third of the usual rate, outages reach a tenth.
-    `sustained_ratio`: for cost and tokens, a smaller rise that warns when it holds for
-    hours (a creep), judged over 2, 4 and 8 hours.
+    `sustained_ratio`: a smaller change that warns when it holds for hours (a creep, a
+    level shift), judged over 2, 4 and 8 hours: for cost and tokens a rise in request
+    size, for the request rate a shift either way against the time of day.
     `min_current`: the smallest value worth a verdict, in the signal's unit (a jump from
     $0.001 to $0.003 an hour is not an anomaly); for drops it applies to the baseline.
     `min_baseline_hours`: history needed before the first verdict.
@@ -63,10 +64,32 @@ class SignalSpec:
     sustained_ratio: float = 0.0
     min_baseline_hours: int = 24
     help: str = ""
+    text: "SignalText | None" = None
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return ("up", "down") if self.direction == "both" else (self.direction,)
 
     def knobs(self) -> dict[str, float]:
         """The tunable numbers, by name (what `signals.<name>.<knob>` may override)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in TUNABLE}
+
+
+@dataclass(frozen=True, slots=True)
+class SignalText:
+    """How a signal reads in alerts and dashboards (the generated rules take it from here).
+
+    `alerts` names the alert of each direction the signal moves in; `measure` starts the
+    alert's description; `value` renders a number of the signal's unit in an alert
+    template as prefix, Go template function and suffix; `grafana_unit` and `axis` are for
+    panels."""
+
+    title: str
+    alerts: dict[str, tuple[str, str]]       # direction -> (alert name, summary)
+    measure: str
+    value: tuple[str, str, str]
+    grafana_unit: str
+    axis: str
 
 
 TUNABLE = ("warning_ratio", "high_ratio", "drop_warning_ratio", "drop_high_ratio", "sustained_ratio",
@@ -83,20 +106,45 @@ TUNABLE = ("warning_ratio", "high_ratio", "drop_warning_ratio", "drop_high_ratio
 # - latency p95 2.5x / 5x; TTFT p95 2x / 4x; throughput down to 1/1.75 and 1/3.5.
 DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("cost_per_hour", "USD", "up", 1.5, 3.0, 0.10, "usage", sustained_ratio=1.25,
-               help="cost over the window, scaled to one hour"),
+               help="cost over the window, scaled to one hour",
+               text=SignalText("Cost per hour", {"up": ("LLMCostSpike", "LLM spend is far above its usual level")},
+                               "Cost over the last hour", ("$", 'printf "%.2f"', "/h"), "currencyUSD", "USD / hour")),
     SignalSpec("token_velocity", "tokens/min", "up", 2.0, 4.0, 100.0, "usage", sustained_ratio=1.5,
-               help="tokens per minute over the window (all token types)"),
+               help="tokens per minute over the window (all token types)",
+               text=SignalText("Token velocity",
+                               {"up": ("LLMTokenVelocitySpike", "LLM token throughput is far above its usual level")},
+                               "Tokens per minute over the last hour", ("", "humanize", " tokens/min"), "short",
+                               "tokens / min")),
     SignalSpec("request_rate", "requests/min", "both", 3.0, 6.0, 0.5, "usage", drop_warning_ratio=5.0,
-               drop_high_ratio=10.0, min_baseline_hours=72,
-               help="requests per minute over the window, against the same time of day"),
+               drop_high_ratio=10.0, sustained_ratio=1.5, min_baseline_hours=72,
+               help="requests per minute over the window, against the same time of day",
+               text=SignalText("Request rate",
+                               {"up": ("LLMRequestRateSpike", "LLM request rate is far above its usual level"),
+                                "down": ("LLMRequestRateDrop", "LLM request rate has fallen far below its usual level")},
+                               "Requests per minute over the last hour", ("", 'printf "%.1f"', " requests/min"), "short",
+                               "requests / min")),
     SignalSpec("error_rate", "ratio", "up", 2.5, 5.0, 0.05, "performance",
-               help="errors / requests over the window"),
+               help="errors / requests over the window",
+               text=SignalText("Error rate", {"up": ("LLMErrorRateSpike", "LLM error rate is far above its usual level")},
+                               "The share of failed requests over the last hour", ("", "humanizePercentage", ""),
+                               "percentunit", "errors / requests")),
     SignalSpec("latency_p95", "seconds", "up", 2.5, 5.0, 0.0, "performance",
-               help="p95 request duration over the window"),
+               help="p95 request duration over the window",
+               text=SignalText("Latency p95",
+                               {"up": ("LLMLatencySpike", "LLM request latency (p95) is far above its usual level")},
+                               "p95 request duration over the last hour", ("", "humanizeDuration", ""), "s", "seconds")),
     SignalSpec("ttft_p95", "seconds", "up", 2.0, 4.0, 0.0, "performance",
-               help="p95 time to first token over the window (streamed requests)"),
+               help="p95 time to first token over the window (streamed requests)",
+               text=SignalText("Time to first token p95",
+                               {"up": ("LLMTimeToFirstTokenSpike",
+                                       "LLM time to first token (p95) is far above its usual level")},
+                               "p95 time to first token over the last hour", ("", "humanizeDuration", ""), "s", "seconds")),
     SignalSpec("output_tokens_per_second", "tokens/s", "down", 1.75, 3.5, 1.0, "performance",
-               help="median output tokens per second of generation time"),
+               help="median output tokens per second of generation time",
+               text=SignalText("Output tokens per second",
+                               {"down": ("LLMThroughputDrop", "LLM output throughput has fallen far below its usual level")},
+                               "Median output throughput over the last hour", ("", 'printf "%.1f"', " tokens/s"), "short",
+                               "tokens / s")),
 )
 
 SIGNAL_NAMES: tuple[str, ...] = tuple(s.name for s in DEFAULT_SIGNALS)
