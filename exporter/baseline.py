@@ -56,7 +56,9 @@ def nan_quantile(x: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
 def seasonal_profile(values: np.ndarray, days: int, first: int, count: int) -> np.ndarray:
     """Expected value of hours first .. first + count - 1 (indices into the columns of
     `values`, (S, H) hourly values oldest first): the median of the same hour on up to
-    `days` earlier days, NaN with fewer than MIN_DAYS of them."""
+    `days` earlier days. With fewer than MIN_DAYS of them, the median of the day before
+    (of at least MIN_HOURS hours): a young scope is judged against its recent level
+    until it has days enough for a time of day."""
     s, h = values.shape
     out = np.full((s, count), np.nan)
     stack = np.full((days, s, count), np.nan)
@@ -67,6 +69,12 @@ def seasonal_profile(values: np.ndarray, days: int, first: int, count: int) -> n
     enough = np.sum(~np.isnan(stack), axis=0) >= MIN_DAYS
     med = nan_median(stack, axis=0)
     out[enough] = med[enough]
+    for j in np.flatnonzero(~enough.all(axis=0)).tolist():     # young scopes: the day before
+        rows = np.flatnonzero(~enough[:, j])
+        recent = values[rows, max(first + j - 24, 0):first + j]
+        if recent.shape[1]:
+            known = np.sum(~np.isnan(recent), axis=1) >= MIN_HOURS
+            out[rows[known], j] = nan_median(recent[known], axis=1)
     return out
 
 

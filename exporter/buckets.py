@@ -19,12 +19,13 @@ from .records import RecordColumns
 FIELDS: tuple[str, ...] = (
     "requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
     "cache_write_tokens", "reasoning_tokens", "cost", "unpriced", "empty_outputs",
-    "sized_requests", "log_tokens", "log_tokens_sq")
-# The last three describe request size: over successful requests that used tokens, their
-# count and the sum and sum of squares of log(total tokens). A window's mean log size is
-# the anomaly evaluator's least noisy view of "each request got bigger" (a prompt change, a
-# context that keeps growing), which sums of tokens or cost hide under the request count's
-# burstiness. Buckets written before these fields existed read them as 0.
+    "sized_requests", "log_tokens", "log_tokens_sq", "costed_requests", "log_cost", "log_cost_sq")
+# The last six describe request size: over successful requests that used tokens (that
+# cost something), their count and the sum and sum of squares of log(total tokens) (of
+# log(cost)). A window's mean log size is the anomaly evaluator's least noisy view of
+# "each request got bigger" (a prompt change, a context that keeps growing, a switch to a
+# pricier model), which sums of tokens or cost hide under the request count's burstiness.
+# Buckets written before these fields existed read them as 0.
 F = {name: i for i, name in enumerate(FIELDS)}
 SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps")
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
@@ -84,6 +85,11 @@ def record_values(cols: RecordColumns, cost: np.ndarray) -> np.ndarray:
     out[:, F["sized_requests"]] = sized
     out[:, F["log_tokens"]] = log_size
     out[:, F["log_tokens_sq"]] = log_size * log_size
+    costed = (out[:, F["cost"]] > 0) & ~cols.is_error
+    log_cost = np.log(np.where(costed, out[:, F["cost"]], 1.0))
+    out[:, F["costed_requests"]] = costed
+    out[:, F["log_cost"]] = log_cost
+    out[:, F["log_cost_sq"]] = log_cost * log_cost
     return out
 
 

@@ -55,6 +55,8 @@ SEASONAL_DAYS = 7                                               # earlier days a
 TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5}             # share beyond the baseline quantile when normal
 KINDS = tuple(QUANTILES)                                        # latency, ttft, otps
 MIN_SAMPLES = 5
+SIZE_FIELDS = {"tokens": ("sized_requests", "log_tokens", "log_tokens_sq"),
+               "cost": ("costed_requests", "log_cost", "log_cost_sq")}
 ERROR_RATIO_FLOOR = 0.01
 LOG_FLOOR = {"cost_per_hour": 0.01, "token_velocity": 1.0}     # keeps log ratios of near-zero totals finite
 
@@ -78,6 +80,7 @@ class Verdict:
     severity: np.ndarray
     window: np.ndarray
     excess: np.ndarray
+    effects: "Effects | None" = None
     explained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
@@ -142,6 +145,7 @@ class Baseline:
     tokens: Seasonal
     burstiness: np.ndarray                    # (S,) dispersion of request counts within an hour
     size_spread: np.ndarray                   # (S,) 1 + CV^2 of request sizes: a sum of n varies this much more than n
+    costs: SizeStats                          # log cost per request, as `sizes` is for log tokens
     sizes: SizeStats
     errors: ErrorStats
     quantile: dict[str, np.ndarray]           # kind -> (S,) median of the hourly quantiles
@@ -168,7 +172,7 @@ class Evaluator:
         self.baseline_s = baseline
         self.alert_budget = alert_budget
         self._baseline: Baseline | None = None
-        self._sizes_at: dict[int, SizeStats] = {}
+        self._sizes_at: dict[tuple[int, str], SizeStats] = {}
         self._key: tuple[int, int] | None = None
         h = history
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
@@ -197,7 +201,8 @@ class Evaluator:
         base = slice(24 * SEASONAL_DAYS, 24 * SEASONAL_DAYS + count)   # columns of the baseline hours
         disp = burstiness(np.nan_to_num(req[:, base]), burst[:, base], round(3600 / h.coarse))
 
-        sizes = self._size_stats(np.where(~unknown[:, base, None], adds[:, base], 0.0))
+        held_adds = np.where(~unknown[:, base, None], adds[:, base], 0.0)
+        sizes = self._size_stats(held_adds)
         requests = seasonal_profile(req, SEASONAL_DAYS, 0, req.shape[1])
         spread = sum_spread(sizes)
 
@@ -224,7 +229,7 @@ class Evaluator:
             cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], spread),
             tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, spread),
             burstiness=disp, size_spread=spread,
-            sizes=sizes,
+            sizes=sizes, costs=self._size_stats(held_adds, "cost"),
             errors=error_stats(baseline_adds[..., F["requests"]], baseline_adds[..., F["errors"]]),
             quantile=quantile, threshold_bins=bins)
         self._baseline, self._key, self._sizes_at = b, key, {}
@@ -243,17 +248,18 @@ class Evaluator:
         return np.where(b >= 0, b + 1, -1)                # count bins >= b + 1
 
     @staticmethod
-    def _size_stats(adds: np.ndarray) -> SizeStats:
-        return size_stats(adds[..., F["sized_requests"]], adds[..., F["log_tokens"]], adds[..., F["log_tokens_sq"]])
+    def _size_stats(adds: np.ndarray, kind: str = "tokens") -> SizeStats:
+        n, s1, s2 = SIZE_FIELDS[kind]
+        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]])
 
-    def _sizes_before(self, end: int) -> SizeStats:
+    def _sizes_before(self, end: int, kind: str) -> SizeStats:
         """Size statistics of the baseline that ends at `end` (for the long windows, whose
         hours must not be in their own baseline)."""
-        if end not in self._sizes_at:
+        if (end, kind) not in self._sizes_at:
             count = int(round(self.baseline_s / 3600))
             adds, _ = self.history._take_hours(np.arange(end - count, end))
-            self._sizes_at[end] = self._size_stats(adds)
-        return self._sizes_at[end]
+            self._sizes_at[(end, kind)] = self._size_stats(adds, kind)
+        return self._sizes_at[(end, kind)]
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -344,14 +350,58 @@ class _Context:
 
 
 # --- the judges: one per signal -------------------------------------------------------
+#
+# A judge measures; it does not decide. For every scope it reports the largest effect
+# (ratio to the baseline, or its inverse for a fall) among the windows whose evidence
+# passed, and the same for a shift held for hours. `grade` turns those effects into a
+# severity with the spec's ratios, so the thresholds are applied in one place, and
+# `llm-usage-exporter tune` can re-grade a backtest at other ratios without re-running it.
 
-Judge = Callable[[SignalSpec, _Context], Verdict]
+Judge = Callable[[SignalSpec, "_Context"], Verdict]
 
 
-def _severity(passes_warning: np.ndarray, passes_high: np.ndarray) -> np.ndarray:
-    """(S, W) gates to (S,) severity."""
-    sev = np.where(passes_warning.any(axis=1), int(Severity.WARNING), 0)
-    return np.where(passes_high.any(axis=1), int(Severity.HIGH), sev)
+@dataclass(slots=True)
+class Effects:
+    """Per scope: the strongest significant rise (ratio >= 1) and fall (1 / ratio), over
+    the windows judged, and over the 2 to 8 hour windows of a held shift; 0 where none."""
+
+    rise: np.ndarray
+    fall: np.ndarray
+    held_rise: np.ndarray
+    held_fall: np.ndarray
+
+    @classmethod
+    def none(cls, n: int) -> "Effects":
+        z = np.zeros(n)
+        return cls(z, z.copy(), z.copy(), z.copy())
+
+
+def _largest(effect: np.ndarray, passed: np.ndarray) -> np.ndarray:
+    """(S, W) effects where the evidence passed, to the largest per scope (0 where none)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(passed & np.isfinite(effect), effect, 0.0).max(axis=1, initial=0.0)
+
+
+def grade(spec: SignalSpec, e: Effects) -> tuple[np.ndarray, np.ndarray]:
+    """Severity (0 ok, 1 warning, 2 high) and direction (+1 rose, -1 fell, 0) of each scope,
+    from its effects and the spec's ratios."""
+    up = "up" in spec.directions
+    down = "down" in spec.directions
+    drop_w, drop_h = ((spec.drop_warning_ratio, spec.drop_high_ratio) if spec.direction == "both"
+                      else (spec.warning_ratio, spec.high_ratio))
+
+    def reach(effect: np.ndarray, ratio: float, allowed: bool) -> np.ndarray:
+        return (effect >= ratio) & (ratio > 0) & allowed
+
+    warn_up, high_up = reach(e.rise, spec.warning_ratio, up), reach(e.rise, spec.high_ratio, up)
+    warn_down, high_down = reach(e.fall, drop_w, down), reach(e.fall, drop_h, down)
+    held_up = reach(e.held_rise, spec.sustained_ratio, up)
+    held_down = reach(e.held_fall, spec.sustained_ratio, down)
+    sev = np.where(high_up | high_down, int(Severity.HIGH),
+                   np.where(warn_up | warn_down | held_up | held_down, int(Severity.WARNING), 0))
+    rising = warn_up | held_up
+    direction = np.where(rising, 1, np.where(warn_down | held_down, -1, 0))
+    return sev.astype(np.int64), direction
 
 
 def _strongest(z: np.ndarray, zc: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -373,43 +423,29 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     b = c.base
     n = c.sums[..., F["requests"]]
     expected = c.expected_requests()
-    disp, sd = b.burstiness[:, None], b.requests.level_sd[:, None]
-    z = count_z(n, expected, sd, disp)
+    z = count_z(n, expected, b.requests.level_sd[:, None], b.burstiness[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (n + 0.5) / (expected + 0.5)
         rate, usual = n / c.window_min, expected / c.window_min
     ok = c.ready(spec)[:, None] & np.isfinite(expected)
-    up = ok & (z >= c.zc) & (rate >= spec.min_current)
-    down = ok & (z <= -c.zc) & (usual >= spec.min_current) & (spec.drop_warning_ratio > 0)
+    rising = ok & (z >= c.zc) & (rate >= spec.min_current)
+    falling = ok & (z <= -c.zc) & (usual >= spec.min_current)
     with np.errstate(invalid="ignore", divide="ignore"):
-        warn_up, high_up = up & (ratio >= spec.warning_ratio), up & (ratio >= spec.high_ratio)
-        warn_down = down & (ratio <= 1 / spec.drop_warning_ratio) if spec.drop_warning_ratio > 0 else np.zeros_like(up)
-        high_down = down & (ratio <= 1 / spec.drop_high_ratio) if spec.drop_high_ratio > 0 else np.zeros_like(up)
-    held_up, held_down = _sustained_requests(spec, c)
-    sev = np.maximum(_severity(warn_up | warn_down, high_up | high_down),
-                     np.where(held_up | held_down, int(Severity.WARNING), 0))
+        e = Effects(_largest(ratio, rising), _largest(1.0 / ratio, falling), *_held_requests(spec, c))
     zs, win, _ = _strongest(np.where(ok, z, np.nan), c.zc, c.ev.window_s)
-    # the sign of the published z says which way the verdict went (the alerts split on it)
-    rising = warn_up.any(axis=1) | held_up
-    falling = (warn_down.any(axis=1) | held_down) & ~rising
-    zs = np.where(rising, np.abs(zs), np.where(falling, -np.abs(zs), zs))
-    fired = (warn_up | warn_down).any(axis=1)
-    window = np.where(fired, win, np.where(held_up | held_down, 3600.0 * SUSTAINED_HOURS[0], 0.0))
     current, baseline = rate[:, -1], usual[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
     lo, hi = _band(baseline, band_sd, c.zc[-1])
-    return _verdict(c, spec, current, baseline, zs, lo, hi, sev, window, excess=n[:, -1] - expected[:, -1])
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=n[:, -1] - expected[:, -1])
 
 
-def _sustained_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray]:
-    """A smaller shift of the request rate, either way, held over the last 2, 4 or 8 whole
-    hours: against the sum of those hours' seasonal expectations, judged by how much k-hour
-    sums strayed from theirs in the baseline (and by sampling noise, for quiet scopes)."""
+def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray]:
+    """A shift of the request rate held over the last 2, 4 or 8 whole hours: against the sum
+    of those hours' seasonal expectations, judged by how much k-hour sums strayed from
+    theirs in the baseline (and by sampling noise, for quiet scopes). (rise, fall) effects."""
     b = c.base
-    rising, falling = np.zeros(c.n, dtype=bool), np.zeros(c.n, dtype=bool)
-    if spec.sustained_ratio <= 0:
-        return rising, falling
+    rise, fall = np.zeros(c.n), np.zeros(c.n)
     ready = c.ready(spec)
     for j, k in enumerate(SUSTAINED_HOURS):
         n = c.whole_hours(k)[:, F["requests"]]
@@ -420,79 +456,87 @@ def _sustained_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.n
             z_level = np.log(ratio) / b.sustained[k].count_sd
         z_sampling = quasi_poisson_z(n, expected, b.burstiness)
         z = np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling))
+        ok = ready & np.isfinite(expected)
         with np.errstate(invalid="ignore", divide="ignore"):
-            up = (z >= c.zc_long[j]) & (ratio >= spec.sustained_ratio) & (n / (60.0 * k) >= spec.min_current)
-            down = (z <= -c.zc_long[j]) & (ratio <= 1 / spec.sustained_ratio) & (expected / (60.0 * k) >= spec.min_current)
-        rising |= ready & np.isfinite(expected) & up
-        falling |= ready & np.isfinite(expected) & down
-    return rising, falling
+            up = ok & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
+            down = ok & (z <= -c.zc_long[j]) & (expected / (60.0 * k) >= spec.min_current)
+            rise = np.fmax(rise, np.where(up, ratio, 0.0))
+            fall = np.fmax(fall, np.where(down, 1.0 / ratio, 0.0))
+    return rise, fall
 
 
-def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float) -> Verdict:
-    """cost_per_hour and token_velocity: size, count, total and creep evidence."""
-    b = c.base
-    # 1. requests got bigger: mean log tokens per request on every window
-    m = c.sums[..., F["sized_requests"]]
+def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(z, ratio) per window of the mean log size of one kind against the baseline."""
+    n, s1, _ = SIZE_FIELDS[kind]
+    m = c.sums[..., F[n]]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = c.sums[..., F["log_tokens"]] / m
-    st = b.sizes
-    z_size = mean_z(mean, m, st.centre[:, None], st.var[:, None], st.dispersion[:, None])
-    size_ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
-    # 2. the hour's total against the time of day, and 3. its request count
-    hour_value = value                                             # (S,) over the configured window
+        mean = c.sums[..., F[s1]] / m
+    z = mean_z(mean, m, st.centre[:, None], st.var[:, None], st.dispersion[:, None])
+    return z, np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
+
+
+def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,
+                 kinds: tuple[str, ...]) -> Verdict:
+    """cost_per_hour and token_velocity: size, count, total and creep evidence. `kinds` are
+    the request sizes that count as evidence: tokens for both, cost per request too for
+    cost (a switch to a pricier model, or records that carry their cost)."""
+    b = c.base
+    stats = {"tokens": b.sizes, "cost": b.costs}
+    # 1. requests got bigger: mean log size per request on every window
+    sized = {k: _size_evidence(c, stats[k], k) for k in kinds}
+    z_size, size_ratio = sized["tokens"]
+    # 2. the hour's total against the time of day (a few huge requests), and
+    # 3. the hour's request count (more requests of the usual size)
     expected = c.expected(seasonal, [c.ev.fine_slots[-1]])[:, 0]
     floor = LOG_FLOOR[spec.name] * (60.0 if spec.name == "token_velocity" else 1.0)
     n_req, exp_req = c.sums[:, -1, F["requests"]], c.expected_requests()[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread * b.burstiness / np.maximum(exp_req, 0.5))
-        z_total = np.log((hour_value + floor) / (expected + floor)) / total_sd
-        total_ratio = hour_value / expected
-    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness)
-    with np.errstate(invalid="ignore", divide="ignore"):
+        z_total = np.log((value + floor) / (expected + floor)) / total_sd
+        total_ratio = value / expected
         count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
-    current = hour_value * per
-    base_value = expected * per
+    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness)
+    current, base_value = value * per, expected * per
     ok = c.ready(spec) & (current >= spec.min_current)
-    size_ok = ok[:, None] & (z_size >= c.zc)
     hour_ok = ok & np.isfinite(expected)
-    warn = size_ok & (size_ratio >= spec.warning_ratio)
-    high = size_ok & (size_ratio >= spec.high_ratio)
+    rise = np.zeros(c.n)
+    for z, ratio in sized.values():
+        with np.errstate(invalid="ignore"):
+            rise = np.fmax(rise, _largest(ratio, ok[:, None] & (z >= c.zc)))
     with np.errstate(invalid="ignore"):
-        total_ok = hour_ok & (z_total >= c.zc[-1])
-        count_ok = hour_ok & (z_count >= c.zc[-1])
-        warn[:, -1] |= (total_ok & (total_ratio >= spec.warning_ratio)) | (count_ok & (count_ratio >= spec.warning_ratio))
-        high[:, -1] |= (total_ok & (total_ratio >= spec.high_ratio)) | (count_ok & (count_ratio >= spec.high_ratio))
+        rise = np.fmax(rise, np.fmax(np.where(hour_ok & (z_total >= c.zc[-1]), total_ratio, 0.0),
+                                     np.where(hour_ok & (z_count >= c.zc[-1]), count_ratio, 0.0)))
     # 4. a creep: a smaller size rise held for hours, against a baseline without those hours
-    creep = np.zeros(c.n, dtype=bool)
-    if spec.sustained_ratio > 0:
-        for j, k in enumerate(SUSTAINED_HOURS):
-            sums = c.whole_hours(k)
-            mk = sums[:, F["sized_requests"]]
+    held = np.zeros(c.n)
+    for j, k in enumerate(SUSTAINED_HOURS):
+        sums = c.whole_hours(k)
+        for kind in kinds:
+            n, s1, _ = SIZE_FIELDS[kind]
+            mk = sums[:, F[n]]
             with np.errstate(invalid="ignore", divide="ignore"):
-                mean_k = sums[:, F["log_tokens"]] / mk
-            st_k = c.ev._sizes_before(b.end + 1 - k)
+                mean_k = sums[:, F[s1]] / mk
+            st_k = c.ev._sizes_before(b.end + 1 - k, kind)
             zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
             with np.errstate(invalid="ignore"):
-                creep |= ok & (zk >= c.zc_long[j]) & (np.exp(np.nan_to_num(mean_k - st_k.centre)) >= spec.sustained_ratio)
-    sev = _severity(warn, high)
-    sev = np.maximum(sev, np.where(creep, int(Severity.WARNING), 0))
-    zs, win, rel = _strongest(np.where(ok[:, None], z_size, np.nan), c.zc, c.ev.window_s)
+                held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
+                                              np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
+    e = Effects(rise, np.zeros(c.n), held, np.zeros(c.n))
+    z_best = np.fmax.reduce([np.where(ok[:, None], z, np.nan) for z, _ in sized.values()])
+    zs, win, rel = _strongest(z_best, c.zc, c.ev.window_s)
     with np.errstate(invalid="ignore"):
         use_total = ok & (np.nan_to_num(np.abs(z_total) / c.zc[-1], nan=-1.0) > rel)
     zs = np.where(use_total, z_total, zs)
     win = np.where(use_total, c.ev.window_s[-1], win)
     lo, hi = _band(base_value, total_sd, c.zc[-1])
-    fired = warn.any(axis=1)
-    window = np.where(fired, win, np.where(creep, 3600.0 * SUSTAINED_HOURS[0], 0.0))
-    return _verdict(c, spec, current, base_value, zs, lo, hi, sev, window, excess=hour_value - expected)
+    return _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=value - expected)
 
 
 def judge_cost(spec: SignalSpec, c: _Context) -> Verdict:
-    return _judge_usage(spec, c, c.base.cost, c.win.adds[:, F["cost"]], 3600.0 / c.hour_s)
+    return _judge_usage(spec, c, c.base.cost, c.win.adds[:, F["cost"]], 3600.0 / c.hour_s, ("tokens", "cost"))
 
 
 def judge_tokens(spec: SignalSpec, c: _Context) -> Verdict:
-    return _judge_usage(spec, c, c.base.tokens, token_sum(c.win.adds), 60.0 / c.hour_s)
+    return _judge_usage(spec, c, c.base.tokens, token_sum(c.win.adds), 60.0 / c.hour_s, ("tokens",))
 
 
 def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
@@ -502,15 +546,14 @@ def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(n > 0, e / n, np.nan)
         ratio = share / np.maximum(st.ratio[:, None], ERROR_RATIO_FLOOR)
-    ok = c.ready(spec)[:, None] & (z >= c.zc) & (share >= spec.min_current)
-    warn, high = ok & (ratio >= spec.warning_ratio), ok & (ratio >= spec.high_ratio)
+        passed = c.ready(spec)[:, None] & (z >= c.zc) & (share >= spec.min_current)
+    effects = Effects(_largest(ratio, passed), np.zeros(c.n), np.zeros(c.n), np.zeros(c.n))
     zs, win, _ = _strongest(np.where(c.ready(spec)[:, None], z, np.nan), c.zc, c.ev.window_s)
     baseline = st.ratio
     sd = np.sqrt(st.dispersion * baseline * (1 - baseline) / np.maximum(n[:, -1], 1))
     with np.errstate(invalid="ignore", divide="ignore"):
         lo, hi = np.maximum(baseline - c.zc[-1] * sd, 0), baseline + c.zc[-1] * sd
-    return _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, _severity(warn, high), np.where(warn.any(1), win, 0.0),
-                    excess=e[:, -1] - st.ratio * n[:, -1])
+    return _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e[:, -1] - st.ratio * n[:, -1])
 
 
 def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -525,45 +568,47 @@ def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.n
     return z, slow, total
 
 
-def _gate_quantile(c: _Context, kind: str, passing: np.ndarray, ratio: float, q: float) -> np.ndarray:
-    """Where the evidence passed, does the window's quantile pass the ratio too? (S, W)."""
-    out = np.zeros_like(passing)
+def _quantile_effect(c: _Context, kind: str, passed: np.ndarray) -> np.ndarray:
+    """(S, W) effect of one kind where its evidence passed: the window's quantile over the
+    baseline's (its inverse for throughput, where slower is lower); 0 elsewhere. The
+    window's sketches are summed only for those scopes."""
+    out = np.zeros(passed.shape)
     base_q = c.base.quantile[kind]
-    for w in range(passing.shape[1]):
-        rows = np.flatnonzero(passing[:, w])
+    for w in range(passed.shape[1]):
+        rows = np.flatnonzero(passed[:, w])
         if not rows.size:
             continue
-        qw = c.window_quantile(kind, rows, w, q)
+        qw = c.window_quantile(kind, rows, w, QUANTILES[kind])
         with np.errstate(invalid="ignore", divide="ignore"):
             r = qw / base_q[rows]
-            out[rows, w] = (r <= 1 / ratio) if kind == "otps" else (r >= ratio)
+            out[rows, w] = np.nan_to_num(1.0 / r if kind == "otps" else r, nan=0.0, posinf=0.0)
     return out
 
 
 def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown: str) -> Verdict:
-    """latency_p95 (its own kind, TTFT and token speed as evidence), ttft_p95, throughput."""
+    """latency_p95 (its own kind, TTFT and token speed as evidence), ttft_p95, throughput.
+    Effects are rises for latency and TTFT, falls for throughput."""
     ready = c.ready(spec)[:, None]
-    warn = np.zeros((c.n, len(c.zc)), dtype=bool)
-    high = np.zeros_like(warn)
+    effect = np.zeros(c.n)
     best = np.full((c.n, len(c.zc)), np.nan)
     for kind in kinds:
         z, _, _ = _slow_evidence(c, kind)
         with np.errstate(invalid="ignore"):
-            passing = ready & (z >= c.zc)
-        q = QUANTILES[kind]
-        warn |= _gate_quantile(c, kind, passing, spec.warning_ratio, q)
-        high |= _gate_quantile(c, kind, passing, spec.high_ratio, q)
+            passed = ready & (z >= c.zc)
+        effect = np.fmax(effect, _largest(_quantile_effect(c, kind, passed), passed))
         best = np.fmax(best, np.where(ready, z, np.nan))
     zs, win, _ = _strongest(best, c.zc, c.ev.window_s)
-    current = c.win.quantiles[shown]
-    baseline = c.base.quantile[shown]
+    current, baseline = c.win.quantiles[shown], c.base.quantile[shown]
+    zero = np.zeros(c.n)
     if shown == "otps":
         current = np.where(c.win.counts[shown] >= MIN_SAMPLES, current, np.nan)
         zs = -zs                                   # slower tokens: a drop in throughput
+        e = Effects(zero, effect, zero, zero.copy())
+    else:
+        e = Effects(effect, zero, zero, zero.copy())
     _, slow, total = _slow_evidence(c, shown)
     lo, hi = baseline / spec.warning_ratio, baseline * spec.warning_ratio
-    return _verdict(c, spec, current, baseline, zs, lo, hi, _severity(warn, high), np.where(warn.any(1), win, 0.0),
-                    excess=slow[:, -1] - TAIL[shown] * total[:, -1])
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=slow[:, -1] - TAIL[shown] * total[:, -1])
 
 
 def judge_latency(spec: SignalSpec, c: _Context) -> Verdict:
@@ -579,12 +624,15 @@ def judge_throughput(spec: SignalSpec, c: _Context) -> Verdict:
 
 
 def _verdict(c: _Context, spec: SignalSpec, current: np.ndarray, baseline: np.ndarray, z: np.ndarray,
-             lo: np.ndarray, hi: np.ndarray, sev: np.ndarray, window: np.ndarray, excess: np.ndarray) -> Verdict:
+             lo: np.ndarray, hi: np.ndarray, effects: Effects, window: np.ndarray, excess: np.ndarray) -> Verdict:
+    sev, direction = grade(spec, effects)
+    # the sign of the published z says which way the verdict went (the alerts split on it)
+    z = np.where(direction > 0, np.abs(z), np.where(direction < 0, -np.abs(z), z))
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(baseline > 0, current / baseline, np.nan)
     return Verdict(current.astype(np.float64), baseline.astype(np.float64), ratio, z.astype(np.float64),
-                   lo, hi, c.span.astype(np.float64), sev.astype(np.int64), window.astype(np.float64),
-                   excess.astype(np.float64))
+                   lo, hi, c.span.astype(np.float64), sev, np.where(sev > 0, window, 0.0).astype(np.float64),
+                   excess.astype(np.float64), effects=effects)
 
 
 JUDGES: dict[str, Judge] = {
