@@ -80,7 +80,9 @@ class ScopeHistory:
         self.hours = Ring(3600, int(math.ceil(horizon / 3600)) + 2)
         self.open = Ring(3600, OPEN_HOURS)
         self.fine_ring = Ring(self.fine, int(math.ceil(window / self.fine)) + 4)
-        self.coarse_ring = Ring(self.coarse, int(math.ceil(window / self.coarse)) + 2)
+        # one coarse slot beyond the window: an hour's slots leave the ring (and hand on their
+        # burstiness) by the time the hour joins the baseline, whenever the evaluation runs
+        self.coarse_ring = Ring(self.coarse, int(math.ceil(window / self.coarse)) + 1)
         self.keys: list[ScopeKey] = []
         self._index: dict[ScopeKey, int] = {}
         self._series_rows: dict[int, tuple[int, int, int]] = {}
@@ -181,9 +183,12 @@ class ScopeHistory:
         adds = groups.adds[rep]
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
-        slot, ok = self._claim_coarse(np.repeat(groups.start // self.coarse, 3))
+        absolute = np.repeat(groups.start // self.coarse, 3)
+        requests = groups.adds[rep, F["requests"]]
+        self._hand_on_bursts(rows, absolute, requests)
+        slot, ok = self._claim_coarse(absolute)
         _scatter(self.coarse_sk, rows, slot, ok, groups.nonzero_bins())
-        np.add.at(self.coarse_req, (rows[ok], slot[ok]), groups.adds[rep][ok, F["requests"]])
+        np.add.at(self.coarse_req, (rows[ok], slot[ok]), requests[ok])
         self.coarse_dirty.update(np.unique(slot[ok]).tolist())
 
     def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
@@ -246,15 +251,39 @@ class ScopeHistory:
             data[:, s] = fill
         return slot, ok
 
+    def _hand_on_bursts(self, rows: np.ndarray, absolute: np.ndarray, requests: np.ndarray) -> None:
+        """Before a batch claims coarse slots: every coarse slot that this batch completes
+        (the ring moves past it) hands its request count per scope, the ring's part plus the
+        batch's, to the burstiness sums of its hour. Slots the ring holds on, and late
+        records for slots it has already handed on, are left alone (an hour with a late
+        record no longer adds up and is left out of the burstiness). So a day in one batch
+        and the same day a minute at a time leave the same sums."""
+        ring = self.coarse_ring
+        held = ring.tag.copy()
+        after = held.copy()
+        uniq = np.unique(absolute)
+        np.maximum.at(after, uniq % ring.n, uniq)
+        recycled = np.flatnonzero((held >= 0) & (after > held))
+        s_of = absolute % ring.n
+        done = (absolute < after[s_of]) & (absolute >= held[s_of])      # completed by this batch (not late)
+        if not recycled.size and not done.any():
+            return
+        n = self.size
+        totals: dict[int, np.ndarray] = {}                             # absolute slot -> (S,) requests
+        for s in recycled.tolist():
+            totals[int(held[s])] = self.coarse_req[:n, s].copy()
+            self.coarse_req[:, s] = 0.0                                # handed on: the claim clears the rest
+        for a in np.unique(absolute[done]).tolist():
+            sel = done & (absolute == a)
+            part = np.bincount(rows[sel], weights=requests[sel], minlength=n)[:n]
+            totals[a] = totals[a] + part if a in totals else part
+        for a, counts in totals.items():
+            self._fold_burst(a, counts)
+
     def _claim_coarse(self, absolute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Claim coarse slots; a slot recycled for a newer one first hands its request counts
-        to the burstiness sums of the hour it belonged to (its data is final by then: a late
-        record for it finds no slot)."""
-        held = self.coarse_ring.tag.copy()
+        """Claim coarse slots (their counts were handed on by `_hand_on_bursts`)."""
         slot, ok, cleared = self.coarse_ring.claim(absolute)
         for s in cleared:
-            if held[s] >= 0:
-                self._fold_burst(int(held[s]), self.coarse_req[:, s])
             self.coarse_sk[:, s] = 0
             self.coarse_req[:, s] = 0.0
             self.coarse_dirty.add(s)
@@ -267,6 +296,7 @@ class ScopeHistory:
             n = counts.shape[0]
             self.hour_burst[:n, hslot, 0] += counts
             self.hour_burst[:n, hslot, 1] += counts * counts
+            self.changed_from_hour = min(self.changed_from_hour, hour)
 
     def add_bursts(self, chunks: list[Groups], series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Burstiness sums of the hours minute buckets cover (at start-up, for minutes before
