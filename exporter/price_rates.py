@@ -33,6 +33,8 @@ _TIER_SUFFIX = ("", "_flex", "_priority")
 _OTHER_SUFFIXES = ("_flex", "_priority", "_batches")
 # Providers whose long-context price starts at the threshold itself rather than above it.
 INCLUSIVE_THRESHOLD_PROVIDERS = frozenset({"xai"})
+# Providers that bill cached input at a share of the input price when no cache price is listed.
+CACHE_READ_SHARE = {"fireworks_ai": 0.5}
 
 
 class PriceError(ValueError):
@@ -108,6 +110,9 @@ def from_litellm(fields: Mapping[str, Any]) -> Rates:
     """Rates from one entry of LiteLLM's cost map (USD per token, LiteLLM's field names)."""
     f = {k: n for k, v in fields.items() if (n := _number(v)) is not None}
     provider = str(fields.get("litellm_provider", ""))
+    online = f   # the prices of requests not sent as a batch
+    if provider in CACHE_READ_SHARE and _READ not in f:
+        online = {**f, _READ: f[_IN] * CACHE_READ_SHARE[provider]}
     labels = {_threshold_label(k) for k in f
               if k.startswith(tuple(p + "_above_" for p in (_IN, _OUT, _READ, _WRITE))) and "_tokens" in k}
     tiered = _tiered(fields)
@@ -116,9 +121,9 @@ def from_litellm(fields: Mapping[str, Any]) -> Rates:
     for band in range(len(bounds) + 1):
         crossed = sorted((x for x in labels if _threshold_value(x) in bounds[:band]), key=_threshold_value)
         for tier in range(BATCH):
-            table[tier, band] = _tier_rates(f, tier, crossed)
+            table[tier, band] = _tier_rates(online, tier, crossed)
             if tiered:
-                table[tier, band] = _tiered_rates(f, tiered, bounds[:band], table[tier, band])
+                table[tier, band] = _tiered_rates(online, tiered, bounds[:band], table[tier, band])
         table[BATCH, band] = _batch_rates(f, crossed, table[0, band])
         if provider in INCLUSIVE_THRESHOLD_PROVIDERS:   # xAI bills reasoning as output
             table[:, band, COLUMNS.index("reasoning")] = table[:, band, COLUMNS.index("output")]

@@ -147,8 +147,14 @@ class PriceTable:
             name, alias = target, f"price alias {model} -> {target}; "
         sources: tuple[tuple[str, Mapping[str, Any]], ...] = (
             ("config", self._config), ("litellm", self._map), ("shipped", self._shipped))
+        own = canonical_provider(provider)
         for source, table in sources:
             cands = list(candidates(provider, name, self._known))
+            # A name the provider lists itself (its namespace, or a plain name whose entry is the
+            # provider's) before a plain name listed for another provider.
+            for key, how in cands:
+                if key in table and self._provider_of(source, key) == own:
+                    return self._found(provider, model, source, key, alias + how)
             for key, how in cands:
                 if key in table:
                     return self._found(provider, model, source, key, alias + how)
@@ -157,6 +163,12 @@ class PriceTable:
                 if base is not None:
                     return self._found(provider, model, source, base, f"{alias}{how}; dated snapshot of {base}")
         return Resolution(provider, model)
+
+    def _provider_of(self, source: str, key: str) -> str | None:
+        """The provider an entry belongs to: the map says; elsewhere a `provider/` prefix does."""
+        if source == "litellm":
+            return canonical_provider(str(self._map[key].get("litellm_provider", "")))
+        return canonical_provider(key.split("/", 1)[0]) if "/" in key else None
 
     def _found(self, provider: str, model: str, source: str, key: str, how: str) -> Resolution:
         if source == "litellm":
