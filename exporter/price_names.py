@@ -31,11 +31,12 @@ _BEDROCK_REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d/")
 _BEDROCK_VERSION = re.compile(r"(-v\d+(:\d+)?|:\d+)$")
 _BEDROCK_VENDOR = re.compile(r"^(anthropic|meta|amazon|mistral|cohere|ai21|deepseek|qwen|openai|writer|moonshot|"
                              r"google|minimax|nvidia|twelvelabs|stability)\.")
-# What may follow a priced name for a model to share its price: dates, build numbers,
-# versions and "latest" (gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, gemini-1.5-pro-002,
-# claude-sonnet-4@20250514). Anything else ("-pro", "-mini", ".5-preview") is a different
-# model with a different price.
-SNAPSHOT_SUFFIX = re.compile(r"^([-@:](\d[\d-]*|latest|v\d+(:\d+)?))+$")
+# What may follow a priced name for a model to share its price: dates, build numbers of
+# three or more digits, versions and "latest" (gpt-4o-2024-08-06, claude-3-5-sonnet-20241022,
+# gemini-1.5-pro-002, claude-sonnet-4@20250514, mistral-large-2411). Anything else ("-pro",
+# "-mini", ".5-preview", and short numbers: claude-opus-4-5 is not claude-opus-4) is a
+# different model with a different price.
+SNAPSHOT_SUFFIX = re.compile(r"^([-@](\d{3,}(-\d{2}){0,2}|latest|v\d+(:\d+)?)|:\d+)+$")
 
 
 def canonical_provider(provider: str) -> str:

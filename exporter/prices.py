@@ -121,7 +121,7 @@ class PriceTable:
             if not isinstance(target, str) or not target.strip():
                 raise PriceError(f"price_aliases.{name}: must name the model to price it as, got {target!r}")
             self._aliases[str(name).lower()] = target.strip().lower()
-        self._known = frozenset(
+        self.known_providers = frozenset(
             {canonical_provider(str(v.get("litellm_provider", ""))) for v in self._map.values()}
             | {k.split("/", 1)[0] for k in (*self._config, *self._shipped) if "/" in k})
         self._resolved: dict[tuple[str, str], Resolution] = {}
@@ -149,7 +149,7 @@ class PriceTable:
             ("config", self._config), ("litellm", self._map), ("shipped", self._shipped))
         own = canonical_provider(provider)
         for source, table in sources:
-            cands = list(candidates(provider, name, self._known))
+            cands = list(candidates(provider, name, self.known_providers))
             # A name the provider lists itself (its namespace, or a plain name whose entry is the
             # provider's) before a plain name listed for another provider.
             for key, how in cands:
