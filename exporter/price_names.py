@@ -10,7 +10,7 @@ price API can say why a name got the price it got.
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Container, Iterator
 
 # Provider names as records send them (ours, OpenTelemetry's gen_ai.provider.name, LiteLLM's)
 # mapped onto the key prefixes of LiteLLM's cost map.
@@ -103,7 +103,7 @@ def _spellings(provider: str, model: str, known: frozenset[str] | set[str]) -> I
         yield "ft:" + name.split(":")[1], "fine-tuned model priced as fine-tuning of its base", prov
 
 
-def snapshot_of(name: str, keys: frozenset[str] | set[str] | dict) -> str | None:
+def snapshot_of(name: str, keys: Container[str]) -> str | None:
     """The longest key that `name` extends by a date, build number or version only."""
     for i in range(len(name) - 1, 0, -1):
         if name[:i] in keys and SNAPSHOT_SUFFIX.match(name[i:]):

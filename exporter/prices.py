@@ -235,14 +235,13 @@ class PriceTable:
         if not unpriced.any():
             return
         rows = np.flatnonzero(unpriced)
-        reasons: dict[tuple[str, str, str], int] = {}
-        for j in rows.tolist():
-            r = found[entry[j]]
-            why = "no price for this model" if r.rates is None else f"unknown service_tier {service_tier[j]!r}"
-            key = (r.provider, r.model, why)
-            reasons[key] = reasons.get(key, 0) + 1
-        for (provider, model, why), n in reasons.items():
-            self.unpriced.add(provider, model, why, n)
+        tiers = np.where(tier[rows] < 0, service_tier[rows], "")       # the tier matters only when unknown
+        t_uniq, t_code = factorize(tiers)
+        groups, first, counts = np.unique(entry[rows] * len(t_uniq) + t_code, return_index=True, return_counts=True)
+        for g, j, n in zip(groups.tolist(), first.tolist(), counts.tolist()):
+            r = found[g // len(t_uniq)]
+            why = "no price for this model" if r.rates is None else f"unknown service_tier {tiers[j]!r}"
+            self.unpriced.add(r.provider, r.model, why, n)
 
     def unpriced_seen(self) -> dict[str, Any]:
         """The names that could not be priced since start-up (at most MAX_UNPRICED_NAMES)."""
