@@ -125,6 +125,7 @@ class PriceTable:
             {canonical_provider(str(v.get("litellm_provider", ""))) for v in self._map.values()}
             | {k.split("/", 1)[0] for k in (*self._config, *self._shipped) if "/" in k})
         self._resolved: dict[tuple[str, str], Resolution] = {}
+        self._stacks: dict[tuple[int, ...], tuple[list[Resolution], np.ndarray, np.ndarray]] = {}
         self.unpriced = _Seen()
 
     # --- resolution ----------------------------------------------------------------------
@@ -195,22 +196,9 @@ class PriceTable:
             return cols.cost.copy()
         models = raw_model if raw_model is not None else cols.model
         providers = raw_provider if raw_provider is not None else cols.provider
-        m_uniq, m_code = factorize(models)
-        p_uniq, p_code = factorize(providers)
-        pairs, entry = np.unique(m_code * len(p_uniq) + p_code, return_inverse=True)
-        entry = entry.reshape(-1)
-        found = [self.resolve(p_uniq[c % len(p_uniq)], m_uniq[c // len(p_uniq)]) for c in pairs.tolist()]
-        rates = [r.rates for r in found]
-
-        bands = max((len(r.thresholds) + 1 for r in rates if r is not None), default=1)
-        table = np.full((len(found), len(TIERS), bands, len(COLUMNS)), np.nan)
-        bounds = np.full((len(found), bands - 1), np.inf)
-        for i, r in enumerate(rates):
-            if r is not None:
-                nb = len(r.thresholds)
-                table[i, :, :nb + 1] = r.table
-                table[i, :, nb + 1:] = r.table[:, nb:nb + 1]
-                bounds[i, :nb] = np.asarray(r.thresholds) - (0.5 if r.inclusive else 0.0)
+        found, entry = self._entries(models, providers)
+        table, bounds = self._stacked(found)
+        bands = table.shape[2]
 
         tier = _tiers(cols.service_tier)
         tier = np.where(cols.batch, BATCH, tier)
@@ -223,12 +211,47 @@ class PriceTable:
             band = (size[:, None] > bounds[entry]).sum(axis=1)
         else:
             band = np.zeros(len(entry), dtype=np.int64)
-        per_token = table[entry, np.maximum(tier, 0), band]
+        row = (entry * len(TIERS) + np.maximum(tier, 0)) * bands + band
+        per_token = np.take(table.reshape(-1, len(COLUMNS)), row, axis=0)
         priced = np.einsum("ij,ij->i", tokens, per_token)
         priced[tier < 0] = np.nan
         cost = np.where(need, priced, cols.cost)
         self._note_unpriced(need & np.isnan(priced), entry, found, tier, cols.service_tier)
         return cost
+
+    def _entries(self, models: np.ndarray, providers: np.ndarray) -> tuple[list[Resolution], np.ndarray]:
+        """The resolution of each distinct (provider, model) and the index of each record's."""
+        m_uniq, m_code = _codes(models)
+        first = np.full(len(m_uniq), -1, dtype=np.int64)
+        first[m_code[::-1]] = np.arange(len(m_code) - 1, -1, -1)     # each model's first row
+        if np.equal(providers, providers[first][m_code]).all():     # usual: one provider per model
+            return [self.resolve(providers[j], m) for j, m in zip(first.tolist(), m_uniq)], m_code
+        p_uniq, p_code = _codes(providers)
+        pairs, entry = _dense(m_code * len(p_uniq) + p_code)
+        return [self.resolve(p_uniq[c % len(p_uniq)], m_uniq[c // len(p_uniq)]) for c in pairs.tolist()], entry
+
+    def _stacked(self, found: list[Resolution]) -> tuple[np.ndarray, np.ndarray]:
+        """The rate tables of a batch's entries as one array (entry, tier, band, column), NaN
+        for unpriced entries, and each entry's band bounds (inf past its last); remembered
+        for the next batch with the same entries."""
+        key = tuple(id(r) for r in found)
+        hit = self._stacks.get(key)       # it keeps `found` alive, so the ids are still theirs
+        if hit is not None:
+            return hit[1], hit[2]
+        rates = [r.rates for r in found]
+        bands = max((len(r.thresholds) + 1 for r in rates if r is not None), default=1)
+        table = np.full((len(found), len(TIERS), bands, len(COLUMNS)), np.nan)
+        bounds = np.full((len(found), bands - 1), np.inf)
+        for i, r in enumerate(rates):
+            if r is not None:
+                nb = len(r.thresholds)
+                table[i, :, :nb + 1] = r.table
+                table[i, :, nb + 1:] = r.table[:, nb:nb + 1]
+                bounds[i, :nb] = np.asarray(r.thresholds) - (0.5 if r.inclusive else 0.0)
+        if len(self._stacks) >= 64:
+            self._stacks.clear()
+        self._stacks[key] = (found, table, bounds)
+        return table, bounds
 
     def _note_unpriced(self, unpriced: np.ndarray, entry: np.ndarray, found: list[Resolution],
                        tier: np.ndarray, service_tier: np.ndarray) -> None:
@@ -262,8 +285,25 @@ class PriceTable:
 def _tiers(service_tier: np.ndarray) -> np.ndarray:
     """The price tier of each record; -1 for a service tier we have no price rule for."""
     values = service_tier.tolist()
-    distinct = set(values)
-    if distinct <= {None}:
+    if values.count(None) == len(values):
         return np.zeros(len(values), dtype=np.int64)
-    table = {v: SERVICE_TIERS.get(v, -1) for v in distinct}
+    table = {v: SERVICE_TIERS.get(v, -1) for v in set(values)}
     return np.fromiter(map(table.__getitem__, values), dtype=np.int64, count=len(values))
+
+
+def _codes(values: np.ndarray) -> tuple[list[Any], np.ndarray]:
+    """(distinct values in order of appearance, code of each value): a batch holds thousands
+    of records but a handful of names."""
+    vals = values.tolist()
+    index = {v: i for i, v in enumerate(dict.fromkeys(vals))}
+    return list(index), np.fromiter(map(index.__getitem__, vals), dtype=np.int64, count=len(vals))
+
+
+def _dense(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct codes, index of each code among them) for small non-negative codes."""
+    present = np.zeros(int(codes.max()) + 1 if codes.size else 0, dtype=bool)
+    present[codes] = True
+    distinct = np.flatnonzero(present)
+    lookup = np.zeros(present.size, dtype=np.int64)
+    lookup[distinct] = np.arange(distinct.size)
+    return distinct, lookup[codes]

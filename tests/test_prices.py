@@ -190,6 +190,12 @@ def test_config_prices_override_everything_and_bad_ones_name_the_key() -> None:
         PriceTable({"y": {"input": 1, "output": 1, "cache_write_1h": -1}})
 
 
+def test_one_model_name_from_two_providers_in_one_batch() -> None:
+    table = PriceTable({"azure/gpt-4o": {"input": 5, "output": 20}})
+    items = [{"provider": p, "model": "gpt-4o", "input_tokens": 10**6} for p in ("openai", "azure", "openai", "azure")]
+    assert table.costs(parse_batch(items, 0.0)[0]).tolist() == pytest.approx([2.5, 5.0, 2.5, 5.0])
+
+
 def test_price_aliases_map_deployment_names() -> None:
     table = PriceTable(aliases={"prod-gpt4o": "gpt-4o", "azure/eu-mini": "azure/gpt-4o-mini"})
     found = table.resolve("azure", "prod-gpt4o")
