@@ -149,8 +149,8 @@ class PriceTable:
         sources: tuple[tuple[str, Mapping[str, Any]], ...] = (
             ("config", self._config), ("litellm", self._map), ("shipped", self._shipped))
         own = canonical_provider(provider)
+        cands = list(candidates(provider, name, self.known_providers))
         for source, table in sources:
-            cands = list(candidates(provider, name, self.known_providers))
             # A name the provider lists itself (its namespace, or a plain name whose entry is the
             # provider's) before a plain name listed for another provider.
             for key, how in cands:
