@@ -26,6 +26,7 @@ from . import __version__, sketch
 from .buckets import FIELDS, SKETCHES, F, TOKEN_FIELDS
 from .config import Settings
 from .engine import Engine
+from .price_api import add_price_routes, unpriced_html
 from .records import BodyError, RecordError, decode_body, parse_ts
 from .store import StoreError
 
@@ -247,6 +248,8 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
     def landing() -> Response:
         return HTMLResponse(landing_page(engine))
 
+    add_price_routes(app, engine.prices)
+
     # --- usage API ---------------------------------------------------------------------
 
     def time_arg(name: str, v: str | None, default: float) -> float:
@@ -379,6 +382,7 @@ tr.warning td{{background:#fff3cd}}tr.high td{{background:#f8d7da}}.banner{{padd
 <h1>llm-usage-exporter {__version__}</h1>{banner}<p>Evaluated at {evaluated}.</p>
 <p><a href="/metrics">/metrics</a> · <a href="/api/anomalies">/api/anomalies</a> · <a href="/api/drift">/api/drift</a> ·
 <a href="/api/runaways">/api/runaways</a> · <a href="/api/budgets">/api/budgets</a> · <a href="/v1/usage/stats">/v1/usage/stats</a> ·
-<a href="/v1/usage/recent">/v1/usage/recent</a> · <a href="/api/notifications">/api/notifications</a> · <a href="/docs">API docs</a></p>
+<a href="/v1/usage/recent">/v1/usage/recent</a> · <a href="/api/notifications">/api/notifications</a> · <a href="/api/prices">/api/prices</a> · <a href="/docs">API docs</a></p>
 <table id="status"><thead><tr><th>signal</th><th>scope</th><th>series</th><th>current</th><th>baseline</th><th>ratio</th>
-<th>z</th><th>warning / high</th><th>baseline hours</th><th>severity</th></tr></thead><tbody>{body}</tbody></table></body></html>"""
+<th>z</th><th>warning / high</th><th>baseline hours</th><th>severity</th></tr></thead><tbody>{body}</tbody></table>
+{unpriced_html(engine.prices)}</body></html>"""

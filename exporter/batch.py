@@ -145,6 +145,9 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                 ts[j] = now
 
     tokens = {f: number(f, MAX_TOKENS, True) for f in TOKEN_COLUMNS}
+    write_1h = number("cache_write_1h_tokens", MAX_TOKENS, True)
+    with np.errstate(invalid="ignore"):   # the 1-hour writes are part of all writes
+        bad[write_1h > np.nan_to_num(tokens["cache_write_tokens"], nan=0.0)] = True
     cost = number("cost_usd", MAX_COST, False)
     latency = number("latency_s", MAX_SECONDS, False)
     ttft = number("ttft_s", MAX_SECONDS, False)
@@ -214,6 +217,7 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
         cost=cost, latency=latency, ttft=ttft, is_error=is_error, error_type=etype, stop_reason=stop,
         request_had_tools=had_tools, tool_calls=tool_calls, tool_signature=signature,
         request_id=text("request_id"), operation=operation, stream=stream, tool_names=names,
+        cache_write_1h_tokens=_count(write_1h), service_tier=text("service_tier", lower=True), batch=flag("batch"),
     )
     return cols, bad
 
@@ -279,7 +283,8 @@ def concat(parts: list[RecordColumns]) -> RecordColumns:
 
 STORED_FIELDS = ("ts", "provider", "model", "app", "operation", "input_tokens", "output_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_s", "ttft_s", "stream", "status",
-                 "error_type", "stop_reason", "request_had_tools", "tool_calls", "session_id", "request_id")
+                 "error_type", "stop_reason", "request_had_tools", "tool_calls", "session_id", "request_id",
+                 "cache_write_1h_tokens", "service_tier", "batch")
 
 
 def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
@@ -299,6 +304,8 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
         "request_had_tools": cols.request_had_tools,
         "tool_calls": [list(t) if t else c for t, c in zip(cols.tool_names.tolist(), cols.tool_calls.tolist())],
         "session_id": cols.session_id.tolist(), "request_id": cols.request_id.tolist(),
+        "cache_write_1h_tokens": cols.cache_write_1h_tokens, "service_tier": cols.service_tier.tolist(),
+        "batch": cols.batch,
     }
     return orjson.dumps(columns, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -306,4 +313,6 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
 def stored_records(blob: bytes) -> list[dict[str, Any]]:
     """The records of one stored batch, as dicts of the stored fields."""
     columns = orjson.loads(blob)
-    return [dict(zip(STORED_FIELDS, row)) for row in zip(*(columns[f] for f in STORED_FIELDS))]
+    n = len(columns["ts"])
+    return [dict(zip(STORED_FIELDS, row))   # blobs written before a field existed lack it
+            for row in zip(*(columns.get(f, [None] * n) for f in STORED_FIELDS))]

@@ -65,7 +65,8 @@ class Settings(BaseModel):
     tail: list[Path] = Field(default_factory=list, description="JSONL files to follow like tail -f (resumes after a restart)")
     demo: bool = Field(False, description="backfill a week of synthetic history and keep generating traffic")
     log_level: str = Field("info", description="debug, info, warning or error")
-    prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; extends the shipped table)")
+    prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; overrides every shipped price)")
+    price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
     signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only)")
     drift: dict[str, Any] = Field(default_factory=dict, description="drift detector settings: window, min_fill, preset, model_presets (YAML only)")
     runaway: dict[str, Any] = Field(default_factory=dict, description="runaway-loop detector settings (YAML only)")
@@ -105,7 +106,7 @@ class Settings(BaseModel):
                 f"(or {ENV_PREFIX}AUTH_TOKENS) or pass --allow-unauthenticated")
 
 
-SCALAR_FIELDS = [n for n, f in Settings.model_fields.items() if n not in ("prices", "signals", "drift", "runaway", "budgets")]
+SCALAR_FIELDS = [n for n, f in Settings.model_fields.items() if n not in ("prices", "price_aliases", "signals", "drift", "runaway", "budgets")]
 FLAG_FORBIDDEN = {"auth_tokens"}
 
 

@@ -65,7 +65,7 @@ class Engine:
         self.settings = settings
         self.clock = clock
         self.store = Store(settings.db, keep_records=settings.record_retention > 0)
-        self.prices = PriceTable(settings.prices)
+        self.prices = PriceTable(settings.prices, settings.price_aliases)
         self.specs = signal_specs(settings.signals)
         saved = self.store.label_values()
         self.guards = {
@@ -245,7 +245,7 @@ class Engine:
                meta: dict[str, str]) -> None:
         overflow_before = {k: g.overflow_total for k, g in self.guards.items()}
         raw = self._guard(cols)
-        cost = self.prices.costs(cols, raw["model"])
+        cost = self.prices.costs(cols, raw["model"], raw["provider"])
         cols.cost = cost
 
         series = self._series_of(cols)

@@ -69,6 +69,9 @@ class UsageRecord:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    service_tier: str | None = None
+    batch: bool = False
     cost_usd: float | None = None
     latency_s: float | None = None
     ttft_s: float | None = None
@@ -251,6 +254,9 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
         for k, v in usage.items():
             key = ALIASES.get(k, k)
             out.setdefault(key, v)
+        lifetimes = usage.get("cache_creation")   # Anthropic: cache writes by cache lifetime
+        if isinstance(lifetimes, dict) and "ephemeral_1h_input_tokens" in lifetimes:
+            out.setdefault("cache_write_1h_tokens", lifetimes["ephemeral_1h_input_tokens"])
     for k, v in raw.items():
         if k in MILLISECOND_FIELDS and v not in (None, ""):
             target = MILLISECOND_FIELDS[k]
@@ -280,6 +286,11 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
     if isinstance(stop, list):
         stop = stop[0] if stop else None
     stream = _bool("stream", d.get("stream")) or ttft is not None
+    cache_write = _int("cache_write_tokens", d.get("cache_write_tokens"))
+    cache_write_1h = _int("cache_write_1h_tokens", d.get("cache_write_1h_tokens"))
+    if cache_write_1h > cache_write:
+        raise RecordError("cache_write_1h_tokens", f"({cache_write_1h}) is part of cache_write_tokens "
+                                                   f"({cache_write}) and cannot exceed it")
     return UsageRecord(
         ts=parse_ts(d.get("ts"), now),
         provider=_text("provider", d.get("provider"), required=True, lower=True),  # type: ignore[arg-type]
@@ -289,8 +300,11 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
         input_tokens=_int("input_tokens", d.get("input_tokens")),
         output_tokens=_int("output_tokens", d.get("output_tokens")),
         cache_read_tokens=_int("cache_read_tokens", d.get("cache_read_tokens")),
-        cache_write_tokens=_int("cache_write_tokens", d.get("cache_write_tokens")),
+        cache_write_tokens=cache_write,
         reasoning_tokens=_int("reasoning_tokens", d.get("reasoning_tokens")),
+        cache_write_1h_tokens=cache_write_1h,
+        service_tier=_text("service_tier", d.get("service_tier"), lower=True),
+        batch=_bool("batch", d.get("batch")),
         cost_usd=_float("cost_usd", d.get("cost_usd"), MAX_COST),
         latency_s=latency,
         ttft_s=ttft,
@@ -430,6 +444,9 @@ class RecordColumns:
     operation: np.ndarray
     stream: np.ndarray
     tool_names: np.ndarray
+    cache_write_1h_tokens: np.ndarray   # the part of cache_write_tokens written with a 1-hour lifetime
+    service_tier: np.ndarray
+    batch: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -485,4 +502,7 @@ def to_columns(records: Sequence[UsageRecord], costs: Sequence[float | None] | N
         operation=ocol(lambda r: r.operation),
         stream=col(lambda r: r.stream, np.bool_),
         tool_names=ocol(lambda r: r.tool_names),
+        cache_write_1h_tokens=col(lambda r: r.cache_write_1h_tokens, np.int64),
+        service_tier=ocol(lambda r: r.service_tier),
+        batch=col(lambda r: r.batch, np.bool_),
     )

@@ -140,7 +140,7 @@ def test_help_lists_every_knob() -> None:
     for name in Settings.model_fields:
         for text in (out.stdout, top):
             assert f"\n  {name} " in text, f"{name} missing from --help"
-            assert f"LLM_EXPORTER_{name.upper()}" in text or name in ("prices", "signals", "drift", "runaway", "budgets")
+            assert f"LLM_EXPORTER_{name.upper()}" in text or name in ("prices", "price_aliases", "signals", "drift", "runaway", "budgets")
     for flag in ("--host", "--port", "--db", "--window", "--label-limit-model", "--protect-metrics", "--tail"):
         assert flag in out.stdout
     assert "--auth-tokens" not in out.stdout                       # secrets never come from a flag
@@ -149,7 +149,7 @@ def test_help_lists_every_knob() -> None:
 def test_help_does_not_advertise_env_vars_that_are_never_read() -> None:
     """YAML-only knobs have no environment variable: the help must not offer one."""
     text = cli._knob_help()
-    for name in ("prices", "signals", "drift", "runaway", "budgets"):
+    for name in ("prices", "price_aliases", "signals", "drift", "runaway", "budgets"):
         line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
         assert "(YAML only)" in line
         assert f"LLM_EXPORTER_{name.upper()}" not in line

@@ -82,6 +82,10 @@ def test_app_keeps_its_case_but_is_trimmed() -> None:
     ("latency_s", 86401, "must be between 0 and 86400, got 86401"),
     ("ttft_s", "soon", "must be a number, got 'soon'"),
     ("stream", "maybe", "must be true or false, got 'maybe'"),
+    ("batch", "sometimes", "must be true or false, got 'sometimes'"),
+    ("service_tier", ["flex"], "must be a string, got list"),
+    ("cache_write_1h_tokens", -1, f"must be between 0 and {MAX_TOKENS}, got -1"),
+    ("cache_write_1h_tokens", 5, "(5) is part of cache_write_tokens (0) and cannot exceed it"),
     ("request_had_tools", 2, "must be true or false, got 2"),
     ("status", "exploded", "must be 'ok', 'error' or an HTTP status code, got 'exploded'"),
     ("status", True, "must be a string, got bool"),
@@ -147,6 +151,16 @@ def test_anthropic_usage_block_with_cache_tokens() -> None:
                       "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 700,
                                 "cache_creation_input_tokens": 90}}, NOW)
     assert (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens) == (10, 5, 700, 90)
+
+
+def test_anthropic_cache_lifetimes_and_service_tier() -> None:
+    """Anthropic reports one-hour cache writes in usage.cache_creation and the tier in usage.service_tier."""
+    r = parse_record({"provider": "anthropic", "model": "claude-sonnet-4-5",
+                      "usage": {"input_tokens": 10, "cache_creation_input_tokens": 90, "service_tier": "Priority",
+                                "cache_creation": {"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 60}}}, NOW)
+    assert (r.cache_write_tokens, r.cache_write_1h_tokens, r.service_tier, r.batch) == (90, 60, "priority", False)
+    assert parse(service_tier="flex", batch=True).batch is True
+    assert parse().service_tier is None
 
 
 def test_otel_genai_attribute_names() -> None:
