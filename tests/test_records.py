@@ -242,13 +242,14 @@ def test_tool_calls_count_and_long_names() -> None:
 # --- bodies -------------------------------------------------------------------------------
 
 def test_decode_body_shapes() -> None:
-    assert decode_body(orjson.dumps(BASE)) == [BASE]
-    assert decode_body(orjson.dumps([BASE, BASE])) == [BASE, BASE]
+    assert decode_body(orjson.dumps(BASE)).items == [BASE]
+    assert decode_body(orjson.dumps([BASE, BASE])).items == [BASE, BASE]
     nd = b'{"provider":"a","model":"m"}\n\n{"provider":"b","model":"m"}\n'
-    assert [d["provider"] for d in decode_body(nd, "application/x-ndjson")] == ["a", "b"]
-    assert [d["provider"] for d in decode_body(nd)] == ["a", "b"]          # several lines, no type: NDJSON
+    assert [d["provider"] for d in decode_body(nd, "application/x-ndjson").items] == ["a", "b"]
+    assert [d["provider"] for d in decode_body(nd).items] == ["a", "b"]          # several lines, no type: NDJSON
+    assert decode_body(nd).indices == [0, 1]                                        # blank lines are not numbered
     # a pretty-printed array is one JSON document, not NDJSON
-    assert decode_body(orjson.dumps([BASE], option=orjson.OPT_INDENT_2)) == [BASE]
+    assert decode_body(orjson.dumps([BASE], option=orjson.OPT_INDENT_2)).items == [BASE]
 
 
 def test_decode_body_errors() -> None:
@@ -258,8 +259,10 @@ def test_decode_body_errors() -> None:
     assert "line 2 column 12" in str(info.value)
     with pytest.raises(BodyError, match="empty body"):
         decode_body(b"  \n ")
-    items = decode_body(b'{"provider":"a","model":"m"}\n{oops\n', "application/x-ndjson")
-    assert isinstance(items[1], Rejected) and items[1].index == 1 and "line 2" in items[1].reason
+    decoded = decode_body(b'{"provider":"a","model":"m"}\n{oops\n', "application/x-ndjson")
+    assert decoded.indices == [0] and decoded.rejections.total == 1
+    (bad,) = decoded.rejections
+    assert bad.index == 1 and "line 2" in bad.reason
 
 
 def test_parse_items_reports_each_bad_index() -> None:

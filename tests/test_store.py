@@ -49,7 +49,7 @@ def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
 
 def test_unopenable_store_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "a-directory.db").mkdir()
-    with pytest.raises(StoreError, match="db: cannot open .*a-directory.db"):
+    with pytest.raises(StoreError, match="db: .*a-directory.db is a directory"):
         Store(tmp_path / "a-directory.db")
 
 
@@ -169,7 +169,7 @@ def test_failed_batch_is_not_counted_and_retry_counts_once(tmp_path: Path) -> No
     batch = [rec(T0 - 90, request_id="b", cost_usd=2.0, latency_s=1.0)]
     with TestClient(create_app(settings, engine=engine, background=False)) as client:
         r = client.post("/v1/records", json=batch)
-        assert r.status_code == 503 and "retry the same batch" in r.json()["error"]
+        assert r.status_code == 503 and "send the same batch again" in r.json()["error"]
         assert value(engine, "llm_requests_total", **SERIES) == 1
         assert value(engine, "llm_cost_usd_total", **SERIES) == 1.0
         assert value(engine, "llm_request_duration_seconds_count", **SERIES) is None
