@@ -167,6 +167,10 @@ class Store:
             p = Path(self.path)
             if p.is_dir():
                 raise StoreError(f"db: {self.path} is a directory; point --db at a file (it is created if missing)")
+            blocker = next((a for a in p.parents if a.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise StoreError(f"db: cannot create {self.path}: {blocker} is a file, not a directory; "
+                                 "point --db elsewhere", "readonly")
             try:
                 p.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -523,7 +527,12 @@ class Store:
                 return
             for rid, data in page:
                 last_id = rid
-                batch = stored_records(data)
+                try:
+                    batch = stored_records(data)
+                except (ValueError, KeyError, TypeError) as e:   # SQLite read the page, but it holds garbage
+                    self.errors_total += 1
+                    raise StoreError(f"db: reading records from {self.path} failed: batch {rid} cannot be decoded "
+                                     f"({e}): the file is damaged; restore it from a backup", "corrupt") from None
                 for rec in (reversed(batch) if newest_first else batch):
                     if start <= rec["ts"] < end:
                         yield rec
