@@ -21,6 +21,9 @@ from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MAX_
 from .rejections import Rejected, Rejections
 
 SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
+# Keys that can give a record its provider and model (a `usage` block can hold any field).
+PROVIDER_KEYS = frozenset({"provider", "usage"} | {k for k, v in ALIASES.items() if v == "provider"})
+MODEL_KEYS = frozenset({"model", "usage"} | {k for k, v in ALIASES.items() if v == "model"})
 _NUMBER_TYPES = (int, float, type(None))
 _FLAG_TYPES = {bool, type(None)}
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
@@ -35,12 +38,10 @@ def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None 
     numbers = np.arange(len(items)) if indices is None else np.asarray(indices, dtype=np.int64)
     if set(map(type, items)) <= {dict}:       # the usual batch: every item is an object
         dicts: list[dict[str, Any]] = list(items)
-        idx: list[int] = numbers.tolist()
     else:
         is_dict = np.fromiter((type(x) is dict for x in items), dtype=bool, count=len(items))
         kept, refused = np.flatnonzero(is_dict), np.flatnonzero(~is_dict)
         dicts = [items[j] for j in kept.tolist()]
-        idx = numbers[kept].tolist()
 
         def not_an_object(k: int) -> Rejected:
             j = int(refused[k])
@@ -49,6 +50,10 @@ def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None 
                 return Rejected(int(numbers[j]), item.field, item.reason)
             return Rejected(int(numbers[j]), "record", f"must be a JSON object, got {type(item).__name__}")
         rejections.add_many(numbers[refused], not_an_object)
+        numbers = numbers[kept]
+        del is_dict, kept, refused
+    dicts, numbers = _screen(dicts, numbers, now, rejections)
+    idx: list[int] = numbers.tolist()
     keys: set[str] = set().union(*dicts) if dicts else set()
     if keys & SLOW_KEYS:
         cols, slow_idx = _slow(dicts, idx, now, rejections)
@@ -75,6 +80,31 @@ def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None 
         cols = concat([take(cols, good), slow_cols])
         idx = [idx[j] for j in good.tolist()] + slow_idx
     return cols, rejections, idx
+
+
+def _screen(dicts: list[dict[str, Any]], numbers: np.ndarray, now: float,
+            rejections: Rejections) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Refuse at once the objects with no key that could name a provider or a model: a
+    body of empty objects is millions of them, and building columns for them first cost
+    gigabytes. Only the rejections kept for the answer are explained (by parse_record)."""
+    if not dicts:
+        return dicts, numbers
+    ok = np.fromiter((not d.keys().isdisjoint(PROVIDER_KEYS) and not d.keys().isdisjoint(MODEL_KEYS) for d in dicts),
+                     dtype=bool, count=len(dicts))
+    if ok.all():
+        return dicts, numbers
+    bad = np.flatnonzero(~ok)
+
+    def explain(k: int) -> Rejected:
+        j = int(bad[k])
+        try:
+            parse_record(dicts[j], now)
+        except RecordError as e:
+            return Rejected(int(numbers[j]), e.field, e.message)
+        return Rejected(int(numbers[j]), "record", "has no provider or model")    # not reached
+    rejections.add_many(numbers[bad], explain)
+    keep = np.flatnonzero(ok)
+    return [dicts[j] for j in keep.tolist()], numbers[keep]
 
 
 def _slow(dicts: list[dict[str, Any]], idx: list[int], now: float,
@@ -317,7 +347,8 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
     Column-wise is what makes keeping raw records cheap: numeric columns serialise as
     arrays in one call instead of one dict per record. `raw` holds the label columns
     before guarding (the store keeps what was sent). Tool calls are kept as the list of
-    tool names when there are names, so a restart restores the loop detector's view."""
+    tool names when there are names, so a restart restores the loop detector's view; a
+    record with more calls than the names kept (MAX_TOOL_NAMES) keeps the count."""
     columns: dict[str, Any] = {
         "ts": cols.ts, "provider": raw["provider"].tolist(), "model": raw["model"].tolist(), "app": raw["app"].tolist(),
         "operation": cols.operation.tolist(),
@@ -326,7 +357,7 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
         "stream": cols.stream, "status": np.where(cols.is_error, "error", "ok").tolist(),
         "error_type": cols.error_type.tolist(), "stop_reason": cols.stop_reason.tolist(),
         "request_had_tools": cols.request_had_tools,
-        "tool_calls": [list(t) if t else c for t, c in zip(cols.tool_names.tolist(), cols.tool_calls.tolist())],
+        "tool_calls": [list(t) if t and len(t) == c else c for t, c in zip(cols.tool_names.tolist(), cols.tool_calls.tolist())],
         "session_id": cols.session_id.tolist(), "request_id": cols.request_id.tolist(),
     }
     return orjson.dumps(columns, option=orjson.OPT_SERIALIZE_NUMPY)

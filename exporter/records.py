@@ -382,49 +382,65 @@ _BLANK[[ord(" "), ord("\t"), ord("\r"), ord("\n")]] = True
 def decode_ndjson(text: bytes, max_errors: int = DEFAULT_LIMIT) -> Decoded:
     """NDJSON lines as records; blank lines are skipped and not numbered.
 
-    Lines are found with numpy, and only a line whose first character is `{` is handed to
-    the JSON decoder: any other line cannot be a record, so it is counted as rejected and
-    decoded again only if it is among the rejections kept for the answer. Eight million
-    junk lines cost a few arrays of offsets, not eight million Python objects."""
-    buf = np.frombuffer(text, dtype=np.uint8)
-    ends = np.flatnonzero(buf == 10)
-    starts = np.empty(ends.size + 1, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = ends + 1
-    ends = np.append(ends, buf.size)
-    first = np.full(starts.size, 10, dtype=np.uint8)      # an empty line reads as a newline
-    nonempty = ends > starts
-    first[nonempty] = buf[starts[nonempty]]
-    del nonempty
-    blank = _BLANK[first]
-    if blank.any():         # a line starting with white space: strip it in Python (rare in real logs)
-        for j in np.flatnonzero(blank).tolist():
-            stripped = text[starts[j]:ends[j]].lstrip()
-            first[j] = stripped[0] if stripped else 10
-        blank = _BLANK[first]
-    line = np.flatnonzero(~blank)                   # non-blank lines, in order; record k is line[k]
-    del blank
-    objects = first[line] == ord("{")
+    Lines are found with numpy, a slice of about a megabyte at a time, and only a line
+    whose first character is `{` is handed to the JSON decoder: any other line cannot be a
+    record, so it is counted as rejected and decoded again only if it is among the
+    rejections kept for the answer. Eight million junk lines cost some arrays of offsets
+    per slice, not eight million Python objects."""
     rejections = Rejections(max_errors)
     items: list[Any] = []
     indices: list[int] = []
+    at, counted = 0, 0
+    while at < len(text):
+        cut = text.find(b"\n", min(at + NDJSON_SLICE, len(text)))
+        cut = len(text) if cut < 0 else cut + 1
+        counted = _decode_slice(text, at, cut, counted, items, indices, rejections)
+        at = cut
+    return Decoded(items, indices, rejections)
+
+
+NDJSON_SLICE = 1 << 20
+
+
+def _decode_slice(text: bytes, at: int, cut: int, counted: int, items: list[Any], indices: list[int],
+                  rejections: Rejections) -> int:
+    """Decode the lines of text[at:cut] (whole lines); `counted` records came before them.
+    Returns the records counted after them."""
+    buf = np.frombuffer(text, dtype=np.uint8, count=cut - at, offset=at)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], ends + 1))
+    ends = np.concatenate((ends, [buf.size]))
+    first = np.where(ends > starts, buf[np.minimum(starts, max(buf.size - 1, 0))], 10).astype(np.uint8)
+    blank = _BLANK[first]
+    if blank.any():         # a line starting with white space: strip it in Python (rare in real logs)
+        for j in np.flatnonzero(blank & (ends > starts)).tolist():
+            stripped = text[at + starts[j]:at + ends[j]].lstrip()
+            first[j] = stripped[0] if stripped else 10
+        blank = _BLANK[first]
+    line = np.flatnonzero(~blank)                   # non-blank lines, in order: record counted + k is line[k]
+    objects = first[line] == ord("{")
     failed: list[int] = []
-    for k, (s, e) in zip(np.flatnonzero(objects).tolist(),
-                         zip(starts[line[objects]].tolist(), ends[line[objects]].tolist())):
+    for k, s, e in zip(np.flatnonzero(objects).tolist(), starts[line[objects]].tolist(), ends[line[objects]].tolist()):
         try:
-            items.append(orjson.loads(text[s:e]))
-            indices.append(k)
+            items.append(orjson.loads(text[at + s:at + e]))
+            indices.append(counted + k)
         except orjson.JSONDecodeError:
             failed.append(k)
-    others = np.flatnonzero(~objects)
-    bad = np.sort(np.concatenate([others, np.asarray(failed, dtype=np.int64)])) if failed else others
+    bad = np.flatnonzero(~objects)
+    if failed:
+        bad = np.sort(np.concatenate([bad, np.asarray(failed, dtype=np.int64)]))
 
     def explain(j: int) -> Rejected:
         k = int(bad[j])
         n = int(line[k])
-        return _line_rejection(k, n + 1, text[starts[n]:ends[n]])
-    rejections.add_many(bad, explain)
-    return Decoded(items, indices, rejections)
+        return _line_rejection(counted + k, _line_number(text, at) + n, text[at + starts[n]:at + ends[n]])
+    rejections.add_many(bad + counted, explain)
+    return counted + int(line.size)
+
+
+def _line_number(text: bytes, at: int) -> int:
+    """The line number (from 1) of the line starting at offset `at`."""
+    return text.count(b"\n", 0, at) + 1
 
 
 def _line_rejection(index: int, line_no: int, raw: bytes) -> Rejected:
