@@ -41,7 +41,6 @@ from .store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
 SEVERITY_ORDER = {"ok": 0, "warning": 1, "high": 2}
-_error = error
 
 
 class Background:
@@ -229,9 +228,9 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
                   provider: str | None = None, signal: str | None = None, severity: str | None = None) -> Response:
         snap = engine.snapshot
         if snap is None:
-            return _error(503, "no evaluation yet")
+            return error(503, "no evaluation yet")
         if severity is not None and severity not in SEVERITY_ORDER:
-            return _error(400, f"severity must be one of {list(SEVERITY_ORDER)}")
+            return error(400, f"severity must be one of {list(SEVERITY_ORDER)}")
         rows = [r for r in snap.rows()
                 if (scope is None or r["scope"] == scope) and (app_ is None or r["app"] == app_)
                 and (model is None or r["model"] == model) and (provider is None or r["provider"] == provider)
@@ -242,7 +241,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
     def detector_report(name: str) -> Response:
         rep = engine.detectors.latest
         if rep is None:
-            return _error(503, "no evaluation yet")
+            return error(503, "no evaluation yet")
         value = getattr(rep, name)
         body = [r.to_dict() for r in value] if isinstance(value, list) else value.to_dict()
         return ORJSONResponse({"evaluated_at": engine.snapshot.t if engine.snapshot else None, name: body})
@@ -252,7 +251,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         """Per-model drift values, severity and the reasons behind it."""
         rep = engine.detectors.latest
         if rep is None:
-            return _error(503, "no evaluation yet")
+            return error(503, "no evaluation yet")
         return ORJSONResponse({"drift": [r.to_dict() for r in rep.drift if r.severity >= min_severity]})
 
     @app.get("/api/runaways", responses=responses(503))
@@ -260,7 +259,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         """Flagged sessions (ids only here, never in labels), counts per app and reason, invocation spikes."""
         rep = engine.detectors.latest
         if rep is None:
-            return _error(503, "no evaluation yet")
+            return error(503, "no evaluation yet")
         body = rep.runaway.to_dict()
         if app_ is not None:
             body["offenders"] = [o for o in body["offenders"] if o.get("app") == app_]
@@ -296,13 +295,13 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         try:
             t0, t1 = time_arg("start", start, now - 86400), time_arg("end", end, now)
         except ValueError as e:
-            return _error(400, str(e))
+            return error(400, str(e))
         if t1 < t0:
-            return _error(400, f"end ({t1:g}) is before start ({t0:g})")
+            return error(400, f"end ({t1:g}) is before start ({t0:g})")
         dims = [d.strip() for d in group_by.split(",") if d.strip()]
         bad = [d for d in dims if d not in ("app", "provider", "model")]
         if bad:
-            return _error(400, f"group_by: unknown dimension(s) {bad}; use app, provider, model")
+            return error(400, f"group_by: unknown dimension(s) {bad}; use app, provider, model")
         return ORJSONResponse(usage_statistics(engine, t0, t1, dims))
 
     @app.get("/v1/usage/recent", responses=responses(503))
@@ -319,7 +318,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         try:
             t0, t1 = time_arg("start", start, 0.0), time_arg("end", end, min(now + 1, MAX_TS))
         except ValueError as e:
-            return _error(400, str(e))
+            return error(400, str(e))
 
         def lines() -> Iterator[bytes]:
             for rec in engine.store.records(t0, t1):

@@ -83,14 +83,3 @@ class Rejections:
         for k in candidates[np.argsort(idx[candidates], kind="stable")].tolist():
             if idx[k] < self._cutoff():
                 self._keep(explain(k))
-
-    def extend(self, other: "Rejections") -> None:
-        """Take over another log's count and kept rejections."""
-        for r in other._kept:
-            self.add(r)
-        self.total += other.omitted
-
-    def shifted(self, mapping: Callable[[int], int]) -> None:
-        """Renumber the kept rejections (their order must not change)."""
-        for r in self._kept:
-            r.index = mapping(r.index)

@@ -41,6 +41,7 @@ class Prober:
         self.url, self.path = url, path
         self.latencies: list[float] = []
         self.during = 0
+        self.slow_s = 0.0
         self.busy = threading.Event()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -59,12 +60,21 @@ class Prober:
         self.thread.start()
         time.sleep(0.1)
         self.busy.set()
+        t = time.perf_counter()
         try:
             return slow()
         finally:
+            self.slow_s = time.perf_counter() - t
             self.busy.clear()
             self.done.set()
             self.thread.join(timeout=60)
+
+    def assert_not_held_up(self) -> None:
+        """Answers came while the slow request ran, none waiting a large part of it (when
+        ingest ran on the event loop, one probe waited for all of it). Relative, so that a
+        loaded machine slowing both does not fail it."""
+        assert self.during > 0, "no answer arrived while the slow request ran"
+        assert max(self.latencies) < 0.5 * self.slow_s, (self.slow_s, sorted(self.latencies)[-5:])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,7 @@ def test_sixteen_mib_of_junk_lines(server: Server) -> None:
     assert len(r.content) < 20_000
     grew = peak_rss_mb(server.proc.pid) - max(before, 0)
     assert grew < 300, f"peak RSS grew by {grew:.0f} MB for a 16 MiB body"
-    assert probe.during > 0 and max(probe.latencies) < 1.0, probe.latencies
+    probe.assert_not_held_up()
     assert sample_sum(server.scrape(), "llm_exporter_records_total", result="rejected") >= 8 * MIB - 1
 
 
@@ -128,8 +138,8 @@ def test_a_valid_sixteen_mib_batch_does_not_block_the_other_endpoints(server: Se
     scrape.done.set()
     scrape.thread.join(timeout=60)
     assert r.status_code == 200 and r.json()["accepted"] == len(lines) - 1
-    assert health.during > 0, "no /healthz answer arrived while the batch was ingested"
-    assert max(health.latencies) < 1.0 and len(scrape.latencies) > 0, (health.latencies, scrape.latencies)
+    health.assert_not_held_up()
+    assert len(scrape.latencies) > 0 and max(scrape.latencies) < health.slow_s, scrape.latencies
 
 
 def test_gzip_and_deflate_bodies(server: Server) -> None:

@@ -5,12 +5,12 @@ inserts, as a full disk or a locked file would abort the batch's transaction."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from faults import break_table, mend
 from helpers import T0, engine_at, rec, settings_for, value
 
 from exporter.api import create_app
@@ -18,20 +18,6 @@ from exporter.dedupe import hash_ids
 from exporter.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
-
-
-def break_table(db: Path, table: str) -> sqlite3.Connection:
-    """Make every insert into `table` fail until `mend` is called."""
-    c = sqlite3.connect(db)
-    c.execute(f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
-    c.commit()
-    return c
-
-
-def mend(c: sqlite3.Connection, table: str) -> None:
-    c.execute(f"DROP TRIGGER fail_{table}")
-    c.commit()
-    c.close()
 
 
 def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
