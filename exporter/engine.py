@@ -31,7 +31,6 @@ from .config import Settings
 from .dedupe import DedupeIndex, hash_ids
 from .detectors import DetectorCollector, Detectors
 from .budget import daily_cost_rows
-SeriesKey = tuple[str, str, str]
 from .evaluator import AnomalyCollector, Evaluator, Snapshot
 from .history import ScopeHistory
 from .instruments import UsageMetrics
@@ -47,6 +46,7 @@ from .store import BatchWrite, Store, StoreError
 log = logging.getLogger("llm_usage_exporter")
 disable_created_metrics()   # the metric contract: no `_created` series (process-wide switch)
 Clock = Callable[[], float]
+SeriesKey = tuple[str, str, str]
 RESULTS = ("accepted", "duplicate", "rejected")
 MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
 
