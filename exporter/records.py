@@ -390,11 +390,11 @@ def decode_ndjson(text: bytes, max_errors: int = DEFAULT_LIMIT) -> Decoded:
     rejections = Rejections(max_errors)
     items: list[Any] = []
     indices: list[int] = []
-    at, counted = 0, 0
+    at, counted, lines = 0, 0, 0
     while at < len(text):
         cut = text.find(b"\n", min(at + NDJSON_SLICE, len(text)))
         cut = len(text) if cut < 0 else cut + 1
-        counted = _decode_slice(text, at, cut, counted, items, indices, rejections)
+        counted, lines = _decode_slice(text, at, cut, counted, lines, items, indices, rejections)
         at = cut
     return Decoded(items, indices, rejections)
 
@@ -402,10 +402,10 @@ def decode_ndjson(text: bytes, max_errors: int = DEFAULT_LIMIT) -> Decoded:
 NDJSON_SLICE = 1 << 20
 
 
-def _decode_slice(text: bytes, at: int, cut: int, counted: int, items: list[Any], indices: list[int],
-                  rejections: Rejections) -> int:
-    """Decode the lines of text[at:cut] (whole lines); `counted` records came before them.
-    Returns the records counted after them."""
+def _decode_slice(text: bytes, at: int, cut: int, counted: int, lines: int, items: list[Any], indices: list[int],
+                  rejections: Rejections) -> tuple[int, int]:
+    """Decode the lines of text[at:cut] (whole lines); `counted` records and `lines` lines
+    came before them. Returns both counts after them."""
     buf = np.frombuffer(text, dtype=np.uint8, count=cut - at, offset=at)
     ends = np.flatnonzero(buf == 10)
     starts = np.concatenate(([0], ends + 1))
@@ -433,14 +433,9 @@ def _decode_slice(text: bytes, at: int, cut: int, counted: int, items: list[Any]
     def explain(j: int) -> Rejected:
         k = int(bad[j])
         n = int(line[k])
-        return _line_rejection(counted + k, _line_number(text, at) + n, text[at + starts[n]:at + ends[n]])
+        return _line_rejection(counted + k, lines + n + 1, text[at + starts[n]:at + ends[n]])
     rejections.add_many(bad + counted, explain)
-    return counted + int(line.size)
-
-
-def _line_number(text: bytes, at: int) -> int:
-    """The line number (from 1) of the line starting at offset `at`."""
-    return text.count(b"\n", 0, at) + 1
+    return counted + int(line.size), lines + int(starts.size) - (buf.size > 0 and buf[-1] == 10)
 
 
 def _line_rejection(index: int, line_no: int, raw: bytes) -> Rejected:

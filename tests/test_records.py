@@ -311,3 +311,22 @@ def test_prompt_and_completion_text_is_never_stored(tmp_path: Path) -> None:
     for secret in SECRETS:
         assert secret.encode() not in after_close
 
+
+
+def test_ndjson_numbering_across_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NDJSON is decoded in slices; record numbers and line numbers run on across them, and
+    only the first max_errors rejections are explained."""
+    import exporter.records as records
+    body = (b'{"provider":"a","model":"m"}\n\nbad line\n  \n{"x":\n5\n{"provider":"b","model":"m"}\r\n'
+            b'  {"provider":"c","model":"m"}\nlast bad')
+    whole = decode_body(body, "application/x-ndjson")
+    monkeypatch.setattr(records, "NDJSON_SLICE", 16)
+    sliced = decode_body(body, "application/x-ndjson")
+    for d in (whole, sliced):
+        assert d.indices == [0, 4, 5] and [x["provider"] for x in d.items] == ["a", "b", "c"]
+        assert [(r.index, r.reason.split(":")[0]) for r in d.rejections] == [
+            (1, "malformed JSON on line 3 column 1"), (2, "malformed JSON on line 5 column 6"),
+            (3, "must be a JSON object, got int"), (6, "malformed JSON on line 9 column 1")]
+    capped = decode_body(b"x\n" * 1000, "application/x-ndjson", max_errors=3)
+    assert capped.rejections.total == 1000 and [r.index for r in capped.rejections] == [0, 1, 2]
+    assert capped.rejections.omitted == 997
