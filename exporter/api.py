@@ -102,9 +102,11 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         raise ConfigError("read_token_file: read-only tokens need ingest tokens too (auth_token_file or "
                           "LLM_EXPORTER_AUTH_TOKENS); without them nothing could send records")
     queue = IngestQueue(settings.ingest_queue_bytes)
-    queue_metrics = IngestQueueCollector(queue)
-    engine.registry.register(queue_metrics)
-    engine.scrape_registry.register(queue_metrics)
+    if engine.queue_metrics is None:        # registered once per engine, even if it gets a second app
+        engine.queue_metrics = IngestQueueCollector(queue)
+        engine.registry.register(engine.queue_metrics)
+        engine.scrape_registry.register(engine.queue_metrics)
+    engine.queue_metrics.q = queue
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

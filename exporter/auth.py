@@ -21,7 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import orjson
 
@@ -42,7 +42,7 @@ def _digest(token: bytes) -> bytes:
 class Tokens:
     """The configured tokens, by what they allow."""
 
-    def __init__(self, write: set[str], read: set[str] = frozenset(), protect_metrics: bool = False) -> None:  # type: ignore[assignment]
+    def __init__(self, write: Iterable[str], read: Iterable[str] = (), protect_metrics: bool = False) -> None:
         self._write = [_digest(t.encode()) for t in sorted(write)]
         self._read = [_digest(t.encode()) for t in sorted(read)]
         self.protect_metrics = protect_metrics

@@ -126,6 +126,7 @@ class Engine:
         self.newest_event_ts = 0.0
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
+        self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
         try:
             self._restore()
         except StoreError:
