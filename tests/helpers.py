@@ -197,7 +197,8 @@ class Server:
     """
 
     def __init__(self, tmp_path: Path, db: Path, *args: str, env: dict[str, str] | None = None,
-                 port: int | None = None, evaluation_interval: str = "0.2") -> None:
+                 port: int | None = None, evaluation_interval: str = "0.2", prefix: Sequence[str] = ()) -> None:
+        self.prefix = list(prefix)     # e.g. prlimit or setpriv before the command
         self.tmp_path = tmp_path
         self.db = db
         self.port = port or free_port()
@@ -212,7 +213,7 @@ class Server:
     def start(self, timeout: float = 60.0) -> "Server":
         log_path = self.tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(log_path, "wb")
-        cmd = exporter_command() + ["serve", "--db", str(self.db), "--port", str(self.port),
+        cmd = self.prefix + exporter_command() + ["serve", "--db", str(self.db), "--port", str(self.port),
                                     "--evaluation-interval", self.evaluation_interval, "--log-level", "warning", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         self.log_path = log_path

@@ -256,13 +256,14 @@ def test_tool_calls_count_and_long_names() -> None:
 # --- bodies -------------------------------------------------------------------------------
 
 def test_decode_body_shapes() -> None:
-    assert decode_body(orjson.dumps(BASE)) == [BASE]
-    assert decode_body(orjson.dumps([BASE, BASE])) == [BASE, BASE]
+    assert decode_body(orjson.dumps(BASE)).items == [BASE]
+    assert decode_body(orjson.dumps([BASE, BASE])).items == [BASE, BASE]
     nd = b'{"provider":"a","model":"m"}\n\n{"provider":"b","model":"m"}\n'
-    assert [d["provider"] for d in decode_body(nd, "application/x-ndjson")] == ["a", "b"]
-    assert [d["provider"] for d in decode_body(nd)] == ["a", "b"]          # several lines, no type: NDJSON
+    assert [d["provider"] for d in decode_body(nd, "application/x-ndjson").items] == ["a", "b"]
+    assert [d["provider"] for d in decode_body(nd).items] == ["a", "b"]          # several lines, no type: NDJSON
+    assert decode_body(nd).indices == [0, 1]                                        # blank lines are not numbered
     # a pretty-printed array is one JSON document, not NDJSON
-    assert decode_body(orjson.dumps([BASE], option=orjson.OPT_INDENT_2)) == [BASE]
+    assert decode_body(orjson.dumps([BASE], option=orjson.OPT_INDENT_2)).items == [BASE]
 
 
 def test_decode_body_errors() -> None:
@@ -272,8 +273,10 @@ def test_decode_body_errors() -> None:
     assert "line 2 column 12" in str(info.value)
     with pytest.raises(BodyError, match="empty body"):
         decode_body(b"  \n ")
-    items = decode_body(b'{"provider":"a","model":"m"}\n{oops\n', "application/x-ndjson")
-    assert isinstance(items[1], Rejected) and items[1].index == 1 and "line 2" in items[1].reason
+    decoded = decode_body(b'{"provider":"a","model":"m"}\n{oops\n', "application/x-ndjson")
+    assert decoded.indices == [0] and decoded.rejections.total == 1
+    (bad,) = decoded.rejections
+    assert bad.index == 1 and "line 2" in bad.reason
 
 
 def test_parse_items_reports_each_bad_index() -> None:
@@ -322,3 +325,22 @@ def test_prompt_and_completion_text_is_never_stored(tmp_path: Path) -> None:
     for secret in SECRETS:
         assert secret.encode() not in after_close
 
+
+
+def test_ndjson_numbering_across_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NDJSON is decoded in slices; record numbers and line numbers run on across them, and
+    only the first max_errors rejections are explained."""
+    import exporter.records as records
+    body = (b'{"provider":"a","model":"m"}\n\nbad line\n  \n{"x":\n5\n{"provider":"b","model":"m"}\r\n'
+            b'  {"provider":"c","model":"m"}\nlast bad')
+    whole = decode_body(body, "application/x-ndjson")
+    monkeypatch.setattr(records, "NDJSON_SLICE", 16)
+    sliced = decode_body(body, "application/x-ndjson")
+    for d in (whole, sliced):
+        assert d.indices == [0, 4, 5] and [x["provider"] for x in d.items] == ["a", "b", "c"]
+        assert [(r.index, r.reason.split(":")[0]) for r in d.rejections] == [
+            (1, "malformed JSON on line 3 column 1"), (2, "malformed JSON on line 5 column 6"),
+            (3, "must be a JSON object, got int"), (6, "malformed JSON on line 9 column 1")]
+    capped = decode_body(b"x\n" * 1000, "application/x-ndjson", max_errors=3)
+    assert capped.rejections.total == 1000 and [r.index for r in capped.rejections] == [0, 1, 2]
+    assert capped.rejections.omitted == 997
