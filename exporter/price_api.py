@@ -11,10 +11,13 @@ from fastapi.responses import JSONResponse, Response
 from .price_names import candidates
 from .prices import PriceTable
 from .records import MAX_TEXT
+from .responses import responses
 
 
 def add_price_routes(app: FastAPI, prices: PriceTable) -> None:
-    @app.get("/api/prices")
+    @app.get("/api/prices", responses={**responses(400), 404: {
+        "description": "No price for that name: the names looked up, and how to add one",
+        "content": {"application/json": {"schema": {"type": "object"}}}}})
     def price_of(model: str | None = Query(None, description="model name as records send it"),
                  provider: str = Query("", description="provider as records send it")) -> Response:
         """Which price entry a model name resolves to and its prices (USD per million tokens);
