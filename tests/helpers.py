@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -185,8 +184,10 @@ def free_port() -> int:
 
 
 def exporter_command() -> list[str]:
-    exe = shutil.which("llm-usage-exporter")
-    return [exe] if exe else [sys.executable, "-m", "exporter.cli"]
+    """The console script installed beside the running interpreter (under `make test`, the
+    project's .venv), so a test never starts another install that happens to be on PATH."""
+    script = Path(sys.executable).with_name("llm-usage-exporter")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "exporter.cli"]
 
 
 class Server:
