@@ -66,9 +66,9 @@ if [ -x "$VENV/bin/python" ]; then
   venv_id="$("$VENV/bin/python" -c '
 import os, sys
 b = getattr(sys, "_base_executable", sys.executable)
-print("%d.%d %s" % (sys.version_info[0], sys.version_info[1], os.path.realpath(b)))' 2>/dev/null || true)"
+print("%s (Python %d.%d)" % (os.path.realpath(b), sys.version_info[0], sys.version_info[1]))' 2>/dev/null || true)"
 fi
-if [ "$venv_id" != "$have_mm $have_exe" ]; then
+if [ "$venv_id" != "$have_exe (Python $have_mm)" ]; then
   if [ -n "$venv_id" ]; then
     say "$VENV was made by $venv_id; making it anew with $have_exe"
     rm -rf "$VENV"
