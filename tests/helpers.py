@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Settings, load_settings
@@ -173,6 +174,14 @@ def sample_sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], na
         if n == name and all(d.get(k) == val for k, val in labels.items()):
             total += v
     return total
+
+
+def close_to(expected: Any, rel: float = 1e-9, abs: float = 1e-12) -> Any:
+    """`pytest.approx` for a number and the value itself for anything else (a severity name,
+    None): pytest 9.2 and later refuse approx with a tolerance on values that are not numbers."""
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return pytest.approx(expected, rel=rel, abs=abs)
+    return expected
 
 
 # --- a real server ---------------------------------------------------------------------------

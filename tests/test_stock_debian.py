@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
@@ -70,8 +70,8 @@ def test_runs_from_project_venv(tmp_path: Path) -> None:
 # --- shared -----------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    base = os.environ.get("LLM_TEST_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-usage-exporter-tests"
-    path = Path(base)
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(os.environ.get("LLM_TEST_CACHE") or xdg / "llm-usage-exporter-tests")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -148,10 +148,6 @@ def group_commands(pgid: int) -> list[list[str]]:
     return out
 
 
-def open_log(path: Path) -> IO[bytes]:
-    return open(path, "wb")
-
-
 # --- on this machine, with its own python3 ------------------------------------------------
 
 def system_env(**extra: str) -> dict[str, str]:
@@ -172,7 +168,7 @@ def externally_managed(python: str) -> bool:
     return out.stdout.strip() == "True"
 
 
-def test_make_run_and_make_test_with_the_system_python(tmp_path: Path, cache_lock: Path) -> None:
+def test_make_run_and_make_test_with_the_system_python(tmp_path: Path) -> None:
     if shutil.which("make", path=SYSTEM_PATH) is None:
         pytest.skip(f"no make in {SYSTEM_PATH}")
     python3 = shutil.which("python3", path=SYSTEM_PATH)
@@ -199,7 +195,7 @@ def check_on_this_machine(python3: str, src: Path, venv: Path, tmp_path: Path) -
 
     # `make run` from nothing: makes .venv with the system python3, installs, serves the demo.
     log1 = tmp_path / "run1.log"
-    with open_log(log1) as out:
+    with open(log1, "wb") as out:
         proc = subprocess.Popen(["make", "run"], cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
@@ -216,7 +212,7 @@ def check_on_this_machine(python3: str, src: Path, venv: Path, tmp_path: Path) -
     # A second `make run` reuses .venv: no venv, no pip.
     stamp = (venv / ".installed").stat().st_mtime_ns
     log2 = tmp_path / "run2.log"
-    with open_log(log2) as out:
+    with open(log2, "wb") as out:
         proc = subprocess.Popen(["make", "run"], cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
@@ -230,11 +226,11 @@ def check_on_this_machine(python3: str, src: Path, venv: Path, tmp_path: Path) -
     r = subprocess.run(["make", "test", f"PYTEST_ARGS={PROBE}"], cwd=src,
                        env=system_env(LLM_TEST_EXPECT_VENV=str(venv)), capture_output=True, text=True,
                        timeout=INSTALL_TIMEOUT)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
-    assert "venv: installing llm-usage-exporter with [test] into .venv" in out, out
-    assert f".venv/bin/python -m pytest -q {PROBE}" in out, out
-    assert "1 passed" in out, out
+    output = r.stdout + r.stderr
+    assert r.returncode == 0, output
+    assert "venv: installing llm-usage-exporter with [test] into .venv" in output, output
+    assert f".venv/bin/python -m pytest -q {PROBE}" in output, output
+    assert "1 passed" in output, output
 
 
 # --- in a Debian 12 made from nothing ------------------------------------------------------------
@@ -323,7 +319,7 @@ def test_make_run_and_make_test_on_a_debootstrapped_debian(tmp_path: Path, cache
         port = free_port()
         url = f"http://127.0.0.1:{port}/healthz"
         log = tmp_path / "chroot-run.log"
-        with open_log(log) as out:
+        with open(log, "wb") as out:
             proc = subprocess.Popen(box.command(f"cd {app} && make run", LLM_EXPORTER_PORT=str(port),
                                                 LLM_EXPORTER_DB="/tmp/demo.db"),
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -338,9 +334,9 @@ def test_make_run_and_make_test_on_a_debootstrapped_debian(tmp_path: Path, cache
         assert served and all(c[0].startswith(f"{app}/.venv/bin/") for c in served), served
 
         r = box.run(f"cd {app} && make test PYTEST_ARGS={PROBE}", LLM_TEST_EXPECT_VENV=f"{app}/.venv")
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-6000:]
-        assert f".venv/bin/python -m pytest -q {PROBE}" in out, out[-6000:]
-        assert "1 passed" in out, out[-6000:]
+        output = r.stdout + r.stderr
+        assert r.returncode == 0, output[-6000:]
+        assert f".venv/bin/python -m pytest -q {PROBE}" in output, output[-6000:]
+        assert "1 passed" in output, output[-6000:]
     finally:
         box.remove()
