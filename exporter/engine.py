@@ -128,6 +128,7 @@ class Engine:
         self.newest_event_ts = 0.0
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
+        self._bursts_through = 0                # hours before it have their burstiness stored
         self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
         try:
             self._restore()
@@ -183,8 +184,10 @@ class Engine:
         # were (what the coarse slots would have handed on had the process kept running).
         coarse = self.history.coarse
         cut = math.floor((newest - self.settings.window - 60) / coarse) * coarse
-        kept = min(self.settings.minute_retention, BURST_RESTORE)
-        self.history.add_bursts(list(self.store.bucket_groups(60, cut - kept, cut)), keys)
+        self.history.load_bursts(self.store.bursts(int((now - self.settings.horizon) // 3600)))
+        self._bursts_through = int(self.store.get_meta("bursts_through") or 0)
+        since = max(cut - min(self.settings.minute_retention, BURST_RESTORE), self._bursts_through * 3600)
+        self.history.add_bursts(list(self.store.bucket_groups(60, since, cut)), keys)
         for groups in self.store.bucket_groups(60, cut, newest + 60):
             self.history.add(groups, keys, hourly=False)
         _release_freed_heap()
@@ -419,7 +422,23 @@ class Engine:
         self.evaluation_duration.observe(time.perf_counter() - start)
         self.snapshot = snap
         self.last_evaluation = time.time()
+        self._save_bursts()
         return snap
+
+    def _save_bursts(self) -> None:
+        """Store the burstiness of hours that became final since the last call (a failed
+        write is retried the next time)."""
+        with self.lock:
+            final = self.history.bursts_final_before()
+            if final <= self._bursts_through:
+                return
+            first = max(self._bursts_through, final - int(self.settings.horizon // 3600) - 2)
+            try:
+                self.store.write_bursts(self.history.burst_rows(first, final), final)
+            except StoreError:
+                log.exception("storing burstiness failed; retried at the next evaluation")
+                return
+            self._bursts_through = final
 
     def exposition(self) -> bytes:
         """The full /metrics text; a scrape never holds a lock while formatting."""

@@ -298,6 +298,35 @@ class ScopeHistory:
             self.hour_burst[:n, hslot, 1] += counts * counts
             self.changed_from_hour = min(self.changed_from_hour, hour)
 
+    def bursts_final_before(self) -> int:
+        """The first hour whose burstiness sums may still change: every coarse slot of the
+        hours before it has left the ring."""
+        held = self.coarse_ring.tag[self.coarse_ring.tag >= 0]
+        if not held.size:
+            return -(2 ** 62)
+        return int(held.min()) * self.coarse // 3600
+
+    def burst_rows(self, first: int, end: int) -> list[tuple[str, int, float, float]]:
+        """(scope key, hour, sum, sum of squares) of the hours [first, end) the ring holds,
+        for scopes that had requests in them."""
+        out = []
+        hours = np.arange(first, end)
+        slot, ok = self.hours.slots_for(hours)
+        n = self.size
+        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
+            rows = np.flatnonzero(self.hour_burst[:n, s, 0] > 0)
+            for r in rows.tolist():
+                out.append((_scope_text(self.keys[r]), h, float(self.hour_burst[r, s, 0]), float(self.hour_burst[r, s, 1])))
+        return out
+
+    def load_bursts(self, rows: list[tuple[str, int, float, float]]) -> None:
+        """Burstiness sums stored by `burst_rows`, for the hours the ring holds (at start-up)."""
+        for text, hour, total, squares in rows:
+            slot, ok = self.hours.slots_for(np.array([hour]))
+            if ok[0]:
+                r = self._scope(_scope_key(text))
+                self.hour_burst[r, int(slot[0])] = (total, squares)
+
     def add_bursts(self, chunks: list[Groups], series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Burstiness sums of the hours minute buckets cover (at start-up, for minutes before
         those the window rings are fed), as `add` leaves them once the coarse slots recycle.
@@ -492,6 +521,15 @@ class ScopeHistory:
         hours = np.arange(end - int(round(baseline / 3600)), end)
         slot, ok = self.hours.slots_for(hours)
         return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
+
+
+def _scope_text(key: ScopeKey) -> str:
+    return "\x1f".join(key)
+
+
+def _scope_key(text: str) -> ScopeKey:
+    scope, app, provider, model = text.split("\x1f")
+    return scope, app, provider, model
 
 
 def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray,
