@@ -106,6 +106,106 @@ def anomaly_rules(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
     return "".join(out)
 
 
+# --- the promtool test of the generated alerts -------------------------------------------
+
+_SERIES_LABELS = 'instance="exporter:9473",job="llm-usage-exporter"'
+# Values that every Go template function in the descriptions renders plainly.
+_VALUES = {"up": (5.0, 2.0, 2.5, 6.0), "down": (1.0, 2.0, 0.5, -6.0)}    # current, baseline, ratio, z
+
+
+def _render(value: float, prefix: str, func: str, suffix: str) -> str:
+    """What the alert template prints for one of the plain _VALUES."""
+    if func.startswith("printf"):
+        text = func.split('"')[1] % value
+    elif func == "humanizePercentage":
+        text = f"{value * 100:g}%"
+    elif func == "humanizeDuration":
+        text = f"{value:g}s"
+    else:                                   # humanize
+        text = f"{value:g}"
+    return f"{prefix}{text}{suffix}"
+
+
+def _expected_description(spec: SignalSpec, direction: str, who: str, current: float, baseline: float,
+                          ratio: float, z: float) -> str:
+    assert spec.text is not None
+    prefix, func, suffix = spec.text.value
+    if spec.name == "error_rate":           # a share: keep it below 1 so percentages read plainly
+        current, baseline = current / 10, baseline / 10
+    shown = f"{ratio:.1f}x its baseline" if direction == "up" else f"{ratio * 100:g}% of its baseline"
+    return (f"{spec.text.measure} for {who} is {shown}: {_render(current, prefix, func, suffix)} against a baseline of "
+            f"{_render(baseline, prefix, func, suffix)} (evidence z {z:.1f}).")
+
+
+def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
+                  dashboard_url: str = DASHBOARD_URL) -> str:
+    """promtool unit tests of the generated alerts, one test per alert: a warning held for
+    its `for:`, a critical one with its warning twin, an explained anomaly and (for request
+    rate) a move the other way that stay quiet; the annotations of the warning rendered."""
+    out = [
+        "# promtool unit tests for rules/anomaly.yml, generated with it by `llm-usage-exporter rules`.\n",
+        "# Run from the prometheus/ directory: promtool test rules tests/anomaly_test.yml\n",
+        "#\n",
+        "# Per alert, on a one-minute grid, from minute 5 on:\n",
+        "#   app=chat           severity 1 (warning)                  -> warning once held for its for:\n",
+        "#   model=openai/gpt-4o severity 2 (high)                    -> critical, and its warning twin\n",
+        "#   app=echo           severity 2 and explained              -> silent\n",
+        "#   app=quiet          severity 0                            -> silent\n",
+        "#   app=other-way      (request rate) severity 1, the other direction -> silent for this alert\n",
+        "rule_files:\n  - ../rules/anomaly.yml\nevaluation_interval: 1m\ngroup_eval_order:\n  - llm-anomaly\ntests:\n",
+    ]
+    warn_for = int(FOR["warning"].rstrip("m"))
+    crit_for = int(FOR["critical"].rstrip("m"))
+    eval_min = 5 + max(warn_for, crit_for) + 1
+    steps = eval_min + 2
+    for spec in specs:
+        for direction in spec.directions:
+            assert spec.text is not None
+            name, summary = spec.text.alerts[direction]
+            current, baseline, ratio, z = _VALUES[direction]
+            cases = {("app", "chat"): (1, 0, z), ("model", "gpt-4o"): (2, 0, z), ("app", "echo"): (2, 1, z),
+                     ("app", "quiet"): (0, 0, z)}
+            if spec.direction == "both":
+                cases[("app", "other-way")] = (1, 0, -z)
+            out.append(f"  - name: '{name} ({direction})'\n    interval: 1m\n    input_series:\n")
+            for (scope, who), (sev, explained, zz) in cases.items():
+                labels = (f'signal="{spec.name}",scope="{scope}",' +
+                          (f'app="{who}"' if scope == "app" else f'provider="openai",model="{who}"') + "," + _SERIES_LABELS)
+                cur, base = (current / 10, baseline / 10) if spec.name == "error_rate" else (current, baseline)
+                for metric, value in (("ratio", ratio), ("current", cur), ("baseline", base), ("zscore", zz),
+                                      ("explained", explained)):
+                    out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n        values: '{_num(value)}x{steps}'\n")
+                out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 {sev}x{steps - 4}'\n")
+            out.append("    alert_rule_test:\n")
+            lab = 'instance: "exporter:9473", job: llm-usage-exporter'
+
+            def expect(severity: str, scope: str, who: str) -> str:
+                scope_labels = "app: chat" if scope == "app" else "provider: openai, model: gpt-4o"
+                phrase = "app chat" if scope == "app" else "model openai/gpt-4o"
+                query = "var-app=chat" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
+                desc = _expected_description(spec, direction, phrase, current, baseline, ratio, z)
+                return (f"          - exp_labels: {{severity: {severity}, category: anomaly, signal: {spec.name}, "
+                        f"scope: {scope}, {scope_labels}, {lab}}}\n"
+                        "            exp_annotations:\n"
+                        f"              summary: {summary}\n"
+                        f"              description: \"{desc}\"\n"
+                        f"              runbook_url: {runbook_url}#{name.lower()}\n"
+                        f"              dashboard_url: '{dashboard_url}?orgId=1&var-scope={scope}&{query}'\n")
+
+            # the verdicts are pending: nothing yet
+            out.append(f"      - eval_time: {4 + min(warn_for, crit_for)}m\n        alertname: {name}\n        exp_alerts: []\n")
+            # just before the warning's for: has passed: only the critical one (its for: is shorter)
+            early = 4 + warn_for
+            out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
+            out.append("        exp_alerts:\n" + expect("critical", "model", "gpt-4o") if crit_for < warn_for
+                       else "        exp_alerts: []\n")
+            out.append(f"      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
+            out.append(expect("warning", "app", "chat"))
+            out.append(expect("warning", "model", "gpt-4o"))
+            out.append(expect("critical", "model", "gpt-4o"))
+    return "".join(out)
+
+
 def _num(x: float) -> str:
     return f"{x:g}"
 
@@ -156,10 +256,12 @@ def splice_thresholds(text: str, block: str) -> str:
 
 def generate(rules_dir: Path, specs: tuple[SignalSpec, ...], check: bool = False,
              runbook_url: str = RUNBOOK_URL, dashboard_url: str = DASHBOARD_URL) -> list[Path]:
-    """Write (or with `check`, compare) anomaly.yml and thresholds.yml in `rules_dir`;
-    returns the files that differ from what the specs generate."""
+    """Write (or with `check`, compare) anomaly.yml and thresholds.yml in `rules_dir` and the
+    alerts' promtool test in `rules_dir/../tests`; returns the files that differ from what
+    the specs generate."""
     targets = {
         rules_dir / "anomaly.yml": lambda _old: anomaly_rules(specs, runbook_url, dashboard_url),
+        rules_dir.parent / "tests" / "anomaly_test.yml": lambda _old: anomaly_tests(specs, runbook_url, dashboard_url),
         rules_dir / "thresholds.yml": lambda old: splice_thresholds(old, threshold_block(specs)),
     }
     stale = []
