@@ -5,7 +5,7 @@ no value. They run when the hour turns (the evaluator keeps the result until the
 they favour clarity over the last microsecond.
 
 - Counts (requests) follow the time of day: the expected count of an hour is the median
-  of the same hour on earlier days (`seasonal_profile`). How far a day strays from that
+  of the same hour on the baseline's days (`daily_profile`). How far a day strays from that
   (`level_spread`) and how bursty requests arrive within an hour (`burstiness`) set the
   noise a window's count is judged against.
 - Request sizes (mean log tokens per request) are judged against a flat baseline
@@ -34,9 +34,25 @@ MIN_BLOCKS = 6              # blocks a spread at that block length needs
 
 def nan_median(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Median along `axis` ignoring NaN (NaN where all are), without np.nanmedian's slow
-    per-row path: a sort puts NaN last, so the valid values of a row are its first n."""
-    s = np.sort(np.moveaxis(x, axis, -1), axis=-1)
+    per-row path: rows without NaN take np.median's partition, the others a sort, which
+    puts NaN last, so the valid values of a row are its first n."""
+    x = np.moveaxis(x, axis, -1)
+    gaps = np.isnan(x).any(axis=-1)
+    if not gaps.any():
+        return np.median(x, axis=-1)
+    out = np.empty(x.shape[:-1])
+    if (~gaps).any():
+        out[~gaps] = np.median(x[~gaps], axis=-1)
+    out[gaps] = _sorted_nan_median(x[gaps])
+    return out
+
+
+def _sorted_nan_median(x: np.ndarray) -> np.ndarray:
+    """nan_median along the last axis of rows that hold NaN."""
+    s = np.sort(x, axis=-1)
     n = np.sum(~np.isnan(s), axis=-1)
+    if not s.size:
+        return np.zeros(s.shape[:-1])
     lo = np.maximum((n - 1) // 2, 0)
     hi = np.maximum(n // 2, 0)
     a = np.take_along_axis(s, lo[..., None], axis=-1)[..., 0]
@@ -53,28 +69,29 @@ def nan_quantile(x: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
     return np.where(n > 0, v, np.nan)
 
 
-def seasonal_profile(values: np.ndarray, days: int, first: int, count: int) -> np.ndarray:
-    """Expected value of hours first .. first + count - 1 (indices into the columns of
-    `values`, (S, H) hourly values oldest first): the median of the same hour on up to
-    `days` earlier days. With fewer than MIN_DAYS of them, the median of the day before
-    (of at least MIN_HOURS hours): a young scope is judged against its recent level
-    until it has days enough for a time of day."""
+def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """(S, 24) expected value of each hour of the day (UTC): the median of that hour over
+    the baseline's days. `values` (S, H) are the baseline's hourly values (NaN before a
+    scope existed) at absolute `hours`. An hour of the day seen on fewer than MIN_DAYS days
+    takes the median of the scope's last day instead (of at least MIN_HOURS hours): a young
+    scope is judged against its recent level until it has days enough for a time of day."""
     s, h = values.shape
-    out = np.full((s, count), np.nan)
-    stack = np.full((days, s, count), np.nan)
-    for d in range(1, days + 1):
-        idx = np.arange(first, first + count) - 24 * d
-        ok = idx >= 0
-        stack[d - 1][:, ok] = values[:, idx[ok]]
-    enough = np.sum(~np.isnan(stack), axis=0) >= MIN_DAYS
-    med = nan_median(stack, axis=0)
+    hod = hours % 24
+    out = np.full((s, 24), np.nan)
+    days = -(-h // 24)
+    grid = np.full((s, 24, days), np.nan)                 # values by hour of day and day
+    grid[:, hod, (np.arange(h) // 24)] = values
+    seen = np.sum(~np.isnan(grid), axis=2)
+    med = nan_median(grid, axis=2)
+    enough = seen >= MIN_DAYS
     out[enough] = med[enough]
-    for j in np.flatnonzero(~enough.all(axis=0)).tolist():     # young scopes: the day before
-        rows = np.flatnonzero(~enough[:, j])
-        recent = values[rows, max(first + j - 24, 0):first + j]
-        if recent.shape[1]:
-            known = np.sum(~np.isnan(recent), axis=1) >= MIN_HOURS
-            out[rows[known], j] = nan_median(recent[known], axis=1)
+    young = np.flatnonzero(~enough.all(axis=1))
+    if young.size:
+        recent = values[young, -24:]
+        known = np.sum(~np.isnan(recent), axis=1) >= MIN_HOURS
+        level = np.where(known, nan_median(recent, axis=1), np.nan)
+        fill = out[young]
+        out[young] = np.where(enough[young], fill, level[:, None])
     return out
 
 

@@ -41,8 +41,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import sketch
-from .baseline import (ErrorStats, SizeStats, block_spread, burstiness, error_stats, level_spread,
-                       nan_median, seasonal_profile, size_stats, sum_spread)
+from .baseline import (ErrorStats, SizeStats, block_spread, burstiness, daily_profile, error_stats, level_spread,
+                       nan_median, size_stats, sum_spread)
 from .buckets import F
 from .evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from .history import QUANTILES, ScopeHistory, ScopeKey, WindowValues, token_sum
@@ -51,7 +51,6 @@ from .signals import Severity, SignalSpec
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
 WINDOW_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0)   # of the configured window
 SUSTAINED_HOURS = (2, 4, 8)                                     # cost and token creep
-SEASONAL_DAYS = 7                                               # earlier days a count is compared with
 TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5}             # share beyond the baseline quantile when normal
 KINDS = tuple(QUANTILES)                                        # latency, ttft, otps
 MIN_SAMPLES = 5
@@ -132,14 +131,13 @@ def scope_name(key: ScopeKey) -> str:
 class Seasonal:
     """An hourly quantity (requests, cost, tokens) against the same time of day."""
 
-    expected: np.ndarray      # (S, H) expected value of each hour from Baseline.first on (NaN: too little history)
+    profile: np.ndarray       # (S, 24) expected value of each hour of the day, UTC (NaN: too little history)
     level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
 
 
 @dataclass(slots=True)
 class Baseline:
     end: int                                  # first hour not in the baseline (the window's first hour)
-    first: int                                # absolute hour of column 0 of the seasonal values
     requests: Seasonal
     cost: Seasonal
     tokens: Seasonal
@@ -172,7 +170,6 @@ class Evaluator:
         self.baseline_s = baseline
         self.alert_budget = alert_budget
         self._baseline: Baseline | None = None
-        self._sizes_at: dict[tuple[int, str], SizeStats] = {}
         self._key: tuple[int, int] | None = None
         h = history
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
@@ -189,50 +186,42 @@ class Evaluator:
         if self._baseline is not None and key == self._key and h.changed_from_hour >= end:
             return self._baseline
         count = int(round(self.baseline_s / 3600))
-        first = end - count - 24 * SEASONAL_DAYS
-        # the seasonal days before the baseline, the baseline, and the hours the windows reach into
-        hours = np.arange(first, end + math.ceil(h.window / 3600) + 2)
+        hours = np.arange(end - count, end)
         adds, q = h._take_hours(hours)
         burst = h.take_bursts(hours)
         unknown = ~h.held_hours(hours)[None, :] | (hours[None, :] < h.first_hour[: h.size, None])
-        req, cost, tokens = adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)
-        for a in (req, cost, tokens):
-            a[unknown] = np.nan
-        base = slice(24 * SEASONAL_DAYS, 24 * SEASONAL_DAYS + count)   # columns of the baseline hours
-        disp = burstiness(np.nan_to_num(req[:, base]), burst[:, base], round(3600 / h.coarse))
-
-        held_adds = np.where(~unknown[:, base, None], adds[:, base], 0.0)
+        held_adds = np.where(~unknown[..., None], adds, 0.0)
+        req, cost, tokens = (np.where(unknown, np.nan, a) for a in
+                             (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
+        disp = burstiness(np.nan_to_num(req), burst, round(3600 / h.coarse))
         sizes = self._size_stats(held_adds)
-        requests = seasonal_profile(req, SEASONAL_DAYS, 0, req.shape[1])
         spread = sum_spread(sizes)
+        hod = hours % 24
+        req_profile = daily_profile(req, hours)
 
         def seasonal(values: np.ndarray, floor: float, per_request: np.ndarray | float) -> Seasonal:
             """per_request: how much a total's relative variance exceeds its count's (1 + CV^2
             of the request sizes summed; 1 for the count itself)."""
-            expected = seasonal_profile(values, SEASONAL_DAYS, 0, values.shape[1])
+            profile = req_profile if values is req else daily_profile(values, hours)
             with np.errstate(invalid="ignore", divide="ignore"):
-                sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(requests[:, base], 0.5)
-            return Seasonal(expected, level_spread(values[:, base], expected[:, base], sampling, floor))
+                sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(req_profile[:, hod], 0.5)
+            return Seasonal(profile, level_spread(values, profile[:, hod], sampling, floor))
 
-        held = ~unknown[:, base]
-        baseline_adds = np.where(held[..., None], adds[:, base], 0.0)
-        qs = np.where(held[..., None], q[:, base], np.nan)
+        qs = np.where(unknown[..., None], np.nan, q)
         quantile = {kind: nan_median(qs[..., k], axis=1) for k, kind in enumerate(KINDS)}
         bins = np.stack([self._threshold_bin(quantile[kind], kind) for kind in KINDS], axis=1)
-        sustained = {}
-        for k in SUSTAINED_HOURS:
-            cols = slice(24 * SEASONAL_DAYS + 1 - k, 24 * SEASONAL_DAYS + count + 1 - k)
-            sustained[k] = Sustained(block_spread(np.nan_to_num(req[:, cols]), np.nan_to_num(requests[:, cols]), k))
+        sustained = {k: Sustained(block_spread(np.nan_to_num(req), np.nan_to_num(req_profile[:, hod]), k))
+                     for k in SUSTAINED_HOURS}
         b = Baseline(
-            end=end, first=int(first), sustained=sustained,
+            end=end, sustained=sustained,
             requests=seasonal(req, 0.5, 1.0),
             cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], spread),
             tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, spread),
             burstiness=disp, size_spread=spread,
             sizes=sizes, costs=self._size_stats(held_adds, "cost"),
-            errors=error_stats(baseline_adds[..., F["requests"]], baseline_adds[..., F["errors"]]),
+            errors=error_stats(held_adds[..., F["requests"]], held_adds[..., F["errors"]]),
             quantile=quantile, threshold_bins=bins)
-        self._baseline, self._key, self._sizes_at = b, key, {}
+        self._baseline, self._key = b, key
         h.changed_from_hour = np.iinfo(np.int64).max
         return b
 
@@ -251,15 +240,6 @@ class Evaluator:
     def _size_stats(adds: np.ndarray, kind: str = "tokens") -> SizeStats:
         n, s1, s2 = SIZE_FIELDS[kind]
         return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]])
-
-    def _sizes_before(self, end: int, kind: str) -> SizeStats:
-        """Size statistics of the baseline that ends at `end` (for the long windows, whose
-        hours must not be in their own baseline)."""
-        if (end, kind) not in self._sizes_at:
-            count = int(round(self.baseline_s / 3600))
-            adds, _ = self.history._take_hours(np.arange(end - count, end))
-            self._sizes_at[(end, kind)] = self._size_stats(adds, kind)
-        return self._sizes_at[(end, kind)]
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -323,20 +303,17 @@ class _Context:
             pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
             h0 = np.floor(pos).astype(np.int64)
             frac = pos - h0
-            col0 = h0 - b.first
-            col0 = np.clip(col0, 0, seasonal.expected.shape[1] - 2)
-            v0 = seasonal.expected[:, col0]
-            v1 = seasonal.expected[:, col0 + 1]
+            v0 = seasonal.profile[:, h0 % 24]
+            v1 = seasonal.profile[:, (h0 + 1) % 24]
             per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
             out[:, j] = per_hour.sum(axis=1) * h.fine / 3600.0
         return out
 
-    def window_quantile(self, kind: str, rows: np.ndarray, w: int, q: float) -> np.ndarray:
-        """The q-quantile of `kind` over window w for the given scope rows."""
-        k = KINDS.index(kind)
-        slots = self._coarse_abs[-self.ev.coarse_slots[w]:]
-        sk = self.h.coarse_sketches(rows, slots, k)
-        return sketch.quantile(sk, q)
+    def window_quantiles(self, kind: str, rows: np.ndarray, q: float) -> np.ndarray:
+        """(len(rows), W) q-quantile of `kind` over each window, for the given scope rows."""
+        sk = self.h.coarse_sketches(rows, self._coarse_abs[::-1], KINDS.index(kind))   # newest slot first
+        cum = np.cumsum(sk, axis=1)[:, np.array(self.ev.coarse_slots) - 1]             # (R, W, NBINS)
+        return sketch.quantile(cum, q)
 
     def whole_hours(self, k: int) -> np.ndarray:
         """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
@@ -449,8 +426,7 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     ready = c.ready(spec)
     for j, k in enumerate(SUSTAINED_HOURS):
         n = c.whole_hours(k)[:, F["requests"]]
-        cols = np.arange(b.end + 1 - k, b.end + 1) - b.first
-        expected = b.requests.expected[:, cols].sum(axis=1)
+        expected = b.requests.profile[:, np.arange(b.end + 1 - k, b.end + 1) % 24].sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
             z_level = np.log(ratio) / b.sustained[k].count_sd
@@ -506,7 +482,8 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     with np.errstate(invalid="ignore"):
         rise = np.fmax(rise, np.fmax(np.where(hour_ok & (z_total >= c.zc[-1]), total_ratio, 0.0),
                                      np.where(hour_ok & (z_count >= c.zc[-1]), count_ratio, 0.0)))
-    # 4. a creep: a smaller size rise held for hours, against a baseline without those hours
+    # 4. a creep: a smaller size rise held for hours (the baseline's median holds the first
+    # of those hours too, which moves it little)
     held = np.zeros(c.n)
     for j, k in enumerate(SUSTAINED_HOURS):
         sums = c.whole_hours(k)
@@ -515,7 +492,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
             mk = sums[:, F[n]]
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean_k = sums[:, F[s1]] / mk
-            st_k = c.ev._sizes_before(b.end + 1 - k, kind)
+            st_k = stats[kind]
             zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
             with np.errstate(invalid="ignore"):
                 held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
@@ -571,17 +548,16 @@ def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.n
 def _quantile_effect(c: _Context, kind: str, passed: np.ndarray) -> np.ndarray:
     """(S, W) effect of one kind where its evidence passed: the window's quantile over the
     baseline's (its inverse for throughput, where slower is lower); 0 elsewhere. The
-    window's sketches are summed only for those scopes."""
+    windows' sketches are summed only for those scopes."""
     out = np.zeros(passed.shape)
-    base_q = c.base.quantile[kind]
-    for w in range(passed.shape[1]):
-        rows = np.flatnonzero(passed[:, w])
-        if not rows.size:
-            continue
-        qw = c.window_quantile(kind, rows, w, QUANTILES[kind])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = qw / base_q[rows]
-            out[rows, w] = np.nan_to_num(1.0 / r if kind == "otps" else r, nan=0.0, posinf=0.0)
+    rows = np.flatnonzero(passed.any(axis=1))
+    if not rows.size:
+        return out
+    qw = c.window_quantiles(kind, rows, QUANTILES[kind])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = qw / c.base.quantile[kind][rows, None]
+        effect = np.nan_to_num(1.0 / r if kind == "otps" else r, nan=0.0, posinf=0.0)
+    out[rows] = np.where(passed[rows], effect, 0.0)
     return out
 
 

@@ -484,9 +484,12 @@ class ScopeHistory:
         return above, total, absolute
 
     def coarse_sketches(self, rows: np.ndarray, absolute: np.ndarray, kind: int) -> np.ndarray:
-        """(len(rows), NBINS) sketch of one kind summed over the given coarse slots."""
+        """(len(rows), len(absolute), NBINS) sketches of one kind of the given scope rows in
+        the given coarse slots (zero where the ring does not hold a slot)."""
         slot, ok = self.coarse_ring.slots_for(np.asarray(absolute))
-        return self.coarse_sk[rows][:, slot[ok], kind].sum(axis=1, dtype=np.int64)
+        out = self.coarse_sk[rows[:, None], slot[None, :], kind].astype(np.int64)
+        out[:, ~ok] = 0
+        return out
 
     def app_model_pairs(self) -> np.ndarray:
         """(P, 2) scope rows of every (app, model) pair that shares a series."""
