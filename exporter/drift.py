@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from exporter.codes import factorize
-from exporter.evidence import binomial_z, z_threshold
+from exporter.evidence import binomial_z, normal_quantile, z_threshold
 from exporter.records import RecordColumns
 
 SIGNALS: tuple[str, ...] = (
@@ -297,18 +297,106 @@ def length_bins(output_tokens: np.ndarray) -> np.ndarray:
 def design_effect(window: np.ndarray, unit: np.ndarray, d: np.ndarray, n_windows: int) -> np.ndarray:
     """How much more a window's sum of `d` varies than if its responses were independent,
     given that responses of one unit (a session) are alike: the sum over units of the
-    squared unit sums of `d` over the sum of its squares, per window, never below 1.
+    squared unit sums of `d` over the sum of its squares, per window (and column of `d`),
+    never below 1.
 
-    `window[i]`, `unit[i]` (small integer codes) and `d[i]` describe one (window, response)
-    pair each, `d` already centred on its window's mean, so a real shift of the window does
-    not count as likeness. Each response its own unit gives exactly 1; a window whose
-    responses all come from one unit says nothing about likeness, and gets 1 too."""
+    `window[i]`, `unit[i]` (small integer codes) and `d[i]` (a value or a row of columns)
+    describe one (window, response) pair each, `d` already centred on its window's mean so
+    that a real shift of the window does not count as likeness. Each response its own unit
+    gives exactly 1; a window whose responses all come from one unit says nothing about
+    likeness, and gets 1 too."""
+    cols = d.reshape(d.shape[0], -1)
     n_u = int(unit.max()) + 1 if unit.shape[0] else 1
-    sums = np.bincount(window * n_u + unit, weights=d, minlength=n_windows * n_u).reshape(n_windows, n_u)
-    unit_sq = (sums ** 2).sum(axis=1)
-    dev_sq = np.bincount(window, weights=d ** 2, minlength=n_windows)
+    cell = window * n_u + unit
+    out = np.ones((n_windows, cols.shape[1]))
+    for c in range(cols.shape[1]):                                 # one iteration per column (signal)
+        unit_sq = (np.bincount(cell, weights=cols[:, c], minlength=n_windows * n_u).reshape(n_windows, n_u) ** 2).sum(1)
+        dev_sq = np.bincount(window, weights=cols[:, c] ** 2, minlength=n_windows)
+        ok = dev_sq > 0
+        out[ok, c] = np.maximum(1.0, unit_sq[ok] / dev_sq[ok])
+    return out.reshape((n_windows,) + d.shape[1:])
+
+
+def between_hour_variance(estimate: np.ndarray, sampling_var: np.ndarray) -> float:
+    """How much a quantity's true level varies from hour to hour beyond sampling noise: the
+    DerSimonian-Laird estimate of the between-hour variance from per-hour estimates and
+    their sampling variances (hours with an infinite or NaN variance left out). Answer
+    lengths drift with the time of day and the mix of users, error rates come in bursts;
+    a window is judged against the reference with this much variance added, so an
+    ordinary hour-to-hour swing is no evidence.
+
+    The estimate is noisy with a day's few hours, and positive by chance about half the
+    time when the level does not vary at all, which would only cost power: it counts only
+    when the hours differ significantly (Cochran's Q above the 95th percentile of its
+    chi-square distribution), and is 0 otherwise and with fewer than two hours."""
+    ok = np.isfinite(estimate) & np.isfinite(sampling_var) & (sampling_var > 0)
+    df = int(ok.sum()) - 1
+    if df < 1:
+        return 0.0
+    w = 1.0 / sampling_var[ok]
+    mean = float((w * estimate[ok]).sum() / w.sum())
+    q = float((w * (estimate[ok] - mean) ** 2).sum())
+    scale = float(w.sum() - (w ** 2).sum() / w.sum())
+    if q <= chi2_quantile(0.95, df) or scale <= 0:
+        return 0.0
+    return (q - df) / scale
+
+
+def chi2_quantile(p: float, df: int) -> float:
+    """Quantile of the chi-square distribution (Wilson-Hilferty: within 1 % from 2 degrees
+    of freedom at the 95th percentile)."""
+    c = 2.0 / (9.0 * df)
+    return df * (1.0 - c + normal_quantile(p) * math.sqrt(c)) ** 3
+
+
+def hour_blocks(counts: np.ndarray, minimum: float) -> np.ndarray:
+    """Block number of each hour (in time order) when consecutive hours are merged until a
+    block holds at least `minimum` (a remainder joins the last full block): a variance
+    between hours is only as good as each hour's own estimate, and a night hour of five
+    responses with one error would pass for a burst."""
+    block = np.zeros(counts.shape[0], dtype=np.int64)
+    current, held = 0, 0.0
+    for i, c in enumerate(counts.tolist()):                    # at most baseline_s / 3600 + 1 hours
+        block[i] = current
+        held += c
+        if held >= minimum:
+            current, held = current + 1, 0.0
+    if held < minimum and current > 0:
+        block[block == current] = current - 1
+    return block
+
+
+def rate_level_variance(events: np.ndarray, trials: np.ndarray, min_trials: int) -> float:
+    """Between-hour variance of a rate, from hourly event and trial counts in time order,
+    the hours merged into blocks of at least `min_trials` trials and 5 expected events
+    (where Pearson's statistic behind the estimate holds). 0 for a rate of 0 or 1."""
+    n_all = float(trials.sum())
+    p = float(events.sum()) / n_all if n_all > 0 else 0.0
+    if not 0.0 < p < 1.0:
+        return 0.0
+    block = hour_blocks(trials, max(float(min_trials), 5.0 / p))
+    x, n = np.bincount(block, weights=events), np.bincount(block, weights=trials)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(dev_sq > 0, np.maximum(1.0, unit_sq / np.where(dev_sq > 0, dev_sq, 1.0)), 1.0)
+        return between_hour_variance(x / n, p * (1.0 - p) / n)
+
+
+def intraclass_correlation(values: np.ndarray, unit: np.ndarray) -> float:
+    """How alike the values of one unit (a conversation) are: the one-way ANOVA estimate of
+    the intraclass correlation, clipped to [0, 1]; 0 when no unit holds two values.
+    `unit` holds small integer codes."""
+    if values.shape[0] < 3:
+        return 0.0
+    _, u = np.unique(unit, return_inverse=True)
+    n_u = np.bincount(u).astype(np.float64)
+    groups, total = n_u.shape[0], float(values.shape[0])
+    if groups < 2 or groups == total:
+        return 0.0
+    means = np.bincount(u, weights=values) / n_u
+    within = float(((values - means[u]) ** 2).sum()) / (total - groups)
+    between = float((n_u * (means - values.mean()) ** 2).sum()) / (groups - 1)
+    n0 = (total - float((n_u ** 2).sum()) / total) / (groups - 1)
+    denom = between + (n0 - 1.0) * within
+    return min(1.0, max(0.0, (between - within) / denom)) if denom > 0 else 0.0
 
 
 def rate_z(events: np.ndarray, trials: np.ndarray, ref_events: np.ndarray, ref_trials: np.ndarray,
@@ -321,24 +409,32 @@ def rate_z(events: np.ndarray, trials: np.ndarray, ref_events: np.ndarray, ref_t
     count. 0 without trials on either side."""
     x, n, r, m = (np.asarray(v, dtype=np.float64) for v in (events, trials, ref_events, ref_trials))
     valid = (n > 0) & (m > 0) & (x + r > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(valid, n / np.where(valid, n + m, 1.0), 0.5)
+    p = np.where(valid, n / np.where(valid, n + m, 1.0), 0.5)
     return np.where(valid, binomial_z(x, x + r, p, dispersion), 0.0)
 
 
 def rate_evidence(event: np.ndarray, trial: np.ndarray, unit: np.ndarray, age: np.ndarray, windows: np.ndarray,
-                  ref_events: np.ndarray, ref_trials: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(events, trials, z) of one rate signal on each recent window: `event` and `trial`
-    say per response of the ring whether it counts (time order does not matter: `age` is
-    each response's position from the newest, so window k holds those with age < k). The
-    z allows for events clustering in sessions (`design_effect`)."""
-    n_w = windows.shape[0]
-    w_idx, i_idx = np.nonzero((age[None, :] < windows[:, None]) & trial[None, :])
-    y = event[i_idx].astype(np.float64)
-    x = np.bincount(w_idx, weights=y, minlength=n_w)
-    n = np.bincount(w_idx, minlength=n_w).astype(np.float64)
-    d = y - (x / np.maximum(n, 1.0))[w_idx]
-    z = rate_z(x, n, ref_events, ref_trials, design_effect(w_idx, unit[i_idx], d, n_w))
+                  ref_events: np.ndarray, ref_trials: np.ndarray, level_var: np.ndarray | float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(events, trials, z), each (W, S), of S rate signals on W recent windows.
+
+    `event` and `trial` (n, S) say per response of the ring whether it counts; order does
+    not matter, as `age` is each response's position from the newest (window k holds those
+    with age < k). `ref_events`, `ref_trials` (W, S) are the reference's counts. The z
+    allows for events clustering in sessions (`design_effect`) and for the rate's
+    between-hour variance `level_var` (S,) as a beta-binomial does: the window's count
+    varies n * (1 + n * level_var / (p (1 - p))) times p (1 - p)."""
+    trial = trial.astype(np.float64)
+    hit = event * trial
+    member = age[None, :] < windows[:, None]                                 # (W, n)
+    x, n = member @ hit, member @ trial
+    mean = x / np.maximum(n, 1.0)
+    w_idx, i_idx = np.nonzero(member)
+    d = trial[i_idx] * (hit[i_idx] - mean[w_idx])                             # 0 for responses that are no trial
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = ref_events / np.where(ref_trials > 0, ref_trials, 1.0)
+        level = np.where((p > 0) & (p < 1), n * np.asarray(level_var) / (p * (1.0 - p)), 0.0)
+    z = rate_z(x, n, ref_events, ref_trials, design_effect(w_idx, unit[i_idx], d, windows.shape[0]) + level)
     return x, n, z
 
 
@@ -371,28 +467,48 @@ def shift_estimate(recent: np.ndarray, ref: np.ndarray) -> float:
     return j - (ref.shape[0] - 1) - 0.5 + (0.5 - below) / max(cdf[j] - below, 1e-12)
 
 
+def length_level_variance(hours: np.ndarray, min_answers: int) -> float:
+    """Between-hour variance of the probability index theta (see `length_evidence`) of one
+    app's answer lengths, from its histograms per reference hour (H, B) in time order,
+    merged into blocks of at least `min_answers` answers; each block is compared with the
+    rest of the reference."""
+    if hours.shape[0] < 2:
+        return 0.0
+    block = hour_blocks(hours.sum(axis=1), float(min_answers))
+    h = np.add.reduceat(hours, np.flatnonzero(np.r_[True, block[1:] != block[:-1]]), axis=0).astype(np.float64)
+    dev, var, _ = rank_sum_terms(h, h.sum(axis=0)[None, :] - h)
+    pairs = h.sum(axis=1) * (h.sum() - h.sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return between_hour_variance(dev / pairs, var / pairs ** 2)
+
+
 def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np.ndarray, windows: np.ndarray,
-                    reference: dict[int, np.ndarray], z_needed: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    reference: dict[int, np.ndarray], level_var: dict[int, float], z_needed: np.ndarray,
+                    likeness: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(length ratio, z, answers) of each recent window's answers against the reference.
 
     `bins`, `app`, `unit` (small integer codes) describe the answers of the ring; `age` is
     each answer's position counted from the newest response (0 = newest), so window k
-    holds the answers with age < k. `reference[app]` is that app's reference histogram for each window (W, B).
+    holds the answers with age < k. `reference[app]` is that app's reference histogram for
+    each window (W, B), `level_var[app]` the between-hour variance of its theta
+    (`length_level_variance`).
 
     Per app (stratum) a rank-sum test of the window's answers against the app's reference
-    answers, combined with van Elteren's weights (1 / (N + 1)), so each app contributes in
-    proportion to its evidence and a change in the app mix is no collapse. Answers of one
-    conversation are alike: the variance is multiplied by the window's design effect over
-    the rank deviations (`design_effect`). The ratio, 2 ** (Hodges-Lehmann shift in
-    octaves, the apps weighted by their answers), is computed where the z reaches
-    -`z_needed` and for the largest window (the published value), NaN elsewhere; NaN and
-    z 0 without answers that have a reference."""
+    answers, as the probability index theta = P(recent answer longer than a reference one)
+    - 1/2 (ties count half); answers of one conversation are alike, so its sampling
+    variance is multiplied by a design effect: the larger of the one measured within the
+    window (`design_effect`) and 1 + `likeness` (m - 1), where `likeness` is the
+    intraclass correlation of answer lengths measured outside the window and m the
+    answers per conversation in it (sum of squares over sum); a window of two long
+    conversations is two answers' worth of evidence when conversations are very alike.
+    The between-hour variance of the reference hours' own theta is added
+    (`between_hour_variance`). The apps are combined with inverse-variance weights, so
+    each contributes by its evidence and a change in the app mix is no collapse. The
+    ratio, 2 ** (Hodges-Lehmann shift in octaves, the apps weighted by their answers), is
+    computed where the z reaches -`z_needed` and for the largest window (the published
+    value), NaN elsewhere; NaN and z 0 without answers that have a reference."""
     n_w = windows.shape[0]
-    num, var = np.zeros(n_w), np.zeros(n_w)
-    dev_w: list[np.ndarray] = []
-    dev_u: list[np.ndarray] = []
-    dev_d: list[np.ndarray] = []
+    num, inv_var = np.zeros(n_w), np.zeros(n_w)
     answers = np.zeros(n_w, dtype=np.int64)
     per_app: list[tuple[np.ndarray, np.ndarray]] = []
     member = age[None, :] < windows[:, None]                              # (W, answers)
@@ -406,23 +522,30 @@ def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np
         mine = app == code
         b = bins[mine]
         w_idx, a_idx = np.nonzero(member[:, mine] & has_ref[:, None])
-        q = np.zeros((n_w, LENGTH_BINS))
-        np.add.at(q, (w_idx, b[a_idx]), 1.0)
-        dev, v, mid = rank_sum_terms(q, ref)
-        wgt = 1.0 / (q.sum(axis=1) + ref.sum(axis=1) + 1.0)
-        num += wgt * dev
-        var += wgt ** 2 * v
-        # for the design effect: each answer's mid-rank deviation around its window's mean, weighted like its app
+        if w_idx.shape[0] == 0:
+            continue
+        q = np.bincount(w_idx * LENGTH_BINS + b[a_idx], minlength=n_w * LENGTH_BINS).reshape(n_w, LENGTH_BINS)
+        q = q.astype(np.float64)
+        dev, var, mid = rank_sum_terms(q, ref)
+        pairs = q.sum(axis=1) * ref.sum(axis=1)
         d = mid[w_idx, b[a_idx]]
-        d = wgt[w_idx] * (d - (np.bincount(w_idx, weights=d, minlength=n_w) / np.maximum(q.sum(axis=1), 1.0))[w_idx])
-        dev_w.append(w_idx)
-        dev_u.append(unit[mine][a_idx])
-        dev_d.append(d)
+        d = d - (np.bincount(w_idx, weights=d, minlength=n_w) / np.maximum(q.sum(axis=1), 1.0))[w_idx]
+        deff = design_effect(w_idx, unit[mine][a_idx], d, n_w)
+        if likeness > 0:
+            n_u = int(unit[mine].max()) + 1
+            sizes = np.bincount(w_idx * n_u + unit[mine][a_idx], minlength=n_w * n_u).reshape(n_w, n_u).astype(float)
+            m = (sizes ** 2).sum(axis=1) / np.maximum(sizes.sum(axis=1), 1.0)
+            deff = np.maximum(deff, 1.0 + likeness * np.maximum(m - 1.0, 0.0))
+        tau2 = level_var.get(int(code), 0.0)
+        ok = pairs > 0
+        v = np.where(ok, var / np.where(ok, pairs, 1.0) ** 2 * deff + tau2, np.inf)
+        good = ok & (v > 0)
+        num[good] += dev[good] / pairs[good] / v[good]
+        inv_var[good] += 1.0 / v[good]
         answers += q.sum(axis=1).astype(np.int64)
         per_app.append((q, ref))
-    deff = design_effect(np.concatenate(dev_w), np.concatenate(dev_u), np.concatenate(dev_d), n_w) if dev_w else 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(var > 0, num / np.sqrt(np.where(var > 0, var, 1.0) * deff), 0.0)
+        z = np.where(inv_var > 0, num / np.sqrt(np.where(inv_var > 0, inv_var, 1.0)), 0.0)
     ratio = np.full(n_w, math.nan)
     for w in range(n_w):
         if answers[w] == 0 or not (z[w] <= -z_needed[w] or w == n_w - 1):
@@ -489,13 +612,15 @@ class _Hours:
     of answer lengths per app, for the last `slots` hours; and which hours each signal was
     found drifting in (left out of that signal's reference)."""
 
-    __slots__ = ("hour", "counts", "lengths", "tainted")
+    __slots__ = ("hour", "counts", "lengths", "tainted", "version", "_cache")
 
     def __init__(self, slots: int) -> None:
         self.hour = np.full(slots, -1, dtype=np.int64)
         self.counts = np.zeros((slots, len(COUNTS)), dtype=np.int64)
         self.lengths: dict[int, np.ndarray] = {}                 # app code -> (slots, LENGTH_BINS)
         self.tainted = np.zeros((slots, len(SIGNALS)), dtype=bool)
+        self.version = 0                                       # bumped when an hour before the newest changes
+        self._cache: tuple[Any, np.ndarray, dict[int, float]] | None = None
 
     def add(self, ts: np.ndarray, ind: np.ndarray, app: np.ndarray, answer: np.ndarray, bins: np.ndarray) -> None:
         slots = self.hour.shape[0]
@@ -511,6 +636,8 @@ class _Hours:
                 self.tainted[s] = False
                 for hist in self.lengths.values():
                     hist[s] = 0
+        if hours.shape[0] and int(hours.min()) < int(self.hour.max()):
+            self.version += 1                                  # late data in an hour a reference may hold
         slot = hours % slots
         np.add.at(self.counts, slot, ind)
         for code in np.unique(app[answer]).tolist():            # one iteration per app in the batch
@@ -525,6 +652,24 @@ class _Hours:
 
     def taint(self, first_hour: int, last_hour: int, signal: int) -> None:
         self.tainted[(self.hour >= first_hour) & (self.hour <= last_hour), signal] = True
+
+    def level_variances(self, mask: np.ndarray, min_block: int) -> tuple[np.ndarray, dict[int, float]]:
+        """Between-hour variances over the reference hours in `mask` (signals, slots): of
+        each rate (in RATES order) and of each app's length index. They change only with the
+        reference hours, so they are kept until the mask, the hours or late data change them."""
+        key = (self.version, mask.tobytes(), self.hour.tobytes(), min_block)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        by_time = np.argsort(self.hour)
+        rates = np.zeros(len(RATES))
+        for i, (name, (e, t)) in enumerate(RATES.items()):
+            rows = self.counts[by_time][mask[SIGNALS.index(name), by_time] > 0]
+            rates[i] = rate_level_variance(rows[:, e], rows[:, t], min_block)
+        j = SIGNALS.index("length_collapse_ratio")
+        lengths = {code: length_level_variance(h[by_time][mask[j, by_time] > 0], min_block)
+                   for code, h in self.lengths.items()}
+        self._cache = (key, rates, lengths)
+        return rates, lengths
 
 
 class DriftDetector:
@@ -622,24 +767,33 @@ class DriftDetector:
         z = np.zeros((n_w, len(SIGNALS)))
         level = np.zeros((n_w, len(SIGNALS)), dtype=np.int64)
         # rates
-        ind = indicators(flags).astype(bool)
+        ind = indicators(flags)
         age = fill - 1 - np.arange(fill)                                                          # 0 = newest
         _, units = np.unique(unit, return_inverse=True)
-        for name, (ev, tr) in RATES.items():
-            j = SIGNALS.index(name)
-            ref = ref_mask[:, j] @ hours.counts[:, [ev, tr]]                                      # (W, 2)
-            x, n, z[:, j] = rate_evidence(ind[:, ev], ind[:, tr], units, age, windows, ref[:, 0], ref[:, 1])
-            min_n = s.min_signal_n if name == "tool_silence_rate" else 1
-            with np.errstate(invalid="ignore", divide="ignore"):
-                value[:, j] = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
-            found = (z[:, j] >= zc) & (x >= s.min_events)
-            level[:, j] = np.where(found, levels(value[:, j], limits[name]), 0)
+        rate_cols = [SIGNALS.index(name) for name in RATES]
+        ev = [e for e, _ in RATES.values()]
+        tr = [t for _, t in RATES.values()]
+        ref = np.einsum("wrs,sc->wrc", ref_mask[:, rate_cols], hours.counts)                     # (W, rates, counts)
+        r = np.arange(len(RATES))
+        rate_var, length_var = hours.level_variances(ref_mask[-1], int(windows[0]))
+        x, n, z[:, rate_cols] = rate_evidence(ind[:, ev], ind[:, tr], units, age, windows, ref[:, r, ev], ref[:, r, tr],
+                                              rate_var)
+        min_n = np.array([s.min_signal_n if name == "tool_silence_rate" else 1 for name in RATES])
+        value[:, rate_cols] = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
+        found = (z[:, rate_cols] >= zc[:, None]) & (x >= s.min_events)
+        for c, name in zip(rate_cols, RATES):
+            level[:, c] = np.where(found[:, rate_cols.index(c)], levels(value[:, c], limits[name]), 0)
         # answer lengths
         j = SIGNALS.index("length_collapse_ratio")
         answer = (flags & (_ERROR | _EMPTY)) == 0
         reference = {code: ref_mask[:, j] @ h for code, h in hours.lengths.items()}
+        # how alike a conversation's answers are, from the ring's older half (outside the windows it could bias)
+        older = answer & (age >= fill // 2)
+        logs = np.log2(np.maximum(out[older], 1).astype(np.float64))
+        app_mean = np.bincount(app[older], weights=logs) / np.maximum(np.bincount(app[older]), 1)
+        likeness = intraclass_correlation(logs - app_mean[app[older]], units[older]) if older.any() else 0.0
         ratio, z_len, answers = length_evidence(length_bins(out[answer]), app[answer], units[answer], age[answer],
-                                                windows, reference, zc)
+                                                windows, reference, length_var, zc, likeness)
         value[:, j] = np.where(answers >= s.min_signal_n, ratio, math.nan)
         z[:, j] = np.where(answers >= s.min_signal_n, z_len, 0.0)
         level[:, j] = np.where(z[:, j] <= -zc, levels(value[:, j], limits["length_collapse_ratio"]), 0)
