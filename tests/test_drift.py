@@ -12,8 +12,9 @@ import pytest
 from helpers import engine_at, settings_for
 
 from exporter.drift import (
-    PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, design_effect, length_bins,
-    rank_sum_terms, rate_z, response_flags, shift_estimate, stop_is_anomalous,
+    PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, between_hour_variance,
+    chi2_quantile, design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
+    response_flags, shift_estimate, stop_is_anomalous,
 )
 from exporter.evidence import z_threshold
 from exporter.records import RecordColumns, parse_record, to_columns
@@ -39,7 +40,8 @@ def lengths(n: int, seed: int = 0, median: float = 300.0, sigma: float = 0.6) ->
     return [max(1, int(x)) for x in np.random.default_rng(seed).lognormal(math.log(median), sigma, n)]
 
 
-REF_END = T0 - 6.5 * HOUR       # the default reference ends before the window's age limit: it is not in the window
+# The default reference ends on a clock hour before the window's age limit, so it is not in the window.
+REF_END = math.floor((T0 - 6.5 * HOUR) / HOUR) * HOUR
 
 
 def history(end: float = REF_END, hours: float = 6.0, step: float = 30.0, seed: int = 1, **fields: Any) -> RecordColumns:
@@ -259,9 +261,10 @@ def test_min_events_guards_small_counts() -> None:
     # 2 odd stops in 50 responses is 4 %: above `high`'s 3 %, and never seen in the
     # reference, but two events are not a trend.
     fields = {"stop_reason": ["safety" if i in (10, 40) else "stop" for i in range(50)]}
-    r = run(batch(50, **fields), DriftSettings(preset="high"))
+    day = history(hours=24.0)
+    r = run(batch(50, **fields), DriftSettings(preset="high"), reference=day)
     assert r.values["stop_anomaly_rate"] == pytest.approx(0.04) and r.severity == 0
-    r = run(batch(50, **fields), DriftSettings(preset="high", min_events=2))
+    r = run(batch(50, **fields), DriftSettings(preset="high", min_events=2), reference=day)
     assert r.severity == 1
 
 
@@ -311,9 +314,69 @@ def test_design_effect() -> None:
     assert design_effect(w, np.zeros(60, dtype=np.int64), d - d.mean(), 1)[0] == 1.0   # one unit: unknown, 1
 
 
+def test_intraclass_correlation_recovers_likeness() -> None:
+    rng = np.random.default_rng(0)
+    unit = np.repeat(np.arange(300), 4)
+    for rho in (0.0, 0.3, 0.8):
+        v = rng.normal(size=300)[unit] * math.sqrt(rho) + rng.normal(size=1200) * math.sqrt(1 - rho)
+        assert intraclass_correlation(v, unit) == pytest.approx(rho, abs=0.07)
+    assert intraclass_correlation(rng.normal(size=50), np.arange(50)) == 0.0      # no unit holds two values
+
+
+def test_between_hour_variance() -> None:
+    """Zero when the hours differ no more than sampling explains (Cochran's Q test), close
+    to the true spread when they do."""
+    rng = np.random.default_rng(2)
+    s2 = np.full(24, 0.01 ** 2)
+    assert between_hour_variance(rng.normal(0.5, 0.01, 24), s2) == 0.0
+    spread = [between_hour_variance(rng.normal(0.5, 0.05, 24) + rng.normal(0, 0.01, 24), s2) for _ in range(200)]
+    assert float(np.median(spread)) == pytest.approx(0.05 ** 2, rel=0.3)
+    assert between_hour_variance(np.array([0.5]), np.array([0.01])) == 0.0
+    assert chi2_quantile(0.95, 1) == pytest.approx(3.84, rel=0.03) and chi2_quantile(0.95, 20) == pytest.approx(31.41, rel=0.01)
+    # hours merged until each block holds enough: a quiet night joins its neighbours
+    assert hour_blocks(np.array([100, 3, 2, 5, 120, 90, 10]), 25).tolist() == [0, 1, 1, 1, 1, 2, 2]
+
+
+def test_a_bursty_reference_needs_a_bigger_change() -> None:
+    """15 % errors is a change for a model that runs at a steady 5 %, and an ordinary hour
+    for one whose errors come in bursts (hours at 0 % and at 10 %, 5 % on average)."""
+    window = batch(200, **mixed(200, 30, status="error", output_tokens=0))
+
+    def reference(percent_by_hour: list[int]) -> RecordColumns:
+        status: list[str] = []
+        for pct in percent_by_hour:                     # 120 responses an hour, errors spread through it
+            bad = set(np.linspace(0, 119, 120 * pct // 100).round().astype(int).tolist()) if pct else set()
+            status += ["error" if i in bad else "ok" for i in range(120)]
+        return history(hours=len(percent_by_hour), status=status)
+
+    steady = [5] * 12
+    bursty = [0, 10] * 6
+    r = run(window, reference=reference(steady))
+    assert r.severity >= 1 and r.reasons[0].startswith("error_rate 0.15")
+    r = run(window, reference=reference(bursty))
+    assert r.values["error_rate"] == pytest.approx(0.15) and r.severity == 0
+
+
+def test_a_daily_length_cycle_is_no_collapse() -> None:
+    """An app whose answers are four times shorter in some hours than in the others (a
+    daily cycle of users): a window from a short hour is within the reference's spread of
+    hours, though far below its pooled answers."""
+    hours = 12
+    per_hour = [lengths(120, seed=h, median=150 if h % 3 == 0 else 600) for h in range(hours)]
+    ref = history(hours=hours, output_tokens=[x for hour in per_hour for x in hour])
+    window = batch(200, output_tokens=lengths(200, seed=99, median=150))
+    r = run(window, reference=ref)
+    assert r.values["length_collapse_ratio"] < 0.5                    # against the pooled day: half as long
+    assert r.severity == 0
+    steady = history(hours=hours, output_tokens=lengths(120 * hours, seed=5, median=450))
+    r = run(window, reference=steady)                                  # against a steady day: a collapse
+    assert r.severity >= 1 and r.reasons[0].startswith("length_collapse_ratio 0.3")
+
+
 def test_one_conversation_is_weak_evidence() -> None:
     """Short answers that all come from two conversations are two users' business; the
-    same answers from forty conversations are the model's."""
+    same answers from forty conversations are the model's. (The window's older half shows
+    how alike one conversation's answers are.)"""
     short = [max(1, x // 6) for x in lengths(40, 8)]
     out = lengths(10, 9) + short
     unit = [f"s{i}" for i in range(10)] + ["a"] * 20 + ["b"] * 20
@@ -374,11 +437,11 @@ def cols_between(cols: RecordColumns, lo: float, hi: float) -> RecordColumns:
 def test_more_models_need_stronger_evidence() -> None:
     """The false-alarm budget is spread over every model watched: a window that is a
     finding when one model is watched is not when a hundred are."""
-    window = batch(200, **mixed(200, 10, output_tokens=0))            # 5 % empty: at the `normal` limit
-    alone = run(window)
+    window = batch(200, **mixed(200, 12, output_tokens=0))            # 6 % empty, against two clean hours
+    alone = run(window, reference=history(hours=2.0))
     assert alone.severity == 1
     det = DriftDetector(DriftSettings())
-    det.observe(history())
+    det.observe(history(hours=2.0))
     det.observe(window)
     for i in range(99):
         det.observe(history(model=f"other-{i}", hours=1.0))
@@ -386,7 +449,7 @@ def test_more_models_need_stronger_evidence() -> None:
     crowded = {r.model: r for r in det.evaluate(float(window.ts.max()) + 1)}["gpt-4o"]
     assert crowded.zscores["empty_response_rate"] == pytest.approx(alone.zscores["empty_response_rate"])
     assert crowded.severity == 0
-    assert z_threshold(1000.0, 500, 0.5, 4) > z_threshold(1000.0, 5, 0.5, 4)
+    assert alone.zscores["empty_response_rate"] < z_threshold(2000.0, 100 * len(SIGNALS), PRESET_BUDGETS["normal"], 4)
 
 
 # --- lasting faults, bounds, restarts ------------------------------------------------------
