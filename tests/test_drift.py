@@ -13,7 +13,7 @@ from helpers import engine_at, settings_for
 
 from exporter.drift import (
     PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, between_hour_variance,
-    chi2_quantile, design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
+    design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
     response_flags, shift_estimate, stop_is_anomalous,
 )
 from exporter.evidence import z_threshold
@@ -324,15 +324,15 @@ def test_intraclass_correlation_recovers_likeness() -> None:
 
 
 def test_between_hour_variance() -> None:
-    """Zero when the hours differ no more than sampling explains (Cochran's Q test), close
-    to the true spread when they do."""
+    """Small when the hours differ no more than sampling explains, close to the true
+    spread when they do."""
     rng = np.random.default_rng(2)
     s2 = np.full(24, 0.01 ** 2)
-    assert between_hour_variance(rng.normal(0.5, 0.01, 24), s2) == 0.0
+    same = [between_hour_variance(rng.normal(0.5, 0.01, 24), s2) for _ in range(200)]
+    assert float(np.median(same)) < 0.01 ** 2 / 10 and max(same) < 0.01 ** 2
     spread = [between_hour_variance(rng.normal(0.5, 0.05, 24) + rng.normal(0, 0.01, 24), s2) for _ in range(200)]
     assert float(np.median(spread)) == pytest.approx(0.05 ** 2, rel=0.3)
     assert between_hour_variance(np.array([0.5]), np.array([0.01])) == 0.0
-    assert chi2_quantile(0.95, 1) == pytest.approx(3.84, rel=0.03) and chi2_quantile(0.95, 20) == pytest.approx(31.41, rel=0.01)
     # hours merged until each block holds enough: a quiet night joins its neighbours
     assert hour_blocks(np.array([100, 3, 2, 5, 120, 90, 10]), 25).tolist() == [0, 1, 1, 1, 1, 2, 2]
 
@@ -384,7 +384,7 @@ def test_one_conversation_is_weak_evidence() -> None:
     many = run(batch(50, output_tokens=out, session_id=[f"u{i}" for i in range(50)]))
     assert many.severity == 2
     assert two.severity == 0
-    assert abs(two.zscores["length_collapse_ratio"]) < abs(many.zscores["length_collapse_ratio"]) / 3
+    assert abs(two.zscores["length_collapse_ratio"]) < abs(many.zscores["length_collapse_ratio"]) / 2
 
 
 def test_a_change_in_the_app_mix_is_not_a_length_collapse() -> None:
