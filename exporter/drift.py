@@ -309,15 +309,19 @@ def design_effect(window: np.ndarray, unit: np.ndarray, d: np.ndarray, n_windows
     that a real shift of the window does not count as likeness. Each response its own unit
     gives exactly 1; a window whose responses all come from one unit says nothing about
     likeness, and gets 1 too."""
+    if d.shape[0] == 0:
+        return np.ones((n_windows,) + d.shape[1:])
     cols = d.reshape(d.shape[0], -1)
-    n_u = int(unit.max()) + 1 if unit.shape[0] else 1
-    cell = window * n_u + unit
-    out = np.ones((n_windows, cols.shape[1]))
-    for c in range(cols.shape[1]):                                 # one iteration per column (signal)
-        unit_sq = (np.bincount(cell, weights=cols[:, c], minlength=n_windows * n_u).reshape(n_windows, n_u) ** 2).sum(1)
-        dev_sq = np.bincount(window, weights=cols[:, c] ** 2, minlength=n_windows)
-        ok = dev_sq > 0
-        out[ok, c] = np.maximum(1.0, unit_sq[ok] / dev_sq[ok])
+    n_c = cols.shape[1]
+    n_u = int(unit.max()) + 1
+    col = np.arange(n_c)[None, :]
+    unit_sums = np.bincount(((window * n_u + unit)[:, None] * n_c + col).ravel(), weights=cols.ravel(),
+                            minlength=n_windows * n_u * n_c).reshape(n_windows, n_u, n_c)
+    unit_sq = (unit_sums ** 2).sum(axis=1)
+    dev_sq = np.bincount((window[:, None] * n_c + col).ravel(), weights=(cols ** 2).ravel(),
+                         minlength=n_windows * n_c).reshape(n_windows, n_c)
+    ok = dev_sq > 0
+    out = np.where(ok, np.maximum(1.0, unit_sq / np.where(ok, dev_sq, 1.0)), 1.0)
     return out.reshape((n_windows,) + d.shape[1:])
 
 
@@ -381,14 +385,16 @@ def intraclass_correlation(values: np.ndarray, unit: np.ndarray) -> float:
     `unit` holds small integer codes."""
     if values.shape[0] < 3:
         return 0.0
-    _, u = np.unique(unit, return_inverse=True)
-    n_u = np.bincount(u).astype(np.float64)
+    counts = np.bincount(unit)
+    held = counts > 0
+    n_u = counts[held].astype(np.float64)
     groups, total = n_u.shape[0], float(values.shape[0])
     if groups < 2 or groups == total:
         return 0.0
-    means = np.bincount(u, weights=values) / n_u
-    within = float(((values - means[u]) ** 2).sum()) / (total - groups)
-    between = float((n_u * (means - values.mean()) ** 2).sum()) / (groups - 1)
+    means = np.zeros(counts.shape[0])
+    means[held] = np.bincount(unit, weights=values)[held] / n_u
+    within = float(((values - means[unit]) ** 2).sum()) / (total - groups)
+    between = float((n_u * (means[held] - values.mean()) ** 2).sum()) / (groups - 1)
     n0 = (total - float((n_u ** 2).sum()) / total) / (groups - 1)
     denom = between + (n0 - 1.0) * within
     return min(1.0, max(0.0, (between - within) / denom)) if denom > 0 else 0.0
@@ -448,18 +454,25 @@ def rank_sum_terms(recent: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.
     return dev, n1 * n2 / 12.0 * (big_n + 1.0 - ties), mid
 
 
-def shift_estimate(recent: np.ndarray, ref: np.ndarray) -> float:
+def shift_estimate(recent: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
     """Hodges-Lehmann shift between two histograms over the same bins, in bins: the median
     of the differences over all (recent, reference) pairs, interpolated within its bin.
-    NaN when either is empty."""
-    diffs = np.convolve(recent.astype(np.float64), ref[::-1].astype(np.float64))   # index j: difference j - (B - 1)
-    total = diffs.sum()
-    if total <= 0:
-        return math.nan
-    cdf = np.cumsum(diffs) / total
-    j = int(np.searchsorted(cdf, 0.5))
-    below = cdf[j - 1] if j > 0 else 0.0
-    return j - (ref.shape[0] - 1) - 0.5 + (0.5 - below) / max(cdf[j] - below, 1e-12)
+    Row by row for 2-D input (the pair counts by difference come from one FFT for all
+    rows); NaN where either is empty."""
+    q = np.atleast_2d(np.asarray(recent, dtype=np.float64))
+    r = np.atleast_2d(np.asarray(ref, dtype=np.float64))
+    bins = q.shape[1]
+    size = 2 * bins                                            # >= 2B - 1: no wrap-around
+    diffs = np.fft.irfft(np.fft.rfft(q, size) * np.fft.rfft(r[:, ::-1], size), size)[:, : 2 * bins - 1]
+    diffs = np.maximum(diffs, 0.0)                             # index j: difference j - (B - 1); FFT noise below 0
+    total = diffs.sum(axis=1)
+    cdf = np.cumsum(diffs, axis=1) / np.where(total > 0, total, 1.0)[:, None]
+    j = np.minimum((cdf < 0.5).sum(axis=1), 2 * bins - 2)
+    rows = np.arange(q.shape[0])
+    below = np.where(j > 0, cdf[rows, np.maximum(j - 1, 0)], 0.0)
+    out = j - (bins - 1) - 0.5 + (0.5 - below) / np.maximum(cdf[rows, j] - below, 1e-12)
+    out = np.where(total > 0.5, out, math.nan)
+    return float(out[0]) if np.ndim(recent) == 1 else out
 
 
 def length_level_variance(hours: np.ndarray, min_answers: int) -> float:
@@ -504,50 +517,49 @@ def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np
     computed where the z reaches -`z_needed` and for the largest window (the published
     value), NaN elsewhere; NaN and z 0 without answers that have a reference."""
     n_w = windows.shape[0]
-    num, inv_var = np.zeros(n_w), np.zeros(n_w)
-    answers = np.zeros(n_w, dtype=np.int64)
-    per_app: list[tuple[np.ndarray, np.ndarray]] = []
-    member = age[None, :] < windows[:, None]                              # (W, answers)
-    for code in np.flatnonzero(np.bincount(app)).tolist():                 # one iteration per app on this model
-        ref = reference.get(int(code))
-        if ref is None:
-            continue
-        has_ref = ref.sum(axis=1) > 0                                      # windows where this app takes part
-        if not has_ref.any():
-            continue
-        mine = app == code
-        b = bins[mine]
-        w_idx, a_idx = np.nonzero(member[:, mine] & has_ref[:, None])
-        if w_idx.shape[0] == 0:
-            continue
-        q = np.bincount(w_idx * LENGTH_BINS + b[a_idx], minlength=n_w * LENGTH_BINS).reshape(n_w, LENGTH_BINS)
-        q = q.astype(np.float64)
-        dev, var, mid = rank_sum_terms(q, ref)
-        pairs = q.sum(axis=1) * ref.sum(axis=1)
-        d = mid[w_idx, b[a_idx]]
-        d = d - (np.bincount(w_idx, weights=d, minlength=n_w) / np.maximum(q.sum(axis=1), 1.0))[w_idx]
-        deff = design_effect(w_idx, unit[mine][a_idx], d, n_w)
-        if likeness > 0:
-            n_u = int(unit[mine].max()) + 1
-            sizes = np.bincount(w_idx * n_u + unit[mine][a_idx], minlength=n_w * n_u).reshape(n_w, n_u).astype(float)
-            m = (sizes ** 2).sum(axis=1) / np.maximum(sizes.sum(axis=1), 1.0)
-            deff = np.maximum(deff, 1.0 + likeness * np.maximum(m - 1.0, 0.0))
-        tau2 = level_var.get(int(code), 0.0)
-        ok = pairs > 0
-        v = np.where(ok, var / np.where(ok, pairs, 1.0) ** 2 * deff + tau2, np.inf)
-        good = ok & (v > 0)
-        num[good] += dev[good] / pairs[good] / v[good]
-        inv_var[good] += 1.0 / v[good]
-        answers += q.sum(axis=1).astype(np.int64)
-        per_app.append((q, ref))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(inv_var > 0, num / np.sqrt(np.where(inv_var > 0, inv_var, 1.0)), 0.0)
+    codes = [c for c in np.flatnonzero(np.bincount(app)).tolist() if c in reference]   # apps with a reference
+    if not codes or app.shape[0] == 0:
+        return np.full(n_w, math.nan), np.zeros(n_w), np.zeros(n_w, dtype=np.int64)
+    ref = np.stack([reference[c] for c in codes]).astype(np.float64)                   # (A, W, B)
+    slot = np.full(int(app.max()) + 1, -1)
+    slot[codes] = np.arange(len(codes))
+    a_of = slot[app]                                                                   # app row of each answer, -1 none
+    w_idx, i_idx = np.nonzero((age[None, :] < windows[:, None]) & (a_of >= 0)[None, :])
+    cell = a_of[i_idx] * n_w + w_idx                                                   # (app, window) of each pair
+    n_cells = len(codes) * n_w
+    keep = ref.reshape(n_cells, -1).sum(axis=1)[cell] > 0                              # windows where the app has a reference
+    cell, i_idx = cell[keep], i_idx[keep]
+    q = np.bincount(cell * LENGTH_BINS + bins[i_idx], minlength=n_cells * LENGTH_BINS).astype(np.float64)
+    q = q.reshape(n_cells, LENGTH_BINS)
+    dev, var, mid = rank_sum_terms(q, ref.reshape(n_cells, -1))
+    pairs = q.sum(axis=1) * ref.reshape(n_cells, -1).sum(axis=1)
+    # design effect of each (app, window): rank deviations around their mean, summed per conversation
+    d = mid[cell, bins[i_idx]]
+    d = d - (np.bincount(cell, weights=d, minlength=n_cells) / np.maximum(q.sum(axis=1), 1.0))[cell]
+    deff = design_effect(cell, unit[i_idx], d, n_cells)
+    if likeness > 0 and cell.shape[0]:
+        n_u = int(unit.max()) + 1
+        sizes = np.bincount(cell * n_u + unit[i_idx], minlength=n_cells * n_u).reshape(n_cells, n_u).astype(np.float64)
+        m = (sizes ** 2).sum(axis=1) / np.maximum(sizes.sum(axis=1), 1.0)
+        deff = np.maximum(deff, 1.0 + likeness * np.maximum(m - 1.0, 0.0))
+    tau2 = np.repeat([level_var.get(c, 0.0) for c in codes], n_w)
+    good = pairs > 0
+    safe = np.where(good, pairs, 1.0)
+    v = var / safe ** 2 * deff + tau2
+    good &= v > 0
+    inv = np.where(good, 1.0 / np.where(good, v, 1.0), 0.0)
+    num = (np.where(good, dev / safe, 0.0) * inv).reshape(len(codes), n_w).sum(axis=0)
+    inv_var = inv.reshape(len(codes), n_w).sum(axis=0)
+    answers = q.sum(axis=1).reshape(len(codes), n_w).sum(axis=0).astype(np.int64)
+    z = np.where(inv_var > 0, num / np.sqrt(np.where(inv_var > 0, inv_var, 1.0)), 0.0)
     ratio = np.full(n_w, math.nan)
+    q3, ref3 = q.reshape(len(codes), n_w, -1), ref
     for w in range(n_w):
         if answers[w] == 0 or not (z[w] <= -z_needed[w] or w == n_w - 1):
             continue
-        shifts = [(shift_estimate(q[w], ref[w]), q[w].sum()) for q, ref in per_app if q[w].sum() > 0]
-        ratio[w] = 2.0 ** (float(np.average([x for x, _ in shifts], weights=[n for _, n in shifts])) / BINS_PER_OCTAVE)
+        took = q3[:, w].sum(axis=1) > 0
+        shifts = np.asarray(shift_estimate(q3[took, w], ref3[took, w]))
+        ratio[w] = 2.0 ** (float(np.average(shifts, weights=q3[took, w].sum(axis=1))) / BINS_PER_OCTAVE)
     return ratio, z, answers
 
 
@@ -572,7 +584,7 @@ def judge(found: dict[str, int]) -> int:
 class _Ring:
     """A fixed-size ring of the most recent responses of one series."""
 
-    __slots__ = ("ts", "out", "flags", "app", "unit", "head", "size")
+    __slots__ = ("ts", "out", "flags", "app", "unit", "head", "size", "pushes")
 
     def __init__(self, capacity: int) -> None:
         self.ts = np.zeros(capacity, dtype=np.float64)
@@ -582,6 +594,7 @@ class _Ring:
         self.unit = np.zeros(capacity, dtype=np.int64)
         self.head = 0  # next write position
         self.size = 0
+        self.pushes = 0  # batches pushed: the ring's version
 
     def push(self, ts: np.ndarray, out: np.ndarray, flags: np.ndarray, app: np.ndarray, unit: np.ndarray) -> None:
         cap = self.ts.shape[0]
@@ -597,6 +610,7 @@ class _Ring:
         self.unit[pos] = unit
         self.head = int((self.head + n) % cap)
         self.size = min(cap, self.size + n)
+        self.pushes += 1
 
     def view(self) -> tuple[np.ndarray, ...]:
         s = self.size
@@ -674,9 +688,11 @@ class DriftDetector:
 
     Memory is bounded by the label guards: at most providers x models series, each a
     fixed ring of `window` entries (29 bytes per entry) and `baseline_s` / 3600 + 1 hourly
-    slots (7 counts, and 80 length bins per app). A series whose every entry is older than
-    `max_age_s` is dropped at evaluation. Apps are kept as small integer codes (the label
-    guard bounds them too); sessions as hashes, only in the ring.
+    slots of 7 counts, plus 80 length bins per app seen on the model (8 KB an app with the
+    default day). A series whose every entry is older than `max_age_s` is dropped at
+    evaluation. Apps are kept as small integer codes (the label guard bounds them too);
+    sessions as hashes, only in the ring. A series with no new response, reference hour
+    or clock hour since its last verdict keeps that verdict without judging again.
     """
 
     def __init__(self, settings: DriftSettings) -> None:
@@ -685,6 +701,7 @@ class DriftDetector:
         self._hours: dict[tuple[str, str], _Hours] = {}
         self._app_codes: dict[str, int] = {}
         self._solo = 0                                         # responses without a session get units of their own
+        self._memo: dict[tuple[str, str], tuple[Any, DriftResult]] = {}   # last verdict and what it rested on
         self._slots = math.ceil(settings.baseline_s / HOUR) + 1
 
     def observe(self, cols: RecordColumns) -> None:
@@ -725,17 +742,28 @@ class DriftDetector:
         by (provider, model). Series with none left are forgotten, so their gauges go."""
         s = self.settings
         cutoff = now - s.max_age_s
-        live: list[tuple[tuple[str, str], tuple[np.ndarray, ...]]] = []
+        live: list[tuple[tuple[str, str], np.ndarray]] = []
         for key in sorted(self._rings):
-            ts, out, flags, app, unit = self._rings[key].view()
-            keep = ts >= cutoff
+            keep = self._rings[key].view()[0] >= cutoff
             if not keep.any():
                 del self._rings[key], self._hours[key]
+                self._memo.pop(key, None)
                 continue
-            order = np.argsort(ts[keep], kind="stable")
-            live.append((key, tuple(x[keep][order] for x in (ts, out, flags, app, unit))))
+            live.append((key, keep))
         tests = max(len(live), 1) * len(SIGNALS)
-        return [self._judge_series(key, cols, now, tests) for key, cols in live]
+        out: list[DriftResult] = []
+        for key, keep in live:
+            ring, hours = self._rings[key], self._hours[key]
+            # the verdict depends on the kept responses, the reference hours, the hour and the number of tests only
+            state = (ring.pushes, int(keep.sum()), math.floor(now / HOUR), math.floor((now - s.baseline_s) / HOUR), tests,
+                     hours.version, hours.hour.tobytes(), hours.tainted.tobytes())
+            memo = self._memo.get(key)
+            if memo is None or memo[0] != state:
+                cols = ring.view()
+                order = np.argsort(cols[0][keep], kind="stable")
+                memo = self._memo[key] = (state, self._judge_series(key, tuple(x[keep][order] for x in cols), now, tests))
+            out.append(memo[1])
+        return out
 
     def _judge_series(self, key: tuple[str, str], cols: tuple[np.ndarray, ...], now: float,
                       tests: int) -> DriftResult:
@@ -782,7 +810,8 @@ class DriftDetector:
         # answer lengths
         j = SIGNALS.index("length_collapse_ratio")
         answer = (flags & (_ERROR | _EMPTY)) == 0
-        reference = {code: ref_mask[:, j] @ h for code, h in hours.lengths.items()}
+        length_mask = ref_mask[:, j].astype(np.float64)
+        reference = {code: length_mask @ h.astype(np.float64) for code, h in hours.lengths.items()}
         # how alike a conversation's answers are, from the ring's older half (outside the windows it could bias)
         older = answer & (age >= fill // 2)
         logs = np.log2(np.maximum(out[older], 1).astype(np.float64))

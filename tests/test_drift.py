@@ -452,6 +452,30 @@ def test_more_models_need_stronger_evidence() -> None:
     assert alone.zscores["empty_response_rate"] < z_threshold(2000.0, 100 * len(SIGNALS), PRESET_BUDGETS["normal"], 4)
 
 
+def test_a_verdict_is_judged_again_when_what_it_rests_on_changes() -> None:
+    """An unchanged model keeps its last verdict without being judged again; a new model
+    (more tests), late data in a reference hour or a new response each count as a change."""
+    det = DriftDetector(DriftSettings())
+    det.observe(history(hours=2.0))
+    window = batch(200, **mixed(200, 12, output_tokens=0))
+    det.observe(window)
+    t = float(window.ts.max()) + 1
+    assert only(det.evaluate(t)).severity == 1                            # the finding marks its hours ...
+    first = only(det.evaluate(t + 30))                                    # ... so they are judged once more
+    assert first.severity == 1
+    assert only(det.evaluate(t + 60)) is first                            # nothing changed
+    for i in range(99):                                                   # 99 more models: stronger evidence needed
+        det.observe(batch(60, model=f"other-{i}", output_tokens=lengths(60, i)))
+    crowded = {r.model: r for r in det.evaluate(t + 120)}["gpt-4o"]
+    assert crowded is not first and crowded.severity == 0
+    late = batch(1, start=REF_END - 1800, output_tokens=0)                # an empty answer, late, in a reference hour
+    det.observe(late)
+    assert {r.model: r for r in det.evaluate(t + 180)}["gpt-4o"] is not crowded
+    before = {r.model: r for r in det.evaluate(t + 240)}["gpt-4o"]
+    det.observe(batch(1, start=t + 250))
+    assert {r.model: r for r in det.evaluate(t + 300)}["gpt-4o"] is not before
+
+
 # --- lasting faults, bounds, restarts ------------------------------------------------------
 
 def test_a_lasting_fault_stays_flagged() -> None:
