@@ -87,7 +87,7 @@ class Settings(BaseModel):
     prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; overrides every shipped price)")
     price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
     signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only)")
-    drift: dict[str, Any] = Field(default_factory=dict, description="drift detector settings: window, min_fill, preset, model_presets (YAML only)")
+    drift: dict[str, Any] = Field(default_factory=dict, description="drift detector settings: preset, model_presets, window, baseline_s, max_age_s, min_fill, min_events, min_signal_n (YAML only)")
     runaway: dict[str, Any] = Field(default_factory=dict, description="runaway-loop detector settings (YAML only)")
     budgets: dict[str, Any] = Field(default_factory=dict, description="timezone, day_usd, month_usd, apps: {app: {day, month}} (YAML only)")
 

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from inject import KIND_BY_NAME, KINDS, Anomaly, Kind, inject  # noqa: E402
 from score import (  # noqa: E402
-    Collector, Observations, SignalScore, episodes, false_warnings, rejudge, rejudge_drift, score_kind, score_nab,
+    Collector, Observations, SignalScore, episodes, false_warnings, rejudge, score_kind, score_nab,
 )
 from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic  # noqa: E402
 
@@ -198,16 +198,13 @@ SWEEP_GRID: dict[str, dict[str, tuple[float, ...]]] = {
     "ttft_p95": {"warning_ratio": (1.5, 2.0, 2.5), "min_zscore": (2.0, 3.0)},
     "output_tokens_per_second": {"warning_ratio": (1.5, 1.75, 2.0), "min_zscore": (2.0, 3.0)},
 }
-DRIFT_GRID: dict[str, tuple[float, ...]] = {
-    "length_collapse_ratio": (0.5, 0.4, 0.35, 0.3, 0.25),
-    "empty_response_rate": (0.03, 0.05, 0.08, 0.1),
-    "error_rate": (0.04, 0.08, 0.12),
-}
+# Drift is not swept: its verdicts rest on evidence per recent window (z-scores against the
+# model's reference hours) that the published values do not carry, so they cannot be re-judged
+# at other limits. Try its presets with --set 'drift={"preset": "high"}' instead.
 
 
-def check_rejudge(obs: Observations, drift_preset: str = "normal") -> list[str]:
+def check_rejudge(obs: Observations) -> list[str]:
     """The sweep's severity rules must reproduce the live severities at the defaults."""
-    from exporter.drift import PRESETS
     bad = []
     for sig in obs.values:
         live = obs.severity.get(sig)
@@ -215,10 +212,6 @@ def check_rejudge(obs: Observations, drift_preset: str = "normal") -> list[str]:
             continue
         if not np.array_equal(live, rejudge(obs, sig)[:, : live.shape[1]]):
             bad.append(sig)
-    for dsig in DRIFT_GRID:
-        live = obs.severity.get("drift." + dsig, np.zeros((obs.times.shape[0], len(obs.keys)), np.int8))
-        if obs.drift_values and not np.array_equal(live >= 1, rejudge_drift(obs, dsig, PRESETS[drift_preset][dsig].mild) >= 1):
-            bad.append("drift." + dsig)
     return bad
 
 
@@ -255,19 +248,6 @@ def sweep(clean: Observations, runs: dict[str, tuple[Observations, list[Anomaly]
                 row[k.name] = {"recall": _r(s.recall), "delay_min": _r(s.median_delay_min)}
             rows.append(row)
         out[sig] = rows
-    for dsig, limits in DRIFT_GRID.items():
-        name = "drift." + dsig
-        kinds = [k for k in KINDS if k.name in runs and name in k.signals]
-        rows = []
-        for mild in limits:
-            eps = episodes(clean, name, rejudge_drift(clean, dsig, mild), lo, hi)
-            row = {"knobs": {"mild": mild}, "fp_per_week": len(eps) / weeks, "alerts_per_week": _alerts(eps) / weeks}
-            for k in kinds:
-                obs, anomalies = runs[k.name]
-                s = score_kind(obs, k, anomalies, GRACE, lo, hi, [name], {name: rejudge_drift(obs, dsig, mild)})[0]
-                row[k.name] = {"recall": _r(s.recall), "delay_min": _r(s.median_delay_min)}
-            rows.append(row)
-        out[name] = rows
     return out
 
 
@@ -301,14 +281,10 @@ def sweep_tables(sw: dict[str, list[dict[str, Any]]], defaults: dict[str, dict[s
 
 
 def sweep_defaults(settings: Settings) -> dict[str, dict[str, float]]:
-    from exporter.drift import PRESETS
     from exporter.signals import signal_specs
     out: dict[str, dict[str, float]] = {
         s.name: {"warning_ratio": s.warning_ratio, "min_zscore": s.min_zscore, "min_current": s.min_current,
                  "min_requests": s.min_requests} for s in signal_specs(settings.signals)}
-    preset = PRESETS[(settings.drift or {}).get("preset", "normal")]
-    for dsig in DRIFT_GRID:
-        out["drift." + dsig] = {"mild": preset[dsig].mild}
     return out
 
 

@@ -349,26 +349,3 @@ def rejudge(obs: Observations, signal: str, **overrides: float) -> np.ndarray:
             sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / p["warning_ratio"]), 1, 0).astype(np.int8))
             sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / p["high_ratio"]), 2, 0).astype(np.int8))
     return sev
-
-
-def rejudge_drift(obs: Observations, signal: str, mild: float, min_events: int = 3, min_fill: int = 50) -> np.ndarray:
-    """Whether one drift signal alone would be a finding at a different mild limit, from
-    the values each drift result published. `length_collapse_ratio` is judged below the
-    limit, the rates above it; a rate needs `min_events` offending responses (recovered
-    from the rate, the fill and the error rate), and no verdict is given below `min_fill`
-    responses. At the preset's limit this reproduces the live `drift.<signal>` flags."""
-    if signal == "tool_silence_rate":
-        raise ValueError("tool_silence_rate's denominator (tool requests) is not published")
-    v = obs.drift_values.get(signal)
-    if v is None:
-        return np.zeros((obs.times.shape[0], len(obs.keys)), dtype=np.int8)
-    with np.errstate(invalid="ignore"):
-        if signal == "length_collapse_ratio":
-            hit = v <= mild
-        else:
-            fill = obs.drift_values["fill"]
-            err = obs.drift_values["error_rate"]
-            den = fill if signal == "error_rate" else fill * (1.0 - err)
-            hit = (v >= mild) & (np.round(v * den) >= min_events)
-        hit = hit & (obs.drift_values["fill"] >= min_fill)
-    return np.where(np.isnan(v), 0, hit).astype(np.int8)
