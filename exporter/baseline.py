@@ -24,6 +24,7 @@ import numpy as np
 MAD_SCALE = 1.4826          # makes the MAD estimate sigma for normal data
 CHI2_1_MEDIAN = 0.4549      # median of chi-square with one degree of freedom
 Q75_ABS_NORMAL = 1.1503     # upper quartile of |z| for standard normal z
+CHI2_1_Q75 = Q75_ABS_NORMAL ** 2   # upper quartile of chi-square with one degree of freedom
 MIN_DAYS = 3                # earlier days a seasonal expectation needs
 MIN_HOURS = 6               # hours a flat statistic needs
 PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen whole
@@ -115,14 +116,16 @@ def burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int) -> 
 
 def level_spread(values: np.ndarray, expected: np.ndarray, sampling_var: np.ndarray | float,
                  floor: float = 0.5) -> np.ndarray:
-    """How far, in log terms, an hour strays from its seasonal expectation beyond what
-    sampling explains: sqrt(median(r^2 - sampling_var) / median of chi2(1)), with
-    r = log((value + floor) / (expected + floor)). (S, H) inputs, (S,) out."""
+    """How far, in log terms, an hour strays from its expectation beyond what sampling
+    explains: sqrt(q75(r^2 - sampling_var) / q75 of chi2(1)), with r = log((value + floor) /
+    (expected + floor)). The upper quartile, like `_tail_scale`, sees more of the heavy tail
+    real traffic has (busy days, a few big customers) while a quarter of the hours may be
+    anomalous without inflating it. (S, H) inputs, (S,) out."""
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.log((values + floor) / (expected + floor))
     excess = r * r - sampling_var
-    med = nan_median(np.where(np.isnan(expected) | np.isnan(values), np.nan, excess), axis=1)
-    return np.sqrt(np.maximum(np.nan_to_num(med / CHI2_1_MEDIAN, nan=0.0), MIN_LEVEL_SD ** 2))
+    q = nan_quantile(np.where(np.isnan(expected) | np.isnan(values), np.nan, excess), 0.75, axis=1)
+    return np.sqrt(np.maximum(np.nan_to_num(q / CHI2_1_Q75, nan=0.0), MIN_LEVEL_SD ** 2))
 
 
 def block_spread(observed: np.ndarray, expected: np.ndarray, hours: int) -> np.ndarray:

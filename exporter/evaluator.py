@@ -142,7 +142,7 @@ class Baseline:
     cost: Seasonal
     tokens: Seasonal
     burstiness: np.ndarray                    # (S,) dispersion of request counts within an hour
-    size_spread: np.ndarray                   # (S,) 1 + CV^2 of request sizes: a sum of n varies this much more than n
+    size_spread: dict[str, np.ndarray]        # signal -> (S,) 1 + CV^2 of its request sizes: a sum of n varies this much more than n
     costs: SizeStats                          # log cost per request, as `sizes` is for log tokens
     sizes: SizeStats
     errors: ErrorStats
@@ -194,8 +194,7 @@ class Evaluator:
         req, cost, tokens = (np.where(unknown, np.nan, a) for a in
                              (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
         disp = burstiness(np.nan_to_num(req), burst, round(3600 / h.coarse))
-        sizes = self._size_stats(held_adds)
-        spread = sum_spread(sizes)
+        sizes, costs = self._size_stats(held_adds), self._size_stats(held_adds, "cost")
         hod = hours % 24
         req_profile = daily_profile(req, hours)
 
@@ -215,10 +214,10 @@ class Evaluator:
         b = Baseline(
             end=end, sustained=sustained,
             requests=seasonal(req, 0.5, 1.0),
-            cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], spread),
-            tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, spread),
-            burstiness=disp, size_spread=spread,
-            sizes=sizes, costs=self._size_stats(held_adds, "cost"),
+            cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], sum_spread(costs)),
+            tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
+            burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
+            sizes=sizes, costs=costs,
             errors=error_stats(held_adds[..., F["requests"]], held_adds[..., F["errors"]]),
             quantile=quantile, threshold_bins=bins)
         self._baseline, self._key = b, key
@@ -467,7 +466,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     floor = LOG_FLOOR[spec.name] * (60.0 if spec.name == "token_velocity" else 1.0)
     n_req, exp_req = c.sums[:, -1, F["requests"]], c.expected_requests()[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread * b.burstiness / np.maximum(exp_req, 0.5))
+        total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
         total_ratio = value / expected
         count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
