@@ -21,8 +21,8 @@ import orjson
 
 from . import __version__
 from .config import ENV_PREFIX, FLAG_FORBIDDEN, SCALAR_FIELDS, ConfigError, Settings, load_settings, parse_duration
-from .prices import PriceError
-from .store import StoreError
+from .ingest.prices import PriceError
+from .storage.store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
 
@@ -114,10 +114,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_binding()
     import uvicorn
 
-    from .api import create_app
-    from .connections import connection_limits, raise_fd_limit, serve_options
+    from .web.app import create_app
+    from .web.connections import connection_limits, raise_fd_limit, serve_options
     from .engine import Engine
-    from .tail import TailFollower
+    from .sources.tail import TailFollower
 
     engine = Engine(settings)
     tasks = [TailFollower(engine, p).run for p in settings.tail]
@@ -139,7 +139,7 @@ def _demo_task(engine: Any) -> Any:
     """In-process demo: backfill a week (once per store), then a minute of traffic per minute."""
     import numpy as np
 
-    from . import demo
+    from .sources import demo
 
     def run(stop: threading.Event) -> None:
         now = time.time()
@@ -164,7 +164,7 @@ def _demo_task(engine: Any) -> Any:
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from .engine import Engine
-    from .replay import file_problems_report, load_records, replay
+    from .sources.replay import file_problems_report, load_records, replay
 
     for f in args.files:
         if not Path(f).is_file():
@@ -181,8 +181,8 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _backtest(settings: Settings, args: argparse.Namespace) -> int:
-    from .records import RecordError, parse_ts
-    from .replay import backtest, file_problems_report, load_records
+    from .ingest.records import RecordError, parse_ts
+    from .sources.replay import backtest, file_problems_report, load_records
 
     try:
         step = parse_duration(args.step)
@@ -230,7 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from . import demo
+    from .sources import demo
 
     headers = {"Content-Type": "application/json"}
     if args.token_file:

@@ -25,23 +25,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .buckets import aggregate
+from .storage.buckets import aggregate
 from .codes import factorize
 from .config import Settings
-from .dedupe import DedupeIndex, hash_ids
+from .ingest.dedupe import DedupeIndex, hash_ids
 from .detectors import DetectorCollector, Detectors
-from .budget import daily_cost_rows
-from .evaluator import AnomalyCollector, Evaluator, Snapshot
-from .history import ScopeHistory
-from .instruments import UsageMetrics
-from .labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
-from .prices import PriceTable
-from .batch import parse_batch, stored_blob, stored_records, take
-from .buckets import Groups
-from .records import RecordColumns, UsageRecord, to_columns
-from .rejections import Rejected, Rejections
-from .signals import signal_specs
-from .store import BatchWrite, Store, StoreError
+from .detectors.budget import daily_cost_rows
+from .anomaly.evaluator import AnomalyCollector, Evaluator, Snapshot
+from .anomaly.history import ScopeHistory
+from .collectors.usage import UsageMetrics
+from .ingest.labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
+from .ingest.prices import PriceTable
+from .ingest.batch import parse_batch, stored_blob, stored_records, take
+from .storage.buckets import Groups
+from .ingest.records import RecordColumns, UsageRecord, to_columns
+from .ingest.rejections import Rejected, Rejections
+from .anomaly.signals import signal_specs
+from .storage.store import BatchWrite, Store, StoreError
 
 log = logging.getLogger("llm_usage_exporter")
 disable_created_metrics()   # the metric contract: no `_created` series (process-wide switch)

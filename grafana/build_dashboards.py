@@ -36,7 +36,7 @@ THRESHOLD_RULE = "llm:anomaly_threshold:ratio"
 THRESHOLD_RULE_LOW = "llm:anomaly_threshold:ratio_low"
 
 # signal -> (title, unit, axis label, direction, description). Directions match
-# exporter/signals.py: "up" is anomalous when high, "down" when low, "both" either way.
+# exporter/anomaly/signals.py: "up" is anomalous when high, "down" when low, "both" either way.
 SIGNALS: list[tuple[str, str, str, str, str, str]] = [
     ("cost_per_hour", "Cost per hour", "currencyUSD", "USD / hour", "up",
      "Spend over the last 60 minutes."),

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, rec, settings_for, steady_hour, value
 
-from exporter.api import create_app, usage_statistics
+from exporter.web.app import create_app, usage_statistics
 from exporter.engine import Engine
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}

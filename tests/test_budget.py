@@ -10,11 +10,11 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
-from exporter.budget import (
+from exporter.detectors.budget import (
     BudgetSettings, BudgetTracker, day_index_to_date, fit_daily, local_day_index, period_end, period_start,
     utc_offsets,
 )
-from exporter.records import RecordColumns, parse_record, to_columns
+from exporter.ingest.records import RecordColumns, parse_record, to_columns
 
 NY = ZoneInfo("America/New_York")
 

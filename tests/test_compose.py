@@ -200,7 +200,7 @@ def test_exporter_config_is_valid():
     settings = config.load_settings(REPO / "deploy" / "exporter.yaml", environ={})
     assert settings.budgets.get("month_usd")
     try:
-        from exporter.budget import BudgetSettings
+        from exporter.detectors.budget import BudgetSettings
     except ImportError:
         return
     BudgetSettings(**settings.budgets)

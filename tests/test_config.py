@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from helpers import CLEAN_ENV, T0, engine_at, exporter_command, rec, settings_for
 
 from exporter import cli
-from exporter.api import create_app
+from exporter.web.app import create_app
 from exporter.config import ConfigError, Settings, load_settings, parse_duration
 
 

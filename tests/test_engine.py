@@ -8,7 +8,7 @@ import pytest
 from helpers import T0, engine_at, rec, settings_for, value
 
 from exporter.engine import Engine
-from exporter.prices import PriceError, PriceTable
+from exporter.ingest.prices import PriceError, PriceTable
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 

@@ -26,7 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import HOUR, T0, engine_at, parse_scrape, settings_for
 
-from exporter.api import create_app
+from exporter.web.app import create_app
 from exporter.engine import Engine
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"

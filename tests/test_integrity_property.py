@@ -23,9 +23,9 @@ from helpers import T0, engine_at, settings_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.api import usage_statistics
+from exporter.web.app import usage_statistics
 from exporter.engine import Engine
-from exporter.store import StoreError
+from exporter.storage.store import StoreError
 
 TABLES = ("series", "dedupe", "totals", "records", "label_values", "daily_cost", "meta")
 FAULTS = st.one_of(st.none(), st.none(), st.sampled_from(TABLES + ("locked", "buckets")))

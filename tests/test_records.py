@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import T0, engine_at, settings_for
 
-from exporter.api import create_app
-from exporter.records import (
+from exporter.web.app import create_app
+from exporter.ingest.records import (
     MAX_TEXT, MAX_TOKENS, BodyError, RecordError, Rejected, decode_body, parse_items, parse_record, parse_ts,
 )
 
@@ -330,7 +330,7 @@ def test_prompt_and_completion_text_is_never_stored(tmp_path: Path) -> None:
 def test_ndjson_numbering_across_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     """NDJSON is decoded in slices; record numbers and line numbers run on across them, and
     only the first max_errors rejections are explained."""
-    import exporter.records as records
+    import exporter.ingest.records as records
     body = (b'{"provider":"a","model":"m"}\n\nbad line\n  \n{"x":\n5\n{"provider":"b","model":"m"}\r\n'
             b'  {"provider":"c","model":"m"}\nlast bad')
     whole = decode_body(body, "application/x-ndjson")

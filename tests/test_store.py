@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from faults import break_table, mend
 from helpers import T0, engine_at, rec, settings_for, value
 
-from exporter.api import create_app
-from exporter.dedupe import hash_ids
-from exporter.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
+from exporter.web.app import create_app
+from exporter.ingest.dedupe import hash_ids
+from exporter.storage.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 
@@ -135,7 +135,7 @@ def test_buckets_roundtrip_minute_and_hour(tmp_path: Path) -> None:
     engine, _ = engine_at(settings)
     engine.ingest([rec(T0 - 3600 + 30, latency_s=1.0, cost_usd=0.5), rec(T0 - 3600 + 90, latency_s=2.0, cost_usd=0.25),
                    rec(T0 - 3600 + 100, latency_s=3.0, cost_usd=0.25, status=500)])
-    from exporter.buckets import F
+    from exporter.storage.buckets import F
     minute = list(engine.store.buckets(60, 0, T0))
     assert [(b[0], b[2][F["requests"]]) for b in minute] == [(T0 - 3600, 1.0), (T0 - 3540, 2.0)]
     (start, _, adds, sk), = engine.store.buckets(3600, 0, T0)
@@ -174,7 +174,7 @@ def test_failed_batch_does_not_count_label_overflow_twice(tmp_path: Path) -> Non
     engine, _ = engine_at(settings)
     engine.ingest([rec(T0 - 100, model="m1")])
     c = break_table(settings.db, "records")
-    from exporter.store import StoreError as SE
+    from exporter.storage.store import StoreError as SE
     with pytest.raises(SE):
         engine.ingest([rec(T0 - 90, model="m2", request_id="o1")])
     mend(c, "records")
@@ -195,7 +195,7 @@ def test_a_failed_checkpoint_keeps_the_batches_for_the_next_one(tmp_path: Path) 
     assert engine.store.errors_total == 1
     mend(c, "buckets")
     assert engine.ingest([rec(T0 - 500, request_id="b")]).accepted == 1
-    from exporter.buckets import F
+    from exporter.storage.buckets import F
     assert sum(b[2][F["requests"]] for b in engine.store.buckets(60, 0, T0)) == 2
     engine.close()
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .config import Settings
+from ..config import Settings
 
 log = logging.getLogger("llm_usage_exporter")
 FD_RESERVE = 64      # descriptors kept for the database, its WAL, logs, tail files, the event loop

@@ -10,10 +10,10 @@ from typing import Any, Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .config import Settings
-from .engine import Engine
-from .evaluator import SEVERITY_NAMES, Snapshot
-from .records import Rejected, UsageRecord, parse_items, read_history_file
+from ..config import Settings
+from ..engine import Engine
+from ..anomaly.evaluator import SEVERITY_NAMES, Snapshot
+from ..ingest.records import Rejected, UsageRecord, parse_items, read_history_file
 
 CHUNK = 5000
 

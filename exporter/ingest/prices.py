@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 import yaml
 
-from .codes import factorize
+from ..codes import factorize
 from .price_names import candidates, canonical_provider, snapshot_of
 from .price_rates import BATCH, COLUMNS, TIERS, PriceError, Rates, from_config, from_litellm
 from .records import RecordColumns

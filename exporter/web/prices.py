@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 
-from .price_names import candidates
-from .prices import PriceTable
-from .records import MAX_TEXT
+from ..ingest.price_names import candidates
+from ..ingest.prices import PriceTable
+from ..ingest.records import MAX_TEXT
 
 
 def add_price_routes(app: FastAPI, prices: PriceTable) -> None:

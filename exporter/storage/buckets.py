@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import sketch
-from .records import RecordColumns
+from .. import sketch
+from ..ingest.records import RecordColumns
 
 FIELDS: tuple[str, ...] = (
     "requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens",

@@ -26,19 +26,19 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 
-from . import __version__, sketch
+from .. import __version__, sketch
 from .auth import AuthMiddleware, Tokens
 from .body import (BadEncoding, BodyTooLarge, QueueFull, UnsupportedEncoding, check_encoding, declared_length,
                    decode_content, read_body)
-from .buckets import FIELDS, SKETCHES, F, TOKEN_FIELDS
-from .config import ConfigError, Settings
-from .engine import Engine, IngestResult
-from .price_api import add_price_routes, unpriced_html
+from ..storage.buckets import FIELDS, SKETCHES, F, TOKEN_FIELDS
+from ..config import ConfigError, Settings
+from ..engine import Engine, IngestResult
+from .prices import add_price_routes, unpriced_html
 from .ingest_queue import IngestQueue, IngestQueueCollector
-from .records import MAX_TS, BodyError, RecordError, decode_body, parse_ts
+from ..ingest.records import MAX_TS, BodyError, RecordError, decode_body, parse_ts
 from .responses import (INGEST_BODY, INGEST_RESPONSES, RETRY_AFTER_BUSY, TEXT, ORJSONResponse, error, refused_body,
                         responses, store_unavailable)
-from .store import StoreError
+from ..storage.store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
 SEVERITY_ORDER = {"ok": 0, "warning": 1, "high": 2}

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from exporter.codes import factorize
-from exporter.records import RecordColumns
+from exporter.ingest.records import RecordColumns
 
 SIGNALS: tuple[str, ...] = (
     "empty_response_rate",

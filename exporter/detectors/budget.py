@@ -46,7 +46,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 
 from exporter.codes import factorize
-from exporter.records import RecordColumns
+from exporter.ingest.records import RecordColumns
 
 PERIODS: tuple[str, ...] = ("day", "month")
 HORIZONS: tuple[str, ...] = ("month_end", "30d", "60d", "90d")

@@ -17,9 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .budget import BudgetReport, BudgetSettings, BudgetTracker
-from .config import ConfigError
+from ..config import ConfigError
 from .drift import DriftDetector, DriftResult, DriftSettings
-from .records import RecordColumns
+from ..ingest.records import RecordColumns
 from .runaway import RunawayDetector, RunawayReport, RunawaySettings
 
 RUNAWAY_REASONS = ("chain_length", "token_burst", "session_cost", "tool_repetition")

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from exporter.codes import factorize
-from exporter.records import RecordColumns
+from exporter.ingest.records import RecordColumns
 
 REASONS: tuple[str, ...] = ("chain_length", "token_burst", "session_cost", "tool_repetition")
 _CHAIN, _BURST, _COST, _REPEAT = 1, 2, 4, 8

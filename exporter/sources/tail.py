@@ -14,9 +14,9 @@ from pathlib import Path
 
 import orjson
 
-from .engine import Engine
-from .records import decode_ndjson
-from .store import StoreError
+from ..engine import Engine
+from ..ingest.records import decode_ndjson
+from ..storage.store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
 MAX_READ = 4 * 1024 * 1024

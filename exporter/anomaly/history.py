@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import sketch
-from .buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, Groups
+from .. import sketch
+from ..storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, Groups
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""

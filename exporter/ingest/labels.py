@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .codes import factorize
+from ..codes import factorize
 
 OTHER = "other"
 SERIES = "series"          # the `label` value under which folded combinations are counted

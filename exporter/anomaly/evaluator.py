@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .baseline import Stats, Verdict, baseline_stats, judge
-from .buckets import F
+from ..storage.buckets import F
 from .history import ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 

@@ -36,10 +36,10 @@ from typing import Any, Iterable, Iterator, NoReturn, Sequence
 import numpy as np
 import orjson
 
-from . import sketch
-from .batch import stored_records
+from .. import sketch
+from ..ingest.batch import stored_records
 from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
-from .dedupe import HASH_NAME
+from ..ingest.dedupe import HASH_NAME
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .records import ERROR_TYPES, TOKEN_TYPES, RecordColumns
+from ..ingest.records import ERROR_TYPES, TOKEN_TYPES, RecordColumns
 
 INF = math.inf
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
