@@ -120,9 +120,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .sources.tail import TailFollower
 
     engine = Engine(settings)
-    tasks = [TailFollower(engine, p).run for p in settings.tail]
+    tasks = [("tail", TailFollower(engine, p).run) for p in settings.tail]
     if settings.demo:
-        tasks.append(_demo_task(engine))
+        tasks.append(("demo", _demo_task(engine)))
     try:
         app = create_app(settings, engine=engine, extra_tasks=tasks)
     except ConfigError:

@@ -23,7 +23,7 @@ from helpers import T0, engine_at, settings_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.web.app import usage_statistics
+from exporter.storage.usage_stats import usage_statistics
 from exporter.engine import Engine
 from exporter.storage.store import StoreError
 
@@ -107,7 +107,7 @@ def expected(ref: Reference) -> dict[str, Any]:
 
 
 def bucket_requests(engine: Engine) -> int:
-    stats = usage_statistics(engine, T0 - 86400, T0 + 3600, ["app"])
+    stats = usage_statistics(engine.store, T0 - 86400, T0 + 3600, ["app"])
     return sum(g["requests"] for g in stats["groups"])
 
 

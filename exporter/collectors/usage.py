@@ -230,14 +230,22 @@ class UsageMetrics(Collector):
                 fam.add_metric(keys[r], list(zip(les, counts[r].tolist())), f.hist_sum[name][r])
             yield fam
 
-    def render(self) -> str:
-        """The exposition text of these families, as prometheus-client would write it."""
+    def render(self, openmetrics: bool = False) -> str:
+        """The exposition text of these families, as prometheus-client would write it: the
+        classic text format, or OpenMetrics (without the closing `# EOF`, which belongs at
+        the end of the whole scrape). The two differ only in the family lines: OpenMetrics
+        names a counter family without its `_total` and escapes quotes in the help text."""
         f = self.frozen()
         lab = f.labels
         out: list[str] = []
 
         def family(name: str, kind: str, doc: str) -> None:
-            out.append(f"# HELP {name} {_esc_help(doc)}\n# TYPE {name} {kind}\n")
+            if openmetrics:
+                name = name.removesuffix("_total") if kind == "counter" else name
+                doc = _esc_help(doc).replace('"', '\\"')
+            else:
+                doc = _esc_help(doc)
+            out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
 
         def plain(name: str, values: np.ndarray, rows: np.ndarray | None = None, extra: str = "") -> None:
             idx = range(len(lab)) if rows is None else rows.tolist()

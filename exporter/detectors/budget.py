@@ -352,6 +352,11 @@ class BudgetReport:
     today: int
     rows: list[BudgetRow]
 
+    @classmethod
+    def empty(cls, timezone: str, now: float) -> BudgetReport:
+        """The report before any verdict (a tracker that failed its first evaluation)."""
+        return cls(timezone, now, int(local_day_index(np.array([now]), timezone)[0]), [])
+
     def to_dict(self) -> dict[str, Any]:
         return {"timezone": self.timezone, "now": self.now, "today": day_index_to_date(self.today).isoformat(),
                 "rows": [r.to_dict() for r in self.rows]}

@@ -158,6 +158,11 @@ class RunawayReport:
     overflow_total: int
     tracked_sessions: int
 
+    @classmethod
+    def empty(cls) -> RunawayReport:
+        """The report before any verdict (a detector that failed its first evaluation)."""
+        return cls({}, [], {}, {}, [], 0, 0)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (tuple keys become rows, NaN becomes None)."""
         return {

@@ -65,11 +65,18 @@ class TailFollower:
         return records
 
     def run(self, stop: threading.Event) -> None:
+        """Follow until `stop`. A store that cannot take the lines now is retried at the next
+        poll; any other error (a file that became unreadable) ends this run, and the server's
+        background restarts it after a pause (`web.background`), counting it under `tail`."""
+        components = self.engine.components
         while not stop.is_set():
             try:
                 busy = self.step()
             except StoreError:
                 log.exception("tail %s: store write failed; retrying", self.path)
+                components.failed("tail")
                 busy = 0
+            else:
+                components.succeeded("tail")
             if not busy:
                 stop.wait(self.poll)

@@ -3,6 +3,7 @@
 Every refusal is JSON `{"error": ...}` with a status a client can act on: 4xx means fix the
 request (and retrying it unchanged is pointless); 429 and 503 carry `Retry-After` and mean
 send the same request again later (request ids keep a retried batch from counting twice).
+Routes and their dependencies raise `ApiError`; one exception handler writes the answer.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse, Response
 
 RETRY_AFTER_BUSY = 1         # seconds: the ingest queue was full
 RETRY_AFTER_STORE = 5        # seconds: the store could not commit (locked, full, read-only)
@@ -25,18 +27,33 @@ def error(status: int, message: str, headers: dict[str, str] | None = None, **ex
     return ORJSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-def refused_body(status: int, message: str, retry_after: int | None = None, **extra: Any) -> ORJSONResponse:
-    """A refusal sent before the request body was read: the connection is closed after it,
-    so the client does not go on sending a body nobody reads."""
-    headers = {"Connection": "close"}
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return error(status, message, headers, **extra)
+class ApiError(HTTPException):
+    """A refusal raised anywhere below a route (a dependency, the route itself); `extra`
+    goes into the JSON body beside `error`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(status, message, headers)
+        self.message = message
+        self.extra = extra
+
+    @classmethod
+    def before_body(cls, status: int, message: str, retry_after: int | None = None) -> ApiError:
+        """A refusal sent before the request body was read: the connection is closed after
+        it, so the client does not go on sending a body nobody reads."""
+        headers = {"Connection": "close"}
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return cls(status, message, headers)
+
+    @classmethod
+    def store(cls, message: str, kind: str, detail: str) -> ApiError:
+        """503: the store could not commit or read; retry later, nothing was counted."""
+        return cls(503, message, {"Retry-After": str(RETRY_AFTER_STORE)}, reason=kind, detail=detail)
 
 
-def store_unavailable(message: str, kind: str, detail: str) -> ORJSONResponse:
-    """503 for a store that could not commit or read: retry later, nothing was counted."""
-    return error(503, message, {"Retry-After": str(RETRY_AFTER_STORE)}, reason=kind, detail=detail)
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error(exc.status_code, exc.message, exc.headers, **exc.extra)
 
 
 # --- OpenAPI ------------------------------------------------------------------------------
