@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import orjson
 
 from . import __version__
-from .config import ENV_PREFIX, FLAG_FORBIDDEN, SCALAR_FIELDS, ConfigError, Settings, load_settings, parse_duration
+from .config import ConfigError, Settings, knobs, load_settings, parse_duration
 from .ingest.prices import PriceError
 from .storage.store import StoreError
 
@@ -29,30 +29,33 @@ log = logging.getLogger("llm_usage_exporter")
 
 def _knob_help() -> str:
     lines = ["every knob (flag / environment variable / YAML key), lowest precedence first:",
-             "defaults < --config YAML < environment < flags"]
-    for name, f in Settings.model_fields.items():
-        flag = "(env/file only)" if name in FLAG_FORBIDDEN else "(YAML only)" if name not in SCALAR_FIELDS else f"--{name.replace('_', '-')}"
-        default = f.default if f.default_factory is None else f.default_factory()  # type: ignore[misc]
-        env = f"{ENV_PREFIX}{name.upper()}" if name in SCALAR_FIELDS else "-"   # YAML-only knobs have no variable
-        lines.append(f"  {name:<22} {flag:<26} {env:<35} default {default!r}: {f.description}")
+             "defaults < --config YAML < environment < flags; a section's knobs follow it (YAML: section: {knob: value})"]
+    for k in knobs():
+        if k.path[0] in ("drift", "runaway", "budgets") and len(k.path) == 1 or not k.scalar:
+            flag, env = "(YAML only)", "-"          # mappings have no flag and no variable
+        else:
+            flag, env = k.flag or "(env/file only)", k.env or "-"
+        name = k.name if len(k.path) == 1 else "  " + k.name
+        lines.append(f"  {name:<32} {flag:<38} {env:<44} default {k.show(k.default)}: {k.description}")
     return "\n".join(lines)
 
 
 def _add_knobs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("settings (also LLM_EXPORTER_<NAME> or the YAML file)")
     g.add_argument("--config", help="YAML file of settings (env LLM_EXPORTER_CONFIG)")
-    for name in SCALAR_FIELDS:
-        if name in FLAG_FORBIDDEN:
+    for k in knobs():
+        if k.flag is None:
             continue
-        f = Settings.model_fields[name]
-        flag = "--" + name.replace("_", "-")
-        env = f"{ENV_PREFIX}{name.upper()}"
-        if f.annotation is bool:
-            g.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=f"{f.description} [{env}]")
-        elif name == "tail":
-            g.add_argument(flag, dest=name, action="append", default=None, metavar="PATH", help=f"{f.description} [{env}]")
+        about = k.description.replace("%", "%%")         # argparse formats help with %
+        if k.annotation is bool:
+            g.add_argument(k.flag, dest=k.dest, action="store_const", const=True, default=None,
+                           help=f"{about} [{k.env}]")
+        elif k.name == "tail":
+            g.add_argument(k.flag, dest=k.dest, action="append", default=None, metavar="PATH",
+                           help=f"{about} [{k.env}]")
         else:
-            g.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"{f.description} [{env}; default {f.default!r}]")
+            g.add_argument(k.flag, dest=k.dest, default=None, metavar=k.path[-1].upper(),
+                           help=f"{about} [{k.env}; default {k.show(k.default).replace('%', '%%')}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = {n: getattr(args, n) for n in SCALAR_FIELDS if hasattr(args, n) and getattr(args, n) is not None}
+    flags = {k.dest: getattr(args, k.dest) for k in knobs() if getattr(args, k.dest, None) is not None}
     return load_settings(getattr(args, "config", None), flags)
 
 

@@ -105,7 +105,7 @@ class Engine:
         self.clock = clock
         self.components = Components()
         self.store = Store(settings.db, keep_records=settings.record_retention > 0,
-                           busy_timeout=settings.store_busy_timeout)
+                           busy_timeout=settings.store_busy_timeout, synchronous=settings.sqlite_synchronous)
         self.prices = PriceTable(settings.prices, settings.price_aliases)
         self.specs = signal_specs(settings.signals)
         saved = self.store.label_values()

@@ -306,7 +306,7 @@ def sweep_defaults(settings: Settings) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {
         s.name: {"warning_ratio": s.warning_ratio, "min_zscore": s.min_zscore, "min_current": s.min_current,
                  "min_requests": s.min_requests} for s in signal_specs(settings.signals)}
-    preset = PRESETS[(settings.drift or {}).get("preset", "normal")]
+    preset = PRESETS[settings.drift.preset]
     for dsig in DRIFT_GRID:
         out["drift." + dsig] = {"mild": preset[dsig].mild}
     return out
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in kinds:
         obs, anomalies = runs[k.name]
         scores.extend(score_kind(obs, k, anomalies, GRACE, lo, hi))
-    mismatch = check_rejudge(clean, (settings.drift or {}).get("preset", "normal"))
+    mismatch = check_rejudge(clean, settings.drift.preset)
     sw = sweep(clean, runs, plan, lo, hi)
     defaults = sweep_defaults(settings)
 

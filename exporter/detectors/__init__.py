@@ -2,36 +2,23 @@
 
 They see every accepted batch after it is committed, are judged at the evaluator's event
 time, and are rebuilt after a restart from what the store keeps (raw records for the
-recent windows, daily cost for budgets). This module builds them from configuration and
-runs each one isolated: a failing detector is counted under its component name, keeps its
+recent windows, daily cost for budgets). This module builds them from their settings
+(validated with the rest of the configuration) and runs each one isolated: a failing detector is counted under its component name, keeps its
 last verdict, and neither stops the others nor fails an ingest already committed.
 `collectors.detectors` publishes the verdicts as gauges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..components import Components
-from ..config import ConfigError
 from ..ingest.records import RecordColumns
 from .budget import BudgetReport, BudgetSettings, BudgetTracker
 from .drift import DriftDetector, DriftResult, DriftSettings
 from .runaway import RunawayDetector, RunawayReport, RunawaySettings
-
-
-def _build(kind: type, section: str, values: dict[str, Any]) -> Any:
-    known = {f.name for f in fields(kind)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{section}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    try:
-        return kind(**values)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{section}: {e}") from None
 
 
 @dataclass(slots=True)
@@ -44,11 +31,11 @@ class DetectorReports:
 class Detectors:
     """Holds the three detectors of one engine."""
 
-    def __init__(self, drift: dict[str, Any], runaway: dict[str, Any], budgets: dict[str, Any],
+    def __init__(self, drift: DriftSettings, runaway: RunawaySettings, budgets: BudgetSettings,
                  components: Components | None = None) -> None:
-        self.drift = DriftDetector(_build(DriftSettings, "drift", drift))
-        self.runaway = RunawayDetector(_build(RunawaySettings, "runaway", runaway))
-        self.budget = BudgetTracker(_build(BudgetSettings, "budgets", budgets))
+        self.drift = DriftDetector(drift)
+        self.runaway = RunawayDetector(runaway)
+        self.budget = BudgetTracker(budgets)
         self.components = components or Components()
         self.latest: DetectorReports | None = None
 

@@ -44,9 +44,10 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from exporter.codes import factorize
-from exporter.ingest.records import RecordColumns
+from ..codes import factorize
+from ..ingest.records import RecordColumns
 
 PERIODS: tuple[str, ...] = ("day", "month")
 HORIZONS: tuple[str, ...] = ("month_end", "30d", "60d", "90d")
@@ -257,8 +258,7 @@ def fit_daily(history: np.ndarray, last_day: int, weeks: int = 4) -> DailyModel:
 
 # --- the tracker ----------------------------------------------------------------------
 
-@dataclass(slots=True)
-class BudgetSettings:
+class BudgetSettings(BaseModel):
     """Budgets and the calendar they are counted in.
 
     `timezone`: IANA name; days and months start at local midnight there.
@@ -269,29 +269,34 @@ class BudgetSettings:
     `forecast_weeks`: whole weeks the day-of-week factors are taken from.
     """
 
-    timezone: str = "UTC"
-    day_usd: float | None = None
-    month_usd: float | None = None
-    apps: dict[str, dict[str, float]] = field(default_factory=dict)
-    history_days: int = 120
-    forecast_weeks: int = 4
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    def __post_init__(self) -> None:
+    timezone: str = Field("UTC", description="IANA time zone whose days and months budgets count in")
+    day_usd: float | None = Field(None, description="overall budget per day (none: not set)")
+    month_usd: float | None = Field(None, description="overall budget per month (none: not set)")
+    apps: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="per-app budgets, app -> {day: usd, month: usd}")
+    history_days: int = Field(120, description="days of daily spend kept per scope (at least 28)")
+    forecast_weeks: int = Field(4, description="whole weeks the day-of-week factors are taken from")
+
+    @model_validator(mode="after")
+    def _valid(self) -> BudgetSettings:
         zone(self.timezone)
         for name, v in (("day_usd", self.day_usd), ("month_usd", self.month_usd)):
-            if v is not None and not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"budget.{name} must be a non-negative number, got {v!r}")
         for app, b in self.apps.items():
             unknown = set(b) - set(PERIODS)
             if unknown:
                 raise ValueError(f"budget.apps[{app!r}]: unknown period(s) {sorted(unknown)}; known: {list(PERIODS)}")
             for p, v in b.items():
-                if v is not None and not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                if v is not None and not (v >= 0 and math.isfinite(v)):
                     raise ValueError(f"budget.apps[{app!r}].{p} must be a non-negative number, got {v!r}")
         if self.history_days < 28:
             raise ValueError(f"budget.history_days must be at least 28, got {self.history_days}")
         if not 1 <= self.forecast_weeks <= self.history_days // 7:
             raise ValueError("budget.forecast_weeks must be between 1 and history_days / 7")
+        return self
 
     def budget(self, app: str | None, period: str) -> float | None:
         if app is None:

@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from exporter.codes import factorize
-from exporter.ingest.records import RecordColumns
+from ..codes import factorize
+from ..durations import Duration
+from ..ingest.records import RecordColumns
 
 REASONS: tuple[str, ...] = ("chain_length", "token_burst", "session_cost", "tool_repetition")
 _CHAIN, _BURST, _COST, _REPEAT = 1, 2, 4, 8
@@ -59,8 +61,7 @@ APP_OVERRIDABLE: tuple[str, ...] = (
 _MAD_TO_SIGMA = 1.4826
 
 
-@dataclass(slots=True)
-class RunawaySettings:
+class RunawaySettings(BaseModel):
     """Thresholds and bounds of the runaway detector.
 
     Session signals (defaults aim at chat, RAG and light agent traffic; an app that
@@ -94,33 +95,40 @@ class RunawaySettings:
     `spike_min_history` buckets of history exist.
     """
 
-    chain_window_s: float = 1800.0
-    chain_max_calls: int = 50
-    burst_window_s: float = 300.0
-    burst_max_tokens: int = 200_000
-    burst_count_cache_reads: bool = False
-    tool_repeat_max: int = 20
-    session_cost_k: float = 10.0
-    session_cost_floor_usd: float = 5.0
-    session_cost_cold_usd: float = 50.0
-    baseline_min_sessions: int = 30
-    baseline_sessions: int = 500
-    session_idle_s: float = 3600.0
-    max_sessions: int = 50_000
-    max_events: int = 2_000_000
-    max_offenders: int = 100
-    spike_window_s: float = 300.0
-    spike_history_s: float = 86_400.0
-    spike_z: float = 3.0
-    spike_min_count: int = 30
-    spike_min_history: int = 24
-    app_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not v > 0:
-                raise ValueError(f"runaway.{f.name} must be positive, got {v!r}")
+    chain_window_s: Duration = Field(1800.0, description="window of the chain-length count")
+    chain_max_calls: int = Field(50, description="calls of one session within chain_window_s that flag it")
+    burst_window_s: Duration = Field(300.0, description="window of the token-burst count")
+    burst_max_tokens: int = Field(200_000, description="tokens of one session within burst_window_s that flag it")
+    burst_count_cache_reads: bool = Field(False, description="count cache-read tokens in the burst")
+    tool_repeat_max: int = Field(20, description="identical consecutive tool signatures that flag a loop")
+    session_cost_k: float = Field(10.0, description="flag a session above k x its app's median session cost")
+    session_cost_floor_usd: float = Field(5.0, description="never flag a session below this cost")
+    session_cost_cold_usd: float = Field(50.0, description="the cost limit until an app has baseline_min_sessions")
+    baseline_min_sessions: int = Field(30, description="completed sessions before an app's median cost is used")
+    baseline_sessions: int = Field(500, description="completed-session costs kept per app")
+    session_idle_s: Duration = Field(3600.0, description="a session idle this long is complete")
+    max_sessions: int = Field(50_000, description="sessions tracked at most (new ones beyond are counted, not tracked)")
+    max_events: int = Field(2_000_000, description="recent calls kept for the windows (24 bytes each)")
+    max_offenders: int = Field(100, description="flagged sessions listed by /api/runaways")
+    spike_window_s: Duration = Field(300.0, description="window of an app's invocation count (whole minutes)")
+    spike_history_s: Duration = Field(86_400.0, description="history the invocation count is judged against")
+    spike_z: float = Field(3.0, description="robust z of the invocation count that flags a spike")
+    spike_min_count: int = Field(30, description="calls in the window below which no spike is flagged")
+    spike_min_history: int = Field(24, description="history buckets needed before z is computed")
+    app_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description=f"per-app thresholds, app -> {{name: value}}; names: {', '.join(APP_OVERRIDABLE)}")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _positive(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not v > 0:
+            raise ValueError(f"runaway.{info.field_name} must be positive, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunawaySettings:
         if self.session_idle_s < max(self.chain_window_s, self.burst_window_s):
             raise ValueError("runaway.session_idle_s must be at least chain_window_s and burst_window_s")
         if self.spike_window_s % 60 or self.spike_history_s % self.spike_window_s:
@@ -129,6 +137,10 @@ class RunawaySettings:
             unknown = set(over) - set(APP_OVERRIDABLE)
             if unknown:
                 raise ValueError(f"runaway.app_overrides[{app!r}]: unknown key(s) {sorted(unknown)}; known: {list(APP_OVERRIDABLE)}")
+            for name, v in over.items():
+                if not v > 0:
+                    raise ValueError(f"runaway.app_overrides[{app!r}].{name} must be positive, got {v!r}")
+        return self
 
     def for_app(self, app: str, name: str) -> float:
         """One threshold as it applies to `app`."""

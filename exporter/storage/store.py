@@ -9,7 +9,7 @@ more to insert); Alertmanager notifications; and small bits of state such as tai
 
 Every ingest batch is one transaction, committed before the HTTP answer is sent: an
 acknowledged record survives `kill -9` (WAL with synchronous=NORMAL is durable against a
-process crash; set synchronous=FULL through the environment for power-loss durability).
+process crash; the `sqlite_synchronous` setting FULL makes it durable against power loss).
 
 The batch's raw records are its journal entry. Buckets are a view of the journal that is
 brought up to date at checkpoints: the groups of the last few batches wait in memory and
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -68,6 +67,7 @@ PAGE_ROWS = 1_000            # bucket rows per read: small enough to be turned i
 # A bucket row's columns as `StoredRows.from_rows` takes them: a missing sketch is an empty blob.
 _SKETCH_COLUMNS = "adds, " + ", ".join(f"ifnull({k}, x'')" for k in SKETCHES)
 _BEFORE_ANY_SERIES = -(2**63)
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 class StoreError(RuntimeError):
@@ -146,7 +146,7 @@ class Store:
     they are deleted once folded into the buckets and never served."""
 
     def __init__(self, path: Path | str, keep_records: bool = True, checkpoint_batches: int = CHECKPOINT_BATCHES,
-                 busy_timeout: float = 5.0) -> None:
+                 busy_timeout: float = 5.0, synchronous: str = "normal") -> None:
         self.path = str(path)
         self.keep_records = keep_records
         self.checkpoint_batches = checkpoint_batches
@@ -154,14 +154,16 @@ class Store:
         self.errors_total = 0
         self.writable = True                   # the last write committed (readiness)
         self.last_error: str | None = None
-        self._open(busy_timeout)
+        if synchronous.upper() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous: one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
+        self._open(busy_timeout, synchronous.upper())
         self._cache: dict[tuple[int, int, int], Bucket] = {}
         self._newest: dict[int, int] = {}
         self._writes = 0
         self._pending: list[Groups] = []       # sparse minute groups of committed, unfolded batches
         self._pending_through = 0              # the journal row of the newest of them
 
-    def _open(self, busy_timeout: float) -> None:
+    def _open(self, busy_timeout: float, synchronous: str) -> None:
         """Open the file and prove it writable, or raise one StoreError that says what to do."""
         if self.path != ":memory:":
             p = Path(self.path)
@@ -182,7 +184,7 @@ class Store:
             raise describe(e, self.path, "opening") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={os.environ.get('LLM_EXPORTER_SQLITE_SYNCHRONOUS', 'NORMAL')}")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")     # one of SYNCHRONOUS, checked above
             self._db.executescript(SCHEMA)
             self.probe()           # a real commit: a read-only, locked or full file fails here, at start-up
             self._series: dict[tuple[str, str, str], int] = {
