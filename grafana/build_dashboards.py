@@ -72,7 +72,6 @@ DRIFT_SIGNALS = [
     ("stop_anomaly_rate", "Anomalous stop reasons", "percentunit", "share of responses with an unusual stop reason"),
     ("error_rate", "Error rate", "percentunit", "errors / requests in the drift window"),
 ]
-RUNAWAY_REASONS = ["chain_length", "token_burst", "session_cost", "tool_repetition"]
 
 
 def thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:

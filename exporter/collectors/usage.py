@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ..ingest.records import ERROR_TYPES, TOKEN_TYPES, RecordColumns
+from ..ingest.records import ERROR_TYPES, TOKEN_FIELDS, TOKEN_TYPES, RecordColumns
 
 INF = math.inf
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -117,8 +117,7 @@ class UsageMetrics(Collector):
             d[:, COLUMNS["errors"]] = np.bincount(series[cols.is_error] * len(ERROR_TYPES) + et,
                                                   minlength=k * len(ERROR_TYPES)).reshape(k, len(ERROR_TYPES))
         tok = COLUMNS["tokens"].start
-        for j, values in enumerate((cols.input_tokens, cols.output_tokens, cols.cache_read_tokens,
-                                    cols.cache_write_tokens, cols.reasoning_tokens)):
+        for j, values in enumerate(getattr(cols, f) for f in TOKEN_FIELDS):
             if values.any():
                 d[:, tok + j] = np.bincount(series, weights=values, minlength=k)
         priced = ~np.isnan(cost)
@@ -151,16 +150,7 @@ class UsageMetrics(Collector):
         rows = self.rows(series_ids, keys)
         self.table[rows] += delta                   # the series of one delta are distinct
 
-    def add(self, row: np.ndarray, cols: RecordColumns, cost: np.ndarray) -> None:
-        """Fold records in directly; `row` is each record's row (from `rows`)."""
-        uniq, inverse = np.unique(row, return_inverse=True)
-        self.table[uniq] += self.delta(inverse.reshape(-1), len(uniq), cols, cost)
-
     # --- persistence -------------------------------------------------------------------
-
-    def dump(self, r: int) -> bytes:
-        """One series' totals as bytes, for the store."""
-        return self.table[r].tobytes()
 
     def load(self, sid: int, key: tuple[str, str, str], blob: bytes) -> None:
         r = int(self.rows([sid], [key])[0])
@@ -168,9 +158,6 @@ class UsageMetrics(Collector):
         if v.size != WIDTH:
             raise ValueError(f"stored totals of series {sid} hold {v.size} values, not {WIDTH}")
         self.table[r] = v
-
-    def row_of(self, sid: int) -> int | None:
-        return self._row.get(sid)
 
     # --- exposition -------------------------------------------------------------------
 

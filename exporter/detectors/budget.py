@@ -6,7 +6,8 @@ how a team reads "today's spend"; the default is UTC.
 
 Spend is kept as cost per local day per scope (overall, and each app) for
 `history_days` (120), which is all the forecaster needs and is small (a few KB per app).
-The evaluator persists it through `daily_series()` and restores it with `load_daily()`.
+The store keeps the same daily cost per app with every batch (`daily_cost_rows`); after a
+restart the engine loads it back with `load_daily()`.
 
 Forecast method (`fit_daily`): spend has a strong weekly shape (working days against
 weekends) and a level that moves over weeks. With at least 14 complete days of history
@@ -47,6 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..codes import factorize
+from ..floats import finite_or_none
 from ..ingest.records import RecordColumns
 
 PERIODS: tuple[str, ...] = ("day", "month")
@@ -90,18 +92,6 @@ def period_start(now: float, period: str, tz: TzLike = "UTC") -> float:
         return _local_midnight(local, z)
     if period == "month":
         return _local_midnight(local.replace(day=1), z)
-    raise ValueError(f"period must be one of {PERIODS}, got {period!r}")
-
-
-def period_end(now: float, period: str, tz: TzLike = "UTC") -> float:
-    """Epoch seconds at which the local `period` containing `now` ends (the next one begins)."""
-    z = zone(tz)
-    local = datetime.fromtimestamp(now, z).date()
-    if period == "day":
-        return _local_midnight(local + timedelta(days=1), z)
-    if period == "month":
-        days = calendar.monthrange(local.year, local.month)[1]
-        return _local_midnight(local.replace(day=1) + timedelta(days=days), z)
     raise ValueError(f"period must be one of {PERIODS}, got {period!r}")
 
 
@@ -314,8 +304,8 @@ class Forecast:
     upper: float
 
     def to_dict(self) -> dict[str, float | None]:
-        return {k: (None if math.isnan(v) else v) for k, v in
-                (("value", self.value), ("lower", self.lower), ("upper", self.upper))}
+        return {"value": finite_or_none(self.value), "lower": finite_or_none(self.lower),
+                "upper": finite_or_none(self.upper)}
 
 
 @dataclass(slots=True)
@@ -459,18 +449,6 @@ class BudgetTracker:
         last = np.zeros(d_u.shape[0])
         last[d_i] = cost  # a repeated day keeps its last value
         self._ring(app).add(d_u, last, replace=True)
-
-    def daily_series(self) -> dict[str | None, tuple[np.ndarray, np.ndarray]]:
-        """Everything the tracker holds, for persistence: scope -> (day indices, costs),
-        sorted by day; scope None is the overall spend. Day indices are local days since
-        1970-01-01 in the configured zone (`day_index_to_date` turns one into a date).
-        Feed each back through `load_daily(scope, days, costs)`."""
-        out: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
-        for scope, ring in self._rings.items():
-            held = ring.day >= 0
-            order = np.argsort(ring.day[held])
-            out[scope] = (ring.day[held][order].copy(), ring.cost[held][order].copy())
-        return out
 
     def evaluate(self, now: float) -> BudgetReport:
         """Budget rows at `now`: the overall row, then every app with a budget or spend."""

@@ -48,12 +48,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..codes import factorize
 from ..durations import Duration
+from ..floats import finite_or_none
 from ..ingest.records import RecordColumns
 
-REASONS: tuple[str, ...] = ("chain_length", "token_burst", "session_cost", "tool_repetition")
 _CHAIN, _BURST, _COST, _REPEAT = 1, 2, 4, 8
+# The reasons a session is flagged (`llm_runaway_sessions{reason}`), each with its bit in a session's flags.
 _REASON_BITS: tuple[tuple[str, int], ...] = (
     ("chain_length", _CHAIN), ("token_burst", _BURST), ("session_cost", _COST), ("tool_repetition", _REPEAT))
+REASONS: tuple[str, ...] = tuple(reason for reason, _ in _REASON_BITS)
 # Thresholds an app may override (e.g. an agent app that legitimately chains 200 calls).
 APP_OVERRIDABLE: tuple[str, ...] = (
     "chain_max_calls", "burst_max_tokens", "tool_repeat_max", "session_cost_k",
@@ -181,7 +183,7 @@ class RunawayReport:
             "sessions_by_app_reason": [
                 {"app": a, "reason": r, "sessions": n} for (a, r), n in sorted(self.sessions_by_app_reason.items())],
             "offenders": [dict(o) for o in self.offenders],
-            "invocation_zscore": {a: (None if math.isnan(z) else z) for a, z in sorted(self.invocation_zscore.items())},
+            "invocation_zscore": {a: finite_or_none(z) for a, z in sorted(self.invocation_zscore.items())},
             "invocation_count": dict(sorted(self.invocation_count.items())),
             "invocation_flagged": list(self.invocation_flagged),
             "overflow_total": self.overflow_total,

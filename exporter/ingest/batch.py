@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MAX_TS, MILLISECOND_FIELDS, RecordColumns,
-                      RecordError, _status_and_error, _tool_calls, parse_record, parse_ts, to_columns)
+from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MAX_TS, MILLISECOND_FIELDS, TOKEN_FIELDS,
+                      RecordColumns, RecordError, _status_and_error, _tool_calls, parse_record, parse_ts, to_columns)
 from .rejections import Rejected, Rejections
 
 SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
@@ -28,7 +28,6 @@ PROVIDER_KEYS = frozenset({"provider", "usage"} | {k for k, v in ALIASES.items()
 MODEL_KEYS = frozenset({"model", "usage"} | {k for k, v in ALIASES.items() if v == "model"})
 _NUMBER_TYPES = (int, float, type(None))
 _FLAG_TYPES = {bool, type(None)}
-TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
 def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None = None,
@@ -211,7 +210,7 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                 bad[j] = True
                 ts[j] = now
 
-    tokens = {f: number(f, MAX_TOKENS, True) for f in TOKEN_COLUMNS}
+    tokens = {f: number(f, MAX_TOKENS, True) for f in TOKEN_FIELDS}
     write_1h = number("cache_write_1h_tokens", MAX_TOKENS, True)
     with np.errstate(invalid="ignore"):   # the 1-hour writes are part of all writes
         bad[write_1h > np.nan_to_num(tokens["cache_write_tokens"], nan=0.0)] = True
@@ -276,11 +275,7 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
     cols = RecordColumns(
         ts=ts, app=app, provider=text("provider", lower=True, required=True),
         model=text("model", lower=True, required=True), session_id=text("session_id"),
-        input_tokens=_count(tokens["input_tokens"]),
-        output_tokens=_count(tokens["output_tokens"]),
-        cache_read_tokens=_count(tokens["cache_read_tokens"]),
-        cache_write_tokens=_count(tokens["cache_write_tokens"]),
-        reasoning_tokens=_count(tokens["reasoning_tokens"]),
+        **{f: _count(tokens[f]) for f in TOKEN_FIELDS},
         cost=cost, latency=latency, ttft=ttft, is_error=is_error, error_type=etype, stop_reason=stop,
         request_had_tools=had_tools, tool_calls=tool_calls, tool_signature=signature,
         request_id=text("request_id"), operation=operation, stream=stream, tool_names=names,
@@ -365,7 +360,7 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
     columns: dict[str, Any] = {
         "ts": cols.ts, "provider": raw["provider"].tolist(), "model": raw["model"].tolist(), "app": raw["app"].tolist(),
         "operation": cols.operation.tolist(),
-        **{f: getattr(cols, f) for f in TOKEN_COLUMNS},
+        **{f: getattr(cols, f) for f in TOKEN_FIELDS},
         "cost_usd": cols.cost, "latency_s": cols.latency, "ttft_s": cols.ttft,    # NaN is written as null
         "stream": cols.stream, "status": np.where(cols.is_error, "error", "ok").tolist(),
         "error_type": cols.error_type.tolist(), "stop_reason": cols.stop_reason.tolist(),

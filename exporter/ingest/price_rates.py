@@ -17,12 +17,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .records import TOKEN_TYPES
+
 TIERS = ("standard", "flex", "priority", "batch")
 BATCH = TIERS.index("batch")
 # Per-token columns. A cache write is billed at `cache_write` or, for the part written with a
 # one-hour lifetime, at `cache_write_1h`; reasoning tokens are output tokens with their own price.
-COLUMNS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
-CONFIG_TYPES = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
+COLUMNS: tuple[str, ...] = tuple(c for t in TOKEN_TYPES for c in ((t, "cache_write_1h") if t == "cache_write" else (t,)))
+CONFIG_TYPES = COLUMNS      # the token types a `prices:` entry may set
 _FALLBACK = {"reasoning": "output", "cache_read": "input", "cache_write": "input", "cache_write_1h": "cache_write"}
 
 _IN, _OUT, _READ, _WRITE = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",

@@ -37,6 +37,7 @@ __all__ = ["PriceError", "PriceTable", "Resolution", "SERVICE_TIERS"]
 # the record; their requests count as unpriced rather than being priced at a guess.
 SERVICE_TIERS = {None: 0, "": 0, "auto": 0, "default": 0, "standard": 0, "scale": 0, "on_demand": 0,
                  "flex": TIERS.index("flex"), "priority": TIERS.index("priority"), "batch": BATCH}
+INPUT_COLUMNS = ("input", "cache_read", "cache_write", "cache_write_1h")   # what a long-context band measures
 MAX_UNPRICED_NAMES = 100        # distinct unpriced names remembered for the status page
 MAX_RESOLVED = 20_000           # distinct (provider, model) resolutions remembered
 
@@ -202,12 +203,9 @@ class PriceTable:
 
         tier = _tiers(cols.service_tier)
         tier = np.where(cols.batch, BATCH, tier)
-        write_1h = cols.cache_write_1h_tokens
-        tokens = np.stack([cols.input_tokens, cols.output_tokens, cols.cache_read_tokens,
-                           cols.cache_write_tokens - write_1h, write_1h, cols.reasoning_tokens],
-                          axis=1).astype(np.float64)
+        tokens = _token_columns(cols)
         if bands > 1:
-            size = tokens[:, 0] + tokens[:, 2] + tokens[:, 3] + tokens[:, 4]   # the request's whole input
+            size = tokens[:, [COLUMNS.index(c) for c in INPUT_COLUMNS]].sum(axis=1)   # the request's whole input
             band = (size[:, None] > bounds[entry]).sum(axis=1)
         else:
             band = np.zeros(len(entry), dtype=np.int64)
@@ -280,6 +278,15 @@ class PriceTable:
                 "config_entries": len(self._config), "shipped_entries": len(self._shipped),
                 "price_aliases": len(self._aliases),
                 "litellm": {k: v for k, v in self.meta.items() if k != "license_notice"}}
+
+
+def _token_columns(cols: RecordColumns) -> np.ndarray:
+    """Each record's tokens in the price table's columns: a cache write is split into the part
+    written with a one-hour lifetime and the rest."""
+    write_1h = cols.cache_write_1h_tokens
+    parts = {"cache_write": cols.cache_write_tokens - write_1h, "cache_write_1h": write_1h}
+    return np.stack([parts[c] if c in parts else getattr(cols, f"{c}_tokens") for c in COLUMNS],
+                    axis=1).astype(np.float64)
 
 
 def _tiers(service_tier: np.ndarray) -> np.ndarray:

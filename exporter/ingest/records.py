@@ -19,7 +19,10 @@ import orjson
 from .rejections import DEFAULT_LIMIT, Rejected, Rejections
 
 ERROR_TYPES: tuple[str, ...] = ("rate_limit", "timeout", "server_error", "client_error", "content_filter", "other")
+# The token types: `llm_tokens_total{token_type}`, the record fields `<type>_tokens`, the bucket
+# sums and the price columns all follow this one list.
 TOKEN_TYPES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "reasoning")
+TOKEN_FIELDS: tuple[str, ...] = tuple(f"{t}_tokens" for t in TOKEN_TYPES)
 MAX_TEXT = 200
 MAX_TOKENS = 1_000_000_000
 MAX_COST = 1_000_000.0

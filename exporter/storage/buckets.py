@@ -14,14 +14,13 @@ from typing import Sequence
 import numpy as np
 
 from .. import sketch
-from ..ingest.records import RecordColumns
+from ..ingest.records import TOKEN_FIELDS, RecordColumns
 
-FIELDS: tuple[str, ...] = (
-    "requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
-    "cache_write_tokens", "reasoning_tokens", "cost", "unpriced", "empty_outputs")
+__all__ = ["F", "FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse"]
+# The sums kept per bucket, in this order in the stored `adds` blob (the order is the file format).
+FIELDS: tuple[str, ...] = ("requests", "errors", *TOKEN_FIELDS, "cost", "unpriced", "empty_outputs")
 F = {name: i for i, name in enumerate(FIELDS)}
 SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps")
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
 Bins = list[tuple[np.ndarray, np.ndarray, np.ndarray]]

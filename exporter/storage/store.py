@@ -440,20 +440,6 @@ class Store:
                 out.setdefault(label, []).append(value)
         return out
 
-    def buckets(self, res: int, start: float, end: float, series: Iterable[int] | None = None) -> Iterator[tuple[int, int, np.ndarray, dict[str, np.ndarray]]]:
-        """(start, series, adds, sketches) of buckets with start in [start, end)."""
-        q = "SELECT start, series, adds, latency, ttft, otps FROM buckets WHERE res=? AND start>=? AND start<?"
-        args: list[Any] = [res, int(start), int(end)]
-        if series is not None:
-            ids = list(series)
-            q += f" AND series IN ({','.join('?' * len(ids))})"
-            args += ids
-        self._checkpoint_for_read()
-        with self._lock, self._reading("reading buckets from"):
-            rows = self._db.execute(q + " ORDER BY start", args).fetchall()
-        for st, sid, adds, *sk in rows:
-            yield int(st), int(sid), np.frombuffer(adds, dtype=np.float64), {k: sketch.decode(sk[i]) for i, k in enumerate(SKETCHES)}
-
     def bucket_groups(self, res: int, start: float, end: float, rows_per_chunk: int = 20_000) -> Iterator[Groups]:
         """Buckets with start in [start, end) as sparse Groups, a few buckets' starts at a time
         (whole starts per chunk, about `rows_per_chunk` rows, more if one start has more), so
