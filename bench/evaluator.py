@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ev.evaluate(t)
 
     for name, ev in list(variants.items()):
-        timings[name] = [x * 1e3 for x in common.repeat(lambda: ev.evaluate(t), repeats, warmup=2, max_seconds=30)]
+        timings[name] = [x * 1e3 for x in common.repeat(lambda ev=ev: ev.evaluate(t), repeats, warmup=2, max_seconds=30)]
         timings[f"{name}, first after the hour turns"] = [
-            x * 1e3 for x in common.repeat(lambda: cold(ev), repeats, warmup=1, max_seconds=30)]
+            x * 1e3 for x in common.repeat(lambda ev=ev: cold(ev), repeats, warmup=1, max_seconds=30)]
         active = int(ev.evaluate(t).active.sum())
     figures = [common.figure("build_s", f"build: add_hours of {days} day{'s' if days != 1 else ''} x {len(keys)} series (start-up restore work)",
                              build_s, "s", decimals=1)]

@@ -25,6 +25,7 @@ from .ingest.prices import PriceError
 from .storage.store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
+DEMO_CONNECT_RETRIES = 8     # backoff 0.5 s doubling: about two minutes before the demo gives up
 
 
 def _knob_help() -> str:
@@ -117,10 +118,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_binding()
     import uvicorn
 
-    from .web.app import create_app
-    from .web.connections import connection_limits, raise_fd_limit, serve_options
     from .engine import Engine
     from .sources.tail import TailFollower
+    from .web.app import create_app
+    from .web.connections import connection_limits, raise_fd_limit, serve_options
 
     engine = Engine(settings)
     tasks = [("tail", TailFollower(engine, p).run) for p in settings.tail]
@@ -227,10 +228,10 @@ def _fmt(v: float | None) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Send demo traffic over HTTP: the compose file's `demo` profile runs this."""
-    import urllib.error
-    import urllib.request
-
+    """Send demo traffic over HTTP: the compose file's `demo` profile runs this. httpx's
+    transport retries a connection that is refused (the exporter still starting, or
+    restarting) with exponential backoff, about two minutes in all."""
+    import httpx
     import numpy as np
 
     from .sources import demo
@@ -238,17 +239,14 @@ def _demo(args: argparse.Namespace) -> int:
     headers = {"Content-Type": "application/json"}
     if args.token_file:
         headers["Authorization"] = "Bearer " + Path(args.token_file).read_text().strip()
+    client = httpx.Client(base_url=args.target.rstrip("/"), headers=headers, timeout=30,
+                          transport=httpx.HTTPTransport(retries=DEMO_CONNECT_RETRIES))
 
     def post(batch: list[dict[str, Any]]) -> None:
-        for attempt in range(30):
-            try:
-                req = urllib.request.Request(args.target.rstrip("/") + "/v1/records", data=orjson.dumps(batch), headers=headers)
-                urllib.request.urlopen(req, timeout=30).read()
-                return
-            except (urllib.error.URLError, ConnectionError) as e:
-                print(f"demo: {args.target} not reachable ({e}); retrying", file=sys.stderr)
-                time.sleep(2)
-        raise SystemExit(f"demo: gave up posting to {args.target}")
+        try:
+            client.post("/v1/records", content=orjson.dumps(batch)).raise_for_status()
+        except httpx.HTTPError as e:
+            raise SystemExit(f"demo: gave up posting to {args.target}: {e}") from None
 
     now = time.time()
     print(f"demo: backfilling {args.days:g} days into {args.target}", file=sys.stderr)

@@ -252,7 +252,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     return out
 
 
-def _section_knobs(name: str, cls: type) -> Iterator[Knob]:
+def _section_knobs(name: str, cls: Any) -> Iterator[Knob]:
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         for leaf, f in cls.model_fields.items():
             default = f.get_default(call_default_factory=True)
@@ -260,11 +260,11 @@ def _section_knobs(name: str, cls: type) -> Iterator[Knob]:
         return
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        duration = f.name.endswith("_s") and hints[f.name] is float
-        annotation = Annotated[float, BeforeValidator(parse_duration)] if duration else hints[f.name]
-        yield Knob((name, f.name), annotation, default, docs.get(f.name, ""), duration)
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        duration = field.name.endswith("_s") and hints[field.name] is float
+        annotation = Annotated[float, BeforeValidator(parse_duration)] if duration else hints[field.name]
+        yield Knob((name, field.name), annotation, default, docs.get(field.name, ""), duration)
 
 
 def knobs() -> Iterator[Knob]:

@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import generate_latest as _text
+from prometheus_client.openmetrics.exposition import generate_latest as _openmetrics
 
 from .anomaly.evaluator import AnomalyCollector, Evaluator, Snapshot
 from .anomaly.history import ScopeHistory
 from .anomaly.signals import signal_specs
-from .codes import factorize
+from .codes import factorize, is_none
 from .collectors.detectors import DetectorCollector
 from .collectors.exporter import RESULTS, DurationHistogram, ExporterCollector
 from .collectors.usage import UsageMetrics
@@ -47,6 +48,9 @@ from .storage.store import BatchWrite, Store, StoreError
 log = logging.getLogger("llm_usage_exporter")
 Clock = Callable[[], float]
 SeriesKey = tuple[str, str, str]
+# prometheus-client's exposition writers (untyped there)
+generate_latest: Callable[[CollectorRegistry], bytes] = _text
+om_generate_latest: Callable[[CollectorRegistry], bytes] = _openmetrics
 EVALUATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 DETECTORS = ("drift", "runaway", "budget")
 MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
@@ -323,7 +327,7 @@ class Engine:
 
     def _dedupe(self, cols: RecordColumns, indices: list[int], now: float) -> tuple[np.ndarray | None, list[int], np.ndarray]:
         """Rows to keep (None: all), input indices of duplicates, and the hashes of new ids."""
-        has = np.not_equal(cols.request_id, None)
+        has = ~is_none(cols.request_id)
         if not has.any():
             return None, [], np.zeros(0, dtype=np.int64)
         rows = np.flatnonzero(has)

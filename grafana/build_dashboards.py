@@ -744,8 +744,8 @@ def budget() -> Board:
         ])
     b.add(burn, 12, 8)
     b.add(timeseries("Budget burn rate by app (1h)", targets(
-        (f'sum by (app) (rate(llm_cost_usd_total{{app=~"$app"}}[1h])) * 86400 * scalar(days_in_month()) '
-         f'/ on (app) llm_budget_usd{{period="month", app=~"$app", app!=""}}', "{{app}}")), "short",
+        ('sum by (app) (rate(llm_cost_usd_total{app=~"$app"}[1h])) * 86400 * scalar(days_in_month()) '
+         '/ on (app) llm_budget_usd{period="month", app=~"$app", app!=""}', "{{app}}")), "short",
         "Per-app burn rate against each app's own monthly budget (apps with a budget only).", fill=0,
         axis="× budget pace", steps=thresholds(("green", None), ("red", 1)), threshold_style="line"), 12, 8)
     b.add(timeseries("Cost per hour by app", targets((rate("llm_cost_usd_total", "app") + " * 3600", "{{app}}")),

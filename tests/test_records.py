@@ -13,7 +13,7 @@ from helpers import T0, engine_at, settings_for
 
 from exporter.web.app import create_app
 from exporter.ingest.records import (
-    MAX_TEXT, MAX_TOKENS, BodyError, RecordError, Rejected, decode_body, parse_items, parse_record, parse_ts,
+    MAX_TEXT, MAX_TOKENS, BodyError, RecordError, decode_body, parse_items, parse_record, parse_ts,
 )
 
 BASE = {"provider": "openai", "model": "gpt-4o-mini"}

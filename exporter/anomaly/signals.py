@@ -91,4 +91,4 @@ def signal_specs(overrides: dict[str, dict[str, float]] | None = None) -> tuple[
     unknown = set(overrides) - set(SIGNAL_NAMES)
     if unknown:
         raise ValueError(f"signals: unknown signal(s) {sorted(unknown)}; known: {list(SIGNAL_NAMES)}")
-    return tuple(replace(s, **overrides.get(s.name, {})) for s in DEFAULT_SIGNALS)
+    return tuple(replace(s, **overrides.get(s.name, {})) for s in DEFAULT_SIGNALS)  # type: ignore[arg-type]

@@ -10,10 +10,10 @@ from typing import Protocol
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..components import Components
+from .usage import floatToGoString
 
 RESULTS = ("accepted", "duplicate", "rejected")
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from ..ingest.records import ERROR_TYPES, TOKEN_FIELDS, TOKEN_TYPES, RecordColumns
 
 INF = math.inf
+floatToGoString: Callable[[float], str] = _float_to_go_string     # the library's sample format (untyped there)
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "llm_request_duration_seconds": ("End-to-end duration of LLM requests.",
                                      (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, INF)),

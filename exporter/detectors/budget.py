@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import calendar
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -155,7 +155,8 @@ def daily_cost_rows(app: np.ndarray, ts: np.ndarray, cost: np.ndarray, tz: ZoneI
 def local_day_index(ts: np.ndarray, tz: TzLike = "UTC") -> np.ndarray:
     """Local calendar day of each timestamp as days since 1970-01-01 (int64)."""
     ts = np.asarray(ts, dtype=np.float64)
-    return np.floor((ts + utc_offsets(ts, tz)) / 86400.0).astype(np.int64)
+    days: np.ndarray = np.floor((ts + utc_offsets(ts, tz)) / 86400.0).astype(np.int64)
+    return days
 
 
 # --- forecasting ----------------------------------------------------------------------

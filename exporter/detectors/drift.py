@@ -218,7 +218,7 @@ def stop_is_anomalous(stop_reason: np.ndarray) -> np.ndarray:
     record."""
     if stop_reason.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    keys = np.where(np.equal(stop_reason, None), "", stop_reason).astype(str)
+    keys = np.where(np.equal(stop_reason, None), "", stop_reason).astype(str)  # type: ignore[call-overload]
     uniq, inv = np.unique(keys, return_inverse=True)
     bad = np.fromiter((u != "" and u.lower() not in NORMAL_STOP_REASONS for u in uniq), dtype=bool, count=uniq.size)
     return bad[inv]
@@ -406,7 +406,7 @@ class DriftDetector:
             values = drift_signals(ts, out, flags, s.min_signal_n, app)
             preset = s.preset_for(*key)
             ready = fill >= s.min_fill
-            severity, reasons = 0, []
+            severity, reasons = 0, list[str]()
             if ready:
                 counts = {
                     "empty_response_rate": int(((flags & _EMPTY) != 0).sum()),

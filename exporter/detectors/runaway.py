@@ -289,6 +289,19 @@ class _EventLog:
 class _Sessions:
     """Struct of arrays for tracked sessions, indexed by slot; free slots are reused."""
 
+    # one array per field, all of length `cap` (see `_alloc`)
+    sid: np.ndarray
+    app: np.ndarray
+    active: np.ndarray
+    first_ts: np.ndarray
+    last_ts: np.ndarray
+    calls: np.ndarray
+    tokens: np.ndarray
+    cost: np.ndarray
+    last_sig: np.ndarray
+    run_len: np.ndarray
+    max_run: np.ndarray
+
     def __init__(self, max_sessions: int) -> None:
         self.max = max_sessions
         self.slot_of: dict[str, int] = {}
@@ -430,7 +443,8 @@ class RunawayDetector:
                 self._completed_n.append(0)
             codes[j] = c
         self._minutes.ensure_rows(len(self._apps))
-        return codes[inv]
+        mapped: np.ndarray = codes[inv]
+        return mapped
 
     def observe(self, cols: RecordColumns) -> None:
         """Add a batch: per-app minute counts for all records, session state for those

@@ -18,8 +18,24 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MAX_TS, MILLISECOND_FIELDS, TOKEN_FIELDS,
-                      RecordColumns, RecordError, _status_and_error, _tool_calls, parse_record, parse_ts, to_columns)
+from ..codes import is_none
+from .records import (
+    ALIASES,
+    MAX_COST,
+    MAX_SECONDS,
+    MAX_TEXT,
+    MAX_TOKENS,
+    MAX_TS,
+    MILLISECOND_FIELDS,
+    TOKEN_FIELDS,
+    RecordColumns,
+    RecordError,
+    _status_and_error,
+    _tool_calls,
+    parse_record,
+    parse_ts,
+    to_columns,
+)
 from .rejections import Rejected, Rejections
 
 SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
@@ -149,8 +165,9 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                     arr[j] = math.nan if v is None else v
                 else:
                     bad[j] = True      # strings, booleans, objects: the per-record path decides
-            vals = arr
-        arr = np.asarray(vals, dtype=np.float64)
+            arr = np.asarray(arr, dtype=np.float64)
+        else:
+            arr = np.asarray(vals, dtype=np.float64)
         missing = np.isnan(arr)
         ok = (arr >= 0) & (arr <= upper)                   # false for NaN and infinities
         if integer:
@@ -174,7 +191,7 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                     cleaned.append(None)
         out[:] = cleaned
         if required:
-            missing = np.flatnonzero(np.equal(out, None))
+            missing = np.flatnonzero(is_none(out))
             if missing.size:
                 bad[missing] = True
                 absent[missing] = [vals[j] is None or (type(vals[j]) is str and not vals[j].strip())
@@ -184,7 +201,8 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
     def flag(field: str) -> np.ndarray:
         vals = values(field)
         if set(map(type, vals)) <= _FLAG_TYPES:
-            return np.equal(np.array(vals, dtype=object), True)
+            true: np.ndarray = np.array(vals, dtype=object) == True  # noqa: E712 (elementwise)
+            return true
         out = np.zeros(n, dtype=bool)
         for j, v in enumerate(vals):
             if v is True:
@@ -267,9 +285,9 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                 bad[j] = True
 
     app = text("app")
-    app[np.equal(app, None)] = "unknown"
+    app[is_none(app)] = "unknown"
     operation = text("operation", lower=True)
-    operation[np.equal(operation, None)] = "chat"
+    operation[is_none(operation)] = "chat"
     stream = flag("stream") | ~np.isnan(ttft)
     had_tools = flag("request_had_tools") | (tool_calls > 0)
     cols = RecordColumns(
@@ -313,7 +331,7 @@ def _clean_texts(vals: list[Any], lower: bool) -> list[str | None] | None:
         stripped = list(map(str.strip, vals))
         if max(map(len, stripped), default=0) > MAX_TEXT:
             return None
-        return [s or None for s in stripped] if "" in stripped else stripped
+        return [s or None for s in stripped] if "" in stripped else list[str | None](stripped)
     try:
         distinct = set(vals)
     except TypeError:
@@ -332,7 +350,7 @@ def _clean_texts(vals: list[Any], lower: bool) -> list[str | None] | None:
 
 def take(cols: RecordColumns, idx: np.ndarray) -> RecordColumns:
     """The rows `idx` of every column."""
-    return RecordColumns(**{f: getattr(cols, f)[idx] for f in RecordColumns.__slots__})  # type: ignore[attr-defined]
+    return RecordColumns(**{f: getattr(cols, f)[idx] for f in RecordColumns.__slots__})
 
 
 def concat(parts: list[RecordColumns]) -> RecordColumns:
@@ -340,7 +358,7 @@ def concat(parts: list[RecordColumns]) -> RecordColumns:
     if len(parts) == 1:
         return parts[0]
     return RecordColumns(**{f: np.concatenate([getattr(p, f) for p in parts])
-                            for f in RecordColumns.__slots__})  # type: ignore[attr-defined]
+                            for f in RecordColumns.__slots__})
 
 
 STORED_FIELDS = ("ts", "provider", "model", "app", "operation", "input_tokens", "output_tokens", "cache_read_tokens",

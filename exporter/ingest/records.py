@@ -103,7 +103,7 @@ class UsageRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as stored and exported (no text beyond identifiers)."""
-        d = {f: getattr(self, f) for f in self.__slots__}  # type: ignore[attr-defined]
+        d = {f: getattr(self, f) for f in self.__slots__}
         d["tool_names"] = list(self.tool_names)
         return d
 
@@ -274,8 +274,7 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
     usage = raw.get("usage")
     if isinstance(usage, dict):  # OpenAI/Anthropic responses carry tokens in a nested block
         for k, v in usage.items():
-            key = ALIASES.get(k, k)
-            out.setdefault(key, v)
+            out.setdefault(ALIASES.get(str(k), str(k)), v)
         lifetimes = usage.get("cache_creation")   # Anthropic: cache writes by cache lifetime
         if isinstance(lifetimes, dict) and "ephemeral_1h_input_tokens" in lifetimes:
             out.setdefault("cache_write_1h_tokens", lifetimes["ephemeral_1h_input_tokens"])
@@ -556,8 +555,9 @@ class RecordColumns:
 
     @property
     def total_tokens(self) -> np.ndarray:
-        return (self.input_tokens + self.output_tokens + self.cache_read_tokens
-                + self.cache_write_tokens + self.reasoning_tokens)
+        total: np.ndarray = (self.input_tokens + self.output_tokens + self.cache_read_tokens
+                             + self.cache_write_tokens + self.reasoning_tokens)
+        return total
 
     @property
     def output_tokens_per_second(self) -> np.ndarray:

@@ -4,16 +4,17 @@ them through the same evaluator that serves live traffic and reports severity ch
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from ..anomaly.evaluator import SEVERITY_NAMES, Snapshot
 from ..config import Settings
 from ..engine import Engine
-from ..anomaly.evaluator import SEVERITY_NAMES, Snapshot
-from ..ingest.records import Rejected, UsageRecord, parse_items, read_history_file
+from ..ingest.records import UsageRecord, parse_items, read_history_file
+from ..ingest.rejections import Rejected
+from .progress import Progress
 
 CHUNK = 5000
 
@@ -40,27 +41,6 @@ def load_records(paths: Iterable[str], now: float) -> tuple[list[UsageRecord], l
         problems.extend(FileProblem(path, b.index, b.field, b.reason) for b in bad)
     records.sort(key=lambda r: r.ts)
     return records, problems
-
-
-class Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
-        self.total, self.label, self.stream = max(total, 1), label, stream
-        self.enabled = stream.isatty()
-        self.last = -1
-
-    def update(self, done: int) -> None:
-        pct = int(100 * done / self.total)
-        if self.enabled and pct != self.last:
-            bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
-            self.stream.write(f"\r{self.label} [{bar}] {pct:3d}% {done}/{self.total}")
-            self.stream.flush()
-            self.last = pct
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
 
 
 def replay(engine: Engine, records: list[UsageRecord], progress: bool = True) -> dict[str, int]:

@@ -31,6 +31,8 @@ class TailFollower:
         self.poll = poll
         self.key = f"tail:{self.path}"
         saved = engine.store.get_meta(self.key)
+        self.inode: int | None
+        self.offset: int
         self.inode, self.offset = (orjson.loads(saved) if saved else (None, 0))
         self.rejected_total = 0
 

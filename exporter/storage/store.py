@@ -30,15 +30,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 import orjson
 
 from .. import sketch
 from ..ingest.batch import stored_records
-from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
 from ..ingest.dedupe import HASH_NAME
+from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -327,6 +327,7 @@ class Store:
             starts, series = g.start.tolist(), g.series.tolist()
             cached = [self._bucket(res, st, sid) for st, sid in zip(starts, series)]
             adds = np.stack([b.adds for b in cached]) + g.adds
+            assert g.sketches is not None           # merge() and coarsen() give dense sketches
             encoded = [sketch.encode_many(sketch.decode_many([b.sketches[k] for b in cached]) + g.sketches[kind])
                        for k, kind in enumerate(SKETCHES)]
             for j, b in enumerate(cached):

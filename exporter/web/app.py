@@ -26,8 +26,7 @@ from ..storage.store import StoreError
 from .auth import AuthMiddleware, Tokens
 from .background import Background, NamedTask
 from .ingest_queue import IngestQueue, IngestQueueCollector
-from .responses import ApiError, api_error_handler, error
-from .responses import RETRY_AFTER_STORE
+from .responses import RETRY_AFTER_STORE, ApiError, api_error_handler, error
 from .routes import alertmanager, anomalies, ingest, prices, status, usage
 
 log = logging.getLogger("llm_usage_exporter")

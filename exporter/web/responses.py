@@ -53,7 +53,7 @@ class ApiError(HTTPException):
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error(exc.status_code, exc.message, exc.headers, **exc.extra)
+    return error(exc.status_code, exc.message, dict(exc.headers or {}), **exc.extra)
 
 
 # --- OpenAPI ------------------------------------------------------------------------------

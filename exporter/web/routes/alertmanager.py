@@ -4,6 +4,7 @@ the history of what it received."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Query
@@ -27,10 +28,11 @@ async def alertmanager_webhook(body: JsonBodyDep, engine: EngineDep) -> Response
         raise ApiError(400, f"malformed JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("alerts"), list):
         raise ApiError(400, "expected an Alertmanager webhook payload with an 'alerts' list")
-    keep = {k: doc.get(k) for k in KEPT}
-    keep["alerts"] = [{k: a.get(k) for k in KEPT_PER_ALERT} for a in doc["alerts"] if isinstance(a, dict)]
+    keep: dict[str, Any] = {k: doc.get(k) for k in KEPT}
+    alerts = [{k: a.get(k) for k in KEPT_PER_ALERT} for a in doc["alerts"] if isinstance(a, dict)]
+    keep["alerts"] = alerts
     await run_in_threadpool(engine.store.add_notification, time.time(), keep)
-    return ORJSONResponse({"stored": len(keep["alerts"])})
+    return ORJSONResponse({"stored": len(alerts)})
 
 
 @router.get("/api/notifications", responses=responses(503))

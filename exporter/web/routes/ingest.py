@@ -12,7 +12,7 @@ from ...engine import Engine, IngestResult
 from ...ingest.records import BodyError, decode_body
 from ...storage.store import StoreError
 from ..body import BadEncoding, BodyTooLarge, decode_content
-from ..deps import EngineDep, QueueDep, QueuedBodyDep
+from ..deps import EngineDep, QueuedBodyDep, QueueDep
 from ..responses import INGEST_BODY, INGEST_RESPONSES, ApiError, ORJSONResponse
 
 log = logging.getLogger("llm_usage_exporter")

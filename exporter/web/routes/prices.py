@@ -15,7 +15,7 @@ from ..responses import ApiError, ORJSONResponse, responses
 router = APIRouter(tags=["prices"])
 
 
-NOT_PRICED = {404: {"description": "No source has a price for this model: where it was looked up, and how to add one",
+NOT_PRICED: dict[int | str, dict[str, Any]] = {404: {"description": "No source has a price for this model: where it was looked up, and how to add one",
                     "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
