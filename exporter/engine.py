@@ -36,13 +36,14 @@ from .components import Components
 from .config import Settings
 from .detectors import Detectors
 from .detectors.budget import daily_cost_rows
-from .ingest.batch import parse_batch, stored_blob, stored_records, take
+from .ingest.batch import parse_batch, take
 from .ingest.dedupe import DedupeIndex, hash_ids
 from .ingest.labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
 from .ingest.prices import PriceTable
 from .ingest.records import RecordColumns, UsageRecord, to_columns
 from .ingest.rejections import Rejected, Rejections
 from .storage.buckets import Groups, aggregate
+from .storage.journal import stored_blob, stored_records
 from .storage.store import BatchWrite, Store, StoreError
 
 log = logging.getLogger("llm_usage_exporter")

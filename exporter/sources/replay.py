@@ -12,8 +12,9 @@ import numpy as np
 from ..anomaly.evaluator import SEVERITY_NAMES, Snapshot
 from ..config import Settings
 from ..engine import Engine
-from ..ingest.records import UsageRecord, parse_items, read_history_file
+from ..ingest.records import UsageRecord, parse_items
 from ..ingest.rejections import Rejected
+from .files import read_history_file
 from .progress import Progress
 
 CHUNK = 5000

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from ..engine import Engine
-from ..ingest.records import decode_ndjson
+from ..ingest.bodies import decode_ndjson
 from ..storage.store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")

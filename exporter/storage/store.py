@@ -36,9 +36,9 @@ import numpy as np
 import orjson
 
 from .. import sketch
-from ..ingest.batch import stored_records
 from ..ingest.dedupe import HASH_NAME
 from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
+from .journal import stored_records
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -20,12 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import __version__
+from ..collectors.ingest_queue import IngestQueueCollector
 from ..config import ConfigError, Settings
 from ..engine import Engine
 from ..storage.store import StoreError
 from .auth import AuthMiddleware, Tokens
 from .background import Background, NamedTask
-from .ingest_queue import IngestQueue, IngestQueueCollector
+from .ingest_queue import IngestQueue
 from .responses import RETRY_AFTER_STORE, ApiError, api_error_handler, error
 from .routes import alertmanager, anomalies, ingest, prices, status, usage
 

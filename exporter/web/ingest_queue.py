@@ -17,10 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, TypeVar
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -96,17 +93,3 @@ class IngestQueue:
     def close(self) -> None:
         """Finish the jobs already queued, then stop the worker."""
         self._worker.shutdown(wait=True)
-
-
-class IngestQueueCollector(Collector):
-    """The queue's fill and the requests it turned away."""
-
-    def __init__(self, queue: IngestQueue) -> None:
-        self.q = queue
-
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("llm_exporter_ingest_queue_bytes",
-                                "Bytes of POST bodies waiting for or in ingest.", value=self.q.used)
-        yield CounterMetricFamily("llm_exporter_ingest_throttled",
-                                  "Ingest requests refused with HTTP 429 because the ingest queue was full.",
-                                  value=self.q.throttled_total)

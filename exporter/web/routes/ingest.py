@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from ...engine import Engine, IngestResult
-from ...ingest.records import BodyError, decode_body
+from ...ingest.bodies import BodyError, decode_body
 from ...storage.store import StoreError
 from ..body import BadEncoding, BodyTooLarge, decode_content
 from ..deps import EngineDep, QueuedBodyDep, QueueDep
