@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs on a bare Debian machine: the package with its
-# test extras, and Debian's prometheus (promtool), prometheus-alertmanager (amtool) and
-# chromium (landing-page check). Safe to run again.
+# Installs everything the test suite needs on a bare Debian machine: Debian's prometheus
+# (promtool), prometheus-alertmanager (amtool), chromium (landing-page check) and debootstrap
+# (the stock-Debian install check), then the package with its test extras into the project's
+# virtual environment, .venv (scripts/venv.sh). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,13 +10,15 @@ need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-# The Debian packages start daemons where an init system runs; the tests start their own.
-for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
-  pkill -x "$svc" 2>/dev/null || true
-done
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+# The Debian packages start their daemons where an init system runs; the tests start their own.
+# Only the packaged daemons are stopped, which run as the packages' user, never a test's own.
+if id prometheus >/dev/null 2>&1; then
+  pkill -u prometheus 2>/dev/null || true
+fi
+./scripts/venv.sh test

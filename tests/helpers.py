@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Settings, load_settings
@@ -191,6 +191,14 @@ def sample_sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], na
     return total
 
 
+def close_to(expected: Any, rel: float = 1e-9, abs: float = 1e-12) -> Any:
+    """`pytest.approx` for a number and the value itself for anything else (a severity name,
+    None): pytest 9.2 and later refuse approx with a tolerance on values that are not numbers."""
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return pytest.approx(expected, rel=rel, abs=abs)
+    return expected
+
+
 # --- a real server ---------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -200,8 +208,10 @@ def free_port() -> int:
 
 
 def exporter_command() -> list[str]:
-    exe = shutil.which("llm-usage-exporter")
-    return [exe] if exe else [sys.executable, "-m", "exporter.cli"]
+    """The console script installed beside the running interpreter (under `make test`, the
+    project's .venv), so a test never starts another install that happens to be on PATH."""
+    script = Path(sys.executable).with_name("llm-usage-exporter")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "exporter.cli"]
 
 
 class Server:
