@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pytest
 from helpers import CLEAN_ENV, HOUR, T0, close_to, engine_at, exporter_command, ingest_by_day, settings_for, steady_hour, value
 
 from exporter.anomaly.evaluator import Snapshot
