@@ -32,8 +32,8 @@ def _knob_help() -> str:
     lines = ["every knob (flag / environment variable / YAML key), lowest precedence first:",
              "defaults < --config YAML < environment < flags; a section's knobs follow it (YAML: section: {knob: value})"]
     for k in knobs():
-        if k.path[0] in ("drift", "runaway", "budgets") and len(k.path) == 1 or not k.scalar:
-            flag, env = "(YAML only)", "-"          # mappings have no flag and no variable
+        if not k.scalar:
+            flag, env = "(YAML only)", "-"          # mappings and sections have no flag and no variable
         else:
             flag, env = k.flag or "(env/file only)", k.env or "-"
         name = k.name if len(k.path) == 1 else "  " + k.name
