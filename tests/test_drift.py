@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from helpers import engine_at, settings_for
 
-from exporter.drift import (
+from exporter.detectors.drift import (
     PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, between_hour_variance,
     design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
     response_flags, shift_estimate, stop_is_anomalous,
 )
-from exporter.evidence import z_threshold
-from exporter.records import RecordColumns, parse_record, to_columns
+from exporter.anomaly.evidence import z_threshold
+from exporter.ingest.records import RecordColumns, parse_record, to_columns
 
 T0 = 1_700_000_000.0
 HOUR = 3600.0

@@ -3,7 +3,7 @@ anomaly thresholds are generated from the signal specs and are current; the runa
 detector's alert thresholds equal its defaults.
 
 The exporter judges every anomaly itself (`llm_anomaly_severity`) with
-`exporter.signals.DEFAULT_SIGNALS` (plus the config's `signals:`), and the alerts route that
+`exporter.anomaly.signals.DEFAULT_SIGNALS` (plus the config's `signals:`), and the alerts route that
 verdict; thresholds.yml publishes the numbers for dashboards. The rules' `critical` is the
 exporter's "high".
 """
@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from exporter import cli
-from exporter.rules import generate
-from exporter.signals import DEFAULT_SIGNALS, SignalSpec
+from exporter.anomaly.rules import generate
+from exporter.anomaly.signals import DEFAULT_SIGNALS, SignalSpec
 
 THRESHOLDS = Path(__file__).resolve().parent.parent / "prometheus" / "rules" / "thresholds.yml"
 CONSTANT = re.compile(r"^\s*vector\(\s*(-?[0-9.]+(?:e[-+]?[0-9]+)?)\s*\)\s*$", re.I)
@@ -108,7 +108,7 @@ def test_every_direction_of_every_signal_has_its_alert_pair() -> None:
 
 def test_invocation_spike_thresholds_equal_the_runaway_detector_defaults() -> None:
     """The exporter flags spikes (/api/runaways) with the numbers the alert uses."""
-    from exporter.runaway import RunawaySettings
+    from exporter.detectors.runaway import RunawaySettings
 
     defaults = RunawaySettings()
     assert rule_value("llm:runaway_threshold:invocation_zscore") == defaults.spike_z

@@ -34,8 +34,8 @@ from score import (  # noqa: E402
 from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic  # noqa: E402
 
 from exporter.config import Settings, load_settings  # noqa: E402
-from exporter.replay import backtest  # noqa: E402
-from exporter.signals import SIGNAL_NAMES  # noqa: E402
+from exporter.sources.replay import backtest  # noqa: E402
+from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
 
 REPO = HERE.parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -281,7 +281,7 @@ def sweep_tables(sw: dict[str, list[dict[str, Any]]], defaults: dict[str, dict[s
 
 
 def sweep_defaults(settings: Settings) -> dict[str, dict[str, float]]:
-    from exporter.signals import signal_specs
+    from exporter.anomaly.signals import signal_specs
     out: dict[str, dict[str, float]] = {
         s.name: {"warning_ratio": s.warning_ratio, "min_zscore": s.min_zscore, "min_current": s.min_current,
                  "min_requests": s.min_requests} for s in signal_specs(settings.signals)}
