@@ -16,7 +16,7 @@ from exporter.detectors.drift import (
     design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
     response_flags, shift_estimate, stop_is_anomalous,
 )
-from exporter.anomaly.evidence import z_threshold
+from exporter.evidence import z_threshold
 from exporter.ingest.records import RecordColumns, parse_record, to_columns
 
 T0 = 1_700_000_000.0

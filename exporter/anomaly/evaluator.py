@@ -41,10 +41,20 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import sketch
+from ..evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from ..storage.buckets import F
-from .baseline import (ErrorStats, SizeStats, block_spread, burstiness, daily_profile, error_stats, level_spread,
-                       nan_median, size_stats, sum_spread)
-from .evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
+from .baseline import (
+    ErrorStats,
+    SizeStats,
+    block_spread,
+    burstiness,
+    daily_profile,
+    error_stats,
+    level_spread,
+    nan_median,
+    size_stats,
+    sum_spread,
+)
 from .history import QUANTILES, ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 
@@ -294,7 +304,7 @@ class _Context:
 
     def expected(self, seasonal: Seasonal, slots: list[int] | np.ndarray) -> np.ndarray:
         """(S, len(slots)) expected totals of the windows of the last `slots` fine slots."""
-        h, b = self.h, self.base
+        h = self.h
         out = np.zeros((self.n, len(slots)))
         t_end = math.floor(self.t / h.fine) * h.fine + h.fine          # windows end with the current slot
         for j, k in enumerate(slots):

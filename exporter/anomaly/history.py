@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import sketch
-from ..storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, Groups
+from ..storage.buckets import FIELDS, SKETCHES, TOKEN_FIELDS, F, Groups
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""

@@ -14,6 +14,7 @@ the test suite runs against the shipped defaults.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -139,6 +140,33 @@ def _expected_description(spec: SignalSpec, direction: str, who: str, current: f
             f"{_render(baseline, prefix, func, suffix)} (evidence z {z:.1f}).")
 
 
+@dataclass(frozen=True)
+class _TestCase:
+    """One alert of the generated promtool test, and the alerts it expects."""
+
+    spec: SignalSpec
+    direction: str
+    name: str
+    summary: str
+    runbook_url: str
+    dashboard_url: str
+
+    def expect(self, severity: str, scope: str) -> str:
+        current, baseline, ratio, z = _VALUES[self.direction]
+        scope_labels = "app: chat" if scope == "app" else "provider: openai, model: gpt-4o"
+        phrase = "app chat" if scope == "app" else "model openai/gpt-4o"
+        query = "var-app=chat" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
+        desc = _expected_description(self.spec, self.direction, phrase, current, baseline, ratio, z)
+        lab = 'instance: "exporter:9473", job: llm-usage-exporter'
+        return (f"          - exp_labels: {{severity: {severity}, category: anomaly, signal: {self.spec.name}, "
+                f"scope: {scope}, {scope_labels}, {lab}}}\n"
+                "            exp_annotations:\n"
+                f"              summary: {self.summary}\n"
+                f"              description: \"{desc}\"\n"
+                f"              runbook_url: {self.runbook_url}#{self.name.lower()}\n"
+                f"              dashboard_url: '{self.dashboard_url}?orgId=1&var-scope={scope}&{query}'\n")
+
+
 def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                   dashboard_url: str = DASHBOARD_URL) -> str:
     """promtool unit tests of the generated alerts, one test per alert: a warning held for
@@ -179,32 +207,18 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                     out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n        values: '{_num(value)}x{steps}'\n")
                 out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 {sev}x{steps - 4}'\n")
             out.append("    alert_rule_test:\n")
-            lab = 'instance: "exporter:9473", job: llm-usage-exporter'
-
-            def expect(severity: str, scope: str, who: str) -> str:
-                scope_labels = "app: chat" if scope == "app" else "provider: openai, model: gpt-4o"
-                phrase = "app chat" if scope == "app" else "model openai/gpt-4o"
-                query = "var-app=chat" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
-                desc = _expected_description(spec, direction, phrase, current, baseline, ratio, z)
-                return (f"          - exp_labels: {{severity: {severity}, category: anomaly, signal: {spec.name}, "
-                        f"scope: {scope}, {scope_labels}, {lab}}}\n"
-                        "            exp_annotations:\n"
-                        f"              summary: {summary}\n"
-                        f"              description: \"{desc}\"\n"
-                        f"              runbook_url: {runbook_url}#{name.lower()}\n"
-                        f"              dashboard_url: '{dashboard_url}?orgId=1&var-scope={scope}&{query}'\n")
-
+            ctx = _TestCase(spec, direction, name, summary, runbook_url, dashboard_url)
             # the verdicts are pending: nothing yet
             out.append(f"      - eval_time: {4 + min(warn_for, crit_for)}m\n        alertname: {name}\n        exp_alerts: []\n")
             # just before the warning's for: has passed: only the critical one (its for: is shorter)
             early = 4 + warn_for
             out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
-            out.append("        exp_alerts:\n" + expect("critical", "model", "gpt-4o") if crit_for < warn_for
+            out.append("        exp_alerts:\n" + ctx.expect("critical", "model") if crit_for < warn_for
                        else "        exp_alerts: []\n")
             out.append(f"      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
-            out.append(expect("warning", "app", "chat"))
-            out.append(expect("warning", "model", "gpt-4o"))
-            out.append(expect("critical", "model", "gpt-4o"))
+            out.append(ctx.expect("warning", "app"))
+            out.append(ctx.expect("warning", "model"))
+            out.append(ctx.expect("critical", "model"))
     return "".join(out)
 
 
@@ -275,15 +289,15 @@ def generate(rules_dir: Path, specs: tuple[SignalSpec, ...], check: bool = False
     runbook_default, dashboard_default = link_setting(rules_dir.parent)
     runbook_url = runbook_url or runbook_default
     dashboard_url = dashboard_url or dashboard_default
-    targets = {
-        rules_dir / "anomaly.yml": lambda _old: anomaly_rules(specs, runbook_url, dashboard_url),
-        rules_dir.parent / "tests" / "anomaly_test.yml": lambda _old: anomaly_tests(specs, runbook_url, dashboard_url),
-        rules_dir / "thresholds.yml": lambda old: splice_thresholds(old, threshold_block(specs)),
-    }
     stale = []
-    for path, make in targets.items():
+    for path in (rules_dir / "anomaly.yml", rules_dir.parent / "tests" / "anomaly_test.yml", rules_dir / "thresholds.yml"):
         old = path.read_text() if path.exists() else ""
-        new = make(old)
+        if path.name == "anomaly.yml":
+            new = anomaly_rules(specs, runbook_url, dashboard_url)
+        elif path.name == "anomaly_test.yml":
+            new = anomaly_tests(specs, runbook_url, dashboard_url)
+        else:
+            new = splice_thresholds(old, threshold_block(specs))
         if new != old:
             stale.append(path)
             if not check:

@@ -167,7 +167,8 @@ def signal_specs(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Si
         for k, v in over.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"signals.{s.name}.{k}: must be a non-negative number, got {v!r}")
-        spec = replace(s, **{k: (int(v) if k == "min_baseline_hours" else float(v)) for k, v in over.items()})
+        changes: dict[str, Any] = {k: (int(v) if k == "min_baseline_hours" else float(v)) for k, v in over.items()}
+        spec = replace(s, **changes)
         if spec.high_ratio < spec.warning_ratio:
             raise ValueError(f"signals.{s.name}: high_ratio ({spec.high_ratio:g}) is below warning_ratio "
                              f"({spec.warning_ratio:g})")

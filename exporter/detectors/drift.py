@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from exporter.codes import factorize
-from exporter.anomaly.evidence import binomial_z, z_threshold
+from exporter.evidence import binomial_z, z_threshold
 from exporter.ingest.records import RecordColumns
 
 SIGNALS: tuple[str, ...] = (

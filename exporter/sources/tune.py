@@ -45,7 +45,7 @@ class Effects:
     def __call__(self, snap: Snapshot) -> None:
         step = len(self.times)
         self.times.append(snap.t)
-        idx = np.array([self._key(tuple(k)) for k in snap.keys], dtype=np.int64)
+        idx = np.array([self._key(k) for k in snap.keys], dtype=np.int64)
         for spec in snap.specs:
             v = snap.verdicts[spec.name]
             if v.effects is None:
@@ -118,12 +118,9 @@ def propose(effects: Effects, specs: tuple[SignalSpec, ...], target_per_week: fl
         else:
             arr = effects.array(spec.name, effect)
         default = float(getattr(spec, knob))
-
-        def rate(ratio: float) -> float:
-            return alerts(arr >= ratio, times, hold) / weeks
-
-        chosen = next((r for r in CANDIDATES if rate(r) <= share), CANDIDATES[-1])
-        out.append(Proposal(spec.name, knob, default, chosen, rate(default), rate(chosen)))
+        rates = {r: alerts(arr >= r, times, hold) / weeks for r in (*CANDIDATES, default)}
+        chosen = next((r for r in CANDIDATES if rates[r] <= share), CANDIDATES[-1])
+        out.append(Proposal(spec.name, knob, default, chosen, rates[default], rates[chosen]))
     return out
 
 
