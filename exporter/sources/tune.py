@@ -6,7 +6,7 @@ fall, a shift held for hours: `evaluator.Effects`), so the history is graded onc
 re-graded at any ratio without running it again. For each signal, tune picks the smallest
 warning ratio at which the history would have raised no more alerts than the signal's
 share of the target (alerts as the shipped rules raise them: a verdict held for the
-rules' `for:`), never below the shipped default's evidence-free floor of 1.1, and writes
+rules' `for:`), not below the ratio in effect unless asked (`--lower`), and writes
 the result as a thresholds file: a `signals:` section that the exporter reads
 (`thresholds_file`) and that `llm-usage-exporter rules` turns into the alert thresholds.
 
@@ -97,8 +97,10 @@ class Proposal:
     alerts_per_week_proposed: float
 
 
-def propose(effects: Effects, specs: tuple[SignalSpec, ...], target_per_week: float) -> list[Proposal]:
-    """Per signal and knob, the smallest ratio that keeps alerts within its share."""
+def propose(effects: Effects, specs: tuple[SignalSpec, ...], target_per_week: float,
+            lower: bool = False) -> list[Proposal]:
+    """Per signal and knob, the smallest ratio that keeps alerts within its share (not below
+    the one in effect unless `lower`)."""
     times = np.array(effects.times)
     weeks = max((times[-1] - times[0]) / WEEK, 1e-9) if len(times) > 1 else 1e-9
     knobs = []
@@ -119,7 +121,10 @@ def propose(effects: Effects, specs: tuple[SignalSpec, ...], target_per_week: fl
             arr = effects.array(spec.name, effect)
         default = float(getattr(spec, knob))
         rates = {r: alerts(arr >= r, times, hold) / weeks for r in (*CANDIDATES, default)}
-        chosen = next((r for r in CANDIDATES if rates[r] <= share), CANDIDATES[-1])
+        options = sorted({*CANDIDATES, default})
+        if not lower:
+            options = [r for r in options if r >= default]
+        chosen = next((r for r in options if rates[r] <= share), options[-1])
         out.append(Proposal(spec.name, knob, default, chosen, rates[default], rates[chosen]))
     return out
 
@@ -149,9 +154,9 @@ def thresholds_yaml(proposals: list[Proposal], specs: tuple[SignalSpec, ...], me
 
 
 def tune(settings: Settings, records: list[UsageRecord], step: float, target_per_week: float,
-         progress: bool = False) -> tuple[list[Proposal], Effects]:
+         lower: bool = False, progress: bool = False) -> tuple[list[Proposal], Effects]:
     from .replay import backtest
 
     effects = Effects()
     backtest(settings, records, None, None, step, progress=progress, on_snapshot=effects)
-    return propose(effects, signal_specs(settings.signals), target_per_week), effects
+    return propose(effects, signal_specs(settings.signals), target_per_week, lower), effects
