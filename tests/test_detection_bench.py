@@ -212,7 +212,8 @@ def test_cost_spike_scored_as_the_backtest_reports_it(base) -> None:
     got = {(f.signal, f.direction, key_name(f.key), f.severity, f.start) for f in al.firings
            if f.signal in SIGNAL_NAMES}
     assert got == ref and ref
-    cost_alerts = sorted(t for s, _, scope, _, t in ref if s == "cost_per_hour" and scope in {key_name(k) for k in a.scopes})
+    containing = {key_name(k) for k in a.scopes}
+    cost_alerts = sorted(t for s, _, scope, _, t in ref if s == "cost_per_hour" and scope in containing)
     assert score.alert_delays_s == [cost_alerts[0] - a.start]
     assert score.alert_delays_s[0] >= score.delays_s[0] + min(r.for_s for r in RULES["cost_per_hour"])
     # the global echo of the app's spike is explained, and stays quiet

@@ -185,7 +185,7 @@ def firing(times: np.ndarray, cond: np.ndarray, for_s: float) -> np.ndarray:
 
 def runs(mask: np.ndarray) -> list[tuple[int, int, int]]:
     """(column, first step, last step) of every run of True steps, by column then time."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     for k in np.flatnonzero(mask.any(axis=0)).tolist():
         edges = np.diff(np.r_[0, mask[:, k].astype(np.int8), 0])
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1

@@ -2,8 +2,8 @@
 backtest path, scored per signal and anomaly kind as verdicts and as the alerts the
 shipped rules would raise from them.
 
-    python bench/detection/run.py                  # full: 14 days history + 7 scored days, 1-minute steps, all NAB series
-    python bench/detection/run.py --quick          # CI form: 7 + 1 days, two instances per kind, 5-minute steps
+    python bench/detection/run.py                  # full: 14 + 7 days, 1-minute steps, all NAB series
+    python bench/detection/run.py --quick          # CI form: 7 + 1 days, 2 instances per kind, 5-minute steps
     python bench/detection/run.py --split 5        # clean traffic only, over 5x the apps and model deployments
     python bench/detection/run.py --compare before.json after.json [before-split.json after-split.json]
     python bench/detection/run.py --rescore bench/results/<run>.runs.pickle.gz --rules other/rules/
@@ -258,7 +258,7 @@ def _med(v: list[int]) -> str:
 
 def false_table(ff: dict[str, Any], rules: dict[str, Any]) -> str:
     weeks = ff["weeks"]
-    lines = [f"| signal | warnings / week | alerts / week | pages / week | for: warning / critical | alerts where |",
+    lines = ["| signal | warnings / week | alerts / week | pages / week | for: warning / critical | alerts where |",
              "|---|---|---|---|---|---|"]
     for sig, d in ff["signals"].items():
         fors = " / ".join(_for_text(rules.get(sig, []), sev) for sev in ("warning", "critical"))
@@ -332,7 +332,8 @@ def compare_table(before: dict[str, Any], after: dict[str, Any], split: tuple[di
     def score_cells(s: dict[str, Any] | None, cause: list[dict[str, Any]] | None) -> list[str]:
         if s is None:
             return ["–"] * 5
-        rec = f"{s['detected']}/{s['instances']} · " + (f"{s['alert_detected']}/{s['instances']}" if s["alerted"] else "–")
+        alerted = f"{s['alert_detected']}/{s['instances']}" if s["alerted"] else "–"
+        rec = f"{s['detected']}/{s['instances']} · {alerted}"
         dv = f"{fmt(s['median_delay_min'], 0)} / {fmt(s['p90_delay_min'], 0)}"
         da = f"{fmt(s['alert_median_delay_min'], 0)} / {fmt(s['alert_p90_delay_min'], 0)}"
         per = _per_instance(cause) if s["primary"] and cause is not None else ""
@@ -373,8 +374,9 @@ def compare_table(before: dict[str, Any], after: dict[str, Any], split: tuple[di
                      f"≤ {TARGET_WARNINGS_WEEK:g} warnings, ≤ {TARGET_PAGES_WEEK:g} page: {ok} |")
     if split is not None:
         sb, sa = split[0]["false"], split[1]["false"]
-        grow = (sa["total"]["warnings_per_week"] <= max(TARGET_WARNINGS_WEEK, af["total"]["warnings_per_week"])
-                and sa["total"]["pages_per_week"] <= max(TARGET_PAGES_WEEK, af["total"]["pages_per_week"])) if af else False
+        grow = bool(af) and (
+            sa["total"]["warnings_per_week"] <= max(TARGET_WARNINGS_WEEK, af["total"]["warnings_per_week"])
+            and sa["total"]["pages_per_week"] <= max(TARGET_PAGES_WEEK, af["total"]["pages_per_week"]))
         lines.append(f"| **clean traffic split ×{split[1].get('split')}: total** ({sb['scopes']} → {sa['scopes']} "
                      f"scopes) | | | | | | **{_arrow(false_cell(sb['total']), false_cell(sa['total']))}** | "
                      f"no more than unsplit (or the targets): {'met' if grow else 'MISSED'} |")
@@ -536,12 +538,12 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = (obs, anomalies)
             timings[name] = round(secs, 1)
             print(f"  {name}: {secs:.0f} s", file=sys.stderr)
-        for f in nfuts:
-            file, obs, windows, meta, secs = f.result()
+        for nf in nfuts:
+            file, nobs, windows, meta, secs = nf.result()
             timings["nab:" + file] = round(secs, 1)
             span = meta["end"] - meta["start"]
             lo = meta["start"] + max(0.15 * span, DAY)   # NAB's probationary period, and a day of baseline
-            nab_rows.append(score_nab(obs, file, windows, lo, meta["end"]).to_dict())
+            nab_rows.append(score_nab(nobs, file, windows, lo, meta["end"]).to_dict())
             print(f"  nab {file}: {secs:.0f} s", file=sys.stderr)
     revision = exporter_revision()
     state = {"plan": asdict(plan), "split": split, "step": step, "sets": sets, "signals": signals, "revision": revision,

@@ -238,9 +238,12 @@ def episodes(obs: Observations, signal: str, mask: np.ndarray | None = None,
     """Runs of consecutive steps at warning (or where `mask` holds), per scope, among steps
     with lo <= t < hi."""
     m = obs.severity.get(signal)
-    if m is None and mask is None:
+    if mask is not None:
+        on = mask
+    elif m is not None:
+        on = m >= 1
+    else:
         return []
-    on = (m >= 1) if mask is None else mask
     keep = (obs.times >= lo) & (obs.times < hi)
     t, on = obs.times[keep], on[keep]
     peak = m[keep] if m is not None else on.astype(np.int8)

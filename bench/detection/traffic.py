@@ -18,6 +18,11 @@ Base traffic (`build_traffic`)
   tool use (the agent app offers tools on every call; RAGPulse's web-search flag becomes
   a tool call in the RAG app).
 
+Split traffic (`split_records`)
+- The same records over n times the apps (by session) and model deployments (by
+  request, as a suffix of the provider), to see whether false alarms grow with the
+  number of series.
+
 NAB traffic (`nab_traffic`)
 - A NAB series' value is read as a request rate per 5-minute bucket, scaled so that the
   median bucket holds `median_per_bucket` requests; each bucket's requests get uniform
