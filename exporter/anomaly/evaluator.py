@@ -675,13 +675,27 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             if out[echo] < 0:
                 out[echo] = root
     roots = [i for i in apps + models if out[i] < 0]
+    alerting = min(r for r in (spec.warning_ratio, spec.sustained_ratio) if r > 1.0)
     for g in flagged.tolist():
         if kind[g] != "global":
             continue
         best = max(roots, key=lambda i: abs(ex[i]), default=None)
-        if best is not None and covers(best, g):
+        if best is None:
+            continue
+        if covers(best, g) or (spec.family == "usage" and _rest_is_usual(v.ratio[g], ex[best], ex[g], alerting)):
             out[g] = best
     return out
+
+
+def _rest_is_usual(ratio: float, part: float, whole: float, alerting: float) -> bool:
+    """Whether the global total without one scope's excess stays below the lowest ratio that
+    alerts. A usage ratio is total / expected, so expected = whole / (ratio - 1) and the rest
+    sits at 1 + (ratio - 1)(1 - part / whole). This catches the tail of a spike, where the
+    scope's hour has mostly left its peak while noise elsewhere is a sizeable share of a
+    small global excess."""
+    if not (np.isfinite(ratio) and ratio > 1.0 and whole > 0.0 and part > 0.0):
+        return False
+    return bool(1.0 + (ratio - 1.0) * (1.0 - min(part / whole, 1.0)) < alerting)
 
 
 # --- exposition ---------------------------------------------------------------------------
