@@ -28,8 +28,8 @@ LEVEL = {"ok": 0, "warning": 1, "high": 2}
 
 @pytest.fixture(scope="module")
 def daily() -> tuple[Harness, Traffic]:
-    """Ten days of history up to the judged day's midnight, and the two days from there."""
-    traffic = generate(CYCLE, DAY0, T + 2 * DAY, seed=21)
+    """Ten days of history up to the judged day's midnight, and the three days from there."""
+    traffic = generate(CYCLE, DAY0, T + 3 * DAY, seed=21)
     return Harness().feed(traffic.take(traffic.ts < T)), traffic.take(traffic.ts >= T)
 
 
@@ -192,16 +192,17 @@ def test_ordinary_day_to_day_variation_is_not_a_shift(steady_and_noisy: dict) ->
 
 def test_a_young_scope_is_judged_against_the_day_before(daily: tuple[Harness, Traffic]) -> None:
     """A new app on its own model, with no daily cycle, sent 900 requests an hour for its
-    first 16 hours and 300 since. At 40 hours old, too young for a time of day, it is judged
-    against the day before: its baseline is the last day's 300 an hour (not the average of
-    its life, 500), so 300 an hour is quiet and a fall to nothing is high (with the request
-    rate's warm-up lowered to 24 hours, as a user may)."""
+    first 30 hours and 300 since. At 54 hours old, with two earlier days at the time of
+    day (three are needed), it is judged against the day before: its baseline is the last
+    day's 300 an hour (not its life's median of 900, nor its average of 630), so 300 an hour
+    is quiet and a fall to nothing is high (with the request rate's warm-up lowered to 24
+    hours, as a user may)."""
     h, traffic = daily
     born = T + 2 * HOUR
-    judged = born + 40 * HOUR
+    judged = born + 54 * HOUR
     young = Stream("newapp", "mistral-small", "mistral", rate=300, night=1.0, day_sd=0.0, hour_sd=0.0, start=born)
-    life = Traffic.concat([generate([replace(young, rate=900)], born, born + 16 * HOUR, seed=41),
-                           generate([young], born + 16 * HOUR, judged + HOUR, seed=42)])
+    life = Traffic.concat([generate([replace(young, rate=900)], born, born + 30 * HOUR, seed=41),
+                           generate([young], born + 30 * HOUR, judged + HOUR, seed=42)])
     h = h.copy(signals={"request_rate": {"min_baseline_hours": 24}})
     everything = Traffic.concat([traffic.take(traffic.ts < judged + HOUR), life])
     times = every(judged, 60, step=15)
@@ -212,7 +213,7 @@ def test_a_young_scope_is_judged_against_the_day_before(daily: tuple[Harness, Tr
         assert r["severity"] == "ok", r
         c = row(s, "cost_per_hour", "app", "newapp")
         assert c["baseline"] == pytest.approx(c["current"], rel=0.25) and c["severity"] == "ok", c
-    assert row(snaps[0], "request_rate", "app", "newapp")["baseline_hours"] == 39      # whole hours before the window
+    assert row(snaps[0], "request_rate", "app", "newapp")["baseline_hours"] == 53      # whole hours before the window
     gone = everything.take(~everything.where(judged, app="newapp"))
     snaps = judge(h, gone, judged, times)
     assert row(snaps[-1], "request_rate", "app", "newapp")["severity"] == "high"
