@@ -128,6 +128,23 @@ def test_a_quiet_spell_at_a_third_of_the_usual_rate_stays_quiet(daily: tuple[Har
     assert flags(snaps, start) == []
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the windows end with the minute holding t and their expectation counts that minute whole, though only "
+    "t mod 60 s of it has passed: one second into a minute the 5-minute window of perfectly regular traffic holds "
+    "81 requests against 100 expected (10 % short on average over a minute), z -1.87, a bias towards drops on "
+    "every count and total"))
+def test_regular_traffic_reads_as_usual_at_any_second() -> None:
+    """A request every three seconds for eight days, judged one second into a minute: the
+    window holds what the time of day leads to expect, so the evidence is nil (|z| < 0.5)."""
+    ts = np.arange(DAY0, T + HOUR, 3.0) + 0.5
+    n = ts.size
+    regular = Traffic(ts, np.full(n, "svc", dtype=object), np.full(n, "openai", dtype=object),
+                      np.full(n, "gpt-4o-mini", dtype=object), np.full(n, 100), np.full(n, 10), np.full(n, 1e-4),
+                      np.full(n, 0.5), np.full(n, np.nan), np.zeros(n, dtype=bool))
+    snaps = judge(Harness(), regular, T + 1800, [T + 1800 + 1.0, T + 1800 + 59.0])
+    assert [abs(row(s, "request_rate")["zscore"]) < 0.5 for s in snaps] == [True, True]
+
+
 # --- a shift held for hours ------------------------------------------------------------------
 
 SHIFT_START = T + 10 * HOUR
