@@ -171,6 +171,11 @@ def ingest_by_day(engine: Engine, items: Sequence[dict[str, Any]], now: float = 
 # daily cycle, busy and quiet days, heavy-tailed token counts, and latency built from a
 # time to first token plus output tokens at a per-request speed.
 
+# Another realisation of every generated traffic, to see whether a verdict holds beyond the
+# one the tests pin: TRAFFIC_SEED=3 python3 -m pytest tests/test_evaluator.py
+REALISATION = int(os.environ.get("TRAFFIC_SEED", "0"))
+
+
 def daily_cycle(t: np.ndarray | float, night: float = 0.3, peak_hour: float = 15.0) -> np.ndarray:
     """Share of the peak rate at event times `t` (UTC): 1 at `peak_hour`, `night` twelve
     hours later, a cosine in between (1 everywhere for night=1: no cycle)."""
@@ -295,36 +300,39 @@ class Traffic:
 
 
 def generate(streams: Sequence[Stream], start: float, end: float, seed: int = 1) -> Traffic:
-    """Requests of every stream in [start, end); deterministic for a seed."""
+    """Requests of every stream in [start, end); deterministic for a seed. Every random
+    quantity has its own generator, drawn in time order, so a later `end` adds requests
+    after the old one and leaves those before it as they were."""
     parts = []
     for k, s in enumerate(streams):
-        rng = np.random.default_rng([seed, k])
+        def rng(stage: int) -> np.random.Generator:
+            return np.random.default_rng([seed, k, stage] + ([REALISATION] if REALISATION else []))
         lo = max(start, s.start if s.start is not None else start)
         minutes = np.arange(math.floor(start / 60), math.ceil(end / 60)) * 60.0
         first_day, first_hour = math.floor(start / DAY), math.floor(start / HOUR)
-        day_level = np.exp(s.day_sd * rng.standard_normal(math.ceil(end / DAY) - first_day + 1))
-        hour_level = np.exp(s.hour_sd * rng.standard_normal(math.ceil(end / HOUR) - first_hour + 1))
+        day_level = np.exp(s.day_sd * rng(0).standard_normal(math.ceil(end / DAY) - first_day + 1))
+        hour_level = np.exp(s.hour_sd * rng(1).standard_normal(math.ceil(end / HOUR) - first_hour + 1))
         level = (s.rate / 60 * daily_cycle(minutes + 30, s.night, s.peak_hour)
                  * day_level[(minutes // DAY).astype(np.int64) - first_day]
                  * hour_level[(minutes // HOUR).astype(np.int64) - first_hour])
-        sessions = rng.poisson(level / s.session)
-        t0 = np.repeat(minutes, sessions) + rng.uniform(0, 60, int(sessions.sum()))
-        calls = rng.geometric(1 / s.session, t0.size) if s.session > 1 else np.ones(t0.size, dtype=np.int64)
+        sessions = rng(2).poisson(level / s.session)
+        t0 = np.repeat(minutes, sessions) + rng(3).uniform(0, 60, int(sessions.sum()))
+        calls = rng(4).geometric(1 / s.session, t0.size) if s.session > 1 else np.ones(t0.size, dtype=np.int64)
         owner = np.repeat(np.arange(t0.size), calls)
-        step = rng.exponential(s.gap, owner.size)
+        step = rng(5).exponential(s.gap, owner.size)
         step[np.r_[0, np.cumsum(calls)[:-1]]] = 0.0                 # a session's first call at its start
         cum = np.cumsum(step)
         ts = t0[owner] + cum - cum[np.r_[0, np.cumsum(calls)[:-1]]][owner]
         ts = np.sort(ts[(ts >= lo) & (ts < end)])
         n = ts.size
-        inp = np.maximum(1, np.round(s.tokens[0] * rng.lognormal(0, s.size_sd, n))).astype(np.int64)
-        out = np.maximum(1, np.round(s.tokens[1] * rng.lognormal(0, s.size_sd, n))).astype(np.int64)
-        ttft = (s.ttft * rng.lognormal(0, s.ttft_sd, n)) if s.ttft is not None else np.full(n, np.nan)
-        speed = s.otps * rng.lognormal(0, s.otps_sd, n)
+        inp = np.maximum(1, np.round(s.tokens[0] * rng(6).lognormal(0, s.size_sd, n))).astype(np.int64)
+        out = np.maximum(1, np.round(s.tokens[1] * rng(7).lognormal(0, s.size_sd, n))).astype(np.int64)
+        ttft = (s.ttft * rng(8).lognormal(0, s.ttft_sd, n)) if s.ttft is not None else np.full(n, np.nan)
+        speed = s.otps * rng(9).lognormal(0, s.otps_sd, n)
         latency = np.nan_to_num(ttft, nan=0.2) + out / speed
         parts.append(Traffic(ts, np.full(n, s.app, dtype=object), np.full(n, s.provider, dtype=object),
                              np.full(n, s.model, dtype=object), inp, out, inp * s.price[0] + out * s.price[1],
-                             latency, ttft, rng.random(n) < s.error_rate))
+                             latency, ttft, rng(10).random(n) < s.error_rate))
     return Traffic.concat(parts)
 
 

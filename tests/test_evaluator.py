@@ -59,7 +59,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site() -> Site:
-    traffic = generate(SITE, DAY0, S + DAY + HOUR, seed=1)
+    traffic = generate(SITE, DAY0, S + DAY + HOUR, seed=2)
     return Site(Harness().feed(traffic.take(traffic.ts < S)), traffic.take(traffic.ts >= S))
 
 

@@ -55,6 +55,17 @@ def thinned(traffic: Traffic, sel: np.ndarray, keep: float, seed: int) -> Traffi
     return traffic.take(~(sel & (rng.random(len(traffic)) >= keep)))
 
 
+def test_the_generated_traffic_does_not_depend_on_where_it_ends() -> None:
+    """The fixtures extend their traffic as tests need more days: the days before stay the
+    same requests, so a verdict measured on them stays measured."""
+    short, long = generate(CYCLE, DAY0, DAY0 + DAY, seed=5), generate(CYCLE, DAY0, DAY0 + 2 * DAY, seed=5)
+    head = long.take(long.ts < DAY0 + DAY)
+    assert np.array_equal(short.app, head.app) and np.array_equal(short.model, head.model)
+    for name in ("ts", "input_tokens", "output_tokens", "cost", "latency", "ttft", "is_error"):
+        assert np.array_equal(getattr(short, name), getattr(head, name), equal_nan=True), name
+    assert len(long) > 1.8 * len(short)
+
+
 def test_nights_and_the_morning_ramp_are_not_outages(daily: tuple[Harness, Traffic]) -> None:
     """From midnight to 16:00 every 10 minutes: the night at a third of the afternoon rate,
     the morning ramp (windows straddling it look 2x high or low against either clock hour
