@@ -73,9 +73,12 @@ def nan_quantile(x: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
 def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     """(S, 24) expected value of each hour of the day (UTC): the median of that hour over
     the baseline's days. `values` (S, H) are the baseline's hourly values (NaN before a
-    scope existed) at absolute `hours`. An hour of the day seen on fewer than MIN_DAYS days
-    takes the median of the scope's last day instead (of at least MIN_HOURS hours): a young
-    scope is judged against its recent level until it has days enough for a time of day."""
+    scope existed) at absolute `hours`. A scope with an hour of the day seen on fewer than
+    MIN_DAYS days takes the median of its last day (of at least MIN_HOURS hours) for every
+    hour: a young scope is judged against its recent level until it has days enough for a
+    time of day. (Mixing the two would judge it against its first days' level at the hours
+    seen three times and against its last day's elsewhere, a step in the middle of a
+    window whenever its level has moved since it started.)"""
     s, h = values.shape
     hod = hours % 24
     out = np.full((s, 24), np.nan)
@@ -91,8 +94,7 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
         recent = values[young, -24:]
         known = np.sum(~np.isnan(recent), axis=1) >= MIN_HOURS
         level = np.where(known, nan_median(recent, axis=1), np.nan)
-        fill = out[young]
-        out[young] = np.where(enough[young], fill, level[:, None])
+        out[young] = level[:, None]
     return out
 
 
@@ -200,11 +202,21 @@ class ErrorStats:
 
 def error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
     """Pooled ratio with a weak prior (half an error in 50 requests, so a clean history
-    does not make the first error infinitely surprising) and the median Pearson term of
-    hours with 10 or more requests over that of chi2(1)."""
+    does not make the first error infinitely surprising) and the overdispersion of the
+    hours with 10 or more requests.
+
+    The overdispersion is the smaller of two estimates, each biased upwards in a case the
+    other is not: the median Pearson term over that of chi2(1), robust to a few anomalous
+    hours in the baseline but discrete when an hour expects about one error (0 or 1 error
+    an hour gives a median twice the chi2 one for errors that are in fact independent);
+    and the pooled Pearson statistic (sum of squares over sum of variances), right for
+    independent errors at any rate but inflated by an error storm in the baseline."""
     p = (np.nansum(errors, axis=1) + 0.5) / (np.nansum(requests, axis=1) + 50.0)
+    used = requests >= 10
+    var = np.where(used, requests * p[:, None] * (1 - p[:, None]), np.nan)
+    sq = np.where(used, (errors - requests * p[:, None]) ** 2, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        pearson = np.where(requests >= 10, (errors - requests * p[:, None]) ** 2
-                           / (requests * p[:, None] * (1 - p[:, None])), np.nan)
-    disp = np.maximum(np.nan_to_num(nan_median(pearson, axis=1) / CHI2_1_MEDIAN, nan=1.0), 1.0)
+        median = nan_median(sq / var, axis=1) / CHI2_1_MEDIAN
+        pooled = np.nansum(sq, axis=1) / np.nansum(var, axis=1)
+    disp = np.maximum(np.nan_to_num(np.fmin(median, pooled), nan=1.0), 1.0)
     return ErrorStats(p, disp)

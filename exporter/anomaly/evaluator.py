@@ -303,10 +303,15 @@ class _Context:
         return self._expected
 
     def expected(self, seasonal: Seasonal, slots: list[int] | np.ndarray) -> np.ndarray:
-        """(S, len(slots)) expected totals of the windows of the last `slots` fine slots."""
+        """(S, len(slots)) expected totals of the windows of the last `slots` fine slots.
+        The current slot has only run for part of its length at `t`, so it is expected to
+        hold that part: counting it whole would read every window as short of its usual
+        level (10 % on a 5-minute window, on average), a bias towards drops."""
         h = self.h
         out = np.zeros((self.n, len(slots)))
         t_end = math.floor(self.t / h.fine) * h.fine + h.fine          # windows end with the current slot
+        weight = np.ones(max(int(np.max(slots)), 1))
+        weight[0] = (self.t - (t_end - h.fine)) / h.fine                  # the part of the current slot gone by
         for j, k in enumerate(slots):
             mids = t_end - (np.arange(k) + 0.5) * h.fine                 # slot centres
             pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
@@ -315,7 +320,7 @@ class _Context:
             v0 = seasonal.profile[:, h0 % 24]
             v1 = seasonal.profile[:, (h0 + 1) % 24]
             per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
-            out[:, j] = per_hour.sum(axis=1) * h.fine / 3600.0
+            out[:, j] = (per_hour * weight[:k]).sum(axis=1) * h.fine / 3600.0
         return out
 
     def window_quantiles(self, kind: str, rows: np.ndarray, q: float) -> np.ndarray:
