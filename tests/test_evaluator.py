@@ -158,12 +158,6 @@ def test_echoes_of_one_apps_cost_spike_are_explained_by_it(site: Site) -> None:
     assert all(by == "app=chat" for _, _, by in found), found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the excess that decides who explains whom is taken over the whole hour window, not over the window the "
-    "evidence came from. This afternoon runs ~10 % below its seasonal expectation, so early in the spike the "
-    "chat app's hour excess does not hold half of its model's (tokens x2: app -0.23/-0.11/+0.23 USD, model "
-    "-0.76/-0.63/-0.17 USD at 5.5/10.5/15.5 min): model=gpt-4o-mini warns unexplained at 5.5, 10.5 and 15.5 min "
-    "with tokens x2, and at 5.5 min with tokens x3.5"))
 @pytest.mark.parametrize("factor", [2.0, 3.5])
 def test_echoes_are_explained_from_the_first_verdict(site: Site, factor: float) -> None:
     """The same from the first evaluation on: the model scope is flagged with the app from

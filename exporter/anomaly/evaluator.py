@@ -77,7 +77,9 @@ class Verdict:
     `current`, `baseline` and `ratio` are over the configured window, in the signal's unit.
     `zscore` is the strongest evidence found (signed: negative for a drop), `window` the
     length in seconds of the window it was found on (0 when none passed). `explained`
-    holds the index of the scope whose anomaly explains this one, or -1."""
+    holds the index of the scope whose anomaly explains this one, or -1. `excess` (S, W)
+    is the amount above the expectation on each evaluation window, in the signal's
+    natural count (requests, errors, slow requests, USD, tokens)."""
 
     current: np.ndarray
     baseline: np.ndarray
@@ -269,7 +271,7 @@ class Evaluator:
         ctx = _Context(self, t, base, win, span, zc, zc_long, n)
         verdicts = {spec.name: JUDGES[spec.name](spec, ctx) for spec in self.specs}
         for spec in self.specs:
-            verdicts[spec.name].explained = explain(spec, verdicts[spec.name], h.keys[:n], h.app_model_pairs())
+            verdicts[spec.name].explained = explain(spec, verdicts[spec.name], h.keys[:n], h.app_model_pairs(), self.window_s)
         return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
 
 
@@ -428,7 +430,7 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     with np.errstate(invalid="ignore", divide="ignore"):
         band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
     lo, hi = _band(baseline, band_sd, c.zc[-1])
-    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=n[:, -1] - expected[:, -1])
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=n - expected)
 
 
 def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray]:
@@ -519,7 +521,10 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     zs = np.where(use_total, z_total, zs)
     win = np.where(use_total, c.ev.window_s[-1], win)
     lo, hi = _band(base_value, total_sd, c.zc[-1])
-    return _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=value - expected)
+    per_window = c.sums[..., F["cost"]] if spec.name == "cost_per_hour" else token_sum(c.sums)
+    excess = per_window - c.expected(seasonal, c.ev.fine_slots)
+    excess[:, -1] = value - expected                 # the hour's own total, as judged above
+    return _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=excess)
 
 
 def judge_cost(spec: SignalSpec, c: _Context) -> Verdict:
@@ -544,7 +549,7 @@ def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
     sd = np.sqrt(st.dispersion * baseline * (1 - baseline) / np.maximum(n[:, -1], 1))
     with np.errstate(invalid="ignore", divide="ignore"):
         lo, hi = np.maximum(baseline - c.zc[-1] * sd, 0), baseline + c.zc[-1] * sd
-    return _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e[:, -1] - st.ratio * n[:, -1])
+    return _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e - st.ratio[:, None] * n)
 
 
 def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -598,7 +603,7 @@ def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown
         e = Effects(effect, zero, zero, zero.copy())
     _, slow, total = _slow_evidence(c, shown)
     lo, hi = baseline / spec.warning_ratio, baseline * spec.warning_ratio
-    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=slow[:, -1] - TAIL[shown] * total[:, -1])
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=slow - TAIL[shown] * total)
 
 
 def judge_latency(spec: SignalSpec, c: _Context) -> Verdict:
@@ -641,7 +646,8 @@ JUDGES: dict[str, Judge] = {
 EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of the excess explains it
 
 
-def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray) -> np.ndarray:
+def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray,
+            windows: np.ndarray) -> np.ndarray:
     """For each scope, the index of an anomalous narrower scope that explains its anomaly
     (of this signal), or -1.
 
@@ -650,8 +656,16 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     both anomalous are one event when each holds at least half of the other's excess; the
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
-    other is its echo. `pairs` lists the (app scope, model scope) rows that share a series."""
-    sev, ex = v.severity, v.excess
+    other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
+
+    Excesses are compared on the window the explained scope's evidence came from
+    (`windows` are the evaluation windows' lengths): early in a spike only the last minutes
+    hold it, and an hour's excess would still be mostly the ordinary ups and downs of the
+    minutes before."""
+    sev = v.severity
+    col = np.minimum(np.searchsorted(windows, v.window), len(windows) - 1)
+    ex2 = v.excess if v.excess.ndim == 2 else v.excess[:, None]
+    col = np.minimum(col, ex2.shape[1] - 1)
     out = np.full(sev.shape[0], -1, dtype=np.int64)
     flagged = np.flatnonzero(sev >= 1)
     if flagged.size < 2:
@@ -659,7 +673,8 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     kind = np.array([k[0] for k in keys], dtype=object)
 
     def covers(a: int, b: int) -> bool:       # a's excess explains at least EXPLAINS_SHARE of b's
-        return bool(ex[a] * ex[b] > 0 and abs(ex[a]) >= EXPLAINS_SHARE * abs(ex[b]))
+        ea, eb = ex2[a, col[b]], ex2[b, col[b]]
+        return bool(ea * eb > 0 and abs(ea) >= EXPLAINS_SHARE * abs(eb))
 
     apps = [i for i in flagged.tolist() if kind[i] == "app"]
     models = [i for i in flagged.tolist() if kind[i] == "model"]
@@ -684,10 +699,11 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     for g in flagged.tolist():
         if kind[g] != "global":
             continue
-        best = max(roots, key=lambda i: abs(ex[i]), default=None)
+        best = max(roots, key=lambda i: abs(ex2[i, col[g]]), default=None)
         if best is None:
             continue
-        if covers(best, g) or (spec.family == "usage" and _rest_is_usual(v.ratio[g], ex[best], ex[g], alerting)):
+        if covers(best, g) or (spec.family == "usage"
+                               and _rest_is_usual(v.ratio[g], ex2[best, -1], ex2[g, -1], alerting)):
             out[g] = best
     return out
 
