@@ -136,7 +136,10 @@ def load_rules(directory: Path | None = None) -> dict[str, tuple[AlertRule, ...]
             from exporter.anomaly.rules import FOR        # the generator's `for:` values
         except ImportError:
             raise RulesError(f"no {anomaly} and no exporter.anomaly.rules to take the anomaly alerts' for: from") from None
-        from exporter.anomaly.signals import DEFAULT_SIGNALS
+        try:
+            from exporter.anomaly.signals import DEFAULT_SIGNALS
+        except ImportError:
+            from exporter.signals import DEFAULT_SIGNALS  # type: ignore[no-redef]
         for spec in DEFAULT_SIGNALS:
             for sev, dur in FOR.items():
                 found.append(AlertRule(spec.name, spec.name, sev, LEVEL_OF_SEVERITY[sev], parse_duration(dur), True))
@@ -156,7 +159,10 @@ def load_rules(directory: Path | None = None) -> dict[str, tuple[AlertRule, ...]
 
 def _order(signal: str) -> tuple[int, int, str]:
     """The evaluator's signals in their own order, then drift, then the runaway detectors."""
-    from exporter.anomaly.signals import SIGNAL_NAMES
+    try:
+        from exporter.anomaly.signals import SIGNAL_NAMES
+    except ImportError:
+        from exporter.signals import SIGNAL_NAMES  # type: ignore[no-redef]
     if signal in SIGNAL_NAMES:
         return (0, SIGNAL_NAMES.index(signal), "")
     return (1, 0 if signal == "drift" else 1 if signal == "runaway.invocation" else 2, signal)

@@ -40,8 +40,12 @@ from score import (  # noqa: E402
 from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic, split_records  # noqa: E402
 
 from exporter.config import Settings, load_settings  # noqa: E402
-from exporter.sources.replay import backtest  # noqa: E402
-from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
+try:                                       # the package by layer
+    from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
+    from exporter.sources.replay import backtest  # noqa: E402
+except ImportError:                        # an older revision, for a before / after comparison
+    from exporter.replay import backtest  # type: ignore[no-redef]  # noqa: E402
+    from exporter.signals import SIGNAL_NAMES  # type: ignore[no-redef]  # noqa: E402
 
 REPO = HERE.parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -45,7 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from exporter.ingest.records import UsageRecord
+try:
+    from exporter.ingest.records import UsageRecord
+except ImportError:                        # an older revision, for a before / after comparison
+    from exporter.records import UsageRecord  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86400.0
