@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a bare Debian machine: Debian's prometheus
-# (promtool), prometheus-alertmanager (amtool), chromium (landing-page check) and debootstrap
+# (promtool), prometheus-alertmanager (amtool), victoria-metrics (vmalert, vmagent), chromium (landing-page check) and debootstrap
 # (the stock-Debian install check), then the package with its test extras into the project's
 # virtual environment, .venv (scripts/venv.sh). Safe to run again.
 set -euo pipefail
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+command -v vmalert >/dev/null 2>&1 || need_apt+=(victoria-metrics)   # vmalert, vmagent, victoria-metrics
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -20,5 +21,8 @@ fi
 # Only the packaged daemons are stopped, which run as the packages' user, never a test's own.
 if id prometheus >/dev/null 2>&1; then
   pkill -u prometheus 2>/dev/null || true
+fi
+if id _victoria-metrics >/dev/null 2>&1; then
+  pkill -u _victoria-metrics 2>/dev/null || true
 fi
 ./scripts/venv.sh test
