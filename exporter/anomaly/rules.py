@@ -71,8 +71,9 @@ def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, da
     times = "x its baseline" if direction == "up" else " of its baseline"
     ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
     desc = [
+        # (or $labels.x ""): a label the alert lacks is "" in Prometheus' templates but nil in vmalert's
         '{{ $sel := printf "signal=%q,scope=%q,app=%q,provider=%q,model=%q,instance=%q" $labels.signal '
-        '$labels.scope $labels.app $labels.provider $labels.model $labels.instance -}}',
+        '$labels.scope (or $labels.app "") (or $labels.provider "") (or $labels.model "") (or $labels.instance "") -}}',
         f"{spec.text.measure} for",
         _scope_phrase(),
         f"is {ratio}{times}: {_gauge('llm_anomaly_current', prefix, func, suffix)} against a baseline of",
