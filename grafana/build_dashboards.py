@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -81,7 +82,31 @@ def thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:
 GREEN = thresholds(("green", None))
 
 
+# Several exporters (docs/scaling.md): the replicas of an HA pair share `instance` and differ
+# in `replica`, and count the same records; shards by app count different ones. Every
+# query reads the exporter's series through `deduplicated`, as the rules do: a counter's
+# rate per replica and the larger kept, a gauge the larger of the replicas, spend summed
+# over shards, and a budget (the same configuration on every exporter) once.
+_COUNTER = re.compile(r"\b(rate|increase)\((llm_[a-z_]+(?:\{[^}]*\})?\[[^\]]+\])\)")
+_GAUGE = re.compile(r"(?<![\w:])(llm_(?:anomaly|drift|runaway|budget|cost_usd_period|cost_usd_forecast)[a-z_]*)"
+                    r"(\{[^}]*\})?(?![\w\[{(])")
+
+
+def deduplicated(expr: str) -> str:
+    def gauge(m: re.Match[str]) -> str:
+        series = m.group(0)
+        if m.group(1) == "llm_budget_usd":
+            return f"max without (instance, replica) ({series})"
+        if m.group(1).startswith(("llm_cost_usd_period", "llm_cost_usd_forecast")):
+            return f"sum without (instance) (max without (replica) ({series}))"
+        return f"max without (replica) ({series})"
+
+    expr = _COUNTER.sub(lambda m: f"max without (replica) ({m.group(1)}({m.group(2)}))", expr)
+    return _GAUGE.sub(gauge, expr)
+
+
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, table: bool = False) -> dict[str, Any]:
+    expr = deduplicated(expr)
     t: dict[str, Any] = {
         "datasource": DS, "refId": ref, "expr": expr, "editorMode": "code",
         "legendFormat": legend or "__auto", "range": not instant, "instant": instant,
