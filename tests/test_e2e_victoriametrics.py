@@ -39,7 +39,6 @@ pytestmark = [*e2e_marks(),
               pytest.mark.skipif(not all(vm_binaries().values()),
                                  reason="victoria-metrics / vmagent / vmalert not installed (Debian package victoria-metrics)")]
 
-PAIR = {"a": ("exporter", "a"), "b": ("exporter", "b")}
 COST = {"alertname": "LLMCostSpike", "signal": "cost_per_hour", "scope": "app", "app": "spike-app",
         "category": "anomaly", "severity": "critical"}
 
@@ -77,9 +76,12 @@ class Scenario:
 @pytest.fixture(scope="module")
 def ha() -> Iterator[Scenario]:
     _clear_of_the_hour_turn()
-    with VMStack(PAIR, webhook="a", exporter_args=["--window", f"{WINDOW_S}s"]) as s:
+    with VMStack(webhook="exporter-a", exporter_args=["--window", f"{WINDOW_S}s"]) as s:
+        assert s.exporters == ["exporter-a", "exporter-b"]
+        assert s.labels("exporter-a") == {"instance": "exporter", "replica": "a"}
+        assert s.labels("exporter-b") == {"instance": "exporter", "replica": "b"}
         # a short retry budget: a dead replica must not hold the trickle up
-        client = Exporters([[s.urls["a"], s.urls["b"]]], attempts=2, backoff=0.2, timeout=10)
+        client = Exporters([[s.urls["exporter-a"], s.urls["exporter-b"]]], attempts=2, backoff=0.2, timeout=10)
         history = spike_history(time.time())
         result = client.send(history)
         assert [a["accepted"] for a in result.answers.values()] == [len(history)] * 2, result
@@ -103,7 +105,7 @@ def ha() -> Iterator[Scenario]:
             s.wait_for(lambda: [a for a in s.vmalert_alerts()
                                 if all(a["labels"].get(k) == v for k, v in COST.items())],
                        timeout=60, message="vmalert holding the critical LLMCostSpike (pending or firing)")
-            s.kill("b")
+            s.kill("exporter-b")
             sc.killed_at = time.time()
             yield sc
         finally:
@@ -173,7 +175,7 @@ def test_the_alert_fired_once_and_resolves_once(ha: Scenario) -> None:
     assert not s.delivered(labels={"category": "anomaly", "severity": "warning"})
     # the client kept sending: replica a took everything, b's copies are reported missed
     assert not ha.trickle.errors, ha.trickle.errors
-    assert set(ha.trickle.missed) <= {s.urls["b"]}
+    assert set(ha.trickle.missed) <= {s.urls["exporter-b"]}
 
 
 def test_every_rule_evaluates_on_victoriametrics(ha: Scenario) -> None:

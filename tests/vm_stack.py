@@ -1,12 +1,13 @@
 """The shipped rules and routing on VictoriaMetrics, natively: exporter replicas, vmagent,
 victoria-metrics, vmalert and Alertmanager as child processes on 127.0.0.1.
 
-The layout of deploy/docker-compose.ha.yml without Docker, for the end-to-end tests:
+The layout of docker-compose.ha.yml without Docker, for the end-to-end tests:
 
-* `exporters` names the exporter processes, each with the `instance` and `replica` labels
-  vmagent scrapes it with (an HA pair shares an instance; a single exporter has no replica);
-* vmagent scrapes them as deploy/vmagent/scrape.yml does (the same labels) and
-  remote-writes to victoria-metrics;
+* the exporter processes are the targets of deploy/vmagent/scrape.yml's job
+  llm-usage-exporter, named as there (`exporter-a`, `exporter-b`: an HA pair sharing an
+  `instance`, a `replica` label each);
+* vmagent scrapes them with that job, its labels unchanged, and remote-writes to
+  victoria-metrics;
 * vmalert evaluates prometheus/vmalert/*.yml against victoria-metrics, writes recording
   rules and alert state back to it, and notifies Alertmanager;
 * Alertmanager runs the shipped alertmanager.yml, its webhooks pointed at the exporter
@@ -15,15 +16,14 @@ The layout of deploy/docker-compose.ha.yml without Docker, for the end-to-end te
 Timing only is scaled as in scripts/stack.py (`fast`): 1 s scrapes and evaluations, every
 `for:`, group interval and Alertmanager wait divided by `time_scale`.
 
-    with VMStack({"a": ("exporter", "a"), "b": ("exporter", "b")}, webhook="a") as s:
-        s.urls["vm"], s.urls["vmalert"], s.exporter_url("a")
-        s.kill("b")                                   # SIGKILL one process
+    with VMStack(webhook="exporter-a") as s:
+        s.urls["vm"], s.urls["vmalert"], s.urls["exporter-a"]
+        s.kill("exporter-b")                          # SIGKILL one process
         s.query('up{job="llm-usage-exporter"}')       # instant query on victoria-metrics
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
@@ -53,10 +53,10 @@ class VMStackError(RuntimeError):
 
 
 class VMStack:
-    def __init__(self, exporters: Mapping[str, tuple[str, str | None]], *, webhook: str,
-                 exporter_args: Sequence[str] = (), fast: bool = True, time_scale: float = 60.0,
-                 ready_timeout: float = 90.0) -> None:
-        self.exporters = dict(exporters)
+    def __init__(self, *, webhook: str, exporter_args: Sequence[str] = (), fast: bool = True,
+                 time_scale: float = 60.0, ready_timeout: float = 90.0) -> None:
+        self.job = shipped_job()
+        self.exporters = [t.rsplit(":", 1)[0] for sc in self.job["static_configs"] for t in sc["targets"]]
         self.webhook = webhook
         self.exporter_args = list(exporter_args)
         self.fast, self.time_scale = fast, time_scale
@@ -71,18 +71,18 @@ class VMStack:
 
     # -- configuration ------------------------------------------------------------
 
-    def exporter_url(self, name: str) -> str:
-        return self.urls[name]
-
     def scrape_config(self) -> dict[str, Any]:
-        """deploy/vmagent/scrape.yml's job, pointed at the processes started here."""
-        statics = []
-        for name, (instance, replica) in self.exporters.items():
-            labels = {"instance": instance, **({"replica": replica} if replica else {})}
-            statics.append({"targets": [f"127.0.0.1:{self.ports[name]}"], "labels": labels})
+        """deploy/vmagent/scrape.yml's exporter job, its targets the processes started here."""
+        statics = [{**sc, "targets": [f"127.0.0.1:{self.ports[t.rsplit(':', 1)[0]]}" for t in sc["targets"]]}
+                   for sc in self.job["static_configs"]]
         interval = "1s" if self.fast else "15s"
         return {"global": {"scrape_interval": interval, "scrape_timeout": interval},
-                "scrape_configs": [{"job_name": JOB, "static_configs": statics}]}
+                "scrape_configs": [{**self.job, "static_configs": statics}]}
+
+    def labels(self, name: str) -> dict[str, str]:
+        """The target labels the shipped scrape configuration gives exporter `name`."""
+        return next(dict(sc.get("labels") or {}) for sc in self.job["static_configs"]
+                    if any(t.rsplit(":", 1)[0] == name for t in sc["targets"]))
 
     def render(self) -> None:
         rules = self.workdir / "rules"
@@ -283,5 +283,7 @@ class VMStack:
         return out
 
 
-def rule_files() -> list[str]:
-    return sorted(glob.glob(str(REPO / "prometheus" / "vmalert" / "*.yml")))
+def shipped_job() -> dict[str, Any]:
+    """The exporter job of deploy/vmagent/scrape.yml."""
+    doc = yaml.safe_load((REPO / "deploy" / "vmagent" / "scrape.yml").read_text())
+    return next(j for j in doc["scrape_configs"] if j["job_name"] == JOB)
