@@ -2,7 +2,7 @@
 replicas -> vmagent -> victoria-metrics -> vmalert (prometheus/vmalert/) -> Alertmanager
 (the shipped alertmanager.yml) -> the webhook receiver of replica a.
 
-The scenario of tests/test_e2e_alerts.py, on the layout of deploy/docker-compose.ha.yml
+The scenario of tests/test_e2e_alerts.py, on the layout of docker-compose.ha.yml
 (tests/vm_stack.py runs it natively, timing divided by 60): `spike-app` gets 50 hours of
 steady history and a live trickle, then a burst in its one-minute anomaly window. The
 client (`exporter.client.Exporters`) sends every record to both replicas. vmagent scrapes
