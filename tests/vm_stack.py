@@ -250,9 +250,10 @@ class VMStack:
                 raise VMStackError(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last})" if last else ""))
             time.sleep(interval)
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """An instant query on victoria-metrics (its Prometheus API)."""
-        doc = stack_mod.http_json(f"{self.urls['vm']}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query on victoria-metrics (its Prometheus API), now or at time `at`."""
+        params = {"query": expr, **({"time": str(at)} if at is not None else {})}
+        doc = stack_mod.http_json(f"{self.urls['vm']}/api/v1/query?{urllib.parse.urlencode(params)}")
         return doc["data"]["result"]
 
     def vmalert_alerts(self) -> list[dict[str, Any]]:
