@@ -153,8 +153,8 @@ def _demo_task(engine: Any) -> Any:
             engine.store.set_meta("demo_backfilled", "1")
             engine.evaluate()
         rng = np.random.default_rng()
-        anomaly = demo.next_anomaly(time.time(), rng)
         t = math.floor(time.time() / 60) * 60
+        anomaly = demo.first_anomaly(t)
         while not stop.wait(max(0.0, t + 60 - time.time())):
             engine.ingest(demo.minute(t, rng, anomaly=anomaly))
             t += 60
@@ -237,24 +237,33 @@ def _demo(args: argparse.Namespace) -> int:
     if args.token_file:
         headers["Authorization"] = "Bearer " + Path(args.token_file).read_text().strip()
 
-    def post(batch: list[dict[str, Any]]) -> None:
+    def call(path: str, data: bytes | None = None) -> bytes:
         for attempt in range(30):
             try:
-                req = urllib.request.Request(args.target.rstrip("/") + "/v1/records", data=orjson.dumps(batch), headers=headers)
-                urllib.request.urlopen(req, timeout=30).read()
-                return
+                req = urllib.request.Request(args.target.rstrip("/") + path, data=data, headers=headers)
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.read()
             except (urllib.error.URLError, ConnectionError) as e:
                 print(f"demo: {args.target} not reachable ({e}); retrying", file=sys.stderr)
                 time.sleep(2)
-        raise SystemExit(f"demo: gave up posting to {args.target}")
+        raise SystemExit(f"demo: gave up on {args.target}")
 
+    def post(batch: list[dict[str, Any]]) -> None:
+        call("/v1/records", orjson.dumps(batch))
+
+    # A second `up` (or a restart of the demo) must not add another week on top of the first.
+    counted = sum(float(line.rpartition(" ")[2]) for line in call("/metrics").decode().splitlines()
+                  if line.startswith("llm_requests_total{"))
     now = time.time()
-    print(f"demo: backfilling {args.days:g} days into {args.target}", file=sys.stderr)
-    for batch in demo.backfill(now - args.days * 86400, now - 60):
-        post(batch)
+    if counted:
+        print(f"demo: {args.target} already counts {counted:.0f} requests; no backfill", file=sys.stderr)
+    else:
+        print(f"demo: backfilling {args.days:g} days into {args.target}", file=sys.stderr)
+        for batch in demo.backfill(now - args.days * 86400, now - 60):
+            post(batch)
     rng = np.random.default_rng()
-    anomaly = demo.next_anomaly(time.time(), rng)
     t = math.floor(time.time() / 60) * 60
+    anomaly = demo.first_anomaly(t)
     print("demo: live traffic; next anomaly", anomaly.kind, "at", time.strftime("%H:%M", time.gmtime(anomaly.start)), file=sys.stderr)
     while True:
         time.sleep(max(0.0, t + 60 - time.time()))
