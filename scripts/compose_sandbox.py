@@ -48,7 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -550,6 +550,19 @@ def remove_standins(env: Mapping[str, str]) -> None:
                env=env, check=False).stdout.split()
     for image in [*out, BASE_IMAGE]:
         _run(["docker", "rmi", image], env=env, check=False)
+
+
+def host_network_override(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A compose override that puts every service of `config` on the host network and
+    maps every service name to 127.0.0.1, and builds on the host network too (a daemon
+    without a bridge has no other); it changes nothing else."""
+    hosts = [f"{name}:127.0.0.1" for name in config["services"]]
+    services: dict[str, Any] = {}
+    for name, svc in config["services"].items():
+        services[name] = {"network_mode": "host", "extra_hosts": hosts}
+        if svc.get("build"):
+            services[name]["build"] = {"network": "host"}
+    return {"services": services}
 
 
 # --------------------------------------------------------------------------- command line

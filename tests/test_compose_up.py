@@ -149,18 +149,6 @@ def _published_ports(config: dict[str, Any], services: list[str]) -> list[int]:
     return sorted(set(ports))
 
 
-def host_network_override(config: dict[str, Any]) -> dict[str, Any]:
-    """Every service on the host network, every service name resolving to 127.0.0.1;
-    builds on the host network too (no bridge to build on)."""
-    hosts = [f"{name}:127.0.0.1" for name in config["services"]]
-    services: dict[str, Any] = {}
-    for name, svc in config["services"].items():
-        services[name] = {"network_mode": "host", "extra_hosts": hosts}
-        if svc.get("build"):
-            services[name]["build"] = {"network": "host"}
-    return {"services": services}
-
-
 def _counters(metrics: str) -> dict[str, float]:
     """The usage counters of an exposition, series -> value."""
     out = {}
@@ -228,7 +216,7 @@ def stack(docker_env, tmp_path_factory, request) -> Iterator[ComposeStack]:
     base = ComposeStack(compose, env, [COMPOSE_FILE], project, report)
     base.config = json.loads(base("config", "--format", "json").stdout)
     override = work / "host-network.override.yml"
-    override.write_text(yaml.safe_dump(host_network_override(base.config), sort_keys=False))
+    override.write_text(yaml.safe_dump(sandbox.host_network_override(base.config), sort_keys=False))
     st = ComposeStack(compose, env, [COMPOSE_FILE, override], project, report)
     st.config = json.loads(st("config", "--format", "json").stdout)
     report(f"daemon: {'a private dockerd' if own_daemon else 'the reachable one'}; compose: {' '.join(compose)}")
