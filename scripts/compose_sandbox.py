@@ -15,8 +15,10 @@ Three parts, each usable alone; tests/test_compose_up.py puts them together:
   `prom/prometheus`, `prom/alertmanager`) rebuilt from Debian packages on a
   `debootstrap --variant=minbase` base, tagged with exactly the pinned name and tag, with
   the upstream images' entrypoints, paths, volumes and users, so the shipped files run
-  unchanged. Another Debian-packaged service is one more `StandIn(...)` entry in
-  `STANDINS`. Images without a stand-in (Grafana) are reported as unavailable.
+  unchanged. Another Debian-packaged service is one more entry in `STANDINS`: a
+  `prometheus_project_image(...)` for the Prometheus project's exporters (blackbox
+  exporter), a `StandIn(...)` for others (VictoriaMetrics). Images without a stand-in
+  (Grafana) are reported as unavailable.
 
 Built images are cached between runs under `cache_dir()` (LLM_EXPORTER_COMPOSE_CACHE, or
 ~/.cache/llm-usage-exporter/compose-test): the debootstrap base as a tarball and each
@@ -397,8 +399,29 @@ def split_image(image: str) -> tuple[str, str]:
     return name, tag
 
 
-# The upstream Prometheus and Alertmanager images run as `nobody` from /bin with their data
-# directory as a volume owned by nobody; busybox gives them wget for health checks.
+def prometheus_project_image(repository: str, tags: str, package: str, *, binary: str, port: int,
+                             args: Sequence[str], config: str, data: str | None = None,
+                             debian_binary: str | None = None, debian_config: str | None = None,
+                             setup: Sequence[str] = (), note: str = "") -> StandIn:
+    """A stand-in for an image of the Prometheus project: upstream they are busybox (so wget
+    is there for health checks) with the binary in /bin, run as `nobody`, with a data
+    directory as a volume owned by nobody. `debian_binary` / `debian_config`: where the
+    Debian package puts what upstream calls /bin/`binary` and `config`."""
+    steps = [*setup]
+    if debian_binary and debian_binary != binary:
+        steps.append(f"ln -s {debian_binary} /usr/bin/{binary}")
+    owned = [str(Path(config).parent)] + ([data] if data else [])
+    steps.append("mkdir -p " + " ".join(owned))
+    if debian_config and debian_config != config:
+        steps.append(f"cp {debian_config} {config}")
+    steps.append("chown -R nobody:nogroup " + " ".join(owned))
+    tail = ["USER nobody", f"EXPOSE {port}"]
+    if data:
+        tail += [f'VOLUME ["{data}"]', f"WORKDIR {data}"]
+    tail += [f'ENTRYPOINT ["/bin/{binary}"]', "CMD " + json.dumps(list(args))]
+    return StandIn(repository, tags, (package, "wget"), tuple(steps), "\n".join(tail), note)
+
+
 STANDINS: tuple[StandIn, ...] = (
     StandIn(
         "python", r"3\.11(\.\d+)?(-slim)?(-bookworm)?",
@@ -407,30 +430,21 @@ STANDINS: tuple[StandIn, ...] = (
         setup=("rm -f /usr/lib/python3.*/EXTERNALLY-MANAGED", "ln -s /usr/bin/pip3 /usr/local/bin/pip"),
         tail='ENV LANG=C.UTF-8\nCMD ["python3"]',
         note="Debian's Python 3.11.2 and pip 23.0"),
-    StandIn(
-        "prom/prometheus", r"v2\.\d+\.\d+",
-        packages=("prometheus", "wget"),
+    prometheus_project_image(
+        "prom/prometheus", r"v2\.\d+\.\d+", "prometheus", binary="prometheus", port=9090,
+        config="/etc/prometheus/prometheus.yml", data="/prometheus",
+        args=["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
+              "--web.console.libraries=/usr/share/prometheus/console_libraries",
+              "--web.console.templates=/usr/share/prometheus/consoles"],
         # moment-timezone's unpacked data (300 MB, for Debian's classic web UI) is left out
         setup=("rm -rf /usr/share/javascript/moment-timezone/data/unpacked",
-               "mkdir -p /prometheus /usr/share/prometheus/console_libraries /usr/share/prometheus/consoles",
-               "chown -R nobody:nogroup /etc/prometheus /prometheus"),
-        tail=('USER nobody\nEXPOSE 9090\nVOLUME ["/prometheus"]\nWORKDIR /prometheus\n'
-              'ENTRYPOINT ["/bin/prometheus"]\n'
-              'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", '
-              '"--web.console.libraries=/usr/share/prometheus/console_libraries", '
-              '"--web.console.templates=/usr/share/prometheus/consoles"]'),
+               "mkdir -p /usr/share/prometheus/console_libraries /usr/share/prometheus/consoles"),
         note="Debian's Prometheus 2.42"),
-    StandIn(
-        "prom/alertmanager", r"v0\.\d+\.\d+",
-        packages=("prometheus-alertmanager", "wget"),
-        # Debian keeps the binary as prometheus-alertmanager and its example config under /etc/prometheus
-        setup=("ln -s prometheus-alertmanager /usr/bin/alertmanager",
-               "mkdir -p /alertmanager /etc/alertmanager",
-               "cp /etc/prometheus/alertmanager.yml /etc/alertmanager/alertmanager.yml",
-               "chown -R nobody:nogroup /etc/alertmanager /alertmanager"),
-        tail=('USER nobody\nEXPOSE 9093\nVOLUME ["/alertmanager"]\nWORKDIR /alertmanager\n'
-              'ENTRYPOINT ["/bin/alertmanager"]\n'
-              'CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]'),
+    prometheus_project_image(
+        "prom/alertmanager", r"v0\.\d+\.\d+", "prometheus-alertmanager", binary="alertmanager", port=9093,
+        config="/etc/alertmanager/alertmanager.yml", data="/alertmanager",
+        args=["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"],
+        debian_binary="prometheus-alertmanager", debian_config="/etc/prometheus/alertmanager.yml",
         note="Debian's Alertmanager 0.25"),
 )
 
