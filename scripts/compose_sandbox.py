@@ -508,7 +508,7 @@ def build_base_tarball(dest: Path) -> None:
         os.replace(part, dest)
 
 
-def _image_exists(image: str, env: Mapping[str, str]) -> bool:
+def image_exists(image: str, env: Mapping[str, str]) -> bool:
     return _run(["docker", "image", "inspect", image], env=env, timeout=60, check=False).returncode == 0
 
 
@@ -520,7 +520,7 @@ def _prune_cache(directory: Path, prefix: str, keep: Path) -> None:
 
 def ensure_base(env: Mapping[str, str], cache: Path | None = None) -> None:
     """The debootstrap base as BASE_IMAGE in the daemon (from the cache when it can)."""
-    if _image_exists(BASE_IMAGE, env):
+    if image_exists(BASE_IMAGE, env):
         return
     cache = cache or cache_dir()
     key = base_key()
@@ -542,7 +542,7 @@ def ensure_standin(image: str, env: Mapping[str, str], cache: Path | None = None
     archive = cache / f"standin-{slug}-{_sha(base_key(), dockerfile)}.tar"
     if archive.exists():
         loaded = _run(["docker", "load", "-i", str(archive)], env=env, timeout=600, check=False)
-        if loaded.returncode == 0 and _image_exists(image, env):
+        if loaded.returncode == 0 and image_exists(image, env):
             return standin.note
         archive.unlink(missing_ok=True)  # unreadable: build anew
     ensure_base(env, cache)

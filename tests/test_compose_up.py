@@ -67,7 +67,6 @@ class ComposeStack:
         self.services: list[str] = []       # started by the test
         self.unavailable: list[str] = []    # no image here (Grafana)
         self.config: dict[str, Any] = {}
-        self.started_at = 0.0
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [*self.compose, *(a for f in self.files for a in ("-f", str(f)))]
@@ -227,7 +226,7 @@ def stack(docker_env, tmp_path_factory, request) -> Iterator[ComposeStack]:
     # images: stand-ins for what cannot be pulled; services whose image nobody can give run not
     built = []
     for image in sandbox.pinned_images(COMPOSE_FILE):
-        present = not own_daemon and sandbox._image_exists(image, env)
+        present = not own_daemon and sandbox.image_exists(image, env)
         if present:
             continue
         if sandbox.standin_for(image):
@@ -255,14 +254,11 @@ def stack(docker_env, tmp_path_factory, request) -> Iterator[ComposeStack]:
     try:
         st("build", "exporter", timeout=1800)
         lap("exporter image")
-        st.started_at = time.time()
         st("up", "-d", "--pull", "never", *st.services, timeout=900)
         lap("up")
         yield st
     finally:
         lap("checks")
-        if request.session.testsfailed:
-            report("state at the end:\n" + st.diagnostics())
         st("down", "--volumes", "--remove-orphans", "--timeout", "5", check=False, timeout=300)
         if not own_daemon:
             sandbox.remove_standins(env)
@@ -270,7 +266,7 @@ def stack(docker_env, tmp_path_factory, request) -> Iterator[ComposeStack]:
         report("timings: " + ", ".join(timings))
 
 
-def test_every_health_check_turns_healthy(stack):
+def check_every_health_check_turns_healthy(stack: ComposeStack) -> None:
     def healthy() -> bool:
         checked = [c for c in stack.containers() if c["State"].get("Health")]
         bad = [c["Name"] for c in checked if c["State"]["Health"]["Status"] == "unhealthy"]
@@ -286,7 +282,7 @@ def test_every_health_check_turns_healthy(stack):
     assert running == {s: "running" for s in stack.services}, running
 
 
-def test_prometheus_scrapes_the_exporter_and_loads_every_rule_group(stack):
+def check_prometheus_scrapes_the_exporter_and_loads_every_rule_group(stack: ComposeStack) -> None:
     def exporter_up() -> bool:
         targets = _json(URL["prometheus"] + "/api/v1/targets")["data"]["activeTargets"]
         return any(t["labels"].get("job") == "llm-usage-exporter" and t["health"] == "up" for t in targets)
@@ -309,7 +305,7 @@ def test_prometheus_scrapes_the_exporter_and_loads_every_rule_group(stack):
     assert [a["url"] for a in am] == ["http://alertmanager:9093/api/v2/alerts"]
 
 
-def test_demo_anomaly_reaches_the_webhook_receiver(stack):
+def check_demo_anomaly_reaches_the_webhook_receiver(stack: ComposeStack) -> None:
     def announced() -> str:
         m = re.search(r"demo: live traffic; next anomaly (\w+)", stack.logs("demo", tail=200))
         return m.group(1) if m else ""
@@ -333,7 +329,7 @@ def test_demo_anomaly_reaches_the_webhook_receiver(stack):
                  f"after the demo went live")
 
 
-def test_restart_keeps_the_counters(stack):
+def check_restart_keeps_the_counters(stack: ComposeStack) -> None:
     stack("stop", "demo", timeout=120)
     counters = lambda: _counters(_get(URL["exporter"] + "/metrics").decode())  # noqa: E731
     before = stack.wait_for("usage counters", counters, timeout=60)
@@ -354,7 +350,7 @@ def test_restart_keeps_the_counters(stack):
     assert mounts["/data"]["Type"] == "volume" and mounts["/data"]["Name"].endswith("exporter-data")
 
 
-def test_up_again_adds_no_second_week(stack):
+def check_up_again_adds_no_second_week(stack: ComposeStack) -> None:
     """A second `up` starts the stopped demo again: it must not backfill on top of the first week."""
     requests = lambda: sum(v for k, v in _counters(_get(URL["exporter"] + "/metrics").decode()).items()  # noqa: E731
                            if k.startswith("llm_requests_total"))
@@ -368,7 +364,7 @@ def test_up_again_adds_no_second_week(stack):
     assert requests() - before < 1000
 
 
-def test_down_leaves_nothing_running(stack):
+def check_down_leaves_nothing_running(stack: ComposeStack) -> None:
     stack("down", timeout=300)
     assert stack.containers() == [], [c["Name"] for c in stack.containers()]
     networks = stack.docker("network", "ls", "-q", "--filter",
@@ -381,3 +377,22 @@ def test_down_leaves_nothing_running(stack):
     volumes = stack.docker("volume", "ls", "-q", "--filter",
                            f"label=com.docker.compose.project={stack.project_name()}").split()
     assert any(v.endswith("exporter-data") for v in volumes), volumes
+
+
+STEPS = (check_every_health_check_turns_healthy, check_prometheus_scrapes_the_exporter_and_loads_every_rule_group,
+         check_demo_anomaly_reaches_the_webhook_receiver, check_restart_keeps_the_counters,
+         check_up_again_adds_no_second_week, check_down_leaves_nothing_running)
+
+
+def test_docker_compose_up(stack):
+    """A user's path through the stack, one step after the other: up, healthy, scraped and
+    evaluated, paged by the demo's anomaly, restarted, up once more, down."""
+    for step in STEPS:
+        name = step.__name__[len("check_"):].replace("_", " ")
+        t0 = time.monotonic()
+        try:
+            step(stack)
+        except Exception:
+            stack.report(f"FAILED: {name}; the stack at that point:\n{stack.diagnostics()}")
+            raise
+        stack.report(f"ok: {name} ({time.monotonic() - t0:.0f}s)")
