@@ -1,16 +1,29 @@
-# The two commands of the README's quick start, and the benchmarks.
-.PHONY: run test bench bench-quick
+# The two commands of the README's quick start, and the benchmarks. Each runs from the
+# project's own virtual environment, .venv, which scripts/venv.sh makes and installs into
+# (pip runs again only when pyproject.toml changes). PYTHON picks the interpreter it is
+# made from, e.g. `make PYTHON=python3.12 test`; PYTEST_ARGS passes arguments to pytest.
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+export PYTHON VENV
 
-run:            ## install and run the exporter with a week of demo history
-	python3 -m pip install -q -e .
-	llm-usage-exporter serve --demo
+.PHONY: run test venv bench bench-quick
 
-test:           ## install the test dependencies (Python and Debian) and run every test
+run:            ## install into .venv and run the exporter with a week of demo history
+	./scripts/venv.sh
+	$(VENV)/bin/llm-usage-exporter serve --demo
+
+test:           ## install the test dependencies (Debian packages; Python ones into .venv) and run every test
 	./scripts/install-test-deps.sh
-	python3 -m pytest -q
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+venv:           ## only make or update .venv, with the test extras
+	./scripts/venv.sh test
 
 bench:          ## performance benchmarks (full)
-	python3 bench/run.py
+	./scripts/venv.sh
+	$(VENV)/bin/python bench/run.py
 
 bench-quick:    ## the reduced benchmark run
-	python3 bench/run.py --quick
+	./scripts/venv.sh
+	$(VENV)/bin/python bench/run.py --quick

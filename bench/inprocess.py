@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Where the time goes: wrap the engine's own stages (those it has) with timers
         # for a second series of batches; the rest is parsing, dedupe, guards and pricing.
         stages = {"store.write": (engine.store, "write"), "history.add": (engine.history, "add"),
-                  "usage.add": (engine.usage, "add")}
+                  "usage (delta, apply)": (engine.usage, "delta")}
         spent = {k: 0.0 for k in stages}
         for key, (obj, attr) in stages.items():
             if hasattr(obj, attr):

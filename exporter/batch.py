@@ -11,67 +11,129 @@ the same columns (a test compares them on generated input).
 from __future__ import annotations
 
 import math
+import operator
+from itertools import repeat
 from typing import Any, Sequence
 
 import numpy as np
 import orjson
 
-from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MILLISECOND_FIELDS, RecordColumns,
-                      RecordError, Rejected, _status_and_error, _tool_calls, parse_record, parse_ts, to_columns)
+from .records import (ALIASES, MAX_COST, MAX_SECONDS, MAX_TEXT, MAX_TOKENS, MAX_TS, MILLISECOND_FIELDS, RecordColumns,
+                      RecordError, _status_and_error, _tool_calls, parse_record, parse_ts, to_columns)
+from .rejections import Rejected, Rejections
 
 SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
+# Keys that can give a record its provider and model (a `usage` block can hold any field).
+PROVIDER_KEYS = frozenset({"provider", "usage"} | {k for k, v in ALIASES.items() if v == "provider"})
+MODEL_KEYS = frozenset({"model", "usage"} | {k for k, v in ALIASES.items() if v == "model"})
 _NUMBER_TYPES = (int, float, type(None))
 _FLAG_TYPES = {bool, type(None)}
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
-def parse_batch(items: Sequence[Any], now: float) -> tuple[RecordColumns, list[Rejected], list[int]]:
-    """Validate decoded items; returns the good records as columns, the rejections, and the
-    input index of each good record (in column order)."""
-    rejected: list[Rejected] = []
-    idx: list[int] = []
-    dicts: list[dict[str, Any]] = []
-    if set(map(type, items)) == {dict}:       # the usual batch: every item is an object
-        dicts, idx = list(items), list(range(len(items)))
+def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None = None,
+                rejections: Rejections | None = None) -> tuple[RecordColumns, Rejections, list[int]]:
+    """Validate decoded items; returns the good records as columns, the rejections (added to
+    `rejections` when given), and the record number of each good record (in column order).
+    `indices[k]` is the record number of `items[k]` (default: k)."""
+    rejections = rejections if rejections is not None else Rejections()
+    numbers = np.arange(len(items)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if set(map(type, items)) <= {dict}:       # the usual batch: every item is an object
+        dicts: list[dict[str, Any]] = list(items)
     else:
-        for i, item in enumerate(items):
-            if type(item) is dict:
-                dicts.append(item)
-                idx.append(i)
-            elif isinstance(item, Rejected):
-                rejected.append(Rejected(i, item.field, item.reason))
-            else:
-                rejected.append(Rejected(i, "record", f"must be a JSON object, got {type(item).__name__}"))
+        is_dict = np.fromiter((type(x) is dict for x in items), dtype=bool, count=len(items))
+        kept, refused = np.flatnonzero(is_dict), np.flatnonzero(~is_dict)
+        dicts = [items[j] for j in kept.tolist()]
+
+        def not_an_object(k: int) -> Rejected:
+            j = int(refused[k])
+            item = items[j]
+            if isinstance(item, Rejected):
+                return Rejected(int(numbers[j]), item.field, item.reason)
+            return Rejected(int(numbers[j]), "record", f"must be a JSON object, got {type(item).__name__}")
+        rejections.add_many(numbers[refused], not_an_object)
+        numbers = numbers[kept]
+        del is_dict, kept, refused
+    dicts, numbers = _screen(dicts, numbers, now, rejections)
+    idx: list[int] = numbers.tolist()
     keys: set[str] = set().union(*dicts) if dicts else set()
     if keys & SLOW_KEYS:
-        return _slow(dicts, idx, now, rejected)
-    cols, bad = _fast(dicts, now, keys)
+        cols, slow_idx = _slow(dicts, idx, now, rejections)
+        return cols, rejections, slow_idx
+    cols, bad, absent = _fast(dicts, now, keys)
     if bad.any():
-        good = ~bad
-        slow_cols, rejected, slow_idx = _slow([dicts[j] for j in np.flatnonzero(bad)],
-                                              [idx[j] for j in np.flatnonzero(bad)], now, rejected)
-        cols = concat([take(cols, np.flatnonzero(good)), slow_cols])
-        idx = [idx[j] for j in np.flatnonzero(good)] + slow_idx
-    return cols, sorted(rejected, key=lambda r: r.index), idx
+        # Without provider or model a record is refused whatever else it holds: count those
+        # at once (a body of empty objects is millions of them) and explain only the kept.
+        certain = np.flatnonzero(bad & absent)
+        if certain.size:
+            numbered = np.asarray(idx, dtype=np.int64)
+
+            def explain(k: int) -> Rejected:
+                j = int(certain[k])
+                try:
+                    parse_record(dicts[j], now)
+                except RecordError as e:
+                    return Rejected(idx[j], e.field, e.message)
+                return Rejected(idx[j], "record", "is missing provider or model")   # not reached
+            rejections.add_many(numbered[certain], explain)
+        rest = np.flatnonzero(bad & ~absent)
+        good = np.flatnonzero(~bad)
+        slow_cols, slow_idx = _slow([dicts[j] for j in rest.tolist()], [idx[j] for j in rest.tolist()], now, rejections)
+        cols = concat([take(cols, good), slow_cols])
+        idx = [idx[j] for j in good.tolist()] + slow_idx
+    return cols, rejections, idx
+
+
+def _screen(dicts: list[dict[str, Any]], numbers: np.ndarray, now: float,
+            rejections: Rejections) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Refuse at once the objects with no key that could name a provider or a model: a
+    body of empty objects is millions of them, and building columns for them first cost
+    gigabytes. Only the rejections kept for the answer are explained (by parse_record)."""
+    if not dicts:
+        return dicts, numbers
+    n = len(dicts)            # map() of C functions: no Python bytecode per object
+    ok = (np.fromiter(map(operator.contains, dicts, repeat("provider", n)), dtype=bool, count=n)
+          & np.fromiter(map(operator.contains, dicts, repeat("model", n)), dtype=bool, count=n))
+    if ok.all():
+        return dicts, numbers
+    for j in np.flatnonzero(~ok).tolist():        # other spellings may name them
+        d = dicts[j]
+        ok[j] = not d.keys().isdisjoint(PROVIDER_KEYS) and not d.keys().isdisjoint(MODEL_KEYS)
+    if ok.all():
+        return dicts, numbers
+    bad = np.flatnonzero(~ok)
+
+    def explain(k: int) -> Rejected:
+        j = int(bad[k])
+        try:
+            parse_record(dicts[j], now)
+        except RecordError as e:
+            return Rejected(int(numbers[j]), e.field, e.message)
+        return Rejected(int(numbers[j]), "record", "has no provider or model")    # not reached
+    rejections.add_many(numbers[bad], explain)
+    keep = np.flatnonzero(ok)
+    return [dicts[j] for j in keep.tolist()], numbers[keep]
 
 
 def _slow(dicts: list[dict[str, Any]], idx: list[int], now: float,
-          rejected: list[Rejected]) -> tuple[RecordColumns, list[Rejected], list[int]]:
+          rejections: Rejections) -> tuple[RecordColumns, list[int]]:
     good, good_idx = [], []
     for d, i in zip(dicts, idx):
         try:
             good.append(parse_record(d, now))
             good_idx.append(i)
         except RecordError as e:
-            rejected.append(Rejected(i, e.field, e.message))
-    return to_columns(good), rejected, good_idx
+            rejections.add(Rejected(i, e.field, e.message))
+    return to_columns(good), good_idx
 
 
-def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[RecordColumns, np.ndarray]:
-    """Columns for every item, and a mask of the items that need the per-record path.
+def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[RecordColumns, np.ndarray, np.ndarray]:
+    """Columns for every item, a mask of the items that need the per-record path, and a mask
+    of those missing a required field (which the per-record path would refuse too).
     `present` holds every key used in the batch: fields no record sends are not looked up."""
     n = len(ds)
     bad = np.zeros(n, dtype=bool)
+    absent = np.zeros(n, dtype=bool)
     nothing: list[Any] = [None] * n
 
     def values(field: str) -> list[Any]:
@@ -113,7 +175,11 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                     cleaned.append(None)
         out[:] = cleaned
         if required:
-            bad[np.equal(out, None)] = True
+            missing = np.flatnonzero(np.equal(out, None))
+            if missing.size:
+                bad[missing] = True
+                absent[missing] = [vals[j] is None or (type(vals[j]) is str and not vals[j].strip())
+                                   for j in missing.tolist()]
         return out
 
     def flag(field: str) -> np.ndarray:
@@ -134,7 +200,8 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
         ts = np.where(np.isnan(ts), now, ts)
         with np.errstate(invalid="ignore"):
             bad[~np.isfinite(ts) | (ts < 0)] = True
-        ts = np.where(ts > 1e11, ts / 1000.0, ts)
+            ts = np.where(ts > 1e11, ts / 1000.0, ts)
+            bad[ts > MAX_TS] = True
     else:
         ts = np.empty(n)
         for j, v in enumerate(ts_vals):
@@ -145,6 +212,9 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                 ts[j] = now
 
     tokens = {f: number(f, MAX_TOKENS, True) for f in TOKEN_COLUMNS}
+    write_1h = number("cache_write_1h_tokens", MAX_TOKENS, True)
+    with np.errstate(invalid="ignore"):   # the 1-hour writes are part of all writes
+        bad[write_1h > np.nan_to_num(tokens["cache_write_tokens"], nan=0.0)] = True
     cost = number("cost_usd", MAX_COST, False)
     latency = number("latency_s", MAX_SECONDS, False)
     ttft = number("ttft_s", MAX_SECONDS, False)
@@ -214,8 +284,9 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
         cost=cost, latency=latency, ttft=ttft, is_error=is_error, error_type=etype, stop_reason=stop,
         request_had_tools=had_tools, tool_calls=tool_calls, tool_signature=signature,
         request_id=text("request_id"), operation=operation, stream=stream, tool_names=names,
+        cache_write_1h_tokens=_count(write_1h), service_tier=text("service_tier", lower=True), batch=flag("batch"),
     )
-    return cols, bad
+    return cols, bad, absent
 
 
 def _count(a: np.ndarray) -> np.ndarray:
@@ -279,7 +350,8 @@ def concat(parts: list[RecordColumns]) -> RecordColumns:
 
 STORED_FIELDS = ("ts", "provider", "model", "app", "operation", "input_tokens", "output_tokens", "cache_read_tokens",
                  "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_s", "ttft_s", "stream", "status",
-                 "error_type", "stop_reason", "request_had_tools", "tool_calls", "session_id", "request_id")
+                 "error_type", "stop_reason", "request_had_tools", "tool_calls", "session_id", "request_id",
+                 "cache_write_1h_tokens", "service_tier", "batch")
 
 
 def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
@@ -288,7 +360,8 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
     Column-wise is what makes keeping raw records cheap: numeric columns serialise as
     arrays in one call instead of one dict per record. `raw` holds the label columns
     before guarding (the store keeps what was sent). Tool calls are kept as the list of
-    tool names when there are names, so a restart restores the loop detector's view."""
+    tool names when there are names, so a restart restores the loop detector's view; a
+    record with more calls than the names kept (MAX_TOOL_NAMES) keeps the count."""
     columns: dict[str, Any] = {
         "ts": cols.ts, "provider": raw["provider"].tolist(), "model": raw["model"].tolist(), "app": raw["app"].tolist(),
         "operation": cols.operation.tolist(),
@@ -297,8 +370,10 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
         "stream": cols.stream, "status": np.where(cols.is_error, "error", "ok").tolist(),
         "error_type": cols.error_type.tolist(), "stop_reason": cols.stop_reason.tolist(),
         "request_had_tools": cols.request_had_tools,
-        "tool_calls": [list(t) if t else c for t, c in zip(cols.tool_names.tolist(), cols.tool_calls.tolist())],
+        "tool_calls": [list(t) if t and len(t) == c else c for t, c in zip(cols.tool_names.tolist(), cols.tool_calls.tolist())],
         "session_id": cols.session_id.tolist(), "request_id": cols.request_id.tolist(),
+        "cache_write_1h_tokens": cols.cache_write_1h_tokens, "service_tier": cols.service_tier.tolist(),
+        "batch": cols.batch,
     }
     return orjson.dumps(columns, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -306,4 +381,6 @@ def stored_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> bytes:
 def stored_records(blob: bytes) -> list[dict[str, Any]]:
     """The records of one stored batch, as dicts of the stored fields."""
     columns = orjson.loads(blob)
-    return [dict(zip(STORED_FIELDS, row)) for row in zip(*(columns[f] for f in STORED_FIELDS))]
+    n = len(columns["ts"])
+    return [dict(zip(STORED_FIELDS, row))   # blobs written before a field existed lack it
+            for row in zip(*(columns.get(f, [None] * n) for f in STORED_FIELDS))]

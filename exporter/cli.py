@@ -110,18 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-# Idle keep-alive connections stay open longer than Prometheus' and Alertmanager's HTTP
-# clients keep them (5 minutes), so the client, not the server, closes an idle one. With
-# uvicorn's default of 5 s a request sent just as the server closed the connection failed
-# with "connection reset by peer" (Alertmanager then retried the webhook delivery).
-KEEP_ALIVE_S = 310
-
-
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_binding()
     import uvicorn
 
     from .api import create_app
+    from .connections import connection_limits, raise_fd_limit, serve_options
     from .engine import Engine
     from .tail import TailFollower
 
@@ -129,10 +123,15 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     tasks = [TailFollower(engine, p).run for p in settings.tail]
     if settings.demo:
         tasks.append(_demo_task(engine))
-    app = create_app(settings, engine=engine, extra_tasks=tasks)
+    try:
+        app = create_app(settings, engine=engine, extra_tasks=tasks)
+    except ConfigError:
+        engine.close()
+        raise
+    limits = connection_limits(settings, raise_fd_limit())
     log.info("listening on http://%s:%d (db %s)", settings.host, settings.port, settings.db)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                timeout_keep_alive=KEEP_ALIVE_S)
+                **serve_options(settings, limits))
     return 0
 
 

@@ -7,8 +7,10 @@ start with a message that names the knob and where it came from.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,7 +43,8 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     DURATIONS: ClassVar[tuple[str, ...]] = (
-        "window", "evaluation_interval", "dedupe_window", "record_retention", "minute_retention", "horizon", "baseline")
+        "window", "evaluation_interval", "dedupe_window", "record_retention", "minute_retention", "horizon", "baseline",
+        "store_busy_timeout", "keep_alive_timeout", "header_timeout", "body_timeout")
 
     host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs ingest tokens or --allow-unauthenticated")
     port: int = Field(9473, ge=1, le=65535, description="TCP port for the HTTP API and /metrics")
@@ -54,18 +57,35 @@ class Settings(BaseModel):
     dedupe_window: float = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
     record_retention: float = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")
     minute_retention: float = Field(6 * 3600, gt=0, description="how long minute buckets are kept")
-    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted POST body; larger gets HTTP 413")
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted POST body, also after gzip/deflate decoding; larger gets HTTP 413")
+    max_errors_listed: int = Field(100, gt=0, description="rejected records listed with their reason in an ingest answer (the rest are counted)")
+    ingest_queue_bytes: int = Field(64 * 1024 * 1024, gt=0, description="request bodies waiting for or in ingest; a POST beyond it gets HTTP 429")
+    store_busy_timeout: float = Field(2, ge=0, description="how long a write waits for a lock another process holds on the db before HTTP 503")
     label_limit_app: int = Field(100, gt=0, description="distinct app label values before the rest map to 'other'")
     label_limit_provider: int = Field(30, gt=0, description="distinct provider label values before 'other'")
     label_limit_model: int = Field(200, gt=0, description="distinct model label values before 'other'")
-    auth_token_file: Path | None = Field(None, description="file with one ingest bearer token per line")
-    auth_tokens: str | None = Field(None, description="comma-separated ingest bearer tokens (env var only; never a flag)")
+    max_series: int = Field(3000, gt=0, description="distinct (app, provider, model) combinations; a new one beyond counts under its app with provider and model 'other'")
+    auth_token_file: Path | None = Field(None, description="file with one bearer token per line: ingest and every read endpoint")
+    auth_tokens: str | None = Field(None, description="comma-separated bearer tokens for ingest and reads (env var only; never a flag)")
+    read_token_file: Path | None = Field(None, description="file with one read-only bearer token per line (GET endpoints, not ingest)")
+    read_tokens: str | None = Field(None, description="comma-separated read-only bearer tokens (env var only; never a flag)")
     allow_unauthenticated: bool = Field(False, description="allow a non-loopback bind without ingest tokens")
-    protect_metrics: bool = Field(False, description="require a bearer token on /metrics too")
+    protect_metrics: bool = Field(False, description="require a bearer token (either kind) on /metrics too")
+    # Idle keep-alive connections stay open longer than Prometheus' and Alertmanager's HTTP
+    # clients keep them (5 minutes), so the client, not the server, closes an idle one: with
+    # uvicorn's default of 5 s a request sent just as the server closed the connection failed
+    # with "connection reset by peer". The connection cap reclaims idle ones when needed.
+    keep_alive_timeout: float = Field(310, gt=0, description="idle keep-alive connections are closed after this (longer than Prometheus keeps them)")
+    header_timeout: float = Field(10, gt=0, description="a request's headers must arrive within this, or the connection is closed (HTTP 408)")
+    body_timeout: float = Field(30, gt=0, description="a request body may pause this long between reads before the connection is closed")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="largest request line plus headers; larger gets HTTP 431")
+    max_connections: int = Field(1000, gt=0, description="open connections; beyond it the longest-idle one is closed, or the new one if none is idle")
+    limit_concurrency: int = Field(0, ge=0, description="uvicorn's limit: HTTP 503 once this many connections or requests are open (0: off)")
     tail: list[Path] = Field(default_factory=list, description="JSONL files to follow like tail -f (resumes after a restart)")
     demo: bool = Field(False, description="backfill a week of synthetic history and keep generating traffic")
     log_level: str = Field("info", description="debug, info, warning or error")
-    prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; extends the shipped table)")
+    prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; overrides every shipped price)")
+    price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
     signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only)")
     drift: dict[str, Any] = Field(default_factory=dict, description="drift detector settings: window, min_fill, preset, model_presets (YAML only)")
     runaway: dict[str, Any] = Field(default_factory=dict, description="runaway-loop detector settings (YAML only)")
@@ -84,29 +104,51 @@ class Settings(BaseModel):
         return v.lower()
 
     def tokens(self) -> set[str]:
-        """Ingest tokens from the file and the environment (never from a flag)."""
-        found: set[str] = set()
-        if self.auth_tokens:
-            found.update(t.strip() for t in self.auth_tokens.split(",") if t.strip())
-        if self.auth_token_file:
-            try:
-                text = self.auth_token_file.read_text()
-            except OSError as e:
-                raise ConfigError(f"auth_token_file: cannot read {self.auth_token_file}: {e.strerror}") from None
-            found.update(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-        return found
+        """Tokens for ingest and reads, from the file and the environment (never from a flag)."""
+        return _read_tokens("auth_token_file", self.auth_tokens, self.auth_token_file)
+
+    def read_only_tokens(self) -> set[str]:
+        """Tokens for the read endpoints only."""
+        return _read_tokens("read_token_file", self.read_tokens, self.read_token_file)
 
     def check_binding(self) -> None:
-        """Refuse to listen beyond loopback without authentication unless told to."""
-        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
-        if not loopback and not self.tokens() and not self.allow_unauthenticated:
+        """Refuse to listen beyond loopback without authentication unless told to. Loopback
+        is judged on the addresses the host name resolves to (`127.evil.example` is a name)."""
+        if not is_loopback(self.host) and not self.tokens() and not self.allow_unauthenticated:
             raise ConfigError(
                 f"host: binding {self.host} exposes ingest to the network; set auth_token_file "
                 f"(or {ENV_PREFIX}AUTH_TOKENS) or pass --allow-unauthenticated")
 
 
-SCALAR_FIELDS = [n for n, f in Settings.model_fields.items() if n not in ("prices", "signals", "drift", "runaway", "budgets")]
-FLAG_FORBIDDEN = {"auth_tokens"}
+def is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(f"host: cannot resolve {host!r}") from None
+    addresses = {str(info[4][0]).split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def _read_tokens(knob: str, inline: str | None, path: Path | None) -> set[str]:
+    found: set[str] = set()
+    if inline:
+        found.update(t.strip() for t in inline.split(",") if t.strip())
+    if path:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{knob}: cannot read {path}: {e.strerror}") from None
+        found.update(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return found
+
+
+SCALAR_FIELDS = [n for n, f in Settings.model_fields.items() if n not in ("prices", "price_aliases", "signals", "drift", "runaway", "budgets")]
+FLAG_FORBIDDEN = {"auth_tokens", "read_tokens"}
 
 
 def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:

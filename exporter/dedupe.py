@@ -63,14 +63,18 @@ class DedupeIndex:
     def __len__(self) -> int:
         return len(self._open) + sum(a.size for a in self._frozen.values())
 
-    def seen(self, hashes: np.ndarray) -> np.ndarray:
-        """A mask of the hashes already in the window."""
+    def seen(self, hashes: np.ndarray, now: float | None = None) -> np.ndarray:
+        """A mask of the hashes already in the window (as `expire(now)` would leave it; this
+        changes nothing)."""
         found = np.zeros(hashes.shape[0], dtype=bool)
-        for arr in self._frozen.values():
+        oldest = -np.inf if now is None else int((now - self.window) // self.chunk)
+        for chunk, arr in self._frozen.items():
+            if chunk < oldest:
+                continue
             pos = np.searchsorted(arr, hashes)
             pos = np.minimum(pos, arr.size - 1)
             found |= arr[pos] == hashes
-        if self._open:
+        if self._open and (self._open_hour is None or self._open_hour >= oldest):
             found |= np.fromiter(map(self._open.__contains__, hashes.tolist()), dtype=bool, count=hashes.shape[0])
         return found
 

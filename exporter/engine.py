@@ -1,10 +1,12 @@
 """The engine: one object that owns the state and runs a batch from records to metrics.
 
-Ingest order matters for the promises we make. A batch is validated and deduplicated,
-folded into the counters, and written to SQLite in one transaction; only after the commit
-does it reach the in-memory history and detectors, and only then is it acknowledged. If
-the write fails, the counters are put back as they were and the caller gets an error, so
-a retry cannot double-count.
+Ingest is all or nothing per batch, by construction. A batch is first *planned*: validated,
+deduplicated, guarded, priced, grouped, and its effect on every counter worked out, while
+nothing in memory changes. The plan's `BatchWrite` is committed to SQLite in one
+transaction; only then is the plan *applied* to memory (counters, histograms, dedupe
+window, label guards, series, history, detectors, the exporter's own totals), and only
+then is the batch acknowledged. A failed write raises StoreError before anything was
+applied, so the caller answers 503, nothing was counted, and a retry counts once.
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ from .budget import daily_cost_rows
 from .evaluator import AnomalyCollector, Evaluator, Snapshot
 from .history import ScopeHistory
 from .instruments import UsageMetrics
-from .labels import LabelGuard
+from .labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
 from .prices import PriceTable
 from .batch import parse_batch, stored_blob, stored_records, take
-from .records import RecordColumns, Rejected, UsageRecord, to_columns
+from .buckets import Groups
+from .records import RecordColumns, UsageRecord, to_columns
+from .rejections import Rejected, Rejections
 from .signals import signal_specs
 from .store import BatchWrite, Store, StoreError
 
 log = logging.getLogger("llm_usage_exporter")
 disable_created_metrics()   # the metric contract: no `_created` series (process-wide switch)
 Clock = Callable[[], float]
+SeriesKey = tuple[str, str, str]
 RESULTS = ("accepted", "duplicate", "rejected")
 MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
 
@@ -50,12 +55,45 @@ MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (cl
 class IngestResult:
     accepted: int = 0
     duplicate: int = 0
-    rejected: list[Rejected] = field(default_factory=list)
+    rejections: Rejections = field(default_factory=Rejections)
     duplicate_indices: list[int] = field(default_factory=list)
 
+    @property
+    def rejected(self) -> list[Rejected]:
+        """The rejections kept with their reasons (the first ones by index)."""
+        return self.rejections.kept
+
+    @property
+    def rejected_total(self) -> int:
+        return self.rejections.total
+
     def to_dict(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "duplicate": self.duplicate, "rejected": len(self.rejected),
-                "errors": [r.to_dict() for r in self.rejected]}
+        out: dict[str, Any] = {"accepted": self.accepted, "duplicate": self.duplicate, "rejected": self.rejections.total,
+                               "errors": [r.to_dict() for r in self.rejections]}
+        if self.rejections.omitted:
+            out["errors_omitted"] = self.rejections.omitted
+        return out
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """What one batch changes, worked out before anything changes (see the module docstring)."""
+
+    result: IngestResult
+    now: float
+    write: BatchWrite
+    counts: dict[str, int]                          # results_total additions
+    overflow: dict[str, int]                        # overflow_total additions
+    guards: dict[str, GuardPlan] = field(default_factory=dict)
+    cols: RecordColumns | None = None               # the accepted records, guarded and priced
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))   # their request-id hashes
+    series_ids: list[int] = field(default_factory=list)
+    series_keys: list[SeriesKey] = field(default_factory=list)
+    delta: np.ndarray | None = None                 # UsageMetrics.delta of the accepted records
+    groups: Groups | None = None
+    daily: list[tuple[str, int, float]] = field(default_factory=list)
+    newest: float = 0.0
+    wallclock: float = 0.0
 
 
 class Engine:
@@ -64,8 +102,9 @@ class Engine:
     def __init__(self, settings: Settings, clock: Clock = time.time, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.store = Store(settings.db, keep_records=settings.record_retention > 0)
-        self.prices = PriceTable(settings.prices)
+        self.store = Store(settings.db, keep_records=settings.record_retention > 0,
+                           busy_timeout=settings.store_busy_timeout)
+        self.prices = PriceTable(settings.prices, settings.price_aliases)
         self.specs = signal_specs(settings.signals)
         saved = self.store.label_values()
         self.guards = {
@@ -82,12 +121,22 @@ class Engine:
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()
         self.results_total = dict.fromkeys(RESULTS, 0.0)
-        self.overflow_total = dict.fromkeys(self.guards, 0.0)
+        self.overflow_total = dict.fromkeys([*self.guards, SERIES], 0.0)
         self.last_record_wallclock = 0.0
         self.newest_event_ts = 0.0
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
-        self._restore()
+        self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
+        try:
+            self._restore()
+        except StoreError:
+            self.store.close()
+            raise
+        except (ValueError, TypeError, KeyError, IndexError) as e:   # a page SQLite reads but we cannot
+            self.store.close()
+            raise StoreError(f"db: restoring from {settings.db} failed ({type(e).__name__}: {e}): the file holds data "
+                             "this version cannot read; restore it from a backup, or move it aside to start empty",
+                             "corrupt") from None
         # `registry` holds everything (tests read it with get_sample_value); `/metrics` writes
         # the usage families directly (UsageMetrics.render) and the rest from `scrape_registry`.
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -137,27 +186,23 @@ class Engine:
         the journal but not yet in the buckets: fold them in before the buckets are read."""
         for row_id, blob in self.store.unfolded():
             cols, _, _ = parse_batch(stored_records(blob), self.newest_event_ts)
-            self._guard(cols)
-            groups = aggregate(cols, self._series_of(cols), cols.cost, res=60)
+            series = self._guard_now(cols)
+            groups = aggregate(cols, series, cols.cost, res=60)
             self.store.fold(groups, row_id)
         self.store.checkpoint()
 
-    def _series_of(self, cols: RecordColumns) -> np.ndarray:
-        """The series id of every (guarded) record, creating new series in the store."""
-        codes, labels = [], []
-        for col in (cols.app, cols.provider, cols.model):
-            uniq, inv = factorize(col)
-            codes.append(inv)
-            labels.append(uniq.tolist())
-        combined = (codes[0] * len(labels[1]) + codes[1]) * len(labels[2]) + codes[2]
-        present, inverse = np.unique(combined, return_inverse=True)
-        keys = []
-        for c in present.tolist():
-            rest, m = divmod(c, len(labels[2]))
-            a, p = divmod(rest, len(labels[1]))
-            keys.append((labels[0][a], labels[1][p], labels[2][m]))
-        sids = np.asarray(self.store.series_ids(keys), dtype=np.int64)
-        return sids[inverse.reshape(-1)]
+    def _guard_now(self, cols: RecordColumns) -> np.ndarray:
+        """Guard stored records at start-up (in place) and return their series ids. What was
+        committed maps as it did then; a value or series admitted only now (a limit was
+        raised) is stored at once."""
+        plans = self._plan_labels(cols)
+        series, new_series, _ = self._plan_series(cols)
+        admitted = [(name, v) for name, p in plans.items() for v in p.admitted]
+        if admitted or new_series:
+            self.store.write(BatchWrite(labels=admitted, series=new_series))
+        for name, p in plans.items():
+            self.guards[name].admit(p.admitted)
+        return series
 
     def _restore_detectors(self, newest: float) -> None:
         """Drift and runaway windows from the raw records of the last day (budget excluded:
@@ -174,53 +219,107 @@ class Engine:
         if not stored:
             return
         cols, _, _ = parse_batch(stored, self.newest_event_ts)
-        self._guard(cols)
+        self._guard_now(cols)
         self.detectors.observe(cols, budget=False)
 
-    def _guard(self, cols: RecordColumns) -> dict[str, np.ndarray]:
-        """Apply the label guards in place; returns the label columns as they were sent."""
-        raw = {"app": cols.app, "provider": cols.provider, "model": cols.model}
-        cols.app = self.guards["app"].guard(cols.app)
-        cols.provider = self.guards["provider"].guard(cols.provider)
-        cols.model = self.guards["model"].guard(cols.model)
-        return raw
+    # --- planning: pure functions of the batch and the current state --------------------
 
-    # --- ingest -----------------------------------------------------------------------
+    def _plan_labels(self, cols: RecordColumns) -> dict[str, GuardPlan]:
+        """Guard the label columns (in place on the batch's own columns); the plans say what
+        the guards would admit and how many records overflowed."""
+        plans = {name: g.plan(getattr(cols, name)) for name, g in self.guards.items()}
+        cols.app, cols.provider, cols.model = plans["app"].mapped, plans["provider"].mapped, plans["model"].mapped
+        return plans
 
-    def ingest(self, items: Sequence[Any], now: float | None = None, meta: dict[str, str] | None = None) -> IngestResult:
-        """Validate, dedupe, count and persist a batch of decoded items."""
-        now = self.clock() if now is None else now
-        cols, rejected, indices = parse_batch(items, now)
-        return self.ingest_columns(cols, indices, rejected, now, meta)
+    def _plan_series(self, cols: RecordColumns) -> tuple[np.ndarray, list[tuple[int, str, str, str]], int]:
+        """The series id of every (guarded) record, the new series to store, and the number of
+        records folded by the `max_series` cap (their provider and model become `other`, in
+        place). New series get ids planned from the store's next id: ingest has one writer."""
+        codes, labels = [], []
+        for col in (cols.app, cols.provider, cols.model):
+            uniq, inv = factorize(col)
+            codes.append(inv)
+            labels.append(uniq.tolist())
+        combined = (codes[0] * len(labels[1]) + codes[1]) * len(labels[2]) + codes[2]
+        present, inverse, counts = np.unique(combined, return_inverse=True, return_counts=True)
+        keys: list[SeriesKey] = []
+        for c in present.tolist():
+            rest, m = divmod(c, len(labels[2]))
+            a, p = divmod(rest, len(labels[1]))
+            keys.append((labels[0][a], labels[1][p], labels[2][m]))
+        store = self.store
+        room = self.settings.max_series - store.series_count
+        first_new = store.next_series_id
+        new: dict[SeriesKey, int] = {}
 
-    def ingest_records(self, records: list[UsageRecord], now: float | None = None,
-                       meta: dict[str, str] | None = None) -> IngestResult:
-        """Dedupe, count and persist already-validated records (replay, backtest)."""
-        return self.ingest_columns(to_columns(records), list(range(len(records))), [], now, meta)
+        def planned(key: SeriesKey) -> int:
+            sid = store.known_series([key])[0]
+            if sid is None:
+                sid = new.setdefault(key, first_new + len(new))
+            return sid
 
-    def ingest_columns(self, cols: RecordColumns, indices: list[int], rejected: list[Rejected],
-                       now: float | None = None, meta: dict[str, str] | None = None) -> IngestResult:
-        """The common tail of every ingest path.
+        target = np.empty(len(keys), dtype=np.int64)
+        folded = np.zeros(len(keys), dtype=bool)
+        for j, (key, sid) in enumerate(zip(keys, store.known_series(keys))):
+            if sid is None and key not in new and len(new) >= room and not is_folded(key):
+                folded[j] = True
+                key = fold(key)
+            target[j] = sid if sid is not None else planned(key)
+        inverse = inverse.reshape(-1)
+        if folded.any():
+            moved = folded[inverse]
+            cols.provider = np.where(moved, OTHER, cols.provider)
+            cols.model = np.where(moved, OTHER, cols.model)
+        return target[inverse], [(sid, *key) for key, sid in new.items()], int(counts[folded].sum())
 
-        `meta` is written in the same transaction (a tail follower's file offset), so a crash
-        can never store records without their offset or the other way round."""
-        now = self.clock() if now is None else now
-        cols, indices, rejected = _drop_future(cols, indices, rejected, now)
-        with self.lock:
-            result = IngestResult(rejected=rejected)
-            keep, dup_idx, ids = self._dedupe(cols, indices, now)
-            result.duplicate_indices = dup_idx
-            result.duplicate = len(dup_idx)
-            fresh = cols if keep is None else take(cols, keep)
-            pending = {"accepted": len(fresh), "duplicate": len(dup_idx), "rejected": len(rejected)}
-            if len(fresh):
-                self._apply(fresh, ids, now, pending, meta or {})
-            else:
-                self.store.write(BatchWrite(meta={**(meta or {}), "exporter_totals": self._totals_json(pending)}))
-            for k, v in pending.items():
-                self.results_total[k] += v
-            result.accepted = len(fresh)
-        return result
+    def _plan(self, cols: RecordColumns, indices: list[int], rejections: Rejections, now: float,
+              meta: dict[str, str]) -> BatchPlan:
+        """Everything the batch changes, as a BatchWrite and the in-memory additions; nothing
+        in the engine changes here (the batch's own columns are guarded in place)."""
+        result = IngestResult(rejections=rejections)
+        keep, dup_idx, ids = self._dedupe(cols, indices, now)
+        result.duplicate_indices = dup_idx
+        result.duplicate = len(dup_idx)
+        fresh = cols if keep is None else take(cols, keep)
+        result.accepted = len(fresh)
+        counts = {"accepted": len(fresh), "duplicate": len(dup_idx), "rejected": rejections.total}
+        overflow = dict.fromkeys(self.overflow_total, 0)
+        if not len(fresh):
+            return BatchPlan(result, now, BatchWrite(meta={**meta, "exporter_totals": self._totals_json(counts, overflow)}),
+                             counts, overflow)
+
+        raw = {"app": fresh.app, "provider": fresh.provider, "model": fresh.model}
+        plans = self._plan_labels(fresh)
+        cost = self.prices.costs(fresh, raw["model"], raw["provider"])
+        fresh.cost = cost
+        series, new_series, folded = self._plan_series(fresh)
+        for name, p in plans.items():
+            overflow[name] = p.overflow
+        overflow[SERIES] = folded
+
+        sids, inverse = np.unique(series, return_inverse=True)
+        known = self.store.series_keys()
+        planned = {sid: (a, p, m) for sid, a, p, m in new_series}
+        sid_list = sids.tolist()
+        keys = [known[sid] if sid in known else planned[sid] for sid in sid_list]
+        delta = self.usage.delta(inverse.reshape(-1), len(sid_list), fresh, cost)
+        groups = aggregate(fresh, series, cost, res=self.history.fine)
+        newest = max(self.newest_event_ts, float(fresh.ts.max()))
+        wallclock = time.time()
+        daily = daily_cost_rows(fresh.app, fresh.ts, cost, self.detectors.budget.tz)
+        write = BatchWrite(
+            dedupe=(now, ids.tobytes()) if ids.size else None,
+            series=new_series,
+            groups=groups if self.history.fine == 60 else groups.coarsen(60),
+            totals=self.usage.totals(sid_list, delta),
+            records=_records_blob(fresh, raw),   # also the journal the buckets are checkpointed from
+            labels=[(name, v) for name, p in plans.items() for v in p.admitted],
+            daily_cost=daily,
+            meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(counts, overflow),
+                  "last_ingest_wallclock": repr(wallclock)},
+        )
+        return BatchPlan(result, now, write, counts, overflow, plans, fresh, ids, sid_list, keys, delta, groups,
+                         daily, newest, wallclock)
 
     def _dedupe(self, cols: RecordColumns, indices: list[int], now: float) -> tuple[np.ndarray | None, list[int], np.ndarray]:
         """Rows to keep (None: all), input indices of duplicates, and the hashes of new ids."""
@@ -229,8 +328,7 @@ class Engine:
             return None, [], np.zeros(0, dtype=np.int64)
         rows = np.flatnonzero(has)
         hashes = hash_ids(cols.request_id[rows].tolist())
-        self.dedupe.expire(now)
-        dup = self.dedupe.seen(hashes)
+        dup = self.dedupe.seen(hashes, now)
         _, first = np.unique(hashes, return_index=True)       # within the batch the first one counts
         repeat = np.ones(rows.size, dtype=bool)
         repeat[first] = False
@@ -241,61 +339,60 @@ class Engine:
         keep = np.setdiff1d(np.arange(len(cols)), drop)
         return keep, [indices[j] for j in drop.tolist()], hashes[~dup]
 
-    def _apply(self, cols: RecordColumns, ids: np.ndarray, now: float, pending: dict[str, int],
-               meta: dict[str, str]) -> None:
-        overflow_before = {k: g.overflow_total for k, g in self.guards.items()}
-        raw = self._guard(cols)
-        cost = self.prices.costs(cols, raw["model"])
-        cols.cost = cost
+    def _totals_json(self, counts: dict[str, int], overflow: dict[str, int]) -> str:
+        results = {k: v + counts.get(k, 0) for k, v in self.results_total.items()}
+        over = {k: v + overflow.get(k, 0) for k, v in self.overflow_total.items()}
+        return orjson.dumps({"results": results, "overflow": over}).decode()
 
-        series = self._series_of(cols)
-        sids, inverse = np.unique(series, return_inverse=True)
-        names = self.store.series_keys()
-        keys = [names[sid] for sid in sids.tolist()]
+    # --- ingest -----------------------------------------------------------------------
+
+    def ingest(self, items: Sequence[Any], now: float | None = None, meta: dict[str, str] | None = None,
+               indices: Sequence[int] | None = None, rejections: Rejections | None = None) -> IngestResult:
+        """Validate, dedupe, count and persist a batch of decoded items (`indices`: the record
+        number of each item; `rejections`: records already refused while decoding)."""
+        now = self.clock() if now is None else now
+        rejections = rejections if rejections is not None else Rejections(self.settings.max_errors_listed)
+        cols, rejections, numbers = parse_batch(items, now, indices, rejections)
+        return self.ingest_columns(cols, numbers, rejections, now, meta)
+
+    def ingest_records(self, records: list[UsageRecord], now: float | None = None,
+                       meta: dict[str, str] | None = None) -> IngestResult:
+        """Dedupe, count and persist already-validated records (replay, backtest)."""
+        return self.ingest_columns(to_columns(records), list(range(len(records))), Rejections(), now, meta)
+
+    def ingest_columns(self, cols: RecordColumns, indices: list[int], rejections: Rejections,
+                       now: float | None = None, meta: dict[str, str] | None = None) -> IngestResult:
+        """The common tail of every ingest path: plan, commit, apply.
+
+        `meta` is written in the same transaction (a tail follower's file offset), so a crash
+        can never store records without their offset or the other way round. A StoreError
+        leaves the engine exactly as it was."""
+        now = self.clock() if now is None else now
+        cols, indices = _drop_future(cols, indices, rejections, now)
+        with self.lock:
+            plan = self._plan(cols, indices, rejections, now, meta or {})
+            self.store.write(plan.write)
+            self._apply(plan)
+        return plan.result
+
+    def _apply(self, plan: BatchPlan) -> None:
+        """Bring memory up to a committed batch. Nothing here touches the store or can fail
+        on the batch's content."""
+        for name, p in plan.guards.items():
+            self.guards[name].admit(p.admitted)
+        for k, v in plan.overflow.items():
+            self.overflow_total[k] += v
+        for k, v in plan.counts.items():
+            self.results_total[k] += v
+        if plan.cols is None or plan.delta is None or plan.groups is None:
+            return
         with self.counters_lock:
-            rows = self.usage.rows(sids.tolist(), keys)
-        touched = np.unique(rows)
-        before = {int(r): self.usage.dump(int(r)) for r in touched}
-        with self.counters_lock:
-            self.usage.add(rows[inverse.reshape(-1)], cols, cost)
-
-        groups = aggregate(cols, series, cost, res=self.history.fine)
-        newest = max(self.newest_event_ts, float(cols.ts.max()))
-        new_labels = [(name, v) for name, g in self.guards.items() for v in g.take_new()]
-        for name, g in self.guards.items():
-            self.overflow_total[name] += g.overflow_total - overflow_before[name]
-        wallclock = time.time()
-        daily = daily_cost_rows(cols.app, cols.ts, cost, self.detectors.budget.tz)
-        write = BatchWrite(
-            dedupe=(now, ids.tobytes()) if ids.size else None,
-            groups=groups if self.history.fine == 60 else groups.coarsen(60),
-            totals={self.usage.sids[int(r)]: self.usage.dump(int(r)) for r in touched},
-            records=_records_blob(cols, raw),   # also the journal the buckets are checkpointed from
-            labels=new_labels,
-            daily_cost=daily,
-            meta={**meta, "newest_event_ts": repr(newest), "exporter_totals": self._totals_json(pending),
-                  "last_ingest_wallclock": repr(wallclock)},
-        )
-        try:
-            self.store.write(write)
-        except StoreError:
-            with self.counters_lock:
-                for r, blob in before.items():
-                    self.usage.load(self.usage.sids[r], self.usage.keys[r], blob)
-            for name, v in new_labels:   # persist them with the next batch that succeeds
-                self.guards[name].newly_admitted.append(v)
-            for name, g in self.guards.items():   # not counted, so its overflow is not either
-                self.overflow_total[name] -= g.overflow_total - overflow_before[name]
-            raise
-        self.dedupe.add(ids, now)
-        self.newest_event_ts = newest
-        self.last_record_wallclock = wallclock
-        self.history.add(groups, self.store.series_keys())
-        self.detectors.observe(cols, daily=daily)
-
-    def _totals_json(self, pending: dict[str, int]) -> str:
-        results = {k: v + pending.get(k, 0) for k, v in self.results_total.items()}
-        return orjson.dumps({"results": results, "overflow": self.overflow_total}).decode()
+            self.usage.apply(plan.series_ids, plan.series_keys, plan.delta)
+        self.dedupe.add(plan.ids, plan.now)
+        self.newest_event_ts = plan.newest
+        self.last_record_wallclock = plan.wallclock
+        self.history.add(plan.groups, self.store.series_keys())
+        self.detectors.observe(plan.cols, daily=plan.daily)
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -344,19 +441,24 @@ def _release_freed_heap() -> None:
     trim(0)
 
 
-def _drop_future(cols: RecordColumns, indices: list[int], rejected: list[Rejected],
-                 now: float) -> tuple[RecordColumns, list[int], list[Rejected]]:
+def _drop_future(cols: RecordColumns, indices: list[int], rejections: Rejections,
+                 now: float) -> tuple[RecordColumns, list[int]]:
     """Refuse event times well ahead of arrival (a typo'd year, microseconds read as
     milliseconds): pruning and the restored window are measured from the newest event, so
     one such record would age out all real history."""
     ahead = cols.ts > now + MAX_FUTURE
     if not ahead.any():
-        return cols, indices, rejected
-    bad = [Rejected(indices[j], "ts", f"is {(float(cols.ts[j]) - now) / 3600:.3g} h ahead of the exporter's clock "
-                                      f"(at most {MAX_FUTURE / 3600:g} h): check the unit (seconds or milliseconds) "
-                                      "and the time zone") for j in np.flatnonzero(ahead).tolist()]
+        return cols, indices
+    bad = np.flatnonzero(ahead)
+
+    def explain(k: int) -> Rejected:
+        j = int(bad[k])
+        return Rejected(indices[j], "ts", f"is {(float(cols.ts[j]) - now) / 3600:.3g} h ahead of the exporter's clock "
+                                          f"(at most {MAX_FUTURE / 3600:g} h): check the unit (seconds or milliseconds) "
+                                          "and the time zone")
+    rejections.add_many([indices[j] for j in bad.tolist()], explain)
     keep = np.flatnonzero(~ahead)
-    return take(cols, keep), [indices[j] for j in keep.tolist()], sorted(rejected + bad, key=lambda r: r.index)
+    return take(cols, keep), [indices[j] for j in keep.tolist()]
 
 
 def _records_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> tuple[float, float, bytes]:
@@ -384,7 +486,8 @@ class _SelfCollector(Collector):
         yield ovf
         yield GaugeMetricFamily("llm_exporter_last_record_timestamp_seconds",
                                 "Wall-clock time of the last accepted ingest (0 before any).", value=e.last_record_wallclock)
-        yield CounterMetricFamily("llm_exporter_store_errors", "Failed writes to the store.", value=e.store.errors_total)
+        yield CounterMetricFamily("llm_exporter_store_errors", "Failed store operations: batch writes (answered 503), "
+                                  "checkpoints, pruning and reads.", value=e.store.errors_total)
         yield CounterMetricFamily("llm_exporter_evaluation_errors", "Evaluations that failed (the last good snapshot stays published).",
                                   value=e.evaluation_errors_total)
         yield GaugeMetricFamily("llm_exporter_last_evaluation_timestamp_seconds",

@@ -32,8 +32,31 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
 SERIES_LABELS = ("app", "provider", "model")
 
 
+def _layout() -> tuple[dict[str, slice], int]:
+    """Column ranges of one series' row in the counters table, in the order its totals are
+    stored: requests, errors by type, tokens by type, cost, unpriced, then each histogram's
+    buckets and sum."""
+    parts = [("requests", 1), ("errors", len(ERROR_TYPES)), ("tokens", len(TOKEN_TYPES)), ("cost", 1), ("unpriced", 1)]
+    for name, (_, bounds) in HISTOGRAMS.items():
+        parts += [(name, len(bounds)), (name + "_sum", 1)]
+    out, at = {}, 0
+    for key, width in parts:
+        out[key] = slice(at, at + width)
+        at += width
+    return out, at
+
+
+COLUMNS, WIDTH = _layout()
+_REQ, _COST, _UNPRICED = COLUMNS["requests"].start, COLUMNS["cost"].start, COLUMNS["unpriced"].start
+
+
 class UsageMetrics(Collector):
-    """Counters and histograms per (app, provider, model) series, indexed by store series id."""
+    """Counters and histograms per (app, provider, model) series, indexed by store series id.
+
+    Everything of one series is one row of `table` (WIDTH floats, laid out by COLUMNS), so a
+    batch is a small matrix of additions (`delta`) over the series it touches: its new
+    totals are written to the store before anything here changes (`totals`), and only a
+    committed batch is added (`apply`)."""
 
     def __init__(self, lock: threading.Lock | None = None) -> None:
         self.lock = lock or threading.Lock()     # held by writers and, briefly, by readers taking a copy
@@ -41,26 +64,28 @@ class UsageMetrics(Collector):
         self._label_text: list[str] = []
         self.sids: list[int] = []
         self._row: dict[int, int] = {}
-        self._cap = 0
-        self.requests = np.zeros(0)
-        self.errors = np.zeros((0, len(ERROR_TYPES)))
-        self.tokens = np.zeros((0, len(TOKEN_TYPES)))
-        self.cost = np.zeros(0)
-        self.unpriced = np.zeros(0)
-        self.hist = {n: np.zeros((0, len(b))) for n, (_, b) in HISTOGRAMS.items()}
-        self.hist_sum = {n: np.zeros(0) for n in HISTOGRAMS}
-        self._grow(64)
+        self.table = np.zeros((64, WIDTH))
 
-    def _grow(self, cap: int) -> None:
-        def g(a: np.ndarray) -> np.ndarray:
-            out = np.zeros((cap,) + a.shape[1:])
-            out[: a.shape[0]] = a
-            return out
-        self.requests, self.errors, self.tokens = g(self.requests), g(self.errors), g(self.tokens)
-        self.cost, self.unpriced = g(self.cost), g(self.unpriced)
-        self.hist = {n: g(a) for n, a in self.hist.items()}
-        self.hist_sum = {n: g(a) for n, a in self.hist_sum.items()}
-        self._cap = cap
+    # Column views of the table (they follow it when it grows).
+    @property
+    def requests(self) -> np.ndarray:
+        return self.table[:, _REQ]
+
+    @property
+    def errors(self) -> np.ndarray:
+        return self.table[:, COLUMNS["errors"]]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.table[:, COLUMNS["tokens"]]
+
+    @property
+    def cost(self) -> np.ndarray:
+        return self.table[:, _COST]
+
+    @property
+    def unpriced(self) -> np.ndarray:
+        return self.table[:, _UNPRICED]
 
     def rows(self, series_ids: list[int], keys: list[tuple[str, str, str]]) -> np.ndarray:
         """Row index per series id, adding rows for new series."""
@@ -69,8 +94,10 @@ class UsageMetrics(Collector):
             r = self._row.get(sid)
             if r is None:
                 r = len(self.keys)
-                if r >= self._cap:
-                    self._grow(self._cap * 2)
+                if r >= self.table.shape[0]:
+                    grown = np.zeros((self.table.shape[0] * 2, WIDTH))
+                    grown[:r] = self.table[:r]
+                    self.table = grown
                 self._row[sid] = r
                 self.keys.append(key)
                 self.sids.append(sid)
@@ -78,19 +105,25 @@ class UsageMetrics(Collector):
             out[i] = r
         return out
 
-    def add(self, row: np.ndarray, cols: RecordColumns, cost: np.ndarray) -> None:
-        """Fold a batch in; `row` is each record's row (from `rows`)."""
-        np.add.at(self.requests, row, 1.0)
+    @staticmethod
+    def delta(series: np.ndarray, k: int, cols: RecordColumns, cost: np.ndarray) -> np.ndarray:
+        """A batch's additions as a (k, WIDTH) matrix: `series[i]` in [0, k) is the row of
+        record i. Pure: nothing here changes."""
+        d = np.zeros((k, WIDTH))
+        d[:, _REQ] = np.bincount(series, minlength=k)
         if cols.is_error.any():
             et = np.array([ERROR_TYPES.index(e) if e in ERROR_TYPES else len(ERROR_TYPES) - 1
                            for e in cols.error_type[cols.is_error]], dtype=np.int64)
-            np.add.at(self.errors, (row[cols.is_error], et), 1.0)
-        tok = np.stack([cols.input_tokens, cols.output_tokens, cols.cache_read_tokens,
-                        cols.cache_write_tokens, cols.reasoning_tokens], axis=1)
-        np.add.at(self.tokens, row, tok)
+            d[:, COLUMNS["errors"]] = np.bincount(series[cols.is_error] * len(ERROR_TYPES) + et,
+                                                  minlength=k * len(ERROR_TYPES)).reshape(k, len(ERROR_TYPES))
+        tok = COLUMNS["tokens"].start
+        for j, values in enumerate((cols.input_tokens, cols.output_tokens, cols.cache_read_tokens,
+                                    cols.cache_write_tokens, cols.reasoning_tokens)):
+            if values.any():
+                d[:, tok + j] = np.bincount(series, weights=values, minlength=k)
         priced = ~np.isnan(cost)
-        np.add.at(self.cost, row[priced], cost[priced])
-        np.add.at(self.unpriced, row[~priced], 1.0)
+        d[:, _COST] = np.bincount(series[priced], weights=cost[priced], minlength=k)
+        d[:, _UNPRICED] = np.bincount(series[~priced], minlength=k)
         for name, values in (("llm_request_duration_seconds", cols.latency),
                              ("llm_time_to_first_token_seconds", cols.ttft),
                              ("llm_output_tokens_per_second", cols.output_tokens_per_second)):
@@ -98,37 +131,43 @@ class UsageMetrics(Collector):
             if not ok.any():
                 continue
             bounds = np.array(HISTOGRAMS[name][1])
+            nb = len(bounds)
             b = np.searchsorted(bounds, values[ok], side="left")
-            np.add.at(self.hist[name], (row[ok], b), 1.0)
-            np.add.at(self.hist_sum[name], row[ok], values[ok])
+            d[:, COLUMNS[name]] = np.bincount(series[ok] * nb + b, minlength=k * nb).reshape(k, nb)
+            d[:, COLUMNS[name + "_sum"].start] = np.bincount(series[ok], weights=values[ok], minlength=k)
+        return d
+
+    def totals(self, series_ids: list[int], delta: np.ndarray) -> dict[int, bytes]:
+        """Each series' totals after `delta`, as the store keeps them; nothing here changes."""
+        out = {}
+        for j, sid in enumerate(series_ids):
+            r = self._row.get(sid)
+            row = delta[j] if r is None else self.table[r] + delta[j]
+            out[sid] = row.tobytes()
+        return out
+
+    def apply(self, series_ids: list[int], keys: list[tuple[str, str, str]], delta: np.ndarray) -> None:
+        """Add a committed batch (hold `lock`)."""
+        rows = self.rows(series_ids, keys)
+        self.table[rows] += delta                   # the series of one delta are distinct
+
+    def add(self, row: np.ndarray, cols: RecordColumns, cost: np.ndarray) -> None:
+        """Fold records in directly; `row` is each record's row (from `rows`)."""
+        uniq, inverse = np.unique(row, return_inverse=True)
+        self.table[uniq] += self.delta(inverse.reshape(-1), len(uniq), cols, cost)
 
     # --- persistence -------------------------------------------------------------------
 
     def dump(self, r: int) -> bytes:
         """One series' totals as bytes, for the store."""
-        parts = [self.requests[r:r + 1], self.errors[r], self.tokens[r], self.cost[r:r + 1], self.unpriced[r:r + 1]]
-        for n in HISTOGRAMS:
-            parts += [self.hist[n][r], self.hist_sum[n][r:r + 1]]
-        return np.concatenate(parts).astype(np.float64).tobytes()
+        return self.table[r].tobytes()
 
     def load(self, sid: int, key: tuple[str, str, str], blob: bytes) -> None:
         r = int(self.rows([sid], [key])[0])
         v = np.frombuffer(blob, dtype=np.float64)
-        i = 0
-
-        def take(n: int) -> np.ndarray:
-            nonlocal i
-            out = v[i:i + n]
-            i += n
-            return out
-        self.requests[r] = take(1)[0]
-        self.errors[r] = take(len(ERROR_TYPES))
-        self.tokens[r] = take(len(TOKEN_TYPES))
-        self.cost[r] = take(1)[0]
-        self.unpriced[r] = take(1)[0]
-        for n, (_, bounds) in HISTOGRAMS.items():
-            self.hist[n][r] = take(len(bounds))
-            self.hist_sum[n][r] = take(1)[0]
+        if v.size != WIDTH:
+            raise ValueError(f"stored totals of series {sid} hold {v.size} values, not {WIDTH}")
+        self.table[r] = v
 
     def row_of(self, sid: int) -> int | None:
         return self._row.get(sid)
@@ -140,9 +179,11 @@ class UsageMetrics(Collector):
         formatting (seconds at tens of thousands of series) never blocks ingest."""
         with self.lock:
             n = len(self.keys)
-            return Frozen(list(self.keys), list(self._label_text), self.requests[:n].copy(), self.errors[:n].copy(),
-                          self.tokens[:n].copy(), self.cost[:n].copy(), self.unpriced[:n].copy(),
-                          {k: v[:n].copy() for k, v in self.hist.items()}, {k: v[:n].copy() for k, v in self.hist_sum.items()})
+            t = self.table[:n].copy()
+            keys, labels = list(self.keys), list(self._label_text)
+        return Frozen(keys, labels, t[:, _REQ], t[:, COLUMNS["errors"]], t[:, COLUMNS["tokens"]], t[:, _COST],
+                      t[:, _UNPRICED], {k: t[:, COLUMNS[k]] for k in HISTOGRAMS},
+                      {k: t[:, COLUMNS[k + "_sum"].start] for k in HISTOGRAMS})
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: what a registry asks for when the collector is

@@ -16,12 +16,21 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import orjson
 
+from .rejections import DEFAULT_LIMIT, Rejected, Rejections
+
 ERROR_TYPES: tuple[str, ...] = ("rate_limit", "timeout", "server_error", "client_error", "content_filter", "other")
 TOKEN_TYPES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "reasoning")
 MAX_TEXT = 200
 MAX_TOKENS = 1_000_000_000
 MAX_COST = 1_000_000.0
 MAX_SECONDS = 86_400.0
+MAX_TOOL_NAMES = 32          # tool names kept per record (the count keeps every call)
+MAX_TOOL_NAME = 64
+# The accepted event times: 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z. Earlier (Go's zero
+# time 0001-01-01 is a common "unset") would give negative bucket starts; later cannot be
+# written as RFC 3339. Records more than an hour ahead of the clock are refused at ingest.
+MIN_TS = 0.0
+MAX_TS = 253_402_300_799.0
 
 # Other spellings of our fields, so that OpenAI-style usage blocks, LiteLLM spend logs and
 # OpenTelemetry GenAI attributes can be posted as they are.
@@ -69,6 +78,9 @@ class UsageRecord:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    service_tier: str | None = None
+    batch: bool = False
     cost_usd: float | None = None
     latency_s: float | None = None
     ttft_s: float | None = None
@@ -151,7 +163,8 @@ def _bool(name: str, v: Any) -> bool:
 
 
 def parse_ts(v: Any, now: float) -> float:
-    """RFC 3339 text or epoch seconds; epoch values above 1e11 are read as milliseconds."""
+    """RFC 3339 text or epoch seconds; epoch values above 1e11 are read as milliseconds.
+    The result lies in [MIN_TS, MAX_TS]."""
     if v is None or v == "":
         return now
     if isinstance(v, bool):
@@ -160,17 +173,24 @@ def parse_ts(v: Any, now: float) -> float:
         f = float(v)
         if not math.isfinite(f) or f < 0:
             raise RecordError("ts", f"must be a non-negative epoch time, got {v!r}")
-        return f / 1000.0 if f > 1e11 else f
-    if not isinstance(v, str):
+        t = f / 1000.0 if f > 1e11 else f
+    elif not isinstance(v, str):
         raise RecordError("ts", f"must be RFC 3339 text or epoch seconds, got {type(v).__name__}")
-    s = v.strip().replace("Z", "+00:00").replace("z", "+00:00")
-    try:
-        dt = datetime.fromisoformat(s)
-    except ValueError:
-        raise RecordError("ts", f"is not RFC 3339 or epoch seconds: {v!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    else:
+        s = v.strip().replace("Z", "+00:00").replace("z", "+00:00")
+        try:
+            dt = datetime.fromisoformat(s)
+        except ValueError:
+            raise RecordError("ts", f"is not RFC 3339 or epoch seconds: {v!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        try:
+            t = dt.timestamp()
+        except (OverflowError, ValueError):     # 0001-01-01 with a positive offset is before year 1 in UTC
+            t = -math.inf
+    if not MIN_TS <= t <= MAX_TS:
+        raise RecordError("ts", f"must lie between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z, got {v!r}")
+    return t
 
 
 def _looks_numeric(s: str) -> bool:
@@ -229,17 +249,19 @@ def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
     if v is None or v == "":
         return 0, ()
     if isinstance(v, list):
+        if not all(isinstance(call, (str, dict)) for call in v):
+            raise RecordError("tool_calls", "must be a count or a list of tool names / call objects")
+        if len(v) > MAX_TOKENS:
+            raise RecordError("tool_calls", f"must hold at most {MAX_TOKENS} calls")
         names: list[str] = []
-        for call in v:
+        for call in v[:MAX_TOOL_NAMES]:       # the names of the first calls; the count keeps them all
             if isinstance(call, str):
-                names.append(call[:64])
-            elif isinstance(call, dict):
+                names.append(call[:MAX_TOOL_NAME])
+            else:
                 fn = call.get("function")
                 name = call.get("name") or (fn.get("name") if isinstance(fn, dict) else None) or "?"
-                names.append(str(name)[:64])
-            else:
-                raise RecordError("tool_calls", "must be a count or a list of tool names / call objects")
-        return len(names), tuple(names)
+                names.append(str(name)[:MAX_TOOL_NAME])
+        return len(v), tuple(names)
     return _int("tool_calls", v), ()
 
 
@@ -251,6 +273,9 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
         for k, v in usage.items():
             key = ALIASES.get(k, k)
             out.setdefault(key, v)
+        lifetimes = usage.get("cache_creation")   # Anthropic: cache writes by cache lifetime
+        if isinstance(lifetimes, dict) and "ephemeral_1h_input_tokens" in lifetimes:
+            out.setdefault("cache_write_1h_tokens", lifetimes["ephemeral_1h_input_tokens"])
     for k, v in raw.items():
         if k in MILLISECOND_FIELDS and v not in (None, ""):
             target = MILLISECOND_FIELDS[k]
@@ -280,6 +305,11 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
     if isinstance(stop, list):
         stop = stop[0] if stop else None
     stream = _bool("stream", d.get("stream")) or ttft is not None
+    cache_write = _int("cache_write_tokens", d.get("cache_write_tokens"))
+    cache_write_1h = _int("cache_write_1h_tokens", d.get("cache_write_1h_tokens"))
+    if cache_write_1h > cache_write:
+        raise RecordError("cache_write_1h_tokens", f"({cache_write_1h}) is part of cache_write_tokens "
+                                                   f"({cache_write}) and cannot exceed it")
     return UsageRecord(
         ts=parse_ts(d.get("ts"), now),
         provider=_text("provider", d.get("provider"), required=True, lower=True),  # type: ignore[arg-type]
@@ -289,8 +319,11 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
         input_tokens=_int("input_tokens", d.get("input_tokens")),
         output_tokens=_int("output_tokens", d.get("output_tokens")),
         cache_read_tokens=_int("cache_read_tokens", d.get("cache_read_tokens")),
-        cache_write_tokens=_int("cache_write_tokens", d.get("cache_write_tokens")),
+        cache_write_tokens=cache_write,
         reasoning_tokens=_int("reasoning_tokens", d.get("reasoning_tokens")),
+        cache_write_1h_tokens=cache_write_1h,
+        service_tier=_text("service_tier", d.get("service_tier"), lower=True),
+        batch=_bool("batch", d.get("batch")),
         cost_usd=_float("cost_usd", d.get("cost_usd"), MAX_COST),
         latency_s=latency,
         ttft_s=ttft,
@@ -317,43 +350,124 @@ class BodyError(ValueError):
 
 
 @dataclass(slots=True)
-class Rejected:
-    index: int
-    field: str
-    reason: str
+class Decoded:
+    """A POST body split into decoded JSON values: `items[k]` is record number `indices[k]`
+    (None: k); records that did not decode are in `rejections` under their number."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "field": self.field, "reason": self.reason}
+    items: list[Any]
+    indices: list[int] | None
+    rejections: Rejections
 
 
-def decode_body(body: bytes, content_type: str = "") -> list[Any | Rejected]:
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
+
+
+def decode_body(body: bytes, content_type: str = "", max_errors: int = DEFAULT_LIMIT) -> Decoded:
     """Split a POST body into decoded items: one object, an array, or NDJSON lines.
 
-    Items of an NDJSON body that fail to decode come back as `Rejected` so that the other
-    lines still count; a malformed single JSON document raises BodyError.
+    Lines of an NDJSON body that fail to decode are rejected under their record number, so
+    the other lines still count; a malformed single JSON document raises BodyError.
     """
     ct = content_type.split(";")[0].strip().lower()
     text = body.strip()
     if not text:
         raise BodyError("empty body: send a JSON object, a JSON array or NDJSON")
-    ndjson = ct in ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
+    ndjson = ct in NDJSON_TYPES
     if not ndjson and ct not in ("application/json",) and not text.startswith(b"[") and b"\n" in text:
         try:        # a pretty-printed object is one document; NDJSON never parses as one
             doc = orjson.loads(text)
-            return doc if isinstance(doc, list) else [doc]
+            return Decoded(doc if isinstance(doc, list) else [doc], None, Rejections(max_errors))
         except orjson.JSONDecodeError:
             ndjson = True
     if ndjson:
-        return list(_decode_lines(text.split(b"\n")))
+        return decode_ndjson(text, max_errors)
     try:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError as e:
         raise BodyError(f"malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}",
                         e.lineno, e.colno, e.pos) from None
-    return doc if isinstance(doc, list) else [doc]
+    return Decoded(doc if isinstance(doc, list) else [doc], None, Rejections(max_errors))
+
+
+_BLANK = np.zeros(256, dtype=bool)
+_BLANK[[ord(" "), ord("\t"), ord("\r"), ord("\n")]] = True
+
+
+def decode_ndjson(text: bytes, max_errors: int = DEFAULT_LIMIT) -> Decoded:
+    """NDJSON lines as records; blank lines are skipped and not numbered.
+
+    Lines are found with numpy, a slice of about a megabyte at a time, and only a line
+    whose first character is `{` is handed to the JSON decoder: any other line cannot be a
+    record, so it is counted as rejected and decoded again only if it is among the
+    rejections kept for the answer. Eight million junk lines cost some arrays of offsets
+    per slice, not eight million Python objects."""
+    rejections = Rejections(max_errors)
+    items: list[Any] = []
+    indices: list[int] = []
+    at, counted, lines = 0, 0, 0
+    while at < len(text):
+        cut = text.find(b"\n", min(at + NDJSON_SLICE, len(text)))
+        cut = len(text) if cut < 0 else cut + 1
+        counted, lines = _decode_slice(text, at, cut, counted, lines, items, indices, rejections)
+        at = cut
+    return Decoded(items, indices, rejections)
+
+
+NDJSON_SLICE = 1 << 20
+
+
+def _decode_slice(text: bytes, at: int, cut: int, counted: int, lines: int, items: list[Any], indices: list[int],
+                  rejections: Rejections) -> tuple[int, int]:
+    """Decode the lines of text[at:cut] (whole lines); `counted` records and `lines` lines
+    came before them. Returns both counts after them."""
+    buf = np.frombuffer(text, dtype=np.uint8, count=cut - at, offset=at)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], ends + 1))
+    ends = np.concatenate((ends, [buf.size]))
+    first = np.where(ends > starts, buf[np.minimum(starts, max(buf.size - 1, 0))], 10).astype(np.uint8)
+    blank = _BLANK[first]
+    if blank.any():         # a line starting with white space: strip it in Python (rare in real logs)
+        for j in np.flatnonzero(blank & (ends > starts)).tolist():
+            stripped = text[at + starts[j]:at + ends[j]].lstrip()
+            first[j] = stripped[0] if stripped else 10
+        blank = _BLANK[first]
+    line = np.flatnonzero(~blank)                   # non-blank lines, in order: record counted + k is line[k]
+    objects = first[line] == ord("{")
+    failed: list[int] = []
+    for k, s, e in zip(np.flatnonzero(objects).tolist(), starts[line[objects]].tolist(), ends[line[objects]].tolist()):
+        try:
+            items.append(orjson.loads(text[at + s:at + e]))
+            indices.append(counted + k)
+        except orjson.JSONDecodeError:
+            failed.append(k)
+    bad = np.flatnonzero(~objects)
+    if failed:
+        bad = np.sort(np.concatenate([bad, np.asarray(failed, dtype=np.int64)]))
+
+    def explain(j: int) -> Rejected:
+        k = int(bad[j])
+        n = int(line[k])
+        return _line_rejection(counted + k, lines + n + 1, text[at + starts[n]:at + ends[n]])
+    rejections.add_many(bad + counted, explain)
+    return counted + int(line.size), lines + int(starts.size) - (buf.size > 0 and buf[-1] == 10)
+
+
+def _line_rejection(index: int, line_no: int, raw: bytes) -> Rejected:
+    """Why NDJSON line `line_no` (record `index`) is not a record."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        return Rejected(index, "record", f"malformed JSON on line {line_no} column {e.colno}: {e.msg}")
+    return Rejected(index, "record", f"must be a JSON object, got {_json_type(value)}")
+
+
+def _json_type(value: Any) -> str:
+    return type(value).__name__
 
 
 def _decode_lines(lines: Iterable[bytes]) -> Iterator[Any | Rejected]:
+    """Lines of a history file, one decoded value (or the Rejected of a bad line) per
+    non-blank line."""
     index = 0
     for line_no, line in enumerate(lines, start=1):
         line = line.strip()
@@ -430,6 +544,9 @@ class RecordColumns:
     operation: np.ndarray
     stream: np.ndarray
     tool_names: np.ndarray
+    cache_write_1h_tokens: np.ndarray   # the part of cache_write_tokens written with a 1-hour lifetime
+    service_tier: np.ndarray
+    batch: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -485,4 +602,7 @@ def to_columns(records: Sequence[UsageRecord], costs: Sequence[float | None] | N
         operation=ocol(lambda r: r.operation),
         stream=col(lambda r: r.stream, np.bool_),
         tool_names=ocol(lambda r: r.tool_names),
+        cache_write_1h_tokens=col(lambda r: r.cache_write_1h_tokens, np.int64),
+        service_tier=ocol(lambda r: r.service_tier),
+        batch=col(lambda r: r.batch, np.bool_),
     )

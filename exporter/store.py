@@ -27,9 +27,11 @@ import math
 import os
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import orjson
@@ -69,7 +71,49 @@ _BEFORE_ANY_SERIES = -(2**63)
 
 
 class StoreError(RuntimeError):
-    """The store cannot be opened or written; the message says which file and why."""
+    """The store cannot be opened, read or written; the message names the file, says why and
+    what to do. `kind` sorts the cause for the HTTP edge and the logs: locked, full,
+    readonly, corrupt, io or other."""
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# SQLite's primary result codes, by what an operator does about them.
+_KINDS = {"SQLITE_BUSY": "locked", "SQLITE_LOCKED": "locked", "SQLITE_FULL": "full", "SQLITE_READONLY": "readonly",
+          "SQLITE_PERM": "readonly", "SQLITE_CANTOPEN": "readonly", "SQLITE_CORRUPT": "corrupt", "SQLITE_NOTADB": "corrupt",
+          "SQLITE_IOERR": "io"}
+
+
+def error_kind(e: sqlite3.Error) -> str:
+    """The kind of a SQLite error from its primary result code (SQLITE_IOERR_WRITE -> io)."""
+    name = getattr(e, "sqlite_errorname", None) or ""
+    primary = "_".join(name.split("_")[:2])
+    if primary in _KINDS:
+        return _KINDS[primary]
+    text = str(e).lower()     # errors raised before a result code is known (closed database, ...)
+    if "locked" in text:
+        return "locked"
+    if "malformed" in text or "not a database" in text:
+        return "corrupt"
+    return "other"
+
+
+def describe(e: sqlite3.Error, path: str, action: str) -> StoreError:
+    """A StoreError naming the file, the failed action, SQLite's reason and what to do."""
+    kind = error_kind(e)
+    hint = {
+        "locked": "another process holds a write lock on it (a second exporter on the same file?); "
+                  "stop that process or give this one its own --db",
+        "full": "the disk (or the database's size limit) is full; free space and the exporter resumes by itself",
+        "readonly": "this process cannot write it; make the file, its -wal and -shm files and its directory "
+                    "writable by the exporter's user, or point --db elsewhere",
+        "corrupt": "the file is damaged; restore it from a backup, or move it aside to start empty "
+                   "(`sqlite3 FILE .recover | sqlite3 NEW.db` salvages what is readable)",
+        "io": "the operating system reported an I/O error; check the disk and the file system",
+    }.get(kind)
+    return StoreError(f"db: {action} {path} failed: {e}" + (f": {hint}" if hint else ""), kind)
 
 
 @dataclass(slots=True)
@@ -86,6 +130,7 @@ class BatchWrite:
     """Everything one ingest batch changes, written in one transaction."""
 
     dedupe: tuple[float, bytes] | None = None
+    series: list[tuple[int, str, str, str]] = field(default_factory=list)   # new (id, app, provider, model)
     records: tuple[float, float, bytes] | None = None
     groups: Groups | None = None
     totals: dict[int, bytes] = field(default_factory=dict)
@@ -100,39 +145,65 @@ class Store:
     `keep_records=False` (record retention 0) keeps raw records only as the journal:
     they are deleted once folded into the buckets and never served."""
 
-    def __init__(self, path: Path | str, keep_records: bool = True, checkpoint_batches: int = CHECKPOINT_BATCHES) -> None:
+    def __init__(self, path: Path | str, keep_records: bool = True, checkpoint_batches: int = CHECKPOINT_BATCHES,
+                 busy_timeout: float = 5.0) -> None:
         self.path = str(path)
         self.keep_records = keep_records
         self.checkpoint_batches = checkpoint_batches
-        try:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={os.environ.get('LLM_EXPORTER_SQLITE_SYNCHRONOUS', 'NORMAL')}")
-            self._db.executescript(SCHEMA)
-        except sqlite3.Error as e:
-            raise StoreError(f"db: cannot open {self.path}: {e}") from None
         self._lock = threading.RLock()
-        self._series: dict[tuple[str, str, str], int] = {
-            (a, p, m): i for i, a, p, m in self._db.execute("SELECT id, app, provider, model FROM series")}
-        self._keys = {i: k for k, i in self._series.items()}
+        self.errors_total = 0
+        self.writable = True                   # the last write committed (readiness)
+        self.last_error: str | None = None
+        self._open(busy_timeout)
         self._cache: dict[tuple[int, int, int], Bucket] = {}
         self._newest: dict[int, int] = {}
         self._writes = 0
-        self.errors_total = 0
         self._pending: list[Groups] = []       # sparse minute groups of committed, unfolded batches
         self._pending_through = 0              # the journal row of the newest of them
-        if self.get_meta("schema_version") is None:
-            self.set_meta("schema_version", SCHEMA_VERSION)
-        if self.get_meta("dedupe_hash") != HASH_NAME:
-            self._forget_foreign_hashes()
-        folded = self.get_meta("folded_through")
-        if folded is None:   # a new file, or one written before checkpoints: its buckets are complete
-            (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()
-            self.set_meta("folded_through", str(last))
-            folded = str(last)
-        self.folded_through = int(folded)
+
+    def _open(self, busy_timeout: float) -> None:
+        """Open the file and prove it writable, or raise one StoreError that says what to do."""
+        if self.path != ":memory:":
+            p = Path(self.path)
+            if p.is_dir():
+                raise StoreError(f"db: {self.path} is a directory; point --db at a file (it is created if missing)")
+            blocker = next((a for a in p.parents if a.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise StoreError(f"db: cannot create {self.path}: {blocker} is a file, not a directory; "
+                                 "point --db elsewhere", "readonly")
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"db: cannot create the directory {p.parent} for {self.path}: {e.strerror}; "
+                                 "create it, writable by the exporter's user, or point --db elsewhere", "readonly") from None
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
+        except sqlite3.Error as e:
+            raise describe(e, self.path, "opening") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={os.environ.get('LLM_EXPORTER_SQLITE_SYNCHRONOUS', 'NORMAL')}")
+            self._db.executescript(SCHEMA)
+            self.probe()           # a real commit: a read-only, locked or full file fails here, at start-up
+            self._series: dict[tuple[str, str, str], int] = {
+                (a, p, m): i for i, a, p, m in self._db.execute("SELECT id, app, provider, model FROM series")}
+            self._keys = {i: k for k, i in self._series.items()}
+            if self.get_meta("schema_version") is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+            if self.get_meta("dedupe_hash") != HASH_NAME:
+                self._forget_foreign_hashes()
+            folded = self.get_meta("folded_through")
+            if folded is None:   # a new file, or one written before checkpoints: its buckets are complete
+                (last,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()
+                self.set_meta("folded_through", str(last))
+                folded = str(last)
+            self.folded_through = int(folded)
+        except sqlite3.Error as e:
+            self._db.close()
+            raise describe(e, self.path, "opening") from None
+        except StoreError:
+            self._db.close()
+            raise
 
     def _forget_foreign_hashes(self) -> None:
         """Request-id hashes written with another hash function cannot match new ones."""
@@ -151,21 +222,74 @@ class Store:
                 log.exception("final checkpoint failed; the journal is folded at the next start")
             self._db.close()
 
+    # --- errors and transactions ------------------------------------------------------
+
+    def _failed(self, e: sqlite3.Error, action: str) -> NoReturn:
+        """Roll back whatever is open (SQLite may have done it already: a failed BEGIN, or
+        a full disk), count the failure, and raise it as a StoreError."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("db %s: rollback after a failed %s failed too", self.path, action)
+        self.errors_total += 1
+        err = describe(e, self.path, action)
+        self.writable = False
+        self.last_error = str(err)
+        raise err from None
+
+    def _committed(self) -> None:
+        self.writable = True
+        self.last_error = None
+
+    @contextmanager
+    def _reading(self, action: str) -> Iterator[None]:
+        """Turn a SQLite error of a read into a counted StoreError (a damaged page, an I/O error)."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            self.errors_total += 1
+            raise describe(e, self.path, action) from None
+
+    def probe(self) -> None:
+        """Commit one small write: proves the file writable (start-up, and readiness after a failure)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_write_probe', ?)", (repr(time.time()),))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._failed(e, "writing to")
+            self._committed()
+
     # --- series ----------------------------------------------------------------------
 
     def series_ids(self, keys: Sequence[tuple[str, str, str]]) -> list[int]:
-        """Ids for (app, provider, model) keys, creating the new ones."""
-        out = []
+        """Ids for (app, provider, model) keys, creating the new ones in one transaction
+        (start-up and tools; ingest plans new series into its batch's own transaction)."""
         with self._lock:
-            for k in keys:
-                sid = self._series.get(k)
-                if sid is None:
-                    cur = self._db.execute("INSERT INTO series (app, provider, model) VALUES (?, ?, ?)", k)
-                    sid = int(cur.lastrowid)  # type: ignore[arg-type]
-                    self._series[k] = sid
-                    self._keys[sid] = k
-                out.append(sid)
-        return out
+            known = self.known_series(keys)
+            new: dict[tuple[str, str, str], int] = {}
+            for k, sid in zip(keys, known):
+                if sid is None and k not in new:
+                    new[k] = self.next_series_id + len(new)
+            if new:
+                self.write(BatchWrite(series=[(i, *k) for k, i in new.items()]))
+            return [self._series[k] for k in keys]
+
+    def known_series(self, keys: Sequence[tuple[str, str, str]]) -> list[int | None]:
+        """The id of each key, None for keys never stored."""
+        get = self._series.get
+        return [get(k) for k in keys]
+
+    @property
+    def next_series_id(self) -> int:
+        """The id the next new series gets (ingest has one writer: ids are planned before the commit)."""
+        return max(self._keys, default=0) + 1
+
+    @property
+    def series_count(self) -> int:
+        return len(self._keys)
 
     def series(self) -> dict[int, tuple[str, str, str]]:
         """A copy of id -> (app, provider, model), safe to iterate while ingest goes on."""
@@ -226,6 +350,8 @@ class Store:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                if batch.series:
+                    self._db.executemany("INSERT INTO series (id, app, provider, model) VALUES (?, ?, ?, ?)", batch.series)
                 if batch.dedupe is not None:
                     self._db.execute("INSERT INTO dedupe (seen, hashes) VALUES (?, ?)", batch.dedupe)
                 if batch.totals:
@@ -244,9 +370,11 @@ class Store:
                     self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
-                self.errors_total += 1
-                raise StoreError(f"db: write to {self.path} failed: {e}") from None
+                self._failed(e, "write to")
+            self._committed()
+            for sid, app, provider, model in batch.series:
+                self._series[(app, provider, model)] = sid
+                self._keys[sid] = (app, provider, model)
             if batch.groups is not None and len(batch.groups):
                 if row_id is None:
                     raise ValueError("a batch with groups needs its records: they are the journal the buckets are rebuilt from")
@@ -278,16 +406,15 @@ class Store:
                     self._db.execute("DELETE FROM records WHERE id <= ?", (self._pending_through,))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
                 self._cache.clear()  # cached buckets may hold the rolled-back additions
-                self.errors_total += 1
-                raise StoreError(f"db: checkpoint of {self.path} failed: {e}") from None
+                self._failed(e, "checkpoint of")
+            self._committed()
             self.folded_through = self._pending_through
             self._pending.clear()
 
     def unfolded(self) -> Iterator[tuple[int, bytes]]:
         """(row id, blob) of journal rows written after the last checkpoint (after a crash)."""
-        with self._lock:
+        with self._lock, self._reading("reading the journal of"):
             rows = self._db.execute("SELECT id, data FROM records WHERE id > ? ORDER BY id",
                                     (self.folded_through,)).fetchall()
         yield from rows
@@ -301,12 +428,12 @@ class Store:
     # --- reads for start-up ----------------------------------------------------------
 
     def totals(self) -> dict[int, bytes]:
-        with self._lock:
+        with self._lock, self._reading("reading counter totals from"):
             return dict(self._db.execute("SELECT series, data FROM totals"))
 
     def label_values(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        with self._lock:
+        with self._lock, self._reading("reading label values from"):
             for label, value in self._db.execute("SELECT label, value FROM label_values ORDER BY rowid"):
                 out.setdefault(label, []).append(value)
         return out
@@ -320,7 +447,7 @@ class Store:
             q += f" AND series IN ({','.join('?' * len(ids))})"
             args += ids
         self._checkpoint_for_read()
-        with self._lock:
+        with self._lock, self._reading("reading buckets from"):
             rows = self._db.execute(q + " ORDER BY start", args).fetchall()
         for st, sid, adds, *sk in rows:
             yield int(st), int(sid), np.frombuffer(adds, dtype=np.float64), {k: sketch.decode(sk[i]) for i, k in enumerate(SKETCHES)}
@@ -357,13 +484,13 @@ class Store:
         at = int(start)
         self._checkpoint_for_read()
         while True:
-            with self._lock:
+            with self._lock, self._reading("reading buckets from"):
                 found = self._db.execute(next_start, (res, at, int(end))).fetchone()
             if found is None:
                 return
             at, after = int(found[0]), _BEFORE_ANY_SERIES
             while True:
-                with self._lock:
+                with self._lock, self._reading("reading buckets from"):
                     rows = self._db.execute(page, (res, at, after, page_rows)).fetchall()
                 if rows:
                     yield StoredRows.from_rows(at, rows)
@@ -373,12 +500,12 @@ class Store:
             at += 1
 
     def daily_costs(self) -> list[tuple[str, int, float]]:
-        with self._lock:
+        with self._lock, self._reading("reading daily cost from"):
             return self._db.execute("SELECT app, day, cost FROM daily_cost ORDER BY day").fetchall()
 
     def dedupe_hashes(self, since: float) -> Iterator[tuple[float, np.ndarray]]:
         """(seen, hashes) of every batch remembered since `since`."""
-        with self._lock:
+        with self._lock, self._reading("reading the dedupe window from"):
             rows = self._db.execute("SELECT seen, hashes FROM dedupe WHERE seen >= ? ORDER BY id", (since,)).fetchall()
         for seen, blob in rows:
             yield seen, np.frombuffer(blob, dtype=np.int64)
@@ -392,7 +519,7 @@ class Store:
         left = math.inf if limit is None else limit
         last_id = None
         while left > 0:
-            with self._lock:   # page through so a long export does not hold the lock
+            with self._lock, self._reading("reading records from"):   # page through: a long export never holds the lock
                 page = self._db.execute(
                     q.replace("ORDER BY", "AND id " + ("<" if newest_first else ">") + " ? ORDER BY") + " LIMIT 64",
                     (start, end, last_id if last_id is not None else (math.inf if newest_first else -1))).fetchall()
@@ -400,7 +527,12 @@ class Store:
                 return
             for rid, data in page:
                 last_id = rid
-                batch = stored_records(data)
+                try:
+                    batch = stored_records(data)
+                except (ValueError, KeyError, TypeError) as e:   # SQLite read the page, but it holds garbage
+                    self.errors_total += 1
+                    raise StoreError(f"db: reading records from {self.path} failed: batch {rid} cannot be decoded "
+                                     f"({e}): the file is damaged; restore it from a backup", "corrupt") from None
                 for rec in (reversed(batch) if newest_first else batch):
                     if start <= rec["ts"] < end:
                         yield rec
@@ -411,21 +543,26 @@ class Store:
     # --- meta, notifications, pruning ------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        with self._lock:
+        with self._lock, self._reading("reading meta from"):
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self.write(BatchWrite(meta={key: value}))
 
     def add_notification(self, received_at: float, body: dict[str, Any], keep: int = 1000) -> None:
         with self._lock:
-            self._db.execute("INSERT INTO notifications (received_at, body) VALUES (?, ?)", (received_at, orjson.dumps(body)))
-            self._db.execute("DELETE FROM notifications WHERE id <= (SELECT MAX(id) FROM notifications) - ?", (keep,))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT INTO notifications (received_at, body) VALUES (?, ?)", (received_at, orjson.dumps(body)))
+                self._db.execute("DELETE FROM notifications WHERE id <= (SELECT MAX(id) FROM notifications) - ?", (keep,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._failed(e, "storing a notification in")
+            self._committed()
 
     def notifications(self, limit: int = 100) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._lock, self._reading("reading notifications from"):
             rows = self._db.execute("SELECT received_at, body FROM notifications ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [{"received_at": r, **orjson.loads(b)} for r, b in rows]
 
@@ -442,8 +579,7 @@ class Store:
                 self._db.execute("DELETE FROM daily_cost WHERE day < ?", (int(now // 86400) - 400,))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
-                self.errors_total += 1
-                raise StoreError(f"db: pruning {self.path} failed: {e}") from None
+                self._failed(e, "pruning")
+            self._committed()
             self._cache = {k: v for k, v in self._cache.items()
                            if k[1] >= now - (minute_retention if k[0] == 60 else horizon)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from .engine import Engine
-from .records import _decode_lines
+from .records import decode_ndjson
 from .store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
@@ -51,15 +51,18 @@ class TailFollower:
         if end < 0:
             return 0
         chunk = data[: end + 1]
-        items = list(_decode_lines(chunk.split(b"\n")))
+        decoded = decode_ndjson(chunk, self.engine.settings.max_errors_listed)
+        records = len(decoded.items) + decoded.rejections.total
         new_offset = self.offset + len(chunk)
         meta = {self.key: orjson.dumps([self.inode, new_offset]).decode()}
-        result = self.engine.ingest(items, meta=meta)
+        result = self.engine.ingest(decoded.items, meta=meta, indices=decoded.indices, rejections=decoded.rejections)
         self.offset = new_offset
         for r in result.rejected:
             log.warning("%s: line record %d rejected: %s: %s", self.path, r.index, r.field, r.reason)
-        self.rejected_total += len(result.rejected)
-        return len(items)
+        if result.rejections.omitted:
+            log.warning("%s: %d more records rejected in this read", self.path, result.rejections.omitted)
+        self.rejected_total += result.rejected_total
+        return records
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Settings, load_settings
@@ -176,6 +176,14 @@ def sample_sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], na
     return total
 
 
+def close_to(expected: Any, rel: float = 1e-9, abs: float = 1e-12) -> Any:
+    """`pytest.approx` for a number and the value itself for anything else (a severity name,
+    None): pytest 9.2 and later refuse approx with a tolerance on values that are not numbers."""
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return pytest.approx(expected, rel=rel, abs=abs)
+    return expected
+
+
 # --- a real server ---------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -185,8 +193,10 @@ def free_port() -> int:
 
 
 def exporter_command() -> list[str]:
-    exe = shutil.which("llm-usage-exporter")
-    return [exe] if exe else [sys.executable, "-m", "exporter.cli"]
+    """The console script installed beside the running interpreter (under `make test`, the
+    project's .venv), so a test never starts another install that happens to be on PATH."""
+    script = Path(sys.executable).with_name("llm-usage-exporter")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "exporter.cli"]
 
 
 class Server:
@@ -197,7 +207,8 @@ class Server:
     """
 
     def __init__(self, tmp_path: Path, db: Path, *args: str, env: dict[str, str] | None = None,
-                 port: int | None = None, evaluation_interval: str = "0.2") -> None:
+                 port: int | None = None, evaluation_interval: str = "0.2", prefix: Sequence[str] = ()) -> None:
+        self.prefix = list(prefix)     # e.g. prlimit or setpriv before the command
         self.tmp_path = tmp_path
         self.db = db
         self.port = port or free_port()
@@ -212,7 +223,7 @@ class Server:
     def start(self, timeout: float = 60.0) -> "Server":
         log_path = self.tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(log_path, "wb")
-        cmd = exporter_command() + ["serve", "--db", str(self.db), "--port", str(self.port),
+        cmd = self.prefix + exporter_command() + ["serve", "--db", str(self.db), "--port", str(self.port),
                                     "--evaluation-interval", self.evaluation_interval, "--log-level", "warning", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         self.log_path = log_path

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from helpers import CLEAN_ENV, HOUR, T0, engine_at, exporter_command, ingest_by_day, settings_for, steady_hour, value
+from helpers import CLEAN_ENV, HOUR, T0, close_to, engine_at, exporter_command, ingest_by_day, settings_for, steady_hour, value
 
 from exporter.evaluator import Snapshot
 from exporter.replay import backtest, load_records
@@ -64,7 +64,7 @@ def test_backtest_snapshot_matches_live_evaluation(tmp_path: Path) -> None:
     for k, row in lv.items():
         for field in ("severity", "current", "baseline", "ratio", "zscore", "change_zscore", "band_lower", "band_upper",
                       "baseline_hours", "requests_in_window"):
-            assert bt[k][field] == pytest.approx(row[field], rel=1e-9, abs=1e-12), (k, field)
+            assert bt[k][field] == close_to(row[field], rel=1e-9, abs=1e-12), (k, field)
     # the scenario is not trivially quiet: the spike and the slowdown are judged the same way
     assert lv[("cost_per_hour", "app", "search", None, None)]["severity"] == "high"
     assert lv[("latency_p95", "model", None, "anthropic", "claude-3-5-haiku")]["severity"] == "warning"

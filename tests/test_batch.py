@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,9 @@ VALID = {
     "stop_reason": st.one_of(st.none(), st.sampled_from(["stop", "LENGTH", ["tool_calls"], [], " "])),
     "tool_calls": st.one_of(st.none(), st.integers(0, 5), st.sampled_from([["search"], [{"name": "a"}]])),
     "prompt": st.text(max_size=5),
+    "cache_write_1h_tokens": st.integers(0, 12),       # above cache_write_tokens sometimes: refused
+    "service_tier": st.one_of(st.none(), st.sampled_from(["flex", " Priority ", "default", "turbo", ""])),
+    "batch": st.one_of(st.booleans(), st.none()),
 }
 BAD = st.sampled_from([-1, -0.5, "x", "", "12", True, [1], {"a": 1}, 1.5e12, 2e9, "x" * 201, 7, None, "yesterday"])
 
@@ -81,7 +85,8 @@ def test_stored_blob_round_trips_without_text() -> None:
     items = [{"provider": "openai", "model": "gpt-4o", "app": "Bot", "input_tokens": 3, "ttft_s": 0.1, "latency_s": 0.5,
               "tool_calls": [{"function": {"name": "lookup", "arguments": "{\"q\": \"secret question\"}"}}],
               "prompt": "secret question", "request_id": "r1"},
-             {"provider": "anthropic", "model": "claude-3-5-haiku", "status": 429}]
+             {"provider": "anthropic", "model": "claude-3-5-haiku", "status": 429, "cache_write_tokens": 9,
+              "cache_write_1h_tokens": 4, "service_tier": "priority", "batch": True}]
     cols, _, _ = parse_batch(items, NOW)
     raw = {"app": cols.app, "provider": cols.provider, "model": cols.model}
     blob = stored_blob(cols, raw)
@@ -89,9 +94,21 @@ def test_stored_blob_round_trips_without_text() -> None:
     rows = stored_records(blob)
     assert rows[0]["tool_calls"] == ["lookup"] and rows[0]["app"] == "Bot" and rows[0]["ttft_s"] == 0.1
     assert rows[1]["status"] == "error" and rows[1]["error_type"] == "rate_limit" and rows[1]["cost_usd"] is None
+    assert (rows[1]["cache_write_1h_tokens"], rows[1]["service_tier"], rows[1]["batch"]) == (4, "priority", True)
     again, rejected, _ = parse_batch(rows, NOW)       # what is stored parses back to the same columns
     assert not rejected
     assert_same(again, cols)
+
+
+def test_blobs_stored_before_the_pricing_fields_still_read() -> None:
+    cols, _, _ = parse_batch([{"provider": "p", "model": "m", "input_tokens": 1}], NOW)
+    doc = orjson.loads(stored_blob(cols, {"app": cols.app, "provider": cols.provider, "model": cols.model}))
+    for f in ("cache_write_1h_tokens", "service_tier", "batch"):
+        del doc[f]
+    rows = stored_records(orjson.dumps(doc))
+    assert rows[0]["service_tier"] is None and rows[0]["input_tokens"] == 1
+    again, rejected, _ = parse_batch(rows, NOW)
+    assert not rejected and again.batch.tolist() == [False]
 
 
 def test_concat_and_take_keep_every_column() -> None:

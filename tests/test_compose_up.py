@@ -13,7 +13,7 @@ network and maps the service names to 127.0.0.1, so nothing leaves 127.0.0.1 but
 builds' package downloads. The stack therefore listens on the shipped ports (9473, 9090,
 9093), which must be free.
 
-Run alone: `python3 -m pytest -m compose` (about five minutes, most of it the demo's week of
+Run alone: `.venv/bin/python -m pytest -m compose` (about five minutes, most of it the demo's week of
 backfill and its injected agent loop paging through the real rules and routes; eight to
 nine minutes when the stand-ins are not cached yet). The private daemon keeps its images
 and containers on a tmpfs, about 5 GB at the peak.

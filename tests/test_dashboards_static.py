@@ -37,7 +37,7 @@ CONTRACT_METRICS = {
     "llm_exporter_build_info", "llm_exporter_records", "llm_exporter_label_overflow",
     "llm_exporter_evaluation_duration_seconds", "llm_exporter_last_record_timestamp_seconds",
     "llm_exporter_store_errors", "llm_exporter_evaluation_errors", "llm_exporter_last_evaluation_timestamp_seconds",
-    "llm_exporter_sessions_overflow",
+    "llm_exporter_sessions_overflow", "llm_exporter_ingest_queue_bytes", "llm_exporter_ingest_throttled",
 }
 
 

@@ -82,6 +82,10 @@ def test_app_keeps_its_case_but_is_trimmed() -> None:
     ("latency_s", 86401, "must be between 0 and 86400, got 86401"),
     ("ttft_s", "soon", "must be a number, got 'soon'"),
     ("stream", "maybe", "must be true or false, got 'maybe'"),
+    ("batch", "sometimes", "must be true or false, got 'sometimes'"),
+    ("service_tier", ["flex"], "must be a string, got list"),
+    ("cache_write_1h_tokens", -1, f"must be between 0 and {MAX_TOKENS}, got -1"),
+    ("cache_write_1h_tokens", 5, "(5) is part of cache_write_tokens (0) and cannot exceed it"),
     ("request_had_tools", 2, "must be true or false, got 2"),
     ("status", "exploded", "must be 'ok', 'error' or an HTTP status code, got 'exploded'"),
     ("status", True, "must be a string, got bool"),
@@ -147,6 +151,16 @@ def test_anthropic_usage_block_with_cache_tokens() -> None:
                       "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 700,
                                 "cache_creation_input_tokens": 90}}, NOW)
     assert (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens) == (10, 5, 700, 90)
+
+
+def test_anthropic_cache_lifetimes_and_service_tier() -> None:
+    """Anthropic reports one-hour cache writes in usage.cache_creation and the tier in usage.service_tier."""
+    r = parse_record({"provider": "anthropic", "model": "claude-sonnet-4-5",
+                      "usage": {"input_tokens": 10, "cache_creation_input_tokens": 90, "service_tier": "Priority",
+                                "cache_creation": {"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 60}}}, NOW)
+    assert (r.cache_write_tokens, r.cache_write_1h_tokens, r.service_tier, r.batch) == (90, 60, "priority", False)
+    assert parse(service_tier="flex", batch=True).batch is True
+    assert parse().service_tier is None
 
 
 def test_otel_genai_attribute_names() -> None:
@@ -242,13 +256,14 @@ def test_tool_calls_count_and_long_names() -> None:
 # --- bodies -------------------------------------------------------------------------------
 
 def test_decode_body_shapes() -> None:
-    assert decode_body(orjson.dumps(BASE)) == [BASE]
-    assert decode_body(orjson.dumps([BASE, BASE])) == [BASE, BASE]
+    assert decode_body(orjson.dumps(BASE)).items == [BASE]
+    assert decode_body(orjson.dumps([BASE, BASE])).items == [BASE, BASE]
     nd = b'{"provider":"a","model":"m"}\n\n{"provider":"b","model":"m"}\n'
-    assert [d["provider"] for d in decode_body(nd, "application/x-ndjson")] == ["a", "b"]
-    assert [d["provider"] for d in decode_body(nd)] == ["a", "b"]          # several lines, no type: NDJSON
+    assert [d["provider"] for d in decode_body(nd, "application/x-ndjson").items] == ["a", "b"]
+    assert [d["provider"] for d in decode_body(nd).items] == ["a", "b"]          # several lines, no type: NDJSON
+    assert decode_body(nd).indices == [0, 1]                                        # blank lines are not numbered
     # a pretty-printed array is one JSON document, not NDJSON
-    assert decode_body(orjson.dumps([BASE], option=orjson.OPT_INDENT_2)) == [BASE]
+    assert decode_body(orjson.dumps([BASE], option=orjson.OPT_INDENT_2)).items == [BASE]
 
 
 def test_decode_body_errors() -> None:
@@ -258,8 +273,10 @@ def test_decode_body_errors() -> None:
     assert "line 2 column 12" in str(info.value)
     with pytest.raises(BodyError, match="empty body"):
         decode_body(b"  \n ")
-    items = decode_body(b'{"provider":"a","model":"m"}\n{oops\n', "application/x-ndjson")
-    assert isinstance(items[1], Rejected) and items[1].index == 1 and "line 2" in items[1].reason
+    decoded = decode_body(b'{"provider":"a","model":"m"}\n{oops\n', "application/x-ndjson")
+    assert decoded.indices == [0] and decoded.rejections.total == 1
+    (bad,) = decoded.rejections
+    assert bad.index == 1 and "line 2" in bad.reason
 
 
 def test_parse_items_reports_each_bad_index() -> None:
@@ -308,3 +325,22 @@ def test_prompt_and_completion_text_is_never_stored(tmp_path: Path) -> None:
     for secret in SECRETS:
         assert secret.encode() not in after_close
 
+
+
+def test_ndjson_numbering_across_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NDJSON is decoded in slices; record numbers and line numbers run on across them, and
+    only the first max_errors rejections are explained."""
+    import exporter.records as records
+    body = (b'{"provider":"a","model":"m"}\n\nbad line\n  \n{"x":\n5\n{"provider":"b","model":"m"}\r\n'
+            b'  {"provider":"c","model":"m"}\nlast bad')
+    whole = decode_body(body, "application/x-ndjson")
+    monkeypatch.setattr(records, "NDJSON_SLICE", 16)
+    sliced = decode_body(body, "application/x-ndjson")
+    for d in (whole, sliced):
+        assert d.indices == [0, 4, 5] and [x["provider"] for x in d.items] == ["a", "b", "c"]
+        assert [(r.index, r.reason.split(":")[0]) for r in d.rejections] == [
+            (1, "malformed JSON on line 3 column 1"), (2, "malformed JSON on line 5 column 6"),
+            (3, "must be a JSON object, got int"), (6, "malformed JSON on line 9 column 1")]
+    capped = decode_body(b"x\n" * 1000, "application/x-ndjson", max_errors=3)
+    assert capped.rejections.total == 1000 and [r.index for r in capped.rejections] == [0, 1, 2]
+    assert capped.rejections.omitted == 997

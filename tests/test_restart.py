@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import HOUR, T0, Server, engine_at, ingest_by_day, rec, sample_sum, settings_for, steady_history, steady_hour, value
+from helpers import HOUR, T0, Server, close_to, engine_at, ingest_by_day, rec, sample_sum, settings_for, steady_history, steady_hour, value
 
 from exporter.engine import Engine
 
@@ -111,7 +111,7 @@ def test_anomaly_verdicts_are_the_same_after_restart(tmp_path: Path) -> None:
     for k, row in live.items():
         for field in ("current", "baseline", "ratio", "zscore", "band_lower", "band_upper", "baseline_hours",
                       "requests_in_window", "severity"):
-            assert restored[k][field] == pytest.approx(row[field], rel=1e-9, abs=1e-9), (k, field)
+            assert restored[k][field] == close_to(row[field], rel=1e-9, abs=1e-9), (k, field)
     again.close()
 
 

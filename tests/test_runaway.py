@@ -281,6 +281,7 @@ def ragpulse_columns() -> RecordColumns:
         error_type=obj([None] * n), stop_reason=obj([None] * n), request_had_tools=np.zeros(n, dtype=bool),
         tool_calls=zeros, tool_signature=obj([None] * n), request_id=obj([None] * n),
         operation=obj(["chat"] * n), stream=np.zeros(n, dtype=bool), tool_names=obj([()] * n),
+        cache_write_1h_tokens=zeros, service_tier=obj([None] * n), batch=np.zeros(n, dtype=bool),
     )
 
 

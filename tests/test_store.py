@@ -5,12 +5,12 @@ inserts, as a full disk or a locked file would abort the batch's transaction."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from faults import break_table, mend
 from helpers import T0, engine_at, rec, settings_for, value
 
 from exporter.api import create_app
@@ -18,20 +18,6 @@ from exporter.dedupe import hash_ids
 from exporter.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
-
-
-def break_table(db: Path, table: str) -> sqlite3.Connection:
-    """Make every insert into `table` fail until `mend` is called."""
-    c = sqlite3.connect(db)
-    c.execute(f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
-    c.commit()
-    return c
-
-
-def mend(c: sqlite3.Connection, table: str) -> None:
-    c.execute(f"DROP TRIGGER fail_{table}")
-    c.commit()
-    c.close()
 
 
 def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
@@ -49,7 +35,7 @@ def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
 
 def test_unopenable_store_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "a-directory.db").mkdir()
-    with pytest.raises(StoreError, match="db: cannot open .*a-directory.db"):
+    with pytest.raises(StoreError, match="db: .*a-directory.db is a directory"):
         Store(tmp_path / "a-directory.db")
 
 
@@ -169,7 +155,7 @@ def test_failed_batch_is_not_counted_and_retry_counts_once(tmp_path: Path) -> No
     batch = [rec(T0 - 90, request_id="b", cost_usd=2.0, latency_s=1.0)]
     with TestClient(create_app(settings, engine=engine, background=False)) as client:
         r = client.post("/v1/records", json=batch)
-        assert r.status_code == 503 and "retry the same batch" in r.json()["error"]
+        assert r.status_code == 503 and "send the same batch again" in r.json()["error"]
         assert value(engine, "llm_requests_total", **SERIES) == 1
         assert value(engine, "llm_cost_usd_total", **SERIES) == 1.0
         assert value(engine, "llm_request_duration_seconds_count", **SERIES) is None
