@@ -41,7 +41,7 @@ TARGET_MS = 100.0
 
 def sketch_pool(rng: np.random.Generator, size: int, samples: int) -> dict[str, np.ndarray]:
     from exporter import sketch
-    from exporter.buckets import SKETCHES
+    from exporter.storage.buckets import SKETCHES
     centre = {"latency": 1.5, "ttft": 0.5, "otps": 70.0}
     pool = {}
     for kind in SKETCHES:
@@ -54,7 +54,7 @@ def sketch_pool(rng: np.random.Generator, size: int, samples: int) -> dict[str, 
 def synthetic_groups(series: np.ndarray, starts: np.ndarray, rng: np.random.Generator,
                      pool: dict[str, np.ndarray], per_group: float) -> Any:
     """Groups for every (series, start) pair: request counts with a daily cycle, tokens, cost."""
-    from exporter.buckets import FIELDS, Groups
+    from exporter.storage.buckets import FIELDS, Groups
     s = np.repeat(series, len(starts))
     st = np.tile(starts, len(series))
     g = len(s)
@@ -76,7 +76,7 @@ def synthetic_groups(series: np.ndarray, starts: np.ndarray, rng: np.random.Gene
 def build_history(n_scopes: int, days: float, t: float, window: float, horizon: float,
                   rng: np.random.Generator) -> tuple[Any, dict[int, tuple[str, str, str]], float]:
     """A ScopeHistory of `n_scopes` scopes (1 global, n/2 apps, the rest models)."""
-    from exporter.history import ScopeHistory
+    from exporter.anomaly.history import ScopeHistory
     n_apps = n_scopes // 2
     n_models = n_scopes - 1 - n_apps
     keys = {}
@@ -100,8 +100,8 @@ def build_history(n_scopes: int, days: float, t: float, window: float, horizon: 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from exporter.config import load_settings
-    from exporter.evaluator import Evaluator
-    from exporter.signals import signal_specs
+    from exporter.anomaly.evaluator import Evaluator
+    from exporter.anomaly.signals import signal_specs
 
     repeats = 10 if args.quick else 30
     days = 1 if args.quick else 14
@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ev.evaluate(t)
 
     for name, ev in list(variants.items()):
-        timings[name] = [x * 1e3 for x in common.repeat(lambda: ev.evaluate(t), repeats, warmup=2, max_seconds=30)]
+        timings[name] = [x * 1e3 for x in common.repeat(lambda ev=ev: ev.evaluate(t), repeats, warmup=2, max_seconds=30)]
         timings[f"{name}, first after the hour turns"] = [
-            x * 1e3 for x in common.repeat(lambda: cold(ev), repeats, warmup=1, max_seconds=30)]
+            x * 1e3 for x in common.repeat(lambda ev=ev: cold(ev), repeats, warmup=1, max_seconds=30)]
         active = int(ev.evaluate(t).active.sum())
     figures = [common.figure("build_s", f"build: add_hours of {days} day{'s' if days != 1 else ''} x {len(keys)} series (start-up restore work)",
                              build_s, "s", decimals=1)]

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             engine.ingest(b, now=now)
             staged_total += time.perf_counter() - t
-        for key, (obj, attr) in stages.items():
+        for obj, attr in stages.values():
             obj.__dict__.pop(attr, None)
         n_staged = len(staged_batches) * BATCH
         split = {k: v / n_staged * 1e6 for k, v in spent.items()}

@@ -53,7 +53,7 @@ def series_keys(apps: int) -> list[tuple[str, str, str]]:
 def _bulk_hours(db: str, sids: list[int], hours: np.ndarray, seed: int) -> None:
     """Child process: hourly buckets for every series and hour, in the store's format."""
     from exporter import sketch
-    from exporter.buckets import FIELDS, SKETCHES
+    from exporter.storage.buckets import FIELDS, SKETCHES
     cols = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(buckets)")]
     expected = ["res", "start", "series", "adds", *SKETCHES]
     if cols != expected:
@@ -122,7 +122,7 @@ def build_and_measure(args: argparse.Namespace, db: Path) -> dict[str, Any]:
     from prometheus_client import generate_latest
 
     from exporter.engine import Engine
-    from exporter.evaluator import Evaluator  # noqa: F401  (imported as the running exporter has it)
+    from exporter.anomaly.evaluator import Evaluator  # noqa: F401  (imported as the running exporter has it)
 
     import evaluator as evalbench   # the synthetic hourly groups of bench/evaluator.py
 

@@ -60,10 +60,10 @@ def build_records(apps: int, providers: int, models: int, now: float, rng: np.ra
 
 
 def library_registry(records: list[dict[str, Any]]) -> Any:
-    """prometheus_client objects for the same families, labels and buckets as exporter/instruments.py."""
+    """prometheus_client objects for the same families, labels and buckets as exporter/collectors/usage.py."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    from exporter.instruments import HISTOGRAMS, SERIES_LABELS
+    from exporter.collectors.usage import HISTOGRAMS, SERIES_LABELS
     reg = CollectorRegistry()
     L = SERIES_LABELS
     req = Counter("llm_requests", "LLM requests.", L, registry=reg)

@@ -20,39 +20,43 @@ from typing import Any, Sequence
 import orjson
 
 from . import __version__
-from .config import ENV_PREFIX, FLAG_FORBIDDEN, SCALAR_FIELDS, ConfigError, Settings, load_settings, parse_duration
-from .prices import PriceError
-from .store import StoreError
+from .config import ConfigError, Settings, knobs, load_settings, parse_duration
+from .ingest.prices import PriceError
+from .storage.store import StoreError
 
 log = logging.getLogger("llm_usage_exporter")
+DEMO_CONNECT_RETRIES = 8     # backoff 0.5 s doubling: about two minutes before the demo gives up
 
 
 def _knob_help() -> str:
     lines = ["every knob (flag / environment variable / YAML key), lowest precedence first:",
-             "defaults < --config YAML < environment < flags"]
-    for name, f in Settings.model_fields.items():
-        flag = "(env/file only)" if name in FLAG_FORBIDDEN else "(YAML only)" if name not in SCALAR_FIELDS else f"--{name.replace('_', '-')}"
-        default = f.default if f.default_factory is None else f.default_factory()  # type: ignore[misc]
-        env = f"{ENV_PREFIX}{name.upper()}" if name in SCALAR_FIELDS else "-"   # YAML-only knobs have no variable
-        lines.append(f"  {name:<22} {flag:<26} {env:<35} default {default!r}: {f.description}")
+             "defaults < --config YAML < environment < flags; a section's knobs follow it (YAML: section: {knob: value})"]
+    for k in knobs():
+        if not k.scalar:
+            flag, env = "(YAML only)", "-"          # mappings and sections have no flag and no variable
+        else:
+            flag, env = k.flag or "(env/file only)", k.env or "-"
+        name = k.name if len(k.path) == 1 else "  " + k.name
+        lines.append(f"  {name:<32} {flag:<38} {env:<44} default {k.show(k.default)}: {k.description}")
     return "\n".join(lines)
 
 
 def _add_knobs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("settings (also LLM_EXPORTER_<NAME> or the YAML file)")
     g.add_argument("--config", help="YAML file of settings (env LLM_EXPORTER_CONFIG)")
-    for name in SCALAR_FIELDS:
-        if name in FLAG_FORBIDDEN:
+    for k in knobs():
+        if k.flag is None:
             continue
-        f = Settings.model_fields[name]
-        flag = "--" + name.replace("_", "-")
-        env = f"{ENV_PREFIX}{name.upper()}"
-        if f.annotation is bool:
-            g.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=f"{f.description} [{env}]")
-        elif name == "tail":
-            g.add_argument(flag, dest=name, action="append", default=None, metavar="PATH", help=f"{f.description} [{env}]")
+        about = k.description.replace("%", "%%")         # argparse formats help with %
+        if k.annotation is bool:
+            g.add_argument(k.flag, dest=k.dest, action="store_const", const=True, default=None,
+                           help=f"{about} [{k.env}]")
+        elif k.name == "tail":
+            g.add_argument(k.flag, dest=k.dest, action="append", default=None, metavar="PATH",
+                           help=f"{about} [{k.env}]")
         else:
-            g.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"{f.description} [{env}; default {f.default!r}]")
+            g.add_argument(k.flag, dest=k.dest, default=None, metavar=k.path[-1].upper(),
+                           help=f"{about} [{k.env}; default {k.show(k.default).replace('%', '%%')}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = {n: getattr(args, n) for n in SCALAR_FIELDS if hasattr(args, n) and getattr(args, n) is not None}
+    flags = {k.dest: getattr(args, k.dest) for k in knobs() if getattr(args, k.dest, None) is not None}
     return load_settings(getattr(args, "config", None), flags)
 
 
@@ -114,15 +118,15 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.check_binding()
     import uvicorn
 
-    from .api import create_app
-    from .connections import connection_limits, raise_fd_limit, serve_options
     from .engine import Engine
-    from .tail import TailFollower
+    from .sources.tail import TailFollower
+    from .web.app import create_app
+    from .web.connections import connection_limits, raise_fd_limit, serve_options
 
     engine = Engine(settings)
-    tasks = [TailFollower(engine, p).run for p in settings.tail]
+    tasks = [("tail", TailFollower(engine, p).run) for p in settings.tail]
     if settings.demo:
-        tasks.append(_demo_task(engine))
+        tasks.append(("demo", _demo_task(engine)))
     try:
         app = create_app(settings, engine=engine, extra_tasks=tasks)
     except ConfigError:
@@ -139,7 +143,7 @@ def _demo_task(engine: Any) -> Any:
     """In-process demo: backfill a week (once per store), then a minute of traffic per minute."""
     import numpy as np
 
-    from . import demo
+    from .sources import demo
 
     def run(stop: threading.Event) -> None:
         now = time.time()
@@ -164,7 +168,7 @@ def _demo_task(engine: Any) -> Any:
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from .engine import Engine
-    from .replay import file_problems_report, load_records, replay
+    from .sources.replay import file_problems_report, load_records, replay
 
     for f in args.files:
         if not Path(f).is_file():
@@ -181,8 +185,8 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _backtest(settings: Settings, args: argparse.Namespace) -> int:
-    from .records import RecordError, parse_ts
-    from .replay import backtest, file_problems_report, load_records
+    from .ingest.records import RecordError, parse_ts
+    from .sources.replay import backtest, file_problems_report, load_records
 
     try:
         step = parse_duration(args.step)
@@ -224,35 +228,33 @@ def _fmt(v: float | None) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Send demo traffic over HTTP: the compose file's `demo` profile runs this."""
-    import urllib.error
-    import urllib.request
-
+    """Send demo traffic over HTTP: the compose file's `demo` profile runs this. httpx's
+    transport retries a connection that is refused (the exporter still starting, or
+    restarting) with exponential backoff, about two minutes in all."""
+    import httpx
     import numpy as np
 
-    from . import demo
+    from .sources import demo
 
     headers = {"Content-Type": "application/json"}
     if args.token_file:
         headers["Authorization"] = "Bearer " + Path(args.token_file).read_text().strip()
+    client = httpx.Client(base_url=args.target.rstrip("/"), headers=headers, timeout=30,
+                          transport=httpx.HTTPTransport(retries=DEMO_CONNECT_RETRIES))
 
-    def call(path: str, data: bytes | None = None) -> bytes:
-        for attempt in range(30):
-            try:
-                req = urllib.request.Request(args.target.rstrip("/") + path, data=data, headers=headers)
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    return r.read()
-            except (urllib.error.URLError, ConnectionError) as e:
-                print(f"demo: {args.target} not reachable ({e}); retrying", file=sys.stderr)
-                time.sleep(2)
-        raise SystemExit(f"demo: gave up on {args.target}")
+    def call(method: str, path: str, data: bytes | None = None) -> bytes:
+        try:
+            r = client.request(method, path, content=data)
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            raise SystemExit(f"demo: gave up on {args.target}{path}: {e}") from None
+        return r.content
 
     def post(batch: list[dict[str, Any]]) -> None:
-        call("/v1/records", orjson.dumps(batch))
+        call("POST", "/v1/records", orjson.dumps(batch))
 
     # A second `up` (or a restart of the demo) must not add another week on top of the first.
-    counted = sum(float(line.rpartition(" ")[2]) for line in call("/metrics").decode().splitlines()
-                  if line.startswith("llm_requests_total{"))
+    counted = demo.requests_counted(call("GET", "/metrics").decode())
     now = time.time()
     if counted:
         print(f"demo: {args.target} already counts {counted:.0f} requests; no backfill", file=sys.stderr)

@@ -13,6 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 
 
+def is_none(values: np.ndarray) -> np.ndarray:
+    """Elementwise `value is None` of an object array (numpy's stubs do not know None as an operand)."""
+    return np.equal(values, None)  # type: ignore[call-overload,no-any-return]
+
+
 def factorize(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted distinct values as an object array, int64 code of each value)."""
     vals = values.tolist() if isinstance(values, np.ndarray) else list(values)

@@ -1,66 +1,75 @@
 """Settings: defaults in code, then a YAML file, then LLM_EXPORTER_* variables, then flags.
 
-One typed class holds every knob. The command line is generated from it, so `--help`
-lists every knob with its environment variable, and a bad value anywhere refuses to
-start with a message that names the knob and where it came from.
+One typed model holds every knob, the detectors' sections included: each detector
+defines its own settings model beside its code (`detectors.drift.DriftSettings`,
+`detectors.runaway.RunawaySettings`, `detectors.budget.BudgetSettings`) and `Settings`
+composes them, so this module sits above the detectors in the import graph. The command
+line is generated from the model (`knobs`), so `--help` lists every knob with its flag,
+environment variable and default; a section's scalar knobs have their own
+(`--runaway-chain-max-calls`, `LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS`). The four layers are
+merged knob by knob and validated once, by pydantic, which also runs each section's own
+checks; a bad value anywhere refuses to start with a message that names the knob and
+where it came from. Durations accept 30s / 5m / 48h / 7d or seconds and are shown as
+`60m`; in a section, a number of seconds is a knob whose name ends in `_s`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
-import re
 import socket
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .detectors.budget import BudgetSettings
+from .detectors.drift import DriftSettings
+from .detectors.runaway import RunawaySettings
+from .durations import Duration, format_duration, parse_duration
 
 ENV_PREFIX = "LLM_EXPORTER_"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+NESTED = "__"          # LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS
+__all__ = ["ENV_PREFIX", "ConfigError", "Knob", "Settings", "knobs", "load_settings", "parse_duration"]
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names the knob."""
 
 
-def parse_duration(v: Any) -> float:
-    """'90s', '5m', '48h', '7d' or a number of seconds, as seconds."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if v < 0:
-            raise ValueError("must not be negative")
-        return float(v)
-    m = _DURATION.match(str(v))
-    if not m:
-        raise ValueError(f"{v!r} is not a duration like 30s, 5m, 48h or 7d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+def _lower(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
+
+
+T = typing.TypeVar("T")
+Lower = Annotated[T, BeforeValidator(_lower)]
 
 
 class Settings(BaseModel):
-    """Every knob of the exporter. Durations accept 30s / 5m / 48h / 7d or seconds."""
+    """Every knob of the exporter."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    DURATIONS: ClassVar[tuple[str, ...]] = (
-        "window", "evaluation_interval", "dedupe_window", "record_retention", "minute_retention", "horizon", "baseline",
-        "store_busy_timeout", "keep_alive_timeout", "header_timeout", "body_timeout")
 
     host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs ingest tokens or --allow-unauthenticated")
     port: int = Field(9473, ge=1, le=65535, description="TCP port for the HTTP API and /metrics")
     db: Path = Field(Path("llm-usage.db"), description="SQLite file holding history, counter totals and the dedupe window")
-    window: float = Field(3600, gt=0, description="the window each anomaly signal is measured over (current value)")
-    baseline: float = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
-    horizon: float = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline)")
+    window: Duration = Field(3600, gt=0, description="the window each anomaly signal is measured over (current value)")
+    baseline: Duration = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
+    horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline)")
     seasonal: bool = Field(False, description="compare against the same hour of day only (needs a week of history)")
-    evaluation_interval: float = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
-    dedupe_window: float = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
-    record_retention: float = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")
-    minute_retention: float = Field(6 * 3600, gt=0, description="how long minute buckets are kept")
+    evaluation_interval: Duration = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
+    dedupe_window: Duration = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
+    record_retention: Duration = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")
+    minute_retention: Duration = Field(6 * 3600, gt=0, description="how long minute buckets are kept")
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted POST body, also after gzip/deflate decoding; larger gets HTTP 413")
     max_errors_listed: int = Field(100, gt=0, description="rejected records listed with their reason in an ingest answer (the rest are counted)")
     ingest_queue_bytes: int = Field(64 * 1024 * 1024, gt=0, description="request bodies waiting for or in ingest; a POST beyond it gets HTTP 429")
-    store_busy_timeout: float = Field(2, ge=0, description="how long a write waits for a lock another process holds on the db before HTTP 503")
+    store_busy_timeout: Duration = Field(2, ge=0, description="how long a write waits for a lock another process holds on the db before HTTP 503")
     label_limit_app: int = Field(100, gt=0, description="distinct app label values before the rest map to 'other'")
     label_limit_provider: int = Field(30, gt=0, description="distinct provider label values before 'other'")
     label_limit_model: int = Field(200, gt=0, description="distinct model label values before 'other'")
@@ -75,33 +84,23 @@ class Settings(BaseModel):
     # clients keep them (5 minutes), so the client, not the server, closes an idle one: with
     # uvicorn's default of 5 s a request sent just as the server closed the connection failed
     # with "connection reset by peer". The connection cap reclaims idle ones when needed.
-    keep_alive_timeout: float = Field(310, gt=0, description="idle keep-alive connections are closed after this (longer than Prometheus keeps them)")
-    header_timeout: float = Field(10, gt=0, description="a request's headers must arrive within this, or the connection is closed (HTTP 408)")
-    body_timeout: float = Field(30, gt=0, description="a request body may pause this long between reads before the connection is closed")
+    keep_alive_timeout: Duration = Field(310, gt=0, description="idle keep-alive connections are closed after this (longer than Prometheus keeps them)")
+    header_timeout: Duration = Field(10, gt=0, description="a request's headers must arrive within this, or the connection is closed (HTTP 408)")
+    body_timeout: Duration = Field(30, gt=0, description="a request body may pause this long between reads before the connection is closed")
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="largest request line plus headers; larger gets HTTP 431")
     max_connections: int = Field(1000, gt=0, description="open connections; beyond it the longest-idle one is closed, or the new one if none is idle")
     limit_concurrency: int = Field(0, ge=0, description="uvicorn's limit: HTTP 503 once this many connections or requests are open (0: off)")
     tail: list[Path] = Field(default_factory=list, description="JSONL files to follow like tail -f (resumes after a restart)")
     demo: bool = Field(False, description="backfill a week of synthetic history and keep generating traffic")
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: Lower[Literal["debug", "info", "warning", "error"]] = Field("info", description="debug, info, warning or error")
+    sqlite_synchronous: Lower[Literal["off", "normal", "full", "extra"]] = Field(
+        "normal", description="SQLite's synchronous mode: normal survives a process crash, full also a power loss")
     prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; overrides every shipped price)")
     price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
     signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only)")
-    drift: dict[str, Any] = Field(default_factory=dict, description="drift detector settings: window, min_fill, preset, model_presets (YAML only)")
-    runaway: dict[str, Any] = Field(default_factory=dict, description="runaway-loop detector settings (YAML only)")
-    budgets: dict[str, Any] = Field(default_factory=dict, description="timezone, day_usd, month_usd, apps: {app: {day, month}} (YAML only)")
-
-    @field_validator(*DURATIONS, mode="before")
-    @classmethod
-    def _durations(cls, v: Any) -> float:
-        return parse_duration(v)
-
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, v: str) -> str:
-        if v.lower() not in ("debug", "info", "warning", "error"):
-            raise ValueError("must be debug, info, warning or error")
-        return v.lower()
+    drift: DriftSettings = Field(default_factory=DriftSettings, description="drift detector: quality that degrades while still returning 200")
+    runaway: RunawaySettings = Field(default_factory=RunawaySettings, description="runaway-loop detector: sessions that loop, burst or cost too much")
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings, description="spend budgets and the calendar they count in")
 
     def tokens(self) -> set[str]:
         """Tokens for ingest and reads, from the file and the environment (never from a flag)."""
@@ -147,24 +146,154 @@ def _read_tokens(knob: str, inline: str | None, path: Path | None) -> set[str]:
     return found
 
 
-SCALAR_FIELDS = [n for n, f in Settings.model_fields.items() if n not in ("prices", "price_aliases", "signals", "drift", "runaway", "budgets")]
-FLAG_FORBIDDEN = {"auth_tokens", "read_tokens"}
+# --- the knobs, as the command line and the environment see them ---------------------------
+
+SECTIONS = ("drift", "runaway", "budgets")          # typed sections with knobs of their own
+YAML_ONLY = ("prices", "price_aliases", "signals")   # free-form mappings
+FLAG_FORBIDDEN = {"auth_tokens", "read_tokens"}      # secrets: a file or the environment, never a flag
+_SCALARS = (bool, int, float, str, Path)
 
 
-def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """LLM_EXPORTER_<KNOB> values for the scalar knobs (tail takes a comma list)."""
+@dataclass(frozen=True, slots=True)
+class Knob:
+    """One setting as a person meets it: `path` is ("port",) or ("runaway", "chain_max_calls")."""
+
+    path: tuple[str, ...]
+    annotation: Any
+    default: Any
+    description: str
+    duration: bool
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def scalar(self) -> bool:
+        """A value that fits a flag or an environment variable (mappings are YAML only)."""
+        return self.path[0] not in YAML_ONLY and (len(self.path) > 1 or self.path[0] not in SECTIONS) and \
+            _is_scalar(self.annotation)
+
+    @property
+    def env(self) -> str | None:
+        return ENV_PREFIX + NESTED.join(self.path).upper() if self.scalar else None
+
+    @property
+    def flag(self) -> str | None:
+        if not self.scalar or self.name in FLAG_FORBIDDEN:
+            return None
+        return "--" + "-".join(self.path).replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return NESTED.join(self.path)
+
+    def show(self, value: Any) -> str:
+        """A value as the help shows it: durations as `60m`, paths as text, none for None."""
+        if self.path[0] in SECTIONS and len(self.path) == 1:
+            return "(below)"
+        if value is None:
+            return "none"
+        if self.duration and isinstance(value, (int, float)):
+            return format_duration(float(value))
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (Path, str)):
+            return str(value) or "''"
+        return repr(value)
+
+
+def _is_scalar(annotation: Any) -> bool:
+    """A type a flag or a variable can hold: a scalar, an optional one, or a list of them
+    (a repeated flag, a comma list in the variable)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_scalar(args[0])
+    if origin is Literal:
+        return True
+    if origin is dict:
+        return False
+    if args and origin is not None:     # X | None, list[X]
+        return all(_is_scalar(a) for a in args)
+    return annotation in _SCALARS
+
+
+def _is_duration(annotation: Any, metadata: typing.Sequence[Any] = ()) -> bool:
+    """A `Duration` field (pydantic keeps the Annotated part of a model field in `metadata`)."""
+    if typing.get_origin(annotation) is Annotated:
+        metadata = [*metadata, *typing.get_args(annotation)[1:]]
+    return any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in metadata)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Per-field help from a docstring's "`name`: what it is. Why ..." lines (the first
+    sentence), for settings classes that keep their field notes in the docstring."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    text: list[str] = []
+
+    def flush() -> None:
+        sentence = " ".join(text).split(". ")[0].strip().rstrip(".")
+        for n in names:
+            out.setdefault(n, sentence)
+    for line in (cls.__doc__ or "").splitlines():
+        s = line.strip()
+        head, colon, rest = s.partition(": ")
+        if s.startswith("`") and colon and all(p.strip().startswith("`") for p in head.split(",")):
+            flush()
+            names, text = [p.strip().strip("`") for p in head.split(",")], [rest]
+        elif s and names:
+            text.append(s)
+        else:
+            flush()
+            names, text = [], []
+    flush()
+    return out
+
+
+def _section_knobs(name: str, cls: Any) -> Iterator[Knob]:
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        for leaf, f in cls.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            yield Knob((name, leaf), f.annotation, default, f.description or "", _is_duration(f.annotation, f.metadata))
+        return
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        duration = field.name.endswith("_s") and hints[field.name] is float
+        annotation = Annotated[float, BeforeValidator(parse_duration)] if duration else hints[field.name]
+        yield Knob((name, field.name), annotation, default, docs.get(field.name, ""), duration)
+
+
+def knobs() -> Iterator[Knob]:
+    """Every knob in order: each top-level setting, and after each section its own knobs."""
+    for name, f in Settings.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        yield Knob((name,), f.annotation, default, f.description or "", _is_duration(f.annotation, f.metadata))
+        if name in SECTIONS:
+            yield from _section_knobs(name, f.annotation)
+
+
+def env_overrides(environ: typing.Mapping[str, str] | None = None) -> dict[str, Any]:
+    """LLM_EXPORTER_<KNOB> values of the scalar knobs, by dotted knob name (tail takes a comma list)."""
     environ = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    for name in SCALAR_FIELDS:
-        key = ENV_PREFIX + name.upper()
-        if key in environ:
-            v: Any = environ[key]
-            if name == "tail":
-                v = [p for p in v.split(",") if p]
-            elif Settings.model_fields[name].annotation is bool:
-                v = _env_bool(key, v)
-            out[name] = v
+    for knob in knobs():
+        if knob.env is None or knob.env not in environ:
+            continue
+        v: Any = environ[knob.env]
+        if knob.name == "tail":
+            v = [p for p in v.split(",") if p]
+        elif _is_bool(knob.annotation):
+            v = _env_bool(knob.env, v)
+        out[knob.name] = v
     return out
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
 
 
 def _env_bool(key: str, v: str) -> bool:
@@ -176,11 +305,37 @@ def _env_bool(key: str, v: str) -> bool:
     raise ConfigError(f"{key}: must be true or false, got {v!r}")
 
 
+def _nest(flat: dict[str, Any], origin: dict[str, str], source: str, merged: dict[str, Any]) -> None:
+    """Merge dotted knob values into `merged` (a section's knobs one by one, so a variable
+    overrides one knob of a YAML section, not the whole section), noting each one's source."""
+    for name, v in flat.items():
+        section, dot, leaf = name.partition(".")
+        if dot:
+            current = merged.get(section)
+            merged[section] = {**(current if isinstance(current, dict) else {}), leaf: v}
+        else:
+            merged[name] = v
+        origin[name] = source
+
+
+def _durations_in_sections(merged: dict[str, Any]) -> None:
+    """Section knobs in seconds that the section's own class takes as plain numbers."""
+    for knob in knobs():
+        if len(knob.path) == 2 and knob.duration:
+            section = merged.get(knob.path[0])
+            if isinstance(section, dict) and isinstance(section.get(knob.path[1]), str):
+                try:
+                    section[knob.path[1]] = parse_duration(section[knob.path[1]])
+                except ValueError:
+                    pass            # validation names the knob and the value
+
+
 def load_settings(config_file: Path | str | None = None, flags: dict[str, Any] | None = None,
-                  environ: dict[str, str] | None = None) -> Settings:
-    """Merge the four layers and validate once, naming the bad knob and its source."""
+                  environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Merge the four layers knob by knob and validate once, naming the bad knob and its source."""
+    environ = os.environ if environ is None else environ
     layers: list[tuple[str, dict[str, Any]]] = []
-    config_file = config_file or (environ if environ is not None else os.environ).get(ENV_PREFIX + "CONFIG")
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
     if config_file:
         try:
             doc = yaml.safe_load(Path(config_file).read_text()) or {}
@@ -190,25 +345,26 @@ def load_settings(config_file: Path | str | None = None, flags: dict[str, Any] |
             raise ConfigError(f"config: {config_file} is not valid YAML: {e}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config: {config_file} must hold a mapping of knob: value")
-        layers.append((f"config file {config_file}", {k.replace("-", "_"): v for k, v in doc.items()}))
+        layers.append((f"config file {config_file}", _flatten_sections({k.replace("-", "_"): v for k, v in doc.items()})))
     layers.append(("environment", env_overrides(environ)))
-    layers.append(("command line", {k: v for k, v in (flags or {}).items() if v is not None}))
+    layers.append(("command line", {k.replace(NESTED, "."): v for k, v in (flags or {}).items() if v is not None}))
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for source, values in layers:
-        for k, v in values.items():
-            merged[k] = v
-            origin[k] = source
+        _nest(values, origin, source, merged)
+    _durations_in_sections(merged)
     try:
         settings = Settings(**merged)
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            knob = str(err["loc"][0]) if err["loc"] else "?"
-            where = origin.get(knob, "defaults")
-            hint = f" ({ENV_PREFIX}{knob.upper()})" if where == "environment" else ""
+            loc = [str(x) for x in err["loc"]]
+            knob = ".".join(loc[:2]) if loc[:1] and loc[0] in SECTIONS else (loc[0] if loc else "?")
+            sources = {src for name, src in origin.items() if name == knob or name.startswith(knob + ".")}
+            where = origin.get(knob) or " and ".join(sorted(sources)) or "defaults"
+            hint = f" ({ENV_PREFIX}{knob.upper().replace('.', NESTED)})" if where == "environment" else ""
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
+            if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
                 msg = "is not a known setting (see llm-usage-exporter --help)"
             problems.append(f"{knob}{hint} from {where}: {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
@@ -216,3 +372,18 @@ def load_settings(config_file: Path | str | None = None, flags: dict[str, Any] |
         raise ConfigError("horizon: must cover the baseline plus the window "
                           f"({settings.horizon:g}s < {settings.baseline + settings.window:g}s)")
     return settings
+
+
+def _flatten_sections(doc: dict[str, Any]) -> dict[str, Any]:
+    """A YAML document's sections as dotted knobs (`runaway: {chain_max_calls: 80}` is
+    `runaway.chain_max_calls`), so each knob of a section can be overridden on its own;
+    a section that is not a mapping is left whole for validation to refuse."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if k in SECTIONS and isinstance(v, dict):
+            out.update({f"{k}.{leaf}": value for leaf, value in v.items()})
+            if not v:
+                out[k] = {}
+        else:
+            out[k] = v
+    return out

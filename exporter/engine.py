@@ -15,39 +15,45 @@ import ctypes
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import generate_latest as _text
+from prometheus_client.openmetrics.exposition import generate_latest as _openmetrics
 
-from . import __version__
-from .buckets import aggregate
-from .codes import factorize
+from .anomaly.evaluator import AnomalyCollector, Evaluator, Snapshot
+from .anomaly.history import ScopeHistory
+from .anomaly.signals import signal_specs
+from .codes import factorize, is_none
+from .collectors.detectors import DetectorCollector
+from .collectors.exporter import RESULTS, DurationHistogram, ExporterCollector
+from .collectors.usage import UsageMetrics
+from .components import Components
 from .config import Settings
-from .dedupe import DedupeIndex, hash_ids
-from .detectors import DetectorCollector, Detectors
-from .budget import daily_cost_rows
-from .evaluator import AnomalyCollector, Evaluator, Snapshot
-from .history import ScopeHistory
-from .instruments import UsageMetrics
-from .labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
-from .prices import PriceTable
-from .batch import parse_batch, stored_blob, stored_records, take
-from .buckets import Groups
-from .records import RecordColumns, UsageRecord, to_columns
-from .rejections import Rejected, Rejections
-from .signals import signal_specs
-from .store import BatchWrite, Store, StoreError
+from .detectors import Detectors
+from .detectors.budget import daily_cost_rows
+from .ingest.batch import parse_batch, take
+from .ingest.dedupe import DedupeIndex, hash_ids
+from .ingest.labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
+from .ingest.prices import PriceTable
+from .ingest.records import RecordColumns, UsageRecord, to_columns
+from .ingest.rejections import Rejected, Rejections
+from .storage.buckets import Groups, aggregate
+from .storage.journal import stored_blob, stored_records
+from .storage.store import BatchWrite, Store, StoreError
 
 log = logging.getLogger("llm_usage_exporter")
-disable_created_metrics()   # the metric contract: no `_created` series (process-wide switch)
 Clock = Callable[[], float]
 SeriesKey = tuple[str, str, str]
-RESULTS = ("accepted", "duplicate", "rejected")
+# prometheus-client's exposition writers (untyped there)
+generate_latest: Callable[[CollectorRegistry], bytes] = _text
+om_generate_latest: Callable[[CollectorRegistry], bytes] = _openmetrics
+EVALUATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+DETECTORS = ("drift", "runaway", "budget")
 MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
 
 
@@ -102,8 +108,9 @@ class Engine:
     def __init__(self, settings: Settings, clock: Clock = time.time, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.components = Components()
         self.store = Store(settings.db, keep_records=settings.record_retention > 0,
-                           busy_timeout=settings.store_busy_timeout)
+                           busy_timeout=settings.store_busy_timeout, synchronous=settings.sqlite_synchronous)
         self.prices = PriceTable(settings.prices, settings.price_aliases)
         self.specs = signal_specs(settings.signals)
         saved = self.store.label_values()
@@ -116,7 +123,7 @@ class Engine:
         self.usage = UsageMetrics(self.counters_lock)
         self.history = ScopeHistory(settings.window, settings.horizon)
         self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
-        self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets)
+        self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets, self.components)
         self.dedupe = DedupeIndex(settings.dedupe_window)
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()
@@ -141,12 +148,10 @@ class Engine:
         # the usage families directly (UsageMetrics.render) and the rest from `scrape_registry`.
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.scrape_registry = CollectorRegistry(auto_describe=True)
-        self.evaluation_duration = Histogram(
-            "llm_exporter_evaluation_duration_seconds", "Time one evaluation of all signals takes.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=None)
+        self.evaluation_duration = DurationHistogram(EVALUATION_BUCKETS)
         self.registry.register(self.usage)
-        for collector in (self.evaluation_duration, AnomalyCollector(self), DetectorCollector(self.detectors),
-                          _SelfCollector(self), ProcessCollector(registry=None)):
+        for collector in (AnomalyCollector(self), DetectorCollector(self.detectors), ExporterCollector(self),
+                          ProcessCollector(registry=None)):
             self.registry.register(collector)
             self.scrape_registry.register(collector)
 
@@ -323,7 +328,7 @@ class Engine:
 
     def _dedupe(self, cols: RecordColumns, indices: list[int], now: float) -> tuple[np.ndarray | None, list[int], np.ndarray]:
         """Rows to keep (None: all), input indices of duplicates, and the hashes of new ids."""
-        has = np.not_equal(cols.request_id, None)
+        has = ~is_none(cols.request_id)
         if not has.any():
             return None, [], np.zeros(0, dtype=np.int64)
         rows = np.flatnonzero(has)
@@ -397,24 +402,30 @@ class Engine:
     # --- evaluation -------------------------------------------------------------------
 
     def evaluate(self, t: float | None = None) -> Snapshot | None:
-        """Judge every signal at event time t (default: the clock). Errors are counted, not raised."""
+        """Judge every signal at event time t (default: the clock). Errors are counted, not
+        raised: the evaluator and each detector are isolated (`components`), and a failed
+        part keeps its last verdict published while the others move on."""
         t = self.clock() if t is None else t
         start = time.perf_counter()
-        try:
-            with self.lock:
-                snap = self.evaluator.evaluate(t)
-                snap.extra["detectors"] = self.detectors.evaluate(t)
-        except Exception:  # one failing part must not break the scrape: count it and keep the last snapshot
-            log.exception("evaluation at %s failed", t)
+        failures = sum(self.components.errors[name] for name in ("evaluator", *DETECTORS))
+        with self.lock:
+            snap = self.components.attempt("evaluator", lambda: self.evaluator.evaluate(t), None)
+            reports = self.detectors.evaluate(t)
+        if sum(self.components.errors[name] for name in ("evaluator", *DETECTORS)) > failures:
             self.evaluation_errors_total += 1
+        if snap is None:
             return self.snapshot
+        snap.extra["detectors"] = reports
         self.evaluation_duration.observe(time.perf_counter() - start)
         self.snapshot = snap
         self.last_evaluation = time.time()
         return snap
 
-    def exposition(self) -> bytes:
-        """The full /metrics text; a scrape never holds a lock while formatting."""
+    def exposition(self, openmetrics: bool = False) -> bytes:
+        """The full /metrics text, in the classic text format or OpenMetrics; a scrape never
+        holds a lock while formatting."""
+        if openmetrics:
+            return self.usage.render(openmetrics=True).encode() + om_generate_latest(self.scrape_registry)
         return self.usage.render().encode() + generate_latest(self.scrape_registry)
 
     def prune(self) -> None:
@@ -463,32 +474,3 @@ def _drop_future(cols: RecordColumns, indices: list[int], rejections: Rejections
 
 def _records_blob(cols: RecordColumns, raw: dict[str, np.ndarray]) -> tuple[float, float, bytes]:
     return float(cols.ts.min()), float(cols.ts.max()), stored_blob(cols, raw)
-
-
-class _SelfCollector(Collector):
-    """The exporter's own metrics; values live on the engine so they persist with it."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.e = engine
-
-    def collect(self) -> Iterator[Metric]:
-        e = self.e
-        info = GaugeMetricFamily("llm_exporter_build_info", "Build information; always 1.", labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
-        res = CounterMetricFamily("llm_exporter_records", "Records received, by result.", labels=["result"])
-        for k in RESULTS:
-            res.add_metric([k], e.results_total[k])
-        yield res
-        ovf = CounterMetricFamily("llm_exporter_label_overflow", "Records whose label value was mapped to 'other' by a label guard.", labels=["label"])
-        for k, v in e.overflow_total.items():
-            ovf.add_metric([k], v)
-        yield ovf
-        yield GaugeMetricFamily("llm_exporter_last_record_timestamp_seconds",
-                                "Wall-clock time of the last accepted ingest (0 before any).", value=e.last_record_wallclock)
-        yield CounterMetricFamily("llm_exporter_store_errors", "Failed store operations: batch writes (answered 503), "
-                                  "checkpoints, pruning and reads.", value=e.store.errors_total)
-        yield CounterMetricFamily("llm_exporter_evaluation_errors", "Evaluations that failed (the last good snapshot stays published).",
-                                  value=e.evaluation_errors_total)
-        yield GaugeMetricFamily("llm_exporter_last_evaluation_timestamp_seconds",
-                                "Wall-clock time of the last successful evaluation.", value=e.last_evaluation)

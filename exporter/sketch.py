@@ -34,14 +34,6 @@ def histogram(values: np.ndarray) -> np.ndarray:
     return np.bincount(idx[idx >= 0], minlength=NBINS).astype(np.int64)
 
 
-def grouped(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """Sketches per group: shape (n_groups, NBINS)."""
-    idx = bin_index(values)
-    keep = idx >= 0
-    flat = groups[keep] * NBINS + idx[keep]
-    return np.bincount(flat, minlength=n_groups * NBINS).reshape(n_groups, NBINS).astype(np.int64)
-
-
 def quantile(counts: np.ndarray, q: float) -> np.ndarray:
     """The q-quantile of each sketch along the last axis; NaN where a sketch is empty."""
     counts = np.asarray(counts)

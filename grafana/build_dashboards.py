@@ -36,7 +36,7 @@ THRESHOLD_RULE = "llm:anomaly_threshold:ratio"
 THRESHOLD_RULE_LOW = "llm:anomaly_threshold:ratio_low"
 
 # signal -> (title, unit, axis label, direction, description). Directions match
-# exporter/signals.py: "up" is anomalous when high, "down" when low, "both" either way.
+# exporter/anomaly/signals.py: "up" is anomalous when high, "down" when low, "both" either way.
 SIGNALS: list[tuple[str, str, str, str, str, str]] = [
     ("cost_per_hour", "Cost per hour", "currencyUSD", "USD / hour", "up",
      "Spend over the last 60 minutes."),
@@ -72,7 +72,6 @@ DRIFT_SIGNALS = [
     ("stop_anomaly_rate", "Anomalous stop reasons", "percentunit", "share of responses with an unusual stop reason"),
     ("error_rate", "Error rate", "percentunit", "errors / requests in the drift window"),
 ]
-RUNAWAY_REASONS = ["chain_length", "token_burst", "session_cost", "tool_repetition"]
 
 
 def thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:
@@ -745,8 +744,8 @@ def budget() -> Board:
         ])
     b.add(burn, 12, 8)
     b.add(timeseries("Budget burn rate by app (1h)", targets(
-        (f'sum by (app) (rate(llm_cost_usd_total{{app=~"$app"}}[1h])) * 86400 * scalar(days_in_month()) '
-         f'/ on (app) llm_budget_usd{{period="month", app=~"$app", app!=""}}', "{{app}}")), "short",
+        ('sum by (app) (rate(llm_cost_usd_total{app=~"$app"}[1h])) * 86400 * scalar(days_in_month()) '
+         '/ on (app) llm_budget_usd{period="month", app=~"$app", app!=""}', "{{app}}")), "short",
         "Per-app burn rate against each app's own monthly budget (apps with a budget only).", fill=0,
         axis="× budget pace", steps=thresholds(("green", None), ("red", 1)), threshold_style="line"), 12, 8)
     b.add(timeseries("Cost per hour by app", targets((rate("llm_cost_usd_total", "app") + " * 3600", "{{app}}")),

@@ -543,7 +543,7 @@ class Stack:
             except (ProcessLookupError, PermissionError):
                 proc.terminate()
         deadline = time.monotonic() + timeout
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -157,6 +157,21 @@ def ingest_by_day(engine: Engine, items: Sequence[dict[str, Any]], now: float = 
 
 # --- scraping -------------------------------------------------------------------------------
 
+def bucket_rows(store: Any, res: int, start: float, end: float) -> list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]]:
+    """(start, series, sums, dense sketch per kind) of each stored bucket with start in
+    [start, end), in key order, read through `Store.bucket_groups` (which checkpoints first)."""
+    from exporter import sketch
+    from exporter.storage.buckets import SKETCHES
+    out = []
+    for g in store.bucket_groups(res, start, end):
+        dense = {kind: np.zeros((len(g), sketch.NBINS), dtype=np.int64) for kind in SKETCHES}
+        for kind, (gi, b, c) in zip(SKETCHES, g.nonzero_bins()):
+            dense[kind][gi, b] = c
+        out.extend((int(g.start[i]), int(g.series[i]), g.adds[i], {kind: dense[kind][i] for kind in SKETCHES})
+                   for i in range(len(g)))
+    return out
+
+
 def parse_scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Samples of a text exposition keyed by (name, sorted labels)."""
     out = {}

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, rec, settings_for, steady_hour, value
 
-from exporter.api import create_app, usage_statistics
+from exporter.storage.usage_stats import usage_statistics
+from exporter.web.app import create_app
 from exporter.engine import Engine
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
@@ -177,10 +178,10 @@ def test_usage_stats_are_the_same_whatever_the_page_size(tmp_path: Path) -> None
                                 latency_s=0.2 + float(rng.lognormal(0, 1)), ttft_s=0.1, request_id=f"p{i}")
                             for i in range(1500)])
     assert result.accepted == 1500, result.to_dict()["errors"][:3]
-    whole = usage_statistics(engine, T0 - DAY, T0, ["app", "model"])
+    whole = usage_statistics(engine.store, T0 - DAY, T0, ["app", "model"])
     paged = engine.store.bucket_groups
     engine.store.bucket_groups = functools.partial(paged, rows_per_chunk=3)   # type: ignore[method-assign]
-    assert usage_statistics(engine, T0 - DAY, T0, ["app", "model"]) == whole
+    assert usage_statistics(engine.store, T0 - DAY, T0, ["app", "model"]) == whole
     assert len(whole["groups"]) == 14 and sum(g["requests"] for g in whole["groups"]) == 1500
     engine.close()
 

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import T0, Server, engine_at, rec, settings_for
 
-from exporter.api import create_app
+from exporter.web.app import create_app
 from exporter.config import ConfigError, is_loopback
 
 READS = ["/", "/api/anomalies", "/api/drift", "/api/runaways", "/api/budgets", "/api/notifications",

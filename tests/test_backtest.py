@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pytest
 from helpers import CLEAN_ENV, HOUR, T0, close_to, engine_at, exporter_command, ingest_by_day, settings_for, steady_hour, value
 
-from exporter.evaluator import Snapshot
-from exporter.replay import backtest, load_records
+from exporter.anomaly.evaluator import Snapshot
+from exporter.sources.replay import backtest, load_records
 
 T = T0 + HOUR            # a multiple of the step: the live evaluation and a backtest step coincide
 STEP = 300.0

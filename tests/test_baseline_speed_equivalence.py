@@ -15,10 +15,11 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
-from exporter import baseline, sketch
-from exporter.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS
-from exporter.history import QUANTILES, _sum_slots, _take_planes, _window_quantiles, token_sum
-from exporter.signals import DEFAULT_SIGNALS
+from exporter.anomaly import baseline
+from exporter import sketch
+from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS
+from exporter.anomaly.history import QUANTILES, _sum_slots, _take_planes, _window_quantiles, token_sum
+from exporter.anomaly.signals import DEFAULT_SIGNALS
 
 
 def reference_quantiles(x: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.batch import concat, parse_batch, stored_blob, stored_records, take
-from exporter.records import RecordColumns, parse_items, to_columns
+from exporter.ingest.batch import concat, parse_batch, take
+from exporter.storage.journal import stored_blob, stored_records
+from exporter.ingest.records import RecordColumns, parse_items, to_columns
 
 NOW = 1_800_000_000.0
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from exporter import sketch
-from exporter.buckets import FIELDS, SKETCHES, Groups
-from exporter.store import Store
+from exporter.storage.buckets import FIELDS, SKETCHES, Groups
+from exporter.storage.store import Store
 
 
 def write_rows(store: Store, layout: dict[int, int]) -> dict[tuple[int, int], int]:

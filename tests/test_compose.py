@@ -211,12 +211,12 @@ def test_exporter_config_is_valid():
     """deploy/exporter.yaml loads with the exporter's own settings model."""
     config = pytest.importorskip("exporter.config")
     settings = config.load_settings(REPO / "deploy" / "exporter.yaml", environ={})
-    assert settings.budgets.get("month_usd")
+    assert settings.budgets.month_usd
     try:
-        from exporter.budget import BudgetSettings
+        from exporter.detectors.budget import BudgetSettings
     except ImportError:
         return
-    BudgetSettings(**settings.budgets)
+    BudgetSettings.model_validate(settings.budgets.model_dump())
 
 
 def test_secrets_are_not_committed():

@@ -48,7 +48,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 PROFILE = "demo"
 URL = {"exporter": "http://127.0.0.1:9473", "prometheus": "http://127.0.0.1:9090",
        "alertmanager": "http://127.0.0.1:9093"}
-# the demo's first anomaly (exporter/demo.py: first_anomaly) and the alert it must cause
+# the demo's first anomaly (exporter/sources/demo.py: first_anomaly) and the alert it must cause
 DEMO_ANOMALY = "runaway_session"
 DEMO_ALERT = {"alertname": "LLMRunawaySessions", "app": "code-assistant", "severity": "critical"}
 COUNTERS = re.compile(r"^(llm_requests_total|llm_request_errors_total|llm_tokens_total|llm_cost_usd_total)\{")
@@ -370,7 +370,7 @@ def check_down_leaves_nothing_running(stack: ComposeStack) -> None:
     networks = stack.docker("network", "ls", "-q", "--filter",
                             f"label=com.docker.compose.project={stack.project_name()}").split()
     assert networks == []
-    for name, url in URL.items():
+    for url in URL.values():
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             _get(url + "/", timeout=3)
     # the data outlives `down` (only `down --volumes` removes it)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from helpers import CLEAN_ENV, T0, engine_at, exporter_command, rec, settings_for
 
 from exporter import cli
-from exporter.api import create_app
+from exporter.web.app import create_app
 from exporter.config import ConfigError, Settings, load_settings, parse_duration
 
 
@@ -214,3 +214,60 @@ def test_protect_metrics(tmp_path: Path) -> None:
         assert client.get("/metrics").status_code == 401
         r = client.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
         assert r.status_code == 200 and "llm_exporter_build_info" in r.text
+
+
+# --- the detectors' sections: typed, with a flag and a variable per scalar knob --------------
+
+def test_section_knobs_merge_one_by_one_across_layers(tmp_path: Path) -> None:
+    cfg = write_yaml(tmp_path, "runaway:\n  chain_max_calls: 80\n  tool_repeat_max: 30\nbudgets:\n  day_usd: 10\n"
+                               "  apps: {search: {day: 2}}\ndrift:\n  preset: low\n")
+    s = load_settings(cfg, flags={"runaway__tool_repeat_max": "40", "budgets__timezone": "Europe/Berlin"},
+                      environ={"LLM_EXPORTER_RUNAWAY__CHAIN_WINDOW_S": "45m", "LLM_EXPORTER_DRIFT__MAX_AGE_S": "2h",
+                               "LLM_EXPORTER_RUNAWAY__BURST_COUNT_CACHE_READS": "yes"})
+    assert s.runaway.chain_max_calls == 80                       # YAML
+    assert s.runaway.tool_repeat_max == 40                       # flag over YAML, knob by knob
+    assert s.runaway.chain_window_s == 2700.0 and s.runaway.burst_count_cache_reads is True   # environment
+    assert s.drift.preset == "low" and s.drift.max_age_s == 7200.0
+    assert s.budgets.day_usd == 10.0 and s.budgets.apps == {"search": {"day": 2.0}} and s.budgets.timezone == "Europe/Berlin"
+
+
+def test_section_errors_name_the_knob_and_its_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"runaway\.chain_max_calls \(LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS\) "
+                                          r"from environment: runaway.chain_max_calls must be positive"):
+        load_settings(environ={"LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS": "0"})
+    with pytest.raises(ConfigError, match=r"drift\.preset from config file .*unknown preset 'loud'|"
+                                          r"drift from config file .*unknown preset 'loud'"):
+        load_settings(write_yaml(tmp_path, "drift: {preset: loud}\n"), environ={})
+    with pytest.raises(ConfigError, match=r"budgets\.timezone from command line: .*unknown time zone 'Mars/Olympus'|"
+                                          r"budgets from command line: .*unknown time zone 'Mars/Olympus'"):
+        load_settings(flags={"budgets__timezone": "Mars/Olympus"}, environ={})
+    with pytest.raises(ConfigError, match=r"runaway\.chain_calls from config file .*: is not a known setting"):
+        load_settings(write_yaml(tmp_path, "runaway: {chain_calls: 3}\n"), environ={})
+    with pytest.raises(ConfigError, match=r"runaway from config file .* and environment: runaway.session_idle_s must be "
+                                          r"at least chain_window_s"):
+        load_settings(write_yaml(tmp_path, "runaway: {session_idle_s: 60}\n"),
+                      environ={"LLM_EXPORTER_RUNAWAY__CHAIN_WINDOW_S": "10m"})
+
+
+def test_help_shows_durations_and_paths_as_people_write_them() -> None:
+    text = cli._knob_help()
+    line = {ln.split()[0]: ln for ln in text.splitlines()[2:]}
+    assert "default 60m:" in line["window"] and "default 7d:" in line["baseline"] and "default 30s:" in line["evaluation_interval"]
+    assert "default llm-usage.db:" in line["db"] and "PosixPath" not in text
+    assert "--runaway-chain-window-s" in line["runaway.chain_window_s"] and "default 30m:" in line["runaway.chain_window_s"]
+    assert "LLM_EXPORTER_BUDGETS__DAY_USD" in line["budgets.day_usd"] and "default 6h:" in line["drift.max_age_s"]
+    assert "(YAML only)" in line["runaway.app_overrides"] and "(YAML only)" in line["budgets.apps"]
+    for name in ("drift.window", "runaway.spike_z", "budgets.timezone"):
+        assert line[name].split("default ", 1)[1].split(":", 1)[1].strip(), f"{name} has no description"
+    p = subprocess.run(exporter_command() + ["serve", "--help"], env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
+    assert "--runaway-chain-max-calls" in p.stdout and "--budgets-month-usd" in p.stdout and "default 60m" in p.stdout
+
+
+def test_sqlite_synchronous_is_a_setting(tmp_path: Path) -> None:
+    engine, _ = engine_at(settings_for(tmp_path, sqlite_synchronous="FULL"))
+    assert engine.store._db.execute("PRAGMA synchronous").fetchone()[0] == 2       # FULL
+    engine.close()
+    s = load_settings(flags={"db": str(tmp_path / "u.db")}, environ={"LLM_EXPORTER_SQLITE_SYNCHRONOUS": "extra"})
+    assert s.sqlite_synchronous == "extra"
+    with pytest.raises(ConfigError, match="sqlite_synchronous .*from environment"):
+        load_settings(environ={"LLM_EXPORTER_SQLITE_SYNCHRONOUS": "NORMAL; DROP TABLE meta"})

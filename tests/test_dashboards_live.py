@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_util import (e2e_marks, exporter_json, iter_dashboard_queries, load_dashboards, load_stack,  # noqa: E402
                         prom_api, rule_errors)
 
-from exporter import demo  # noqa: E402
+from exporter.sources import demo  # noqa: E402
 
 stack_mod = load_stack()
 Stack = stack_mod.Stack

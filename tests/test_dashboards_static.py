@@ -143,7 +143,7 @@ def test_anomaly_rows_cover_every_signal(dashboards):
     signals = ["cost_per_hour", "token_velocity", "request_rate", "error_rate", "latency_p95", "ttft_p95",
                "output_tokens_per_second"]
     try:
-        from exporter.signals import SIGNAL_NAMES
+        from exporter.anomaly.signals import SIGNAL_NAMES
         signals = list(SIGNAL_NAMES)
     except ImportError:
         pass

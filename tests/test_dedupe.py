@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.dedupe import DedupeIndex, hash_ids
+from exporter.ingest.dedupe import DedupeIndex, hash_ids
 
 ids_strategy = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                                 min_size=1, max_size=80), min_size=1, max_size=40)

@@ -25,7 +25,7 @@ from inject import KIND_BY_NAME, GLOBAL, app_scope, inject  # noqa: E402
 from score import Collector, episodes, false_warnings, rejudge, score_kind  # noqa: E402
 from traffic import DAY, HOUR, MissingData, build_traffic  # noqa: E402
 
-from exporter.replay import backtest  # noqa: E402
+from exporter.sources.replay import backtest  # noqa: E402
 
 SIGNALS = {"cost_per_hour": {"min_zscore": 2.0}}
 PLAN = bench.Plan("test", history_days=3, scored_days=1, instance_slots=((0, 14),), creep_slots=(), nab=())

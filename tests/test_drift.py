@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from exporter.drift import (
+from exporter.detectors.drift import (
     PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, drift_signals, length_collapse_ratio,
     response_flags, stop_is_anomalous,
 )
-from exporter.records import RecordColumns, parse_record, to_columns
+from exporter.ingest.records import RecordColumns, parse_record, to_columns
 
 T0 = 1_700_000_000.0
 

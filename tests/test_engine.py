@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import T0, engine_at, rec, settings_for, value
+from helpers import T0, bucket_rows, engine_at, rec, settings_for, value
 
 from exporter.engine import Engine
-from exporter.prices import PriceError, PriceTable
+from exporter.ingest.prices import PriceError, PriceTable
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 
@@ -205,6 +205,6 @@ def test_far_future_timestamps_are_rejected_and_cannot_wipe_history(tmp_path: Pa
     engine.prune()
     assert value(engine, "llm_requests_total", **SERIES) == 3
     assert [r["request_id"] for r in engine.store.records(0, T0 + 86400)] == ["real", "skewed-clock", "fine"]
-    assert len(list(engine.store.buckets(3600, 0, T0 + 86400))) == 2
-    assert len(list(engine.store.buckets(60, 0, T0 + 86400))) == 3
+    assert len(list(bucket_rows(engine.store, 3600, 0, T0 + 86400))) == 2
+    assert len(list(bucket_rows(engine.store, 60, 0, T0 + 86400))) == 3
     engine.close()

@@ -16,7 +16,7 @@ from helpers import DAY, HOUR, T0, engine_at, gauge, ingest_by_day, settings_for
 
 from exporter import sketch
 from exporter.engine import Engine
-from exporter.signals import DEFAULT_SIGNALS, SIGNAL_NAMES
+from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES
 
 T_EVAL = T0 + HOUR - 1                    # the window (T0 - 1 s, T0 + 1 h - 1 s] holds the test hour
 OK, WARNING, HIGH = 0.0, 1.0, 2.0
@@ -274,8 +274,8 @@ def test_an_hour_leaving_the_ring_marks_the_history_changed() -> None:
     """When an hour claims the ring slot of an older one, the cached baseline statistics
     may include the hour that left: the history reports it as changed from that hour, so
     the evaluator recomputes them (and not only when the hour turns)."""
-    from exporter.buckets import FIELDS, Groups
-    from exporter.history import ScopeHistory
+    from exporter.storage.buckets import FIELDS, Groups
+    from exporter.anomaly.history import ScopeHistory
 
     def hour_group(hour: int) -> Groups:
         empty = np.zeros((1, sketch.NBINS), dtype=np.int64)

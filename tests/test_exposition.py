@@ -26,12 +26,12 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import HOUR, T0, engine_at, parse_scrape, settings_for
 
-from exporter.api import create_app
+from exporter.web.app import create_app
 from exporter.engine import Engine
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
 T_EVAL = T0 + HOUR - 1
-WALL_CLOCK = re.compile(r"^(# (HELP|TYPE) )?(llm_exporter_last_\w+|llm_exporter_evaluation_duration_seconds\w*|process_\w+)[ {]")
+WALL_CLOCK = re.compile(r"^(# (HELP|TYPE) )?(llm_exporter_last_\w+|llm_exporter_component_last_success_timestamp_seconds|llm_exporter_evaluation_duration_seconds\w*|process_\w+)[ {]")
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 

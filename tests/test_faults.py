@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 from faults import break_table, locked, memory_state, mend, small_disk, unprivileged
 from helpers import CLEAN_ENV, HOUR, T0, Server, engine_at, exporter_command, rec, sample_sum, settings_for, value
 
-from exporter.api import create_app
-from exporter.store import StoreError
+from exporter.web.app import create_app
+from exporter.storage.store import StoreError
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 TABLES = ("series", "dedupe", "totals", "records", "label_values", "daily_cost", "meta")

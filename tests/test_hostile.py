@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from faults import locked
 from helpers import HOUR, T0, Server, engine_at, rec, sample_sum, settings_for, value
 
-from exporter.api import create_app
+from exporter.web.app import create_app
 
 MIB = 1024 * 1024
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}

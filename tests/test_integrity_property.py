@@ -23,9 +23,9 @@ from helpers import T0, engine_at, settings_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.api import usage_statistics
+from exporter.storage.usage_stats import usage_statistics
 from exporter.engine import Engine
-from exporter.store import StoreError
+from exporter.storage.store import StoreError
 
 TABLES = ("series", "dedupe", "totals", "records", "label_values", "daily_cost", "meta")
 FAULTS = st.one_of(st.none(), st.none(), st.sampled_from(TABLES + ("locked", "buckets")))
@@ -107,7 +107,7 @@ def expected(ref: Reference) -> dict[str, Any]:
 
 
 def bucket_requests(engine: Engine) -> int:
-    stats = usage_statistics(engine, T0 - 86400, T0 + 3600, ["app"])
+    stats = usage_statistics(engine.store, T0 - 86400, T0 + 3600, ["app"])
     return sum(g["requests"] for g in stats["groups"])
 
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import T0, engine_at, rec, settings_for
 
-from exporter.api import create_app
+from exporter.web.app import create_app
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -28,9 +28,9 @@ from litellm.litellm_core_utils.llm_cost_calc.utils import generic_cost_per_toke
 from litellm.types.utils import (CacheCreationTokenDetails, CompletionTokensDetailsWrapper,  # noqa: E402
                                  PromptTokensDetailsWrapper, Usage)
 
-from exporter.batch import parse_batch  # noqa: E402
-from exporter.price_rates import COLUMNS  # noqa: E402
-from exporter.prices import PriceTable, litellm_map  # noqa: E402
+from exporter.ingest.batch import parse_batch  # noqa: E402
+from exporter.ingest.price_rates import COLUMNS  # noqa: E402
+from exporter.ingest.prices import PriceTable, litellm_map  # noqa: E402
 
 TOLERANCE = 1e-9
 # Tuesday 02:30 UTC: outside every off-peak window in the map.

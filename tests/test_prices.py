@@ -16,11 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import T0, engine_at, rec, settings_for, value
 
-from exporter.api import create_app
-from exporter.batch import parse_batch
+from exporter.web.app import create_app
+from exporter.ingest.batch import parse_batch
 from exporter.engine import Engine
-from exporter.price_rates import COLUMNS
-from exporter.prices import PriceError, PriceTable, litellm_map
+from exporter.ingest.price_rates import COLUMNS
+from exporter.ingest.prices import PriceError, PriceTable, litellm_map
 
 ROOT = Path(__file__).resolve().parent.parent
 M = 1e-6      # USD per million tokens -> per token
@@ -88,7 +88,7 @@ def test_other_variants_and_unknown_names_stay_unpriced(table: PriceTable, model
 def test_the_hand_kept_table_only_fills_gaps_of_the_map() -> None:
     """Every shipped hand-kept entry is a name the map cannot price."""
     table = PriceTable()
-    from exporter.prices import load_shipped
+    from exporter.ingest.prices import load_shipped
     for name in load_shipped():
         found = table.resolve("", name)
         assert found.source == "shipped", (name, found.key)

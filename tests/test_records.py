@@ -11,10 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import T0, engine_at, settings_for
 
-from exporter.api import create_app
-from exporter.records import (
-    MAX_TEXT, MAX_TOKENS, BodyError, RecordError, Rejected, decode_body, parse_items, parse_record, parse_ts,
-)
+from exporter.web.app import create_app
+from exporter.ingest.bodies import BodyError, decode_body
+from exporter.ingest.records import MAX_TEXT, MAX_TOKENS, RecordError, parse_items, parse_record, parse_ts
 
 BASE = {"provider": "openai", "model": "gpt-4o-mini"}
 NOW = T0 + 123.0
@@ -330,11 +329,11 @@ def test_prompt_and_completion_text_is_never_stored(tmp_path: Path) -> None:
 def test_ndjson_numbering_across_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     """NDJSON is decoded in slices; record numbers and line numbers run on across them, and
     only the first max_errors rejections are explained."""
-    import exporter.records as records
+    import exporter.ingest.bodies as bodies
     body = (b'{"provider":"a","model":"m"}\n\nbad line\n  \n{"x":\n5\n{"provider":"b","model":"m"}\r\n'
             b'  {"provider":"c","model":"m"}\nlast bad')
     whole = decode_body(body, "application/x-ndjson")
-    monkeypatch.setattr(records, "NDJSON_SLICE", 16)
+    monkeypatch.setattr(bodies, "NDJSON_SLICE", 16)
     sliced = decode_body(body, "application/x-ndjson")
     for d in (whole, sliced):
         assert d.indices == [0, 4, 5] and [x["provider"] for x in d.items] == ["a", "b", "c"]

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.rejections import Rejected, Rejections
+from exporter.ingest.rejections import Rejected, Rejections
 
 
 @given(st.lists(st.lists(st.integers(0, 10_000), max_size=50), max_size=8), st.integers(1, 20))

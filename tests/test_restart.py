@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import HOUR, T0, Server, close_to, engine_at, ingest_by_day, rec, sample_sum, settings_for, steady_history, steady_hour, value
+from helpers import HOUR, T0, Server, bucket_rows as stored_buckets, close_to, engine_at, ingest_by_day, rec, sample_sum, settings_for, steady_history, steady_hour, value
 
 from exporter.engine import Engine
 
@@ -192,7 +192,7 @@ def test_acknowledged_records_survive_kill_9(tmp_path: Path) -> None:
 def bucket_rows(engine: Engine) -> dict[tuple[int, int, int], tuple[list[float], list[int]]]:
     out = {}
     for res in (60, 3600):
-        for start, sid, adds, sk in engine.store.buckets(res, 0, T0 + 10 * HOUR):
+        for start, sid, adds, sk in stored_buckets(engine.store, res, 0, T0 + 10 * HOUR):
             out[(res, start, sid)] = (adds.tolist(), [int(x) for k in ("latency", "ttft", "otps") for x in sk[k]])
     return out
 
@@ -231,5 +231,5 @@ def test_records_kept_only_as_journal_when_retention_is_zero(tmp_path: Path) -> 
     engine.store.checkpoint()
     rows = engine.store._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
     assert rows == 0                                              # and gone once folded
-    assert sum(b[2][0] for b in engine.store.buckets(60, 0, T0 + 1)) == 12
+    assert sum(b[2][0] for b in stored_buckets(engine.store, 60, 0, T0 + 1)) == 12
     engine.close()

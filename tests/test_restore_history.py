@@ -11,10 +11,10 @@ import pytest
 from helpers import DAY, HOUR, T0, engine_at, ingest_by_day, settings_for, steady_hour
 
 from exporter import sketch
-from exporter import store as store_module
-from exporter.buckets import FIELDS, SKETCHES, Groups
-from exporter.history import ScopeHistory, _codes
-from exporter.store import Store
+from exporter.storage import store as store_module
+from exporter.storage.buckets import FIELDS, SKETCHES, Groups
+from exporter.anomaly.history import ScopeHistory, _codes
+from exporter.storage.store import Store
 
 ARRAYS = ("hour_add", "hour_q", "open_sk", "fine_add", "coarse_sk", "first_hour")
 RINGS = ("hours", "open", "fine_ring", "coarse_ring")

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,11 @@ RULES_DIR = PROM_DIR / "rules"
 TESTS_DIR = PROM_DIR / "tests"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
-RUNBOOK_URL = "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md#"
+sys.path.insert(0, str(PROM_DIR))
+import build_links  # noqa: E402
+
+LINKS = build_links.links()      # the one setting every runbook_url and dashboard_url derives from
+RUNBOOK_URL = LINKS["runbook"] + "#"
 SEVERITIES = {"critical", "warning", "info"}
 
 PROMTOOL = shutil.which("promtool")
@@ -167,7 +172,7 @@ def test_alert_rules_follow_the_conventions() -> None:
         if name != "Watchdog" and "{{" not in str(ann.get("description", "")):
             problems.append(f"{where}: description is not templated")
         if name != "Watchdog":
-            m = re.match(r"http://localhost:3000/d/([\w-]+)\?orgId=1", str(ann.get("dashboard_url", "")))
+            m = re.match(re.escape(LINKS["grafana"]) + r"/d/([\w-]+)\?orgId=1", str(ann.get("dashboard_url", "")))
             if not m:
                 problems.append(f"{where}: no dashboard_url into Grafana")
             elif not any(json.loads(p.read_text()).get("uid") == m.group(1) for p in DASHBOARDS):
@@ -257,7 +262,7 @@ def test_rules_read_only_metrics_of_the_contract() -> None:
     assert not missing, f"the rules read metrics docs/metrics.md does not define: {missing}"
 
     # ... and that the exporter publishes (metric family names as string literals)
-    source = "\n".join(p.read_text() for p in (ROOT / "exporter").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (ROOT / "exporter").rglob("*.py"))
 
     def published(name: str) -> bool:
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)

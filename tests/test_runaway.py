@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from exporter.records import RecordColumns, parse_record, to_columns
-from exporter.runaway import REASONS, RunawayDetector, RunawaySettings, robust_z, tool_runs
+from exporter.ingest.records import RecordColumns, parse_record, to_columns
+from exporter.detectors.runaway import REASONS, RunawayDetector, RunawaySettings, robust_z, tool_runs
 
 T0 = 1_700_000_040.0  # on a whole minute: the invocation windows are whole minutes
 RAGPULSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ragpulse" / "ragpulse_trace.csv"

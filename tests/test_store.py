@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from faults import break_table, mend
-from helpers import T0, engine_at, rec, settings_for, value
+from helpers import T0, bucket_rows, engine_at, rec, settings_for, value
 
-from exporter.api import create_app
-from exporter.dedupe import hash_ids
-from exporter.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
+from exporter.web.app import create_app
+from exporter.ingest.dedupe import hash_ids
+from exporter.storage.store import SCHEMA_VERSION, BatchWrite, Store, StoreError
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 
@@ -103,8 +103,8 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     engine.ingest([rec(T0 - 5 * 3600, request_id="old", cost_usd=1.0)], now=T0 - 3600)
     engine.ingest([rec(T0 - 600, request_id="new", cost_usd=1.0)], now=T0)
     st = engine.store
-    mins = lambda: sorted({b[0] for b in st.buckets(60, 0, T0 + 10**6)})      # noqa: E731
-    hours = lambda: sorted({b[0] for b in st.buckets(3600, 0, T0 + 10**6)})   # noqa: E731
+    mins = lambda: sorted({b[0] for b in bucket_rows(st, 60, 0, T0 + 10**6)})      # noqa: E731
+    hours = lambda: sorted({b[0] for b in bucket_rows(st, 3600, 0, T0 + 10**6)})   # noqa: E731
     assert mins() == [T0 - 5 * 3600, T0 - 600] and len(hours()) == 2
     engine.prune()
     assert mins() == [T0 - 600]                                  # minute buckets: 2 h
@@ -135,10 +135,10 @@ def test_buckets_roundtrip_minute_and_hour(tmp_path: Path) -> None:
     engine, _ = engine_at(settings)
     engine.ingest([rec(T0 - 3600 + 30, latency_s=1.0, cost_usd=0.5), rec(T0 - 3600 + 90, latency_s=2.0, cost_usd=0.25),
                    rec(T0 - 3600 + 100, latency_s=3.0, cost_usd=0.25, status=500)])
-    from exporter.buckets import F
-    minute = list(engine.store.buckets(60, 0, T0))
+    from exporter.storage.buckets import F
+    minute = list(bucket_rows(engine.store, 60, 0, T0))
     assert [(b[0], b[2][F["requests"]]) for b in minute] == [(T0 - 3600, 1.0), (T0 - 3540, 2.0)]
-    (start, _, adds, sk), = engine.store.buckets(3600, 0, T0)
+    (start, _, adds, sk), = bucket_rows(engine.store, 3600, 0, T0)
     assert start == T0 - 3600
     assert (adds[F["requests"]], adds[F["errors"]], adds[F["cost"]], adds[F["input_tokens"]]) == (3, 1, 1.0, 3000)
     assert int(sk["latency"].sum()) == 3 and np.count_nonzero(sk["latency"]) == 3
@@ -174,7 +174,7 @@ def test_failed_batch_does_not_count_label_overflow_twice(tmp_path: Path) -> Non
     engine, _ = engine_at(settings)
     engine.ingest([rec(T0 - 100, model="m1")])
     c = break_table(settings.db, "records")
-    from exporter.store import StoreError as SE
+    from exporter.storage.store import StoreError as SE
     with pytest.raises(SE):
         engine.ingest([rec(T0 - 90, model="m2", request_id="o1")])
     mend(c, "records")
@@ -195,8 +195,8 @@ def test_a_failed_checkpoint_keeps_the_batches_for_the_next_one(tmp_path: Path) 
     assert engine.store.errors_total == 1
     mend(c, "buckets")
     assert engine.ingest([rec(T0 - 500, request_id="b")]).accepted == 1
-    from exporter.buckets import F
-    assert sum(b[2][F["requests"]] for b in engine.store.buckets(60, 0, T0)) == 2
+    from exporter.storage.buckets import F
+    assert sum(b[2][F["requests"]] for b in bucket_rows(engine.store, 60, 0, T0)) == 2
     engine.close()
 
 

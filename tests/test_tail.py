@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from helpers import T0, Server, engine_at, rec, sample_sum, settings_for, value
 
-from exporter.tail import TailFollower
+from exporter.sources.tail import TailFollower
 
 SERIES = {"app": "chat", "provider": "openai", "model": "gpt-4o-mini"}
 

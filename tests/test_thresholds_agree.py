@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.signals import DEFAULT_SIGNALS, SignalSpec
+from exporter.anomaly.signals import DEFAULT_SIGNALS, SignalSpec
 
 THRESHOLDS = Path(__file__).resolve().parent.parent / "prometheus" / "rules" / "thresholds.yml"
 CONSTANT = re.compile(r"^\s*vector\(\s*(-?[0-9.]+(?:e[-+]?[0-9]+)?)\s*\)\s*$", re.I)
@@ -73,7 +73,7 @@ def test_every_down_signal_has_an_alert_for_its_direction() -> None:
 
 def test_invocation_spike_thresholds_equal_the_runaway_detector_defaults() -> None:
     """The exporter flags spikes (/api/runaways) with the numbers the alert uses."""
-    from exporter.runaway import RunawaySettings
+    from exporter.detectors.runaway import RunawaySettings
 
     defaults = RunawaySettings()
     assert rule_value("llm:runaway_threshold:invocation_zscore") == defaults.spike_z

@@ -34,8 +34,8 @@ from score import (  # noqa: E402
 from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic  # noqa: E402
 
 from exporter.config import Settings, load_settings  # noqa: E402
-from exporter.replay import backtest  # noqa: E402
-from exporter.signals import SIGNAL_NAMES  # noqa: E402
+from exporter.sources.replay import backtest  # noqa: E402
+from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
 
 REPO = HERE.parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -207,7 +207,7 @@ DRIFT_GRID: dict[str, tuple[float, ...]] = {
 
 def check_rejudge(obs: Observations, drift_preset: str = "normal") -> list[str]:
     """The sweep's severity rules must reproduce the live severities at the defaults."""
-    from exporter.drift import PRESETS
+    from exporter.detectors.drift import PRESETS
     bad = []
     for sig in obs.values:
         live = obs.severity.get(sig)
@@ -301,12 +301,12 @@ def sweep_tables(sw: dict[str, list[dict[str, Any]]], defaults: dict[str, dict[s
 
 
 def sweep_defaults(settings: Settings) -> dict[str, dict[str, float]]:
-    from exporter.drift import PRESETS
-    from exporter.signals import signal_specs
+    from exporter.detectors.drift import PRESETS
+    from exporter.anomaly.signals import signal_specs
     out: dict[str, dict[str, float]] = {
         s.name: {"warning_ratio": s.warning_ratio, "min_zscore": s.min_zscore, "min_current": s.min_current,
                  "min_requests": s.min_requests} for s in signal_specs(settings.signals)}
-    preset = PRESETS[(settings.drift or {}).get("preset", "normal")]
+    preset = PRESETS[settings.drift.preset]
     for dsig in DRIFT_GRID:
         out["drift." + dsig] = {"mild": preset[dsig].mild}
     return out
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in kinds:
         obs, anomalies = runs[k.name]
         scores.extend(score_kind(obs, k, anomalies, GRACE, lo, hi))
-    mismatch = check_rejudge(clean, (settings.drift or {}).get("preset", "normal"))
+    mismatch = check_rejudge(clean, settings.drift.preset)
     sw = sweep(clean, runs, plan, lo, hi)
     defaults = sweep_defaults(settings)
 

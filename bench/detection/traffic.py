@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.records import UsageRecord
+from exporter.ingest.records import UsageRecord
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86400.0

@@ -1,0 +1,1 @@
+"""The rolling-baseline anomaly signals: their specs, the scope history, the statistics and the evaluator."""

@@ -1,0 +1,511 @@
+"""Scope history: what the evaluator needs, in memory, for every global/app/model scope.
+
+Three time rings share one layout (scope rows × time slots), with one tag per slot saying
+which absolute slot it holds, so a slot is recycled for all scopes at once as event time
+moves on:
+
+- hourly sums (and hourly p95/p50 from sketches) over the horizon, for the baseline;
+- fine sums (1/60 of the window) and coarse sketches (1/12 of the window) for the window
+  under test.
+
+Everything is fed from `buckets.Groups` (already summed per series and fine slot), so the
+cost of an update scales with the distinct (series, slot) pairs of a batch. The layout is
+rebuilt from the store's buckets at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import sketch
+from ..storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, Groups
+
+SCOPES = ("global", "app", "model")
+ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
+QUANTILES = {"latency": 0.95, "ttft": 0.95, "otps": 0.5}
+OPEN_HOURS = 3
+MIN_SKETCH_COUNT = 5
+_DIVISORS_OF_60 = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)
+
+
+def fine_resolution(window: float) -> int:
+    """The largest divisor of 60 s not above window/60, so fine slots nest in minutes."""
+    target = window / 60.0
+    return max(d for d in _DIVISORS_OF_60 if d <= max(target, 1))
+
+
+class Ring:
+    """Slots of `res` seconds, `n` of them, tagged with the absolute slot they hold."""
+
+    def __init__(self, res: int, n: int) -> None:
+        self.res, self.n = res, n
+        self.tag = np.full(n, -1, dtype=np.int64)
+
+    def claim(self, absolute: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Slot per absolute index, a mask of those still in range, and slots to clear."""
+        slot = absolute % self.n
+        cleared: list[int] = []
+        for a in np.unique(absolute):
+            s = int(a % self.n)
+            if self.tag[s] < a:
+                cleared.append(s)
+                self.tag[s] = a
+        return slot, self.tag[slot] == absolute, cleared
+
+    def slots_for(self, absolute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slot = absolute % self.n
+        return slot, self.tag[slot] == absolute
+
+
+@dataclass(slots=True)
+class WindowValues:
+    """Per-scope sums and quantiles over the window under test."""
+
+    adds: np.ndarray                  # (S, len(FIELDS))
+    quantiles: dict[str, np.ndarray]  # sketch kind -> (S,)
+    counts: dict[str, np.ndarray]
+
+
+class ScopeHistory:
+    """Per-scope rings for the evaluator; see the module docstring."""
+
+    def __init__(self, window: float, horizon: float) -> None:
+        self.window = float(window)
+        self.fine = fine_resolution(window)
+        coarse_slots = max(1, round(window / 12 / self.fine))
+        self.coarse = self.fine * coarse_slots
+        self.hours = Ring(3600, int(math.ceil(horizon / 3600)) + 2)
+        self.open = Ring(3600, OPEN_HOURS)
+        self.fine_ring = Ring(self.fine, int(math.ceil(window / self.fine)) + 4)
+        self.coarse_ring = Ring(self.coarse, int(math.ceil(window / self.coarse)) + 2)
+        self.keys: list[ScopeKey] = []
+        self._index: dict[ScopeKey, int] = {}
+        self._series_rows: dict[int, tuple[int, int, int]] = {}
+        self._sids = np.zeros(0, dtype=np.int64)             # the ids of _series_rows, sorted ...
+        self._sid_rows = np.zeros((0, 3), dtype=np.int64)    # ... and their scope rows
+        self._cap = 0
+        nf, nk, nb = len(FIELDS), len(SKETCHES), sketch.NBINS
+        self.hour_add = np.zeros((0, self.hours.n, nf))
+        self.hour_q = np.full((0, self.hours.n, nk), np.nan)
+        self.open_sk = np.zeros((0, self.open.n, nk, nb), dtype=np.int32)
+        self.fine_add = np.zeros((0, self.fine_ring.n, nf))
+        self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
+        self.first_hour = np.zeros(0, dtype=np.int64)
+        self.late_sketch_groups = 0
+        self._dirty_open: set[int] = set()              # open slots with sketches newer than their quantiles
+        self.changed_from_hour = np.iinfo(np.int64).max  # oldest hour changed since the evaluator last looked
+        self._grow(16)
+
+    # --- scopes -----------------------------------------------------------------------
+
+    def _grow(self, cap: int) -> None:
+        def g(a: np.ndarray, fill: float = 0) -> np.ndarray:
+            out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
+            out[: a.shape[0]] = a
+            return out
+        self.hour_add, self.fine_add = g(self.hour_add), g(self.fine_add)
+        self.hour_q = g(self.hour_q, np.nan)
+        self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
+        self.first_hour = g(self.first_hour, np.iinfo(np.int64).max)
+        self._cap = cap
+
+    def _scope(self, key: ScopeKey) -> int:
+        i = self._index.get(key)
+        if i is None:
+            i = len(self.keys)
+            if i >= self._cap:
+                self._grow(self._cap * 2)
+            self._index[key] = i
+            self.keys.append(key)
+        return i
+
+    def scope_rows(self, series: np.ndarray, series_keys: dict[int, tuple[str, str, str]]) -> np.ndarray:
+        """(G, 3) scope rows (global, app, model) for each series id.
+
+        Series seen before are looked up all at once in a sorted table of their ids; only new
+        ones go through `_scope`, in the order they first appear, so scopes are numbered
+        exactly as a pass over the groups one by one would number them."""
+        series = np.asarray(series, dtype=np.int64)
+        pos, known = self._lookup(series)
+        if not known.all():
+            new = list(dict.fromkeys(series[~known].tolist()))
+            for sid in new:
+                app, provider, model = series_keys[sid]
+                self._series_rows[sid] = (self._scope(("global", "", "", "")), self._scope(("app", app, "", "")),
+                                          self._scope(("model", "", provider, model)))
+            order = np.argsort(np.array(new, dtype=np.int64))
+            ids = np.array(new, dtype=np.int64)[order]
+            rows = np.array([self._series_rows[sid] for sid in new], dtype=np.int64)[order]
+            at = np.searchsorted(self._sids, ids)
+            self._sids, self._sid_rows = np.insert(self._sids, at, ids), np.insert(self._sid_rows, at, rows, axis=0)
+            pos, known = self._lookup(series)
+        return self._sid_rows[pos]
+
+    def _lookup(self, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Position of each series id in the sorted table, and whether it is there."""
+        if not self._sids.size:
+            return np.zeros(series.shape, dtype=np.int64), np.zeros(series.shape, dtype=bool)
+        pos = np.minimum(np.searchsorted(self._sids, series), self._sids.size - 1)
+        return pos, self._sids[pos] == series
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    # --- updates ----------------------------------------------------------------------
+
+    def add(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]], hourly: bool = True) -> None:
+        """Fold groups aligned to the fine resolution into every ring (`hourly=False`: the
+        window rings only, for minute buckets re-read at start-up whose hours are restored
+        separately by `add_hours`)."""
+        if not len(groups):
+            return
+        if (groups.start % self.fine).any():
+            raise ValueError("history.add: groups must be aligned to the fine resolution")
+        rows, rep = self._expand(groups, series_keys)
+        if hourly:
+            self._add_hourly(rows, rep, groups)
+            self._add_open(rows, rep, groups)
+        adds = groups.adds[rep]
+        slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
+        _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
+        slot, ok = self._claim(self.coarse_ring, np.repeat(groups.start // self.coarse, 3), self.coarse_sk, 0)
+        _scatter(self.coarse_sk, rows, slot, ok, groups.nonzero_bins())
+
+    def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
+        """Fold hourly groups (the store's hourly buckets, at start-up).
+
+        The groups' sketches are summed per (hour, scope) first (`_sum_sketches`: a few
+        bincounts over all their bins, no per-scope copies of them); those sums give the
+        hours' quantiles and are what the open-hour slots receive. The hourly and open-hour
+        state left is the one `add` leaves for the same groups, plus the quantiles of every
+        hour they cover."""
+        if not len(groups):
+            return
+        rows, rep = self._expand(groups, series_keys)
+        self._add_hourly(rows, rep, groups)
+        hour = groups.start // 3600
+        first = int(hour.min())
+        hours, hour_code = _codes(hour - first, int(hour.max()) - first + 1)
+        # One key per (hour, scope), hour-major, so the keys of an hour are a run.
+        n = self.size
+        key, entry = _codes(hour_code[:, None] * n + rows.reshape(-1, 3), len(hours) * n)
+        key_hour, key_row = first + hours[key // n], key % n
+        # Every series is in one app, so an hour's global sketch is the sum of the hour's app
+        # sketches: adding those few rows saves counting every bin a third time.
+        sums = [_sum_sketches(entry[:, 1:], bins, len(key)) for bins in groups.nonzero_bins()]
+        _sum_into_parents(sums, entry[:, 1], entry[:, 0])
+        runs = np.searchsorted(key // n, np.arange(len(hours) + 1)).tolist()
+        entries = (3 * np.bincount(hour_code, minlength=len(hours))).tolist()
+        self._add_open_sums((first + hours).tolist(), runs, entries, key_row, sums)
+        slot, ok = self.hours.slots_for(key_hour)
+        for k, kind in enumerate(SKETCHES):
+            self.hour_q[key_row[ok], slot[ok], k] = _quantiles(sums[k][ok], QUANTILES[kind])
+
+    def _add_open_sums(self, hours: list[int], runs: list[int], entries: list[int], key_row: np.ndarray,
+                       sums: list[np.ndarray]) -> None:
+        """`_add_open` for sketches already summed per (hour, scope): the same claims,
+        finalised hours and late counts, hour by hour in order. The keys of hours[j] are
+        runs[j]:runs[j + 1] of `key_row` and `sums`; `entries` counts its (group, scope) pairs."""
+        for j, hour in enumerate(hours):
+            held = self.open.tag.copy()          # claim() re-tags the slots it clears
+            slot, ok, cleared = self.open.claim(np.array([hour]))
+            for s in cleared:
+                self._finalise_open(s, int(held[s]))
+                self.open_sk[:, s] = 0
+            if not ok[0]:
+                self.late_sketch_groups += entries[j]
+                continue
+            lo, hi, s = runs[j], runs[j + 1], int(slot[0])
+            for k, summed in enumerate(sums):
+                self.open_sk[key_row[lo:hi], s, k] += summed[lo:hi].astype(np.int64)
+            self._dirty_open.add(s)
+
+    def _expand(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Each group once per scope it belongs to: flat scope rows and the group of each."""
+        rows = self.scope_rows(groups.series, series_keys).reshape(-1)
+        return rows, np.repeat(np.arange(len(groups)), 3)
+
+    def _claim(self, ring: Ring, absolute: np.ndarray, data: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray]:
+        slot, ok, cleared = ring.claim(absolute)
+        for s in cleared:
+            data[:, s] = fill
+        return slot, ok
+
+    def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
+        hour = groups.start // 3600
+        self.changed_from_hour = min(self.changed_from_hour, int(hour.min()))
+        np.minimum.at(self.first_hour, rows, np.repeat(hour, 3))
+        held = self.hours.tag.copy()                    # claim() re-tags the slots it clears
+        slot, ok, cleared = self.hours.claim(hour)      # per group, then per (group, scope)
+        evicted = [int(held[s]) for s in cleared if held[s] >= 0]
+        if evicted:     # an hour left the ring: statistics that included it are stale
+            self.changed_from_hour = min(self.changed_from_hour, min(evicted))
+        for s in cleared:
+            self.hour_add[:, s] = 0.0
+            self.hour_q[:, s] = np.nan
+        slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
+        _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
+
+    def _add_open(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
+        """Sketches of the newest hours, whose quantiles are still changing.
+
+        Hours are taken in order so that a replay batch spanning many hours finalises each
+        hour's quantiles before its slot is reused (a loop over hours, not records)."""
+        hour_abs = np.repeat(groups.start // 3600, 3)
+        bins = groups.nonzero_bins()
+        slot_all = np.zeros(hour_abs.shape[0], dtype=np.int64)
+        for hour in np.unique(hour_abs):
+            sel = hour_abs == hour
+            held = self.open.tag.copy()          # claim() re-tags the slots it clears
+            slot, ok, cleared = self.open.claim(hour_abs[sel])
+            for s in cleared:
+                self._finalise_open(s, int(held[s]))
+                self.open_sk[:, s] = 0
+            if not ok[0]:
+                self.late_sketch_groups += int(sel.sum())
+                continue
+            slot_all[sel] = slot
+            _scatter(self.open_sk, rows, slot_all, sel, bins)
+            self._dirty_open.add(int(slot[0]))
+
+    def _finalise_open(self, open_slot: int, hour: int | None = None) -> None:
+        """Quantiles of the hour an open slot holds (`hour`: the one it held before a claim)."""
+        hour = int(self.open.tag[open_slot]) if hour is None else hour
+        self._dirty_open.discard(open_slot)
+        if hour < 0:
+            return
+        self.changed_from_hour = min(self.changed_from_hour, hour)
+        hslot = hour % self.hours.n
+        if self.hours.tag[hslot] != hour:
+            return
+        n = self.size
+        for k, kind in enumerate(SKETCHES):
+            self.hour_q[:n, hslot, k] = _quantiles(self.open_sk[:n, open_slot, k], QUANTILES[kind])
+
+    def refresh_open_hours(self, before_hour: int | None = None) -> None:
+        """Recompute the quantiles of open hours that received data (those before
+        `before_hour` only: later ones are not in any baseline yet)."""
+        for s in sorted(self._dirty_open):
+            if before_hour is None or self.open.tag[s] < before_hour:
+                self._finalise_open(s)
+
+    # --- reads ------------------------------------------------------------------------
+
+    def window_values(self, t: float) -> WindowValues:
+        """Sums and quantiles over the window (t - window, t]."""
+        n = self.size
+        lo = math.floor((t - self.window) / self.fine) + 1
+        fine_abs = np.arange(lo, math.floor(t / self.fine) + 1)
+        slot, ok = self.fine_ring.slots_for(fine_abs)
+        adds = np.take(self.fine_add[:n], slot[ok], axis=1).sum(axis=1)
+        lo = math.floor((t - self.window) / self.coarse) + 1
+        coarse_abs = np.arange(lo, math.floor(t / self.coarse) + 1)
+        slot, ok = self.coarse_ring.slots_for(coarse_abs)
+        sk = _sum_slots(self.coarse_sk[:n], slot[ok])    # a window's counts fit in 32 bits
+        total = sk.sum(axis=-1)
+        counts = {kind: total[:, k] for k, kind in enumerate(SKETCHES)}
+        return WindowValues(adds, _window_quantiles(sk, total), counts)
+
+    def hourly(self, t: float, baseline: float, seasonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Hourly sums (S, H, F), quantiles (S, H, K), a mask of hours before each scope existed,
+        and each scope's history length in hours — for the hours that end before the window.
+
+        Seasonal: one value per earlier day for the same time of day. The window straddles
+        two clock hours, so each day's value blends those two hours by how much of the
+        window each covers; comparing with one of them alone makes every steep part of a
+        daily cycle look like an anomaly around the half hour."""
+        end = math.floor((t - self.window) / 3600)          # first hour that overlaps the window
+        self.refresh_open_hours(before_hour=end)
+        count = int(round(baseline / 3600))
+        if not seasonal:
+            hours = np.arange(end - count, end)
+            adds, q = self._take_hours(hours)
+            return adds, q, hours[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
+        start = t - self.window
+        w1 = min(max((start % 3600) / 3600, 0.0), 1.0)       # share of the window in the later hour
+        first = math.floor(start / 3600)
+        days = np.arange(max(count // 24, 1), 0, -1)
+        hours0 = first - 24 * days                           # oldest day first
+        a0, q0 = self._take_hours(hours0)
+        a1, q1 = self._take_hours(hours0 + 1)
+        adds = (1 - w1) * a0 + w1 * a1
+        with np.errstate(invalid="ignore"):
+            q = np.where(np.isnan(q0), q1, np.where(np.isnan(q1), q0, (1 - w1) * q0 + w1 * q1))
+        return adds, q, hours0[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
+
+    def _take_hours(self, hours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sums (S, H, F) and quantiles (S, H, K) of the given absolute hours (zero / NaN where
+        the ring has none), each field stored contiguously (see `_take_planes`)."""
+        n = self.size
+        slot, ok = self.hours.slots_for(hours)
+        adds = _take_planes(self.hour_add[:n], slot)
+        q = _take_planes(self.hour_q[:n], slot)
+        if not ok.all():                                 # hours the ring no longer holds
+            np.copyto(adds, 0.0, where=~ok[None, :, None])
+            np.copyto(q, np.nan, where=~ok[None, :, None])
+        return adds, q
+
+    def span(self, t: float, baseline: float) -> np.ndarray:
+        """Hours of history each scope has before the window, up to the baseline's length."""
+        end = math.floor((t - self.window) / 3600)
+        count = int(round(baseline / 3600))
+        return np.clip(end - np.maximum(self.first_hour[: self.size], end - count), 0, count)
+
+
+    def baseline_requests(self, t: float, baseline: float) -> np.ndarray:
+        """Requests per scope over all baseline hours (seasonal or not): a scope with none
+        there and none in the window has nothing to say and leaves /metrics."""
+        n = self.size
+        end = math.floor((t - self.window) / 3600)
+        hours = np.arange(end - int(round(baseline / 3600)), end)
+        slot, ok = self.hours.slots_for(hours)
+        return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
+
+
+def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray,
+             bins: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Add group sketches into target[row, slot, kind, bin] for each of a group's three
+    scope entries (entries 3g, 3g+1, 3g+2 of `rows`/`slot`/`ok`)."""
+    _, n_slots, n_kinds, n_bins = target.shape
+    flat = target.reshape(-1)
+    for k, (g, b, c) in enumerate(bins):
+        if g.size == 0:
+            continue
+        e = (g[:, None] * 3 + np.arange(3)).reshape(-1)
+        keep = ok[e]
+        idx = ((rows[e] * n_slots + slot[e]) * n_kinds + k) * n_bins + np.repeat(b, 3)
+        np.add.at(flat, idx[keep], np.repeat(c, 3)[keep].astype(flat.dtype))
+
+
+def _sum_sketches(entry: np.ndarray, bins: tuple[np.ndarray, np.ndarray, np.ndarray], n: int) -> np.ndarray:
+    """Sparse group sketches summed per key: (n, NBINS) counts, where group g adds its bins to
+    each of the keys entry[g] (one per scope it belongs to).
+
+    One bincount per column of `entry` over all the groups' bins: the bins are never
+    repeated per scope, and nothing dense is larger than the result. Float64 counts are
+    exact (integers far below 2**53), so the quantiles are those of integer sums."""
+    g, b, c = bins
+    weights = c.astype(np.float64)
+    out = np.zeros(n * sketch.NBINS)
+    for col in (entry * sketch.NBINS).T:
+        flat = col[g]
+        flat += b
+        out += np.bincount(flat, weights=weights, minlength=n * sketch.NBINS)
+    return out.reshape(n, sketch.NBINS)
+
+
+def _sum_into_parents(sums: list[np.ndarray], child: np.ndarray, parent: np.ndarray) -> None:
+    """In each array of `sums` (one row per key), set each parent key's row, still zero, to
+    the sum of its children's rows. Group g has child key child[g] and parent key
+    parent[g]; a child has one parent, and the children of a parent are numbered
+    consecutively (as an hour's app keys are, under the hour's global key). The rows hold
+    integer counts, so the sums are exact in any order."""
+    of = np.full(sums[0].shape[0], -1, dtype=np.int64)
+    of[child] = parent
+    children = np.flatnonzero(of >= 0)
+    parents = of[children]
+    starts = np.flatnonzero(np.diff(parents, prepend=-1))
+    for s in sums:
+        s[parents[starts]] = np.add.reduceat(s[children], starts, axis=0)
+
+
+def _codes(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(values, return_inverse=True)` for integers in [0, bound), the inverse in the
+    shape of `values`. When the bound is not far above the number of values (scopes x hours
+    of a chunk), a table of the values present takes the place of a sort."""
+    if bound > 4 * values.size:
+        uniq, inverse = np.unique(values, return_inverse=True)
+        return uniq, inverse.reshape(values.shape)
+    present = np.zeros(bound, dtype=bool)
+    present[values] = True
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[values]
+
+
+def _add_at_cells(ring: np.ndarray, rows: np.ndarray, slots: np.ndarray, values: np.ndarray) -> None:
+    """`np.add.at(ring, (rows, slots), values)` for a (scopes, slots, fields) ring: the same
+    additions in the same order, so bit-identical sums, made through the flat view of a
+    contiguous ring, where add.at has a fast path several times quicker than with a pair of
+    indices and a row of fields each."""
+    if not ring.flags.c_contiguous:
+        np.add.at(ring, (rows, slots), values)
+        return
+    n_slots, width = ring.shape[1:]
+    cells = ((rows * n_slots + slots)[:, None] * width + np.arange(width)).reshape(-1)
+    np.add.at(ring.reshape(-1), cells, values.reshape(-1))
+
+
+def _take_planes(ring: np.ndarray, slots: np.ndarray, block_bytes: int = 4 << 20) -> np.ndarray:
+    """`ring[:, slots]` of a (scopes, slots, fields) ring, as an (S, H, F) view of memory laid
+    out field by field, (F, S, H), when that is large.
+
+    The evaluator reads one field at a time over every scope and hour. In the ring's own
+    layout the fields of an hour sit side by side, so reading one field walks the whole
+    array and costs about as much as reading all of them. Here the ring is read once, a
+    block of scopes at a time (`block_bytes` of gathered values), and each block is
+    transposed while it is still in cache. A gather no larger than one block stays in
+    cache anyway and keeps the ring's layout.
+    """
+    n, _, f = ring.shape
+    row_bytes = max(1, len(slots) * f * ring.itemsize)
+    if n * row_bytes <= block_bytes:
+        return np.take(ring, slots, axis=1)
+    block = max(1, block_bytes // row_bytes)
+    out = np.empty((f, n, len(slots)), dtype=ring.dtype)
+    for a in range(0, n, block):
+        out[:, a:a + block] = np.take(ring[a:a + block], slots, axis=1).transpose(2, 0, 1)
+    return out.transpose(1, 2, 0)
+
+
+def _sum_slots(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """`ring[:, slots].sum(axis=1)` in int32 for a ring of (scopes, slots, kinds, bins).
+
+    The window's slots are neighbours in the ring but for one wrap-around, so the sum is
+    taken over at most two slices: each streams its part of the ring once, where adding
+    slot by slot (or gathering the slots first) walks the whole array once per slot.
+    Integer sums, so the order of the slots does not change the result.
+    """
+    parts = [ring[:, a:b].sum(axis=1, dtype=np.int32) for a, b in _runs(slots)]
+    if not parts:
+        return np.zeros((ring.shape[0],) + ring.shape[2:], dtype=np.int32)
+    out = parts[0]
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """Distinct slot indices as [start, stop) runs of consecutive slots."""
+    s = np.unique(slots)
+    breaks = np.flatnonzero(np.diff(s) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(s, breaks)] if s.size else []
+
+
+def _window_quantiles(sk: np.ndarray, total: np.ndarray) -> dict[str, np.ndarray]:
+    """`sketch.quantile` of each kind of the window's (S, kinds, bins) sketches, given their
+    totals: one cumulative sum for all kinds, in int32 when the totals fit (numpy's default
+    int64 accumulator costs several times more), compared with the same float targets."""
+    cum = np.cumsum(sk, axis=-1, dtype=np.int32 if total.max(initial=0) < 2**31 else np.int64)
+    out = {}
+    for k, kind in enumerate(SKETCHES):
+        target = np.ceil(QUANTILES[kind] * total[:, k])[:, None]
+        pos = np.argmax(cum[:, k] >= np.maximum(target, 1), axis=-1)
+        out[kind] = np.where(total[:, k] > 0, sketch.MIDPOINTS[pos], np.nan)
+    return out
+
+
+def _quantiles(counts: np.ndarray, q: float) -> np.ndarray:
+    total = counts.sum(axis=-1)
+    out = sketch.quantile(counts, q)
+    return np.where(total >= MIN_SKETCH_COUNT, out, np.nan)
+
+
+def token_sum(adds: np.ndarray) -> np.ndarray:
+    """All token fields added, in field order, into one array (no temporary per field)."""
+    out = np.zeros(adds.shape[:-1])
+    for name in TOKEN_FIELDS:
+        out += adds[..., F[name]]
+    return out

@@ -1,0 +1,1 @@
+"""Prometheus collectors: what the exporter's state looks like on /metrics."""

@@ -1,0 +1,1 @@
+"""From decoded JSON to validated, guarded, priced and deduplicated record columns."""

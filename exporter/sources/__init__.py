@@ -1,0 +1,1 @@
+"""Where records come from besides HTTP: history files (replay, backtest), followed files, demo traffic."""

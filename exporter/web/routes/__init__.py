@@ -1,0 +1,2 @@
+"""The API's routes, one router per resource: ingest, usage, anomalies and detectors, prices,
+the Alertmanager receiver, and the status endpoints (status page, probes, /metrics)."""
