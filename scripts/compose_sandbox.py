@@ -175,6 +175,14 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def containerd_namespace(tag: str) -> str:
+    """The containerd namespace of a private daemon, unique by `tag` (mkdtemp's random part).
+    containerd wants runs of [A-Za-z0-9] joined by single `.`, `_` or `-`, and mkdtemp's
+    characters include `_`, which may come first, last or twice in a row: only alphanumerics
+    are kept."""
+    return "lue-" + re.sub(r"[^A-Za-z0-9]", "0", tag)
+
+
 class Dockerd:
     """A private dockerd in a temporary directory; `env` points `docker` and Compose at it.
 
@@ -236,13 +244,13 @@ class Dockerd:
         (self.root / "daemon.json").write_text("{}")  # ignore /etc/docker/daemon.json
         (self.root / "client").mkdir()
         (self.root / "data").mkdir()
-        tag = self.root.name[len(self.PREFIX):]
+        namespace = containerd_namespace(self.root.name[len(self.PREFIX):])
         cmd = [self.binary, f"--config-file={self.root / 'daemon.json'}",
                f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'exec'}",
                f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.socket}",
                "--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--ip-forward=false",
                "--ip-masq=false", "--bridge=none", "--userland-proxy=false",
-               f"--containerd-namespace=lue-{tag}", f"--containerd-plugins-namespace=lue-{tag}-plugins"]
+               f"--containerd-namespace={namespace}", f"--containerd-plugins-namespace={namespace}-plugins"]
         if self.tmpfs and shutil.which("unshare"):
             mount = ('mount -t tmpfs -o "size=$1,mode=0711" llm-usage-exporter-dockerd "$2" '
                      '|| echo "no tmpfs: the data root stays on disk" >&2; shift 2; exec "$@"')

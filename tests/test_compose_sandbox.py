@@ -3,6 +3,7 @@ images get stand-ins, what a stand-in's Dockerfile says, and what the test's ove
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -73,3 +74,12 @@ def test_override_only_switches_networking_and_maps_names():
         if "build" in config["services"][name]:
             assert svc.pop("build") == {"network": "host"}
         assert svc == {}, f"{name}: the override changes more than networking: {svc}"
+
+
+@pytest.mark.parametrize("tag", ["hity3z7_", "_abc1234", "ab__cd12", "abcdefgh"])
+def test_containerd_namespaces_are_valid_for_every_temporary_name(tag):
+    """containerd refuses a namespace outside this pattern, and mkdtemp's names use `_`."""
+    pattern = re.compile(r"^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$")
+    namespace = sandbox.containerd_namespace(tag)
+    assert pattern.match(namespace) and pattern.match(namespace + "-plugins"), namespace
+    assert sandbox.containerd_namespace(tag) != sandbox.containerd_namespace("zzzzzzzz")
