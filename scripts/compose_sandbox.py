@@ -271,7 +271,9 @@ class Dockerd:
                 status = self.proc.poll()
                 log_tail = self.log()
                 self.stop()
-                raise SandboxError(f"the private dockerd did not start (exit status {status}):\n{log_tail}")
+                reason = next((line for line in reversed(log_tail.splitlines()) if line.strip()), "no log")
+                reason = re.sub(r'^time="[^"]*" level=\w+ msg=', "", reason)[:300]
+                raise SandboxError(f"the private dockerd did not start (exit status {status}): {reason}\n{log_tail}")
             time.sleep(0.2)
         return self
 
