@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format", choices=("table", "json", "csv"), default=None, help="default: table on a terminal, json otherwise")
     _add_knobs(b)
 
+    u = sub.add_parser("tune", help="backtest a history and propose anomaly thresholds that meet a false-alert target")
+    u.add_argument("files", nargs="+", metavar="FILE", help="JSONL/CSV history of ordinary traffic (cut known incidents out)")
+    u.add_argument("--target", type=float, default=1.0, help="false alerts a week allowed over all anomaly signals (default 1)")
+    u.add_argument("--step", default="5m", help="time between evaluations of the backtest (default 5m)")
+    u.add_argument("--lower", action="store_true", help="also propose ratios below the ones in effect (default: only raise)")
+    u.add_argument("--write", metavar="PATH", help="write the thresholds file here (else print it)")
+    _add_knobs(u)
+
+    g = sub.add_parser("rules", help="write the anomaly alert rules and thresholds from the signal specs in effect")
+    g.add_argument("--out", default="prometheus/rules", help="rules directory holding anomaly.yml and thresholds.yml")
+    g.add_argument("--check", action="store_true", help="change nothing; exit 1 when the files differ from the specs")
+    _add_knobs(g)
+
     d = sub.add_parser("demo", help="send demo traffic (a week of history, then live with anomalies) to an exporter")
     d.add_argument("--target", default="http://127.0.0.1:9473", help="exporter base URL")
     d.add_argument("--days", type=float, default=7.0, help="days of history to backfill first")
@@ -106,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         settings = _settings(args)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-        return {"serve": _serve, "replay": _replay, "backtest": _backtest}[args.command](settings, args)
+        return {"serve": _serve, "replay": _replay, "backtest": _backtest, "rules": _rules,
+                "tune": _tune}[args.command](settings, args)
     except (ConfigError, PriceError, StoreError) as e:
         print(f"llm-usage-exporter: {e}", file=sys.stderr)
         return 2
@@ -182,6 +196,62 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     if problems:
         print(file_problems_report(problems), file=sys.stderr)
     return 0
+
+
+def _tune(settings: Settings, args: argparse.Namespace) -> int:
+    from .anomaly.signals import signal_specs
+    from .sources.replay import file_problems_report, load_records
+    from .sources.tune import thresholds_yaml, tune
+
+    try:
+        step = parse_duration(args.step)
+    except ValueError as e:
+        raise ConfigError(f"tune: --step: {e}") from None
+    if step <= 0 or args.target <= 0:
+        raise ConfigError("tune: --step and --target must be positive")
+    for f in args.files:
+        if not Path(f).is_file():
+            raise ConfigError(f"tune: no such file {f}")
+    records, problems = load_records(args.files, time.time())
+    if problems:
+        print(file_problems_report(problems), file=sys.stderr)
+    if not records:
+        raise ConfigError("tune: the files hold no valid record")
+    span_days = (records[-1].ts - records[0].ts) / 86400
+    if span_days < 7:
+        print(f"tune: {span_days:.1f} days of history; a week or more gives thresholds worth keeping", file=sys.stderr)
+    proposals, _ = tune(settings, records, step, args.target, lower=args.lower, progress=sys.stderr.isatty())
+    print(f"{'signal':<26}{'knob':<20}{'now':>6}{'alerts/week':>13}{'proposed':>10}{'alerts/week':>13}", file=sys.stderr)
+    for p in proposals:
+        print(f"{p.signal:<26}{p.knob:<20}{p.default:>6g}{p.alerts_per_week_default:>13.2f}{p.proposed:>10g}"
+              f"{p.alerts_per_week_proposed:>13.2f}", file=sys.stderr)
+    text = thresholds_yaml(proposals, signal_specs(settings.signals), {
+        "history": f"{len(records)} records over {span_days:.1f} days ({', '.join(args.files)})",
+        "target": f"{args.target:g} false alerts a week over all anomaly signals",
+        "tuned": time.strftime("%Y-%m-%d", time.gmtime())})
+    if args.write:
+        Path(args.write).write_text(text)
+        print(f"written: {args.write} (point thresholds_file at it, then run `llm-usage-exporter rules`)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _rules(settings: Settings, args: argparse.Namespace) -> int:
+    from .anomaly.rules import generate
+    from .anomaly.signals import signal_specs
+
+    out = Path(args.out)
+    if not (out / "thresholds.yml").is_file():
+        raise ConfigError(f"rules: {out} holds no thresholds.yml (point --out at prometheus/rules)")
+    try:
+        specs = signal_specs(settings.signals)
+        stale = generate(out, specs, check=args.check)
+    except ValueError as e:
+        raise ConfigError(f"rules: {e}") from None
+    for path in stale:
+        print(f"{'differs from the specs' if args.check else 'written'}: {path}")
+    return 1 if args.check and stale else 0
 
 
 def _backtest(settings: Settings, args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from .anomaly.signals import signal_specs
 from .detectors.budget import BudgetSettings
 from .detectors.drift import DriftSettings
 from .detectors.runaway import RunawaySettings
@@ -61,7 +62,7 @@ class Settings(BaseModel):
     window: Duration = Field(3600, gt=0, description="the window each anomaly signal is measured over (current value)")
     baseline: Duration = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
     horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline)")
-    seasonal: bool = Field(False, description="compare against the same hour of day only (needs a week of history)")
+    alert_budget: float = Field(1.0, gt=0, description="false anomaly warnings a week the evaluator's evidence thresholds allow, over all signals and scopes together")
     evaluation_interval: Duration = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
     dedupe_window: Duration = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
     record_retention: Duration = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")
@@ -97,7 +98,8 @@ class Settings(BaseModel):
         "normal", description="SQLite's synchronous mode: normal survives a process crash, full also a power loss")
     prices: dict[str, dict[str, float]] = Field(default_factory=dict, description="USD per million tokens by model and token type (YAML only; overrides every shipped price)")
     price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
-    signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only)")
+    signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only; over thresholds_file)")
+    thresholds_file: Path | None = Field(None, description="YAML file with a signals: section (as `llm-usage-exporter tune` writes it); the config's own signals: override it")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift detector: quality that degrades while still returning 200")
     runaway: RunawaySettings = Field(default_factory=RunawaySettings, description="runaway-loop detector: sessions that loop, burst or cost too much")
     budgets: BudgetSettings = Field(default_factory=BudgetSettings, description="spend budgets and the calendar they count in")
@@ -371,7 +373,30 @@ def load_settings(config_file: Path | str | None = None, flags: dict[str, Any] |
     if settings.horizon < settings.baseline + settings.window:
         raise ConfigError("horizon: must cover the baseline plus the window "
                           f"({settings.horizon:g}s < {settings.baseline + settings.window:g}s)")
+    if settings.thresholds_file is not None:
+        settings = settings.model_copy(update={"signals": _tuned_signals(settings.thresholds_file, settings.signals)})
+    try:
+        signal_specs(settings.signals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return settings
+
+
+def _tuned_signals(path: Path, own: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The thresholds file's signals: section, with the configuration's own knobs on top."""
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"thresholds_file: cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"thresholds_file: {path} is not valid YAML: {e}") from None
+    tuned = doc.get("signals") if isinstance(doc, dict) else None
+    if not isinstance(tuned, dict) or not all(isinstance(v, dict) for v in tuned.values()):
+        raise ConfigError(f"thresholds_file: {path} must hold a mapping signals: {{signal: {{knob: value}}}}")
+    merged = {str(k): dict(v) for k, v in tuned.items()}
+    for name, knobs in own.items():
+        merged[name] = {**merged.get(name, {}), **knobs}
+    return merged
 
 
 def _flatten_sections(doc: dict[str, Any]) -> dict[str, Any]:

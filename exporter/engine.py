@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,7 @@ om_generate_latest: Callable[[CollectorRegistry], bytes] = _openmetrics
 EVALUATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 DETECTORS = ("drift", "runaway", "budget")
 MAX_FUTURE = 3600.0         # how far ahead of arrival a record may be dated (clock skew)
+BURST_RESTORE = 6 * 3600.0  # minutes re-read at start-up for the burstiness of their hours
 
 
 @dataclass(slots=True)
@@ -122,7 +124,7 @@ class Engine:
         self.counters_lock = threading.Lock()   # held briefly: counter updates and a scrape's copy
         self.usage = UsageMetrics(self.counters_lock)
         self.history = ScopeHistory(settings.window, settings.horizon)
-        self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.seasonal)
+        self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.alert_budget)
         self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets, self.components)
         self.dedupe = DedupeIndex(settings.dedupe_window)
         self.snapshot: Snapshot | None = None
@@ -133,6 +135,7 @@ class Engine:
         self.newest_event_ts = 0.0
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
+        self._bursts_through = 0                # hours before it have their burstiness stored
         self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
         try:
             self._restore()
@@ -181,8 +184,16 @@ class Engine:
         now = max(self.clock(), newest)
         for groups in self.store.bucket_groups(3600, now - self.settings.horizon, now + 3600):
             self.history.add_hours(groups, keys)
-        # The window needs slots finer than hours: the minute buckets of the last window.
-        for groups in self.store.bucket_groups(60, newest - self.settings.window - 60, newest + 60):
+        # The window needs slots finer than hours: the minute buckets of the last window, from
+        # the start of a coarse slot. The minutes before it only tell how bursty their hours
+        # were (what the coarse slots would have handed on had the process kept running).
+        coarse = self.history.coarse
+        cut = math.floor((newest - self.settings.window - 60) / coarse) * coarse
+        self.history.load_bursts(self.store.bursts(int((now - self.settings.horizon) // 3600)))
+        self._bursts_through = int(self.store.get_meta("bursts_through") or 0)
+        since = max(cut - min(self.settings.minute_retention, BURST_RESTORE), self._bursts_through * 3600)
+        self.history.add_bursts(list(self.store.bucket_groups(60, since, cut)), keys)
+        for groups in self.store.bucket_groups(60, cut, newest + 60):
             self.history.add(groups, keys, hourly=False)
         _release_freed_heap()
 
@@ -419,7 +430,23 @@ class Engine:
         self.evaluation_duration.observe(time.perf_counter() - start)
         self.snapshot = snap
         self.last_evaluation = time.time()
+        self._save_bursts()
         return snap
+
+    def _save_bursts(self) -> None:
+        """Store the burstiness of hours that became final since the last call (a failed
+        write is retried the next time)."""
+        with self.lock:
+            final = self.history.bursts_final_before()
+            if final <= self._bursts_through:
+                return
+            first = max(self._bursts_through, final - int(self.settings.horizon // 3600) - 2)
+            try:
+                self.store.write_bursts(self.history.burst_rows(first, final), final)
+            except StoreError:
+                log.exception("storing burstiness failed; retried at the next evaluation")
+                return
+            self._bursts_through = final
 
     def exposition(self, openmetrics: bool = False) -> bytes:
         """The full /metrics text, in the classic text format or OpenMetrics; a scrape never

@@ -66,8 +66,8 @@ DRIFT_MAPPING = [{"type": "value", "options": {
 }}]
 DRIFT_SIGNALS = [
     ("empty_response_rate", "Empty responses", "percentunit", "share of responses with no output"),
-    ("length_collapse_ratio", "Output length (recent / earlier median)", "percentunit",
-     "recent median output length as a share of the earlier median; low means collapse"),
+    ("length_collapse_ratio", "Output length (recent / usual)", "percentunit",
+     "typical length of recent answers as a share of the same apps' answers over the last day; low means collapse"),
     ("tool_silence_rate", "Tool-call silence", "percentunit", "share of tool-enabled requests without a tool call"),
     ("stop_anomaly_rate", "Anomalous stop reasons", "percentunit", "share of responses with an unusual stop reason"),
     ("error_rate", "Error rate", "percentunit", "errors / requests in the drift window"),
@@ -790,8 +790,8 @@ def quality() -> Board:
     b.add(table("Drift by model", targets(
         *[(f'llm_drift_value{{signal="{s}", {DSEL}}}', "") for s, _, _, _ in DRIFT_SIGNALS],
         (f"llm_drift_severity{{{DSEL}}}", ""), instant=True, table=True), "percentunit",
-        "Each provider and model now: the drift signals over the detector's window and the verdict "
-        "(none / mild / severe).", columns=cols, hide=["signal"],
+        "Each provider and model now: the drift signals over the recent responses that decided the verdict "
+        "(the last 200 when there is none) and the verdict (none / mild / severe).", columns=cols, hide=["signal"],
         overrides=[severity_column("drift", DRIFT_MAPPING)], sort=("drift", True)), 16, 8)
     b.add(stat("Models drifting", targets((f"count(llm_drift_severity{{{DSEL}}} >= 1) or vector(0)", "models"),
                                           instant=True), "short", "Models with mild or severe drift now.",

@@ -9,6 +9,7 @@ reads values with `registry.get_sample_value`; nothing here touches the global r
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -24,8 +26,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.storage.buckets import aggregate
 from exporter.config import Settings, load_settings
 from exporter.engine import Engine
+from exporter.anomaly.evaluator import Evaluator, Snapshot
+from exporter.anomaly.history import ScopeHistory
+from exporter.ingest.records import RecordColumns
+from exporter.anomaly.signals import SignalSpec, signal_specs
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -153,6 +160,269 @@ def ingest_by_day(engine: Engine, items: Sequence[dict[str, Any]], now: float = 
     if batch:
         res = engine.ingest(batch, now=now)
         assert not res.rejected, res.rejected[:3]
+
+
+# --- realistic traffic: Poisson arrivals in sessions, log-normal sizes, a daily cycle ---------
+#
+# `steady_hour` above spreads requests evenly with mild noise: fine for plumbing, but a
+# detector judged on it never meets the noise it must live with. The generator below makes
+# traffic with the shape real services have: arrivals that are Poisson within the minute
+# and bursty across minutes (conversations and agent runs send several calls in a row), a
+# daily cycle, busy and quiet days, heavy-tailed token counts, and latency built from a
+# time to first token plus output tokens at a per-request speed.
+
+def daily_cycle(t: np.ndarray | float, night: float = 0.3, peak_hour: float = 15.0) -> np.ndarray:
+    """Share of the peak rate at event times `t` (UTC): 1 at `peak_hour`, `night` twelve
+    hours later, a cosine in between (1 everywhere for night=1: no cycle)."""
+    phase = 2 * np.pi * ((np.asarray(t, dtype=np.float64) % DAY) / HOUR - peak_hour) / 24
+    return night + (1 - night) * (1 + np.cos(phase)) / 2
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One app's requests to one model.
+
+    `rate` is requests per hour at the daily peak; `session` the mean number of calls a
+    conversation or agent run sends (geometric, about `gap` seconds apart), so requests
+    come in bursts; the level of each day and each hour varies log-normally by `day_sd`
+    and `hour_sd` on top of the daily cycle. Token counts are log-normal around `tokens`
+    (input, output) with log sd `size_sd`; cost is priced per token at `price` (USD per
+    input, output token) unless `cost_per_request` fixes it; latency is a log-normal time to
+    first token (`ttft`, median seconds; None: not streamed) plus the output tokens at a
+    log-normal speed around `otps` tokens per second."""
+
+    app: str
+    model: str
+    provider: str = "openai"
+    rate: float = 300.0
+    night: float = 0.3
+    peak_hour: float = 15.0
+    session: float = 1.0
+    gap: float = 30.0
+    day_sd: float = 0.1
+    hour_sd: float = 0.05
+    tokens: tuple[float, float] = (1000.0, 200.0)
+    size_sd: float = 0.5
+    price: tuple[float, float] = (2.5e-6, 1e-5)
+    ttft: float | None = 0.3
+    ttft_sd: float = 0.3
+    otps: float = 60.0
+    otps_sd: float = 0.2
+    error_rate: float = 0.01
+    start: float | None = None               # no requests before (a new app or model)
+
+
+@dataclass
+class Traffic:
+    """Requests as columns, sorted by time; `columns()` gives what `parse_batch` would."""
+
+    ts: np.ndarray
+    app: np.ndarray
+    provider: np.ndarray
+    model: np.ndarray
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    cost: np.ndarray
+    latency: np.ndarray
+    ttft: np.ndarray
+    is_error: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+    def take(self, sel: np.ndarray) -> "Traffic":
+        """The requests selected by a mask or index array (a copy)."""
+        return Traffic(*(getattr(self, f.name)[sel].copy() for f in fields(self)))
+
+    def between(self, start: float, end: float) -> "Traffic":
+        return self.take((self.ts >= start) & (self.ts < end))
+
+    def where(self, start: float = -math.inf, end: float = math.inf, app: str | None = None,
+              model: str | None = None) -> np.ndarray:
+        """Mask of the requests in [start, end) of the given app and model."""
+        m = (self.ts >= start) & (self.ts < end)
+        if app is not None:
+            m &= self.app == app
+        if model is not None:
+            m &= self.model == model
+        return m
+
+    def changed(self, sel: np.ndarray, **columns: Any) -> "Traffic":
+        """A copy with columns changed where `sel`: each keyword is a column name and a
+        function of the selected values (or a value) giving their new values."""
+        out = self.take(slice(None))
+        for name, new in columns.items():
+            col = getattr(out, name)
+            col[sel] = new(col[sel]) if callable(new) else new
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence["Traffic"]) -> "Traffic":
+        joined = Traffic(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Traffic)))
+        return joined.take(np.argsort(joined.ts, kind="stable"))
+
+    def columns(self) -> RecordColumns:
+        n = len(self)
+        none = np.full(n, None, dtype=object)
+        zero = np.zeros(n, dtype=np.int64)
+        tools = np.empty(n, dtype=object)
+        tools[:] = [()] * n
+        return RecordColumns(
+            ts=self.ts.astype(np.float64), app=self.app.astype(object), provider=self.provider.astype(object),
+            model=self.model.astype(object), session_id=none.copy(),
+            input_tokens=self.input_tokens.astype(np.int64), output_tokens=self.output_tokens.astype(np.int64),
+            cache_read_tokens=zero.copy(), cache_write_tokens=zero.copy(), reasoning_tokens=zero.copy(),
+            cost=self.cost.astype(np.float64), latency=self.latency.astype(np.float64),
+            ttft=self.ttft.astype(np.float64), is_error=self.is_error.astype(bool), error_type=none.copy(),
+            stop_reason=none.copy(), request_had_tools=np.zeros(n, dtype=bool), tool_calls=zero.copy(),
+            tool_signature=none.copy(), request_id=none.copy(), operation=np.full(n, "chat", dtype=object),
+            stream=~np.isnan(self.ttft), tool_names=tools, cache_write_1h_tokens=zero.copy(),
+            service_tier=none.copy(), batch=np.zeros(n, dtype=bool))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The requests as records for `Engine.ingest` or the HTTP API."""
+        out = []
+        for i in range(len(self)):
+            d: dict[str, Any] = {"ts": float(self.ts[i]), "provider": str(self.provider[i]), "model": str(self.model[i]),
+                                 "app": str(self.app[i]), "input_tokens": int(self.input_tokens[i]),
+                                 "output_tokens": int(self.output_tokens[i]), "cost_usd": float(self.cost[i]),
+                                 "latency_s": float(self.latency[i])}
+            if not math.isnan(self.ttft[i]):
+                d["ttft_s"] = float(self.ttft[i])
+            if self.is_error[i]:
+                d["status"] = 500
+            out.append(d)
+        return out
+
+
+def generate(streams: Sequence[Stream], start: float, end: float, seed: int = 1) -> Traffic:
+    """Requests of every stream in [start, end); deterministic for a seed."""
+    parts = []
+    for k, s in enumerate(streams):
+        rng = np.random.default_rng([seed, k])
+        lo = max(start, s.start if s.start is not None else start)
+        minutes = np.arange(math.floor(start / 60), math.ceil(end / 60)) * 60.0
+        first_day, first_hour = math.floor(start / DAY), math.floor(start / HOUR)
+        day_level = np.exp(s.day_sd * rng.standard_normal(math.ceil(end / DAY) - first_day + 1))
+        hour_level = np.exp(s.hour_sd * rng.standard_normal(math.ceil(end / HOUR) - first_hour + 1))
+        level = (s.rate / 60 * daily_cycle(minutes + 30, s.night, s.peak_hour)
+                 * day_level[(minutes // DAY).astype(np.int64) - first_day]
+                 * hour_level[(minutes // HOUR).astype(np.int64) - first_hour])
+        sessions = rng.poisson(level / s.session)
+        t0 = np.repeat(minutes, sessions) + rng.uniform(0, 60, int(sessions.sum()))
+        calls = rng.geometric(1 / s.session, t0.size) if s.session > 1 else np.ones(t0.size, dtype=np.int64)
+        owner = np.repeat(np.arange(t0.size), calls)
+        step = rng.exponential(s.gap, owner.size)
+        step[np.r_[0, np.cumsum(calls)[:-1]]] = 0.0                 # a session's first call at its start
+        cum = np.cumsum(step)
+        ts = t0[owner] + cum - cum[np.r_[0, np.cumsum(calls)[:-1]]][owner]
+        ts = np.sort(ts[(ts >= lo) & (ts < end)])
+        n = ts.size
+        inp = np.maximum(1, np.round(s.tokens[0] * rng.lognormal(0, s.size_sd, n))).astype(np.int64)
+        out = np.maximum(1, np.round(s.tokens[1] * rng.lognormal(0, s.size_sd, n))).astype(np.int64)
+        ttft = (s.ttft * rng.lognormal(0, s.ttft_sd, n)) if s.ttft is not None else np.full(n, np.nan)
+        speed = s.otps * rng.lognormal(0, s.otps_sd, n)
+        latency = np.nan_to_num(ttft, nan=0.2) + out / speed
+        parts.append(Traffic(ts, np.full(n, s.app, dtype=object), np.full(n, s.provider, dtype=object),
+                             np.full(n, s.model, dtype=object), inp, out, inp * s.price[0] + out * s.price[1],
+                             latency, ttft, rng.random(n) < s.error_rate))
+    return Traffic.concat(parts)
+
+
+class Harness:
+    """The real ScopeHistory and Evaluator, fed as `Engine._apply` feeds them (records
+    aggregated per series at the history's fine resolution, in batches of at most an hour,
+    as live ingest sends them), without the SQLite store and the counters: weeks of
+    traffic build in a second, and `copy()` gives each test its own history in
+    milliseconds. `evaluate(t)` is the evaluator the engine runs."""
+
+    def __init__(self, window: float = HOUR, baseline: float = 7 * DAY, horizon: float = 14 * DAY,
+                 signals: dict[str, dict[str, float]] | None = None, alert_budget: float = 1.0) -> None:
+        self.history = ScopeHistory(window, horizon)
+        self.baseline = baseline
+        self.specs: tuple[SignalSpec, ...] = signal_specs(signals)
+        self.alert_budget = alert_budget
+        self.series: dict[tuple[str, str, str], int] = {}
+        self.series_keys: dict[int, tuple[str, str, str]] = {}
+        self._evaluator: Evaluator | None = None
+
+    def feed(self, traffic: Traffic, batch: float = HOUR) -> "Harness":
+        """Add the requests in time order, one batch of `batch` seconds at a time."""
+        if not len(traffic):
+            return self
+        keys = list(zip(traffic.app.tolist(), traffic.provider.tolist(), traffic.model.tolist()))
+        for key in dict.fromkeys(keys):
+            if key not in self.series:
+                self.series[key] = len(self.series) + 1
+                self.series_keys[self.series[key]] = key
+        sids = np.array([self.series[k] for k in keys], dtype=np.int64)
+        part = np.floor(traffic.ts / batch)
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        cols = traffic.columns()
+        for idx in np.split(np.arange(len(traffic)), cuts):
+            sub = _take_columns(cols, idx)
+            self.history.add(aggregate(sub, sids[idx], sub.cost, res=self.history.fine), self.series_keys)
+        return self
+
+    def copy(self, signals: dict[str, dict[str, float]] | None = None, alert_budget: float | None = None) -> "Harness":
+        """An independent copy (its own evaluator), optionally judged with other settings."""
+        evaluator, self._evaluator = self._evaluator, None
+        try:
+            out = copy.deepcopy(self)
+        finally:
+            self._evaluator = evaluator
+        if signals is not None:
+            out.specs = signal_specs(signals)
+        if alert_budget is not None:
+            out.alert_budget = alert_budget
+        return out
+
+    def evaluate(self, t: float) -> Snapshot:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.history, self.specs, self.baseline, self.alert_budget)
+        return self._evaluator.evaluate(t)
+
+    def run(self, traffic: Traffic, times: Sequence[float]) -> list[Snapshot]:
+        """Live operation: feed the requests up to each time, then evaluate there."""
+        snaps, fed = [], -math.inf
+        for t in times:
+            self.feed(traffic.take((traffic.ts > fed) & (traffic.ts <= t)))
+            fed = t
+            snaps.append(self.evaluate(t))
+        return snaps
+
+
+def every(start: float, last_minute: float, step: float = 5, first_minute: float | None = None,
+          offset: float = 30.0) -> list[float]:
+    """Evaluation times every `step` minutes after `start` up to `last_minute`, `offset`
+    seconds into the minute (live evaluation runs at any second of a minute)."""
+    first = step if first_minute is None else first_minute
+    return [start + 60.0 * m + offset for m in np.arange(first, last_minute + 1e-9, step)]
+
+
+def _take_columns(cols: RecordColumns, idx: np.ndarray) -> RecordColumns:
+    return RecordColumns(*(getattr(cols, f.name)[idx] for f in fields(RecordColumns)))
+
+
+def row(snap: Snapshot, signal: str, scope: str = "global", name: str | None = None) -> dict[str, Any]:
+    """The verdict row of one signal and scope (`name`: the app, or the model's name)."""
+    for r in snap.rows():
+        if r["signal"] == signal and r["scope"] == scope and (
+                name is None or r["app"] == name or r["model"] == name):
+            return r
+    raise KeyError(f"no row for {signal} {scope} {name}")
+
+
+SEVERITIES = {"ok": 0, "warning": 1, "high": 2}
+
+
+def first_flagged(snaps: Sequence[Snapshot], signal: str, scope: str = "global", name: str | None = None,
+                  level: str = "warning") -> float | None:
+    """Event time of the first snapshot whose verdict reaches `level` (None: never)."""
+    for s in snaps:
+        if SEVERITIES[row(s, signal, scope, name)["severity"]] >= SEVERITIES[level]:
+            return s.t
+    return None
 
 
 # --- scraping -------------------------------------------------------------------------------

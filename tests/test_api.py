@@ -244,7 +244,11 @@ def test_anomalies_filters(tmp_path: Path) -> None:
         assert len(rows) == 1
         row = rows[0]
         assert row["severity"] == "high" and row["ratio"] == pytest.approx(5.0, rel=0.1)
-        assert row["threshold"] == {"warning": 2.0, "high": 4.0} and row["unit"] == "USD" and row["baseline_hours"] == 168
+        assert row["threshold"] == {"warning": 1.5, "high": 3.0} and row["unit"] == "USD" and row["baseline_hours"] == 168
+        assert row["explained_by"] is None
+        # the model and global rows are the same cause, seen from wider scopes: they say so
+        echoes = {(r["scope"], r["explained_by"]) for r in bad if r["scope"] != "app"}
+        assert echoes == {("model", "app=search"), ("global", "app=search")}
         rows = client.get("/api/anomalies", params={"model": "claude-3-5-haiku"}).json()["anomalies"]
         assert len(rows) == 7 and {r["severity"] for r in rows} == {"ok"} and {r["provider"] for r in rows} == {"anthropic"}
         assert client.get("/api/anomalies", params={"scope": "model", "provider": "openai"}).json()["anomalies"][0]["model"] == "gpt-4o-mini"

@@ -61,7 +61,7 @@ def test_backtest_snapshot_matches_live_evaluation(tmp_path: Path) -> None:
     lv = by_key(live_snap)
     assert bt.keys() == lv.keys() and len(lv) == 7 * 5
     for k, row in lv.items():
-        for field in ("severity", "current", "baseline", "ratio", "zscore", "change_zscore", "band_lower", "band_upper",
+        for field in ("severity", "current", "baseline", "ratio", "zscore", "evidence_window_seconds", "explained_by", "band_lower", "band_upper",
                       "baseline_hours", "requests_in_window"):
             assert bt[k][field] == close_to(row[field], rel=1e-9, abs=1e-12), (k, field)
     # the scenario is not trivially quiet: the spike and the slowdown are judged the same way

@@ -1,137 +1,231 @@
-"""The fast baseline statistics and history reads equal plain reference implementations.
+"""The evaluator's fast helpers equal plain reference implementations.
 
-`baseline.baseline_stats` sorts each signal's values and steps once and reads every
-quantile and MAD from those sorts; `ScopeHistory` reads hours and the window with
-block-wise gathers and slice sums. These tests compare them, bit for bit, with the
-straightforward versions (a sort per quantile, NaN-aware reductions) on random data
-with the awkward cases: NaN gaps, ties, infinities, rows with few or no values, odd and
-even counts, and histories as short as one hour.
+- `baseline.nan_median` and `baseline.nan_quantile` sort once and index, where numpy's
+  nanmedian / nanquantile take a slow path per row: they must give numpy's values (the
+  'lower' method for the quantile), bit for bit, on random data with NaN gaps, ties,
+  infinities and all-NaN rows, along any axis.
+- `ScopeHistory.recent_sums` (cumulative sums over the fine ring) must equal a direct sum
+  of the ring's slots of each window, and of the records themselves.
+- `ScopeHistory.recent_exceedances` keeps per-slot counts between evaluations: they must
+  equal counting the coarse sketches (and the records) afresh, also after a counted slot
+  receives more records, after slots are recycled, after new scopes appear, and after the
+  thresholds change with a new version.
+- The history's block-wise gathers and slice sums (`_take_planes`, `_sum_slots`,
+  `_window_quantiles`, `token_sum`) equal fancy indexing and plain sums.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+import math
 
 import numpy as np
 import pytest
+from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
-from exporter.anomaly import baseline
 from exporter import sketch
-from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS
-from exporter.anomaly.history import QUANTILES, _sum_slots, _take_planes, _window_quantiles, token_sum
-from exporter.anomaly.signals import DEFAULT_SIGNALS
+from exporter.anomaly.baseline import nan_median, nan_quantile
+from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, record_values
+from exporter.anomaly.history import QUANTILES, ScopeHistory, _sum_slots, _take_planes, _window_quantiles, token_sum
 
 
-def reference_quantiles(x: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    s = np.sort(x, axis=1)
-    n = np.sum(~np.isnan(x), axis=1)
-    out = np.full((x.shape[0], len(qs)), np.nan)
-    ok = n > 0
-    if not ok.any():
-        return out, n
-    rows = np.nonzero(ok)[0]
-    nn = n[ok]
-    for j, q in enumerate(qs):
-        pos = (nn - 1) * q
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, nn - 1)
-        frac = pos - lo
-        out[rows, j] = s[rows, lo] * (1 - frac) + s[rows, hi] * frac
-    return out, n
+# --- NaN-aware median and quantile ---------------------------------------------------------------
+
+def random_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Log-normal values of varied scale with NaN gaps, all-NaN and single-value rows, exact
+    ties, zeros, negatives and infinities."""
+    x = rng.lognormal(0, 2, shape) * rng.choice([-1.0, 1.0], shape, p=[0.1, 0.9])
+    x[rng.random(shape) < rng.uniform(0, 0.7)] = np.nan
+    flat = x.reshape(-1, shape[-1])
+    flat[::7] = np.round(flat[::7])                     # ties
+    flat[1::11] = np.nan                                # all-NaN rows
+    flat[2::13, 1:] = np.nan                            # one value at most
+    flat[3::17, ::3] = 0.0
+    flat[4::19, 0] = np.inf
+    flat[5::23, -1] = -np.inf
+    return x
 
 
-def reference_last_valid(x: np.ndarray) -> np.ndarray:
-    valid = ~np.isnan(x)
-    idx = x.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
-    out = x[np.arange(x.shape[0]), idx]
-    return np.where(valid.any(axis=1), out, np.nan)
-
-
-def reference_stats(spec, history: np.ndarray) -> baseline.Stats:
-    """The statistics as first written: four sorts per signal."""
-    x = baseline.transform(history, spec)
-    q, n = reference_quantiles(x, (0.25, 0.5, 0.75))
-    q1, med, q3 = q[:, 0], q[:, 1], q[:, 2]
-    mad = reference_quantiles(np.abs(x - med[:, None]), (0.5,))[0][:, 0] * baseline.MAD_SCALE
-    floor = baseline.LOG_MAD_FLOOR if spec.log_space else np.maximum(spec.baseline_floor * 0.5, 0.1 * np.abs(med))
-    d = np.diff(x, axis=1)
-    dq, dn = reference_quantiles(d, (0.5,))
-    dmed = dq[:, 0]
-    dmad = reference_quantiles(np.abs(d - dmed[:, None]), (0.5,))[0][:, 0] * baseline.MAD_SCALE
-    return baseline.Stats(n, q1, med, q3, np.fmax(mad, floor), dmed, np.fmax(dmad, baseline.LOG_MAD_FLOOR), dn,
-                          reference_last_valid(x))
-
-
-def random_history(rng: np.random.Generator, rows: int, hours: int) -> np.ndarray:
-    """Log-normal hourly values of varied scale with gaps, leading NaN, exact ties and zeros."""
-    scale = rng.lognormal(0, 2, (rows, 1))
-    h = scale * rng.lognormal(0, rng.uniform(0.01, 1.5, (rows, 1)), (rows, hours))
-    kind = rng.integers(0, 6, rows)
-    h[kind == 1] = np.round(h[kind == 1], 1)                              # many ties
-    h[kind == 2] = np.where(rng.random((int((kind == 2).sum()), hours)) < 0.5, 0.0, h[kind == 2])
-    gaps = rng.random((rows, hours)) < rng.uniform(0, 0.6, (rows, 1))
-    h[(kind >= 3)[:, None] & gaps] = np.nan
-    start = rng.integers(0, hours + 1, rows)                              # before the scope existed
-    h[(kind == 4)[:, None] & (np.arange(hours)[None, :] < start[:, None])] = np.nan
-    h[kind == 5, ::2] = 1.0                                               # a constant half
-    return h
-
-
-def assert_stats_equal(got: baseline.Stats, want: baseline.Stats) -> None:
-    for f in fields(baseline.Stats):
-        a, b = getattr(got, f.name), getattr(want, f.name)
-        assert np.array_equal(a, b, equal_nan=True), f.name
-        assert np.array_equal(np.signbit(a), np.signbit(b)), f.name
-
-
-@pytest.mark.parametrize("hours", [1, 2, 3, 6, 7, 24, 167, 168, 255, 256, 257, 336])
-@pytest.mark.parametrize("spec", DEFAULT_SIGNALS, ids=lambda s: s.name)
-def test_stats_equal_reference(spec, hours: int) -> None:
-    rng = np.random.default_rng(hours * 31 + len(spec.name))
-    history = random_history(rng, 300, hours)
-    if spec.name == "error_rate":
-        history = np.minimum(history / (1 + history), 1.0)
-    before = history.copy()
-    assert_stats_equal(baseline.baseline_stats(spec, history), reference_stats(spec, history))
-    assert np.array_equal(history, before, equal_nan=True)                # the input is left alone
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")          # numpy warns about all-NaN slices
+@pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 2), 1), ((300, 7), 1), ((300, 168), 1),
+                                        ((168, 300), 0), ((7, 40, 24), 0), ((6, 40, 25), -1), ((5, 6, 7), 1)])
+def test_nan_median_equals_numpy(shape: tuple[int, ...], axis: int) -> None:
+    rng = np.random.default_rng(sum(shape) + axis)
+    x = random_values(rng, shape)
+    before = x.copy()
+    got, want = nan_median(x, axis=axis), np.nanmedian(x, axis=axis)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(x, before)                    # the input is left alone
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("hours", [2, 7, 336])
-def test_stats_equal_reference_with_infinities(hours: int) -> None:
-    """A zero floor puts log(0) = -inf into log space; huge values overflow the deviations."""
-    rng = np.random.default_rng(hours)
-    spec = replace(DEFAULT_SIGNALS[0], baseline_floor=0.0)
-    history = random_history(rng, 200, hours)
-    history[::3] = np.where(rng.random((len(history[::3]), hours)) < 0.3, 0.0, history[::3])
-    history[1::7, 0] = np.inf
-    history[2::11] = rng.choice([1e-300, 1e300, np.nan, 1.0], (len(history[2::11]), hours))
-    assert_stats_equal(baseline.baseline_stats(spec, history), reference_stats(spec, history))
-    linear = next(s for s in DEFAULT_SIGNALS if not s.log_space)
-    history[3::5] = rng.choice([-1.7e308, 1.7e308, 0.0, np.nan], (len(history[3::5]), hours))
-    assert_stats_equal(baseline.baseline_stats(linear, history), reference_stats(linear, history))
+@pytest.mark.parametrize("q", [0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0, 0.3333, 0.6180339887])
+@pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 9), 1), ((300, 168), 1), ((168, 300), 0), ((7, 40, 24), 0)])
+def test_nan_quantile_equals_numpy_lower(q: float, shape: tuple[int, ...], axis: int) -> None:
+    rng = np.random.default_rng(int(q * 1000) + sum(shape))
+    x = random_values(rng, shape)
+    got, want = nan_quantile(x, q, axis=axis), np.nanquantile(x, q, axis=axis, method="lower")
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("hours", [1, 2, 3, 4, 5, 8, 9, 40])
-def test_mad_equals_reference_on_ties_and_skew(hours: int) -> None:
-    """Small integers give runs of equal deviations on both sides of the median."""
-    rng = np.random.default_rng(100 + hours)
-    x = rng.integers(0, rng.integers(1, 6, (4000, 1)), (4000, hours)).astype(np.float64)
-    x[rng.random(x.shape) < 0.2] = np.nan
-    x[::5] = x[::5] ** 3                                                  # skewed rows
-    s, n = baseline.sorted_rows(x)
-    for centre in (reference_quantiles(x, (0.5,))[0][:, 0], rng.integers(-2, 8, 4000).astype(np.float64)):
-        want = reference_quantiles(np.abs(x - centre[:, None]), (0.5,))[0][:, 0]
-        assert np.array_equal(baseline.sorted_abs_dev_median(s, n, centre), want, equal_nan=True)
+# --- the history's window reads --------------------------------------------------------------------
+
+DAY0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY
+STREAMS = (Stream("chat", "gpt-4o-mini", rate=900, session=3), Stream("search", "gpt-4o-mini", rate=300),
+           Stream("search", "claude-3-5-haiku", "anthropic", rate=300, ttft=0.5, otps=40),
+           Stream("batch", "claude-3-5-haiku", "anthropic", rate=200, session=20, gap=2, ttft=None))
 
 
-def test_row_quantiles_equal_reference() -> None:
-    rng = np.random.default_rng(3)
-    for hours in (1, 5, 300):
-        x = random_history(rng, 100, hours)
-        for got, want in zip(baseline.row_quantiles(x, (0.1, 0.5, 0.95)), reference_quantiles(x, (0.1, 0.5, 0.95))):
-            assert np.array_equal(got, want, equal_nan=True)
+def scope_masks(traffic: Traffic, h: ScopeHistory) -> np.ndarray:
+    """(S, records) which records each scope row of the history holds."""
+    out = np.zeros((h.size, len(traffic)), dtype=bool)
+    for i, (scope, app, provider, model) in enumerate(h.keys):
+        if scope == "global":
+            out[i] = True
+        elif scope == "app":
+            out[i] = traffic.app == app
+        else:
+            out[i] = (traffic.provider == provider) & (traffic.model == model)
+    return out
 
+
+def reference_sums(h: ScopeHistory, t: float, counts: list[int]) -> np.ndarray:
+    """Sums of the fine ring's slots of each window, slot by slot."""
+    hi = math.floor(t / h.fine)
+    out = np.zeros((h.size, len(counts), len(FIELDS)))
+    for j, k in enumerate(counts):
+        for a in range(hi - k + 1, hi + 1):
+            s = a % h.fine_ring.n
+            if h.fine_ring.tag[s] == a:
+                out[:, j] += h.fine_add[: h.size, s]
+    return out
+
+
+def test_recent_sums_equal_direct_sums() -> None:
+    traffic = generate(STREAMS, DAY0, DAY0 + 3 * HOUR, seed=1)
+    harness = Harness().feed(traffic)
+    h = harness.history
+    values = record_values(traffic.columns(), traffic.cost)
+    masks = scope_masks(traffic, h)
+    counts = [1, 5, 10, 15, 20, 30, 60]
+    checked = 0
+    for t in (DAY0 + 3 * HOUR - 0.5, DAY0 + 3 * HOUR - 61, DAY0 + 2.5 * HOUR + 7, DAY0 + 3 * HOUR + 600):
+        got = h.recent_sums(t, counts)
+        want = reference_sums(h, t, counts)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+        hi = math.floor(t / h.fine)
+        for j, k in enumerate(counts):     # and the records themselves, where the ring still holds the minutes
+            window = np.arange(hi - k + 1, hi + 1)
+            if (h.fine_ring.tag[window % h.fine_ring.n] > window).any():
+                continue
+            slot = np.floor(traffic.ts / h.fine)
+            inside = (slot >= hi - k + 1) & (slot <= hi)
+            from_records = (masks & inside) @ values
+            np.testing.assert_allclose(got[:, j], from_records, rtol=1e-9, atol=1e-9)
+            checked += 1
+    assert checked >= 3 * len(counts)
+    assert h.recent_sums(DAY0 + 3 * HOUR - 0.5, [60])[:, 0, F["requests"]].min() > 0
+
+
+def reference_exceedances(h: ScopeHistory, t: float, n_slots: int, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Samples at or above each kind's threshold bin and all samples, per coarse slot,
+    counted from the sketches."""
+    hi = math.floor(t / h.coarse)
+    above = np.zeros((h.size, n_slots, len(SKETCHES)))
+    total = np.zeros_like(above)
+    for j, a in enumerate(range(hi - n_slots + 1, hi + 1)):
+        s = a % h.coarse_ring.n
+        if h.coarse_ring.tag[s] != a:
+            continue
+        for k in range(len(SKETCHES)):
+            counts = h.coarse_sk[: h.size, s, k].astype(np.int64)
+            total[:, j, k] = counts.sum(axis=1)
+            for row in range(h.size):
+                b = int(thresholds[row, k])
+                above[row, j, k] = counts[row, max(b, 0):].sum() if b >= 0 else 0
+    return above, total
+
+
+def record_exceedances(traffic: Traffic, h: ScopeHistory, t: float, n_slots: int,
+                       thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same counted from the records' own values (latency, TTFT, token speed)."""
+    cols = traffic.columns()
+    bins = [sketch.bin_index(v) for v in (cols.latency, cols.ttft, cols.output_tokens_per_second)]
+    masks = scope_masks(traffic, h)
+    hi = math.floor(t / h.coarse)
+    slot = np.floor(traffic.ts / h.coarse)
+    above = np.zeros((h.size, n_slots, len(SKETCHES)))
+    total = np.zeros_like(above)
+    for j, a in enumerate(range(hi - n_slots + 1, hi + 1)):
+        here = masks & (slot == a)
+        for k, b in enumerate(bins):
+            total[:, j, k] = (here & (b >= 0)).sum(axis=1)
+            thr = thresholds[:, k][:, None]
+            above[:, j, k] = (here & (b >= 0) & (thr >= 0) & (b >= thr)).sum(axis=1)
+    return above, total
+
+
+def random_thresholds(rng: np.random.Generator, h: ScopeHistory) -> np.ndarray:
+    """A bin per scope and kind around the data's quantiles, with -1 (none), 0 and bins
+    past the last one mixed in."""
+    thr = rng.integers(sketch.bin_index(np.array([0.2]))[0], sketch.bin_index(np.array([100.0]))[0], (h.size, len(SKETCHES)))
+    thr[0, 0], thr[1 % h.size, 1] = -1, 0
+    thr[-1, 2] = sketch.NBINS + 3
+    return thr
+
+
+def test_recent_exceedances_equal_counts_from_the_sketches() -> None:
+    rng = np.random.default_rng(7)
+    traffic = generate(STREAMS, DAY0, DAY0 + 4 * HOUR, seed=2)
+    harness = Harness()
+    h = harness.history
+    fed = DAY0 + 2 * HOUR
+    harness.feed(traffic.take(traffic.ts < fed))
+    thresholds, version = random_thresholds(rng, h), 1
+    n_slots = 12
+
+    def check(t: float) -> None:
+        above, total, absolute = h.recent_exceedances(t, n_slots, thresholds, version)
+        assert np.array_equal(absolute, np.arange(math.floor(t / h.coarse) - n_slots + 1, math.floor(t / h.coarse) + 1))
+        want_above, want_total = reference_exceedances(h, t, n_slots, thresholds)
+        np.testing.assert_array_equal(above, want_above)
+        np.testing.assert_array_equal(total, want_total)
+        # the sketches hold the records' values: the same counts from the records
+        rec_above, rec_total = record_exceedances(traffic.take(traffic.ts < fed), h, t, n_slots, thresholds)
+        np.testing.assert_array_equal(above, rec_above)
+        np.testing.assert_array_equal(total, rec_total)
+
+    check(fed - 1)
+    assert h.recent_exceedances(fed - 1, n_slots, thresholds, version)[1].sum() > 1000
+    # more records land in slots already counted (the newest one still filling)
+    harness.feed(traffic.between(fed, fed + 150))
+    fed += 150
+    check(fed - 1)
+    # the ring moves on by 40 minutes: slots are recycled for newer ones
+    harness.feed(traffic.between(fed, fed + 2400))
+    fed += 2400
+    check(fed - 1)
+    # a new app on a new model: new scope rows
+    newcomer = generate([Stream("fresh", "mistral-small", "mistral", rate=600)], fed, fed + 600, seed=3)
+    traffic = Traffic.concat([traffic, newcomer])
+    harness.feed(traffic.between(fed, fed + 600))
+    fed += 600
+    thresholds = np.vstack([thresholds, random_thresholds(rng, h)[: h.size - thresholds.shape[0]]])
+    check(fed - 1)
+    # new thresholds: a new version counts every slot again
+    thresholds, version = random_thresholds(rng, h), 2
+    check(fed - 1)
+    check(fed - 301)                                        # an earlier time, slots already counted
+    # the cached path gives what a history that never counted before gives
+    fresh = Harness().feed(traffic.take(traffic.ts < fed)).history
+    a1, t1, _ = h.recent_exceedances(fed - 1, n_slots, thresholds, version)
+    a2, t2, _ = fresh.recent_exceedances(fed - 1, n_slots, thresholds, version)
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(t1, t2)
+
+
+# --- gathers and sums kept from the earlier history layout ---------------------------------------
 
 def test_take_planes_equals_fancy_indexing() -> None:
     rng = np.random.default_rng(4)

@@ -49,9 +49,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
 
 
 def test_environment_types(tmp_path: Path) -> None:
-    s = load_settings(environ={"LLM_EXPORTER_SEASONAL": "yes", "LLM_EXPORTER_TAIL": "a.jsonl,b.jsonl",
-                               "LLM_EXPORTER_DEDUPE_WINDOW": "1d", "LLM_EXPORTER_PROTECT_METRICS": "0"})
-    assert s.seasonal is True and s.protect_metrics is False
+    s = load_settings(environ={"LLM_EXPORTER_ALLOW_UNAUTHENTICATED": "yes", "LLM_EXPORTER_TAIL": "a.jsonl,b.jsonl",
+                               "LLM_EXPORTER_DEDUPE_WINDOW": "1d", "LLM_EXPORTER_PROTECT_METRICS": "0",
+                               "LLM_EXPORTER_ALERT_BUDGET": "2.5"})
+    assert s.allow_unauthenticated is True and s.protect_metrics is False and s.alert_budget == 2.5
     assert [p.name for p in s.tail] == ["a.jsonl", "b.jsonl"]
     assert s.dedupe_window == 86400.0
 
@@ -61,9 +62,9 @@ def test_command_line_layer_over_real_environment(tmp_path: Path, monkeypatch: p
     cfg = write_yaml(tmp_path, "port: 1001\nlabel_limit_provider: 4\nwindow: 10m\n")
     monkeypatch.setenv("LLM_EXPORTER_PORT", "2002")
     monkeypatch.setenv("LLM_EXPORTER_WINDOW", "20m")
-    args = cli.build_parser().parse_args(["serve", "--config", str(cfg), "--window", "40m", "--seasonal"])
+    args = cli.build_parser().parse_args(["serve", "--config", str(cfg), "--window", "40m", "--protect-metrics"])
     s = cli._settings(args)
-    assert (s.port, s.window, s.label_limit_provider, s.seasonal) == (2002, 2400.0, 4, True)
+    assert (s.port, s.window, s.label_limit_provider, s.protect_metrics) == (2002, 2400.0, 4, True)
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("48h", 172800), ("7d", 604800), ("1w", 604800),
@@ -111,8 +112,8 @@ def test_bad_yaml_values(tmp_path: Path, yaml_text: str, needle: str) -> None:
 
 
 def test_bad_env_bool_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="LLM_EXPORTER_SEASONAL: must be true or false"):
-        load_settings(environ={"LLM_EXPORTER_SEASONAL": "sometimes"})
+    with pytest.raises(ConfigError, match="LLM_EXPORTER_PROTECT_METRICS: must be true or false"):
+        load_settings(environ={"LLM_EXPORTER_PROTECT_METRICS": "sometimes"})
     with pytest.raises(ConfigError, match="config: cannot read"):
         load_settings(tmp_path / "nope.yaml", environ={})
 

@@ -1,20 +1,26 @@
-"""Drift detector: crafted windows with known rates, presets, warm-up and bounds."""
+"""Drift detector: crafted windows against a healthy reference, the statistics behind a
+verdict (effect and evidence), presets, warm-up, bounds and restarts."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import engine_at, settings_for
 
 from exporter.detectors.drift import (
-    PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, drift_signals, length_collapse_ratio,
-    response_flags, stop_is_anomalous,
+    PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, between_hour_variance,
+    design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
+    response_flags, shift_estimate, stop_is_anomalous,
 )
+from exporter.evidence import z_threshold
 from exporter.ingest.records import RecordColumns, parse_record, to_columns
 
 T0 = 1_700_000_000.0
+HOUR = 3600.0
 
 
 def batch(n: int, start: float = T0, step: float = 10.0, model: str = "gpt-4o", provider: str = "openai",
@@ -29,9 +35,25 @@ def batch(n: int, start: float = T0, step: float = 10.0, model: str = "gpt-4o", 
     return to_columns(recs)
 
 
+def lengths(n: int, seed: int = 0, median: float = 300.0, sigma: float = 0.6) -> list[int]:
+    """Answer lengths as production spreads them (log-normal)."""
+    return [max(1, int(x)) for x in np.random.default_rng(seed).lognormal(math.log(median), sigma, n)]
+
+
+# The default reference ends on a clock hour before the window's age limit, so it is not in the window.
+REF_END = math.floor((T0 - 6.5 * HOUR) / HOUR) * HOUR
+
+
+def history(end: float = REF_END, hours: float = 6.0, step: float = 30.0, seed: int = 1, **fields: Any) -> RecordColumns:
+    """Healthy responses every `step` seconds for `hours` before `end`: the reference."""
+    n = int(hours * HOUR / step)
+    fields.setdefault("output_tokens", lengths(n, seed))
+    return batch(n, start=end - n * step, step=step, **fields)
+
+
 def mixed(n: int, bad: int, **bad_fields: Any) -> dict[str, list[Any]]:
-    """Per-record field lists where the first `bad` records carry `bad_fields` and are
-    spread evenly through the window (so neither half of it is special)."""
+    """Per-record field lists where `bad` records carry `bad_fields` and are spread evenly
+    through the window (so no part of it is special)."""
     idx = set(np.linspace(0, n - 1, bad).round().astype(int).tolist()) if bad else set()
     assert len(idx) == bad
     out: dict[str, list[Any]] = {}
@@ -46,20 +68,30 @@ def only(results: list[DriftResult]) -> DriftResult:
     return results[0]
 
 
-def run(cols: RecordColumns, settings: DriftSettings | None = None, now: float | None = None) -> DriftResult:
+def run(cols: RecordColumns, settings: DriftSettings | None = None, now: float | None = None,
+        reference: RecordColumns | None | bool = True) -> DriftResult:
+    """The verdict on `cols` (a window starting at T0) after a healthy history before it;
+    `reference=False` leaves the history out."""
     det = DriftDetector(settings or DriftSettings())
+    if reference is True:
+        reference = history()
+    if reference is not False and reference is not None:
+        det.observe(reference)
     det.observe(cols)
     return only(det.evaluate(now if now is not None else float(cols.ts.max()) + 1))
 
 
+# --- verdicts on crafted windows -------------------------------------------------------
+
 def test_healthy_window_is_quiet() -> None:
-    r = run(batch(200, stop_reason="stop"))
+    r = run(batch(200, output_tokens=lengths(200, seed=7)))
     assert r.ready and r.fill == 200 and r.severity == 0 and r.reasons == []
     assert r.values["empty_response_rate"] == 0.0
     assert r.values["error_rate"] == 0.0
-    assert r.values["length_collapse_ratio"] == pytest.approx(1.0)
+    assert r.values["length_collapse_ratio"] == pytest.approx(1.0, abs=0.15)
     assert math.isnan(r.values["tool_silence_rate"])  # no request offered tools
-    assert set(r.values) == set(SIGNALS)
+    assert set(r.values) == set(r.zscores) == set(r.windows) == set(SIGNALS)
+    assert r.windows["error_rate"] == 200                   # without a finding the largest window speaks
 
 
 def test_warm_up_gives_no_verdict() -> None:
@@ -70,11 +102,24 @@ def test_warm_up_gives_no_verdict() -> None:
     assert r.ready and r.severity == 2
 
 
+def test_without_a_reference_there_is_no_evidence() -> None:
+    """A model seen for the first time has nothing to drift from: rates are published, no
+    verdict is given until a complete hour before the window is known."""
+    r = run(batch(200, output_tokens=0), reference=False)
+    assert r.ready and r.values["empty_response_rate"] == 1.0
+    assert r.severity == 0 and r.zscores["empty_response_rate"] == 0.0
+    assert math.isnan(r.values["length_collapse_ratio"])
+    # the same responses after an hour of history: severe
+    r = run(batch(200, output_tokens=0), reference=history(hours=1.0))
+    assert r.severity == 2
+
+
 def test_empty_responses_severe_with_reason_text() -> None:
     r = run(batch(200, **mixed(200, 40, output_tokens=0)))
     assert r.values["empty_response_rate"] == pytest.approx(0.20)
     assert r.severity == 2
-    assert "empty_response_rate 0.20 >= severe 0.15" in r.reasons
+    assert r.reasons[0].startswith("empty_response_rate 0.20 >= severe 0.15 (last ")
+    assert r.zscores["empty_response_rate"] > 4
 
 
 def test_errors_are_not_empty_answers() -> None:
@@ -86,13 +131,26 @@ def test_errors_are_not_empty_answers() -> None:
 
 def test_one_mild_is_mild_two_mild_are_severe() -> None:
     one = run(batch(200, **mixed(200, 12, output_tokens=0)))  # 6 % empty: mild under normal
-    assert one.severity == 1 and one.reasons == ["empty_response_rate 0.06 >= mild 0.05"]
+    assert one.severity == 1 and len(one.reasons) == 1
+    assert one.reasons[0].startswith("empty_response_rate 0.06 >= mild 0.05")
     fields = mixed(200, 12, output_tokens=0)
     fields["stop_reason"] = ["content_filter" if i % 20 == 7 else "stop" for i in range(200)]  # 10 of 200
     two = run(batch(200, **fields))
     assert two.values["stop_anomaly_rate"] == pytest.approx(10 / 200)
     assert len(two.reasons) == 2 and all("mild" in x for x in two.reasons)
     assert two.severity == 2
+
+
+def test_a_rate_needs_both_the_effect_and_the_evidence() -> None:
+    """3 % empty answers is significant against a reference without any, but below the
+    `normal` limit (5 %): no verdict. 6 % against a reference that already runs at 6 % is
+    above the limit but no change: no verdict either."""
+    small = run(batch(200, **mixed(200, 6, output_tokens=0)))
+    assert small.zscores["empty_response_rate"] > 3 and small.severity == 0
+    ref = history(hours=6, **mixed(720, 43, output_tokens=0))        # 6 % empty all along
+    usual = run(batch(200, **mixed(200, 12, output_tokens=0)), reference=ref)
+    assert usual.values["empty_response_rate"] == pytest.approx(0.06)
+    assert usual.zscores["empty_response_rate"] < 1 and usual.severity == 0
 
 
 def test_presets_differ_on_the_same_window() -> None:
@@ -102,11 +160,10 @@ def test_presets_differ_on_the_same_window() -> None:
         r = run(cols, DriftSettings(preset=preset))
         assert r.preset == preset and r.severity == want, preset
     # Per-model presets: the same data under two models gets two verdicts.
-    a = batch(200, model="m-a", **mixed(200, 8, output_tokens=0))
-    b = batch(200, model="m-b", **mixed(200, 8, output_tokens=0))
     det = DriftDetector(DriftSettings(preset="low", model_presets={"m-a": "high", "openai/m-b": "normal"}))
-    det.observe(a)
-    det.observe(b)
+    for model in ("m-a", "m-b"):
+        det.observe(history(model=model))
+        det.observe(batch(200, model=model, **mixed(200, 8, output_tokens=0)))
     res = {r.model: r for r in det.evaluate(T0 + 3000)}
     assert (res["m-a"].preset, res["m-a"].severity) == ("high", 1)
     assert (res["m-b"].preset, res["m-b"].severity) == ("normal", 0)
@@ -121,37 +178,74 @@ def test_presets_are_ordered_by_sensitivity() -> None:
             assert lo.mild > no.mild > hi.mild and lo.severe > no.severe > hi.severe
         else:
             assert lo.mild < no.mild < hi.mild and lo.severe < no.severe < hi.severe
+    assert PRESET_BUDGETS["low"] < PRESET_BUDGETS["normal"] < PRESET_BUDGETS["high"]
 
 
 def test_length_collapse() -> None:
-    lengths = [500 + (i % 7) * 10 for i in range(100)] + [90 + (i % 5) * 5 for i in range(100)]
-    r = run(batch(200, output_tokens=lengths))
-    assert r.values["length_collapse_ratio"] == pytest.approx(100 / 530, rel=0.05)
-    assert r.severity == 2 and r.reasons[0].startswith("length_collapse_ratio 0.19 <= severe 0.25")
+    normal = lengths(200, seed=3)
+    collapsed = normal[:100] + [max(1, x // 5) for x in normal[100:]]
+    r = run(batch(200, output_tokens=collapsed))
+    assert r.values["length_collapse_ratio"] == pytest.approx(0.2, rel=0.15)
+    assert r.severity == 2 and r.reasons[0].startswith("length_collapse_ratio 0.")
+    assert "<= severe 0.25" in r.reasons[0] and r.zscores["length_collapse_ratio"] < -5
+    assert r.windows["length_collapse_ratio"] <= 100       # decided on a window of collapsed answers only
     # Growth is not collapse.
-    r = run(batch(200, output_tokens=lengths[::-1]))
-    assert r.values["length_collapse_ratio"] > 4 and r.severity == 0
+    grown = normal[:100] + [x * 5 for x in normal[100:]]
+    r = run(batch(200, output_tokens=grown))
+    assert r.values["length_collapse_ratio"] > 1 and r.severity == 0
 
 
-def test_length_halves_follow_event_time_not_arrival() -> None:
-    """Batches may overlap: the later batch carries older records. Halves are by time."""
+def test_a_few_short_answers_are_no_collapse() -> None:
+    """A collapse is about typical answers: a handful of very short ones in a window of
+    ordinary answers moves neither the ratio nor the evidence far enough."""
+    out = lengths(200, seed=5)
+    for i in range(0, 200, 25):
+        out[i] = 3
+    r = run(batch(200, output_tokens=out))
+    assert r.values["length_collapse_ratio"] > 0.8 and r.severity == 0
+
+
+def test_bimodal_lengths_are_no_collapse() -> None:
+    """Answer lengths are often bimodal (short replies and long ones). The median of a
+    few dozen answers then jumps from one mode to the other by chance; the rank test and
+    the Hodges-Lehmann ratio look at all pairs and do not."""
+    rng = np.random.default_rng(11)
+
+    def bimodal(n: int, share_long: float) -> list[int]:
+        long = rng.random(n) < share_long
+        return np.where(long, rng.normal(400, 15, n), rng.normal(100, 10, n)).astype(int).tolist()
+
+    ref = history(hours=6, output_tokens=bimodal(720, 0.5))
+    window = bimodal(200, 0.4)            # an ordinary sample: fewer long answers than half, by chance
+    r = run(batch(200, output_tokens=window), reference=ref)
+    recent_median, ref_median = np.median(window[100:]), np.median(ref.output_tokens)
+    assert recent_median / ref_median < 0.5             # what a ratio of medians would call a collapse
+    assert r.values["length_collapse_ratio"] > 0.6 and r.severity == 0
+
+
+def test_windows_follow_event_time_not_arrival() -> None:
+    """Batches may overlap: the later batch carries older records. Windows are by time."""
     det = DriftDetector(DriftSettings())
-    det.observe(batch(100, start=T0 + 1000, step=10, output_tokens=100))  # recent, short
-    det.observe(batch(100, start=T0, step=10, output_tokens=500))  # older, arrived late
+    det.observe(history())
+    det.observe(batch(100, start=T0 + 1000, step=10, output_tokens=[max(1, x // 5) for x in lengths(100, 2)]))
+    det.observe(batch(100, start=T0, step=10, output_tokens=lengths(100, 4)))  # older, arrived late
     r = only(det.evaluate(T0 + 3000))
-    assert r.values["length_collapse_ratio"] == pytest.approx(0.2)
+    assert r.severity == 2 and r.values["length_collapse_ratio"] == pytest.approx(0.2, rel=0.2)
+    assert r.windows["length_collapse_ratio"] <= 100
 
 
 def test_tool_silence() -> None:
-    calls = [0] * 180 + [1] * 20  # 90 % of tool requests got no call
-    r = run(batch(200, request_had_tools=True, tool_calls=calls))
+    tools = history(request_had_tools=True, tool_calls=[0 if i % 4 == 0 else 1 for i in range(720)])
+    calls = [0 if i % 10 else 1 for i in range(200)]  # 90 % of tool requests got no call
+    r = run(batch(200, request_had_tools=True, tool_calls=calls), reference=tools)
     assert r.values["tool_silence_rate"] == pytest.approx(0.9)
     assert r.severity == 2
     # An agent's normal share of final answers (25 %) is quiet.
-    r = run(batch(200, request_had_tools=True, tool_calls=[0 if i % 4 == 0 else 1 for i in range(200)]))
+    r = run(batch(200, request_had_tools=True, tool_calls=[0 if i % 4 == 0 else 1 for i in range(200)]),
+            reference=tools)
     assert r.values["tool_silence_rate"] == pytest.approx(0.25) and r.severity == 0
     # Too few tool requests: no rate at all.
-    r = run(batch(200, request_had_tools=[i < 10 for i in range(200)], tool_calls=0))
+    r = run(batch(200, request_had_tools=[i < 10 for i in range(200)], tool_calls=0), reference=tools)
     assert math.isnan(r.values["tool_silence_rate"]) and r.severity == 0
 
 
@@ -164,16 +258,244 @@ def test_stop_reason_classification() -> None:
 
 
 def test_min_events_guards_small_counts() -> None:
-    # 2 odd stops in 50 responses is 4 %: above `high`'s 3 %, but two events are not a trend.
+    # 2 odd stops in 50 responses is 4 %: above `high`'s 3 %, and never seen in the
+    # reference, but two events are not a trend.
     fields = {"stop_reason": ["safety" if i in (10, 40) else "stop" for i in range(50)]}
-    r = run(batch(50, **fields), DriftSettings(preset="high"))
+    day = history(hours=24.0)
+    r = run(batch(50, **fields), DriftSettings(preset="high"), reference=day)
     assert r.values["stop_anomaly_rate"] == pytest.approx(0.04) and r.severity == 0
-    r = run(batch(50, **fields), DriftSettings(preset="high", min_events=2))
+    r = run(batch(50, **fields), DriftSettings(preset="high", min_events=2), reference=day)
     assert r.severity == 1
+
+
+# --- the statistics ----------------------------------------------------------------------
+
+def test_rate_z_counts_both_periods() -> None:
+    """More events in the window, or a larger clean reference, is stronger evidence; an
+    empty reference still allows a verdict; fewer events than expected is negative."""
+    z = rate_z(np.array([2, 4, 8]), 100, 0, 1000)
+    assert 0 < z[0] < z[1] < z[2]
+    assert rate_z(4, 100, 0, 10_000) > rate_z(4, 100, 0, 300) > 0
+    assert rate_z(4, 100, 40, 1000) == pytest.approx(0.0, abs=1e-9)            # same rate as the reference
+    assert rate_z(0, 100, 50, 1000) < -2
+    assert rate_z(4, 100, 0, 0) == 0.0 and rate_z(0, 0, 3, 100) == 0.0           # nothing to compare
+    assert rate_z(8, 100, 0, 1000, dispersion=4.0) == pytest.approx(rate_z(8, 100, 0, 1000) / 2)
+
+
+def test_rank_sum_terms_match_the_mann_whitney_test() -> None:
+    """The binned rank sum is the Mann-Whitney statistic with mid-ranks for ties, and its
+    variance the tie-corrected one (checked against scipy's normal approximation)."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 12, 40), rng.integers(2, 15, 300)
+    q = np.bincount(a, minlength=16)[None, :].astype(float)
+    ref = np.bincount(b, minlength=16)[None, :].astype(float)
+    dev, var, _ = rank_sum_terms(q, ref)
+    res = stats.mannwhitneyu(a, b, alternative="less", use_continuity=False, method="asymptotic")
+    assert dev[0] / math.sqrt(var[0]) == pytest.approx(stats.norm.ppf(res.pvalue), rel=1e-9)
+
+
+def test_shift_estimate_reads_a_scale_change() -> None:
+    ref = np.bincount(length_bins(np.array(lengths(2000, 1))), minlength=80)
+    for factor in (1.0, 0.5, 0.2):
+        q = np.bincount(length_bins(np.array(lengths(300, 2)) * factor), minlength=80)
+        assert 2 ** (shift_estimate(q, ref) / 4) == pytest.approx(factor, rel=0.1)
+    assert math.isnan(shift_estimate(np.zeros(80), ref))
+
+
+def test_design_effect() -> None:
+    """1 when every response is its own unit; the size of a unit when its answers are
+    alike; never below 1."""
+    d = np.random.default_rng(0).normal(size=60)
+    w = np.zeros(60, dtype=np.int64)
+    assert design_effect(w, np.arange(60), d - d.mean(), 1)[0] == pytest.approx(1.0)
+    alike = np.repeat(np.random.default_rng(1).normal(size=6), 10)               # 6 sessions of 10 equal answers
+    assert design_effect(w, np.repeat(np.arange(6), 10), alike - alike.mean(), 1)[0] == pytest.approx(10.0)
+    assert design_effect(w, np.zeros(60, dtype=np.int64), d - d.mean(), 1)[0] == 1.0   # one unit: unknown, 1
+
+
+def test_intraclass_correlation_recovers_likeness() -> None:
+    rng = np.random.default_rng(0)
+    unit = np.repeat(np.arange(300), 4)
+    for rho in (0.0, 0.3, 0.8):
+        v = rng.normal(size=300)[unit] * math.sqrt(rho) + rng.normal(size=1200) * math.sqrt(1 - rho)
+        assert intraclass_correlation(v, unit) == pytest.approx(rho, abs=0.07)
+    assert intraclass_correlation(rng.normal(size=50), np.arange(50)) == 0.0      # no unit holds two values
+
+
+def test_between_hour_variance() -> None:
+    """Small when the hours differ no more than sampling explains, close to the true
+    spread when they do."""
+    rng = np.random.default_rng(2)
+    s2 = np.full(24, 0.01 ** 2)
+    same = [between_hour_variance(rng.normal(0.5, 0.01, 24), s2) for _ in range(200)]
+    assert float(np.median(same)) < 0.01 ** 2 / 10 and max(same) < 0.01 ** 2
+    spread = [between_hour_variance(rng.normal(0.5, 0.05, 24) + rng.normal(0, 0.01, 24), s2) for _ in range(200)]
+    assert float(np.median(spread)) == pytest.approx(0.05 ** 2, rel=0.3)
+    assert between_hour_variance(np.array([0.5]), np.array([0.01])) == 0.0
+    # hours merged until each block holds enough: a quiet night joins its neighbours
+    assert hour_blocks(np.array([100, 3, 2, 5, 120, 90, 10]), 25).tolist() == [0, 1, 1, 1, 1, 2, 2]
+
+
+def test_a_bursty_reference_needs_a_bigger_change() -> None:
+    """15 % errors is a change for a model that runs at a steady 5 %, and an ordinary hour
+    for one whose errors come in bursts (hours at 0 % and at 10 %, 5 % on average)."""
+    window = batch(200, **mixed(200, 30, status="error", output_tokens=0))
+
+    def reference(percent_by_hour: list[int]) -> RecordColumns:
+        status: list[str] = []
+        for pct in percent_by_hour:                     # 120 responses an hour, errors spread through it
+            bad = set(np.linspace(0, 119, 120 * pct // 100).round().astype(int).tolist()) if pct else set()
+            status += ["error" if i in bad else "ok" for i in range(120)]
+        return history(hours=len(percent_by_hour), status=status)
+
+    steady = [5] * 12
+    bursty = [0, 10] * 6
+    r = run(window, reference=reference(steady))
+    assert r.severity >= 1 and r.reasons[0].startswith("error_rate 0.15")
+    r = run(window, reference=reference(bursty))
+    assert r.values["error_rate"] == pytest.approx(0.15) and r.severity == 0
+
+
+def test_a_daily_length_cycle_is_no_collapse() -> None:
+    """An app whose answers are four times shorter in some hours than in the others (a
+    daily cycle of users): a window from a short hour is within the reference's spread of
+    hours, though far below its pooled answers."""
+    hours = 12
+    per_hour = [lengths(120, seed=h, median=150 if h % 3 == 0 else 600) for h in range(hours)]
+    ref = history(hours=hours, output_tokens=[x for hour in per_hour for x in hour])
+    window = batch(200, output_tokens=lengths(200, seed=99, median=150))
+    r = run(window, reference=ref)
+    assert r.values["length_collapse_ratio"] < 0.5                    # against the pooled day: half as long
+    assert r.severity == 0
+    steady = history(hours=hours, output_tokens=lengths(120 * hours, seed=5, median=450))
+    r = run(window, reference=steady)                                  # against a steady day: a collapse
+    assert r.severity >= 1 and r.reasons[0].startswith("length_collapse_ratio 0.3")
+
+
+def test_one_conversation_is_weak_evidence() -> None:
+    """Short answers that all come from two conversations are two users' business; the
+    same answers from forty conversations are the model's. (The window's older half shows
+    how alike one conversation's answers are.)"""
+    short = [max(1, x // 6) for x in lengths(40, 8)]
+    out = lengths(10, 9) + short
+    unit = [f"s{i}" for i in range(10)] + ["a"] * 20 + ["b"] * 20
+    two = run(batch(50, output_tokens=out, session_id=unit))
+    many = run(batch(50, output_tokens=out, session_id=[f"u{i}" for i in range(50)]))
+    assert many.severity == 2
+    assert two.severity == 0
+    assert abs(two.zscores["length_collapse_ratio"]) < abs(many.zscores["length_collapse_ratio"]) / 2
+
+
+def test_a_change_in_the_app_mix_is_not_a_length_collapse() -> None:
+    """One model, a verbose app (~600 tokens) and a terse one (~60): the terse app takes
+    over the window. Per app nothing changed, so no collapse; the raw medians would say 0.1."""
+    rng = np.random.default_rng(4)
+
+    def answers(apps: list[str]) -> list[int]:
+        return [max(1, int(rng.normal(600 if a == "verbose" else 60, 20))) for a in apps]
+
+    ref_apps = ["verbose" if i % 3 else "terse" for i in range(720)]
+    ref = history(output_tokens=answers(ref_apps), app=ref_apps)
+    app = ["verbose"] * 20 + ["terse"] * 180
+    out = answers(app)
+    r = run(batch(200, output_tokens=out, app=app), reference=ref)
+    assert 0.8 < r.values["length_collapse_ratio"] < 1.25 and r.severity == 0
+    assert np.median(out) / np.median(ref.output_tokens) < 0.2          # what the app-blind medians would say
+    # a real collapse in both apps still shows
+    r = run(batch(200, output_tokens=[max(1, o // 5) for o in out], app=app), reference=ref)
+    assert r.values["length_collapse_ratio"] < 0.3 and r.severity == 2
+
+
+def test_clean_traffic_stays_quiet_for_days() -> None:
+    """Two days of healthy, noisy traffic (1 % errors, 0.5 % empty answers, 2 % odd stops,
+    log-normal lengths, conversations of a few turns), judged every 5 minutes under the
+    `high` preset: the evidence thresholds hold every verdict back."""
+    rng = np.random.default_rng(21)
+    n = 2 * 24 * 120                                              # one response every 30 s
+    status = np.where(rng.random(n) < 0.01, "error", "ok").tolist()
+    out = np.where(rng.random(n) < 0.005, 0, rng.lognormal(math.log(300), 0.8, n).astype(int) + 1).tolist()
+    stop = np.where(rng.random(n) < 0.02, "content_filter", "stop").tolist()
+    sessions = [f"c{i // 4}" for i in range(n)]
+    cols = batch(n, start=T0 - 2 * 86400, step=30.0, status=status, output_tokens=out, stop_reason=stop,
+                 session_id=sessions)
+    det = DriftDetector(DriftSettings(preset="high"))
+    worst = 0.0
+    for t in np.arange(T0 - 2 * 86400 + 2 * HOUR, T0, 300.0):
+        det.observe(cols_between(cols, t - 300, t))
+        r = only(det.evaluate(float(t)))
+        assert r.severity == 0, (t, r.reasons)
+        worst = max(worst, abs(r.zscores["length_collapse_ratio"]))
+    assert worst > 1.0                                            # the test statistics do move
+
+
+def cols_between(cols: RecordColumns, lo: float, hi: float) -> RecordColumns:
+    sel = (cols.ts > lo) & (cols.ts <= hi)
+    return RecordColumns(**{f: getattr(cols, f)[sel] for f in RecordColumns.__slots__})
+
+
+def test_more_models_need_stronger_evidence() -> None:
+    """The false-alarm budget is spread over every model watched: a window that is a
+    finding when one model is watched is not when a hundred are."""
+    window = batch(200, **mixed(200, 12, output_tokens=0))            # 6 % empty, against two clean hours
+    alone = run(window, reference=history(hours=2.0))
+    assert alone.severity == 1
+    det = DriftDetector(DriftSettings())
+    det.observe(history(hours=2.0))
+    det.observe(window)
+    for i in range(99):
+        det.observe(history(model=f"other-{i}", hours=1.0))
+        det.observe(batch(60, model=f"other-{i}", output_tokens=lengths(60, i)))
+    crowded = {r.model: r for r in det.evaluate(float(window.ts.max()) + 1)}["gpt-4o"]
+    assert crowded.zscores["empty_response_rate"] == pytest.approx(alone.zscores["empty_response_rate"])
+    assert crowded.severity == 0
+    assert alone.zscores["empty_response_rate"] < z_threshold(2000.0, 100 * len(SIGNALS), PRESET_BUDGETS["normal"], 4)
+
+
+def test_a_verdict_is_judged_again_when_what_it_rests_on_changes() -> None:
+    """An unchanged model keeps its last verdict without being judged again; a new model
+    (more tests), late data in a reference hour or a new response each count as a change."""
+    det = DriftDetector(DriftSettings())
+    det.observe(history(hours=2.0))
+    window = batch(200, **mixed(200, 12, output_tokens=0))
+    det.observe(window)
+    t = float(window.ts.max()) + 1
+    assert only(det.evaluate(t)).severity == 1                            # the finding marks its hours ...
+    first = only(det.evaluate(t + 30))                                    # ... so they are judged once more
+    assert first.severity == 1
+    assert only(det.evaluate(t + 60)) is first                            # nothing changed
+    for i in range(99):                                                   # 99 more models: stronger evidence needed
+        det.observe(batch(60, model=f"other-{i}", output_tokens=lengths(60, i)))
+    crowded = {r.model: r for r in det.evaluate(t + 120)}["gpt-4o"]
+    assert crowded is not first and crowded.severity == 0
+    late = batch(1, start=REF_END - 1800, output_tokens=0)                # an empty answer, late, in a reference hour
+    det.observe(late)
+    assert {r.model: r for r in det.evaluate(t + 180)}["gpt-4o"] is not crowded
+    before = {r.model: r for r in det.evaluate(t + 240)}["gpt-4o"]
+    det.observe(batch(1, start=t + 250))
+    assert {r.model: r for r in det.evaluate(t + 300)}["gpt-4o"] is not before
+
+
+# --- lasting faults, bounds, restarts ------------------------------------------------------
+
+def test_a_lasting_fault_stays_flagged() -> None:
+    """Hours in which a signal was found drifting leave its reference: six hours of 20 %
+    empty answers after two healthy hours are flagged to the end, although by then the
+    last day holds three times as many faulty responses as healthy ones."""
+    det = DriftDetector(DriftSettings())
+    det.observe(history(end=T0, hours=2.0))
+    fault = batch(6 * 120, step=30.0, **mixed(720, 144, output_tokens=0))
+    flagged = []
+    for t in np.arange(T0 + 300, T0 + 6 * HOUR, 300.0):
+        det.observe(cols_between(fault, t - 300, t))
+        flagged.append(only(det.evaluate(float(t))).severity >= 1)
+    first = flagged.index(True)
+    assert first <= 3 and all(flagged[first:])
 
 
 def test_window_is_bounded_and_keeps_the_newest() -> None:
     det = DriftDetector(DriftSettings(window=200))
+    det.observe(history())
     det.observe(batch(150, output_tokens=0))  # old empties ...
     det.observe(batch(150, start=T0 + 1500, output_tokens=300))  # ... pushed out by 150 healthy
     r = only(det.evaluate(T0 + 3100))
@@ -185,7 +507,7 @@ def test_window_is_bounded_and_keeps_the_newest() -> None:
 
 
 def test_max_age_drops_old_entries_and_forgets_the_series() -> None:
-    det = DriftDetector(DriftSettings(max_age_s=3600))
+    det = DriftDetector(DriftSettings(max_age_s=3600, window=120))
     det.observe(batch(100, output_tokens=0))  # T0 .. T0+990
     det.observe(batch(60, start=T0 + 3000))
     r = only(det.evaluate(T0 + 4000))  # entries before T0+400 are too old
@@ -193,12 +515,19 @@ def test_max_age_drops_old_entries_and_forgets_the_series() -> None:
     assert det.evaluate(T0 + 3000 + 590 + 3601) == []
 
 
-def test_signals_helpers_on_empty_and_tiny_windows() -> None:
-    empty = np.zeros(0)
-    vals = drift_signals(empty, empty.astype(np.int64), empty.astype(np.uint8))
-    assert all(math.isnan(v) for v in vals.values())
-    cols = batch(10)
-    assert math.isnan(length_collapse_ratio(cols.ts, cols.output_tokens, response_flags(cols), 20))
+def test_reference_reaches_back_baseline_s_only() -> None:
+    """Hours older than `baseline_s` before the evaluation are no reference."""
+    old_ref = history(end=T0 - 3 * HOUR, hours=4.0)
+    window = batch(200, output_tokens=0)
+    assert run(window, DriftSettings(baseline_s=8 * HOUR), reference=old_ref).severity == 2
+    assert run(window, DriftSettings(baseline_s=2 * HOUR), reference=old_ref).severity == 0
+
+
+def test_signals_on_tiny_windows() -> None:
+    r = run(batch(10))
+    assert not r.ready and math.isnan(r.values["length_collapse_ratio"]) and r.severity == 0
+    assert r.windows["error_rate"] == 10
+    assert response_flags(batch(3, status="error")).tolist() == [1, 1, 1]
 
 
 def test_settings_validation() -> None:
@@ -208,27 +537,36 @@ def test_settings_validation() -> None:
         DriftSettings(model_presets={"gpt-4o": "extreme"})
     with pytest.raises(ValueError, match="min_fill"):
         DriftSettings(window=100, min_fill=150)
+    with pytest.raises(ValueError, match="baseline_s"):
+        DriftSettings(baseline_s=600)
+    assert DriftSettings().windows() == [25, 50, 100, 200]
 
 
 def test_to_dict_is_json_safe() -> None:
     d = run(batch(60)).to_dict()
     assert d["values"]["tool_silence_rate"] is None
     assert d["provider"] == "openai" and d["model"] == "gpt-4o" and d["ready"] is True
+    assert set(d["zscores"]) == set(d["windows"]) == set(SIGNALS)
 
 
-def test_a_change_in_the_app_mix_is_not_a_length_collapse() -> None:
-    """One model, a verbose app (~600 tokens) and a terse one (~60): the terse app takes
-    over the recent half. Per app nothing changed, so no collapse; the raw medians would
-    say 0.1."""
-    rng = np.random.default_rng(4)
-    app = ["verbose"] * 70 + ["terse"] * 30 + ["verbose"] * 20 + ["terse"] * 80
-    out = [int(rng.normal(600 if a == "verbose" else 60, 20)) for a in app]
-    cols = batch(200, output_tokens=out, app=app)
-    r = run(cols)
-    assert 0.8 < r.values["length_collapse_ratio"] < 1.25 and r.severity == 0
-    raw = length_collapse_ratio(cols.ts, cols.output_tokens, response_flags(cols), 20)
-    assert raw < 0.2                                           # what the app-blind ratio would say
-    # a real collapse in both apps still shows
-    collapsed = [o if i < 100 else o // 5 for i, o in enumerate(out)]
-    r = run(batch(200, output_tokens=collapsed, app=app))
-    assert r.values["length_collapse_ratio"] < 0.3 and r.severity == 2
+def test_verdicts_are_the_same_after_restart(tmp_path: Path) -> None:
+    """The windows and the reference hours are rebuilt from the store's raw records."""
+    settings = settings_for(tmp_path)
+    t = T0 + 2400
+    engine, _ = engine_at(settings, t)
+    rng = np.random.default_rng(5)
+    recs = [{"ts": T0 - 6 * HOUR + 30 * i, "provider": "openai", "model": "gpt-4o", "app": "chat",
+             "input_tokens": 100, "output_tokens": int(rng.lognormal(5.5, 0.6)) + 1, "latency_s": 1.0,
+             "session_id": f"c{i // 3}", "request_id": f"h{i}"} for i in range(720)]
+    recs += [{"ts": T0 + 10 * i, "provider": "openai", "model": "gpt-4o", "app": "chat", "input_tokens": 100,
+              "output_tokens": 0 if i % 5 == 0 else int(rng.lognormal(4.0, 0.6)) + 1, "latency_s": 1.0,
+              "session_id": f"w{i // 3}", "request_id": f"w{i}"} for i in range(200)]
+    for i in range(0, len(recs), 500):
+        engine.ingest(recs[i:i + 500], now=t)
+    live = only(engine.evaluate(t).extra["detectors"].drift)
+    assert live.severity == 2 and len(live.reasons) == 2
+    engine.close()
+    again, _ = engine_at(settings, t)
+    restored = only(again.evaluate(t).extra["detectors"].drift)
+    assert restored.to_dict() == live.to_dict()
+    again.close()

@@ -1,293 +1,598 @@
-"""Anomaly signals on crafted histories, evaluated on event time with an injected clock.
+"""The anomaly evaluator's verdicts on crafted, realistic traffic.
 
-Each test builds eight days of hourly traffic with mild noise (±8 %) ending at T0, then
-one test hour [T0, T0 + 1 h), and evaluates at the end of that hour. The window
-(T - 1 h, T] then holds exactly the test hour, and the baseline the hours before it.
-The published gauges are read from the engine's own registry."""
+The site: ten days of five apps on three models (helpers.generate): Poisson arrivals in
+sessions, a daily cycle with nights at 30 % of the afternoon peak, busy and quiet days,
+log-normal token counts, latency made of a time to first token and output tokens at a
+per-request speed, about 1 % errors. One app sends bursts of about thirty calls (a batch
+job), one is tiny and cheap. Anomalies are injected into the eleventh day from 14:00 UTC,
+which is then fed and judged as live traffic is: the records up to t, an evaluation at t,
+every few minutes, half a minute into the minute.
+
+The history is built once per module with `Harness` (the real ScopeHistory and Evaluator,
+fed as the engine feeds them, without the SQLite store) and copied per test; the gauges
+and the configuration path are checked on a real Engine.
+"""
 
 from __future__ import annotations
 
+import math
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
-from helpers import DAY, HOUR, T0, engine_at, gauge, ingest_by_day, settings_for, severity, steady_history, steady_hour
+from helpers import (CLEAN_ENV, DAY, HOUR, Harness, Stream, Traffic, engine_at, every, exporter_command, first_flagged,
+                     free_port, gauge, generate, row, settings_for)
 
-from exporter import sketch
+from exporter import evidence
+from exporter.anomaly.baseline import error_stats
+from exporter.ingest.batch import take
+from exporter.config import load_settings
 from exporter.engine import Engine
-from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES
+from exporter.ingest.rejections import Rejections
+from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Snapshot
+from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
 
-T_EVAL = T0 + HOUR - 1                    # the window (T0 - 1 s, T0 + 1 h - 1 s] holds the test hour
-OK, WARNING, HIGH = 0.0, 1.0, 2.0
-CHAT = {"app": "chat"}
-MINI = {"provider": "openai", "model": "gpt-4o-mini"}
-
-
-def run(tmp_path: Path, history: list[dict[str, Any]], test_hour: list[dict[str, Any]], **flags: Any) -> Engine:
-    engine, clock = engine_at(settings_for(tmp_path, **flags), T_EVAL)
-    ingest_by_day(engine, history + test_hour, now=T_EVAL)
-    assert engine.evaluate(T_EVAL) is not None
-    return engine
-
-
-def hour(seed: int = 99, **kwargs: Any) -> list[dict[str, Any]]:
-    """The test hour, with the same noise as the history unless told otherwise."""
-    return steady_hour(T0, np.random.default_rng(seed), **kwargs)
-
-
-def all_scopes(engine: Engine, signal: str) -> list[float | None]:
-    return [severity(engine, signal), severity(engine, signal, "app", **CHAT), severity(engine, signal, "model", **MINI)]
+DAY0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY       # a midnight (UTC)
+T = DAY0 + 10 * DAY                                   # the test day
+S = T + 14 * HOUR                                     # anomalies start at 14:00, near the daily peak
+MINI, HAIKU, LLAMA = "gpt-4o-mini", "claude-3-5-haiku", "llama-3.1-8b"
+SITE = (
+    Stream("chat", MINI, rate=600, session=3),
+    Stream("search", MINI, rate=200),
+    Stream("search", HAIKU, "anthropic", rate=200, ttft=0.5, otps=50),
+    Stream("agent", HAIKU, "anthropic", rate=300, session=6, gap=10, tokens=(3000, 300), ttft=0.5, otps=50),
+    Stream("batch", MINI, rate=120, night=1.0, session=30, gap=2),
+    Stream("tiny", LLAMA, "local", rate=20, night=1.0, price=(5e-8, 1e-7)),
+)
+SCOPES = [("global", None), ("app", "chat"), ("app", "search"), ("app", "agent"), ("app", "batch"), ("app", "tiny"),
+          ("model", MINI), ("model", HAIKU), ("model", LLAMA)]
+LEVEL = {"ok": 0, "warning": 1, "high": 2}
 
 
-# --- cost ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("factor,expected", [(2.5, WARNING), (5.0, HIGH)])
-def test_cost_spike(tmp_path: Path, factor: float, expected: float) -> None:
-    engine = run(tmp_path, steady_history(cost=1.0), hour(cost=factor, noise=0.0))
-    assert all_scopes(engine, "cost_per_hour") == [expected] * 3
-    assert gauge(engine, "llm_anomaly_current", "cost_per_hour") == pytest.approx(factor, rel=1e-6)
-    assert gauge(engine, "llm_anomaly_baseline", "cost_per_hour") == pytest.approx(1.0, rel=0.05)
-    assert gauge(engine, "llm_anomaly_ratio", "cost_per_hour") == pytest.approx(factor, rel=0.05)
-    assert gauge(engine, "llm_anomaly_zscore", "cost_per_hour") > 3
-    upper = gauge(engine, "llm_anomaly_band_upper", "cost_per_hour")
-    lower = gauge(engine, "llm_anomaly_band_lower", "cost_per_hour")
-    assert 0.8 < lower < 1.0 < upper < 1.25                        # the normal band sits around $1/h
-    assert gauge(engine, "llm_anomaly_baseline_span_seconds", "cost_per_hour") == 7 * DAY
-    # the other signals of the same hour are untouched
-    for signal in ("token_velocity", "request_rate", "error_rate", "latency_p95", "ttft_p95", "output_tokens_per_second"):
-        assert severity(engine, signal) == OK, signal
+@dataclass
+class Site:
+    harness: Harness          # fed up to S
+    traffic: Traffic          # everything from S on
 
 
-def test_steady_week_is_all_ok(tmp_path: Path) -> None:
-    engine = run(tmp_path, steady_history(error_rate=0.02), hour(error_rate=0.02))
-    snap = engine.snapshot
-    assert snap is not None
-    rows = list(snap.rows())
+@pytest.fixture(scope="module")
+def site() -> Site:
+    traffic = generate(SITE, DAY0, S + DAY + HOUR, seed=1)
+    return Site(Harness().feed(traffic.take(traffic.ts < S)), traffic.take(traffic.ts >= S))
+
+
+def live(site: Site, traffic: Traffic, times: Sequence[float], **settings: Any) -> list[Snapshot]:
+    """Judge `traffic` (from S on) live at `times`, on a copy of the site's history."""
+    return site.harness.copy(**settings).run(traffic, times)
+
+
+def sev(snap: Snapshot, signal: str, scope: str = "global", name: str | None = None) -> int:
+    return LEVEL[row(snap, signal, scope, name)["severity"]]
+
+
+def flagged(snaps: Sequence[Snapshot], signal: str) -> list[tuple[float, str, str, str | None]]:
+    """(minutes after S, scope name, severity, explained by) of every verdict that is not ok."""
+    out = []
+    for s in snaps:
+        for r in s.rows():
+            if r["signal"] == signal and r["severity"] != "ok":
+                name = f"app={r['app']}" if r["app"] else f"model={r['model']}" if r["model"] else "global"
+                out.append((round((s.t - S) / 60, 1), name, r["severity"], r["explained_by"]))
+    return out
+
+
+def scaled(traffic: Traffic, sel: np.ndarray, factor: float, cost: bool = True) -> Traffic:
+    """Requests `factor` times as big (input and output tokens; cost with them unless told)."""
+    out = traffic.changed(sel, input_tokens=lambda x: np.round(x * factor), output_tokens=lambda x: np.round(x * factor))
+    return out.changed(sel, cost=lambda x: x * factor) if cost else out
+
+
+# --- quiet when nothing is wrong -----------------------------------------------------------------
+
+def test_a_clean_day_is_quiet_on_every_signal_and_scope(site: Site) -> None:
+    """A whole day of the site's ordinary traffic (afternoon peak, night, morning ramp,
+    sessions, batch bursts, busy and quiet days), judged every 15 minutes: no verdict on
+    any signal of any scope, and the big scopes sit near their baselines."""
+    snaps = live(site, site.traffic, every(S, 24 * 60, step=15))
+    rows = [r for s in snaps for r in s.rows()]
     assert {r["signal"] for r in rows} == set(SIGNAL_NAMES)
-    assert {r["scope"] for r in rows} == {"global", "app", "model"}
-    assert len(rows) == len(SIGNAL_NAMES) * 3
-    min_requests = {spec.name: spec.min_requests for spec in DEFAULT_SIGNALS}
+    assert {(r["scope"], r["app"] or r["model"]) for r in rows} == set(SCOPES)
+    assert [r for r in rows if r["severity"] != "ok"] == []
+    assert all(r["explained_by"] is None for r in rows)
     for r in rows:
-        assert r["severity"] == "ok", r
-        if r["requests_in_window"] >= min_requests[r["signal"]]:
-            assert r["ratio"] == pytest.approx(1.0, abs=0.25), r
-        else:                                                      # too few requests: no ratio at all
-            assert r["ratio"] is None, r
+        if r["scope"] == "global" and r["signal"] in ("request_rate", "cost_per_hour", "token_velocity"):
+            assert 0.6 < r["ratio"] < 1.6, r
         assert r["baseline_hours"] == 168
-    for signal in SIGNAL_NAMES:
-        assert all_scopes(engine, signal) == [OK] * 3, signal
 
 
-def test_short_history_gives_no_verdict(tmp_path: Path) -> None:
-    history = steady_history(days=0.5)                              # twelve hours
-    engine = run(tmp_path, history, hour(cost=5.0, noise=0.0))
-    assert gauge(engine, "llm_anomaly_ratio", "cost_per_hour") == pytest.approx(5.0, rel=0.06)   # clearly 5x...
-    assert severity(engine, "cost_per_hour") == OK                                           # ...but no verdict yet
-    span = gauge(engine, "llm_anomaly_baseline_span_seconds", "cost_per_hour")
-    assert span == 11 * HOUR                           # the hour overlapping the window is not baseline
-    assert span < 24 * HOUR
+def test_bursts_of_a_batch_job_are_not_a_surge(site: Site) -> None:
+    """The batch app sends about thirty calls within a minute, four times an hour: judged
+    every minute for an hour, its short windows swing from nothing to several times the
+    hour's average, and the request rate stays quiet on every scope."""
+    snaps = live(site, site.traffic, every(S, 60, step=1))
+    counts = [row(s, "request_rate", "app", "batch")["requests_in_window"] for s in snaps]
+    assert min(counts) > 0
+    assert flagged(snaps, "request_rate") == []
+    assert flagged(snaps, "cost_per_hour") == [] and flagged(snaps, "token_velocity") == []
 
 
-def test_minimum_volume_floor(tmp_path: Path) -> None:
-    """$0.001 an hour rising to $0.003 is a tripling, but too small to matter."""
-    engine = run(tmp_path, steady_history(cost=0.001), hour(cost=0.003, noise=0.0))
-    assert gauge(engine, "llm_anomaly_current", "cost_per_hour") == pytest.approx(0.003)
-    assert gauge(engine, "llm_anomaly_zscore", "cost_per_hour") > 3
-    assert all_scopes(engine, "cost_per_hour") == [OK] * 3
+# --- cost and tokens ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factor,expected", [(2.0, "warning"), (3.5, "high")])
+def test_bigger_requests_in_one_app_are_caught_on_that_app(site: Site, factor: float, expected: str) -> None:
+    """Every chat request twice (3.5 times) as big from 14:00: cost per hour warns (pages)
+    on the chat app within 15 minutes, at the warning (high) level of 1.5x (3x) and not
+    above it; no other app is flagged."""
+    traffic = scaled(site.traffic, site.traffic.where(app="chat"), factor)
+    snaps = live(site, traffic, every(S, 30))
+    first = first_flagged(snaps, "cost_per_hour", "app", "chat", level=expected)
+    assert first is not None and first - S <= 15 * 60, flagged(snaps, "cost_per_hour")
+    assert max(sev(s, "cost_per_hour", "app", "chat") for s in snaps) == LEVEL[expected]
+    assert row(snaps[-1], "cost_per_hour", "app", "chat")["zscore"] > 0
+    others = {name for _, name, _, _ in flagged(snaps, "cost_per_hour")} - {"app=chat", "global", f"model={MINI}"}
+    assert others == set()
 
 
-# --- tokens and requests ----------------------------------------------------------------------
-
-@pytest.mark.parametrize("factor,expected", [(3.3, WARNING), (7.0, HIGH)])
-def test_token_velocity(tmp_path: Path, factor: float, expected: float) -> None:
-    engine = run(tmp_path, steady_history(tokens=(1000, 200)),
-                 hour(tokens=(int(1000 * factor), int(200 * factor)), noise=0.0))
-    assert all_scopes(engine, "token_velocity") == [expected] * 3
-    assert gauge(engine, "llm_anomaly_current", "token_velocity") == pytest.approx(40 * 1200 * factor / 60, rel=0.01)
-    assert gauge(engine, "llm_anomaly_ratio", "token_velocity") == pytest.approx(factor, rel=0.1)
-    assert severity(engine, "cost_per_hour") == OK                  # the records carry their own (steady) cost
-
-
-@pytest.mark.parametrize("n,expected", [(10, WARNING), (1, HIGH)])
-def test_request_rate_drop(tmp_path: Path, n: int, expected: float) -> None:
-    """40 requests an hour falling to 10 (a quarter) or to one (near zero): a "both" signal."""
-    engine = run(tmp_path, steady_history(n=40), hour(n=n, cost=n / 40, noise=0.0))
-    assert all_scopes(engine, "request_rate") == [expected] * 3
-    assert gauge(engine, "llm_anomaly_current", "request_rate") == pytest.approx(n / 60)
-    assert gauge(engine, "llm_anomaly_ratio", "request_rate") == pytest.approx(n / 40, rel=0.1)
-    assert gauge(engine, "llm_anomaly_zscore", "request_rate") < -3
-    assert severity(engine, "cost_per_hour") == OK                  # cost fell: not an "up" anomaly
+def echoes(snaps: Sequence[Snapshot]) -> list[tuple[float, str, str | None]]:
+    """(minute, scope, explained by) of the cost verdicts beside the chat app's own; asserts
+    that the app itself is never explained away."""
+    out = []
+    for minute, name, _, by in flagged(snaps, "cost_per_hour"):
+        if name == "app=chat":
+            assert by is None, minute
+        else:
+            out.append((minute, name, by))
+    return out
 
 
-def test_request_rate_surge(tmp_path: Path) -> None:
-    engine = run(tmp_path, steady_history(n=40), hour(n=160, cost=1.0, noise=0.0))
-    assert severity(engine, "request_rate") == WARNING
-    assert gauge(engine, "llm_anomaly_ratio", "request_rate") == pytest.approx(4.0, rel=0.1)
+def test_echoes_of_one_apps_cost_spike_are_explained_by_it(site: Site) -> None:
+    """The chat app's requests 3.5 times as big: its model and the global scope are flagged
+    too, and marked explained by app=chat (their alerts stay quiet) once the spike holds
+    the hour's excess, here checked from 15 minutes on."""
+    traffic = scaled(site.traffic, site.traffic.where(app="chat"), 3.5)
+    found = echoes(live(site, traffic, every(S, 40, first_minute=15)))
+    assert {name for _, name, _ in found} == {"global", f"model={MINI}"}
+    assert all(by == "app=chat" for _, _, by in found), found
 
 
-# --- errors -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("base,storm,expected", [(0.01, 0.20, HIGH), (0.02, 0.07, WARNING)])
-def test_error_rate_storm(tmp_path: Path, base: float, storm: float, expected: float) -> None:
-    engine = run(tmp_path, steady_history(n=100, error_rate=base), hour(n=100, error_rate=storm, noise=0.0))
-    assert all_scopes(engine, "error_rate") == [expected] * 3
-    assert gauge(engine, "llm_anomaly_current", "error_rate") == pytest.approx(storm)
-    assert gauge(engine, "llm_anomaly_baseline", "error_rate") == pytest.approx(base, rel=0.15)
-    assert gauge(engine, "llm_anomaly_ratio", "error_rate") == pytest.approx(storm / base, rel=0.15)
+@pytest.mark.parametrize("factor", [2.0, 3.5])
+def test_echoes_are_explained_from_the_first_verdict(site: Site, factor: float) -> None:
+    """The same from the first evaluation on: the model scope is flagged with the app from
+    the first minutes, and its alert must stay quiet from the first minutes too."""
+    traffic = scaled(site.traffic, site.traffic.where(app="chat"), factor)
+    found = echoes(live(site, traffic, every(S, 30)))
+    assert found and all(by == "app=chat" for _, _, by in found), found
 
 
-def test_error_rate_needs_enough_requests(tmp_path: Path) -> None:
-    """Ten requests with five errors is 50 %, but error_rate wants 20 requests in the window."""
-    engine = run(tmp_path, steady_history(n=100, error_rate=0.01), hour(n=10, cost=0.1, error_rate=0.5, noise=0.0))
-    assert gauge(engine, "llm_anomaly_current", "error_rate") == pytest.approx(0.5)
-    assert gauge(engine, "llm_anomaly_ratio", "error_rate") is not None
-    assert np.isnan(gauge(engine, "llm_anomaly_ratio", "error_rate"))
-    assert severity(engine, "error_rate") == OK
+def test_a_price_change_is_caught_by_cost_per_request(site: Site) -> None:
+    """Records that carry their own cost, three times the usual for the same tokens (a
+    switch to a pricier model behind the same name): the cost signal catches it on the
+    chat app within 15 minutes; token velocity, which did not change, stays quiet."""
+    traffic = site.traffic.changed(site.traffic.where(app="chat"), cost=lambda x: x * 3)
+    snaps = live(site, traffic, every(S, 30))
+    first = first_flagged(snaps, "cost_per_hour", "app", "chat")
+    assert first is not None and first - S <= 15 * 60, flagged(snaps, "cost_per_hour")
+    assert flagged(snaps, "token_velocity") == []
 
 
-# --- latency, TTFT, throughput ----------------------------------------------------------------
-
-def two_models(hs: float, rng: np.random.Generator, slow: float = 1.0, ttft_factor: float = 1.0) -> list[dict[str, Any]]:
-    return (steady_hour(hs, rng, n=30, latency=1.0, ttft=0.3) +
-            steady_hour(hs, rng, n=30, latency=2.0 * slow, ttft=0.5 * ttft_factor, model="claude-3-5-haiku",
-                        provider="anthropic"))
-
-
-def history_of(make: Any, days: int = 8) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(5)
-    return [d for h in range(days * 24) for d in make(T0 - (days * 24 - h) * HOUR, rng)]
-
-
-def test_latency_p95_on_one_model(tmp_path: Path) -> None:
-    engine = run(tmp_path, history_of(two_models), two_models(T0, np.random.default_rng(6), slow=3.0))
-    haiku = {"provider": "anthropic", "model": "claude-3-5-haiku"}
-    assert severity(engine, "latency_p95", "model", **haiku) == WARNING
-    assert gauge(engine, "llm_anomaly_ratio", "latency_p95", "model", **haiku) == pytest.approx(3.0, rel=0.1)
-    assert gauge(engine, "llm_anomaly_current", "latency_p95", "model", **haiku) == pytest.approx(6.0 * 1.15, rel=0.15)
-    assert severity(engine, "latency_p95", "model", **MINI) == OK
-    assert gauge(engine, "llm_anomaly_ratio", "latency_p95", "model", **MINI) == pytest.approx(1.0, rel=0.1)
+def test_a_tiny_absolute_cost_is_quiet(site: Site) -> None:
+    """The tiny app ($0.002 an hour) sends requests ten times as big: its cost signal
+    stays quiet because $0.02 an hour is below min_current ($0.10); with min_current 0 the
+    same change is high."""
+    traffic = scaled(site.traffic, site.traffic.where(app="tiny"), 10.0)
+    snaps = live(site, traffic, every(S, 30, step=10))
+    assert all(row(s, "cost_per_hour", "app", "tiny")["current"] < 0.1 for s in snaps)
+    assert [f for f in flagged(snaps, "cost_per_hour") if f[1] in ("app=tiny", f"model={LLAMA}")] == []
+    loose = live(site, traffic, every(S, 30, step=10), signals={"cost_per_hour": {"min_current": 0.0}})
+    assert sev(loose[-1], "cost_per_hour", "app", "tiny") == LEVEL["high"]
 
 
-def test_latency_p95_high(tmp_path: Path) -> None:
-    engine = run(tmp_path, steady_history(latency=1.0), hour(latency=6.0))
-    assert all_scopes(engine, "latency_p95") == [HIGH] * 3
+@pytest.mark.parametrize("factor,warns", [(1.3, True), (1.1, False)])
+def test_a_creep_in_request_size_warns_when_held(site: Site, factor: float, warns: bool) -> None:
+    """Chat requests 30 % bigger from 14:00 on: below the 1.5x spike ratio, but above the
+    1.25x sustained ratio, so cost warns once the rise has held for hours (within 8 h)
+    while token velocity (sustained ratio 1.5) stays quiet. A 10 % creep stays quiet."""
+    traffic = scaled(site.traffic, site.traffic.where(app="chat"), factor)
+    snaps = live(site, traffic, every(S, 8 * 60, step=30))
+    first = first_flagged(snaps, "cost_per_hour", "app", "chat")
+    if warns:
+        assert first is not None, flagged(snaps, "cost_per_hour")
+        assert sev(snaps[-1], "cost_per_hour", "app", "chat") == LEVEL["warning"]
+        assert max(sev(s, "cost_per_hour", "app", "chat") for s in snaps) == LEVEL["warning"]
+    else:
+        assert flagged(snaps, "cost_per_hour") == []
+    assert flagged(snaps, "token_velocity") == []
 
 
-def test_ttft_p95(tmp_path: Path) -> None:
-    engine = run(tmp_path, history_of(two_models), two_models(T0, np.random.default_rng(6), ttft_factor=3.2))
-    haiku = {"provider": "anthropic", "model": "claude-3-5-haiku"}
-    assert severity(engine, "ttft_p95", "model", **haiku) == WARNING
-    assert gauge(engine, "llm_anomaly_ratio", "ttft_p95", "model", **haiku) == pytest.approx(3.2, rel=0.12)
-    assert severity(engine, "ttft_p95", "model", **MINI) == OK
-    assert severity(engine, "latency_p95", "model", **haiku) == OK     # 2 s -> ~3.1 s is under 2.5x
+# --- errors, latency, TTFT, throughput -----------------------------------------------------------
+
+def test_an_error_storm_is_caught_on_the_model(site: Site) -> None:
+    """20 % of the agent app's requests fail from 14:00: high within 15 minutes on its
+    model; the agent app, which uses only that model, is its echo (errors are a
+    performance signal: the model that serves the requests explains them)."""
+    rng = np.random.default_rng(20)
+    traffic = site.traffic.changed(site.traffic.where(app="agent"), is_error=lambda x: x | (rng.random(x.size) < 0.2))
+    snaps = live(site, traffic, every(S, 30))
+    first = first_flagged(snaps, "error_rate", "model", HAIKU, level="high")
+    assert first is not None and first - S <= 15 * 60, flagged(snaps, "error_rate")
+    late = [f for f in flagged(snaps, "error_rate") if f[0] >= 15]
+    assert ("app=agent" in {name for _, name, _, _ in late})
+    for _, name, _, by in late:
+        assert by == (None if name == f"model={HAIKU}" else f"model=anthropic/{HAIKU}"), name
+    assert {name for _, name, _, _ in flagged(snaps, "error_rate")} <= {f"model={HAIKU}", "app=agent", "app=search", "global"}
 
 
-def test_output_tokens_per_second_halved(tmp_path: Path) -> None:
-    """Generation time 0.7 s -> 1.56 s for the same output: throughput falls to 45 %."""
-    engine = run(tmp_path, steady_history(latency=1.0, ttft=0.3), hour(latency=0.3 + 0.7 / 0.45, ttft=0.3))
-    assert all_scopes(engine, "output_tokens_per_second") == [WARNING] * 3
-    assert gauge(engine, "llm_anomaly_ratio", "output_tokens_per_second") == pytest.approx(0.45, rel=0.1)
-    assert gauge(engine, "llm_anomaly_zscore", "output_tokens_per_second") < -3
-    rows = [r for r in engine.snapshot.rows() if r["signal"] == "output_tokens_per_second" and r["scope"] == "global"]
-    assert rows[0]["direction"] == "down" and rows[0]["severity"] == "warning"
-    assert severity(engine, "latency_p95") == OK                      # 1.86x is under the latency threshold
+def test_independent_errors_are_not_read_as_overdispersed() -> None:
+    """Errors that fail independently (binomial) have dispersion 1, whatever their rate: a
+    scope with one expected error an hour is judged as such."""
+    rng = np.random.default_rng(12)
+    for n, p in ((100, 0.01), (100, 0.02), (300, 0.01), (2000, 0.02)):
+        requests = np.full((200, 168), float(n))
+        stats = error_stats(requests, rng.binomial(n, p, requests.shape).astype(float))
+        assert np.median(stats.dispersion) < 1.3, (n, p, np.median(stats.dispersion))
 
 
-def test_faster_throughput_is_not_an_anomaly(tmp_path: Path) -> None:
-    engine = run(tmp_path, steady_history(latency=1.0, ttft=0.3), hour(latency=0.3 + 0.7 / 4, ttft=0.3))
-    assert gauge(engine, "llm_anomaly_ratio", "output_tokens_per_second") > 3
-    assert severity(engine, "output_tokens_per_second") == OK
+def slower(traffic: Traffic, sel: np.ndarray, ttft: float = 1.0, generation: float = 1.0) -> Traffic:
+    """Requests whose first token comes `ttft` times later and whose tokens take
+    `generation` times as long."""
+    gen = traffic.latency - np.nan_to_num(traffic.ttft)
+    out = traffic.changed(sel, ttft=lambda x: x * ttft)
+    out.latency[sel] = np.nan_to_num(out.ttft[sel]) + gen[sel] * generation
+    return out
 
 
-# --- scopes and gauges -------------------------------------------------------------------------
-
-def test_spike_in_one_app_only(tmp_path: Path) -> None:
-    """search: $1/h -> $5/h (high); chat: a steady $10/h, so the global total only goes $11 -> $15."""
-    def apps(hs: float, rng: np.random.Generator) -> list[dict[str, Any]]:
-        return steady_hour(hs, rng, app="search", cost=1.0) + steady_hour(hs, rng, app="chat", cost=10.0)
-    test_hour = (steady_hour(T0, np.random.default_rng(3), app="search", cost=5.0, noise=0) +
-                 steady_hour(T0, np.random.default_rng(4), app="chat", cost=10.0, noise=0))
-    engine = run(tmp_path, history_of(apps), test_hour)
-    assert severity(engine, "cost_per_hour", "app", app="search") == HIGH
-    assert severity(engine, "cost_per_hour", "app", app="chat") == OK
-    assert severity(engine, "cost_per_hour") == OK                      # $11 -> $15 overall is no spike
-    assert gauge(engine, "llm_anomaly_current", "cost_per_hour") == pytest.approx(15.0)
-    # scope labels: app scope carries only app; model scope provider and model; global neither
-    assert engine.registry.get_sample_value("llm_anomaly_severity", {"signal": "cost_per_hour", "scope": "app",
-                                                                      "app": "search", "model": "gpt-4o-mini"}) is None
+def test_latency_2_5x_on_one_model_is_caught_on_the_model(site: Site) -> None:
+    """Everything on claude-3-5-haiku takes 2.5 times as long: the model scope warns within
+    10 minutes; the other model and the app that does not use it stay quiet."""
+    traffic = slower(site.traffic, site.traffic.where(model=HAIKU), ttft=2.5, generation=2.5)
+    snaps = live(site, traffic, every(S, 30))
+    first = first_flagged(snaps, "latency_p95", "model", HAIKU)
+    assert first is not None and first - S <= 10 * 60, flagged(snaps, "latency_p95")
+    assert {name for _, name, _, _ in flagged(snaps, "latency_p95")} <= {f"model={HAIKU}", "app=agent", "app=search", "global"}
 
 
-def test_signal_threshold_override_from_config(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("signals:\n  cost_per_hour: {warning_ratio: 3.0, high_ratio: 8.0}\n")
-    from exporter.config import load_settings
-    settings = load_settings(cfg, flags={"db": str(tmp_path / "o.db")}, environ={})
-    engine, _ = engine_at(settings, T_EVAL)
-    ingest_by_day(engine, steady_history() + hour(cost=2.5, noise=0.0), now=T_EVAL)
-    engine.evaluate(T_EVAL)
-    assert severity(engine, "cost_per_hour") == OK                      # 2.5x is under the raised 3x
-    rows = [r for r in engine.snapshot.rows() if r["signal"] == "cost_per_hour"]
-    assert rows[0]["threshold"] == {"warning": 3.0, "high": 8.0}
+@pytest.mark.parametrize("factor", [2.5, 3.0])
+def test_the_echo_of_a_slow_model_in_its_app_is_explained(site: Site, factor: float) -> None:
+    """Latency `factor` times on claude-3-5-haiku: the agent app, which sends all its
+    requests there, and the global scope are the model's echo whenever they are flagged
+    (latency is a performance signal: the model explains it); the model never is."""
+    traffic = slower(site.traffic, site.traffic.where(model=HAIKU), ttft=factor, generation=factor)
+    snaps = live(site, traffic, every(S, 30))
+    assert first_flagged(snaps, "latency_p95", "model", HAIKU) is not None
+    for minute, name, _, by in flagged(snaps, "latency_p95"):
+        assert by == (None if name == f"model={HAIKU}" else f"model=anthropic/{HAIKU}"), (minute, name)
 
 
-def test_series_without_window_or_baseline_is_not_published(tmp_path: Path) -> None:
-    """A scope with no requests in the window nor in the baseline has nothing to say; it
-    should leave /metrics as it does after a restart (which reloads only the horizon)."""
-    engine = run(tmp_path, steady_history(days=8), hour())
-    engine.ingest([{"ts": T0 - 20 * DAY, "provider": "openai", "model": "ancient", "app": "gone"}], now=T_EVAL)
-    engine.evaluate(T_EVAL)
-    assert severity(engine, "cost_per_hour", "app", app="gone") is None
-    assert severity(engine, "cost_per_hour", "app", **CHAT) == OK
+def test_ttft_3x_is_caught(site: Site) -> None:
+    """The first token comes three times later on claude-3-5-haiku (generation as usual):
+    TTFT p95 warns on the model within 10 minutes (3x: above 2x, below the 4x high ratio)."""
+    traffic = slower(site.traffic, site.traffic.where(model=HAIKU), ttft=3.0)
+    snaps = live(site, traffic, every(S, 30))
+    first = first_flagged(snaps, "ttft_p95", "model", HAIKU)
+    assert first is not None and first - S <= 10 * 60, flagged(snaps, "ttft_p95")
+    assert max(sev(s, "ttft_p95", "model", HAIKU) for s in snaps) == LEVEL["warning"]
+    assert row(snaps[-1], "ttft_p95", "model", HAIKU)["ratio"] == pytest.approx(3.0, rel=0.15)
+    assert {name for _, name, _, _ in flagged(snaps, "ttft_p95")} <= {f"model={HAIKU}", "app=agent", "app=search", "global"}
 
 
-def test_hourly_quantiles_belong_to_their_own_hour(tmp_path: Path) -> None:
-    """One batch spanning ten hours (a replay or catch-up), each hour with its own latency:
-    the baseline's hourly p95 of every hour must be that hour's, not a neighbour's."""
-    engine, _ = engine_at(settings_for(tmp_path), T0)
-    latency = {h: 1.0 + 0.5 * h for h in range(10)}
-    items = [{"ts": T0 - (10 - h) * HOUR + 60 * i + 5, "provider": "openai", "model": "m", "latency_s": latency[h]}
-             for h in range(10) for i in range(30)]
-    assert engine.ingest(items, now=T0).accepted == 300
-    _, q, before, span = engine.history.hourly(T0 + HOUR, baseline=10 * HOUR, seasonal=False)
-    row = engine.history.keys.index(("global", "", "", ""))
-    assert span[row] == 10
-    got = q[row, :, 0]                                      # latency p95 per hour, oldest first
-    assert got == pytest.approx([latency[h] for h in range(10)], rel=0.025)
+def test_halved_throughput_is_caught(site: Site) -> None:
+    """Output tokens come at half the speed on claude-3-5-haiku: throughput warns on the
+    model within 10 minutes with a negative z (a drop), and once the window holds only slow
+    requests its ratio is a half; latency p95, up less than 2x, stays quiet there."""
+    traffic = slower(site.traffic, site.traffic.where(model=HAIKU), generation=2.0)
+    snaps = live(site, traffic, every(S, 60))
+    first = first_flagged(snaps, "output_tokens_per_second", "model", HAIKU)
+    assert first is not None and first - S <= 10 * 60, flagged(snaps, "output_tokens_per_second")
+    r = row(snaps[-1], "output_tokens_per_second", "model", HAIKU)
+    assert r["severity"] == "warning" and r["zscore"] < 0 and r["ratio"] == pytest.approx(0.5, rel=0.2)
+    assert all(sev(s, "latency_p95", "model", HAIKU) == 0 for s in snaps)
 
 
-@pytest.mark.parametrize("seasonal,expected", [(False, HIGH), (True, OK)])
-def test_seasonal_baseline_compares_the_same_hour_of_day(tmp_path: Path, seasonal: bool, expected: float) -> None:
-    """Every evening hour (22:00 UTC, the test hour's) costs $5 instead of $1: against the
-    whole week that is a spike, against the same hour of the past days it is normal."""
-    assert (T0 % DAY) / HOUR == 22
-
-    def daily(hs: float, rng: np.random.Generator) -> list[dict[str, Any]]:
-        return steady_hour(hs, rng, cost=5.0 if (hs % DAY) / HOUR == 22 else 1.0)
-    engine = run(tmp_path, history_of(daily), hour(cost=5.0, noise=0.0), seasonal=seasonal)
-    assert severity(engine, "cost_per_hour") == expected
-    assert gauge(engine, "llm_anomaly_baseline", "cost_per_hour") == pytest.approx(5.0 if seasonal else 1.0, rel=0.1)
+def test_faster_throughput_is_not_an_anomaly(site: Site) -> None:
+    """Tokens twice as fast on claude-3-5-haiku: strong evidence of a change (positive z),
+    and no verdict anywhere: only a drop in throughput is an anomaly."""
+    traffic = slower(site.traffic, site.traffic.where(model=HAIKU), generation=0.5)
+    snaps = live(site, traffic, every(S, 30, step=10))
+    assert flagged(snaps, "output_tokens_per_second") == []
+    assert row(snaps[-1], "output_tokens_per_second", "model", HAIKU)["zscore"] > 3
 
 
+# --- a small scope needs a bigger deviation ---------------------------------------------------------
 
-def test_an_hour_leaving_the_ring_marks_the_history_changed() -> None:
-    """When an hour claims the ring slot of an older one, the cached baseline statistics
-    may include the hour that left: the history reports it as changed from that hour, so
-    the evaluator recomputes them (and not only when the hour turns)."""
-    from exporter.storage.buckets import FIELDS, Groups
-    from exporter.anomaly.history import ScopeHistory
+VOLUMES = (Stream("big", "m-big", rate=2000, night=1.0, error_rate=0.02),
+           Stream("small", "m-small", rate=20, night=1.0, error_rate=0.02))
+V_START = DAY0 + 8 * DAY + 12 * HOUR
 
-    def hour_group(hour: int) -> Groups:
-        empty = np.zeros((1, sketch.NBINS), dtype=np.int64)
-        return Groups(np.array([1]), np.array([hour * 3600]), np.ones((1, len(FIELDS))),
-                      {"latency": empty, "ttft": empty, "otps": empty})
 
-    h = ScopeHistory(window=HOUR, horizon=4 * HOUR)
-    keys = {1: ("app", "p", "m")}
-    h0 = int(T0 // HOUR)
-    for k in range(h.hours.n):                       # fill every slot
-        h.add(hour_group(h0 + k), keys)
-    h.changed_from_hour = np.iinfo(np.int64).max     # as after an evaluation
-    h.add(hour_group(h0 + h.hours.n), keys)          # the next hour takes the oldest one's slot
-    assert h.hours.tag[h0 % h.hours.n] == h0 + h.hours.n
-    assert h.changed_from_hour == h0
+@pytest.fixture(scope="module")
+def volumes() -> Site:
+    """Two apps with the same 2 % error ratio on their own models: 2,000 and 20 requests
+    an hour, eight days of history."""
+    traffic = generate(VOLUMES, DAY0, V_START + 2 * HOUR, seed=2)
+    return Site(Harness().feed(traffic.take(traffic.ts < V_START)), traffic.take(traffic.ts >= V_START))
+
+
+def judge_volumes(volumes: Site, traffic: Traffic) -> list[Snapshot]:
+    h = volumes.harness.copy()
+    return h.run(traffic, every(V_START, 60))
+
+
+def test_an_error_ratio_needs_more_evidence_on_a_small_scope(volumes: Site) -> None:
+    """Both apps fail 10 % of their requests for an hour (five times their usual 2 %): on
+    2,000 requests an hour that is a storm within 15 minutes; on 20 an hour (two failures
+    instead of 0.4) it is noise, although its ratio is as large."""
+    rng = np.random.default_rng(10)
+    hour = volumes.traffic.where(V_START, V_START + HOUR)
+    snaps = judge_volumes(volumes, volumes.traffic.changed(hour, is_error=lambda x: rng.random(x.size) < 0.10))
+    first = first_flagged(snaps, "error_rate", "app", "big")
+    assert first is not None and first - V_START <= 15 * 60
+    assert all(sev(s, "error_rate", "app", "small") == 0 for s in snaps)
+    assert max(row(s, "error_rate", "app", "small")["ratio"] for s in snaps) >= 4.0
+
+
+def test_a_latency_tail_needs_more_evidence_on_a_small_scope(volumes: Site) -> None:
+    """One request in ten takes eight times as long for an hour, on both apps: the big
+    app's p95 warns within 10 minutes; the small app's two or three slow requests an hour
+    are no evidence."""
+    rng = np.random.default_rng(11)
+    hit = volumes.traffic.where(V_START, V_START + HOUR) & (rng.random(len(volumes.traffic)) < 0.10)
+    snaps = judge_volumes(volumes, slower(volumes.traffic, hit, ttft=8.0, generation=8.0))
+    first = first_flagged(snaps, "latency_p95", "app", "big")
+    assert first is not None and first - V_START <= 10 * 60
+    assert all(sev(s, "latency_p95", "app", "small") == 0 for s in snaps)
+    assert row(snaps[-1], "latency_p95", "app", "small")["ratio"] >= 1.0
+
+
+# --- warm-up ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("age_hours", [20, 30])
+def test_no_verdict_before_the_baseline_has_enough_hours(site: Site, age_hours: int) -> None:
+    """A new app on its own model, `age_hours` old at 14:00, sends requests four times as big
+    and then stops sending any. Cost waits for 24 hours of history (a 20-hour-old app
+    gets no verdict, a 30-hour-old one is high), the request rate for 72 (no verdict on
+    the outage of a 30-hour-old app, unless signals.request_rate.min_baseline_hours says 24)."""
+    born = S - age_hours * HOUR
+    new = generate([Stream("newapp", "mistral-small", "mistral", rate=300, session=2, start=born)], born, S + HOUR, seed=7)
+    h = site.harness.copy()
+    h.feed(new.take(new.ts < S))
+    after = Traffic.concat([site.traffic.between(S, S + HOUR), new.take(new.ts >= S)])
+    spike = h.copy().run(scaled(after, after.where(app="newapp"), 4.0), every(S, 20, step=10))
+    r = row(spike[-1], "cost_per_hour", "app", "newapp")
+    assert r["baseline_hours"] == age_hours - 1                     # whole hours before the window
+    assert r["severity"] == ("high" if age_hours >= 24 else "ok")
+    gone = after.take(~after.where(app="newapp"))
+    quiet = h.copy().run(gone, every(S, 20, step=10))
+    assert sev(quiet[-1], "request_rate", "app", "newapp") == 0
+    eager = h.copy(signals={"request_rate": {"min_baseline_hours": 24}}).run(gone, every(S, 20, step=10))
+    assert sev(eager[-1], "request_rate", "app", "newapp") == (2 if age_hours >= 24 else 0)
+
+
+# --- the evidence threshold: a budget of false alarms over every series ---------------------------
+
+def test_the_evidence_threshold_rises_with_the_number_of_tests() -> None:
+    """z_threshold spreads the weekly false-alarm budget over every series and every
+    independent window of a week (Bonferroni): more scopes or windows, or a smaller
+    budget, need more evidence; a longer window has fewer chances a week, so less."""
+    z = evidence.z_threshold
+    few, many = z(3600, 3 * 7, 1.0, 9), z(3600, 300 * 7, 1.0, 9)
+    assert 3.5 < few < many < 5.5
+    assert z(3600, 21, 1.0, 9) < z(3600, 21, 1.0, 18)
+    assert z(3600, 21, 10.0, 9) < few < z(3600, 21, 0.1, 9)
+    assert z(300, 21, 1.0, 9) > few > z(8 * 3600, 21, 1.0, 9)
+    # the tail beyond the threshold is the budget's share of one test, as promised
+    per_test = 1.0 / (21 * 9 * (evidence.WEEK / 3600))
+    assert 1 - evidence._NORMAL.cdf(few) == pytest.approx(per_test, rel=1e-6)
+
+
+BORDER = Stream("svc", "m-svc", rate=200, night=1.0, error_rate=0.02, day_sd=0.05)
+B_START = DAY0 + 8 * DAY + 12 * HOUR
+
+
+@pytest.fixture(scope="module")
+def borderline() -> tuple[Harness, Traffic]:
+    """One app at 200 requests an hour and 2 % errors, and an hour with sixteen failures
+    spread through it (8 %, four times the usual): evidence (z about 4.6 on the hour window)
+    between the threshold for three scopes and the one for three hundred."""
+    traffic = generate([BORDER], DAY0, B_START + HOUR, seed=4)
+    after = traffic.take(traffic.ts >= B_START)
+    after.is_error[:] = False
+    after.is_error[np.linspace(0, len(after) - 1, 16).round().astype(int)] = True
+    return Harness().feed(traffic.take(traffic.ts < B_START)), after
+
+
+def many_scopes(h: Harness, apps: int = 150) -> Harness:
+    """`apps` more apps, each on its own model, with a request every two hours."""
+    h = h.copy()
+    ts = np.arange(DAY0 + 6 * DAY, B_START - HOUR, 2 * HOUR)
+    parts = []
+    for i in range(apps):
+        n = ts.size
+        parts.append(Traffic(ts + 7.0 * i, np.full(n, f"app{i}", dtype=object), np.full(n, "p", dtype=object),
+                             np.full(n, f"model{i}", dtype=object), np.full(n, 100), np.full(n, 10),
+                             np.full(n, 1e-4), np.full(n, 0.5), np.full(n, np.nan), np.zeros(n, dtype=bool)))
+    return h.feed(Traffic.concat(parts))
+
+
+def test_the_same_evidence_fires_among_few_scopes_and_not_among_many(borderline: tuple[Harness, Traffic]) -> None:
+    base, hour = borderline
+    t_end = B_START + HOUR - 30
+    few = base.copy().run(hour, [t_end])[-1]
+    many = many_scopes(base).run(hour, [t_end])[-1]
+    z_few, z_many = row(few, "error_rate", "app", "svc")["zscore"], row(many, "error_rate", "app", "svc")["zscore"]
+    assert z_few == pytest.approx(z_many, rel=0.05)                  # the same evidence ...
+    n_windows = len(WINDOW_FRACTIONS) + len(SUSTAINED_HOURS)
+    tests_few, tests_many = int(few.active.sum()) * 7, int(many.active.sum()) * 7
+    assert tests_few == 3 * 7 and tests_many == 303 * 7           # global, app, model (+ 150 apps, 150 models)
+    assert evidence.z_threshold(3600, tests_few, 1.0, n_windows) < z_few < evidence.z_threshold(3600, tests_many, 1.0, n_windows)
+    assert row(few, "error_rate", "app", "svc")["severity"] == "warning"   # ... judged against other thresholds
+    assert row(many, "error_rate", "app", "svc")["severity"] == "ok"
+
+
+def test_the_alert_budget_moves_the_threshold(borderline: tuple[Harness, Traffic]) -> None:
+    """alert_budget: fewer false alarms allowed a week means more evidence needed."""
+    base, hour = borderline
+    t_end = B_START + HOUR - 30
+    assert row(base.copy(alert_budget=0.01).run(hour, [t_end])[-1], "error_rate", "app", "svc")["severity"] == "ok"
+    assert row(many_scopes(base).copy(alert_budget=100.0).run(hour, [t_end])[-1], "error_rate", "app", "svc")["severity"] == "warning"
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def test_signal_overrides_change_verdicts(site: Site) -> None:
+    """signals.cost_per_hour.warning_ratio 2.5: requests twice as big no longer warn; the
+    row shows the thresholds in effect."""
+    traffic = scaled(site.traffic, site.traffic.where(app="chat"), 2.0)
+    snaps = live(site, traffic, every(S, 20, step=10), signals={"cost_per_hour": {"warning_ratio": 2.5, "high_ratio": 5}})
+    assert flagged(snaps, "cost_per_hour") == []
+    assert row(snaps[-1], "cost_per_hour", "app", "chat")["threshold"] == {"warning": 2.5, "high": 5.0}
+
+
+@pytest.mark.parametrize("overrides,names", [
+    ({"cost_per_hour": {"min_zscore": 2}}, ["signals.cost_per_hour", "min_zscore"]),
+    ({"cost_per_hour": {"seasonal": True}}, ["signals.cost_per_hour", "seasonal"]),
+    ({"latency_p95": {"warning_ratio": 3, "high_ratio": 2}}, ["signals.latency_p95", "high_ratio", "warning_ratio"]),
+    ({"error_rate": {"high_ratio": 1.5}}, ["signals.error_rate", "high_ratio"]),
+    ({"request_rate": {"drop_warning_ratio": -1}}, ["signals.request_rate.drop_warning_ratio"]),
+    ({"cost_per_hour": {"min_current": True}}, ["signals.cost_per_hour.min_current"]),
+    ({"cost_per_minute": {"warning_ratio": 2}}, ["cost_per_minute"]),
+])
+def test_bad_overrides_are_refused_naming_the_knob(tmp_path: Path, overrides: dict, names: list[str]) -> None:
+    with pytest.raises(ValueError) as e:
+        signal_specs(overrides)
+    for name in names:
+        assert name in str(e.value)
+    settings = settings_for(tmp_path).model_copy(update={"signals": overrides})
+    with pytest.raises(ValueError) as e:
+        Engine(settings)
+    assert names[0] in str(e.value)
+
+
+def test_overrides_from_the_config_file_reach_the_evaluator(tmp_path: Path) -> None:
+    cfg = tmp_path / "exporter.yaml"
+    cfg.write_text("alert_budget: 0.5\nsignals:\n  cost_per_hour: {warning_ratio: 2, high_ratio: 4}\n"
+                   "  request_rate: {min_baseline_hours: 48}\n")
+    engine = Engine(load_settings(cfg, flags={"db": str(tmp_path / "u.db")}, environ={}))
+    try:
+        specs = {s.name: s for s in engine.evaluator.specs}
+        assert (specs["cost_per_hour"].warning_ratio, specs["cost_per_hour"].high_ratio) == (2.0, 4.0)
+        assert specs["request_rate"].min_baseline_hours == 48
+        assert specs["token_velocity"] == next(s for s in DEFAULT_SIGNALS if s.name == "token_velocity")
+        assert engine.evaluator.alert_budget == 0.5
+    finally:
+        engine.close()
+
+
+def test_serve_refuses_a_bad_knob_in_one_line(tmp_path: Path) -> None:
+    """A knob of the old detector left in a config file stops `serve` the way every other
+    bad setting does: one line naming it, exit code 2."""
+    cfg = tmp_path / "exporter.yaml"
+    cfg.write_text("signals:\n  cost_per_hour: {min_zscore: 2}\n")
+    r = subprocess.run(exporter_command() + ["serve", "--config", str(cfg), "--db", str(tmp_path / "u.db"),
+                                             "--port", str(free_port())], env=CLEAN_ENV, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-500:]
+    assert "signals.cost_per_hour" in r.stderr and "min_zscore" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# --- the gauges, on a real engine ---------------------------------------------------------------------
+
+E_START = DAY0 + 8 * DAY + 15 * HOUR
+ENGINE_SITE = (Stream("chat", MINI, rate=240, session=2), Stream("agent", HAIKU, "anthropic", rate=120, ttft=0.5, otps=50))
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, Traffic, float]:
+    """Eight days of two apps ingested into a real engine in hourly batches, then the chat
+    app's requests 3.5 times as big for the 20 minutes before t."""
+    t = E_START + 20 * 60 - 30
+    traffic = generate(ENGINE_SITE, DAY0, t, seed=5)
+    traffic = scaled(traffic, traffic.where(E_START, app="chat"), 3.5)
+    engine, _ = engine_at(settings_for(tmp_path_factory.mktemp("gauges"), record_retention=0), t)
+    cols = traffic.columns()
+    hours = np.floor(traffic.ts / HOUR)
+    for idx in np.split(np.arange(len(traffic)), np.flatnonzero(np.diff(hours)) + 1):
+        sub = take(cols, idx)
+        res = engine.ingest_columns(sub, idx.tolist(), Rejections(), now=float(traffic.ts[idx[-1]]))
+        assert res.accepted == idx.size
+    assert engine.evaluate(t) is not None
+    yield engine, traffic, t
+    engine.close()
+
+
+def in_window(traffic: Traffic, t: float, window: float = HOUR) -> np.ndarray:
+    """Requests in the window's whole minutes: from the minute after the one holding t - window
+    through the one holding t (what the fine slots of the window hold)."""
+    return traffic.where((math.floor((t - window) / 60) + 1) * 60, t + 1e-9)
+
+
+def test_gauges_show_current_baseline_ratio_and_band(engine_run: tuple[Engine, Traffic, float]) -> None:
+    engine, traffic, t = engine_run
+    w = in_window(traffic, t)
+    chat = w & (traffic.app == "chat")
+    tokens = traffic.input_tokens + traffic.output_tokens
+    expect = [
+        ("cost_per_hour", "global", {}, traffic.cost[w].sum()),
+        ("cost_per_hour", "app", {"app": "chat"}, traffic.cost[chat].sum()),
+        ("request_rate", "global", {}, w.sum() / 60),
+        ("request_rate", "app", {"app": "chat"}, chat.sum() / 60),
+        ("token_velocity", "global", {}, tokens[w].sum() / 60),
+        ("error_rate", "global", {}, traffic.is_error[w].mean()),
+    ]
+    for signal, scope, labels, want in expect:
+        assert gauge(engine, "llm_anomaly_current", signal, scope, **labels) == pytest.approx(want, rel=1e-9), signal
+    p95 = np.quantile(traffic.latency[chat], 0.95, method="inverted_cdf")
+    assert gauge(engine, "llm_anomaly_current", "latency_p95", "app", app="chat") == pytest.approx(p95, rel=0.03)
+    for spec in DEFAULT_SIGNALS:
+        for scope, labels in (("global", {}), ("app", {"app": "chat"}), ("app", {"app": "agent"}),
+                              ("model", {"provider": "openai", "model": MINI}), ("model", {"provider": "anthropic", "model": HAIKU})):
+            get = lambda name, s=spec.name, sc=scope, lb=labels: gauge(engine, name, s, sc, **lb)  # noqa: E731
+            current, baseline, ratio = get("llm_anomaly_current"), get("llm_anomaly_baseline"), get("llm_anomaly_ratio")
+            assert ratio == pytest.approx(current / baseline, rel=1e-9), (spec.name, scope, labels)
+            assert get("llm_anomaly_band_lower") < baseline < get("llm_anomaly_band_upper"), (spec.name, scope, labels)
+            assert get("llm_anomaly_baseline_span_seconds") == 7 * DAY
+            assert get("llm_anomaly_severity") in (0, 1, 2)
+            assert get("llm_anomaly_explained") in (0, 1)
+            assert math.isfinite(get("llm_anomaly_zscore"))
+    # the spike: cost is high on the chat app; its model and the global scope are its echoes
+    assert gauge(engine, "llm_anomaly_severity", "cost_per_hour", "app", app="chat") == 2
+    assert gauge(engine, "llm_anomaly_explained", "cost_per_hour", "app", app="chat") == 0
+    assert gauge(engine, "llm_anomaly_severity", "cost_per_hour", "app", app="agent") == 0
+    for scope, labels in (("global", {}), ("model", {"provider": "openai", "model": MINI})):
+        assert gauge(engine, "llm_anomaly_severity", "cost_per_hour", scope, **labels) >= 1
+        assert gauge(engine, "llm_anomaly_explained", "cost_per_hour", scope, **labels) == 1
+    # the app left alone sits inside its bands
+    for signal in ("cost_per_hour", "token_velocity", "request_rate"):
+        get = lambda name, s=signal: gauge(engine, name, s, "app", app="agent")  # noqa: E731
+        assert get("llm_anomaly_band_lower") <= get("llm_anomaly_current") <= get("llm_anomaly_band_upper"), signal
+
+
+def test_the_engine_judges_as_the_harness_does(engine_run: tuple[Engine, Traffic, float]) -> None:
+    """The tests' Harness feeds the history as the engine does: the same traffic gives the
+    same verdicts and values in both."""
+    engine, traffic, t = engine_run
+    snap = Harness().feed(traffic).evaluate(t)
+    want = {(r["signal"], r["scope"], r["app"], r["model"]): r for r in snap.rows()}
+    got = {(r["signal"], r["scope"], r["app"], r["model"]): r for r in engine.snapshot.rows()}
+    assert got.keys() == want.keys()
+    for k, r in got.items():
+        for field in ("severity", "explained_by", "requests_in_window", "baseline_hours"):
+            assert r[field] == want[k][field], (k, field)
+        for field in ("current", "baseline", "ratio", "zscore", "band_lower", "band_upper"):
+            assert r[field] == pytest.approx(want[k][field], rel=1e-6, nan_ok=True), (k, field)
+
+
+def test_the_window_setting_sets_what_current_covers() -> None:
+    """With a 30-minute window the current cost is the last 30 minutes' spend scaled to an
+    hour, and the request rate is per minute over those 30 minutes."""
+    t = E_START - 30
+    traffic = generate(ENGINE_SITE, DAY0, t, seed=6)
+    h = Harness(window=1800).feed(traffic)
+    snap = h.evaluate(t)
+    w = in_window(traffic, t, 1800)
+    assert row(snap, "cost_per_hour")["current"] == pytest.approx(traffic.cost[w].sum() * 2, rel=1e-5)
+    assert row(snap, "request_rate")["current"] == pytest.approx(w.sum() / 30, rel=1e-5)
+    assert row(snap, "request_rate")["severity"] == "ok"

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("detectors", ("exporter.detectors",)),
     ("storage", ("exporter.storage",)),
     ("ingest", ("exporter.ingest",)),
-    ("primitives", ("exporter.codes", "exporter.sketch", "exporter.durations", "exporter.floats",
+    ("primitives", ("exporter.codes", "exporter.sketch", "exporter.evidence", "exporter.durations", "exporter.floats",
                     "exporter.components", "exporter")),
 )
 

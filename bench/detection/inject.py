@@ -55,8 +55,7 @@ class Kind:
     signals: tuple[str, ...]
     describe: str
     apply: Callable[[Traffic, float, float, np.random.Generator], tuple[Traffic, list[ScopeKey]]]
-    gated: bool = True
-    hour_long_spike: bool = False    # judged against the 15-minute delay target
+    gated: bool = True               # judged against the recall and delay targets (a change of 2x and above)
 
 
 def _window(tr: Traffic, start: float, end: float) -> np.ndarray:
@@ -192,9 +191,9 @@ def drift_length(tr: Traffic, start: float, end: float, rng: np.random.Generator
 
 KINDS: tuple[Kind, ...] = (
     Kind("cost_spike_2x", HOUR, 2.0, ("cost_per_hour", "token_velocity"),
-         "rag-search cost x2 for 1 h (tokens x2)", cost_spike("rag-search", 2.0), hour_long_spike=True),
+         "rag-search cost x2 for 1 h (tokens x2)", cost_spike("rag-search", 2.0)),
     Kind("cost_spike_5x", HOUR, 5.0, ("cost_per_hour", "token_velocity"),
-         "rag-search cost x5 for 1 h (tokens x5)", cost_spike("rag-search", 5.0), hour_long_spike=True),
+         "rag-search cost x5 for 1 h (tokens x5)", cost_spike("rag-search", 5.0)),
     Kind("cost_creep", DAY, 1.5, ("cost_per_hour",),
          "all cost +0 -> +50 % over 24 h", cost_creep, gated=False),
     Kind("token_runaway", 30 * MIN, 10.0, ("runaway", "runaway.token_burst", "runaway.chain_length", "token_velocity"),
@@ -202,13 +201,13 @@ KINDS: tuple[Kind, ...] = (
     Kind("retry_storm", 30 * MIN, 10.0, ("runaway.invocation", "error_rate", "request_rate"),
          "support-chat: 10 failing calls a minute for 30 min", retry_storm),
     Kind("error_storm", HOUR, 20.0, ("error_rate", "drift", "drift.error_rate"),
-         "claude-3-5-haiku 20 % errors for 1 h", error_storm, hour_long_spike=True),
+         "claude-3-5-haiku 20 % errors for 1 h", error_storm),
     Kind("latency_spike", HOUR, 2.5, ("latency_p95", "ttft_p95"),
-         "gpt-4o latency and TTFT x2.5 for 1 h", latency_spike, hour_long_spike=True),
+         "gpt-4o latency and TTFT x2.5 for 1 h", latency_spike),
     Kind("throughput_halved", HOUR, 2.0, ("output_tokens_per_second",),
-         "gpt-4o-mini output speed /2 for 1 h", throughput_halved, hour_long_spike=True),
+         "gpt-4o-mini output speed /2 for 1 h", throughput_halved),
     Kind("rate_drop", HOUR, 33.0, ("request_rate",),
-         "all traffic down to 3 % for 1 h", rate_drop, hour_long_spike=True),
+         "all traffic down to 3 % for 1 h", rate_drop),
     Kind("drift_empty", 3 * HOUR, 20.0, ("drift", "drift.empty_response_rate"),
          "gpt-4o-mini 20 % empty answers for 3 h", drift_empty),
     Kind("drift_length", 3 * HOUR, 5.0, ("drift", "drift.length_collapse_ratio"),

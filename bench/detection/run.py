@@ -1,10 +1,12 @@
 """Detection-quality benchmark: real traffic with known anomalies, replayed through the
-backtest path, scored per signal and anomaly kind.
+backtest path, scored per signal and anomaly kind as verdicts and as the alerts the
+shipped rules would raise from them.
 
-    python bench/detection/run.py               # full: 14 days history + 7 scored days, all NAB series
-    python bench/detection/run.py --quick       # CI form: 7 + 1 days, two instances per kind, one NAB series
-    python bench/detection/run.py --thresholds  # also print the threshold sweep tables
-    python bench/detection/run.py --set seasonal=true --signal cost_per_hour.warning_ratio=1.5
+    python bench/detection/run.py                  # full: 14 + 7 days, 1-minute steps, all NAB series
+    python bench/detection/run.py --quick          # CI form: 7 + 1 days, 2 instances per kind, 5-minute steps
+    python bench/detection/run.py --split 5        # clean traffic only, over 5x the apps and model deployments
+    python bench/detection/run.py --compare before.json after.json [before-split.json after-split.json]
+    python bench/detection/run.py --rescore bench/results/<run>.runs.pickle.gz --rules other/rules/
 
 Prints markdown tables and writes JSON to bench/results/. See bench/detection/README.md.
 """
@@ -12,13 +14,16 @@ Prints markdown tables and writes JSON to bench/results/. See bench/detection/RE
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
+import pickle
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +32,32 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
+from alerts import AlertRule, RulesError, load_rules, parse_duration, rules_dir  # noqa: E402
 from inject import KIND_BY_NAME, KINDS, Anomaly, Kind, inject  # noqa: E402
 from score import (  # noqa: E402
-    Collector, Observations, SignalScore, episodes, false_warnings, rejudge, rejudge_drift, score_kind, score_nab,
+    Collector, Observations, SignalScore, alerts_per_instance, false_figures, raise_alerts, score_kind, score_nab,
 )
-from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic  # noqa: E402
+from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic, split_records  # noqa: E402
 
 from exporter.config import Settings, load_settings  # noqa: E402
-from exporter.sources.replay import backtest  # noqa: E402
-from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
+try:                                       # the package by layer
+    from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
+    from exporter.sources.replay import backtest  # noqa: E402
+except ImportError:                        # an older revision, for a before / after comparison
+    from exporter.replay import backtest  # type: ignore[no-redef]  # noqa: E402
+    from exporter.signals import SIGNAL_NAMES  # type: ignore[no-redef]  # noqa: E402
 
 REPO = HERE.parents[1]
 RESULTS = REPO / "bench" / "results"
-STEP = 300.0
 GRACE = 15 * 60.0
-DETECTOR_SIGNALS = ("drift", "drift.length_collapse_ratio", "drift.empty_response_rate", "drift.error_rate",
-                    "drift.tool_silence_rate", "drift.stop_anomaly_rate", "runaway", "runaway.invocation", "runaway.chain_length", "runaway.token_burst",
-                    "runaway.session_cost", "runaway.tool_repetition")
+NAB_STEP = 300.0             # NAB series come in 5-minute buckets (or coarser): finer steps add nothing
 TARGET_RECALL = 0.9
-TARGET_DELAY_MIN = 15.0
-TARGET_FP_WEEK = 1.0
-ALERT_FOR_S = 600.0          # the shipped warning rules wait `for: 10m`
+TARGET_DELAY_MIN = ((4.0, 10.0), (2.0, 20.0))   # (size at least, median delay at most in minutes)
+TARGET_WARNINGS_WEEK = 5.0   # false warnings a week, all signals and scopes
+TARGET_PAGES_WEEK = 1.0      # false pages a week, all signals and scopes
+TARGET_NAB_WINDOWS = 12      # of NAB's 15 labelled windows (of the series the full plan reads)
+NAB_WINDOWS = 15
+TARGET_ALERTS_PER_CAUSE = 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Plan:
     instance_slots: tuple[tuple[int, float], ...]     # (scored day, hour of day) per instance
     creep_slots: tuple[tuple[int, float], ...]
     nab: tuple[str, ...] | None                       # None: every labelled file
+    step: float = 60.0                                # default evaluation step
     seed: int = 7
 
     @property
@@ -68,7 +79,8 @@ class Plan:
 
     @property
     def scored_end(self) -> float:
-        return self.scored_start + self.scored_days * DAY
+        """End of the evaluated time (a one-day plan runs an hour on, for its last instance's grace)."""
+        return self.scored_start + self.scored_days * DAY + (HOUR if self.scored_days == 1 else 0)
 
     def starts(self, kind: Kind) -> list[float]:
         slots = self.creep_slots if kind.duration >= DAY else self.instance_slots
@@ -77,9 +89,9 @@ class Plan:
 
 FULL = Plan("full", 14, 7,
             instance_slots=((0, 10), (1, 14), (2, 19), (3, 12), (4, 16), (5, 21), (6, 9)),
-            creep_slots=((0, 6), (2, 6), (4, 6)), nab=None)
+            creep_slots=((0, 6), (2, 6), (4, 6)), nab=None, step=60.0)
 QUICK = Plan("quick", 7, 1, instance_slots=((0, 10), (0, 18)), creep_slots=((0, 0),),
-             nab=("artificialWithAnomaly/art_daily_jumpsup.csv",))
+             nab=("artificialWithAnomaly/art_daily_jumpsup.csv",), step=300.0)
 
 
 # --- runs -----------------------------------------------------------------------------
@@ -99,7 +111,7 @@ def make_settings(sets: dict[str, Any], signals: dict[str, dict[str, float]]) ->
 
 
 def run_scenario(plan: Plan, kind_name: str | None, sets: dict[str, Any], signals: dict[str, dict[str, float]],
-                 keep_values: bool = True) -> tuple[str, Observations, list[Anomaly], float]:
+                 step: float, split: int = 1) -> tuple[str, Observations, list[Anomaly], float]:
     """One backtest over the scored days of the base traffic, clean or with one kind injected."""
     t0 = time.perf_counter()
     base = base_traffic(plan)
@@ -109,25 +121,85 @@ def run_scenario(plan: Plan, kind_name: str | None, sets: dict[str, Any], signal
     else:
         kind = KIND_BY_NAME[kind_name]
         traffic, anomalies = inject(base, kind, plan.starts(kind), seed=plan.seed * 1000 + KINDS.index(kind))
-    records = traffic.to_records()
-    col = Collector(keep_values=keep_values)
-    end = plan.scored_end + (HOUR if plan.scored_days == 1 else 0)
-    backtest(make_settings(sets, signals), records, plan.scored_start, end, STEP, on_snapshot=col)
+    records = split_records(traffic.to_records(), split)
+    col = Collector()
+    backtest(make_settings(sets, signals), records, plan.scored_start, plan.scored_end, step, on_snapshot=col)
     return kind_name or "clean", col.result(), anomalies, time.perf_counter() - t0
 
 
-def run_nab(file: str, sets: dict[str, Any], signals: dict[str, dict[str, float]]
+def run_nab(file: str, sets: dict[str, Any], signals: dict[str, dict[str, float]], step: float
             ) -> tuple[str, Observations, list[tuple[float, float]], dict[str, Any], float]:
     t0 = time.perf_counter()
     traffic, windows = nab_traffic(file)
-    col = Collector(keep_values=False)
-    step = max(STEP, traffic.meta["step"])    # an hourly series gains nothing from 5-minute steps
+    col = Collector()
+    step = max(step, NAB_STEP, traffic.meta["step"])    # an hourly series gains nothing from finer steps
     backtest(make_settings(sets, signals), traffic.to_records(), traffic.meta["start"], traffic.meta["end"], step,
              on_snapshot=col)
     return file, col.result(), windows, traffic.meta, time.perf_counter() - t0
 
 
-# --- scoring and tables ---------------------------------------------------------------
+def score_runs(runs: dict[str, tuple[Observations, list[Anomaly]]], kinds: list[Kind],
+               rules: dict[str, tuple[AlertRule, ...]], lo: float, hi: float
+               ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Scores of each kind's signals, alerts per instance, and the clean run's false
+    warnings / alerts / pages, over the scored time [lo, hi)."""
+    clean = runs["clean"][0]
+    ff = false_figures(clean, raise_alerts(clean, rules), lo, hi)
+    scores: list[SignalScore] = []
+    cause: dict[str, list[dict[str, Any]]] = {}
+    for k in kinds:
+        obs, anomalies = runs[k.name]
+        al = raise_alerts(obs, rules)
+        scores.extend(score_kind(obs, al, k, anomalies, GRACE, lo, hi))
+        cause[k.name] = alerts_per_instance(al, anomalies, GRACE)
+    return [s.to_dict() for s in scores], cause, ff
+
+
+# --- targets --------------------------------------------------------------------------
+
+def delay_target_min(size: float) -> float | None:
+    """The median delay a change of this size must be caught within (none below 2x)."""
+    return next((limit for at_least, limit in TARGET_DELAY_MIN if size >= at_least), None)
+
+
+def _check(s: dict[str, Any], alert: bool) -> list[str]:
+    """What a primary signal misses of its targets, as verdicts or as alerts."""
+    p = "alert_" if alert else ""
+    bad = []
+    if s["gated"]:
+        if not (s[p + "recall"] or 0) >= TARGET_RECALL:
+            bad.append("recall")
+        limit = delay_target_min(s["size"])
+        if limit is not None and not (s[p + "median_delay_min"] if s[p + "median_delay_min"] is not None
+                                      else math.inf) <= limit:
+            bad.append("delay")
+    elif s["duration_s"] >= DAY:            # a creep: caught within its day
+        if not (s[p + "within_duration"] or 0) >= TARGET_RECALL * s["instances"]:
+            bad.append("within its day")
+    return bad
+
+
+def target_text(s: dict[str, Any]) -> str:
+    """The targets of a primary signal's row and whether they are met, for verdicts and alerts."""
+    if not s["primary"]:
+        return ""
+    if s["gated"]:
+        limit = delay_target_min(s["size"])
+        want = f"recall ≥ {TARGET_RECALL:g}" + (f", median ≤ {limit:g} min" if limit is not None else "")
+    elif s["duration_s"] >= DAY:
+        want = "caught within its day"
+    else:
+        return ""
+    parts = []
+    for alert, label in ((False, "verdict"), (True, "alert")):
+        if alert and not s.get("alerted"):
+            continue
+        bad = _check(s, alert)
+        parts.append(f"{label} " + ("met" if not bad else "MISSED " + "+".join(bad)))
+    return f"{want}: " + ", ".join(parts)
+
+
+# --- tables -----------------------------------------------------------------------------
 
 def fmt(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -135,39 +207,92 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-def verdict_for(s: SignalScore) -> str:
-    """Target check for a primary signal: recall (>= 2x kinds), delay (hour-long spikes)."""
-    if not s.primary or not s.gated:
-        return ""
-    bad = []
-    if not s.recall >= TARGET_RECALL:
-        bad.append("recall")
-    if s.hour_long_spike and not s.median_delay_min <= TARGET_DELAY_MIN:
-        bad.append("delay")
-    return "met" if not bad else "MISSED " + "+".join(bad)
+def _stat(values: list[int]) -> tuple[float, int] | None:
+    return (float(np.median(values)), int(max(values))) if values else None
 
 
-def kinds_table(scores: list[SignalScore]) -> str:
-    lines = ["| anomaly | size | signal | detected | recall | median delay (min) | precision | target |",
-             "|---|---|---|---|---|---|---|---|"]
+def kinds_table(scores: list[dict[str, Any]], cause: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| anomaly | size | signal | recall, verdict | recall, alert | delay median / p90, verdict (min) | "
+             "delay median / p90, alert (min) | precision | alerts (scopes) per instance, median / max | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in scores:
-        sig = f"**{s.signal}**" if s.primary else s.signal
-        lines.append(f"| {s.kind} | {s.size:g}x | {sig} | {s.detected}/{s.instances} | {fmt(s.recall)} | "
-                     f"{fmt(s.median_delay_min, 0)} | {fmt(s.precision)} ({s.true_episodes}/{s.episodes}) | "
-                     f"{verdict_for(s)} |")
+        sig = f"**{s['signal']}**" if s["primary"] else s["signal"]
+        alert_recall = f"{s['alert_detected']}/{s['instances']}" if s["alerted"] else "–"
+        per = ""
+        if s["primary"]:
+            per = _per_instance(cause.get(s["kind"], []))
+        lines.append(
+            f"| {s['kind']} | {s['size']:g}x | {sig} | {s['detected']}/{s['instances']} | {alert_recall} | "
+            f"{fmt(s['median_delay_min'], 0)} / {fmt(s['p90_delay_min'], 0)} | "
+            f"{fmt(s['alert_median_delay_min'], 0)} / {fmt(s['alert_p90_delay_min'], 0)} | "
+            f"{fmt(s['precision'])} ({s['true_episodes']}/{s['episodes']}) | {per} | {target_text(s)} |")
     return "\n".join(lines)
 
 
-def fp_table(fp: dict[str, dict[str, Any]], weeks: float) -> str:
-    lines = [f"| signal | false warnings / week ({weeks:.2f} weeks of clean traffic) | as alerts (for: 10m) | where "
-             f"| target ≤ {TARGET_FP_WEEK:g} |", "|---|---|---|---|---|"]
-    for sig, d in fp.items():
-        where = ", ".join(f"{k} {v}" for k, v in sorted(d["by_scope"].items(), key=lambda kv: -kv[1])[:4])
-        ok = "met" if d["per_week"] <= TARGET_FP_WEEK else "MISSED"
-        alerts = sum(1 for e in d["list"] if e["end"] - e["start"] >= ALERT_FOR_S)
-        lines.append(f"| {sig} | {fmt(d['per_week'], 1)} ({d['episodes']}) | {fmt(alerts / weeks, 1)} | "
-                     f"{where or '–'} | {ok} |")
+def _per_instance(rows: list[dict[str, Any]]) -> str:
+    a, sc = _stat([r["alerts"] for r in rows]), _stat([r["scopes"] for r in rows])
+    if a is None or sc is None:
+        return "–"
+    return f"{a[0]:g} / {a[1]} ({sc[0]:g} / {sc[1]})"
+
+
+def cause_table(cause: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| anomaly | alerts per instance (list) | scopes alerting per instance | pages per instance | "
+             "alerts raised, all instances |", "|---|---|---|---|---|"]
+    for kind, rows in cause.items():
+        names: dict[str, int] = {}
+        for r in rows:
+            for n in r["names"]:
+                names[n] = names.get(n, 0) + 1
+        top = ", ".join(f"{n} ×{c}" for n, c in sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))[:6])
+        if len(names) > 6:
+            top += f", … ({len(names)} distinct)"
+        a = [r["alerts"] for r in rows]
+        sc = [r["scopes"] for r in rows]
+        pg = [r["pages"] for r in rows]
+        lines.append(f"| {kind} | median {_med(a)}, max {max(a, default=0)} ({', '.join(map(str, a))}) | "
+                     f"median {_med(sc)}, max {max(sc, default=0)} | median {_med(pg)}, max {max(pg, default=0)} | "
+                     f"{top or '–'} |")
     return "\n".join(lines)
+
+
+def _med(v: list[int]) -> str:
+    return f"{float(np.median(v)):g}" if v else "–"
+
+
+def false_table(ff: dict[str, Any], rules: dict[str, Any]) -> str:
+    weeks = ff["weeks"]
+    lines = ["| signal | warnings / week | alerts / week | pages / week | for: warning / critical | alerts where |",
+             "|---|---|---|---|---|---|"]
+    for sig, d in ff["signals"].items():
+        fors = " / ".join(_for_text(rules.get(sig, []), sev) for sev in ("warning", "critical"))
+        where = ", ".join(f"{k} {v}" for k, v in sorted(d["alerts_by_scope"].items(), key=lambda kv: -kv[1])[:4])
+        lines.append(f"| {sig} | {fmt(d['warnings_per_week'], 1)} ({d['warnings']}) | "
+                     f"{fmt(d['alerts_per_week'], 1)} ({d['alerts']}) | {fmt(d['pages_per_week'], 1)} ({d['pages']}) | "
+                     f"{fors} | {where or '–'} |")
+    t = ff["total"]
+    ok_w = "met" if t["warnings_per_week"] <= TARGET_WARNINGS_WEEK else "MISSED"
+    ok_p = "met" if t["pages_per_week"] <= TARGET_PAGES_WEEK else "MISSED"
+    lines.append(f"| **total** ({ff['scopes']} scopes, {weeks:.2f} weeks) | **{fmt(t['warnings_per_week'], 1)}** "
+                 f"({t['warnings']}; target ≤ {TARGET_WARNINGS_WEEK:g}: {ok_w}) | **{fmt(t['alerts_per_week'], 1)}** "
+                 f"({t['alerts']}) | **{fmt(t['pages_per_week'], 1)}** ({t['pages']}; target ≤ {TARGET_PAGES_WEEK:g}: "
+                 f"{ok_p}) | | |")
+    return "\n".join(lines)
+
+
+def _for_text(rules: list[dict[str, Any]], severity: str) -> str:
+    r = next((r for r in rules if r["severity"] == severity), None)
+    return "–" if r is None else f"{r['for_s'] / 60:g}m"
+
+
+def nab_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    tw = sum(r["windows"] for r in rows)
+    td = sum(r["detected"] for r in rows)
+    te = sum(r["episodes"] for r in rows)
+    tt = sum(r["true_episodes"] for r in rows)
+    wk = sum(r["weeks_scored"] for r in rows)
+    return {"windows": tw, "detected": td, "episodes": te, "true_episodes": tt,
+            "false_per_week": round((te - tt) / wk, 3) if wk else None}
 
 
 def nab_table(rows: list[dict[str, Any]]) -> str:
@@ -177,155 +302,138 @@ def nab_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['file']} | {r['windows']} | {r['detected']} | {fmt(r['recall'])} | "
                      f"{fmt(r['precision'])} ({r['true_episodes']}/{r['episodes']}) | {fmt(r['false_per_week'], 1)} | "
                      f"{fmt(r['median_delay_h'], 1)} |")
-    tw = sum(r["windows"] for r in rows)
-    td = sum(r["detected"] for r in rows)
-    te = sum(r["episodes"] for r in rows)
-    tt = sum(r["true_episodes"] for r in rows)
-    wk = sum(r["weeks_scored"] for r in rows)
-    lines.append(f"| **all** | {tw} | {td} | {fmt(td / tw if tw else math.nan)} | "
-                 f"{fmt(tt / te if te else math.nan)} ({tt}/{te}) | {fmt((te - tt) / wk if wk else math.nan, 1)} | |")
+    t = nab_total(rows)
+    ok = ("met" if t["detected"] >= TARGET_NAB_WINDOWS else "MISSED") if t["windows"] >= NAB_WINDOWS else ""
+    target = f" (target ≥ {TARGET_NAB_WINDOWS} of {NAB_WINDOWS}: {ok})" if ok else ""
+    lines.append(f"| **all**{target} | {t['windows']} | {t['detected']} | "
+                 f"{fmt(t['detected'] / t['windows'] if t['windows'] else math.nan)} | "
+                 f"{fmt(t['true_episodes'] / t['episodes'] if t['episodes'] else math.nan)} "
+                 f"({t['true_episodes']}/{t['episodes']}) | {fmt(t['false_per_week'], 1)} | |")
     return "\n".join(lines)
 
 
-# Knob values tried per signal (every combination); defaults are always among them.
-SWEEP_GRID: dict[str, dict[str, tuple[float, ...]]] = {
-    "cost_per_hour": {"warning_ratio": (1.5, 2.0, 2.5, 3.0), "min_zscore": (1.5, 2.0, 2.5, 3.0, 4.0)},
-    "token_velocity": {"warning_ratio": (2.0, 3.0), "min_zscore": (2.0, 3.0)},
-    "request_rate": {"warning_ratio": (2.0, 3.0, 4.0), "min_zscore": (2.0, 3.0, 4.0)},
-    "error_rate": {"warning_ratio": (2.5,), "min_zscore": (3.0,), "min_current": (0.05, 0.1, 0.15),
-                   "min_requests": (20, 50, 100, 200)},
-    "latency_p95": {"warning_ratio": (2.0, 2.5, 3.0), "min_zscore": (2.0, 3.0, 4.0), "min_requests": (20, 50, 100)},
-    "ttft_p95": {"warning_ratio": (1.5, 2.0, 2.5), "min_zscore": (2.0, 3.0)},
-    "output_tokens_per_second": {"warning_ratio": (1.5, 1.75, 2.0), "min_zscore": (2.0, 3.0)},
-}
-DRIFT_GRID: dict[str, tuple[float, ...]] = {
-    "length_collapse_ratio": (0.5, 0.4, 0.35, 0.3, 0.25),
-    "empty_response_rate": (0.03, 0.05, 0.08, 0.1),
-    "error_rate": (0.04, 0.08, 0.12),
-}
+# --- compare ----------------------------------------------------------------------------
+
+def _arrow(before: str, after: str) -> str:
+    return f"{before} → {after}"
 
 
-def check_rejudge(obs: Observations, drift_preset: str = "normal") -> list[str]:
-    """The sweep's severity rules must reproduce the live severities at the defaults."""
-    from exporter.detectors.drift import PRESETS
-    bad = []
-    for sig in obs.values:
-        live = obs.severity.get(sig)
-        if live is None:
+def _load(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--compare: cannot read {path}: {e}") from None
+
+
+def _label(doc: dict[str, Any]) -> str:
+    return (f"exporter {doc['exporter_revision']}, {doc['plan']} plan, {doc['step_s'] / 60:g}-minute steps"
+            + (f", split ×{doc['split']}" if doc.get("split", 1) > 1 else ""))
+
+
+def compare_table(before: dict[str, Any], after: dict[str, Any], split: tuple[dict[str, Any], dict[str, Any]] | None,
+                  all_signals: bool = False) -> str:
+    """One markdown table, before → after in every cell."""
+    def score_cells(s: dict[str, Any] | None, cause: list[dict[str, Any]] | None) -> list[str]:
+        if s is None:
+            return ["–"] * 5
+        alerted = f"{s['alert_detected']}/{s['instances']}" if s["alerted"] else "–"
+        rec = f"{s['detected']}/{s['instances']} · {alerted}"
+        dv = f"{fmt(s['median_delay_min'], 0)} / {fmt(s['p90_delay_min'], 0)}"
+        da = f"{fmt(s['alert_median_delay_min'], 0)} / {fmt(s['alert_p90_delay_min'], 0)}"
+        per = _per_instance(cause) if s["primary"] and cause is not None else ""
+        return [rec, dv, da, fmt(s["precision"]), per]
+
+    def false_cell(d: dict[str, Any] | None) -> str:
+        if d is None:
+            return "–"
+        return (f"{fmt(d['warnings_per_week'], 1)} · {fmt(d['alerts_per_week'], 1)} · "
+                f"{fmt(d['pages_per_week'], 1)}")
+
+    head = ["| row | recall, verdict · alert | delay median / p90, verdict (min) | delay median / p90, alert (min) | "
+            "precision | alerts (scopes) per instance, median / max | false per week: warnings · alerts · pages | "
+            "target: after |",
+            "|---|---|---|---|---|---|---|---|"]
+    lines = list(head)
+    b_scores = {(s["kind"], s["signal"]): s for s in before.get("scores", [])}
+    for s in after.get("scores", []):
+        if not (s["primary"] or all_signals):
             continue
-        if not np.array_equal(live, rejudge(obs, sig)[:, : live.shape[1]]):
-            bad.append(sig)
-    for dsig in DRIFT_GRID:
-        live = obs.severity.get("drift." + dsig, np.zeros((obs.times.shape[0], len(obs.keys)), np.int8))
-        if obs.drift_values and not np.array_equal(live >= 1, rejudge_drift(obs, dsig, PRESETS[drift_preset][dsig].mild) >= 1):
-            bad.append("drift." + dsig)
-    return bad
+        b = b_scores.get((s["kind"], s["signal"]))
+        bc = score_cells(b, before.get("one_cause", {}).get(s["kind"]))
+        ac = score_cells(s, after.get("one_cause", {}).get(s["kind"]))
+        name = f"{s['kind']} ({s['size']:g}x): {s['signal']}"
+        lines.append(f"| {name} | " + " | ".join(_arrow(x, y) if (x or y) else "" for x, y in zip(bc, ac))
+                     + f" | | {target_text(s)} |")
+    bf, af = before.get("false", {}), after.get("false", {})
+    sigs = list(af.get("signals", {})) + [x for x in bf.get("signals", {}) if x not in af.get("signals", {})]
+    for sig in sigs:
+        cell = _arrow(false_cell(bf.get("signals", {}).get(sig)), false_cell(af.get("signals", {}).get(sig)))
+        lines.append(f"| clean traffic: {sig} | | | | | | {cell} | |")
+    if af:
+        t = af["total"]
+        ok = ("met" if t["warnings_per_week"] <= TARGET_WARNINGS_WEEK and t["pages_per_week"] <= TARGET_PAGES_WEEK
+              else "MISSED")
+        lines.append(f"| **clean traffic: total** ({bf.get('scopes', '?')} → {af['scopes']} scopes) | | | | | | "
+                     f"**{_arrow(false_cell(bf.get('total')), false_cell(t))}** | "
+                     f"≤ {TARGET_WARNINGS_WEEK:g} warnings, ≤ {TARGET_PAGES_WEEK:g} page: {ok} |")
+    if split is not None:
+        sb, sa = split[0]["false"], split[1]["false"]
+        grow = bool(af) and (
+            sa["total"]["warnings_per_week"] <= max(TARGET_WARNINGS_WEEK, af["total"]["warnings_per_week"])
+            and sa["total"]["pages_per_week"] <= max(TARGET_PAGES_WEEK, af["total"]["pages_per_week"]))
+        lines.append(f"| **clean traffic split ×{split[1].get('split')}: total** ({sb['scopes']} → {sa['scopes']} "
+                     f"scopes) | | | | | | **{_arrow(false_cell(sb['total']), false_cell(sa['total']))}** | "
+                     f"no more than unsplit (or the targets): {'met' if grow else 'MISSED'} |")
+    if split is not None:
+        sb_sig, sa_sig = split[0]["false"]["signals"], split[1]["false"]["signals"]
+        for sig in list(sa_sig) + [x for x in sb_sig if x not in sa_sig]:
+            b, a = sb_sig.get(sig), sa_sig.get(sig)
+            if any(d and d["warnings"] for d in (b, a)):
+                lines.append(f"| clean traffic split ×{split[1].get('split')}: {sig} | | | | | | "
+                             f"{_arrow(false_cell(b), false_cell(a))} | |")
+    bn, an = before.get("nab_total"), after.get("nab_total")
+    if an:
+        bw = f"{bn['detected']}/{bn['windows']}" if bn else "–"
+        bfp = fmt(bn["false_per_week"], 1) if bn else "–"
+        ok = "met" if an["detected"] >= TARGET_NAB_WINDOWS else "MISSED"
+        aw = f"{an['detected']}/{an['windows']}"
+        lines.append(f"| NAB windows (request_rate, global) | {_arrow(bw, aw)} | "
+                     f"| | | | {_arrow(bfp, fmt(an['false_per_week'], 1))} false warnings | "
+                     f"{ok} |")
+    intro = [f"Before: {_label(before)}. After: {_label(after)}."]
+    if split is not None:
+        intro.append(f"Split: {_label(split[0])} → {_label(split[1])}.")
+    return "\n".join(intro + [""] + lines)
 
 
-def _combos(grid: dict[str, tuple[float, ...]]) -> list[dict[str, float]]:
-    out: list[dict[str, float]] = [{}]
-    for knob, values in grid.items():
-        out = [{**c, knob: v} for c in out for v in values]
-    return out
-
-
-def sweep(clean: Observations, runs: dict[str, tuple[Observations, list[Anomaly]]], plan: Plan, lo: float,
-          hi: float) -> dict[str, list[dict[str, Any]]]:
-    """Recall / delay per kind and false warnings per week on clean traffic, per knob combination."""
-    weeks = (hi - lo) / (7 * DAY)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for sig, grid in SWEEP_GRID.items():
-        if sig not in clean.values:
-            continue
-        kinds = [k for k in KINDS if sig in k.signals and k.name in runs]
-        rows = []
-        for over in _combos(grid):
-            if "warning_ratio" in over:
-                over["high_ratio"] = over["warning_ratio"] * 2
-            try:
-                sev = rejudge(clean, sig, **over)
-            except ValueError:       # e.g. a min_requests below the live one: not recoverable
-                continue
-            eps = episodes(clean, sig, sev, lo, hi)
-            row: dict[str, Any] = {"knobs": {k: v for k, v in over.items() if k != "high_ratio"},
-                                   "fp_per_week": len(eps) / weeks, "alerts_per_week": _alerts(eps) / weeks}
-            for k in kinds:
-                obs, anomalies = runs[k.name]
-                s = score_kind(obs, k, anomalies, GRACE, lo, hi, [sig], {sig: rejudge(obs, sig, **over)})[0]
-                row[k.name] = {"recall": _r(s.recall), "delay_min": _r(s.median_delay_min)}
-            rows.append(row)
-        out[sig] = rows
-    for dsig, limits in DRIFT_GRID.items():
-        name = "drift." + dsig
-        kinds = [k for k in KINDS if k.name in runs and name in k.signals]
-        rows = []
-        for mild in limits:
-            eps = episodes(clean, name, rejudge_drift(clean, dsig, mild), lo, hi)
-            row = {"knobs": {"mild": mild}, "fp_per_week": len(eps) / weeks, "alerts_per_week": _alerts(eps) / weeks}
-            for k in kinds:
-                obs, anomalies = runs[k.name]
-                s = score_kind(obs, k, anomalies, GRACE, lo, hi, [name], {name: rejudge_drift(obs, dsig, mild)})[0]
-                row[k.name] = {"recall": _r(s.recall), "delay_min": _r(s.median_delay_min)}
-            rows.append(row)
-        out[name] = rows
-    return out
-
-
-def _alerts(eps: list[Any]) -> int:
-    """Episodes that a Prometheus rule with `for: 10m` would turn into an alert."""
-    return sum(1 for e in eps if e.end - e.start >= ALERT_FOR_S)
-
-
-def _r(x: float) -> float | None:
-    return None if not math.isfinite(x) else round(x, 3)
-
-
-def sweep_tables(sw: dict[str, list[dict[str, Any]]], defaults: dict[str, dict[str, float]]) -> str:
-    parts = []
-    for sig, rows in sw.items():
-        if not rows:
-            continue
-        knobs = list(rows[0]["knobs"])
-        kinds = [k for k in rows[0] if k not in ("knobs", "fp_per_week", "alerts_per_week")]
-        d = defaults.get(sig, {})
-        title = ", ".join(f"{k} {d[k]:g}" for k in knobs if k in d)
-        head = "| " + " | ".join(knobs) + " | false/week (alerts) | " + " | ".join(f"{k} recall (delay)" for k in kinds) + " |"
-        lines = [f"**{sig}** (default: {title})", "", head, "|" + "---|" * (len(knobs) + 1 + len(kinds))]
-        for r in rows:
-            mark = " ◀" if all(d.get(k) == v for k, v in r["knobs"].items()) else ""
-            cells = [f"{fmt(r[k]['recall'])} ({fmt(r[k]['delay_min'], 0)})" for k in kinds]
-            lines.append("| " + " | ".join(f"{v:g}" for v in r["knobs"].values()) + f"{mark} | "
-                         f"{fmt(r['fp_per_week'], 1)} ({fmt(r['alerts_per_week'], 1)}) | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
-
-
-def sweep_defaults(settings: Settings) -> dict[str, dict[str, float]]:
-    from exporter.detectors.drift import PRESETS
-    from exporter.anomaly.signals import signal_specs
-    out: dict[str, dict[str, float]] = {
-        s.name: {"warning_ratio": s.warning_ratio, "min_zscore": s.min_zscore, "min_current": s.min_current,
-                 "min_requests": s.min_requests} for s in signal_specs(settings.signals)}
-    preset = PRESETS[settings.drift.preset]
-    for dsig in DRIFT_GRID:
-        out["drift." + dsig] = {"mild": preset[dsig].mild}
-    return out
+def compare(paths: list[str], all_signals: bool) -> int:
+    if len(paths) not in (2, 4):
+        raise SystemExit("--compare wants BEFORE AFTER [BEFORE_SPLIT AFTER_SPLIT] (2 or 4 JSON files)")
+    docs = [_load(p) for p in paths]
+    main = [d for d in docs if d.get("split", 1) <= 1]
+    split = [d for d in docs if d.get("split", 1) > 1]
+    if len(main) != 2 or len(split) not in (0, 2):
+        raise SystemExit("--compare: give two unsplit results (before, after) and optionally two --split results")
+    print(compare_table(main[0], main[1], (split[0], split[1]) if split else None, all_signals))
+    return 0
 
 
 # --- main -----------------------------------------------------------------------------
 
 def exporter_revision() -> str:
-    """The commit the exporter code under test comes from (+dirty when exporter/ has local edits)."""
+    """The last commit that changed the exporter or its rules in the checkout under test
+    (+dirty when either has local edits)."""
     import subprocess
 
     import exporter
     src = Path(exporter.__file__).resolve().parent
+    paths = ["--", str(src), str(src.parent / "prometheus")]
     try:
-        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+        rev = subprocess.run(["git", "-C", str(src), "log", "-1", "--format=%h", *paths], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", *paths], capture_output=True,
                                text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
+        return (rev or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return f"unknown ({src})"
 
@@ -352,97 +460,156 @@ def parse_signals(items: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def parse_step(text: str) -> float:
+    try:
+        s = parse_duration(text) if not re.fullmatch(r"\d+(\.\d+)?", text) else float(text)
+    except RulesError as e:
+        raise SystemExit(f"--step: {e}") from None
+    if s <= 0:
+        raise SystemExit("--step must be positive")
+    return s
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced CI form (about 1 minute on 2 cores)")
-    ap.add_argument("--thresholds", action="store_true", help="print the threshold sweep tables too")
+    ap.add_argument("--step", default="", help="evaluation step, e.g. 1m or 5m (seconds if a bare number); "
+                                               "default 1m for the full plan, 5m for --quick")
+    ap.add_argument("--split", type=int, default=1, metavar="N",
+                    help="clean traffic only, each app split into N apps (by session) and each model into N "
+                         "deployments, same volume")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
     ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
-                    help="exporter setting for every run, e.g. seasonal=true, window=30m or "
+                    help="exporter setting for every run, e.g. window=30m or "
                          "'runaway={\"tool_repeat_max\": 20}' (JSON for the mapping settings)")
     ap.add_argument("--signal", action="append", default=[], metavar="SIGNAL.KNOB=VALUE",
                     help="signal threshold override, e.g. cost_per_hour.warning_ratio=1.5")
+    ap.add_argument("--rules", default="", metavar="DIR",
+                    help="score with the alert rules (anomaly.yml, detectors.yml) in DIR instead of the "
+                         "exporter checkout's prometheus/rules, e.g. to try other for: values")
+    ap.add_argument("--rescore", default="", metavar="RUNS",
+                    help="no backtests: score the verdicts a previous run kept (its .runs.pickle.gz) again, "
+                         "e.g. with --rules")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel backtests")
-    ap.add_argument("--out", default="", help="JSON output path (default bench/results/detection-<plan>.json)")
+    ap.add_argument("--out", default="", help="JSON output path (default bench/results/detection-<plan>[-split<N>]"
+                                              "-<revision>.json; the verdicts go beside it as .runs.pickle.gz)")
+    ap.add_argument("--compare", nargs="+", metavar="JSON",
+                    help="print one before/after table from the JSON of two runs (and of two --split runs)")
+    ap.add_argument("--all-signals", action="store_true", help="with --compare: every signal of each kind, not "
+                                                               "only the one its targets are judged on")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args.compare, args.all_signals)
+    try:
+        rules = load_rules(Path(args.rules) if args.rules else None)
+    except RulesError as e:
+        raise SystemExit(f"detection benchmark: alert rules: {e}") from None
+    if args.rescore:
+        with gzip.open(args.rescore, "rb") as fh:
+            state = pickle.load(fh)
+        return report(state, rules, Path(args.rules) if args.rules else rules_dir(), args.out)
 
     plan = QUICK if args.quick else FULL
+    step = parse_step(args.step) if args.step else plan.step
+    split = max(1, args.split)
     sets = parse_sets(args.set)
     signals = parse_signals(args.signal)
     try:
-        settings = make_settings(sets, signals)
+        make_settings(sets, signals)
         base_traffic(plan)
-        nab_list = ([f for f in args.nab.split(",") if f] or list(plan.nab or nab_files())) if not args.no_nab else []
+        nab_list = [] if args.no_nab or split > 1 else (
+            [f for f in args.nab.split(",") if f] or list(plan.nab or nab_files()))
     except MissingData as e:
         print(f"detection benchmark skipped: {e}")
         return 0
-    kinds = [k for k in KINDS if not args.kinds or k.name in args.kinds.split(",")]
+    kinds = [] if split > 1 else [k for k in KINDS if not args.kinds or k.name in args.kinds.split(",")]
     t_start = time.perf_counter()
     print(f"detection benchmark ({plan.name}): {plan.history_days} days history + {plan.scored_days} scored, "
-          f"{len(kinds)} anomaly kinds, {len(nab_list)} NAB series, step {STEP / 60:g} min, "
+          f"{len(kinds)} anomaly kinds, {len(nab_list)} NAB series, step {step / 60:g} min, split {split}, "
           f"settings {sets or 'default'} signals {signals or 'default'}", file=sys.stderr)
 
     runs: dict[str, tuple[Observations, list[Anomaly]]] = {}
     nab_rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futs = [pool.submit(run_scenario, plan, None, sets, signals)]
-        futs += [pool.submit(run_scenario, plan, k.name, sets, signals) for k in kinds]
-        nfuts = [pool.submit(run_nab, f, sets, signals) for f in nab_list]
+        futs = [pool.submit(run_scenario, plan, None, sets, signals, step, split)]
+        futs += [pool.submit(run_scenario, plan, k.name, sets, signals, step) for k in kinds]
+        nfuts = [pool.submit(run_nab, f, sets, signals, step) for f in nab_list]
         for f in futs:
             name, obs, anomalies, secs = f.result()
             runs[name] = (obs, anomalies)
             timings[name] = round(secs, 1)
             print(f"  {name}: {secs:.0f} s", file=sys.stderr)
-        for f in nfuts:
-            file, obs, windows, meta, secs = f.result()
+        for nf in nfuts:
+            file, nobs, windows, meta, secs = nf.result()
             timings["nab:" + file] = round(secs, 1)
             span = meta["end"] - meta["start"]
             lo = meta["start"] + max(0.15 * span, DAY)   # NAB's probationary period, and a day of baseline
-            nab_rows.append(score_nab(obs, file, windows, lo, meta["end"]).to_dict())
+            nab_rows.append(score_nab(nobs, file, windows, lo, meta["end"]).to_dict())
             print(f"  nab {file}: {secs:.0f} s", file=sys.stderr)
-
-    clean = runs["clean"][0]
-    lo, hi = plan.scored_start, plan.scored_end + (HOUR if plan.scored_days == 1 else 0)
-    weeks = (hi - lo) / (7 * DAY)
-    fp = false_warnings(clean, lo, hi, list(SIGNAL_NAMES) + list(DETECTOR_SIGNALS))
-    scores: list[SignalScore] = []
-    for k in kinds:
-        obs, anomalies = runs[k.name]
-        scores.extend(score_kind(obs, k, anomalies, GRACE, lo, hi))
-    mismatch = check_rejudge(clean, settings.drift.preset)
-    sw = sweep(clean, runs, plan, lo, hi)
-    defaults = sweep_defaults(settings)
-
     revision = exporter_revision()
-    out = [f"## Detection benchmark ({plan.name}, exporter {revision})", "",
-           f"Traffic: RAGPulse arrivals and sessions ({plan.history_days + plan.scored_days + 1} days from its six "
-           f"real days), Azure token sizes; {plan.history_days} days of history, {plan.scored_days} scored "
-           f"day(s), evaluated every {STEP / 60:g} min. Settings: {sets or 'defaults'}; "
-           f"signal overrides: {signals or 'none'}.", "",
-           "### Injected anomalies", "", kinds_table(scores), "",
-           "### False warnings on clean traffic", "", fp_table(fp, weeks), ""]
-    if nab_rows:
-        out += ["### NAB (request_rate, global scope)", "", nab_table(nab_rows), ""]
-    if args.thresholds:
-        out += ["### Threshold sweep (re-judged from the same runs)", "", sweep_tables(sw, defaults), ""]
-    if mismatch:
-        out += [f"WARNING: the sweep's severity rule disagrees with the live severities for {mismatch}", ""]
-    elapsed = time.perf_counter() - t_start
-    out.append(f"_{elapsed / 60:.1f} min on {args.jobs} worker(s)_")
-    print("\n".join(out))
+    state = {"plan": asdict(plan), "split": split, "step": step, "sets": sets, "signals": signals, "revision": revision,
+             "kinds": [k.name for k in kinds], "runs": runs, "nab_rows": nab_rows, "timings": timings,
+             "elapsed": time.perf_counter() - t_start, "jobs": args.jobs}
+    path = Path(args.out) if args.out else default_path(plan, split, revision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(runs_path(path), "wb") as fh:
+        pickle.dump(state, fh)
+    return report(state, rules, Path(args.rules) if args.rules else rules_dir(), str(path))
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) if args.out else RESULTS / f"detection-{plan.name}.json"
+
+def default_path(plan: Plan, split: int, revision: str) -> Path:
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", revision)
+    return RESULTS / f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}-{tag}.json"
+
+
+def runs_path(json_path: Path) -> Path:
+    return json_path.with_name(json_path.name.removesuffix(".json") + ".runs.pickle.gz")
+
+
+def report(state: dict[str, Any], rules: dict[str, tuple[AlertRule, ...]], rules_from: Path, out: str) -> int:
+    """Score the runs' verdicts with the rules, print the tables and write the JSON."""
+    plan, split, step, runs = Plan(**state["plan"]), state["split"], state["step"], state["runs"]
+    kinds = [KIND_BY_NAME[k] for k in state["kinds"]]
+    missing = sorted(s for s in runs["clean"][0].directions if s not in rules)
+    if missing:
+        print(f"WARNING: no alert rule routes {missing}: they raise no alerts here", file=sys.stderr)
+    score_dicts, cause, ff = score_runs(runs, kinds, rules, plan.scored_start, plan.scored_end)
+    rules_doc = {sig: [r.to_dict() for r in rs] for sig, rs in rules.items()}
+    revision, nab_rows, sets, signals = state["revision"], state["nab_rows"], state["sets"], state["signals"]
+    out_lines = [
+        f"## Detection benchmark ({plan.name}{f', split ×{split}' if split > 1 else ''}, exporter {revision})", "",
+        f"Traffic: RAGPulse arrivals and sessions ({plan.history_days + plan.scored_days + 1} days from its six "
+        f"real days), Azure token sizes"
+        + (f", each app split into {split} apps by session and each model into {split} deployments" if split > 1
+           else "")
+        + f"; {plan.history_days} days of history, {plan.scored_days} scored day(s), evaluated every "
+        f"{step / 60:g} min; alerts as the rules in {rules_from} raise them. Settings: {sets or 'defaults'}; "
+        f"signal overrides: {signals or 'none'}.", ""]
+    if score_dicts:
+        out_lines += ["### Injected anomalies", "", kinds_table(score_dicts, cause), "",
+                      "### One cause, how many alerts (all signals, all scopes, firing within the instance + "
+                      f"{GRACE / 60:g} min)", "", cause_table(cause), ""]
+    out_lines += ["### False warnings, alerts and pages on clean traffic", "", false_table(ff, rules_doc), ""]
+    if nab_rows:
+        out_lines += ["### NAB (request_rate, global scope)", "", nab_table(nab_rows), ""]
+    out_lines.append(f"_backtests: {state['elapsed'] / 60:.1f} min on {state['jobs']} worker(s)_")
+    print("\n".join(out_lines))
+
+    path = Path(out) if out else default_path(plan, split, revision)
+    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "plan": plan.name, "exporter_revision": revision, "settings": sets, "signals": signals, "step_s": STEP, "grace_s": GRACE,
-        "targets": {"recall": TARGET_RECALL, "delay_min": TARGET_DELAY_MIN, "false_per_week": TARGET_FP_WEEK},
-        "scores": [s.to_dict() for s in scores],
+        "plan": plan.name, "split": split, "exporter_revision": revision, "settings": sets, "signals": signals,
+        "step_s": step, "grace_s": GRACE, "rules_from": str(rules_from), "rules": rules_doc,
+        "targets": {"recall": TARGET_RECALL, "delay_min": TARGET_DELAY_MIN, "warnings_per_week": TARGET_WARNINGS_WEEK,
+                    "pages_per_week": TARGET_PAGES_WEEK, "nab_windows": TARGET_NAB_WINDOWS,
+                    "alerts_per_cause": TARGET_ALERTS_PER_CAUSE},
+        "scores": score_dicts, "one_cause": cause,
         "anomalies": {name: [a.to_dict() for a in anomalies] for name, (_, anomalies) in runs.items()},
-        "false_warnings": fp, "nab": nab_rows, "sweep": sw, "sweep_check_mismatch": mismatch,
-        "timings_s": timings, "elapsed_s": round(elapsed, 1),
+        "false": ff, "nab": nab_rows, "nab_total": nab_total(nab_rows) if nab_rows else None,
+        "timings_s": state["timings"], "elapsed_s": round(state["elapsed"], 1), "jobs": state["jobs"],
     }
     path.write_text(json.dumps(doc, indent=1, default=str))
     print(f"results: {path}", file=sys.stderr)

@@ -1,16 +1,22 @@
-"""From backtest snapshots to scores: what each signal said at each step, its warning
-episodes, and recall / precision / delay / false warnings against the injected truth.
+"""From backtest snapshots to scores: what each signal said at each step, the alerts the
+shipped rules would have raised from it, and recall / delay / precision / false warnings,
+alerts and pages against the injected truth.
 
 Signals scored:
-- the evaluator's signals (`cost_per_hour`, ... from `snap.verdicts`), per scope key;
+- the evaluator's signals (`cost_per_hour`, ... from `snap.verdicts`), per scope key,
+  with `explained` (a narrower scope's anomaly explains this one) and the direction of
+  the change (the sign of the z-score; request rate alerts up and down separately);
 - `drift` (a model's drift severity) and `drift.<signal>` (that signal among the
   reasons), per model scope;
 - `runaway.<reason>` (an app has sessions flagged for that reason), `runaway` (any
   reason) and `runaway.invocation` (the app's invocation spike flag), per app scope.
 
-"Warning" means severity >= 1 (warning or high; mild or severe for drift). An episode is
-a run of consecutive steps at warning on one (signal, scope) series; each episode is one
-detection, as an alert on that series would be.
+A *warning* is a verdict at severity >= 1 (warning or high; mild or severe for drift); a
+warning *episode* is a run of consecutive steps at warning on one (signal, scope) series.
+An *alert* is what the shipped rules make of it (`alerts.py`): the verdict, unless
+explained, held for the rule's `for:`; a *page* is a critical alert. The signals that
+alerts route are the evaluator's, `drift`, `runaway.<reason>` and `runaway.invocation`;
+the totals over all signals add up those (`drift.<signal>` and `runaway` restate them).
 """
 
 from __future__ import annotations
@@ -21,15 +27,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from alerts import RUNAWAY_REASONS, AlertRule, firing, run_start, runs
 from inject import Anomaly
 
 ScopeKey = tuple[str, str, str, str]
-# Signals whose sample count is the window's request count. latency_p95 counts requests
-# with a latency, which in this benchmark's traffic is every request.
-REQUEST_COUNTED = ("cost_per_hour", "token_velocity", "request_rate", "error_rate", "latency_p95")
-SWEEP_FIELDS = ("current", "baseline", "ratio", "zscore", "baseline_hours")
-RUNAWAY_REASONS = ("chain_length", "token_burst", "session_cost", "tool_repetition")
 WEEK = 7 * 86400.0
+DERIVED = {"runaway": tuple(f"runaway.{r}" for r in RUNAWAY_REASONS)}   # alerts of a derived signal
 
 
 def key_name(key: ScopeKey) -> str:
@@ -38,19 +41,18 @@ def key_name(key: ScopeKey) -> str:
 
 
 class Collector:
-    """The `on_snapshot` callback: keeps severities (all signals) and, for the evaluator's
-    signals, the verdict values the threshold sweep re-judges."""
+    """The `on_snapshot` callback: keeps, per signal and step, the scopes at warning with
+    their severity, whether the verdict was explained, and the direction of the change.
 
-    def __init__(self, keep_values: bool = True) -> None:
+    Works with any exporter revision: a Verdict without `explained` is never explained."""
+
+    def __init__(self) -> None:
         self.times: list[float] = []
         self.keys: list[ScopeKey] = []
         self._index: dict[ScopeKey, int] = {}
-        self.flags: dict[str, list[tuple[int, int, int]]] = {}   # signal -> (step, key index, severity)
-        self.values: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
-        self.specs: dict[str, Any] = {}
-        self.requests: list[tuple[np.ndarray, np.ndarray]] = []
-        self.drift_values: list[tuple[int, int, dict[str, float], int]] = []
-        self.keep_values = keep_values
+        # signal -> (step, key index, severity, explained, direction sign)
+        self.flags: dict[str, list[tuple[int, int, int, int, int]]] = {}
+        self.directions: dict[str, str] = {}
 
     def _key(self, key: ScopeKey) -> int:
         i = self._index.get(key)
@@ -60,31 +62,31 @@ class Collector:
         return i
 
     def _flag(self, signal: str, step: int, key: ScopeKey, sev: int) -> None:
-        self.flags.setdefault(signal, []).append((step, self._key(key), sev))
+        self.flags.setdefault(signal, []).append((step, self._key(key), sev, 0, 1))
 
     def __call__(self, snap: Any) -> None:
         step = len(self.times)
         self.times.append(float(snap.t))
         idx = np.array([self._key(tuple(k)) for k in snap.keys], dtype=np.int64)
-        if self.keep_values:
-            self.requests.append((idx, np.asarray(snap.window_requests, dtype=np.float64).copy()))
         for spec in snap.specs:
             v = snap.verdicts[spec.name]
-            self.specs[spec.name] = spec
+            self.directions[spec.name] = str(getattr(spec, "direction", "up"))
+            rows = self.flags.setdefault(spec.name, [])
             sev = np.asarray(v.severity)
-            for j in np.flatnonzero(sev >= 1).tolist():
-                self.flags.setdefault(spec.name, []).append((step, int(idx[j]), int(sev[j])))
-            self.flags.setdefault(spec.name, [])
-            if self.keep_values:
-                self.values.setdefault(spec.name, []).append(
-                    (idx, {f: np.asarray(getattr(v, f), dtype=np.float64).copy() for f in SWEEP_FIELDS}))
+            hit = np.flatnonzero(sev >= 1)
+            if not hit.size:
+                continue
+            expl = getattr(v, "explained", None)
+            expl = np.asarray(expl) if expl is not None and np.size(expl) == sev.shape[0] else None
+            z = np.asarray(getattr(v, "zscore", np.zeros(sev.shape[0])), dtype=np.float64)
+            for j in hit.tolist():
+                rows.append((step, int(idx[j]), int(sev[j]), int(expl is not None and expl[j] >= 0),
+                             -1 if z[j] < 0 else 1))
         rep = snap.extra.get("detectors")
         if rep is None:
             return
         for r in rep.drift:
             key = ("model", "", r.provider, r.model)
-            if self.keep_values:
-                self.drift_values.append((step, self._key(key), dict(r.values), int(r.fill)))
             if r.severity >= 1:
                 self._flag("drift", step, key, int(r.severity))
                 for reason in r.reasons:
@@ -102,31 +104,21 @@ class Collector:
 
     def result(self) -> "Observations":
         t = np.array(self.times)
-        K = len(self.keys)
+        shape = (t.shape[0], len(self.keys))
         sev: dict[str, np.ndarray] = {}
-        for name, rows in self.flags.items():
-            m = np.zeros((t.shape[0], K), dtype=np.int8)
+        expl: dict[str, np.ndarray] = {}
+        sign: dict[str, np.ndarray] = {}
+        names = set(self.flags) | {"drift", "runaway", "runaway.invocation", *(f"runaway.{r}" for r in RUNAWAY_REASONS)}
+        for name in names:
+            m, e, d = np.zeros(shape, np.int8), np.zeros(shape, bool), np.ones(shape, np.int8)
+            rows = self.flags.get(name, [])
             if rows:
                 a = np.array(rows, dtype=np.int64)
                 m[a[:, 0], a[:, 1]] = a[:, 2]
-            sev[name] = m
-        for name in ("drift", "runaway", "runaway.invocation", *(f"runaway.{r}" for r in RUNAWAY_REASONS)):
-            sev.setdefault(name, np.zeros((t.shape[0], K), dtype=np.int8))
-        vals: dict[str, dict[str, np.ndarray]] = {}
-        for name, steps in self.values.items():
-            out = {f: np.full((t.shape[0], K), np.nan) for f in SWEEP_FIELDS}
-            for s, (idx, v) in enumerate(steps):
-                for f in SWEEP_FIELDS:
-                    out[f][s, idx] = v[f]
-            vals[name] = out
-        req = np.full((t.shape[0], K), np.nan)
-        for s, (idx, v) in enumerate(self.requests):
-            req[s, idx] = v
-        drift: dict[str, np.ndarray] = {}
-        for s, k, values, fill in self.drift_values:
-            for name, v in list(values.items()) + [("fill", float(fill))]:
-                drift.setdefault(name, np.full((t.shape[0], K), np.nan))[s, k] = v
-        return Observations(t, list(self.keys), sev, vals, dict(self.specs), req, drift)
+                e[a[:, 0], a[:, 1]] = a[:, 3] > 0
+                d[a[:, 0], a[:, 1]] = a[:, 4]
+            sev[name], expl[name], sign[name] = m, e, d
+        return Observations(t, list(self.keys), sev, expl, sign, dict(self.directions))
 
 
 @dataclass
@@ -134,14 +126,96 @@ class Observations:
     times: np.ndarray                       # (S,) step times
     keys: list[ScopeKey]                    # (K,)
     severity: dict[str, np.ndarray]         # signal -> (S, K) int8
-    values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # sweep inputs
-    specs: dict[str, Any] = field(default_factory=dict)
-    window_requests: np.ndarray | None = None                                  # (S, K)
-    drift_values: dict[str, np.ndarray] = field(default_factory=dict)          # drift signal -> (S, K)
+    explained: dict[str, np.ndarray]        # signal -> (S, K) bool
+    sign: dict[str, np.ndarray]             # signal -> (S, K) int8: +1 up, -1 down
+    directions: dict[str, str] = field(default_factory=dict)   # evaluator signal -> "up" / "down" / "both"
 
     def key_index(self, keys: Iterable[ScopeKey]) -> list[int]:
         pos = {k: i for i, k in enumerate(self.keys)}
         return [pos[k] for k in keys if k in pos]
+
+    def window(self, lo: float, hi: float) -> "Observations":
+        """The steps with lo <= t < hi."""
+        keep = (self.times >= lo) & (self.times < hi)
+        return Observations(self.times[keep], self.keys, {k: v[keep] for k, v in self.severity.items()},
+                            {k: v[keep] for k, v in self.explained.items()}, {k: v[keep] for k, v in self.sign.items()},
+                            self.directions)
+
+
+# --- alerts -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Firing:
+    """One alert from the moment it fires until it resolves."""
+
+    signal: str
+    direction: str          # "up" / "down" for a signal alerted both ways, else ""
+    key: ScopeKey
+    severity: str
+    pages: bool
+    onset: float            # first step of the verdict run (the alert pending from)
+    start: float            # first firing step
+    end: float              # last firing step
+
+    @property
+    def name(self) -> str:
+        d = f" {self.direction}" if self.direction else ""
+        return f"{self.signal}{d} {key_name(self.key)} {self.severity}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"signal": self.signal, "direction": self.direction, "scope": key_name(self.key),
+                "severity": self.severity, "onset": self.onset, "start": self.start, "end": self.end}
+
+
+@dataclass
+class Alerts:
+    """What the rules raise from one run: per alerting signal, where any of its alerts is
+    firing and where a paging one is (both (S, K)), and every firing."""
+
+    any: dict[str, np.ndarray]
+    paging: dict[str, np.ndarray]
+    firings: list[Firing]
+    rules: dict[str, tuple[AlertRule, ...]]
+
+    def firing_any(self, signal: str) -> np.ndarray | None:
+        """Where an alert of the signal fires; a derived signal (`runaway`) fires when any of
+        its parts does; None for a signal no rule alerts on."""
+        if signal in self.any:
+            return self.any[signal]
+        parts = [self.any[s] for s in DERIVED.get(signal, ()) if s in self.any]
+        return np.logical_or.reduce(parts) if parts else None
+
+
+def raise_alerts(obs: Observations, rules: dict[str, tuple[AlertRule, ...]]) -> Alerts:
+    """Apply the rules to every signal they route."""
+    t = obs.times
+    shape = (t.shape[0], len(obs.keys))
+    any_: dict[str, np.ndarray] = {}
+    paging: dict[str, np.ndarray] = {}
+    out: list[Firing] = []
+    for sig, sig_rules in rules.items():
+        m = obs.severity.get(sig)
+        if m is None:
+            continue
+        quiet = obs.explained.get(sig, np.zeros(shape, bool))
+        never = np.zeros(shape, bool)
+        both = obs.directions.get(sig) == "both"
+        dirs = (("up", obs.sign[sig] > 0), ("down", obs.sign[sig] < 0)) if both else (("", np.ones(shape, bool)),)
+        a, p = np.zeros(shape, bool), np.zeros(shape, bool)
+        for direction, mask in dirs:
+            for r in sig_rules:
+                cond = (m >= r.level) & mask & ~(quiet if r.explainable else never)
+                f = firing(t, cond, r.for_s)
+                a |= f
+                if r.pages:
+                    p |= f
+                starts = run_start(cond)
+                for k, i, j in runs(f):
+                    out.append(Firing(sig, direction, obs.keys[k], r.severity, r.pages, float(t[starts[i, k]]),
+                                      float(t[i]), float(t[j])))
+        any_[sig], paging[sig] = a, p
+    out.sort(key=lambda f: (f.start, f.signal, f.key, f.severity))
+    return Alerts(any_, paging, out, rules)
 
 
 # --- episodes -------------------------------------------------------------------------
@@ -150,8 +224,8 @@ class Observations:
 class Episode:
     signal: str
     key: ScopeKey
-    start: float            # first step at warning
-    end: float              # last step at warning
+    start: float            # first step of the run
+    end: float              # last step of the run
     peak: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,26 +233,34 @@ class Episode:
                 "peak": self.peak}
 
 
-def episodes(obs: Observations, signal: str, sev: np.ndarray | None = None,
+def episodes(obs: Observations, signal: str, mask: np.ndarray | None = None,
              lo: float = -math.inf, hi: float = math.inf) -> list[Episode]:
-    """Runs of consecutive steps at warning, per scope, among steps with lo <= t < hi."""
-    m = obs.severity.get(signal) if sev is None else sev
-    if m is None:
+    """Runs of consecutive steps at warning (or where `mask` holds), per scope, among steps
+    with lo <= t < hi."""
+    m = obs.severity.get(signal)
+    if mask is not None:
+        on = mask
+    elif m is not None:
+        on = m >= 1
+    else:
         return []
     keep = (obs.times >= lo) & (obs.times < hi)
-    t = obs.times[keep]
-    m = m[keep]
-    out: list[Episode] = []
-    for k in np.flatnonzero((m >= 1).any(axis=0)).tolist():
-        on = m[:, k] >= 1
-        edges = np.diff(np.r_[0, on.astype(np.int8), 0])
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            out.append(Episode(signal, obs.keys[k], float(t[a]), float(t[b]), int(m[a:b + 1, k].max())))
+    t, on = obs.times[keep], on[keep]
+    peak = m[keep] if m is not None else on.astype(np.int8)
+    out = [Episode(signal, obs.keys[k], float(t[a]), float(t[b]), int(peak[a:b + 1, k].max()))
+           for k, a, b in runs(on)]
     return sorted(out, key=lambda e: (e.start, e.key))
 
 
 # --- injected anomalies ---------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, nearest rank (with 7 instances p90 is the slowest one)."""
+    if not values:
+        return math.nan
+    v = sorted(values)
+    return float(v[max(0, math.ceil(q / 100 * len(v)) - 1)])
+
 
 @dataclass
 class SignalScore:
@@ -186,83 +268,142 @@ class SignalScore:
     signal: str
     primary: bool
     instances: int
-    detected: int
-    delays_s: list[float]
+    delays_s: list[float | None]          # verdict: first warning on a containing scope - start (None: missed)
+    alert_delays_s: list[float | None]    # alert: first alert firing on a containing scope - start
+    alerted: bool                         # some rule routes this signal
     episodes: int
     true_episodes: int
     gated: bool
-    hour_long_spike: bool
     size: float
+    duration_s: float
+
+    @staticmethod
+    def _found(d: list[float | None]) -> list[float]:
+        return [x for x in d if x is not None]
+
+    @property
+    def detected(self) -> int:
+        return len(self._found(self.delays_s))
+
+    @property
+    def alert_detected(self) -> int:
+        return len(self._found(self.alert_delays_s))
 
     @property
     def recall(self) -> float:
         return self.detected / self.instances if self.instances else math.nan
 
     @property
+    def alert_recall(self) -> float:
+        return self.alert_detected / self.instances if self.instances and self.alerted else math.nan
+
+    @property
     def precision(self) -> float:
         return self.true_episodes / self.episodes if self.episodes else math.nan
 
-    @property
-    def median_delay_min(self) -> float:
-        return float(np.median(self.delays_s)) / 60.0 if self.delays_s else math.nan
+    def delay_min(self, alert: bool = False, q: float = 50.0) -> float:
+        d = self._found(self.alert_delays_s if alert else self.delays_s)
+        if not d:
+            return math.nan
+        return (float(np.median(d)) if q == 50.0 else percentile(d, q)) / 60.0
+
+    def within(self, limit_s: float, alert: bool = False) -> int:
+        """Instances detected no later than `limit_s` after their start."""
+        return sum(1 for x in self._found(self.alert_delays_s if alert else self.delays_s) if x <= limit_s)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "signal": self.signal, "primary": self.primary, "instances": self.instances,
-                "detected": self.detected, "recall": _j(self.recall), "precision": _j(self.precision),
-                "median_delay_min": _j(self.median_delay_min), "delays_min": [d / 60 for d in self.delays_s],
-                "episodes": self.episodes, "true_episodes": self.true_episodes, "gated": self.gated,
-                "hour_long_spike": self.hour_long_spike, "size": self.size}
+                "size": self.size, "gated": self.gated, "duration_s": self.duration_s, "alerted": self.alerted,
+                "detected": self.detected, "recall": _j(self.recall),
+                "median_delay_min": _j(self.delay_min()), "p90_delay_min": _j(self.delay_min(q=90)),
+                "delays_min": [None if d is None else d / 60 for d in self.delays_s],
+                "alert_detected": self.alert_detected if self.alerted else None,
+                "alert_recall": _j(self.alert_recall),
+                "alert_median_delay_min": _j(self.delay_min(True)), "alert_p90_delay_min": _j(self.delay_min(True, 90)),
+                "alert_delays_min": [None if d is None else d / 60 for d in self.alert_delays_s],
+                "within_duration": self.within(self.duration_s),
+                "alert_within_duration": self.within(self.duration_s, True) if self.alerted else None,
+                "precision": _j(self.precision), "episodes": self.episodes, "true_episodes": self.true_episodes}
 
 
-def _j(x: float) -> float | None:
+def _j(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
 
-def detection_time(obs: Observations, signal: str, a: Anomaly, grace: float,
-                   sev: np.ndarray | None = None) -> float | None:
-    """First step in [start, end + grace] where the signal warns on a scope containing `a`."""
-    m = obs.severity.get(signal) if sev is None else sev
+def first_time(obs: Observations, on: np.ndarray | None, a: Anomaly, grace: float) -> float | None:
+    """First step in [start, end + grace] where `on` holds on a scope containing `a`."""
     cols = obs.key_index(a.scopes)
-    if m is None or not cols:
+    if on is None or not cols:
         return None
     inside = (obs.times >= a.start) & (obs.times <= a.end + grace)
-    hit = inside & (m[:, cols] >= 1).any(axis=1)
-    steps = np.flatnonzero(hit)
+    steps = np.flatnonzero(inside & on[:, cols].any(axis=1))
     return float(obs.times[steps[0]]) if steps.size else None
 
 
-def score_kind(obs: Observations, kind: Any, anomalies: list[Anomaly], grace: float, lo: float, hi: float,
-               signals: Iterable[str] | None = None, sev_override: dict[str, np.ndarray] | None = None
-               ) -> list[SignalScore]:
-    """Recall, delay and precision of each of the kind's signals over one run."""
+def detection_time(obs: Observations, signal: str, a: Anomaly, grace: float) -> float | None:
+    """First warning of the signal on a scope containing `a`, in [start, end + grace]."""
+    m = obs.severity.get(signal)
+    return first_time(obs, None if m is None else m >= 1, a, grace)
+
+
+def score_kind(obs: Observations, alerts: Alerts, kind: Any, anomalies: list[Anomaly], grace: float,
+               lo: float, hi: float) -> list[SignalScore]:
+    """Recall, delays (verdict and alert) and precision of each of the kind's signals."""
     out = []
-    for i, sig in enumerate(signals or kind.signals):
-        sev = (sev_override or {}).get(sig)
-        delays = []
+    for i, sig in enumerate(kind.signals):
+        on_alert = alerts.firing_any(sig)
+        delays: list[float | None] = []
+        alert_delays: list[float | None] = []
         for a in anomalies:
-            t = detection_time(obs, sig, a, grace, sev)
-            if t is not None:
-                delays.append(t - a.start)
-        eps = episodes(obs, sig, sev, lo, hi)
+            t = detection_time(obs, sig, a, grace)
+            delays.append(None if t is None else t - a.start)
+            ta = first_time(obs, on_alert, a, grace)
+            alert_delays.append(None if ta is None else ta - a.start)
+        eps = episodes(obs, sig, None, lo, hi)
         true = sum(1 for e in eps if any(e.key in a.scopes and e.end >= a.start and e.start <= a.end + grace
                                          for a in anomalies))
-        out.append(SignalScore(kind.name, sig, i == 0, len(anomalies), len(delays), delays, len(eps), true,
-                               kind.gated, kind.hour_long_spike, kind.size))
+        out.append(SignalScore(kind.name, sig, i == 0, len(anomalies), delays, alert_delays, on_alert is not None,
+                               len(eps), true, kind.gated, kind.size, kind.duration))
     return out
 
 
-def false_warnings(obs: Observations, lo: float, hi: float, signals: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Episodes per signal on clean traffic, per week of evaluated time, with where they were."""
+def alerts_per_instance(alerts: Alerts, anomalies: list[Anomaly], grace: float) -> list[dict[str, Any]]:
+    """For each instance, the distinct alerts (signal, direction, scope, severity) of every
+    alerting signal that start firing between its start and its end + grace, and the
+    distinct scopes they name (anomaly alerts of one scope share a notification)."""
+    out = []
+    for a in anomalies:
+        fired = {f.name: f for f in alerts.firings if a.start <= f.start <= a.end + grace}
+        out.append({"start": a.start, "alerts": len(fired), "scopes": len({f.key for f in fired.values()}),
+                    "pages": len({n for n, f in fired.items() if f.pages}), "names": sorted(fired)})
+    return out
+
+
+# --- clean traffic ----------------------------------------------------------------------
+
+def false_figures(obs: Observations, alerts: Alerts, lo: float, hi: float) -> dict[str, Any]:
+    """On clean traffic, per alerting signal and in total: warning episodes, alerts (any
+    severity; one per run of firing on a series) and pages (critical alerts), per week of
+    evaluated time, with the scopes they were on."""
     weeks = (hi - lo) / WEEK
-    out = {}
-    for sig in signals:
-        eps = episodes(obs, sig, None, lo, hi)
-        by_scope: dict[str, int] = {}
-        for e in eps:
-            by_scope[key_name(e.key)] = by_scope.get(key_name(e.key), 0) + 1
-        out[sig] = {"episodes": len(eps), "per_week": len(eps) / weeks if weeks > 0 else math.nan,
-                    "by_scope": by_scope, "list": [e.to_dict() for e in eps]}
-    return out
+    signals: dict[str, dict[str, Any]] = {}
+    for sig in alerts.any:
+        warn = episodes(obs, sig, None, lo, hi)
+        fired = episodes(obs, sig, alerts.any[sig], lo, hi)
+        pages = episodes(obs, sig, alerts.paging[sig], lo, hi)
+        d: dict[str, Any] = {}
+        for name, eps in (("warnings", warn), ("alerts", fired), ("pages", pages)):
+            by: dict[str, int] = {}
+            for e in eps:
+                by[key_name(e.key)] = by.get(key_name(e.key), 0) + 1
+            d[name] = len(eps)
+            d[name + "_per_week"] = _j(len(eps) / weeks)
+            d[name + "_by_scope"] = by
+        d["alert_list"] = [e.to_dict() for e in fired]
+        signals[sig] = d
+    total = {n: sum(d[n] for d in signals.values()) for n in ("warnings", "alerts", "pages")}
+    total.update({n + "_per_week": _j(total[n] / weeks) for n in ("warnings", "alerts", "pages")})
+    return {"weeks": round(weeks, 4), "scopes": len(obs.keys), "signals": signals, "total": total}
 
 
 # --- NAB ------------------------------------------------------------------------------
@@ -303,72 +444,16 @@ def score_nab(obs: Observations, file: str, windows: list[tuple[float, float]], 
     an episode overlapping no window is a false positive. Steps before `lo` (the
     probationary period) are not scored, nor windows that end before it."""
     k = obs.key_index([key])
-    sev = np.zeros_like(obs.severity.get(signal, np.zeros((obs.times.shape[0], 0), np.int8)))
-    if k:
-        sev[:, k[0]] = obs.severity[signal][:, k[0]]
+    on = np.zeros((obs.times.shape[0], len(obs.keys)), dtype=bool)
+    if k and signal in obs.severity:
+        on[:, k[0]] = obs.severity[signal][:, k[0]] >= 1
     scored = [w for w in windows if w[1] >= lo]
     delays = []
     for a, b in scored:
-        inside = (obs.times >= max(a, lo)) & (obs.times <= b) & (sev[:, k[0]] >= 1 if k else False)
+        inside = (obs.times >= max(a, lo)) & (obs.times <= b) & (on[:, k[0]] if k else False)
         steps = np.flatnonzero(inside)
         if steps.size:
             delays.append(float(obs.times[steps[0]]) - a)
-    eps = [e for e in episodes(obs, signal, sev, lo, hi) if e.key == key]
+    eps = [e for e in episodes(obs, signal, on, lo, hi) if e.key == key]
     true = sum(1 for e in eps if any(e.end >= a and e.start <= b for a, b in windows))
     return NabScore(file, len(scored), len(delays), delays, len(eps), true, (hi - lo) / WEEK)
-
-
-# --- threshold sweep ------------------------------------------------------------------
-
-def rejudge(obs: Observations, signal: str, **overrides: float) -> np.ndarray:
-    """Severity of an evaluator signal recomputed from the verdict values each snapshot
-    published, with `warning_ratio`, `high_ratio`, `min_zscore`, `min_current`,
-    `min_baseline_hours` or (raised, for signals counted in requests) `min_requests`
-    changed. This is `baseline.judge`'s severity rule; with no
-    overrides it must give back the live severities (run.py checks that it does)."""
-    spec = obs.specs[signal]
-    p = {f: overrides.get(f, getattr(spec, f)) for f in
-         ("warning_ratio", "high_ratio", "min_zscore", "min_current", "min_baseline_hours", "min_requests")}
-    if p["min_requests"] < spec.min_requests:
-        raise ValueError(f"{signal}: min_requests can only be raised in a re-judge (live {spec.min_requests})")
-    if p["min_requests"] > spec.min_requests and signal not in REQUEST_COUNTED:
-        raise ValueError(f"{signal}: min_requests counts samples the snapshot does not publish")
-    v = obs.values[signal]
-    cur, base, ratio, z, bh = (v[f] for f in SWEEP_FIELDS)
-    sev = np.zeros(cur.shape, dtype=np.int8)
-    with np.errstate(invalid="ignore"):
-        ready = bh >= p["min_baseline_hours"]
-        if p["min_requests"] > spec.min_requests:
-            ready = ready & (obs.window_requests >= p["min_requests"])
-        if spec.direction in ("up", "both"):
-            big = ready & (z >= p["min_zscore"]) & (cur >= p["min_current"])
-            sev = np.maximum(sev, np.where(big & (ratio >= p["warning_ratio"]), 1, 0).astype(np.int8))
-            sev = np.maximum(sev, np.where(big & (ratio >= p["high_ratio"]), 2, 0).astype(np.int8))
-        if spec.direction in ("down", "both"):
-            small = ready & (z <= -p["min_zscore"]) & (base >= p["min_current"])
-            sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / p["warning_ratio"]), 1, 0).astype(np.int8))
-            sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / p["high_ratio"]), 2, 0).astype(np.int8))
-    return sev
-
-
-def rejudge_drift(obs: Observations, signal: str, mild: float, min_events: int = 3, min_fill: int = 50) -> np.ndarray:
-    """Whether one drift signal alone would be a finding at a different mild limit, from
-    the values each drift result published. `length_collapse_ratio` is judged below the
-    limit, the rates above it; a rate needs `min_events` offending responses (recovered
-    from the rate, the fill and the error rate), and no verdict is given below `min_fill`
-    responses. At the preset's limit this reproduces the live `drift.<signal>` flags."""
-    if signal == "tool_silence_rate":
-        raise ValueError("tool_silence_rate's denominator (tool requests) is not published")
-    v = obs.drift_values.get(signal)
-    if v is None:
-        return np.zeros((obs.times.shape[0], len(obs.keys)), dtype=np.int8)
-    with np.errstate(invalid="ignore"):
-        if signal == "length_collapse_ratio":
-            hit = v <= mild
-        else:
-            fill = obs.drift_values["fill"]
-            err = obs.drift_values["error_rate"]
-            den = fill if signal == "error_rate" else fill * (1.0 - err)
-            hit = (v >= mild) & (np.round(v * den) >= min_events)
-        hit = hit & (obs.drift_values["fill"] >= min_fill)
-    return np.where(np.isnan(v), 0, hit).astype(np.int8)

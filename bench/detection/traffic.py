@@ -18,6 +18,11 @@ Base traffic (`build_traffic`)
   tool use (the agent app offers tools on every call; RAGPulse's web-search flag becomes
   a tool call in the RAG app).
 
+Split traffic (`split_records`)
+- The same records over n times the apps (by session) and model deployments (by
+  request, as a suffix of the provider), to see whether false alarms grow with the
+  number of series.
+
 NAB traffic (`nab_traffic`)
 - A NAB series' value is read as a request rate per 5-minute bucket, scaled so that the
   median bucket holds `median_per_bucket` requests; each bucket's requests get uniform
@@ -33,14 +38,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.ingest.records import UsageRecord
+try:
+    from exporter.ingest.records import UsageRecord
+except ImportError:                        # an older revision, for a before / after comparison
+    from exporter.records import UsageRecord  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86400.0
@@ -337,6 +345,24 @@ def modelled(rng: np.random.Generator, ts: np.ndarray, app: str, model: str, inp
                   np.zeros(n, dtype=bool))
     t.session = sess
     return t
+
+
+def split_records(records: list[UsageRecord], n: int, seed: int = 13) -> list[UsageRecord]:
+    """The same requests spread over n times as many apps and model deployments: each
+    session goes to one of n copies of its app (`rag-search-1` .. `rag-search-<n>`; requests
+    without a session are placed one by one), and each request to one of n deployments of
+    its model, named by a suffixed provider (`openai-1` ..), so the model name and its
+    price stay as they were. Volume, timing and sizes are unchanged; only the number of
+    series each signal is judged on grows (n x the apps, n x the models)."""
+    if n <= 1:
+        return records
+    rng = np.random.default_rng(seed)
+    sessions = sorted({r.session_id for r in records if r.session_id})
+    copy_of = dict(zip(sessions, rng.integers(1, n + 1, len(sessions)).tolist()))
+    loose = rng.integers(1, n + 1, len(records)).tolist()
+    deployment = rng.integers(1, n + 1, len(records)).tolist()
+    return [replace(r, app=f"{r.app}-{copy_of[r.session_id] if r.session_id else a}", provider=f"{r.provider}-{d}")
+            for r, a, d in zip(records, loose, deployment)]
 
 
 # --- NAB ------------------------------------------------------------------------------

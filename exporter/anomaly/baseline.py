@@ -1,266 +1,222 @@
-"""Rolling-baseline statistics: pure numpy functions over (series, hours) arrays.
+"""Baseline statistics: what "normal" looks like for every scope, from its hourly history.
 
-Everything here takes arrays and returns arrays, one row per series, so the evaluator
-judges every series of a signal in one call. NaN marks an hour with no value (before the
-series existed, or no requests for a quantile); the functions ignore it without the slow
-per-row paths of np.nanpercentile.
+Pure numpy functions over (scopes, hours) arrays, one row per scope, NaN where an hour has
+no value. They run when the hour turns (the evaluator keeps the result until then), so
+they favour clarity over the last microsecond.
+
+- Counts (requests) follow the time of day: the expected count of an hour is the median
+  of the same hour on the baseline's days (`daily_profile`). How far a day strays from that
+  (`level_spread`) and how bursty requests arrive within an hour (`burstiness`) set the
+  noise a window's count is judged against.
+- Request sizes (mean log tokens per request) are judged against a flat baseline
+  (`size_stats`): their centre, their spread, and how much more hourly means vary than
+  independent requests would make them.
+- Error ratios (`error_stats`): the pooled ratio and its overdispersion.
+- Latency-like quantiles: the median of the hourly quantiles (`nan_median`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from .signals import Severity, SignalSpec
-
 MAD_SCALE = 1.4826          # makes the MAD estimate sigma for normal data
-LOG_MAD_FLOOR = 0.05        # 5 % relative noise at least: a flat week must not make every wiggle an outlier
-MIN_POINTS = 6              # fewer baseline values than this give no verdict
+CHI2_1_MEDIAN = 0.4549      # median of chi-square with one degree of freedom
+Q75_ABS_NORMAL = 1.1503     # upper quartile of |z| for standard normal z
+CHI2_1_Q75 = Q75_ABS_NORMAL ** 2   # upper quartile of chi-square with one degree of freedom
+MIN_DAYS = 3                # earlier days a seasonal expectation needs
+MIN_HOURS = 6               # hours a flat statistic needs
+PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen whole
+MIN_LEVEL_SD = 0.05
+MIN_SIZE_SD = 0.05
+MIN_BLOCKS = 6              # blocks a spread at that block length needs
 
 
-def row_quantiles(x: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Linear-interpolated quantiles of each row, ignoring NaN; returns (S, len(qs)) and counts."""
-    s, n = sorted_rows(x)
-    return sorted_quantiles(s, n, qs), n
-
-
-def sorted_rows(x: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Each row sorted ascending, and its count of valid values.
-
-    Sorting puts NaN last, so the valid values of a row are its first n entries (and n is
-    where the first NaN sits). The sort is the expensive step of the statistics, so
-    callers sort once and read every quantile and MAD from the sorted rows. `overwrite`:
-    x is a temporary that may be sorted in place.
-    """
-    s = x if overwrite else x.copy()
-    width = s.shape[1]
-    if width > 1:
-        # numpy's quicksort (x86-simd-sort, rows over 256 values) gets several times slower
-        # on rows that open with a long run of equal values, such as the NaN hours before
-        # a young scope existed. Such rows are turned back to front: the run then comes
-        # last, where it costs nothing, and the sorted row is the same.
-        first, later = s[:, 0], s[:, 3 * width // 4]
-        runs = np.flatnonzero((first == later) | (np.isnan(first) & np.isnan(later)))
-        s[runs] = s[runs, ::-1]
-    s.sort(axis=1)
-    rows = np.arange(s.shape[0])
-    n = _first_true(lambda j: np.isnan(s[rows, np.minimum(j, width - 1)]), np.full(s.shape[0], width), width)
-    return s, n
-
-
-def _first_true(pred: Callable[[np.ndarray], np.ndarray], hi: np.ndarray, width: int) -> np.ndarray:
-    """Per element, the first j in [0, hi) where `pred(j)` holds, or hi where none does.
-
-    `pred` must be false then true along j (it is also called with j == hi). A binary
-    search, all rows at once: a few steps over (rows,) arrays instead of a pass over every
-    value; `width` bounds hi.
-    """
-    lo = np.zeros_like(hi)
-    for _ in range(int(width).bit_length()):            # each step halves hi - lo
-        mid = (lo + hi) >> 1
-        holds = pred(mid)
-        hi = np.where(holds, mid, hi)
-        lo = np.where(holds, lo, np.minimum(mid + 1, hi))
-    return lo
-
-
-def _ranks(n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The two neighbouring ranks of the q-quantile of n values (n > 0) and the weight of
-    the upper one, as linear interpolation (numpy's default) defines them."""
-    pos = (n - 1) * q
-    lo = np.floor(pos).astype(np.int64)
-    return lo, np.minimum(lo + 1, n - 1), pos - lo
-
-
-def sorted_quantiles(s: np.ndarray, n: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """Quantiles (S, len(qs)) of rows sorted by `sorted_rows`; NaN where a row has no values."""
-    out = np.full((s.shape[0], len(qs)), np.nan)
-    rows = np.flatnonzero(n > 0)
-    if not rows.size:
-        return out
-    nn = n[rows]
-    for j, q in enumerate(qs):
-        lo, hi, frac = _ranks(nn, q)
-        out[rows, j] = s[rows, lo] * (1 - frac) + s[rows, hi] * frac
+def nan_median(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Median along `axis` ignoring NaN (NaN where all are), without np.nanmedian's slow
+    per-row path: rows without NaN take np.median's partition, the others a sort, which
+    puts NaN last, so the valid values of a row are its first n."""
+    x = np.moveaxis(x, axis, -1)
+    gaps = np.isnan(x).any(axis=-1)
+    if not gaps.any():
+        return np.median(x, axis=-1)
+    out = np.empty(x.shape[:-1])
+    if (~gaps).any():
+        out[~gaps] = np.median(x[~gaps], axis=-1)
+    out[gaps] = _sorted_nan_median(x[gaps])
     return out
 
 
-def sorted_abs_dev_median(s: np.ndarray, n: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Median of |x - centre| per row (the MAD, unscaled), from rows sorted by `sorted_rows`.
+def _sorted_nan_median(x: np.ndarray) -> np.ndarray:
+    """nan_median along the last axis of rows that hold NaN."""
+    s = np.sort(x, axis=-1)
+    n = np.sum(~np.isnan(s), axis=-1)
+    if not s.size:
+        return np.zeros(s.shape[:-1])
+    lo = np.maximum((n - 1) // 2, 0)
+    hi = np.maximum(n // 2, 0)
+    a = np.take_along_axis(s, lo[..., None], axis=-1)[..., 0]
+    b = np.take_along_axis(s, hi[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, (a + b) / 2.0, np.nan)
 
-    Equal to `row_quantiles(np.abs(x - centre[:, None]), (0.5,))` but without sorting the
-    deviations a second time: over sorted values the deviations fall then rise, so the two
-    middle ones are found by a binary search per row (see `_middle_abs_deviations`). Rows
-    holding an infinite value (a zero in log space with a zero floor) can make deviations
-    NaN, which the search cannot rank; those few rows take the sorting path.
-    """
-    out = np.full(s.shape[0], np.nan)
-    rows = np.flatnonzero(n > 0)
-    if not rows.size:
-        return out
-    nn = n[rows]
-    inf = np.isinf(s[rows, 0]) | np.isinf(s[rows, nn - 1])
-    if inf.any():
-        bad = rows[inf]
-        out[bad] = row_quantiles(np.abs(s[bad] - centre[bad, None]), (0.5,))[0][:, 0]
-        rows, nn = rows[~inf], nn[~inf]
-    lo, hi, frac = _ranks(nn, 0.5)
-    kth, following = _middle_abs_deviations(s, rows, nn, centre[rows], lo)
-    out[rows] = kth * (1 - frac) + np.where(hi > lo, following, kth) * frac
+
+def nan_quantile(x: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
+    """Lower q-quantile along `axis` ignoring NaN (NaN where all are)."""
+    s = np.sort(np.moveaxis(x, axis, -1), axis=-1)
+    n = np.sum(~np.isnan(s), axis=-1)
+    k = np.clip(np.floor(q * (n - 1)).astype(np.int64), 0, None)
+    v = np.take_along_axis(s, k[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, v, np.nan)
+
+
+def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """(S, 24) expected value of each hour of the day (UTC): the median of that hour over
+    the baseline's days. `values` (S, H) are the baseline's hourly values (NaN before a
+    scope existed) at absolute `hours`. A scope with an hour of the day seen on fewer than
+    MIN_DAYS days takes the median of its last day (of at least MIN_HOURS hours) for every
+    hour: a young scope is judged against its recent level until it has days enough for a
+    time of day. (Mixing the two would judge it against its first days' level at the hours
+    seen three times and against its last day's elsewhere, a step in the middle of a
+    window whenever its level has moved since it started.)"""
+    s, h = values.shape
+    hod = hours % 24
+    out = np.full((s, 24), np.nan)
+    days = -(-h // 24)
+    grid = np.full((s, 24, days), np.nan)                 # values by hour of day and day
+    grid[:, hod, (np.arange(h) // 24)] = values
+    seen = np.sum(~np.isnan(grid), axis=2)
+    med = nan_median(grid, axis=2)
+    enough = seen >= MIN_DAYS
+    out[enough] = med[enough]
+    young = np.flatnonzero(~enough.all(axis=1))
+    if young.size:
+        recent = values[young, -24:]
+        known = np.sum(~np.isnan(recent), axis=1) >= MIN_HOURS
+        level = np.where(known, nan_median(recent, axis=1), np.nan)
+        out[young] = level[:, None]
     return out
 
 
-def _middle_abs_deviations(s: np.ndarray, rows: np.ndarray, n: np.ndarray, centre: np.ndarray,
-                           k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The k-th and (k+1)-th smallest (0-based) of |s[r, :n] - centre| for each selected row r.
-
-    With v = s[r, :n] sorted, the deviations fall then rise along v, so the k+1 smallest
-    are k+1 neighbouring values v[j .. j+k] (a run) and the largest in a run sits at one of
-    its ends: the k-th is min over j of max(centre - v[j], v[j+k] - centre). The first term
-    falls and the second rises with j, so a binary search finds the first j where the
-    second reaches the first, and the best run starts there or just before.
-
-    The (k+1)-th is the smaller deviation of the run's two outer neighbours, or the k-th
-    itself if that is larger: a value further out deviates no less than the neighbour on
-    its side unless that neighbour deviates no more than the k-th, and then one value
-    outside the run ties or beats the k-th, which makes the two equal. Every deviation
-    compared is the very float |v - centre| gives, so the results are exact.
-    """
-    width = s.shape[1]
-    flat = s.reshape(-1)
-    start = rows * width                                # flat index of each row's first value
-    last = n - 1 - k                                    # the last start j whose run fits
-
-    def reached(j: np.ndarray) -> np.ndarray:
-        j = start + np.minimum(j, last)
-        return flat[j + k] - centre >= centre - flat[j]
-
-    j = _first_true(reached, last + 1, width)
-    right = flat[start + np.minimum(j, last) + k] - centre  # largest deviation of the run at j
-    left = centre - flat[start + np.maximum(j - 1, 0)]      # and of the run at j - 1
-    at_j = (j <= last) & ((j == 0) | (right <= left))
-    kth = np.where(at_j, right, left)
-    run = np.where(at_j, j, j - 1)
-    below = np.where(run > 0, np.abs(flat[start + np.maximum(run - 1, 0)] - centre), np.inf)
-    above = np.where(run + k + 1 < n, np.abs(flat[start + np.minimum(run + k + 1, n - 1)] - centre), np.inf)
-    return kth, np.maximum(kth, np.minimum(below, above))
+def burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int) -> np.ndarray:
+    """Index of dispersion of request counts in the sub-hour slots of each scope's hours:
+    the variance of a slot's count over its mean, 1 for Poisson arrivals, more when requests
+    come in bursts (conversations, agent steps, batch jobs). `requests` (S, H) are the
+    hours' totals, `burst` (S, H, 2) the sums and sums of squares of their slots' counts.
+    Hours not seen whole (restarts, late records) are left out. The 75th percentile over
+    hours, because bursts are what a short window must not mistake for a surge; the prior
+    until six hours were seen whole."""
+    total, sq = burst[..., 0], burst[..., 1]
+    whole = (np.abs(total - requests) <= 0.01 * requests + 0.5) & (requests >= slots_per_hour)
+    mean = total / slots_per_hour
+    with np.errstate(invalid="ignore", divide="ignore"):
+        disp = np.where(whole, (sq / slots_per_hour - mean * mean) / mean, np.nan)
+    known = np.sum(~np.isnan(disp), axis=1)
+    q = nan_quantile(disp, 0.75, axis=1)
+    return np.maximum(np.where(known >= MIN_HOURS, q, PRIOR_BURSTINESS), 1.0)
 
 
-def transform(v: np.ndarray, spec: SignalSpec) -> np.ndarray:
-    """The space the statistics are taken in: log for skewed quantities."""
-    if spec.log_space:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.log(v + spec.baseline_floor)
-    return v
+def level_spread(values: np.ndarray, expected: np.ndarray, sampling_var: np.ndarray | float,
+                 floor: float = 0.5) -> np.ndarray:
+    """How far, in log terms, an hour strays from its expectation beyond what sampling
+    explains: sqrt(q75(r^2 - sampling_var) / q75 of chi2(1)), with r = log((value + floor) /
+    (expected + floor)). The upper quartile, like `_tail_scale`, sees more of the heavy tail
+    real traffic has (busy days, a few big customers) while a quarter of the hours may be
+    anomalous without inflating it. (S, H) inputs, (S,) out."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.log((values + floor) / (expected + floor))
+    excess = r * r - sampling_var
+    q = nan_quantile(np.where(np.isnan(expected) | np.isnan(values), np.nan, excess), 0.75, axis=1)
+    return np.sqrt(np.maximum(np.nan_to_num(q / CHI2_1_Q75, nan=0.0), MIN_LEVEL_SD ** 2))
 
 
-def untransform(x: np.ndarray, spec: SignalSpec) -> np.ndarray:
-    if spec.log_space:
-        return np.maximum(np.exp(x) - spec.baseline_floor, 0.0)
-    return np.maximum(x, 0.0)
+def block_spread(observed: np.ndarray, expected: np.ndarray, hours: int) -> np.ndarray:
+    """Spread of log(observed / expected) over consecutive blocks of `hours` hours, the
+    newest block ending with the last column: the noise a shift held for that long must
+    stand out from. Measured at the block length itself, because a busy or quiet day moves
+    every hour of it the same way and so does not average out (see `_tail_scale`). (S, H)
+    inputs, (S,) out; NaN with fewer than MIN_BLOCKS blocks."""
+    s, h = observed.shape
+    n_blocks = h // hours
+    if n_blocks == 0:
+        return np.full(s, np.nan)
+    cut = h - n_blocks * hours
+    o = observed[:, cut:].reshape(s, n_blocks, hours).sum(axis=2)
+    e = expected[:, cut:].reshape(s, n_blocks, hours).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.log((o + 0.5) / (e + 0.5))
+    valid = np.sum(~np.isnan(r), axis=1)
+    out = _tail_scale(r)
+    return np.where(valid >= MIN_BLOCKS, np.maximum(out, MIN_LEVEL_SD), np.nan)
+
+
+def _tail_scale(x: np.ndarray) -> np.ndarray:
+    """A normal sigma read off the upper quartile of |x| (rows, NaN ignored): it sees more of
+    a heavy tail than the median does, yet a quarter of the values may be anomalous (a
+    creep or an outage still in the baseline) without inflating it."""
+    return nan_quantile(np.abs(x), 0.75, axis=1) / Q75_ABS_NORMAL
 
 
 @dataclass(slots=True)
-class Verdict:
-    """One signal judged over all series; every field is an array with one entry per series."""
+class SizeStats:
+    """Per scope: the centre and spread of log request sizes, and how much more than
+    independent requests the hourly means vary (`dispersion` >= 1)."""
 
-    current: np.ndarray
-    baseline: np.ndarray
+    centre: np.ndarray
+    var: np.ndarray
+    dispersion: np.ndarray
+    hours: np.ndarray
+
+
+def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> SizeStats:
+    """From hourly (S, H) counts, sums and sums of squares of log sizes."""
+    ok = count >= 5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(ok, total / count, np.nan)
+        var = np.where(ok, (total_sq - total * total / count) / np.maximum(count - 1, 1), np.nan)
+    centre = nan_median(mean, axis=1)
+    v = np.maximum(nan_median(var, axis=1), MIN_SIZE_SD ** 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = (mean - centre[:, None]) / np.sqrt(v[:, None] / np.maximum(count, 1))
+    mad = nan_median(np.abs(u - nan_median(u, axis=1)[:, None]), axis=1) * MAD_SCALE
+    hours = np.sum(ok, axis=1)
+    disp = np.maximum(np.nan_to_num(mad * mad, nan=1.0), 1.0)
+    return SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours)
+
+
+def sum_spread(sizes: SizeStats) -> np.ndarray:
+    """1 + CV^2 of request sizes, reading them as log-normal with the spread of their logs:
+    a total over n requests has a relative variance this many times 1/n. Heavy-tailed sizes
+    (a few long contexts among short ones) make an hour's total swing far more than its
+    request count, most of all in quiet hours."""
+    return np.exp(np.nan_to_num(sizes.var, nan=0.0))
+
+
+@dataclass(slots=True)
+class ErrorStats:
+    """Per scope: the usual error ratio and the overdispersion of hourly error counts."""
+
     ratio: np.ndarray
-    zscore: np.ndarray
-    band_lower: np.ndarray
-    band_upper: np.ndarray
-    change_zscore: np.ndarray
-    baseline_hours: np.ndarray
-    severity: np.ndarray
+    dispersion: np.ndarray
 
 
-@dataclass(slots=True)
-class Stats:
-    """What a baseline says, independent of the current value: per series, the count of
-    hourly values, their quartiles and median in the statistics' space, the MAD, the
-    median and MAD of hour-to-hour steps, and the last value. It changes only when the
-    hour turns or history arrives late, so the evaluator keeps it between evaluations."""
+def error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
+    """Pooled ratio with a weak prior (half an error in 50 requests, so a clean history
+    does not make the first error infinitely surprising) and the overdispersion of the
+    hours with 10 or more requests.
 
-    n: np.ndarray
-    q1: np.ndarray
-    med: np.ndarray
-    q3: np.ndarray
-    mad: np.ndarray
-    step_med: np.ndarray
-    step_mad: np.ndarray
-    step_n: np.ndarray
-    last: np.ndarray
-
-
-def baseline_stats(spec: SignalSpec, history: np.ndarray) -> Stats:
-    """Robust statistics of each row of `history` (S, H), NaN ignored.
-
-    Two sorts, of the values and of their hour-to-hour steps; the quartiles, medians and
-    MADs are all read from those two (see `sorted_abs_dev_median`). Sorting is most of
-    the cost when the hour turns, so nothing is sorted twice.
-    """
-    x = transform(history, spec)
-    last = _last_valid(x)
-    steps = np.diff(x, axis=1)
-    s, n = sorted_rows(x, overwrite=x is not history)
-    q = sorted_quantiles(s, n, (0.25, 0.5, 0.75))
-    q1, med, q3 = q[:, 0], q[:, 1], q[:, 2]
-    mad = sorted_abs_dev_median(s, n, med) * MAD_SCALE
-    mad_floor = LOG_MAD_FLOOR if spec.log_space else np.maximum(spec.baseline_floor * 0.5, 0.1 * np.abs(med))
-    ds, dn = sorted_rows(steps, overwrite=True)
-    dmed = sorted_quantiles(ds, dn, (0.5,))[:, 0]
-    dmad = sorted_abs_dev_median(ds, dn, dmed) * MAD_SCALE
-    return Stats(n, q1, med, q3, np.fmax(mad, mad_floor), dmed, np.fmax(dmad, LOG_MAD_FLOOR), dn, last)
-
-
-def judge(spec: SignalSpec, current: np.ndarray, history: np.ndarray | None, baseline_hours: np.ndarray,
-          window_requests: np.ndarray, stats: Stats | None = None) -> Verdict:
-    """Compare each series' current value against its hourly history.
-
-    `history` is (S, H) in the signal's unit, oldest hour first, NaN where missing; it must
-    already exclude the window under test (or pass its `stats` instead). `baseline_hours` is
-    how much history each series has (for the warm-up rule); `window_requests` gates
-    signals that need samples.
-    """
-    st = stats if stats is not None else baseline_stats(spec, history)  # type: ignore[arg-type]
-    enough = st.n >= MIN_POINTS
-    sampled = window_requests >= spec.min_requests
-    has_current = ~np.isnan(current) & sampled
-    xc = transform(current, spec)
+    The overdispersion is the smaller of two estimates, each biased upwards in a case the
+    other is not: the median Pearson term over that of chi2(1), robust to a few anomalous
+    hours in the baseline but discrete when an hour expects about one error (0 or 1 error
+    an hour gives a median twice the chi2 one for errors that are in fact independent);
+    and the pooled Pearson statistic (sum of squares over sum of variances), right for
+    independent errors at any rate but inflated by an error storm in the baseline."""
+    p = (np.nansum(errors, axis=1) + 0.5) / (np.nansum(requests, axis=1) + 50.0)
+    used = requests >= 10
+    var = np.where(used, requests * p[:, None] * (1 - p[:, None]), np.nan)
+    sq = np.where(used, (errors - requests * p[:, None]) ** 2, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(enough & has_current, (xc - st.med) / st.mad, np.nan)
-    baseline = np.where(enough, untransform(st.med, spec), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(enough & has_current, current / np.maximum(baseline, spec.baseline_floor), np.nan)
-    iqr = st.q3 - st.q1
-    lower = np.where(enough, untransform(st.q1 - 1.5 * iqr, spec), np.nan)
-    upper = np.where(enough, untransform(st.q3 + 1.5 * iqr, spec), np.nan)
-    with np.errstate(invalid="ignore"):
-        change_z = np.where(st.step_n >= MIN_POINTS, (xc - st.last - st.step_med) / st.step_mad, np.nan)
-
-    sev = np.zeros(current.shape[0], dtype=np.int64)
-    ready = enough & has_current & (baseline_hours >= spec.min_baseline_hours)
-    with np.errstate(invalid="ignore"):
-        if spec.direction in ("up", "both"):
-            big = ready & (z >= spec.min_zscore) & (current >= spec.min_current)
-            sev = np.maximum(sev, np.where(big & (ratio >= spec.warning_ratio), int(Severity.WARNING), 0))
-            sev = np.maximum(sev, np.where(big & (ratio >= spec.high_ratio), int(Severity.HIGH), 0))
-        if spec.direction in ("down", "both"):
-            small = ready & (z <= -spec.min_zscore) & (baseline >= spec.min_current)
-            sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / spec.warning_ratio), int(Severity.WARNING), 0))
-            sev = np.maximum(sev, np.where(small & (ratio <= 1.0 / spec.high_ratio), int(Severity.HIGH), 0))
-    return Verdict(current, baseline, ratio, z, lower, upper, change_z, baseline_hours.astype(np.float64), sev)
-
-
-def _last_valid(x: np.ndarray) -> np.ndarray:
-    """The last non-NaN value of each row, NaN if none; only rows ending in NaN are searched."""
-    out = x[:, -1].copy()
-    gap = np.flatnonzero(np.isnan(out))
-    if gap.size:
-        valid = ~np.isnan(x[gap])
-        idx = x.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
-        out[gap] = np.where(valid.any(axis=1), x[gap, idx], np.nan)
-    return out
+        median = nan_median(sq / var, axis=1) / CHI2_1_MEDIAN
+        pooled = np.nansum(sq, axis=1) / np.nansum(var, axis=1)
+    disp = np.maximum(np.nan_to_num(np.fmin(median, pooled), nan=1.0), 1.0)
+    return ErrorStats(p, disp)

@@ -1,31 +1,98 @@
 """The anomaly evaluator: every signal of every scope judged at one event time.
 
-`evaluate(t)` reads the scope history, turns it into (current, hourly history) per signal,
-and hands those arrays to `baseline.judge`. The result is an immutable `Snapshot`; the
-`/metrics` collector and the HTTP API read the latest one, so a scrape never waits on an
-evaluation, and the backtest calls the same `evaluate(t)` at historical times.
+`evaluate(t)` reads the scope history and judges each signal on several windows ending
+at t at once: from a twelfth of the configured window (5 minutes of an hour) up to the
+whole window, and for cost and tokens over 2, 4 and 8 hours too. A short window catches
+a big change within minutes; the longer ones catch smaller changes that need more
+requests to tell from noise. On each window a signal needs both an effect (its estimated
+ratio to the baseline passes the spec's ratio) and evidence (a count-aware z-score,
+`evidence.py`, passes a threshold set by the false-alarm budget). See `signals.py` for the
+thresholds and docs/tuning.md for the reasoning and the measurements behind them.
+
+What each signal's evidence is:
+- request_rate: the window's request count against the same time of day on earlier days.
+- cost_per_hour, token_velocity: requests got bigger (mean log tokens per request, the
+  least noisy view of a prompt change or a growing context), or more requests came (the
+  hour's count), or the hour's total is out of line with the time of day (a few huge
+  requests); and, for a creep, a smaller size rise held for hours.
+- error_rate: the window's errors against the usual error ratio (binomial).
+- latency_p95, ttft_p95, output_tokens_per_second: how many of the window's requests are
+  slower than the baseline's p95 (or slower-generating than its median) against the 5 %
+  (50 %) expected. Latency also counts a slower first token or slower tokens as its own
+  evidence: they explain a longer request without longer answers confusing the test.
+
+After the verdicts, an anomaly that a narrower scope explains (the global echo of one
+app's spike, the app echo of one model's slowdown) is marked `explained`; the alert rules
+stay quiet for it, so one cause pages once.
+
+The result is an immutable `Snapshot`; the `/metrics` collector and the HTTP API read the
+latest one, so a scrape never waits on an evaluation, and the backtest calls the same
+`evaluate(t)` at historical times.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .baseline import Stats, Verdict, baseline_stats, judge
+from .. import sketch
+from ..evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from ..storage.buckets import F
-from .history import ScopeHistory, ScopeKey, WindowValues, token_sum
+from .baseline import (
+    ErrorStats,
+    SizeStats,
+    block_spread,
+    burstiness,
+    daily_profile,
+    error_stats,
+    level_spread,
+    nan_median,
+    size_stats,
+    sum_spread,
+)
+from .history import QUANTILES, ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
-# An hour's error ratio enters the baseline from this many requests. It is lower than the
-# window's `min_requests` on purpose: the baseline is a median over many hours, so single
-# hours may be noisier than the one a verdict rests on.
-BASELINE_HOUR_MIN_REQUESTS = 20
+WINDOW_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0)   # of the configured window
+SUSTAINED_HOURS = (2, 4, 8)                                     # cost and token creep
+TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5}             # share beyond the baseline quantile when normal
+KINDS = tuple(QUANTILES)                                        # latency, ttft, otps
+MIN_SAMPLES = 5
+SIZE_FIELDS = {"tokens": ("sized_requests", "log_tokens", "log_tokens_sq"),
+               "cost": ("costed_requests", "log_cost", "log_cost_sq")}
+ERROR_RATIO_FLOOR = 0.01
+LOG_FLOOR = {"cost_per_hour": 0.01, "token_velocity": 1.0}     # keeps log ratios of near-zero totals finite
+
+
+@dataclass(slots=True)
+class Verdict:
+    """One signal judged over all scopes; every field is an array with one entry per scope.
+
+    `current`, `baseline` and `ratio` are over the configured window, in the signal's unit.
+    `zscore` is the strongest evidence found (signed: negative for a drop), `window` the
+    length in seconds of the window it was found on (0 when none passed). `explained`
+    holds the index of the scope whose anomaly explains this one, or -1. `excess` (S, W)
+    is the amount above the expectation on each evaluation window, in the signal's
+    natural count (requests, errors, slow requests, USD, tokens)."""
+
+    current: np.ndarray
+    baseline: np.ndarray
+    ratio: np.ndarray
+    zscore: np.ndarray
+    band_lower: np.ndarray
+    band_upper: np.ndarray
+    baseline_hours: np.ndarray
+    severity: np.ndarray
+    window: np.ndarray
+    excess: np.ndarray
+    effects: "Effects | None" = None
+    explained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass(slots=True)
@@ -46,16 +113,18 @@ class Snapshot:
             v = self.verdicts[spec.name]
             for i in np.nonzero(self.active)[0]:
                 scope, app, provider, model = self.keys[i]
+                by = int(v.explained[i]) if v.explained.size else -1
                 yield {
                     "signal": spec.name, "scope": scope, "app": app or None, "provider": provider or None,
                     "model": model or None, "unit": spec.unit, "direction": spec.direction,
                     "current": _num(v.current[i]), "baseline": _num(v.baseline[i]), "ratio": _num(v.ratio[i]),
-                    "zscore": _num(v.zscore[i]), "change_zscore": _num(v.change_zscore[i]),
+                    "zscore": _num(v.zscore[i]), "evidence_window_seconds": _num(v.window[i]),
                     "band_lower": _num(v.band_lower[i]), "band_upper": _num(v.band_upper[i]),
                     "threshold": {"warning": spec.warning_ratio, "high": spec.high_ratio},
                     "baseline_hours": int(v.baseline_hours[i]),
                     "requests_in_window": int(self.window_requests[i]),
                     "severity": SEVERITY_NAMES[int(v.severity[i])],
+                    "explained_by": scope_name(self.keys[by]) if by >= 0 else None,
                 }
 
 
@@ -63,97 +132,605 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else round(float(x), 6)
 
 
-def signal_inputs(spec: SignalSpec, win: WindowValues, adds: np.ndarray, q: np.ndarray, before: np.ndarray,
-                  window_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(current, hourly history, samples in window) for one signal, in the signal's unit."""
-    w_req = win.adds[:, F["requests"]]
-    h_req = adds[..., F["requests"]]
-    name = spec.name
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if name == "cost_per_hour":
-            cur, hist, n = win.adds[:, F["cost"]] * 3600 / window_s, adds[..., F["cost"]], w_req
-        elif name == "token_velocity":
-            cur, hist, n = token_sum(win.adds) * 60 / window_s, token_sum(adds) / 60, w_req
-        elif name == "request_rate":
-            cur, hist, n = w_req * 60 / window_s, h_req / 60, w_req
-        elif name == "error_rate":
-            cur = np.where(w_req > 0, win.adds[:, F["errors"]] / w_req, np.nan)
-            hist = np.where(h_req >= BASELINE_HOUR_MIN_REQUESTS, adds[..., F["errors"]] / h_req, np.nan)
-            n = w_req
-        elif name == "latency_p95":
-            cur, hist, n = win.quantiles["latency"], q[..., 0], win.counts["latency"]
-        elif name == "ttft_p95":
-            cur, hist, n = win.quantiles["ttft"], q[..., 1], win.counts["ttft"]
-        elif name == "output_tokens_per_second":
-            cur, hist, n = win.quantiles["otps"], q[..., 2], win.counts["otps"]
-        else:
-            raise KeyError(f"no inputs defined for signal {name!r}")
-    if before.any():
-        hist = np.where(before, np.nan, hist)
-    return cur.astype(np.float64), hist.astype(np.float64, copy=False), n
+def scope_name(key: ScopeKey) -> str:
+    scope, app, provider, model = key
+    return f"app={app}" if scope == "app" else f"model={provider}/{model}" if scope == "model" else "global"
 
 
-def current_value(spec: SignalSpec, win: WindowValues, window_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """(current value, samples in window) of one signal, without its history."""
-    empty = np.zeros((win.adds.shape[0], 0, win.adds.shape[1]))
-    cur, _, n = signal_inputs(spec, win, empty, np.zeros(empty.shape[:2] + (3,)), np.zeros(empty.shape[:2], bool), window_s)
-    return cur, n
+# --- what the evaluator knows about "normal", rebuilt when the hour turns ---------------
+
+@dataclass(slots=True)
+class Seasonal:
+    """An hourly quantity (requests, cost, tokens) against the same time of day."""
+
+    profile: np.ndarray       # (S, 24) expected value of each hour of the day, UTC (NaN: too little history)
+    level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
+
+
+@dataclass(slots=True)
+class Baseline:
+    end: int                                  # first hour not in the baseline (the window's first hour)
+    requests: Seasonal
+    cost: Seasonal
+    tokens: Seasonal
+    burstiness: np.ndarray                    # (S,) dispersion of request counts within an hour
+    size_spread: dict[str, np.ndarray]        # signal -> (S,) 1 + CV^2 of its request sizes: a sum of n varies this much more than n
+    costs: SizeStats                          # log cost per request, as `sizes` is for log tokens
+    sizes: SizeStats
+    errors: ErrorStats
+    quantile: dict[str, np.ndarray]           # kind -> (S,) median of the hourly quantiles
+    threshold_bins: np.ndarray                # (S, kinds) sketch bin of each kind's exceedance threshold
+    sustained: dict[int, "Sustained"]          # hours -> the baseline of a shift held that long
+
+
+@dataclass(slots=True)
+class Sustained:
+    """For a request-rate shift held over the last k whole hours (the k hours up to
+    `Baseline.end`): the spread of k-hour request counts around their expectation, from the
+    baseline hours before those k."""
+
+    count_sd: np.ndarray
 
 
 class Evaluator:
     """Judges all signals over all scopes at a given event time."""
 
-    def __init__(self, history: ScopeHistory, specs: tuple[SignalSpec, ...], baseline: float, seasonal: bool) -> None:
+    def __init__(self, history: ScopeHistory, specs: tuple[SignalSpec, ...], baseline: float,
+                 alert_budget: float = 1.0) -> None:
         self.history = history
         self.specs = specs
-        self.baseline = baseline
-        self.seasonal = seasonal
-        self._stats: dict[str, Stats] = {}
-        self._stats_key: tuple[int, int] | None = None
+        self.baseline_s = baseline
+        self.alert_budget = alert_budget
+        self._baseline: Baseline | None = None
+        self._key: tuple[int, int] | None = None
+        h = history
+        self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
+        self.coarse_slots = [max(1, round(f * h.window / h.coarse)) for f in WINDOW_FRACTIONS]
+        self.window_s = np.array([k * h.fine for k in self.fine_slots], dtype=np.float64)
+
+    # --- baseline ---------------------------------------------------------------------
+
+    def _baseline_at(self, end: int) -> Baseline:
+        """Statistics of the hours before `end`, recomputed when the hour turns, a scope
+        appears or an hour before `end` changes (late data)."""
+        h = self.history
+        key = (end, h.size)
+        if self._baseline is not None and key == self._key and h.changed_from_hour >= end:
+            return self._baseline
+        count = int(round(self.baseline_s / 3600))
+        hours = np.arange(end - count, end)
+        adds, q = h._take_hours(hours)
+        burst = h.take_bursts(hours)
+        unknown = ~h.held_hours(hours)[None, :] | (hours[None, :] < h.first_hour[: h.size, None])
+        held_adds = np.where(~unknown[..., None], adds, 0.0)
+        req, cost, tokens = (np.where(unknown, np.nan, a) for a in
+                             (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
+        disp = burstiness(np.nan_to_num(req), burst, round(3600 / h.coarse))
+        sizes, costs = self._size_stats(held_adds), self._size_stats(held_adds, "cost")
+        hod = hours % 24
+        req_profile = daily_profile(req, hours)
+
+        def seasonal(values: np.ndarray, floor: float, per_request: np.ndarray | float) -> Seasonal:
+            """per_request: how much a total's relative variance exceeds its count's (1 + CV^2
+            of the request sizes summed; 1 for the count itself)."""
+            profile = req_profile if values is req else daily_profile(values, hours)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(req_profile[:, hod], 0.5)
+            return Seasonal(profile, level_spread(values, profile[:, hod], sampling, floor))
+
+        qs = np.where(unknown[..., None], np.nan, q)
+        quantile = {kind: nan_median(qs[..., k], axis=1) for k, kind in enumerate(KINDS)}
+        bins = np.stack([self._threshold_bin(quantile[kind], kind) for kind in KINDS], axis=1)
+        sustained = {k: Sustained(block_spread(np.nan_to_num(req), np.nan_to_num(req_profile[:, hod]), k))
+                     for k in SUSTAINED_HOURS}
+        b = Baseline(
+            end=end, sustained=sustained,
+            requests=seasonal(req, 0.5, 1.0),
+            cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], sum_spread(costs)),
+            tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
+            burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
+            sizes=sizes, costs=costs,
+            errors=error_stats(held_adds[..., F["requests"]], held_adds[..., F["errors"]]),
+            quantile=quantile, threshold_bins=bins)
+        self._baseline, self._key = b, key
+        h.changed_from_hour = np.iinfo(np.int64).max
+        return b
+
+    @staticmethod
+    def _threshold_bin(q: np.ndarray, kind: str) -> np.ndarray:
+        """The sketch bin a sample must reach (latency, TTFT: above the bin holding the
+        baseline's p95) or stay below (throughput: below the bin holding its median) to count
+        as slow; -1 where there is no baseline. Bins straddling the quantile are left out, so
+        the expected share beyond it is at most TAIL[kind]."""
+        b = sketch.bin_index(np.nan_to_num(q, nan=-1.0))
+        if kind == "otps":
+            return np.where(b >= 0, b, -1)                # count bins < b
+        return np.where(b >= 0, b + 1, -1)                # count bins >= b + 1
+
+    @staticmethod
+    def _size_stats(adds: np.ndarray, kind: str = "tokens") -> SizeStats:
+        n, s1, s2 = SIZE_FIELDS[kind]
+        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]])
+
+    # --- evaluation -------------------------------------------------------------------
 
     def evaluate(self, t: float) -> Snapshot:
         h = self.history
-        win = h.window_values(t)
-        # Flat baselines depend only on the hours before the window: their statistics are
-        # reused until the hour turns, a scope appears or one of those hours changes (late
-        # data). Seasonal ones blend two hours by the window's position, so they are
-        # recomputed each time (over a week's worth of points, which is cheap).
+        n = h.size
         end = math.floor((t - h.window) / 3600)
         h.refresh_open_hours(before_hour=end)
-        flat = [spec for spec in self.specs if not (self.seasonal or spec.seasonal)]
-        daily = [spec for spec in self.specs if self.seasonal or spec.seasonal]
-        key = (end, h.size)
-        if flat and (key != self._stats_key or h.changed_from_hour < end):
-            adds, q, before, _ = h.hourly(t, self.baseline, False)
-            for spec in flat:
-                _, hist, _ = signal_inputs(spec, win, adds, q, before, h.window)
-                self._stats[spec.name] = baseline_stats(spec, hist)
-            self._stats_key = key
-        if daily:
-            adds, q, before, _ = h.hourly(t, self.baseline, True)
-            for spec in daily:
-                _, hist, _ = signal_inputs(spec, win, adds, q, before, h.window)
-                self._stats[spec.name] = baseline_stats(spec, hist)
-        h.changed_from_hour = np.iinfo(np.int64).max
-        span = h.span(t, self.baseline)
-        verdicts = {}
-        for spec in self.specs:
-            cur, n = current_value(spec, win, h.window)
-            verdicts[spec.name] = judge(spec, cur, None, span, n, stats=self._stats[spec.name])
+        base = self._baseline_at(end)
+        win = h.window_values(t)
+        span = h.span(t, self.baseline_s)
         w_req = win.adds[:, F["requests"]]
-        active = (w_req > 0) | (h.baseline_requests(t, self.baseline) > 0)
-        return Snapshot(t, list(h.keys[: h.size]), self.specs, verdicts, active, w_req)
+        active = (w_req > 0) | (h.baseline_requests(t, self.baseline_s) > 0)
+        tests = max(int(active.sum()), 1) * len(self.specs)
+        n_windows = len(WINDOW_FRACTIONS) + len(SUSTAINED_HOURS)
+        zc = np.array([z_threshold(w, tests, self.alert_budget, n_windows) for w in self.window_s])
+        zc_long = np.array([z_threshold(3600.0 * k, tests, self.alert_budget, n_windows) for k in SUSTAINED_HOURS])
+        ctx = _Context(self, t, base, win, span, zc, zc_long, n)
+        verdicts = {spec.name: JUDGES[spec.name](spec, ctx) for spec in self.specs}
+        for spec in self.specs:
+            verdicts[spec.name].explained = explain(spec, verdicts[spec.name], h.keys[:n], h.app_model_pairs(), self.window_s)
+        return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
 
+
+class _Context:
+    """Everything one evaluation's judges read: the windows' sums and slow-request counts,
+    the baseline, and the evidence thresholds. Sketch sums for a window's quantile are
+    taken only for the scopes whose evidence already passed."""
+
+    def __init__(self, ev: Evaluator, t: float, base: Baseline, win: WindowValues, span: np.ndarray,
+                 zc: np.ndarray, zc_long: np.ndarray, n: int) -> None:
+        h = ev.history
+        self.ev, self.h, self.t, self.base, self.win, self.span, self.zc, self.zc_long, self.n = (
+            ev, h, t, base, win, span, zc, zc_long, n)
+        self.sums = h.recent_sums(t, ev.fine_slots)                # (S, W, F)
+        self.window_min = ev.window_s / 60.0
+        self.hour_s = h.window
+        above, total, self._coarse_abs = h.recent_exceedances(t, max(ev.coarse_slots), base.threshold_bins,
+                                                              version=base.end)
+        # cumulative from the newest slot back: the last k slots of each window
+        ca, ct = np.cumsum(above[:, ::-1], axis=1), np.cumsum(total[:, ::-1], axis=1)
+        idx = np.array(ev.coarse_slots) - 1
+        self.above, self.samples = ca[:, idx], ct[:, idx]          # (S, W, kinds)
+        self._expected: np.ndarray | None = None
+        self._whole: dict[int, np.ndarray] = {}
+
+    def expected_requests(self) -> np.ndarray:
+        """(S, W) requests the time of day leads to expect in each window: the seasonal hourly
+        expectation, interpolated between hour centres minute by minute."""
+        if self._expected is None:
+            self._expected = self.expected(self.base.requests, np.maximum(self.ev.fine_slots, 1))
+        return self._expected
+
+    def expected(self, seasonal: Seasonal, slots: list[int] | np.ndarray) -> np.ndarray:
+        """(S, len(slots)) expected totals of the windows of the last `slots` fine slots.
+        The current slot has only run for part of its length at `t`, so it is expected to
+        hold that part: counting it whole would read every window as short of its usual
+        level (10 % on a 5-minute window, on average), a bias towards drops."""
+        h = self.h
+        out = np.zeros((self.n, len(slots)))
+        t_end = math.floor(self.t / h.fine) * h.fine + h.fine          # windows end with the current slot
+        weight = np.ones(max(int(np.max(slots)), 1))
+        weight[0] = (self.t - (t_end - h.fine)) / h.fine                  # the part of the current slot gone by
+        for j, k in enumerate(slots):
+            mids = t_end - (np.arange(k) + 0.5) * h.fine                 # slot centres
+            pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
+            h0 = np.floor(pos).astype(np.int64)
+            frac = pos - h0
+            v0 = seasonal.profile[:, h0 % 24]
+            v1 = seasonal.profile[:, (h0 + 1) % 24]
+            per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
+            out[:, j] = (per_hour * weight[:k]).sum(axis=1) * h.fine / 3600.0
+        return out
+
+    def window_quantiles(self, kind: str, rows: np.ndarray, q: float) -> np.ndarray:
+        """(len(rows), W) q-quantile of `kind` over each window, for the given scope rows."""
+        sk = self.h.coarse_sketches(rows, self._coarse_abs[::-1], KINDS.index(kind))   # newest slot first
+        cum = np.cumsum(sk, axis=1)[:, np.array(self.ev.coarse_slots) - 1]             # (R, W, NBINS)
+        return sketch.quantile(cum, q)
+
+    def whole_hours(self, k: int) -> np.ndarray:
+        """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
+        if k not in self._whole:
+            adds, _ = self.h._take_hours(np.arange(self.base.end + 1 - k, self.base.end + 1))
+            self._whole[k] = adds.sum(axis=1)
+        return self._whole[k]
+
+    def ready(self, spec: SignalSpec) -> np.ndarray:
+        return self.span >= spec.min_baseline_hours
+
+
+# --- the judges: one per signal -------------------------------------------------------
+#
+# A judge measures; it does not decide. For every scope it reports the largest effect
+# (ratio to the baseline, or its inverse for a fall) among the windows whose evidence
+# passed, and the same for a shift held for hours. `grade` turns those effects into a
+# severity with the spec's ratios, so the thresholds are applied in one place, and
+# `llm-usage-exporter tune` can re-grade a backtest at other ratios without re-running it.
+
+Judge = Callable[[SignalSpec, "_Context"], Verdict]
+
+
+@dataclass(slots=True)
+class Effects:
+    """Per scope: the strongest significant rise (ratio >= 1) and fall (1 / ratio), over
+    the windows judged, and over the 2 to 8 hour windows of a held shift; 0 where none."""
+
+    rise: np.ndarray
+    fall: np.ndarray
+    held_rise: np.ndarray
+    held_fall: np.ndarray
+
+    @classmethod
+    def none(cls, n: int) -> "Effects":
+        z = np.zeros(n)
+        return cls(z, z.copy(), z.copy(), z.copy())
+
+
+def _largest(effect: np.ndarray, passed: np.ndarray) -> np.ndarray:
+    """(S, W) effects where the evidence passed, to the largest per scope (0 where none)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(passed & np.isfinite(effect), effect, 0.0).max(axis=1, initial=0.0)
+
+
+def grade(spec: SignalSpec, e: Effects) -> tuple[np.ndarray, np.ndarray]:
+    """Severity (0 ok, 1 warning, 2 high) and direction (+1 rose, -1 fell, 0) of each scope,
+    from its effects and the spec's ratios."""
+    up = "up" in spec.directions
+    down = "down" in spec.directions
+    drop_w, drop_h = ((spec.drop_warning_ratio, spec.drop_high_ratio) if spec.direction == "both"
+                      else (spec.warning_ratio, spec.high_ratio))
+
+    def reach(effect: np.ndarray, ratio: float, allowed: bool) -> np.ndarray:
+        return (effect >= ratio) & (ratio > 0) & allowed
+
+    warn_up, high_up = reach(e.rise, spec.warning_ratio, up), reach(e.rise, spec.high_ratio, up)
+    warn_down, high_down = reach(e.fall, drop_w, down), reach(e.fall, drop_h, down)
+    held_up = reach(e.held_rise, spec.sustained_ratio, up)
+    held_down = reach(e.held_fall, spec.sustained_ratio, down)
+    sev = np.where(high_up | high_down, int(Severity.HIGH),
+                   np.where(warn_up | warn_down | held_up | held_down, int(Severity.WARNING), 0))
+    rising = warn_up | held_up
+    direction = np.where(rising, 1, np.where(warn_down | held_down, -1, 0))
+    return sev.astype(np.int64), direction
+
+
+def _strongest(z: np.ndarray, zc: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per scope, the z of the window where it comes closest to (or furthest past) its
+    threshold, that window's length, and |z| / threshold there (-1 where no window has a z)."""
+    with np.errstate(invalid="ignore"):
+        rel = np.nan_to_num(np.abs(z) / zc, nan=-1.0)
+    j = np.argmax(rel, axis=1)
+    rows = np.arange(z.shape[0])
+    return z[rows, j], windows[j], rel[rows, j]
+
+
+def _band(baseline: np.ndarray, sd: np.ndarray, zc: float) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return baseline * np.exp(-zc * sd), baseline * np.exp(zc * sd)
+
+
+def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
+    b = c.base
+    n = c.sums[..., F["requests"]]
+    expected = c.expected_requests()
+    z = count_z(n, expected, b.requests.level_sd[:, None], b.burstiness[:, None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (n + 0.5) / (expected + 0.5)
+        rate, usual = n / c.window_min, expected / c.window_min
+    ok = c.ready(spec)[:, None] & np.isfinite(expected)
+    rising = ok & (z >= c.zc) & (rate >= spec.min_current)
+    falling = ok & (z <= -c.zc) & (usual >= spec.min_current)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = Effects(_largest(ratio, rising), _largest(1.0 / ratio, falling), *_held_requests(spec, c))
+    zs, win, _ = _strongest(np.where(ok, z, np.nan), c.zc, c.ev.window_s)
+    current, baseline = rate[:, -1], usual[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
+    lo, hi = _band(baseline, band_sd, c.zc[-1])
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=n - expected)
+
+
+def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray]:
+    """A shift of the request rate held over the last 2, 4 or 8 whole hours: against the sum
+    of those hours' seasonal expectations, judged by how much k-hour sums strayed from
+    theirs in the baseline (and by sampling noise, for quiet scopes). (rise, fall) effects."""
+    b = c.base
+    rise, fall = np.zeros(c.n), np.zeros(c.n)
+    ready = c.ready(spec)
+    for j, k in enumerate(SUSTAINED_HOURS):
+        n = c.whole_hours(k)[:, F["requests"]]
+        expected = b.requests.profile[:, np.arange(b.end + 1 - k, b.end + 1) % 24].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = (n + 0.5) / (expected + 0.5)
+            z_level = np.log(ratio) / b.sustained[k].count_sd
+        z_sampling = quasi_poisson_z(n, expected, b.burstiness)
+        z = np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling))
+        ok = ready & np.isfinite(expected)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            up = ok & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
+            down = ok & (z <= -c.zc_long[j]) & (expected / (60.0 * k) >= spec.min_current)
+            rise = np.fmax(rise, np.where(up, ratio, 0.0))
+            fall = np.fmax(fall, np.where(down, 1.0 / ratio, 0.0))
+    return rise, fall
+
+
+def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(z, ratio) per window of the mean log size of one kind against the baseline."""
+    n, s1, _ = SIZE_FIELDS[kind]
+    m = c.sums[..., F[n]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = c.sums[..., F[s1]] / m
+    z = mean_z(mean, m, st.centre[:, None], st.var[:, None], st.dispersion[:, None])
+    return z, np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
+
+
+def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,
+                 kinds: tuple[str, ...]) -> Verdict:
+    """cost_per_hour and token_velocity: size, count, total and creep evidence. `kinds` are
+    the request sizes that count as evidence: tokens for both, cost per request too for
+    cost (a switch to a pricier model, or records that carry their cost)."""
+    b = c.base
+    stats = {"tokens": b.sizes, "cost": b.costs}
+    # 1. requests got bigger: mean log size per request on every window
+    sized = {k: _size_evidence(c, stats[k], k) for k in kinds}
+    z_size, size_ratio = sized["tokens"]
+    # 2. the hour's total against the time of day (a few huge requests), and
+    # 3. the hour's request count (more requests of the usual size)
+    expected = c.expected(seasonal, [c.ev.fine_slots[-1]])[:, 0]
+    floor = LOG_FLOOR[spec.name] * (60.0 if spec.name == "token_velocity" else 1.0)
+    n_req, exp_req = c.sums[:, -1, F["requests"]], c.expected_requests()[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
+        z_total = np.log((value + floor) / (expected + floor)) / total_sd
+        total_ratio = value / expected
+        count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
+    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness)
+    current, base_value = value * per, expected * per
+    ok = c.ready(spec) & (current >= spec.min_current)
+    hour_ok = ok & np.isfinite(expected)
+    rise = np.zeros(c.n)
+    for z, ratio in sized.values():
+        with np.errstate(invalid="ignore"):
+            rise = np.fmax(rise, _largest(ratio, ok[:, None] & (z >= c.zc)))
+    with np.errstate(invalid="ignore"):
+        rise = np.fmax(rise, np.fmax(np.where(hour_ok & (z_total >= c.zc[-1]), total_ratio, 0.0),
+                                     np.where(hour_ok & (z_count >= c.zc[-1]), count_ratio, 0.0)))
+    # 4. a creep: a smaller size rise held for hours (the baseline's median holds the first
+    # of those hours too, which moves it little)
+    held = np.zeros(c.n)
+    for j, k in enumerate(SUSTAINED_HOURS):
+        sums = c.whole_hours(k)
+        for kind in kinds:
+            n, s1, _ = SIZE_FIELDS[kind]
+            mk = sums[:, F[n]]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_k = sums[:, F[s1]] / mk
+            st_k = stats[kind]
+            zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
+            with np.errstate(invalid="ignore"):
+                held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
+                                              np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
+    e = Effects(rise, np.zeros(c.n), held, np.zeros(c.n))
+    z_best = np.fmax.reduce([np.where(ok[:, None], z, np.nan) for z, _ in sized.values()])
+    zs, win, rel = _strongest(z_best, c.zc, c.ev.window_s)
+    with np.errstate(invalid="ignore"):
+        use_total = ok & (np.nan_to_num(np.abs(z_total) / c.zc[-1], nan=-1.0) > rel)
+    zs = np.where(use_total, z_total, zs)
+    win = np.where(use_total, c.ev.window_s[-1], win)
+    lo, hi = _band(base_value, total_sd, c.zc[-1])
+    per_window = c.sums[..., F["cost"]] if spec.name == "cost_per_hour" else token_sum(c.sums)
+    excess = per_window - c.expected(seasonal, c.ev.fine_slots)
+    excess[:, -1] = value - expected                 # the hour's own total, as judged above
+    return _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=excess)
+
+
+def judge_cost(spec: SignalSpec, c: _Context) -> Verdict:
+    return _judge_usage(spec, c, c.base.cost, c.win.adds[:, F["cost"]], 3600.0 / c.hour_s, ("tokens", "cost"))
+
+
+def judge_tokens(spec: SignalSpec, c: _Context) -> Verdict:
+    return _judge_usage(spec, c, c.base.tokens, token_sum(c.win.adds), 60.0 / c.hour_s, ("tokens",))
+
+
+def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
+    e, n = c.sums[..., F["errors"]], c.sums[..., F["requests"]]
+    st = c.base.errors
+    z = binomial_z(e, n, st.ratio[:, None], st.dispersion[:, None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(n > 0, e / n, np.nan)
+        ratio = share / np.maximum(st.ratio[:, None], ERROR_RATIO_FLOOR)
+        passed = c.ready(spec)[:, None] & (z >= c.zc) & (share >= spec.min_current)
+    effects = Effects(_largest(ratio, passed), np.zeros(c.n), np.zeros(c.n), np.zeros(c.n))
+    zs, win, _ = _strongest(np.where(c.ready(spec)[:, None], z, np.nan), c.zc, c.ev.window_s)
+    baseline = st.ratio
+    sd = np.sqrt(st.dispersion * baseline * (1 - baseline) / np.maximum(n[:, -1], 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo, hi = np.maximum(baseline - c.zc[-1] * sd, 0), baseline + c.zc[-1] * sd
+    return _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e - st.ratio[:, None] * n)
+
+
+def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, slow count, samples) per window of one sketch kind: samples beyond the
+    baseline's quantile against the share expected there."""
+    k = KINDS.index(kind)
+    above, total = c.above[..., k], c.samples[..., k]
+    slow = total - above if kind == "otps" else above
+    has = c.base.threshold_bins[:, k] >= 0
+    z = binomial_z(slow, total, TAIL[kind])
+    z = np.where(has[:, None] & (total >= MIN_SAMPLES), z, np.nan)
+    return z, slow, total
+
+
+def _quantile_effect(c: _Context, kind: str, passed: np.ndarray) -> np.ndarray:
+    """(S, W) effect of one kind where its evidence passed: the window's quantile over the
+    baseline's (its inverse for throughput, where slower is lower); 0 elsewhere. The
+    windows' sketches are summed only for those scopes."""
+    out = np.zeros(passed.shape)
+    rows = np.flatnonzero(passed.any(axis=1))
+    if not rows.size:
+        return out
+    qw = c.window_quantiles(kind, rows, QUANTILES[kind])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = qw / c.base.quantile[kind][rows, None]
+        effect = np.nan_to_num(1.0 / r if kind == "otps" else r, nan=0.0, posinf=0.0)
+    out[rows] = np.where(passed[rows], effect, 0.0)
+    return out
+
+
+def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown: str) -> Verdict:
+    """latency_p95 (its own kind, TTFT and token speed as evidence), ttft_p95, throughput.
+    Effects are rises for latency and TTFT, falls for throughput."""
+    ready = c.ready(spec)[:, None]
+    effect = np.zeros(c.n)
+    best = np.full((c.n, len(c.zc)), np.nan)
+    for kind in kinds:
+        z, _, _ = _slow_evidence(c, kind)
+        with np.errstate(invalid="ignore"):
+            passed = ready & (z >= c.zc)
+        effect = np.fmax(effect, _largest(_quantile_effect(c, kind, passed), passed))
+        best = np.fmax(best, np.where(ready, z, np.nan))
+    zs, win, _ = _strongest(best, c.zc, c.ev.window_s)
+    current, baseline = c.win.quantiles[shown], c.base.quantile[shown]
+    zero = np.zeros(c.n)
+    if shown == "otps":
+        current = np.where(c.win.counts[shown] >= MIN_SAMPLES, current, np.nan)
+        zs = -zs                                   # slower tokens: a drop in throughput
+        e = Effects(zero, effect, zero, zero.copy())
+    else:
+        e = Effects(effect, zero, zero, zero.copy())
+    _, slow, total = _slow_evidence(c, shown)
+    lo, hi = baseline / spec.warning_ratio, baseline * spec.warning_ratio
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=slow - TAIL[shown] * total)
+
+
+def judge_latency(spec: SignalSpec, c: _Context) -> Verdict:
+    return _judge_quantile(spec, c, ("latency", "ttft", "otps"), "latency")
+
+
+def judge_ttft(spec: SignalSpec, c: _Context) -> Verdict:
+    return _judge_quantile(spec, c, ("ttft",), "ttft")
+
+
+def judge_throughput(spec: SignalSpec, c: _Context) -> Verdict:
+    return _judge_quantile(spec, c, ("otps",), "otps")
+
+
+def _verdict(c: _Context, spec: SignalSpec, current: np.ndarray, baseline: np.ndarray, z: np.ndarray,
+             lo: np.ndarray, hi: np.ndarray, effects: Effects, window: np.ndarray, excess: np.ndarray) -> Verdict:
+    sev, direction = grade(spec, effects)
+    # the sign of the published z says which way the verdict went (the alerts split on it)
+    z = np.where(direction > 0, np.abs(z), np.where(direction < 0, -np.abs(z), z))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(baseline > 0, current / baseline, np.nan)
+    return Verdict(current.astype(np.float64), baseline.astype(np.float64), ratio, z.astype(np.float64),
+                   lo, hi, c.span.astype(np.float64), sev, np.where(sev > 0, window, 0.0).astype(np.float64),
+                   excess.astype(np.float64), effects=effects)
+
+
+JUDGES: dict[str, Judge] = {
+    "cost_per_hour": judge_cost,
+    "token_velocity": judge_tokens,
+    "request_rate": judge_request_rate,
+    "error_rate": judge_error_rate,
+    "latency_p95": judge_latency,
+    "ttft_p95": judge_ttft,
+    "output_tokens_per_second": judge_throughput,
+}
+
+
+# --- one cause, one alert ---------------------------------------------------------------
+
+EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of the excess explains it
+
+
+def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray,
+            windows: np.ndarray) -> np.ndarray:
+    """For each scope, the index of an anomalous narrower scope that explains its anomaly
+    (of this signal), or -1.
+
+    The global scope is explained by an anomalous app or model holding at least half of its
+    excess (the amount above the baseline). An app and a model that share traffic and are
+    both anomalous are one event when each holds at least half of the other's excess; the
+    alert then names the app for usage signals (an app sends the requests) and the model for
+    performance signals (a model serves them). When only one holds half of the other's, the
+    other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
+
+    Excesses are compared on the window the explained scope's evidence came from
+    (`windows` are the evaluation windows' lengths): early in a spike only the last minutes
+    hold it, and an hour's excess would still be mostly the ordinary ups and downs of the
+    minutes before."""
+    sev = v.severity
+    col = np.minimum(np.searchsorted(windows, v.window), len(windows) - 1)
+    ex2 = v.excess if v.excess.ndim == 2 else v.excess[:, None]
+    col = np.minimum(col, ex2.shape[1] - 1)
+    out = np.full(sev.shape[0], -1, dtype=np.int64)
+    flagged = np.flatnonzero(sev >= 1)
+    if flagged.size < 2:
+        return out
+    kind = np.array([k[0] for k in keys], dtype=object)
+
+    def covers(a: int, b: int) -> bool:       # a's excess explains at least EXPLAINS_SHARE of b's
+        ea, eb = ex2[a, col[b]], ex2[b, col[b]]
+        return bool(ea * eb > 0 and abs(ea) >= EXPLAINS_SHARE * abs(eb))
+
+    apps = [i for i in flagged.tolist() if kind[i] == "app"]
+    models = [i for i in flagged.tolist() if kind[i] == "model"]
+    shared = {(int(a), int(m)) for a, m in pairs.tolist()} if pairs.size else set()
+    for a in apps:
+        for m in models:
+            if (a, m) not in shared:
+                continue
+            a_m, m_a = covers(a, m), covers(m, a)
+            if a_m and m_a:
+                echo, root = (m, a) if spec.family == "usage" else (a, m)
+            elif a_m:
+                echo, root = m, a
+            elif m_a:
+                echo, root = a, m
+            else:
+                continue
+            if out[echo] < 0:
+                out[echo] = root
+    roots = [i for i in apps + models if out[i] < 0]
+    alerting = min(r for r in (spec.warning_ratio, spec.sustained_ratio) if r > 1.0)
+    for g in flagged.tolist():
+        if kind[g] != "global":
+            continue
+        best = max(roots, key=lambda i: abs(ex2[i, col[g]]), default=None)
+        if best is None:
+            continue
+        if covers(best, g) or (spec.family == "usage"
+                               and _rest_is_usual(v.ratio[g], ex2[best, -1], ex2[g, -1], alerting)):
+            out[g] = best
+    return out
+
+
+def _rest_is_usual(ratio: float, part: float, whole: float, alerting: float) -> bool:
+    """Whether the global total without one scope's excess stays below the lowest ratio that
+    alerts. A usage ratio is total / expected, so expected = whole / (ratio - 1) and the rest
+    sits at 1 + (ratio - 1)(1 - part / whole). This catches the tail of a spike, where the
+    scope's hour has mostly left its peak while noise elsewhere is a sizeable share of a
+    small global excess."""
+    if not (np.isfinite(ratio) and ratio > 1.0 and whole > 0.0 and part > 0.0):
+        return False
+    return bool(1.0 + (ratio - 1.0) * (1.0 - min(part / whole, 1.0)) < alerting)
+
+
+# --- exposition ---------------------------------------------------------------------------
 
 GAUGES: tuple[tuple[str, str, str], ...] = (
     ("llm_anomaly_current", "current", "Current value of the signal over the evaluation window, in the signal's unit."),
-    ("llm_anomaly_baseline", "baseline", "Rolling hourly baseline (median) of the signal, excluding the window under test."),
-    ("llm_anomaly_ratio", "ratio", "Current value / baseline (NaN when the window has too few requests for a verdict)."),
-    ("llm_anomaly_zscore", "zscore", "Robust z-score of the current value against the baseline (median/MAD)."),
+    ("llm_anomaly_baseline", "baseline", "Baseline of the signal for the same window: the time of day's usual level for counts and totals, the usual value otherwise."),
+    ("llm_anomaly_ratio", "ratio", "Current value / baseline."),
+    ("llm_anomaly_zscore", "zscore", "Strongest evidence of a change over the windows judged, as a z-score (negative for a drop)."),
     ("llm_anomaly_severity", "severity", "Exporter verdict: 0 ok, 1 warning, 2 high."),
+    ("llm_anomaly_explained", "explained", "1 when a narrower scope's anomaly of the same signal explains this one (its alert stays quiet)."),
     ("llm_anomaly_baseline_span_seconds", "baseline_span_seconds", "How much history the baseline rests on; verdicts wait for min_baseline_hours."),
-    ("llm_anomaly_band_lower", "band_lower", "Lower IQR fence (Q1 - 1.5 IQR) of the baseline, in the signal's unit."),
-    ("llm_anomaly_band_upper", "band_upper", "Upper IQR fence (Q3 + 1.5 IQR) of the baseline, in the signal's unit."),
+    ("llm_anomaly_band_lower", "band_lower", "Lower edge of the normal range over the evaluation window, in the signal's unit."),
+    ("llm_anomaly_band_upper", "band_upper", "Upper edge of the normal range over the evaluation window, in the signal's unit."),
 )
 
 
@@ -182,8 +759,13 @@ class AnomalyCollector(Collector):
             fam = GaugeMetricFamily(name, doc)
             for spec in snap.specs:
                 v = snap.verdicts[spec.name]
-                arr = v.baseline_hours * 3600.0 if attr == "baseline_span_seconds" else getattr(v, attr)
+                if attr == "baseline_span_seconds":
+                    arr = v.baseline_hours * 3600.0
+                elif attr == "explained":
+                    arr = (v.explained >= 0).astype(np.float64) if v.explained.size else np.zeros(len(snap.keys))
+                else:
+                    arr = getattr(v, attr)
                 values = arr[idx].tolist()
-                for lab, v in zip(labels, values):
-                    fam.add_sample(name, {"signal": spec.name, **lab}, v)
+                for lab, x in zip(labels, values):
+                    fam.add_sample(name, {"signal": spec.name, **lab}, x)
             yield fam

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import sketch
-from ..storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, Groups
+from ..storage.buckets import FIELDS, SKETCHES, TOKEN_FIELDS, F, Groups
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
@@ -80,7 +80,9 @@ class ScopeHistory:
         self.hours = Ring(3600, int(math.ceil(horizon / 3600)) + 2)
         self.open = Ring(3600, OPEN_HOURS)
         self.fine_ring = Ring(self.fine, int(math.ceil(window / self.fine)) + 4)
-        self.coarse_ring = Ring(self.coarse, int(math.ceil(window / self.coarse)) + 2)
+        # one coarse slot beyond the window: an hour's slots leave the ring (and hand on their
+        # burstiness) by the time the hour joins the baseline, whenever the evaluation runs
+        self.coarse_ring = Ring(self.coarse, int(math.ceil(window / self.coarse)) + 1)
         self.keys: list[ScopeKey] = []
         self._index: dict[ScopeKey, int] = {}
         self._series_rows: dict[int, tuple[int, int, int]] = {}
@@ -93,10 +95,18 @@ class ScopeHistory:
         self.open_sk = np.zeros((0, self.open.n, nk, nb), dtype=np.int32)
         self.fine_add = np.zeros((0, self.fine_ring.n, nf))
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
+        self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
+        self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
+        self.coarse_dirty: set[int] = set()                    # coarse slots changed since the evaluator last read them
         self.first_hour = np.zeros(0, dtype=np.int64)
         self.late_sketch_groups = 0
         self._dirty_open: set[int] = set()              # open slots with sketches newer than their quantiles
         self.changed_from_hour = np.iinfo(np.int64).max  # oldest hour changed since the evaluator last looked
+        self._exc_above = np.zeros((0, self.coarse_ring.n, nk))     # per coarse slot: samples beyond thresholds ...
+        self._exc_total = np.zeros((0, self.coarse_ring.n, nk))     # ... and all samples (see recent_exceedances)
+        self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
+        self._exc_version = -1
+        self._exc_size = 0
         self._grow(16)
 
     # --- scopes -----------------------------------------------------------------------
@@ -109,6 +119,7 @@ class ScopeHistory:
         self.hour_add, self.fine_add = g(self.hour_add), g(self.fine_add)
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
+        self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
         self.first_hour = g(self.first_hour, np.iinfo(np.int64).max)
         self._cap = cap
 
@@ -172,8 +183,13 @@ class ScopeHistory:
         adds = groups.adds[rep]
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
-        slot, ok = self._claim(self.coarse_ring, np.repeat(groups.start // self.coarse, 3), self.coarse_sk, 0)
+        absolute = np.repeat(groups.start // self.coarse, 3)
+        requests = groups.adds[rep, F["requests"]]
+        self._hand_on_bursts(rows, absolute, requests)
+        slot, ok = self._claim_coarse(absolute)
         _scatter(self.coarse_sk, rows, slot, ok, groups.nonzero_bins())
+        np.add.at(self.coarse_req, (rows[ok], slot[ok]), requests[ok])
+        self.coarse_dirty.update(np.unique(slot[ok]).tolist())
 
     def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Fold hourly groups (the store's hourly buckets, at start-up).
@@ -235,6 +251,100 @@ class ScopeHistory:
             data[:, s] = fill
         return slot, ok
 
+    def _hand_on_bursts(self, rows: np.ndarray, absolute: np.ndarray, requests: np.ndarray) -> None:
+        """Before a batch claims coarse slots: every coarse slot that this batch completes
+        (the ring moves past it) hands its request count per scope, the ring's part plus the
+        batch's, to the burstiness sums of its hour. Slots the ring holds on, and late
+        records for slots it has already handed on, are left alone (an hour with a late
+        record no longer adds up and is left out of the burstiness). So a day in one batch
+        and the same day a minute at a time leave the same sums."""
+        ring = self.coarse_ring
+        held = ring.tag.copy()
+        after = held.copy()
+        uniq = np.unique(absolute)
+        np.maximum.at(after, uniq % ring.n, uniq)
+        recycled = np.flatnonzero((held >= 0) & (after > held))
+        s_of = absolute % ring.n
+        done = (absolute < after[s_of]) & (absolute >= held[s_of])      # completed by this batch (not late)
+        if not recycled.size and not done.any():
+            return
+        n = self.size
+        totals: dict[int, np.ndarray] = {}                             # absolute slot -> (S,) requests
+        for s in recycled.tolist():
+            totals[int(held[s])] = self.coarse_req[:n, s].copy()
+            self.coarse_req[:, s] = 0.0                                # handed on: the claim clears the rest
+        for a in np.unique(absolute[done]).tolist():
+            sel = done & (absolute == a)
+            part = np.bincount(rows[sel], weights=requests[sel], minlength=n)[:n]
+            totals[a] = totals[a] + part if a in totals else part
+        for a, counts in totals.items():
+            self._fold_burst(a, counts)
+
+    def _claim_coarse(self, absolute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Claim coarse slots (their counts were handed on by `_hand_on_bursts`)."""
+        slot, ok, cleared = self.coarse_ring.claim(absolute)
+        for s in cleared:
+            self.coarse_sk[:, s] = 0
+            self.coarse_req[:, s] = 0.0
+            self.coarse_dirty.add(s)
+        return slot, ok
+
+    def _fold_burst(self, coarse_abs: int, counts: np.ndarray) -> None:
+        hour = coarse_abs * self.coarse // 3600
+        hslot = hour % self.hours.n
+        if self.hours.tag[hslot] == hour:
+            n = counts.shape[0]
+            self.hour_burst[:n, hslot, 0] += counts
+            self.hour_burst[:n, hslot, 1] += counts * counts
+            self.changed_from_hour = min(self.changed_from_hour, hour)
+
+    def bursts_final_before(self) -> int:
+        """The first hour whose burstiness sums may still change: every coarse slot of the
+        hours before it has left the ring."""
+        held = self.coarse_ring.tag[self.coarse_ring.tag >= 0]
+        if not held.size:
+            return -(2 ** 62)
+        return int(held.min()) * self.coarse // 3600
+
+    def burst_rows(self, first: int, end: int) -> list[tuple[str, int, float, float]]:
+        """(scope key, hour, sum, sum of squares) of the hours [first, end) the ring holds,
+        for scopes that had requests in them."""
+        out = []
+        hours = np.arange(first, end)
+        slot, ok = self.hours.slots_for(hours)
+        n = self.size
+        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
+            rows = np.flatnonzero(self.hour_burst[:n, s, 0] > 0)
+            for r in rows.tolist():
+                out.append((_scope_text(self.keys[r]), h, float(self.hour_burst[r, s, 0]), float(self.hour_burst[r, s, 1])))
+        return out
+
+    def load_bursts(self, rows: list[tuple[str, int, float, float]]) -> None:
+        """Burstiness sums stored by `burst_rows`, for the hours the ring holds (at start-up)."""
+        for text, hour, total, squares in rows:
+            slot, ok = self.hours.slots_for(np.array([hour]))
+            if ok[0]:
+                r = self._scope(_scope_key(text))
+                self.hour_burst[r, int(slot[0])] = (total, squares)
+
+    def add_bursts(self, chunks: list[Groups], series_keys: dict[int, tuple[str, str, str]]) -> None:
+        """Burstiness sums of the hours minute buckets cover (at start-up, for minutes before
+        those the window rings are fed), as `add` leaves them once the coarse slots recycle.
+        All chunks at once: a coarse slot's minutes may fall in two chunks."""
+        chunks = [g for g in chunks if len(g)]
+        if not chunks:
+            return
+        groups = Groups(np.concatenate([g.series for g in chunks]), np.concatenate([g.start for g in chunks]),
+                        np.concatenate([g.adds for g in chunks]), None, [])
+        rows, rep = self._expand(groups, series_keys)
+        key, inv = np.unique(rows * (1 << 40) + np.repeat(groups.start // self.coarse, 3), return_inverse=True)
+        counts = np.bincount(inv.reshape(-1), weights=groups.adds[rep, F["requests"]], minlength=key.shape[0])
+        row, coarse_abs = key >> 40, key & ((1 << 40) - 1)
+        hour = coarse_abs * self.coarse // 3600
+        slot, ok = self.hours.slots_for(hour)
+        np.add.at(self.hour_burst, (row[ok], slot[ok], 0), counts[ok])
+        np.add.at(self.hour_burst, (row[ok], slot[ok], 1), counts[ok] ** 2)
+
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         hour = groups.start // 3600
         self.changed_from_hour = min(self.changed_from_hour, int(hour.min()))
@@ -247,6 +357,7 @@ class ScopeHistory:
         for s in cleared:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan
+            self.hour_burst[:, s] = 0.0
         slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
         _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
 
@@ -310,32 +421,81 @@ class ScopeHistory:
         counts = {kind: total[:, k] for k, kind in enumerate(SKETCHES)}
         return WindowValues(adds, _window_quantiles(sk, total), counts)
 
-    def hourly(self, t: float, baseline: float, seasonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Hourly sums (S, H, F), quantiles (S, H, K), a mask of hours before each scope existed,
-        and each scope's history length in hours — for the hours that end before the window.
+    def take_bursts(self, hours: np.ndarray) -> np.ndarray:
+        """Burstiness sums (S, H, 2) of the given absolute hours (zero where the ring has none)."""
+        slot, ok = self.hours.slots_for(hours)
+        out = np.take(self.hour_burst[: self.size], slot, axis=1)
+        out[:, ~ok] = 0.0
+        return out
 
-        Seasonal: one value per earlier day for the same time of day. The window straddles
-        two clock hours, so each day's value blends those two hours by how much of the
-        window each covers; comparing with one of them alone makes every steep part of a
-        daily cycle look like an anomaly around the half hour."""
-        end = math.floor((t - self.window) / 3600)          # first hour that overlaps the window
-        self.refresh_open_hours(before_hour=end)
-        count = int(round(baseline / 3600))
-        if not seasonal:
-            hours = np.arange(end - count, end)
-            adds, q = self._take_hours(hours)
-            return adds, q, hours[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
-        start = t - self.window
-        w1 = min(max((start % 3600) / 3600, 0.0), 1.0)       # share of the window in the later hour
-        first = math.floor(start / 3600)
-        days = np.arange(max(count // 24, 1), 0, -1)
-        hours0 = first - 24 * days                           # oldest day first
-        a0, q0 = self._take_hours(hours0)
-        a1, q1 = self._take_hours(hours0 + 1)
-        adds = (1 - w1) * a0 + w1 * a1
-        with np.errstate(invalid="ignore"):
-            q = np.where(np.isnan(q0), q1, np.where(np.isnan(q1), q0, (1 - w1) * q0 + w1 * q1))
-        return adds, q, hours0[None, :] < self.first_hour[: self.size, None], self.span(t, baseline)
+    def held_hours(self, hours: np.ndarray) -> np.ndarray:
+        """Which of the given absolute hours the hourly ring holds."""
+        return self.hours.slots_for(hours)[1]
+
+    def recent_sums(self, t: float, slot_counts: list[int]) -> np.ndarray:
+        """(S, W, F) sums over the last k fine slots up to the one holding t, for each k of
+        `slot_counts` (the newest slot is still filling)."""
+        n, k_max = self.size, max(slot_counts)
+        hi = math.floor(t / self.fine)
+        slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
+        data = np.take(self.fine_add[:n], slot, axis=1)
+        data[:, ~ok] = 0.0
+        back = np.cumsum(data[:, ::-1], axis=1)             # back[:, j]: the newest j + 1 slots
+        return back[:, np.asarray(slot_counts) - 1]
+
+    def recent_exceedances(self, t: float, n_slots: int, thresholds: np.ndarray,
+                           version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per coarse slot of the last `n_slots` (oldest first): samples at or above each
+        kind's threshold bin (S, n_slots, kinds), all samples (same shape), and the slots'
+        absolute indices. `thresholds` (S, kinds) holds a bin per scope and kind (-1: none).
+
+        A slot's counts are kept until it changes or the thresholds do (`version`), so each
+        evaluation counts only the slots that received records since the last."""
+        n, nk, nb = self.size, len(SKETCHES), sketch.NBINS
+        if self._exc_above.shape[0] < self._cap or self._exc_version != version:
+            self._exc_above = np.zeros((self._cap, self.coarse_ring.n, nk))
+            self._exc_total = np.zeros((self._cap, self.coarse_ring.n, nk))
+            self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
+            self._exc_size = 0
+            self._exc_version = version
+        hi = math.floor(t / self.coarse)
+        absolute = np.arange(hi - n_slots + 1, hi + 1)
+        slot, ok = self.coarse_ring.slots_for(absolute)
+        stale = {int(s) for s, o in zip(slot.tolist(), ok.tolist())
+                 if o and (self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty)}
+        if self._exc_size != n:                              # new scopes: count every slot again
+            stale |= {int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}
+            self._exc_size = n
+        thr = np.clip(thresholds, -1, nb)
+        rows = np.arange(n)
+        for s in sorted(stale):
+            for k in range(nk):
+                counts = self.coarse_sk[:n, s, k].astype(np.int64)
+                tail = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]            # tail[:, b]: samples in bins >= b
+                tail = np.concatenate([tail, np.zeros((n, 1), dtype=np.int64)], axis=1)
+                self._exc_total[:n, s, k] = tail[:, 0]
+                self._exc_above[:n, s, k] = np.where(thr[:, k] >= 0, tail[rows, np.maximum(thr[:, k], 0)], 0)
+            self._exc_tag[s] = self.coarse_ring.tag[s]
+            self.coarse_dirty.discard(s)
+        above = np.take(self._exc_above[:n], slot, axis=1)
+        total = np.take(self._exc_total[:n], slot, axis=1)
+        above[:, ~ok] = 0.0
+        total[:, ~ok] = 0.0
+        return above, total, absolute
+
+    def coarse_sketches(self, rows: np.ndarray, absolute: np.ndarray, kind: int) -> np.ndarray:
+        """(len(rows), len(absolute), NBINS) sketches of one kind of the given scope rows in
+        the given coarse slots (zero where the ring does not hold a slot)."""
+        slot, ok = self.coarse_ring.slots_for(np.asarray(absolute))
+        out = self.coarse_sk[rows[:, None], slot[None, :], kind].astype(np.int64)
+        out[:, ~ok] = 0
+        return out
+
+    def app_model_pairs(self) -> np.ndarray:
+        """(P, 2) scope rows of every (app, model) pair that shares a series."""
+        if not self._sid_rows.shape[0]:
+            return np.zeros((0, 2), dtype=np.int64)
+        return np.unique(self._sid_rows[:, 1:], axis=0)
 
     def _take_hours(self, hours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sums (S, H, F) and quantiles (S, H, K) of the given absolute hours (zero / NaN where
@@ -364,6 +524,15 @@ class ScopeHistory:
         hours = np.arange(end - int(round(baseline / 3600)), end)
         slot, ok = self.hours.slots_for(hours)
         return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
+
+
+def _scope_text(key: ScopeKey) -> str:
+    return "\x1f".join(key)
+
+
+def _scope_key(text: str) -> ScopeKey:
+    scope, app, provider, model = text.split("\x1f")
+    return scope, app, provider, model
 
 
 def _scatter(target: np.ndarray, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray,

@@ -16,9 +16,16 @@ import numpy as np
 from .. import sketch
 from ..ingest.records import TOKEN_FIELDS, RecordColumns
 
-__all__ = ["F", "FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse"]
+__all__ = ["F", "FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse", "widen_adds"]
 # The sums kept per bucket, in this order in the stored `adds` blob (the order is the file format).
-FIELDS: tuple[str, ...] = ("requests", "errors", *TOKEN_FIELDS, "cost", "unpriced", "empty_outputs")
+# The last six describe request size: over successful requests that used tokens (that
+# cost something), their count and the sum and sum of squares of log(total tokens) (of
+# log(cost)). A window's mean log size is the anomaly evaluator's least noisy view of
+# "each request got bigger" (a prompt change, a context that keeps growing, a switch to a
+# pricier model), which sums of tokens or cost hide under the request count's burstiness.
+# Buckets written before these fields existed read them as 0.
+FIELDS: tuple[str, ...] = ("requests", "errors", *TOKEN_FIELDS, "cost", "unpriced", "empty_outputs",
+                           "sized_requests", "log_tokens", "log_tokens_sq", "costed_requests", "log_cost", "log_cost_sq")
 F = {name: i for i, name in enumerate(FIELDS)}
 SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps")
 
@@ -71,6 +78,26 @@ def record_values(cols: RecordColumns, cost: np.ndarray) -> np.ndarray:
     out[:, F["cost"]] = np.where(unpriced, 0.0, cost)
     out[:, F["unpriced"]] = unpriced
     out[:, F["empty_outputs"]] = (cols.output_tokens == 0) & ~cols.is_error
+    total = cols.total_tokens.astype(np.float64)
+    sized = (total > 0) & ~cols.is_error
+    log_size = np.log(np.where(sized, total, 1.0))
+    out[:, F["sized_requests"]] = sized
+    out[:, F["log_tokens"]] = log_size
+    out[:, F["log_tokens_sq"]] = log_size * log_size
+    costed = (out[:, F["cost"]] > 0) & ~cols.is_error
+    log_cost = np.log(np.where(costed, out[:, F["cost"]], 1.0))
+    out[:, F["costed_requests"]] = costed
+    out[:, F["log_cost"]] = log_cost
+    out[:, F["log_cost_sq"]] = log_cost * log_cost
+    return out
+
+
+def widen_adds(adds: np.ndarray) -> np.ndarray:
+    """Stored sums of an older, shorter FIELDS (n, k <= len(FIELDS)) padded with zeros."""
+    if adds.shape[-1] == len(FIELDS):
+        return adds
+    out = np.zeros(adds.shape[:-1] + (len(FIELDS),))
+    out[..., : adds.shape[-1]] = adds
     return out
 
 
@@ -129,8 +156,12 @@ class StoredRows:
         """Rows of (series, adds, *encoded sketches) (b"" for no sketch) of bucket `start`:
         one transpose and one `len`/`join` per column, all in C."""
         series, adds, *blobs = zip(*rows)
-        return cls(np.full(len(rows), start, dtype=np.int64), np.array(series, dtype=np.int64),
-                   np.frombuffer(b"".join(adds), dtype=np.float64).reshape(len(rows), len(FIELDS)),
+        joined = b"".join(adds)
+        if len(joined) == len(rows) * len(FIELDS) * 8:
+            sums = np.frombuffer(joined, dtype=np.float64).reshape(len(rows), len(FIELDS))
+        else:    # rows written with fewer FIELDS (an older version)
+            sums = np.stack([widen_adds(np.frombuffer(a, dtype=np.float64)) for a in adds])
+        return cls(np.full(len(rows), start, dtype=np.int64), np.array(series, dtype=np.int64), sums,
                    [np.fromiter(map(len, col), dtype=np.int64, count=len(col)) // sketch.PAIR_BYTES for col in blobs],
                    [np.frombuffer(b"".join(col), dtype=np.uint8) for col in blobs])
 

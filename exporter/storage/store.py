@@ -37,7 +37,7 @@ import orjson
 
 from .. import sketch
 from ..ingest.dedupe import HASH_NAME
-from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse
+from .buckets import FIELDS, SKETCHES, Groups, StoredRows, merge, sparse, widen_adds
 from .journal import stored_records
 
 SCHEMA = """
@@ -57,6 +57,8 @@ CREATE INDEX IF NOT EXISTS records_ts ON records (ts_max);
 CREATE TABLE IF NOT EXISTS label_values (label TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (label, value));
 CREATE TABLE IF NOT EXISTS daily_cost (app TEXT NOT NULL, day INTEGER NOT NULL, cost REAL NOT NULL, PRIMARY KEY (app, day));
 CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS bursts (scope TEXT NOT NULL, hour INTEGER NOT NULL, total REAL NOT NULL, squares REAL NOT NULL,
+  PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 """
 SCHEMA_VERSION = "2"
 RESOLUTIONS = (60, 3600)
@@ -313,7 +315,7 @@ class Store:
             if row is None:
                 b = Bucket(np.zeros(len(FIELDS)), [b""] * len(SKETCHES))
             else:
-                b = Bucket(np.frombuffer(row[0], dtype=np.float64).copy(), [bytes(x or b"") for x in row[1:]])
+                b = Bucket(widen_adds(np.frombuffer(row[0], dtype=np.float64).copy()), [bytes(x or b"") for x in row[1:]])
             self._cache[key] = b
         return b
 
@@ -550,6 +552,25 @@ class Store:
                 self._failed(e, "storing a notification in")
             self._committed()
 
+    def write_bursts(self, rows: Sequence[tuple[str, int, float, float]], through: int) -> None:
+        """Store how bursty finished hours were, per scope (scope key, hour, sum and sum of
+        squares of its five-minute request counts): derived from minute counts that the
+        store keeps only for hours, so a restart can measure burstiness over the whole
+        baseline. `through`: the hour after the last one written (kept in meta)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO bursts VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('bursts_through', ?)", (str(through),))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._failed(e, "storing burstiness in")
+            self._committed()
+
+    def bursts(self, since_hour: int) -> list[tuple[str, int, float, float]]:
+        with self._lock, self._reading("reading burstiness from"):
+            return self._db.execute("SELECT scope, hour, total, squares FROM bursts WHERE hour >= ?", (since_hour,)).fetchall()
+
     def notifications(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock, self._reading("reading notifications from"):
             rows = self._db.execute("SELECT received_at, body FROM notifications ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
@@ -566,6 +587,7 @@ class Store:
                 self._db.execute("DELETE FROM dedupe WHERE seen < ?", (now - dedupe_window,))
                 self._db.execute("DELETE FROM records WHERE ts_max < ? AND id <= ?", (now - record_retention, self.folded_through))
                 self._db.execute("DELETE FROM daily_cost WHERE day < ?", (int(now // 86400) - 400,))
+                self._db.execute("DELETE FROM bursts WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._failed(e, "pruning")

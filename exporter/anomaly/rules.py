@@ -1,0 +1,305 @@
+"""Prometheus rules generated from the signal specs: the anomaly alerts and their thresholds.
+
+The exporter judges every anomaly itself (`evaluator.py`) and publishes the verdict as
+`llm_anomaly_severity`; the alerts route that verdict. So the anomaly rules carry no
+numbers of their own: each alert fires on the severity, for the direction its signal
+moved in, unless `llm_anomaly_explained` says a narrower scope's alert covers the same
+cause. The thresholds the exporter judged with are published as recording rules in
+`thresholds.yml` (between the generated-block markers) so dashboards draw the same lines.
+
+`llm-usage-exporter rules` writes both files from the specs in effect (defaults plus the
+configuration's `signals:`); `--check` fails when the files on disk differ, which is what
+the test suite runs against the shipped defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .signals import SignalSpec
+
+RUNBOOK_URL = "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md"
+DASHBOARD_URL = "http://localhost:3000/d/llm-anomalies"
+FOR = {"warning": "5m", "critical": "2m"}
+SEVERITY_AT = {"warning": 1, "critical": 2}
+BEGIN = "      # --- anomaly signals: generated from the signal specs by `llm-usage-exporter rules`; do not edit ---\n"
+END = "      # --- end of the generated anomaly thresholds ---\n"
+
+HEADER = """\
+# Anomaly alerts on the exporter's verdicts (llm_anomaly_severity), generated from the
+# signal specs (exporter/signals.py) by `llm-usage-exporter rules`: do not edit; change
+# the specs or the exporter's `signals:` configuration and generate again.
+#
+# The exporter judges each signal and scope on event time: an effect big enough (the
+# signal's ratio, see thresholds.yml) and count-aware evidence that it is real
+# (docs/tuning.md). These rules route the verdict:
+#   warning  fires at llm_anomaly_severity >= 1 held for {warning_for},
+#   critical fires at llm_anomaly_severity == 2 held for {critical_for}, and inhibits its warning twin;
+#   an anomaly that a narrower scope explains (llm_anomaly_explained == 1: the global echo
+#   of one app's spike, the app echo of one model's slowdown) stays quiet, so one cause
+#   pages once. Request rate moves both ways: the sign of llm_anomaly_zscore says which.
+# The verdict waits for the baseline's warm-up (min_baseline_hours) by itself.
+"""
+
+
+def _scope_phrase() -> str:
+    return ('{{ if eq $labels.scope "app" }}app {{ $labels.app }}{{ else if eq $labels.scope "model" }}'
+            'model {{ $labels.provider }}/{{ $labels.model }}{{ else }}all traffic{{ end }}')
+
+
+def _gauge(name: str, prefix: str, func: str, suffix: str) -> str:
+    return (f'{prefix}{{{{ with printf "{name}{{%s}}" $sel | query }}}}{{{{ . | first | value | {func} }}}}'
+            f'{{{{ else }}}}?{{{{ end }}}}{suffix}')
+
+
+def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, dashboard_url: str) -> str:
+    assert spec.text is not None
+    name, summary = spec.text.alerts[direction]
+    sel = f'{{signal="{spec.name}"}}'
+    expr = [f"llm_anomaly_ratio{sel}", f"  and llm_anomaly_severity{sel} >= {SEVERITY_AT[severity]}"]
+    if spec.direction == "both":
+        expr.append(f"  and llm_anomaly_zscore{sel} {'>' if direction == 'up' else '<'} 0")
+    expr.append(f"  unless llm_anomaly_explained{sel} == 1")
+    prefix, func, suffix = spec.text.value
+    times = "x its baseline" if direction == "up" else " of its baseline"
+    ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
+    desc = [
+        '{{ $sel := printf "signal=%q,scope=%q,app=%q,provider=%q,model=%q,instance=%q" $labels.signal '
+        '$labels.scope $labels.app $labels.provider $labels.model $labels.instance -}}',
+        f"{spec.text.measure} for",
+        _scope_phrase(),
+        f"is {ratio}{times}: {_gauge('llm_anomaly_current', prefix, func, suffix)} against a baseline of",
+        f"{_gauge('llm_anomaly_baseline', prefix, func, suffix)} (evidence z "
+        + '{{ with printf "llm_anomaly_zscore{%s}" $sel | query }}{{ . | first | value | printf "%.1f" }}'
+          '{{ else }}?{{ end }}).',
+    ]
+    dash = (f"'{dashboard_url}?orgId=1&var-scope={{{{ $labels.scope }}}}"
+            "{{ with $labels.app }}&var-app={{ . | urlquery }}{{ end }}"
+            "{{ with $labels.provider }}&var-provider={{ . | urlquery }}{{ end }}"
+            "{{ with $labels.model }}&var-model={{ . | urlquery }}{{ end }}'")
+    lines = [
+        f"      - alert: {name}",
+        "        expr: |",
+        *[f"          {e}" for e in expr],
+        f"        for: {FOR[severity]}",
+        "        labels:",
+        f"          severity: {severity}",
+        "          category: anomaly",
+        "        annotations:",
+        f"          summary: {summary}",
+        "          description: >-",
+        *[f"            {d}" for d in desc],
+        f"          runbook_url: {runbook_url}#{name.lower()}",
+        f"          dashboard_url: {dash}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def anomaly_rules(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
+                  dashboard_url: str = DASHBOARD_URL) -> str:
+    """The text of prometheus/rules/anomaly.yml."""
+    out = [HEADER.format(warning_for=FOR["warning"], critical_for=FOR["critical"]),
+           "groups:\n  - name: llm-anomaly\n    rules:\n"]
+    alerts = [_alert(spec, d, sev, runbook_url, dashboard_url)
+              for spec in specs for d in spec.directions for sev in ("warning", "critical")]
+    out.append("\n".join(alerts))
+    return "".join(out)
+
+
+# --- the promtool test of the generated alerts -------------------------------------------
+
+_SERIES_LABELS = 'instance="exporter:9473",job="llm-usage-exporter"'
+# Values that every Go template function in the descriptions renders plainly.
+_VALUES = {"up": (5.0, 2.0, 2.5, 6.0), "down": (1.0, 2.0, 0.5, -6.0)}    # current, baseline, ratio, z
+
+
+def _render(value: float, prefix: str, func: str, suffix: str) -> str:
+    """What the alert template prints for one of the plain _VALUES."""
+    if func.startswith("printf"):
+        text = func.split('"')[1] % value
+    elif func == "humanizePercentage":
+        text = f"{value * 100:g}%"
+    elif func == "humanizeDuration":
+        text = f"{value:g}s"
+    else:                                   # humanize
+        text = f"{value:g}"
+    return f"{prefix}{text}{suffix}"
+
+
+def _expected_description(spec: SignalSpec, direction: str, who: str, current: float, baseline: float,
+                          ratio: float, z: float) -> str:
+    assert spec.text is not None
+    prefix, func, suffix = spec.text.value
+    if spec.name == "error_rate":           # a share: keep it below 1 so percentages read plainly
+        current, baseline = current / 10, baseline / 10
+    shown = f"{ratio:.1f}x its baseline" if direction == "up" else f"{ratio * 100:g}% of its baseline"
+    return (f"{spec.text.measure} for {who} is {shown}: {_render(current, prefix, func, suffix)} against a baseline of "
+            f"{_render(baseline, prefix, func, suffix)} (evidence z {z:.1f}).")
+
+
+@dataclass(frozen=True)
+class _TestCase:
+    """One alert of the generated promtool test, and the alerts it expects."""
+
+    spec: SignalSpec
+    direction: str
+    name: str
+    summary: str
+    runbook_url: str
+    dashboard_url: str
+
+    def expect(self, severity: str, scope: str) -> str:
+        current, baseline, ratio, z = _VALUES[self.direction]
+        scope_labels = "app: chat" if scope == "app" else "provider: openai, model: gpt-4o"
+        phrase = "app chat" if scope == "app" else "model openai/gpt-4o"
+        query = "var-app=chat" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
+        desc = _expected_description(self.spec, self.direction, phrase, current, baseline, ratio, z)
+        lab = 'instance: "exporter:9473", job: llm-usage-exporter'
+        return (f"          - exp_labels: {{severity: {severity}, category: anomaly, signal: {self.spec.name}, "
+                f"scope: {scope}, {scope_labels}, {lab}}}\n"
+                "            exp_annotations:\n"
+                f"              summary: {self.summary}\n"
+                f"              description: \"{desc}\"\n"
+                f"              runbook_url: {self.runbook_url}#{self.name.lower()}\n"
+                f"              dashboard_url: '{self.dashboard_url}?orgId=1&var-scope={scope}&{query}'\n")
+
+
+def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
+                  dashboard_url: str = DASHBOARD_URL) -> str:
+    """promtool unit tests of the generated alerts, one test per alert: a warning held for
+    its `for:`, a critical one with its warning twin, an explained anomaly and (for request
+    rate) a move the other way that stay quiet; the annotations of the warning rendered."""
+    out = [
+        "# promtool unit tests for rules/anomaly.yml, generated with it by `llm-usage-exporter rules`.\n",
+        "# Run from the prometheus/ directory: promtool test rules tests/anomaly_test.yml\n",
+        "#\n",
+        "# Per alert, on a one-minute grid, from minute 5 on:\n",
+        "#   app=chat           severity 1 (warning)                  -> warning once held for its for:\n",
+        "#   model=openai/gpt-4o severity 2 (high)                    -> critical, and its warning twin\n",
+        "#   app=echo           severity 2 and explained              -> silent\n",
+        "#   app=quiet          severity 0                            -> silent\n",
+        "#   app=other-way      (request rate) severity 1, the other direction -> silent for this alert\n",
+        "rule_files:\n  - ../rules/anomaly.yml\nevaluation_interval: 1m\ngroup_eval_order:\n  - llm-anomaly\ntests:\n",
+    ]
+    warn_for = int(FOR["warning"].rstrip("m"))
+    crit_for = int(FOR["critical"].rstrip("m"))
+    eval_min = 5 + max(warn_for, crit_for) + 1
+    steps = eval_min + 2
+    for spec in specs:
+        for direction in spec.directions:
+            assert spec.text is not None
+            name, summary = spec.text.alerts[direction]
+            current, baseline, ratio, z = _VALUES[direction]
+            cases = {("app", "chat"): (1, 0, z), ("model", "gpt-4o"): (2, 0, z), ("app", "echo"): (2, 1, z),
+                     ("app", "quiet"): (0, 0, z)}
+            if spec.direction == "both":
+                cases[("app", "other-way")] = (1, 0, -z)
+            out.append(f"  - name: '{name} ({direction})'\n    interval: 1m\n    input_series:\n")
+            for (scope, who), (sev, explained, zz) in cases.items():
+                labels = (f'signal="{spec.name}",scope="{scope}",' +
+                          (f'app="{who}"' if scope == "app" else f'provider="openai",model="{who}"') + "," + _SERIES_LABELS)
+                cur, base = (current / 10, baseline / 10) if spec.name == "error_rate" else (current, baseline)
+                for metric, value in (("ratio", ratio), ("current", cur), ("baseline", base), ("zscore", zz),
+                                      ("explained", explained)):
+                    out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n        values: '{_num(value)}x{steps}'\n")
+                out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 {sev}x{steps - 4}'\n")
+            out.append("    alert_rule_test:\n")
+            ctx = _TestCase(spec, direction, name, summary, runbook_url, dashboard_url)
+            # the verdicts are pending: nothing yet
+            out.append(f"      - eval_time: {4 + min(warn_for, crit_for)}m\n        alertname: {name}\n        exp_alerts: []\n")
+            # just before the warning's for: has passed: only the critical one (its for: is shorter)
+            early = 4 + warn_for
+            out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
+            out.append("        exp_alerts:\n" + ctx.expect("critical", "model") if crit_for < warn_for
+                       else "        exp_alerts: []\n")
+            out.append(f"      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
+            out.append(ctx.expect("warning", "app"))
+            out.append(ctx.expect("warning", "model"))
+            out.append(ctx.expect("critical", "model"))
+    return "".join(out)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def threshold_block(specs: tuple[SignalSpec, ...]) -> str:
+    """The generated part of prometheus/rules/thresholds.yml: the numbers each anomaly
+    verdict was judged with, as constant recording rules, for dashboards and humans."""
+    lines = [
+        BEGIN,
+        "      # ratio: the effect an alert needs, as a multiple of the baseline (severity warning /\n"
+        "      # critical = the exporter's warning / high); ratio_low: the level a drop must reach.\n",
+    ]
+
+    def rule(record: str, value: float, **labels: str) -> None:
+        lab = ", ".join(f"{k}: {v}" for k, v in labels.items())
+        lines.append(f'      - {{record: "{record}", expr: "vector({_num(value)})", labels: {{{lab}}}}}\n')
+
+    for s in specs:
+        for sev, up in (("warning", s.warning_ratio), ("critical", s.high_ratio)):
+            if "up" in s.directions:
+                rule("llm:anomaly_threshold:ratio", up, signal=s.name, severity=sev)
+        for sev, ratio in (("warning", s.warning_ratio), ("critical", s.high_ratio)):
+            if "down" in s.directions:
+                drop = (s.drop_warning_ratio if sev == "warning" else s.drop_high_ratio) if s.direction == "both" else ratio
+                rule("llm:anomaly_threshold:ratio_low", round(1.0 / drop, 6), signal=s.name, severity=sev)
+    lines.append("      # sustained_ratio: a smaller change that warns when held for 2 to 8 hours (0: none)\n")
+    for s in specs:
+        rule("llm:anomaly_threshold:sustained_ratio", s.sustained_ratio, signal=s.name)
+    lines.append("      # min_current: the smallest value a verdict needs, in the signal's unit (for drops: the baseline)\n")
+    for s in specs:
+        rule("llm:anomaly_threshold:min_current", s.min_current, signal=s.name)
+    lines.append("      # min_baseline_hours: history needed before the first verdict\n")
+    for s in specs:
+        rule("llm:anomaly_threshold:min_baseline_hours", s.min_baseline_hours, signal=s.name)
+    lines.append(END)
+    return "".join(lines)
+
+
+def splice_thresholds(text: str, block: str) -> str:
+    """thresholds.yml with its generated block replaced."""
+    try:
+        a = text.index(BEGIN)
+        b = text.index(END) + len(END)
+    except ValueError:
+        raise ValueError("thresholds.yml: the generated-block markers are missing; restore them from the shipped file") from None
+    return text[:a] + block + text[b:]
+
+
+def link_setting(prometheus_dir: Path) -> tuple[str, str]:
+    """(runbook URL, anomaly dashboard URL) from prometheus/links.yml, the one setting every
+    alert's links come from (the shipped defaults where the file is missing)."""
+    path = prometheus_dir / "links.yml"
+    if not path.is_file():
+        return RUNBOOK_URL, DASHBOARD_URL
+    doc = yaml.safe_load(path.read_text()) or {}
+    grafana = str(doc.get("grafana", DASHBOARD_URL.rsplit("/d/", 1)[0])).rstrip("/")
+    return str(doc.get("runbook", RUNBOOK_URL)).rstrip("/"), f"{grafana}/d/llm-anomalies"
+
+
+def generate(rules_dir: Path, specs: tuple[SignalSpec, ...], check: bool = False,
+             runbook_url: str | None = None, dashboard_url: str | None = None) -> list[Path]:
+    """Write (or with `check`, compare) anomaly.yml and thresholds.yml in `rules_dir` and the
+    alerts' promtool test in `rules_dir/../tests`; returns the files that differ from what
+    the specs generate. Links come from `rules_dir/../links.yml` unless given."""
+    runbook_default, dashboard_default = link_setting(rules_dir.parent)
+    runbook_url = runbook_url or runbook_default
+    dashboard_url = dashboard_url or dashboard_default
+    stale = []
+    for path in (rules_dir / "anomaly.yml", rules_dir.parent / "tests" / "anomaly_test.yml", rules_dir / "thresholds.yml"):
+        old = path.read_text() if path.exists() else ""
+        if path.name == "anomaly.yml":
+            new = anomaly_rules(specs, runbook_url, dashboard_url)
+        elif path.name == "anomaly_test.yml":
+            new = anomaly_tests(specs, runbook_url, dashboard_url)
+        else:
+            new = splice_thresholds(old, threshold_block(specs))
+        if new != old:
+            stale.append(path)
+            if not check:
+                path.write_text(new)
+    return stale

@@ -1,0 +1,112 @@
+"""Count-aware significance: how surprising a window's value is, as a z-score.
+
+Every anomaly verdict asks two questions: is the change big enough to matter (the
+signal's ratio threshold), and is it real rather than noise? This module answers the
+second. Each test turns what a window holds (a count of requests or errors, a number of
+slow requests, a mean of log token sizes) into a z-score that is roughly standard normal
+when nothing is wrong, using the noise model that fits the quantity:
+
+- request counts: overdispersed (quasi-)Poisson sampling (requests come in bursts, so a
+  count's variance is `dispersion` times its mean) and, separately, the day-to-day variation of
+  the level itself (log-normal). A count must be surprising under both to count as
+  evidence, so a small scope needs a bigger deviation than a large one;
+- error counts and threshold exceedances (slow requests, slow tokens): binomial, scaled
+  for overdispersion;
+- means of per-request log sizes: normal, with a variance that shrinks with the number
+  of requests.
+
+Deviance-based z-scores (the signed square root of the likelihood-ratio statistic) stay
+close to normal even for counts of a few, where a normal approximation of the count
+itself would not.
+
+`z_threshold` says how large a z must be: the false-alarm budget (false warnings a week
+over all series) spread over every series and over the independent windows of each length
+in a week (a Bonferroni bound), so the false rate does not grow with the number of apps
+and models watched.
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+
+WEEK = 7 * 86400.0
+_NORMAL = NormalDist()
+
+
+def nb_z(n: np.ndarray, mean: np.ndarray, dispersion: np.ndarray | float) -> np.ndarray:
+    """Signed root deviance of count `n` against a negative binomial with the given mean and
+    variance `dispersion` x mean (Poisson when dispersion is 1)."""
+    n = np.asarray(n, dtype=np.float64)
+    mean = np.maximum(np.asarray(mean, dtype=np.float64), 1e-9)
+    extra = np.maximum(np.asarray(dispersion, dtype=np.float64) - 1.0, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.where(extra > 1e-9, mean / np.maximum(extra, 1e-9), np.inf)    # NB size parameter
+        term_n = np.where(n > 0, n * np.log(n / mean), 0.0)
+        # Poisson limit of (n + k) log((n + k) / (mean + k)) as k grows: n - mean
+        term_k = np.where(np.isinf(k), n - mean, (n + k) * np.log((n + k) / (mean + k)))
+        dev = 2.0 * (term_n - term_k)
+    return np.sign(n - mean) * np.sqrt(np.maximum(dev, 0.0))
+
+
+def level_z(n: np.ndarray, mean: np.ndarray, level_sd: np.ndarray, dispersion: np.ndarray | float) -> np.ndarray:
+    """z of log(n / mean) when the level itself varies log-normally with `level_sd` (day to
+    day) on top of the sampling variance of the count."""
+    n = np.asarray(n, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(level_sd, dtype=np.float64) ** 2 + np.asarray(dispersion, dtype=np.float64) / np.maximum(mean, 0.5)
+    return np.log((n + 0.5) / (mean + 0.5)) / np.sqrt(var)
+
+
+def quasi_poisson_z(n: np.ndarray, mean: np.ndarray, dispersion: np.ndarray | float) -> np.ndarray:
+    """Signed root of the Poisson deviance of count `n` scaled down by the overdispersion:
+    requests that arrive in bursts of about `dispersion` carry that many times less
+    information than independent ones, in both tails (a negative binomial would make an
+    empty window far more surprising than bursty arrivals make it)."""
+    return nb_z(n, mean, 1.0) / np.sqrt(np.maximum(np.asarray(dispersion, dtype=np.float64), 1.0))
+
+
+def count_z(n: np.ndarray, mean: np.ndarray, level_sd: np.ndarray, dispersion: np.ndarray | float) -> np.ndarray:
+    """Evidence that a count left its expected level: the smaller of the sampling and the
+    level z-scores (with the sign of the deviation). A burst that sampling noise explains
+    and a swing that an ordinary busy or quiet day explains both stay quiet."""
+    zs = quasi_poisson_z(n, mean, dispersion)
+    zl = level_z(n, mean, level_sd, dispersion)
+    return np.sign(zs) * np.minimum(np.abs(zs), np.abs(zl))
+
+
+def binomial_z(k: np.ndarray, n: np.ndarray, p: np.ndarray | float, dispersion: np.ndarray | float = 1.0) -> np.ndarray:
+    """Signed root deviance of k successes in n trials against probability p, divided by the
+    square root of the overdispersion; 0 where n is 0."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(k > 0, k * np.log(k / (n * p)), 0.0)
+        b = np.where(n - k > 0, (n - k) * np.log((n - k) / (n * (1 - p))), 0.0)
+    dev = np.where(n > 0, 2.0 * (a + b), 0.0)
+    return np.sign(k - n * p) * np.sqrt(np.maximum(dev, 0.0)) / np.sqrt(np.maximum(dispersion, 1.0))
+
+
+def mean_z(mean: np.ndarray, n: np.ndarray, centre: np.ndarray, var: np.ndarray,
+           dispersion: np.ndarray | float) -> np.ndarray:
+    """z of a window's mean of n values against the baseline centre, for values of variance
+    `var` whose means vary `dispersion` times more than independent values would; 0 where
+    n is 0."""
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (mean - centre) / np.sqrt(np.asarray(dispersion) * var / np.maximum(n, 1.0))
+    return np.where((n > 0) & np.isfinite(z), z, 0.0)
+
+
+def z_threshold(window_s: float, tests: int, budget_per_week: float, windows: int) -> float:
+    """The z a one-sided test on windows of `window_s` must reach so that `tests` series,
+    each judged on `windows` window lengths, raise about `budget_per_week` false alarms a
+    week in total: a week holds WEEK / window_s independent windows of that length."""
+    per_test = budget_per_week / (max(tests, 1) * max(windows, 1) * (WEEK / window_s))
+    return _NORMAL.inv_cdf(1.0 - min(max(per_test, 1e-15), 0.5))
+
+
+def normal_quantile(p: float) -> float:
+    return _NORMAL.inv_cdf(p)
