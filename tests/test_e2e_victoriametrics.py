@@ -21,14 +21,13 @@ import re
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import e2e_marks, runbook_anchors  # noqa: E402
+from stack_util import e2e_marks, epoch, runbook_anchors  # noqa: E402
 from test_e2e_alerts import (RECEIVER, RUNBOOK, SPIKE_CALLS, SPIKE_SIZE, STEP_S, UNIT_COST,  # noqa: E402
                              WINDOW_S, _clear_of_the_hour_turn, _rec, spike_history)
 from vm_stack import VMStack, vm_binaries  # noqa: E402
@@ -117,14 +116,6 @@ def ha() -> Iterator[Scenario]:
             trickle.stop()
 
 
-def _epoch(rfc3339: str) -> float:
-    """Alertmanager's timestamps (nanosecond fractions cut to microseconds) in epoch seconds."""
-    m = re.fullmatch(r"([\d-]+T[\d:]+)(?:\.(\d+))?(Z|[+-][\d:]+)", rfc3339)
-    assert m, rfc3339
-    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
-    return datetime.fromisoformat(f"{m.group(1)}.{(m.group(2) or '0')[:6]}{zone}").timestamp()
-
-
 def _same(alert: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(alert.get("labels", {}).get(k) == v for k, v in labels.items())
 
@@ -189,7 +180,7 @@ def test_the_alert_fired_once_and_resolves_once(ha: Scenario) -> None:
     tokens = s.delivered(receiver=RECEIVER["critical"], labels={"alertname": "LLMTokenVelocitySpike",
                                                                  "app": "spike-app"})
     assert tokens
-    critical_ended = min(_epoch(a["endsAt"]) for _, a in s.delivered(receiver=RECEIVER["critical"], status="resolved",
+    critical_ended = min(epoch(a["endsAt"]) for _, a in s.delivered(receiver=RECEIVER["critical"], status="resolved",
                                                                     labels={"app": "spike-app"}))
     early = [a["labels"] for n, a in s.delivered(labels={"category": "anomaly", "severity": "warning"})
              if n["received_at"] < critical_ended]
