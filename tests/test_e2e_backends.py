@@ -95,7 +95,7 @@ def test_a_backend_that_fails_pages_holds_back_its_errors_and_resolves(scenario:
     labels = {"alertname": "LLMBackendDown", "severity": "critical", **VLLM}
 
     # 200: up, and no alert
-    sc.wait(lambda: s.prom_query(f'probe_success{{backend="vllm-e2e"}} == 1'), "the first successful probe")
+    sc.wait(lambda: s.prom_query('probe_success{backend="vllm-e2e"} == 1'), "the first successful probe")
     up = sc.wait(lambda: (b := sc.backend("vllm-e2e")) and b["state"] == "up" and b, "vllm-e2e up in /api/backends")
     assert (up["provider"], up["model"], up["kind"], up["last_error"]) == ("hosted_vllm", "llama-e2e", "vllm", None)
     assert up["probes"][0]["target"] == sc.health and up["probes"][0]["http_status_code"] == 200
