@@ -20,13 +20,14 @@ import ipaddress
 import os
 import socket
 import typing
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .anomaly.signals import signal_specs
 from .detectors.budget import BudgetSettings
@@ -93,6 +94,9 @@ class Settings(BaseModel):
     limit_concurrency: int = Field(0, ge=0, description="uvicorn's limit: HTTP 503 once this many connections or requests are open (0: off)")
     tail: list[Path] = Field(default_factory=list, description="JSONL files to follow like tail -f (resumes after a restart)")
     demo: bool = Field(False, description="backfill a week of synthetic history and keep generating traffic")
+    prometheus_url: str | None = Field(None, description="the Prometheus that scrapes the blackbox exporter's backend probes, e.g. http://prometheus:9090; GET /api/backends reads them from it (unset: that endpoint answers 503)")
+    prometheus_timeout: Duration = Field(5, gt=0, description="how long GET /api/backends waits for each answer of prometheus_url")
+    prometheus_token_file: Path | None = Field(None, description="file with the bearer token prometheus_url wants, if any (read at each request)")
     log_level: Lower[Literal["debug", "info", "warning", "error"]] = Field("info", description="debug, info, warning or error")
     sqlite_synchronous: Lower[Literal["off", "normal", "full", "extra"]] = Field(
         "normal", description="SQLite's synchronous mode: normal survives a process crash, full also a power loss")
@@ -103,6 +107,17 @@ class Settings(BaseModel):
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift detector: quality that degrades while still returning 200")
     runaway: RunawaySettings = Field(default_factory=RunawaySettings, description="runaway-loop detector: sessions that loop, burst or cost too much")
     budgets: BudgetSettings = Field(default_factory=BudgetSettings, description="spend budgets and the calendar they count in")
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        """An http(s) base URL without query or fragment; '' counts as unset."""
+        if v is None or not v.strip():
+            return None
+        parts = urllib.parse.urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"must be an http:// or https:// base URL like http://prometheus:9090, got {v!r}")
+        return v.strip().rstrip("/")
 
     def tokens(self) -> set[str]:
         """Tokens for ingest and reads, from the file and the environment (never from a flag)."""

@@ -249,6 +249,22 @@ def table(title: str, tgts: list[dict[str, Any]], unit: str, description: str = 
     }
 
 
+def state_timeline(title: str, tgts: list[dict[str, Any]], description: str = "", *,
+                   mappings: list | None = None, steps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One bar per series, coloured by its value over time (up / down)."""
+    return {
+        "type": "state-timeline", "title": title, "description": description, "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": "none", "color": {"mode": "thresholds"}, "thresholds": steps or GREEN,
+                                     "mappings": mappings or [],
+                                     "custom": {"fillOpacity": 80, "lineWidth": 0, "spanNulls": False}},
+                        "overrides": []},
+        "options": {"showValue": "never", "mergeValues": True, "alignValue": "left", "rowHeight": 0.8,
+                    "legend": {"showLegend": False, "displayMode": "list", "placement": "bottom"},
+                    "tooltip": {"mode": "single", "sort": "none"}},
+        "targets": tgts,
+    }
+
+
 def severity_column(name: str, mapping: list[dict[str, Any]] = SEVERITY_MAPPING) -> dict[str, Any]:
     return by_name(name, ("mappings", mapping), ("unit", "short"),
                    ("custom.cellOptions", {"type": "color-background", "mode": "basic"}),
@@ -826,8 +842,85 @@ def quality() -> Board:
     return b
 
 
+# --------------------------------------------------------------------------- backend health
+
+UP_DOWN = [{"type": "value", "options": {
+    "0": {"text": "down", "color": "red", "index": 0},
+    "1": {"text": "up", "color": "green", "index": 1},
+}}]
+# Probe series carry the labels of their entry in prometheus/backends.yml; an entry without
+# provider or model matches the All value (.*) of those filters.
+BSEL = 'backend=~"$backend", provider=~"$provider", model=~"$model"'
+BY_PROBE = "backend, module, instance"
+
+
+def backends() -> Board:
+    backend_var = query_var("backend", "Backend", 'label_values(probe_success{provider=~"$provider", '
+                                                  'model=~"$model"}, backend)')
+    b = Board("llm-backends", "LLM backends: health probes",
+              "The LLM servers and gateways of prometheus/backends.yml as the blackbox exporter probes them: up or "
+              "down over time, probe latency, failures in a row, the last failure and its reason, certificates. "
+              "The alerts are in prometheus/rules/backends.yml.", ["backends"], extra_vars=[backend_var],
+              time_from="now-6h")
+    b.row("Backend health")
+    b.add(stat("Backends down", targets((f"count(count by (backend) (probe_success{{{BSEL}}} == 0)) or vector(0)",
+                                         "down"), instant=True), "short",
+               "Backends with at least one failing probe now.", steps=thresholds(("green", None), ("red", 1))), 6, 4)
+    b.add(stat("Backends up", targets((f"count(min by (backend) (probe_success{{{BSEL}}}) == 1) or vector(0)",
+                                       "up"), instant=True), "short", "Backends whose every probe succeeds now."), 6, 4)
+    b.add(stat("Probes not running", targets(
+        (f'count(up{{job="llm-backends", {BSEL}}} == 0) or vector(0)', "probes"), instant=True), "short",
+        "Probes Prometheus got no result for (an unknown module, or the prober unreachable).",
+        steps=thresholds(("green", None), ("orange", 1))), 6, 4)
+    b.add(stat("Prober", targets(('min(up{job="blackbox-exporter"})', "blackbox exporter"), instant=True), "none",
+               "The blackbox exporter itself, as Prometheus scrapes it.", mappings=UP_DOWN,
+               steps=thresholds(("red", None), ("green", 1))), 6, 4)
+    b.add(state_timeline("Up / down by probe", targets((f"probe_success{{{BSEL}}}", "{{backend}} {{module}}")),
+                         "Each probe's result over time: green up, red down.", mappings=UP_DOWN,
+                         steps=thresholds(("red", None), ("green", 1))), 24, 8)
+    b.add(timeseries("Probe duration", [
+        *targets((f"probe_duration_seconds{{{BSEL}}}", "{{backend}} {{module}}")),
+        target('backend:llm_backend_threshold:probe_duration_seconds{backend=~"$backend"}', "slow above ({{backend}})",
+               "B")], "s",
+        "How long each probe took (a failed probe: until it gave up). Dashed: the slow-probe threshold.", fill=0,
+        overrides=[by_regexp("^slow above .*", ("color", color("orange")), ("custom.lineStyle", DASHED))]), 12, 8)
+    b.add(timeseries("Failed probes in a row", [
+        *targets((f"instance:probe_failures:consecutive{{{BSEL}}}", "{{backend}} {{module}}")),
+        target('backend:llm_backend_threshold:down_probes{backend=~"$backend"}', "down at ({{backend}})", "B")],
+        "short", "Consecutive failed probes; a backend is down (LLMBackendDown) from the dashed line.", fill=0,
+        interpolation="stepAfter", decimals=0,
+        overrides=[by_regexp("^down at .*", ("color", color("red")), ("custom.lineStyle", DASHED))]), 12, 8)
+    b.add(table("Probes now", targets(
+        (f"max by ({BY_PROBE}) (probe_success{{{BSEL}}})", ""),
+        (f"max by ({BY_PROBE}) (instance:probe_failures:consecutive{{{BSEL}}})", ""),
+        (f"max by ({BY_PROBE}) (probe_duration_seconds{{{BSEL}}})", ""),
+        (f"max by ({BY_PROBE}) (probe_http_status_code{{{BSEL}}})", ""),
+        instant=True, table=True), "short", "Every probe now: up or down, failures in a row, the last probe's "
+        "duration and HTTP status (HTTP probes).",
+        columns={"Value #A": "state", "Value #B": "failed in a row", "Value #C": "duration",
+                 "Value #D": "HTTP status"},
+        overrides=[by_name("state", ("mappings", UP_DOWN),
+                           ("custom.cellOptions", {"type": "color-background", "mode": "basic"}),
+                           ("thresholds", thresholds(("red", None), ("green", 1)))),
+                   unit_column("duration", "s"), unit_column("HTTP status", "none", 0)],
+        sort=("state", False)), 14, 8)
+    b.add(table("Last failure and its reason", targets(
+        (f"topk by (backend, module) (1, max by (backend, module, reason) (last_over_time("
+         f"instance:probe_failure_timestamp_seconds:by_reason{{{BSEL}}}[$__range]))) * 1000", ""),
+        instant=True, table=True), "dateTimeAsIso",
+        "The latest failed probe of each probe kind within the time range, and why it failed: HTTP <status>, "
+        "unexpected body, no response (refused, timed out, DNS or TLS), no echo reply (ICMP), connect failed (TCP).",
+        columns={"Value #A": "last failure"}, sort=("last failure", True), no_value="no failure in the range"), 10, 8)
+    b.add(bargauge("TLS certificates: days left", targets(
+        (f"(probe_ssl_earliest_cert_expiry{{{BSEL}}} - time()) / 86400", "{{backend}} {{instance}}"), instant=True),
+        "d", "Days until the earliest certificate of each TLS backend's chain expires (LLMBackendCertificateExpiring "
+        "warns at 14, pages at 3).", steps=thresholds(("red", None), ("orange", 3), ("green", 14)), max_=90,
+        no_value="no TLS backend"), 24, 6)
+    return b
+
+
 BOARDS = {"llm-overview": overview, "llm-anomalies": anomalies, "llm-performance": performance,
-          "llm-budget": budget, "llm-quality": quality}
+          "llm-budget": budget, "llm-quality": quality, "llm-backends": backends}
 
 
 def render() -> dict[str, str]:

@@ -12,7 +12,11 @@ traffic carries what some panels need to show anything at all, by construction:
 - a request from a provider beyond `--label-limit-provider` (label overflow);
 - one agent session calling the same tool over and over with `runaway.chain_max_calls`
   low (runaway panels, and LLMRunawaySessions firing for the firing-alerts table and
-  the dashboards' alert annotations).
+  the dashboards' alert annotations);
+- the blackbox exporter probing three backends (the backend health board): a model server
+  that answers, one over HTTPS with a certificate that expires in 30 days (the prober
+  trusts it through SSL_CERT_FILE), and a port that refuses connections (a failure with
+  its reason).
 
 Then every query (`iter_dashboard_queries` with a 30 s `$__rate_interval`) runs as an
 instant query and as a one-minute range query; each must be accepted by Prometheus and
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -37,15 +42,16 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import (e2e_marks, exporter_json, iter_dashboard_queries, load_dashboards, load_stack,  # noqa: E402
-                        prom_api, rule_errors)
+from model_server import ModelServer, self_signed_cert  # noqa: E402
+from stack_util import (blackbox_marks, exporter_json, iter_dashboard_queries, load_dashboards,  # noqa: E402
+                        load_stack, prom_api, rule_errors)
 
 from exporter.sources import demo  # noqa: E402
 
 stack_mod = load_stack()
 Stack = stack_mod.Stack
 
-pytestmark = e2e_marks()
+pytestmark = blackbox_marks()
 
 RATE_INTERVAL = "30s"
 HISTORY_DAYS = 7       # the seasonal request-rate baseline needs six earlier days
@@ -121,29 +127,45 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     cfg.write_text(yaml.safe_dump(EXPORTER_CONFIG))
     # demo traffic uses two providers; the third distinct one overflows into "other"
     args = ["--config", str(cfg), "--label-limit-provider", "2"]
-    with Stack(fast=True, time_scale=60, ready_timeout=60, exporter_args=args) as s:
-        now = time.time()
-        batch: list[dict[str, Any]] = []
-        for hour in demo.backfill(now - HISTORY_DAYS * 86400, now - 60):
-            batch.extend(hour)
-            if len(batch) >= 5000:
-                assert s.post_records(batch)["rejected"] == 0
-                batch = []
-        if batch:
+    cert = self_signed_cert(tmp_path_factory.mktemp("tls"), days=30)
+    with ModelServer() as plain, ModelServer(tls=cert) as secure, socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))           # bound, not listening: connections are refused
+        backends = [
+            {"targets": [plain.url + "/health"],
+             "labels": {"backend": "vllm-demo", "kind": "vllm", "provider": "openai", "model": "gpt-4o-mini"}},
+            {"targets": [secure.url + "/health"], "labels": {"backend": "tgi-demo", "kind": "tgi"}},
+            {"targets": [f"127.0.0.1:{refusing.getsockname()[1]}"],
+             "labels": {"backend": "retired-box", "module": "tcp_connect"}},
+        ]
+        with Stack(fast=True, time_scale=60, ready_timeout=60, exporter_args=args, blackbox=True, backends=backends,
+                   env={"SSL_CERT_FILE": str(cert.cert)}) as s:
+            yield from _loaded(s)
+
+
+def _loaded(s: Any) -> Iterator[Any]:
+    """A week of demo history, then live traffic until the panels have data; yields the stack."""
+    now = time.time()
+    batch: list[dict[str, Any]] = []
+    for hour in demo.backfill(now - HISTORY_DAYS * 86400, now - 60):
+        batch.extend(hour)
+        if len(batch) >= 5000:
             assert s.post_records(batch)["rejected"] == 0
-        live = LiveTraffic(s)
-        live.start()
-        try:
-            started = time.time()
-            # something besides the Watchdog fires (firing-alerts tables and annotations)
-            s.wait_for(lambda: s.prom_query('ALERTS{alertstate="firing", alertname="LLMRunawaySessions"}'),
-                       timeout=90, message="LLMRunawaySessions firing")
-            # every rate window holds a full window of live samples
-            time.sleep(max(0.0, LIVE_MIN_S - (time.time() - started)))
-            yield s
-        finally:
-            live.stop()
-        assert not live.errors, live.errors[:3]
+            batch = []
+    if batch:
+        assert s.post_records(batch)["rejected"] == 0
+    live = LiveTraffic(s)
+    live.start()
+    try:
+        started = time.time()
+        # something besides the Watchdog fires (firing-alerts tables and annotations)
+        s.wait_for(lambda: s.prom_query('ALERTS{alertstate="firing", alertname="LLMRunawaySessions"}'),
+                   timeout=90, message="LLMRunawaySessions firing")
+        # every rate window holds a full window of live samples
+        time.sleep(max(0.0, LIVE_MIN_S - (time.time() - started)))
+        yield s
+    finally:
+        live.stop()
+    assert not live.errors, live.errors[:3]
 
 
 def _has_data(doc: dict[str, Any]) -> bool:
@@ -166,7 +188,7 @@ def test_every_dashboard_query_returns_data_live(loaded: Any) -> None:
     s = loaded
     queries = list(iter_dashboard_queries(rate_interval=RATE_INTERVAL, interval="15s"))
     assert len(queries) > 100
-    assert len({q.dashboard for q in queries}) == 5
+    assert len({q.dashboard for q in queries}) == 6
     end = time.time()
     failed, empty_instant, empty_range = [], set(), set()
     for q in queries:
@@ -231,5 +253,10 @@ def test_the_live_data_behind_the_panels(loaded: Any) -> None:
     assert s.prom_query('min(llm_anomaly_baseline_span_seconds{scope="global"}) >= 24 * 3600')
     assert s.prom_query('count(llm_drift_value) > 0')
     assert s.prom_query('sum(rate(llm_time_to_first_token_seconds_count[30s])) > 0')
+    # the backends: one up, one over TLS with its certificate, one refusing with a reason
+    assert s.prom_query('probe_success{backend="vllm-demo"} == 1')
+    assert s.prom_query('(probe_ssl_earliest_cert_expiry{backend="tgi-demo"} - time()) / 86400 > 29')
+    assert s.prom_query('instance:probe_failure_timestamp_seconds:by_reason{backend="retired-box", '
+                        'reason="connect failed"}')
     # and the recording rules the panels read evaluated cleanly on it
     assert not rule_errors(s)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_util import (DASHBOARD_DIR, PROVISIONING_DIR, REPO, DashboardQuery,  # noqa: E402
                         iter_dashboard_queries, iter_panels, load_dashboards, promtool)
 
-EXPECTED_UIDS = {"llm-overview", "llm-anomalies", "llm-performance", "llm-budget", "llm-quality"}
+EXPECTED_UIDS = {"llm-overview", "llm-anomalies", "llm-performance", "llm-budget", "llm-quality", "llm-backends"}
 DATASOURCE_UIDS = {"prometheus", "alertmanager"}
 NO_DATA_TYPES = {"row", "text", "news", "dashlist"}
 
@@ -50,6 +50,8 @@ def exporter_metric_names() -> set[str]:
 
 
 PROMETHEUS_BUILTIN = {"ALERTS", "ALERTS_FOR_STATE", "up"}
+# What the blackbox exporter publishes for each probe (the backend health board).
+BLACKBOX = {"probe_success", "probe_duration_seconds", "probe_http_status_code", "probe_ssl_earliest_cert_expiry"}
 _METRIC = re.compile(r"(?<![\w:\"'])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[)")
 
 
@@ -179,7 +181,7 @@ def test_metric_names_are_known():
     rule_names: list[tuple[str, DashboardQuery]] = []
     for q in iter_dashboard_queries():
         for name in _METRIC.findall(q.expr):
-            if name in PROMETHEUS_BUILTIN:
+            if name in PROMETHEUS_BUILTIN or name in BLACKBOX:
                 continue
             if ":" in name:
                 rule_names.append((name, q))

@@ -28,7 +28,7 @@ from .auth import AuthMiddleware, Tokens
 from .background import Background, NamedTask
 from .ingest_queue import IngestQueue
 from .responses import RETRY_AFTER_STORE, ApiError, api_error_handler, error
-from .routes import alertmanager, anomalies, ingest, prices, status, usage
+from .routes import alertmanager, anomalies, backends, ingest, prices, status, usage
 
 log = logging.getLogger("llm_usage_exporter")
 
@@ -71,7 +71,7 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
         app.add_middleware(AuthMiddleware, tokens=tokens)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StoreError, store_failed)
-    for module in (ingest, alertmanager, status, anomalies, prices, usage):
+    for module in (ingest, alertmanager, status, anomalies, backends, prices, usage):
         app.include_router(module.router)
     return app
 

@@ -77,8 +77,9 @@ RESPONSES: dict[int, dict[str, Any]] = {
           "content": {"application/json": {"schema": {"type": "object"}}}},
     429: {"description": "The ingest queue is full: retry the same request after Retry-After", "content": _JSON_ERROR,
           "headers": _RETRY},
-    503: {"description": "Not available now (the store could not commit, or no evaluation yet): retry after "
-                         "Retry-After", "content": _JSON_ERROR, "headers": _RETRY},
+    503: {"description": "Not available now (the store could not commit, no evaluation yet, or a service the "
+                         "answer is read from cannot be asked): retry after Retry-After", "content": _JSON_ERROR,
+          "headers": _RETRY},
 }
 
 
