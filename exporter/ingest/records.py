@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .errors import ERROR_TYPES as ERROR_TYPES  # re-exported: the labels' vocabulary
+from .errors import classify_error
 from .rejections import Rejected
-
-ERROR_TYPES: tuple[str, ...] = ("rate_limit", "timeout", "server_error", "client_error", "content_filter", "other")
 # The token types: `llm_tokens_total{token_type}`, the record fields `<type>_tokens`, the bucket
 # sums and the price columns all follow this one list.
 TOKEN_TYPES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "reasoning")
@@ -203,46 +203,24 @@ def _looks_numeric(s: str) -> bool:
 
 
 def _status_and_error(status: Any, error_type: Any) -> tuple[str, str | None]:
-    """Fold the many ways of saying "this failed" into status + a fixed error_type."""
-    et = _text("error_type", error_type, lower=True)
-    if et is not None and et not in ERROR_TYPES:
-        et = _ERROR_ALIASES.get(et, "other")
+    """Fold the many ways of saying "this failed" into status + a fixed error_type
+    (`errors.classify_error`: a recognised name wins, an unknown one never hides a status)."""
+    name = _text("error_type", error_type)
     if status is None or status == "":
-        return ("error", et) if et else ("ok", None)
+        return ("error", classify_error(None, name)) if name else ("ok", None)
     if isinstance(status, (int, float)) and not isinstance(status, bool):
         code = int(status)
         if 200 <= code < 400:
             return "ok", None
-        return "error", et or _http_error_type(code)
+        return "error", classify_error(code, name) or "other"
     s = _text("status", status, lower=True) or "ok"
     if s.isdigit():
         return _status_and_error(int(s), error_type)
     if s in ("ok", "success", "succeeded", "completed"):
         return "ok", None
     if s in ("error", "failure", "failed", "fail"):
-        return "error", et or "other"
+        return "error", classify_error(None, name) or "other"
     raise RecordError("status", f"must be 'ok', 'error' or an HTTP status code, got {status!r}")
-
-
-_ERROR_ALIASES = {
-    "ratelimit": "rate_limit", "rate_limited": "rate_limit", "429": "rate_limit", "throttled": "rate_limit",
-    "timed_out": "timeout", "deadline_exceeded": "timeout",
-    "server": "server_error", "internal_error": "server_error", "overloaded": "server_error", "api_error": "server_error",
-    "client": "client_error", "bad_request": "client_error", "invalid_request": "client_error",
-    "content_policy": "content_filter", "safety": "content_filter",
-}
-
-
-def _http_error_type(code: int) -> str:
-    if code == 429:
-        return "rate_limit"
-    if code in (408, 504):
-        return "timeout"
-    if code >= 500:
-        return "server_error"
-    if 400 <= code < 500:
-        return "client_error"
-    return "other"
 
 
 def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
