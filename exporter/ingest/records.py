@@ -14,9 +14,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
+from .attribution import Attribution
 from .errors import ERROR_TYPES as ERROR_TYPES  # re-exported: the labels' vocabulary
 from .errors import classify_error
+from .native import NativeError, translate, usage_tokens
 from .rejections import Rejected
+
 # The token types: `llm_tokens_total{token_type}`, the record fields `<type>_tokens`, the bucket
 # sums and the price columns all follow this one list.
 TOKEN_TYPES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "reasoning")
@@ -245,15 +249,18 @@ def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
 
 
 def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map aliases and unit-suffixed fields onto our names; our own names win."""
+    """Map aliases and unit-suffixed fields onto our names; our own names win. A nested
+    `usage` block (OpenAI, Anthropic, Bedrock or Gemini style) is split into our token types
+    by its own semantics (`native.usage_tokens`)."""
     out: dict[str, Any] = {}
     usage = raw.get("usage")
-    if isinstance(usage, dict):  # OpenAI/Anthropic responses carry tokens in a nested block
-        for k, v in usage.items():
+    if isinstance(usage, dict):
+        try:
+            out.update(usage_tokens(usage))
+        except NativeError as e:
+            raise RecordError(e.field, e.message) from None
+        for k, v in usage.items():        # other fields a usage block may hold (cost, service_tier)
             out.setdefault(ALIASES.get(str(k), str(k)), v)
-        lifetimes = usage.get("cache_creation")   # Anthropic: cache writes by cache lifetime
-        if isinstance(lifetimes, dict) and "ephemeral_1h_input_tokens" in lifetimes:
-            out.setdefault("cache_write_1h_tokens", lifetimes["ephemeral_1h_input_tokens"])
     for k, v in raw.items():
         if k in MILLISECOND_FIELDS and v not in (None, ""):
             target = MILLISECOND_FIELDS[k]
@@ -268,11 +275,38 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_record(raw: Any, now: float) -> UsageRecord:
+# Fields a poster may add around a native object (`{"app": "bot", **message.model_dump()}`)
+OWN_FIELDS = frozenset(UsageRecord.__slots__) | frozenset(MILLISECOND_FIELDS)
+
+
+def record_fields(raw: dict[str, Any], attribution: Attribution = DEFAULT_ATTRIBUTION) -> dict[str, Any]:
+    """A decoded object's fields in our names, native objects translated, with its app and
+    provider resolved by `attribution`'s precedence (None when nothing names them)."""
+    try:
+        native = translate(raw)
+    except NativeError as e:
+        raise RecordError(e.field, e.message) from None
+    if native is None:
+        d = normalise_keys(raw)
+        apps: dict[str, Any] = {}
+        inferred = None
+    else:
+        d = normalise_keys({k: v for k, v in native.fields.items() if v is not None})
+        d.update(normalise_keys({k: v for k, v in raw.items() if k in OWN_FIELDS and k not in native.owned
+                                 and v is not None and v != ""}))
+        apps, inferred = native.apps, native.provider
+    apps["app"] = d.get("app")
+    d["app"] = attribution.app(apps)
+    if d.get("provider") is None or (isinstance(d["provider"], str) and not d["provider"].strip()):
+        d["provider"] = attribution.provider(inferred)
+    return d
+
+
+def parse_record(raw: Any, now: float, attribution: Attribution = DEFAULT_ATTRIBUTION) -> UsageRecord:
     """Validate one decoded JSON object (or CSV row) into a record, or raise RecordError."""
     if not isinstance(raw, dict):
         raise RecordError("record", f"must be a JSON object, got {type(raw).__name__}")
-    d = normalise_keys(raw)
+    d = record_fields(raw, attribution)
     status, error_type = _status_and_error(d.get("status"), d.get("error_type"))
     latency = _float("latency_s", d.get("latency_s"), MAX_SECONDS)
     ttft = _float("ttft_s", d.get("ttft_s"), MAX_SECONDS)
@@ -317,7 +351,8 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
     )
 
 
-def parse_items(items: Sequence[Any | Rejected], now: float) -> tuple[list[UsageRecord], list[Rejected], list[int]]:
+def parse_items(items: Sequence[Any | Rejected], now: float,
+                attribution: Attribution = DEFAULT_ATTRIBUTION) -> tuple[list[UsageRecord], list[Rejected], list[int]]:
     """Validate decoded items; returns records, rejections and each record's input index."""
     good: list[UsageRecord] = []
     bad: list[Rejected] = []
@@ -327,7 +362,7 @@ def parse_items(items: Sequence[Any | Rejected], now: float) -> tuple[list[Usage
             bad.append(Rejected(i, item.field, item.reason))
             continue
         try:
-            good.append(parse_record(item, now))
+            good.append(parse_record(item, now, attribution))
             idx.append(i)
         except RecordError as e:
             bad.append(Rejected(i, e.field, e.message))
