@@ -218,3 +218,12 @@ def test_engine_uses_the_configured_default(tmp_path: Path) -> None:
                                                                   "model": "llama3"}) == 1
     finally:
         e.close()
+
+
+def test_times_instead_of_durations() -> None:
+    r = parse_record({"provider": "p", "model": "m", "start_time": "2023-11-14T21:00:00Z",
+                      "end_time": "2023-11-14T21:00:03.5Z", "first_token_time": "2023-11-14T21:00:00.25Z"}, T0)
+    assert (r.latency_s, r.ttft_s, r.stream) == (3.5, 0.25, True)
+    r = parse_record({"provider": "p", "model": "m", "startTime": T0 - 4, "endTime": T0 - 1,
+                      "completionStartTime": T0 - 1, "latency_s": 2.0}, T0)
+    assert (r.latency_s, r.ttft_s) == (2.0, None)        # own duration wins; first token at the end is no TTFT

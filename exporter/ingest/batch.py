@@ -20,7 +20,7 @@ import numpy as np
 from ..codes import is_none
 from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
 from .attribution import Attribution
-from .native import MARKER_KEYS
+from .native import END_KEYS, FIRST_TOKEN_KEYS, MARKER_KEYS
 from .records import (
     ALIASES,
     MAX_COST,
@@ -40,7 +40,7 @@ from .records import (
 )
 from .rejections import Rejected, Rejections
 
-SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | MARKER_KEYS
+SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | MARKER_KEYS | frozenset(END_KEYS + FIRST_TOKEN_KEYS)
 # Keys that can give a record its provider and model (a `usage` block can hold any field; a
 # native object's shape implies its provider and names its model its own way).
 PROVIDER_KEYS = frozenset({"provider"} | MARKER_KEYS | {k for k, v in ALIASES.items() if v == "provider"})

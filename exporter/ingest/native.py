@@ -41,6 +41,9 @@ from .errors import classify_error
 
 # Keys whose presence sends a record through this module (and the per-record path).
 MARKER_KEYS = frozenset({"usage", "usageMetadata", "usage_metadata", "object", "call_type", "response"})
+# End and first-token times a record in our own format may carry instead of durations.
+END_KEYS = ("end_time", "endTime")
+FIRST_TOKEN_KEYS = ("first_token_time", "completion_start_time", "completionStartTime")
 
 
 class NativeError(ValueError):
@@ -119,7 +122,9 @@ def _seconds(v: Any) -> float | None:
     return None
 
 
-def _duration(start: Any, end: Any) -> float | None:
+def duration(start: Any, end: Any) -> float | None:
+    """Seconds from `start` to `end` (each epoch seconds or milliseconds, or RFC 3339); None
+    when either is missing or the end comes first."""
     s, e = _seconds(start), _seconds(end)
     if s is None or e is None or e < s:
         return None
@@ -300,7 +305,7 @@ def openai_response(raw: Mapping[str, Any]) -> Native:
                          "service_tier": raw.get("service_tier"), "operation": "chat", **tokens,
                          "tool_calls": _tool_names(calls) or None,
                          "request_had_tools": bool(raw.get("tools")) or None,
-                         "latency_s": _duration(raw.get("created_at"), raw.get("completed_at"))}
+                         "latency_s": duration(raw.get("created_at"), raw.get("completed_at"))}
     if status == "failed":
         err = _obj(raw.get("error"))
         f["status"] = "error"
@@ -400,9 +405,9 @@ def _litellm_common(raw: Mapping[str, Any], meta: Mapping[str, Any], usage: Any)
     else:   # no usage object: the flat totals (cached and reasoning tokens are not split out then)
         f["input_tokens"] = raw.get("prompt_tokens")
         f["output_tokens"] = raw.get("completion_tokens")
-    latency = _duration(raw.get("startTime"), raw.get("endTime"))
+    latency = duration(raw.get("startTime"), raw.get("endTime"))
     f["latency_s"] = latency
-    first = _duration(raw.get("startTime"), raw.get("completionStartTime"))
+    first = duration(raw.get("startTime"), raw.get("completionStartTime"))
     # LiteLLM sets the first-token time to the end time when nothing streamed
     if first is not None and latency is not None and first < latency and raw.get("stream") is not False:
         f["ttft_s"] = first

@@ -18,7 +18,7 @@ from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
 from .attribution import Attribution
 from .errors import ERROR_TYPES as ERROR_TYPES  # re-exported: the labels' vocabulary
 from .errors import classify_error
-from .native import NativeError, translate, usage_tokens
+from .native import END_KEYS, FIRST_TOKEN_KEYS, NativeError, duration, translate, usage_tokens
 from .rejections import Rejected
 
 # The token types: `llm_tokens_total{token_type}`, the record fields `<type>_tokens`, the bucket
@@ -279,6 +279,22 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
 OWN_FIELDS = frozenset(UsageRecord.__slots__) | frozenset(MILLISECOND_FIELDS)
 
 
+def _times(raw: dict[str, Any], d: dict[str, Any]) -> None:
+    """Latency and TTFT from a start (`ts`), an end and a first-token time, where a record
+    carries times instead of durations. A first token at the end is no TTFT (LiteLLM
+    writes the end time there when nothing streamed)."""
+    end = next((raw[k] for k in END_KEYS if raw.get(k) not in (None, "")), None)
+    first = next((raw[k] for k in FIRST_TOKEN_KEYS if raw.get(k) not in (None, "")), None)
+    if end is None and first is None:
+        return
+    latency = duration(d.get("ts"), end)
+    if d.get("latency_s") is None and latency is not None:
+        d["latency_s"] = latency
+    ttft = duration(d.get("ts"), first)
+    if d.get("ttft_s") is None and ttft is not None and (latency is None or ttft < latency):
+        d["ttft_s"] = ttft
+
+
 def record_fields(raw: dict[str, Any], attribution: Attribution = DEFAULT_ATTRIBUTION) -> dict[str, Any]:
     """A decoded object's fields in our names, native objects translated, with its app and
     provider resolved by `attribution`'s precedence (None when nothing names them)."""
@@ -290,6 +306,8 @@ def record_fields(raw: dict[str, Any], attribution: Attribution = DEFAULT_ATTRIB
         d = normalise_keys(raw)
         apps: dict[str, Any] = {}
         inferred = None
+        if d.get("latency_s") is None or d.get("ttft_s") is None:
+            _times(raw, d)
     else:
         d = normalise_keys({k: v for k, v in native.fields.items() if v is not None})
         d.update(normalise_keys({k: v for k, v in raw.items() if k in OWN_FIELDS and k not in native.owned
