@@ -74,7 +74,7 @@ class Native:
 # --- small readers --------------------------------------------------------------------------
 
 def _obj(v: Any) -> Mapping[str, Any]:
-    return v if isinstance(v, Mapping) else {}
+    return v if isinstance(v, dict) else {}
 
 
 def _count(block: Mapping[str, Any], key: str, where: str) -> int:
@@ -258,7 +258,7 @@ def _provider_of_openai_shape(raw: Mapping[str, Any]) -> str:
 def openai_chat(raw: Mapping[str, Any]) -> Native:
     usage = raw.get("usage")
     chunk = raw.get("object") == "chat.completion.chunk"
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         if chunk:
             raise NativeError("usage", "this stream chunk carries no usage: post the last chunk of the stream, which "
                                        "carries it when the request sets stream_options.include_usage")
@@ -273,7 +273,7 @@ def openai_chat(raw: Mapping[str, Any]) -> Native:
         calls = message.get("tool_calls")
         if isinstance(calls, list) and calls:
             f["tool_calls"] = calls
-        elif isinstance(message.get("function_call"), Mapping):
+        elif isinstance(message.get("function_call"), dict):
             f["tool_calls"] = [message["function_call"]]
     if chunk:
         f["stream"] = True
@@ -297,7 +297,7 @@ def openai_response(raw: Mapping[str, Any]) -> Native:
         raise NativeError("status", f"{status!r} is not final: post the response once it is completed, "
                                     "incomplete, failed or cancelled")
     usage = raw.get("usage")
-    tokens = responses_usage(usage) if isinstance(usage, Mapping) else {}
+    tokens = responses_usage(usage) if isinstance(usage, dict) else {}
     output = raw.get("output")
     items = [_obj(o) for o in output] if isinstance(output, list) else []
     calls = [o.get("name") or o.get("type") for o in items if o.get("type") in _RESPONSE_TOOL_ITEMS]
@@ -346,7 +346,7 @@ def gemini_response(raw: Mapping[str, Any]) -> Native:
     first = _obj(candidates[0]) if isinstance(candidates, list) and candidates else {}
     parts = _obj(first.get("content")).get("parts")
     calls = [(_obj(p.get("functionCall")) or _obj(p.get("function_call"))).get("name")
-             for p in (parts if isinstance(parts, list) else ()) if isinstance(p, Mapping)]
+             for p in (parts if isinstance(parts, list) else ()) if isinstance(p, dict)]
     f = {"model": raw.get("modelVersion") or raw.get("model_version") or raw.get("model"),
          "request_id": raw.get("responseId") or raw.get("response_id"),
          "ts": raw.get("createTime") or raw.get("create_time"),
@@ -400,7 +400,7 @@ def _litellm_common(raw: Mapping[str, Any], meta: Mapping[str, Any], usage: Any)
         "ts": _seconds(raw.get("startTime")),
         "operation": _CALL_TYPES.get(str(raw.get("call_type") or ""), raw.get("call_type") or None),
     }
-    if isinstance(usage, Mapping) and usage:
+    if isinstance(usage, dict) and usage:
         f.update(openai_usage(usage, "metadata.usage_object"))
     else:   # no usage object: the flat totals (cached and reasoning tokens are not split out then)
         f["input_tokens"] = raw.get("prompt_tokens")
@@ -484,16 +484,16 @@ def shape_of(raw: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], Native] | 
         return openai_chat
     if obj == "response":
         return openai_response
-    if obj == "list" and isinstance(raw.get("usage"), Mapping) and "data" in raw:
+    if obj == "list" and isinstance(raw.get("usage"), dict) and "data" in raw:
         return openai_embeddings
     if "call_type" in raw:
         return litellm_spend_log if ("spend" in raw or "request_duration_ms" in raw) else litellm_payload
-    if raw.get("type") == "message" and isinstance(raw.get("usage"), Mapping):
+    if raw.get("type") == "message" and isinstance(raw.get("usage"), dict):
         return anthropic_message
     if "usageMetadata" in raw or "usage_metadata" in raw:
         return gemini_response
     usage = raw.get("usage")
-    if isinstance(usage, Mapping) and ("inputTokens" in usage or "outputTokens" in usage):
+    if isinstance(usage, dict) and ("inputTokens" in usage or "outputTokens" in usage):
         return bedrock_converse
     return None
 
@@ -501,7 +501,7 @@ def shape_of(raw: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], Native] | 
 def translate(raw: Mapping[str, Any]) -> Native | None:
     """Our record fields for a native object (None when `raw` is in our own format; a plain
     `usage` block inside our own format is split by `usage_tokens` there)."""
-    if raw.get("type") in _RESPONSE_EVENTS and isinstance(raw.get("response"), Mapping):
+    if raw.get("type") in _RESPONSE_EVENTS and isinstance(raw.get("response"), dict):
         return openai_response(raw["response"])
     reader = shape_of(raw)
     return reader(raw) if reader is not None else None
