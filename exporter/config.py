@@ -237,6 +237,8 @@ class Knob:
             return format_duration(float(value))
         if isinstance(value, bool):
             return str(value).lower()
+        if isinstance(value, list) and value:         # as a flag or a variable takes it
+            return ",".join(map(str, value))
         if isinstance(value, (Path, str)):
             return str(value) or "''"
         return repr(value)
