@@ -219,8 +219,10 @@ class UsageExporterLogger(CustomLogger):  # type: ignore[misc]   # litellm is no
             if wait is None:
                 return
             self.counts["retries"] += 1
-            if self._closed and self._deadline_passed():
-                self.counts["dropped"] += len(batch)
+            if self._closed and self._deadline_passed():     # closing and still failing: give up on all
+                with self._lock:
+                    self.counts["dropped"] += len(batch) + len(self._queue)
+                    self._queue.clear()
                 return
             time.sleep(min(wait if wait > 0 else backoff * (0.5 + random.random()), self.max_backoff))
             backoff = min(backoff * 2, self.max_backoff)
