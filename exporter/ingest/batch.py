@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..codes import is_none
+from . import genai
 from .records import (
     ALIASES,
     MAX_COST,
@@ -37,10 +38,12 @@ from .records import (
 )
 from .rejections import Rejected, Rejections
 
-SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
+SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"} | genai.KEYS
 # Keys that can give a record its provider and model (a `usage` block can hold any field).
-PROVIDER_KEYS = frozenset({"provider", "usage"} | {k for k, v in ALIASES.items() if v == "provider"})
-MODEL_KEYS = frozenset({"model", "usage"} | {k for k, v in ALIASES.items() if v == "model"})
+PROVIDER_KEYS = frozenset({"provider", "usage", genai.PROVIDER, genai.SYSTEM}
+                          | {k for k, v in ALIASES.items() if v == "provider"})
+MODEL_KEYS = frozenset({"model", "usage", genai.REQUEST_MODEL, genai.RESPONSE_MODEL}
+                       | {k for k, v in ALIASES.items() if v == "model"})
 _NUMBER_TYPES = (int, float, type(None))
 _FLAG_TYPES = {bool, type(None)}
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import genai
 from .rejections import Rejected
 
 ERROR_TYPES: tuple[str, ...] = ("rate_limit", "timeout", "server_error", "client_error", "content_filter", "other")
@@ -268,6 +269,8 @@ def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
 
 def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """Map aliases and unit-suffixed fields onto our names; our own names win."""
+    if not genai.KEYS.isdisjoint(raw):      # OpenTelemetry GenAI attributes count tokens their own way
+        raw = genai.merged(raw)
     out: dict[str, Any] = {}
     usage = raw.get("usage")
     if isinstance(usage, dict):  # OpenAI/Anthropic responses carry tokens in a nested block
