@@ -9,6 +9,9 @@ ignored and counted, rejected spans reported as OTLP partial success, junk refus
 from __future__ import annotations
 
 import gzip
+import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,18 +20,25 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
+import yaml
 from faults import locked
 from google.rpc.status_pb2 import Status as RpcStatus
 from helpers import Server, sample_sum
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from exporter.ingest import otlp
+from exporter.ingest.genai import error_class, is_model_call, record_fields, service_app
+from exporter.ingest.otlp import BadTraces, decode_traces
 
 TOKEN = "otlp-ingest-token"
 READ_TOKEN = "otlp-read-token"
@@ -211,6 +221,63 @@ def test_sdk_exports_genai_spans_as_usage_records(server: Server) -> None:
     assert "secret" not in orjson.dumps(recent).decode()
 
 
+def test_the_official_openai_instrumentation_exported_to_the_receiver(server: Server) -> None:
+    """The openai SDK on a mock transport, instrumented by opentelemetry-instrumentation-openai-v2,
+    exported by the SDK's OTLP/HTTP exporter: its spans count as the conventions read them."""
+    openai = pytest.importorskip("openai")
+    openai_v2 = pytest.importorskip("opentelemetry.instrumentation.openai_v2")
+    answers = iter([
+        httpx.Response(200, json=_completion("chatcmpl-InstrA1b2C3d4E5f6G7h8", 2_400, 1_000, 180, 60)),
+        httpx.Response(200, json=_completion("chatcmpl-InstrI9j8K7l6M5n4O3p2", 900, 0, 40, 0)),
+        httpx.Response(429, json={"error": {"message": "Rate limit reached", "type": "requests",
+                                            "code": "rate_limit_exceeded"}}),
+    ])
+    client = openai.OpenAI(api_key="sk-test", max_retries=0,
+                           http_client=httpx.Client(transport=httpx.MockTransport(lambda request: next(answers))))
+    sdk = Sdk(server, "instrumented-app")
+    instrumentor = openai_v2.OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=sdk.provider)
+    try:
+        for _ in range(2):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    finally:
+        instrumentor.uninstrument()
+    sdk.flush()
+    got = server.scrape()
+    spans = [s for s in sdk.spans if s.attributes.get("gen_ai.operation.name") == "chat"]
+    assert len(spans) == 3
+    app = {"app": "instrumented-app"}
+    assert series(got, "llm_requests_total", **app) == 3
+    assert series(got, "llm_request_errors_total", error_type="rate_limit", **app) == 1
+    # tokens as the spans report them, read by the conventions (cached and reasoning parts,
+    # where the instrumentation reports them, split off the totals they are part of)
+    ok = [s.attributes for s in spans if "gen_ai.usage.input_tokens" in s.attributes]
+    cached = sum(a.get("gen_ai.usage.cache_read.input_tokens", 0) for a in ok)
+    reasoning = sum(a.get("gen_ai.usage.reasoning.output_tokens", 0) for a in ok)
+    assert series(got, "llm_tokens_total", token_type="input", **app) == 3_300 - cached
+    assert series(got, "llm_tokens_total", token_type="cache_read", **app) == cached
+    assert series(got, "llm_tokens_total", token_type="output", **app) == 220 - reasoning
+    assert series(got, "llm_tokens_total", token_type="reasoning", **app) == reasoning
+    model = ok[0]["gen_ai.response.model"]
+    price = prices(server, "openai", model)
+    cost = (3_300 - cached) * price["input"] + cached * price["cache_read"] + (220 - reasoning) * price["output"] \
+        + reasoning * price["reasoning"]
+    assert series(got, "llm_cost_usd_total", model=model, **app) == pytest.approx(cost, rel=1e-9)
+    durations = sum((s.end_time - s.start_time) / 1e9 for s in spans)
+    assert series(got, "llm_request_duration_seconds_sum", **app) == pytest.approx(durations, abs=1e-6)
+    sdk.close()
+
+
+def _completion(rid: str, prompt: int, cached: int, completion: int, reasoning: int) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": 1_760_000_000, "model": "gpt-4o-mini-2024-07-18",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                      "prompt_tokens_details": {"cached_tokens": cached},
+                      "completion_tokens_details": {"reasoning_tokens": reasoning}}}
+
+
 def test_an_export_the_store_refused_is_retried_by_the_sdk_and_counted_once(tmp_path: Path) -> None:
     """The store is locked: the first attempt gets 503 with Retry-After, the SDK's exporter
     waits and sends the same spans again, they count once; the span counts survive a restart."""
@@ -238,6 +305,72 @@ def test_an_export_the_store_refused_is_retried_by_the_sdk_and_counted_once(tmp_
         samples = srv.scrape()
         assert sample_sum(samples, "llm_exporter_otlp_spans_total", result="record") == 2
         assert sample_sum(samples, "llm_requests_total", app="retrying-app") == 1
+
+
+# --- the documentation's snippets and the Collector configuration ---------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+COLLECTOR = Path(__file__).resolve().parent.parent / "deploy" / "otel-collector.yaml"
+
+
+def doc_block(language: str, containing: str) -> str:
+    """The one fenced `language` block of the OpenTelemetry section that contains `containing`."""
+    section = DOC.read_text().split("## OpenTelemetry", 1)[1]
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", section, re.S) if containing in b]
+    assert len(blocks) == 1, f"{len(blocks)} {language} blocks with {containing!r}"
+    return blocks[0]
+
+
+def test_the_documented_setup_and_span_reach_the_exporter(server: Server, tmp_path: Path) -> None:
+    """The two Python snippets, run as written (only the address, the token and the service
+    name replaced) in a fresh interpreter, with an openai client on a mock transport."""
+    setup = doc_block("python", "OTLPSpanExporter(endpoint=")
+    call = doc_block("python", "client.chat.completions.create")
+    for name, value in (("EXPORTER", server.url), ("TOKEN", TOKEN)):
+        line = next(ln for ln in setup.splitlines() if ln.startswith(f"{name} = "))
+        setup = setup.replace(line, f"{name} = {value!r}")
+    setup = setup.replace('"service.name": "support-bot"', '"service.name": "docs-snippet"')
+    completion = _completion("chatcmpl-DocsSnippet0123456789", 5_000, 4_000, 300, 100)
+    script = "\n".join([
+        "import httpx, json, openai",
+        f"ANSWER = json.loads({orjson.dumps(completion).decode()!r})",
+        "client = openai.OpenAI(api_key='sk-test', http_client=httpx.Client(",
+        "    transport=httpx.MockTransport(lambda request: httpx.Response(200, json=ANSWER))))",
+        "messages = [{'role': 'user', 'content': 'where is my order?'}]",
+        setup, call, "assert provider.force_flush(30_000)",
+    ])
+    (tmp_path / "snippet.py").write_text(script)
+    run = subprocess.run([sys.executable, str(tmp_path / "snippet.py")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = server.scrape()
+    labels = {"app": "docs-snippet", "provider": "openai", "model": "gpt-4o-mini-2024-07-18"}
+    assert series(got, "llm_requests_total", **labels) == 1
+    tokens = {t: series(got, "llm_tokens_total", token_type=t, **labels) for t in ("input", "cache_read", "output", "reasoning")}
+    assert tokens == {"input": 1_000, "cache_read": 4_000, "output": 200, "reasoning": 100}
+    sh = doc_block("sh", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    assert "http://127.0.0.1:9473/v1/traces" in sh and "http/protobuf" in sh
+
+
+def test_the_collector_configuration_sends_traces_to_the_receiver() -> None:
+    """deploy/otel-collector.yaml: one traces pipeline from the OTLP receiver through
+    memory_limiter and batch to an otlphttp exporter posting protobuf to /v1/traces, every
+    component it names defined, batches well under the exporter's body limit."""
+    cfg = yaml.safe_load(COLLECTOR.read_text())
+    pipeline = cfg["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"] and pipeline["processors"] == ["memory_limiter", "batch"]
+    for kind in ("receivers", "processors", "exporters"):
+        for name in pipeline[kind]:
+            assert name in cfg[kind], f"{kind}: {name} is used but not defined"
+    assert set(cfg["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
+    (exporter,) = pipeline["exporters"]
+    assert exporter.split("/")[0] == "otlphttp"
+    out = cfg["exporters"][exporter]
+    assert out["traces_endpoint"] == "${env:LLM_EXPORTER_TRACES_ENDPOINT}"
+    assert "/v1/traces" in COLLECTOR.read_text().split("docker run", 1)[1].split("\n")[1]
+    assert out["encoding"] == "proto" and out["compression"] == "gzip"
+    assert out["headers"]["Authorization"] == "Bearer ${env:LLM_EXPORTER_TOKEN}"
+    assert out["retry_on_failure"]["enabled"] is True
+    assert cfg["processors"]["batch"]["send_batch_max_size"] <= 4096
 
 
 # --- bodies posted by hand: JSON, partial success, refusals ---------------------------------
@@ -457,6 +590,8 @@ def test_sixteen_mib_of_empty_spans_costs_bounded_memory(server: Server) -> None
 
 @pytest.mark.parametrize("error_type, status, expected", [
     ("openai.RateLimitError", None, "rate_limit"),
+    ("<class 'openai.RateLimitError'>", None, "rate_limit"),
+    ("<class 'openai.APIConnectionError'>", 502, "server_error"),
     ("anthropic.RateLimitError", 429, "rate_limit"),
     ("rate_limit_exceeded", None, "rate_limit"),
     ("insufficient_quota", None, "rate_limit"),
@@ -479,12 +614,10 @@ def test_sixteen_mib_of_empty_spans_costs_bounded_memory(server: Server) -> None
     ("SomethingNew", 504, "timeout"),
 ])
 def test_error_type_classification(error_type: str, status: int | None, expected: str) -> None:
-    from exporter.ingest.genai import error_class
     assert error_class(error_type, status) == expected
 
 
 def test_token_counts_follow_the_conventions() -> None:
-    from exporter.ingest.genai import record_fields
     base = {"gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-sonnet-4-5"}
     # input includes cache reads and writes, output includes reasoning: both subtracted
     got = record_fields({**base, "gen_ai.usage.input_tokens": 1_100, "gen_ai.usage.cache_read.input_tokens": 800,
@@ -509,7 +642,6 @@ def test_token_counts_follow_the_conventions() -> None:
 
 
 def test_which_spans_are_model_calls() -> None:
-    from exporter.ingest.genai import is_model_call, service_app
     assert is_model_call({"gen_ai.operation.name": "chat"})
     assert is_model_call({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": "text-embedding-3-small"})
     assert is_model_call({"gen_ai.request.model": "gpt-4o"})                     # no operation named
@@ -523,9 +655,6 @@ def test_which_spans_are_model_calls() -> None:
 def _request_bytes(n_spans: int, content: int = 0, resource_last: bool = False) -> bytes:
     """A protobuf ExportTraceServiceRequest of GenAI spans (each with `content` bytes of prompt
     text); with `resource_last`, the resource is encoded after its spans."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
 
     def kv(k: str, v: Any) -> KeyValue:
         if isinstance(v, int):
@@ -566,7 +695,6 @@ def test_a_body_read_in_runs_decodes_as_a_whole(monkeypatch: pytest.MonkeyPatch,
     """Decoding a run of at most CHUNK bytes at a time (spans cut apart, a span larger than
     CHUNK read field by field, its prompt skipped, the resource after its spans) gives the
     same records as decoding the body at once."""
-    from exporter.ingest import otlp
     body = _request_bytes(40, content, resource_last)
     whole = otlp.decode_traces(body, protobuf=True)
     assert len(whole.items) == 40 and whole.items[3]["input_tokens"] == 103 and whole.items[3]["app"] == "chunked"
@@ -578,6 +706,5 @@ def test_a_body_read_in_runs_decodes_as_a_whole(monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.parametrize("body", [b"\x0a\x05\x12\x03\x12\x01", b"\x0a\xff\xff\xff\xff\x7f", b"\x0f", b"\x0a\x02\x12"])
 def test_truncated_or_malformed_protobuf_is_bad_traces(body: bytes) -> None:
-    from exporter.ingest.otlp import BadTraces, decode_traces
     with pytest.raises(BadTraces):
         decode_traces(body, protobuf=True)

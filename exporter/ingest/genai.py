@@ -167,6 +167,7 @@ def response_request_id(value: Any) -> Any:
 
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_CLASS_REPR = re.compile(r"<class '([\w.]+)'>")
 # Words of an error type (a provider's code, an exception class, a gRPC status) and the
 # error type they mean, tried in this order.
 _ERROR_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -187,6 +188,9 @@ def error_class(error_type: Any, http_status: int | None = None) -> str:
     HTTP status where the span has one. A type we recognise decides; otherwise the status
     does; an unknown type never hides a known status."""
     text = str(error_type).strip()
+    wrapped = _CLASS_REPR.fullmatch(text)       # str() of the class itself, as some instrumentations set it
+    if wrapped:
+        text = wrapped.group(1)
     if text.isdigit():
         http_status = http_status or int(text)
     words = _CAMEL.sub("_", text.rsplit(".", 1)[-1] if "." in text and not text.isdigit() else text).lower()
