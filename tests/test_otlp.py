@@ -560,7 +560,7 @@ def test_genai_attributes_posted_as_records_keep_cache_reasoning_ids_and_ttft(se
 def test_sixteen_mib_of_empty_spans_costs_bounded_memory(server: Server) -> None:
     """8 million empty spans in one scope (two bytes each; parsed at once they take 1.4 GB):
     all counted as ignored, the server's peak memory a small multiple of the body, /healthz
-    answering all the while."""
+    answering all the while. Then 5.6 million as JSON."""
     from test_hostile import Prober, peak_rss_mb
 
     def ld(tag: int, payload: bytes) -> bytes:
@@ -583,6 +583,14 @@ def test_sixteen_mib_of_empty_spans_costs_bounded_memory(server: Server) -> None
     after = server.scrape()
     assert series(after, "llm_exporter_otlp_spans_total", result="ignored") \
         - series(before, "llm_exporter_otlp_spans_total", result="ignored") == spans
+    # the same as OTLP/JSON: the decoded JSON document is the cost (as on /v1/records)
+    n = (16 * MIB - 64) // 3
+    body = b'{"resourceSpans":[{"scopeSpans":[{"spans":[' + b"{}," * (n - 1) + b"{}]}]}]}"
+    r = server.client.post("/v1/traces", content=body, headers=JSON, timeout=300)
+    assert r.status_code == 200 and r.json() == {}
+    assert peak_rss_mb(server.proc.pid) < 1024
+    assert series(server.scrape(), "llm_exporter_otlp_spans_total", result="ignored") \
+        - series(after, "llm_exporter_otlp_spans_total", result="ignored") == n
 
 
 
