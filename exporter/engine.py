@@ -32,6 +32,7 @@ from .anomaly.signals import signal_specs
 from .codes import factorize, is_none
 from .collectors.detectors import DetectorCollector
 from .collectors.exporter import RESULTS, DurationHistogram, ExporterCollector
+from .collectors.otlp import OtlpSpanCollector
 from .collectors.usage import UsageMetrics
 from .components import Components
 from .config import Settings
@@ -41,6 +42,7 @@ from .ingest.attribution import Attribution
 from .ingest.batch import parse_batch, take
 from .ingest.dedupe import DedupeIndex, hash_ids
 from .ingest.labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
+from .ingest.otlp import SpanCounts
 from .ingest.prices import PriceTable
 from .ingest.records import RecordColumns, UsageRecord, to_columns
 from .ingest.rejections import Rejected, Rejections
@@ -139,8 +141,10 @@ class Engine:
         self.last_evaluation = 0.0
         self._bursts_through = 0                # hours before it have their burstiness stored
         self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
+        self.otlp_spans = SpanCounts()          # spans received by the OTLP receiver, by result
         try:
             self._restore()
+            self.otlp_spans = SpanCounts(self.store.get_meta(SpanCounts.META_KEY))
         except StoreError:
             self.store.close()
             raise
@@ -159,6 +163,9 @@ class Engine:
                           ProcessCollector(registry=None)):
             self.registry.register(collector)
             self.scrape_registry.register(collector)
+        spans = OtlpSpanCollector(self.otlp_spans)
+        self.registry.register(spans)
+        self.scrape_registry.register(spans)
 
     # --- start-up ---------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ def test_a_known_status_is_never_overridden_by_an_unknown_name() -> None:
     assert classify_error(500, "APITimeoutError") == "timeout"
     assert classify_error(400, "content_policy_violation") == "content_filter"
     assert classify_error(None, "SomethingWeird") == "other"
+    # a name that only says "some other failure" places nothing either
+    assert classify_error(503, "_OTHER") == "server_error" and classify_error(None, "_OTHER") == "other"
     assert classify_error(None) is None and classify_error(200) is None
 
 

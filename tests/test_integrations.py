@@ -427,10 +427,13 @@ def test_litellm_spend_log_rows(server: Server, callbacks: None) -> None:
     client = openai_client(lambda req: httpx.Response(200, json=chat_completion(id="chatcmpl-spend")))
     litellm.completion(model="gpt-4o", messages=[{"role": "user", "content": SECRET}], client=client)
     litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": SECRET}], mock_response=SECRET)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while len(payloads) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    rows = [spend_log_row(payloads[0], team_alias="search-team", key_alias="k1"), spend_log_row(payloads[1], key_alias="k2")]
+    # litellm logs from a worker thread: the two payloads may arrive in either order
+    first, second = sorted(payloads, key=lambda p: p["model"] != "gpt-4o")
+    assert (first["model"], second["model"]) == ("gpt-4o", "gpt-4o-mini")
+    rows = [spend_log_row(first, team_alias="search-team", key_alias="k1"), spend_log_row(second, key_alias="k2")]
     run(snippet("spend-log rows", EXPORTER=exporter_url(server)), rows=rows)
     m = Metrics(server)
     labels = {"app": "search-team", "model": "gpt-4o"}

@@ -9,6 +9,8 @@ them in the order they are consulted, and the first one present wins:
 - `tag`: LiteLLM, the first request tag that starts with `app_tag_prefix` (`app:support-bot`);
 - `team_alias`: LiteLLM, the alias of the virtual key's team;
 - `key_alias`: LiteLLM, the alias of the virtual key;
+- `service_name`: OpenTelemetry, the resource's `service.name` (an OTLP span's, or one posted
+  beside GenAI attributes); the SDKs' default `unknown_service…` names no app;
 - `header`: the POST's `X-LLM-App` header or `?app=` parameter.
 
 A record none of them names counts under `unknown`. User, end-user, session and request
@@ -38,6 +40,7 @@ APP_SOURCES: dict[str, str] = {
     "tag": "LiteLLM: the first request tag starting with app_tag_prefix",
     "team_alias": "LiteLLM: the virtual key's team alias",
     "key_alias": "LiteLLM: the virtual key's alias",
+    "service_name": "OpenTelemetry: the resource's service.name",
     "header": "the POST's X-LLM-App header or ?app= parameter",
 }
 DEFAULT_APP_PRECEDENCE: tuple[str, ...] = tuple(APP_SOURCES)
@@ -98,16 +101,27 @@ class Attribution:
                 return tag[len(self.app_tag_prefix):].strip()
         return None
 
-    def app_column(self, own: np.ndarray) -> np.ndarray:
-        """The app of records in our own format (only `app` and `header` can name one), in
-        place: the request's app where it comes first or the record has none, else `unknown`."""
-        header = self.request_app if "header" in self.app_precedence else None
-        if "app" not in self.app_precedence or (header is not None and
-                                                 self.app_precedence.index("header") < self.app_precedence.index("app")):
-            own[:] = header if header is not None else "unknown"
-            return own
-        own[is_none(own)] = header if header is not None else "unknown"
-        return own
+    def app_column(self, own: np.ndarray, service: np.ndarray | None = None) -> np.ndarray:
+        """The app of records in the columnar path, where only `app`, `service_name` (the
+        `service.name` column, None when no record has one) and `header` can name one: each
+        record takes the first in precedence order that is present, else `unknown`."""
+        columns = {"app": own, "service_name": service}
+        out = np.full(len(own), None, dtype=object)
+        open_ = np.ones(len(own), dtype=bool)
+        for source in self.app_precedence:
+            if source == "header":
+                if self.request_app is not None:
+                    out[open_] = self.request_app
+                    open_[:] = False
+                continue
+            col = columns.get(source)
+            if col is None:
+                continue
+            named = open_ & ~is_none(col)
+            out[named] = col[named]
+            open_ &= ~named
+        out[open_] = "unknown"
+        return out
 
     # --- provider ------------------------------------------------------------------------
 

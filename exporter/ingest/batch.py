@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..codes import is_none
+from . import genai
 from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
 from .attribution import Attribution
 from .native import END_KEYS, FIRST_TOKEN_KEYS, MARKER_KEYS
@@ -40,11 +41,15 @@ from .records import (
 )
 from .rejections import Rejected, Rejections
 
-SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | MARKER_KEYS | frozenset(END_KEYS + FIRST_TOKEN_KEYS)
+SLOW_KEYS = (frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | MARKER_KEYS | frozenset(END_KEYS + FIRST_TOKEN_KEYS)
+             | genai.KEYS)
 # Keys that can give a record its provider and model (a `usage` block can hold any field; a
-# native object's shape implies its provider and names its model its own way).
-PROVIDER_KEYS = frozenset({"provider"} | MARKER_KEYS | {k for k, v in ALIASES.items() if v == "provider"})
-MODEL_KEYS = frozenset({"model"} | MARKER_KEYS | {k for k, v in ALIASES.items() if v == "model"})
+# native object's shape implies its provider and names its model its own way; GenAI attributes
+# name both).
+PROVIDER_KEYS = frozenset({"provider", genai.PROVIDER, genai.SYSTEM} | MARKER_KEYS
+                          | {k for k, v in ALIASES.items() if v == "provider"})
+MODEL_KEYS = frozenset({"model", genai.REQUEST_MODEL, genai.RESPONSE_MODEL} | MARKER_KEYS
+                       | {k for k, v in ALIASES.items() if v == "model"})
 _NUMBER_TYPES = (int, float, type(None))
 _FLAG_TYPES = {bool, type(None)}
 
@@ -297,7 +302,11 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str],
             else:
                 bad[j] = True
 
-    app = attribution.app_column(text("app"))
+    service = None
+    if genai.SERVICE_NAME in present:           # OpenTelemetry's service.name: an app source of its own
+        service = text(genai.SERVICE_NAME)
+        service[:] = _per_distinct(service.tolist(), genai.service_app)
+    app = attribution.app_column(text("app"), service)
     operation = text("operation", lower=True)
     operation[is_none(operation)] = "chat"
     stream = flag("stream") | ~np.isnan(ttft)

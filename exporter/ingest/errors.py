@@ -10,7 +10,8 @@ go through `error_type_of_name` and `error_type_of_status`; `classify_error` com
 - a name we recognise wins: it is the more specific word (`timeout` beside a 500, or
   `content_policy_violation` beside a 400);
 - otherwise the status decides: a name we do not recognise never hides a clear status
-  (an unknown `error_type` with a 429 is still `rate_limit`);
+  (an unknown `error_type` with a 429 is still `rate_limit`), and neither does a name that
+  only says "some other failure" (`other`, OpenTelemetry's `_OTHER`, `unknown`);
 - otherwise the request failed for a reason we cannot place: `other`.
 
 Names are compared on their last dotted part, letters and digits only, lower case, so
@@ -130,7 +131,7 @@ def classify_error(status: int | None = None, *names: Any) -> str | None:
     a name we do not recognise beside no error status is `other`."""
     for name in names:
         found = error_type_of_name(name)
-        if found is not None:
+        if found is not None and found != "other":      # "other" names no cause: a status may
             return found
     if status is not None:
         by_status = error_type_of_status(status)

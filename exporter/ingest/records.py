@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import genai
 from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
 from .attribution import Attribution
 from .errors import ERROR_TYPES as ERROR_TYPES  # re-exported: the labels' vocabulary
@@ -249,9 +250,12 @@ def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
 
 
 def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map aliases and unit-suffixed fields onto our names; our own names win. A nested
-    `usage` block (OpenAI, Anthropic, Bedrock or Gemini style) is split into our token types
-    by its own semantics (`native.usage_tokens`)."""
+    """Map aliases and unit-suffixed fields onto our names; our own names win. OpenTelemetry
+    GenAI attributes go through `genai.merged`; a nested `usage` block (OpenAI, Anthropic,
+    Bedrock or Gemini style) is split into our token types by its own semantics
+    (`native.usage_tokens`)."""
+    if not genai.KEYS.isdisjoint(raw):      # OpenTelemetry GenAI attributes count tokens their own way
+        raw = genai.merged(raw)
     out: dict[str, Any] = {}
     usage = raw.get("usage")
     if isinstance(usage, dict):
@@ -314,6 +318,7 @@ def record_fields(raw: dict[str, Any], attribution: Attribution = DEFAULT_ATTRIB
                                  and v is not None and v != ""}))
         apps, inferred = native.apps, native.provider
     apps["app"] = d.get("app")
+    apps["service_name"] = genai.service_app(raw.get(genai.SERVICE_NAME))
     d["app"] = attribution.app(apps)
     if d.get("provider") is None or (isinstance(d["provider"], str) and not d["provider"].strip()):
         d["provider"] = attribution.provider(inferred)
