@@ -34,6 +34,13 @@ from .detectors.budget import BudgetSettings
 from .detectors.drift import DriftSettings
 from .detectors.runaway import RunawaySettings
 from .durations import Duration, format_duration, parse_duration
+from .ingest.attribution import (
+    APP_SOURCES,
+    DEFAULT_APP_PRECEDENCE,
+    DEFAULT_APP_TAG_PREFIX,
+    Attribution,
+    check_precedence,
+)
 
 ENV_PREFIX = "LLM_EXPORTER_"
 NESTED = "__"          # LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS
@@ -50,6 +57,26 @@ def _lower(v: Any) -> Any:
 
 T = typing.TypeVar("T")
 Lower = Annotated[T, BeforeValidator(_lower)]
+
+
+def _app_sources(v: Any) -> Any:
+    """A comma list (a flag, a variable) or a YAML list of app sources, checked."""
+    if isinstance(v, str):
+        v = [p for p in v.split(",") if p.strip()]
+    return list(check_precedence(v)) if isinstance(v, (list, tuple)) else v
+
+
+def _provider_name(v: Any) -> Any:
+    if isinstance(v, str):
+        v = v.strip().lower()
+        if not v:
+            return None
+        if len(v) > 200:
+            raise ValueError("must be at most 200 characters")
+    return v
+
+
+AppSources = Annotated[list[str], BeforeValidator(_app_sources)]
 
 
 class Settings(BaseModel):
@@ -104,6 +131,14 @@ class Settings(BaseModel):
     price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
     signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only; over thresholds_file)")
     thresholds_file: Path | None = Field(None, description="YAML file with a signals: section (as `llm-usage-exporter tune` writes it); the config's own signals: override it")
+    default_provider: Annotated[str | None, BeforeValidator(_provider_name)] = Field(
+        None, description="provider of a record that names none, when neither the X-LLM-Provider header, ?provider= "
+                          "nor the object's shape does (none: such a record is refused)")
+    app_precedence: AppSources = Field(
+        default_factory=lambda: list(DEFAULT_APP_PRECEDENCE),
+        description="where a record's app comes from, first found wins (comma list): " + ", ".join(APP_SOURCES))
+    app_tag_prefix: str = Field(DEFAULT_APP_TAG_PREFIX, max_length=50,
+                                description="a LiteLLM request tag starting with this names the app (app:support-bot)")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift detector: quality that degrades while still returning 200")
     runaway: RunawaySettings = Field(default_factory=RunawaySettings, description="runaway-loop detector: sessions that loop, burst or cost too much")
     budgets: BudgetSettings = Field(default_factory=BudgetSettings, description="spend budgets and the calendar they count in")
@@ -118,6 +153,10 @@ class Settings(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(f"must be an http:// or https:// base URL like http://prometheus:9090, got {v!r}")
         return v.strip().rstrip("/")
+
+    def attribution(self) -> Attribution:
+        """The app and provider precedence these settings configure."""
+        return Attribution(tuple(self.app_precedence), self.app_tag_prefix, self.default_provider)
 
     def tokens(self) -> set[str]:
         """Tokens for ingest and reads, from the file and the environment (never from a flag)."""
@@ -215,6 +254,8 @@ class Knob:
             return format_duration(float(value))
         if isinstance(value, bool):
             return str(value).lower()
+        if isinstance(value, list) and value:         # as a flag or a variable takes it
+            return ",".join(map(str, value))
         if isinstance(value, (Path, str)):
             return str(value) or "''"
         return repr(value)

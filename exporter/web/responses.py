@@ -115,6 +115,12 @@ INGEST_BODY = {
     },
 }
 
+INGEST_PARAMETERS = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200},
+     "description": f"{what} of the records that name none (also the X-LLM-{name.title()} header)"}
+    for name, what in (("app", "the calling application"), ("provider", "the provider"))
+]
+
 INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "At least one record was accepted or was a duplicate",
           "content": {"application/json": {"schema": INGEST_RESULT_SCHEMA}}},
