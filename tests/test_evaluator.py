@@ -549,7 +549,7 @@ def test_gauges_show_current_baseline_ratio_and_band(engine_run: tuple[Engine, T
     for spec in DEFAULT_SIGNALS:
         for scope, labels in (("global", {}), ("app", {"app": "chat"}), ("app", {"app": "agent"}),
                               ("model", {"provider": "openai", "model": MINI}), ("model", {"provider": "anthropic", "model": HAIKU})):
-            get = lambda name: gauge(engine, name, spec.name, scope, **labels)  # noqa: E731
+            get = lambda name, s=spec.name, sc=scope, lb=labels: gauge(engine, name, s, sc, **lb)  # noqa: E731
             current, baseline, ratio = get("llm_anomaly_current"), get("llm_anomaly_baseline"), get("llm_anomaly_ratio")
             assert ratio == pytest.approx(current / baseline, rel=1e-9), (spec.name, scope, labels)
             assert get("llm_anomaly_band_lower") < baseline < get("llm_anomaly_band_upper"), (spec.name, scope, labels)
@@ -566,7 +566,7 @@ def test_gauges_show_current_baseline_ratio_and_band(engine_run: tuple[Engine, T
         assert gauge(engine, "llm_anomaly_explained", "cost_per_hour", scope, **labels) == 1
     # the app left alone sits inside its bands
     for signal in ("cost_per_hour", "token_velocity", "request_rate"):
-        get = lambda name: gauge(engine, name, signal, "app", app="agent")  # noqa: E731
+        get = lambda name, s=signal: gauge(engine, name, s, "app", app="agent")  # noqa: E731
         assert get("llm_anomaly_band_lower") <= get("llm_anomaly_current") <= get("llm_anomaly_band_upper"), signal
 
 
