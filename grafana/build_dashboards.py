@@ -374,10 +374,6 @@ SEVERITY_COLORS = steps(("green", None), ("orange", SEVERITY_AT["warning"]), ("r
 DRIFT_COLORS = steps(("green", None), ("orange", 1), ("red", 2))
 
 
-def column(name: str, *props: tuple[str, Any]) -> dict[str, Any]:
-    return by_name(name, *props)
-
-
 def severity_column(name: str, mapping: list[Any] = SEVERITY_MAPPING,
                     colors: dict[str, Any] = SEVERITY_COLORS) -> dict[str, Any]:
     return by_name(name, ("mappings", mapping), ("unit", "short"), ("decimals", 0),
@@ -393,6 +389,10 @@ def colored(name: str, unit: str, colors: dict[str, Any], decimals: int | None =
     if decimals is not None:
         props.append(("decimals", decimals))
     return by_name(name, *props)
+
+
+def stat_colored(name: str, unit: str, colors: dict[str, Any], decimals: int | None = None) -> dict[str, Any]:
+    return colored(name, unit, colors, decimals, cell=False)
 
 
 def unit_column(name: str, unit: str, decimals: int | None = None) -> dict[str, Any]:
@@ -621,7 +621,7 @@ def overview() -> Board:
         "overall figure), the share of the daily budget it uses (red: LLMDailyBudgetExceeded's line), and the "
         "change against yesterday at the same time. Budgets are per app: the provider and model filters do not "
         "apply here.", decimals=2,
-        overrides=[colored("of daily budget", "percentunit", steps(("text", None), ("red", 1)), 0),
+        overrides=[stat_colored("of daily budget", "percentunit", steps(("text", None), ("red", 1)), 0),
                    change("vs yesterday by now")], links=runbook("LLMDailyBudgetExceeded")), 4, 5)
     month = budget_scoped("llm_cost_usd_period_to_date", 'period="month"')
     month_budget = budget_scoped("llm_budget_usd", 'period="month"')
@@ -636,8 +636,8 @@ def overview() -> Board:
         "against the budget (red: LLMBudgetForecastOverrun). The forecast is the comparison that matters for a "
         "month: months differ in length, so the previous month's figure at the same day is not on record.",
         decimals=2, overrides=[
-            colored("of monthly budget", "percentunit", steps(("text", None), ("orange", spent_fraction), ("red", 1)), 0),
-            colored("forecast / budget", "percentunit", steps(("text", None), ("red", forecast_factor)), 0)],
+            stat_colored("of monthly budget", "percentunit", steps(("text", None), ("orange", spent_fraction), ("red", 1)), 0),
+            stat_colored("forecast / budget", "percentunit", steps(("text", None), ("red", forecast_factor)), 0)],
         links=runbook("LLMMonthlyBudgetNearlySpent", "LLMBudgetForecastOverrun")), 4, 5)
 
     def cost_per_request(o: str = "") -> str:
@@ -705,8 +705,8 @@ def overview() -> Board:
          "vs one period ago"), instant=True), "short",
         "Alerts firing now for the selected apps, providers and models (Watchdog excluded), and the change in "
         "their number against one period ago. The table below lists them with their runbooks.", decimals=0,
-        overrides=[colored("critical", "short", steps(("green", None), ("red", 1)), 0),
-                   colored("warning", "short", steps(("green", None), ("orange", 1)), 0),
+        overrides=[stat_colored("critical", "short", steps(("green", None), ("red", 1)), 0),
+                   stat_colored("warning", "short", steps(("green", None), ("orange", 1)), 0),
                    change("vs one period ago", "short")]), 6, 4)
     b.add(stat("Exporter", targets(
         (f"min(up{{{J}}})", "scrape"),
@@ -946,8 +946,8 @@ def anomalies() -> Board:
         "Series (signal and scope) of the selection whose verdict is high or warning and not explained by a "
         "narrower scope: what the anomaly alerts fire on. Explained: anomalies a narrower scope's alert covers. "
         "Warming up: baselines still shorter than their signal's min_baseline_hours, which judge nothing yet.",
-        decimals=0, overrides=[colored("high", "short", steps(("green", None), ("red", 1)), 0),
-                               colored("warning", "short", steps(("green", None), ("orange", 1)), 0),
+        decimals=0, overrides=[stat_colored("high", "short", steps(("green", None), ("red", 1)), 0),
+                               stat_colored("warning", "short", steps(("green", None), ("orange", 1)), 0),
                                by_name("explained (quiet)", ("color", color("blue"))),
                                by_name("warming up", ("color", color("text")))]), 6, 8)
     cols = [("llm_anomaly_severity", "severity"), ("llm_anomaly_explained", "explained"),
@@ -1170,7 +1170,7 @@ def budget() -> Board:
     b.add(stat("Cost today", targets(
         (day, "today"), (f"{day} / {day_budget}", "of daily budget"), instant=True), "currencyUSD",
         "Cost since the start of the day and the share of the daily budget it uses (red: LLMDailyBudgetExceeded).",
-        decimals=2, overrides=[colored("of daily budget", "percentunit", steps(("text", None), ("red", 1)), 0)],
+        decimals=2, overrides=[stat_colored("of daily budget", "percentunit", steps(("text", None), ("red", 1)), 0)],
         links=runbook("LLMDailyBudgetExceeded")), 4, 5)
     b.add(timeseries("Month to date, budget and projection", targets(
         (month, "month to date"),
@@ -1320,8 +1320,8 @@ def quality() -> Board:
         (f"count({of_traffic(drift, 'provider, model')} >= 1) or vector(0)", "mild or severe"),
         (f"count({of_traffic(drift, 'provider, model')} >= 2) or vector(0)", "severe"), instant=True), "short",
         "Models of the selection with drift now: mild or worse (LLMQualityDrift warns), severe (it pages).",
-        decimals=0, overrides=[colored("mild or severe", "short", steps(("green", None), ("orange", 1)), 0),
-                               colored("severe", "short", steps(("green", None), ("red", 1)), 0)],
+        decimals=0, overrides=[stat_colored("mild or severe", "short", steps(("green", None), ("orange", 1)), 0),
+                               stat_colored("severe", "short", steps(("green", None), ("red", 1)), 0)],
         links=runbook("LLMQualityDrift")), 8, 8)
     b.add(timeseries("Drift severity", targets((of_traffic(drift, "provider, model"), "{{provider}}/{{model}}")),
                      "short", "0 none, 1 mild, 2 severe.", fill=0, interpolation="stepAfter", min_=0, max_=2,
@@ -1341,8 +1341,8 @@ def quality() -> Board:
         (f"sum({shape}) or vector(0)", "loop-shaped"), instant=True), "short",
         "Conversations of the selection flagged as runaway now: for cost or token bursts (LLMRunawaySessions "
         "pages), for chain length or repeated tools (it warns). Their ids are at the exporter's /api/runaways.",
-        decimals=0, overrides=[colored("burning tokens or money", "short", steps(("green", None), ("red", 1)), 0),
-                               colored("loop-shaped", "short", steps(("green", None), ("orange", 1)), 0)],
+        decimals=0, overrides=[stat_colored("burning tokens or money", "short", steps(("green", None), ("red", 1)), 0),
+                               stat_colored("loop-shaped", "short", steps(("green", None), ("orange", 1)), 0)],
         links=runbook("LLMRunawaySessions")), 6, 8)
     b.add(timeseries("Runaway sessions by reason", targets((f"sum by (reason) ({runaway})", "{{reason}}")), "short",
                      "Flagged conversations: chain_length (too many calls), token_burst, session_cost, "
