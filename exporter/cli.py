@@ -170,8 +170,8 @@ def _demo_task(engine: Any) -> Any:
             engine.store.set_meta("demo_backfilled", "1")
             engine.evaluate()
         rng = np.random.default_rng()
-        anomaly = demo.next_anomaly(time.time(), rng)
         t = math.floor(time.time() / 60) * 60
+        anomaly = demo.first_anomaly(t)
         while not stop.wait(max(0.0, t + 60 - time.time())):
             engine.ingest(demo.minute(t, rng, anomaly=anomaly))
             t += 60
@@ -312,19 +312,29 @@ def _demo(args: argparse.Namespace) -> int:
     client = httpx.Client(base_url=args.target.rstrip("/"), headers=headers, timeout=30,
                           transport=httpx.HTTPTransport(retries=DEMO_CONNECT_RETRIES))
 
-    def post(batch: list[dict[str, Any]]) -> None:
+    def call(method: str, path: str, data: bytes | None = None) -> bytes:
         try:
-            client.post("/v1/records", content=orjson.dumps(batch)).raise_for_status()
+            r = client.request(method, path, content=data)
+            r.raise_for_status()
         except httpx.HTTPError as e:
-            raise SystemExit(f"demo: gave up posting to {args.target}: {e}") from None
+            raise SystemExit(f"demo: gave up on {args.target}{path}: {e}") from None
+        return r.content
 
+    def post(batch: list[dict[str, Any]]) -> None:
+        call("POST", "/v1/records", orjson.dumps(batch))
+
+    # A second `up` (or a restart of the demo) must not add another week on top of the first.
+    counted = demo.requests_counted(call("GET", "/metrics").decode())
     now = time.time()
-    print(f"demo: backfilling {args.days:g} days into {args.target}", file=sys.stderr)
-    for batch in demo.backfill(now - args.days * 86400, now - 60):
-        post(batch)
+    if counted:
+        print(f"demo: {args.target} already counts {counted:.0f} requests; no backfill", file=sys.stderr)
+    else:
+        print(f"demo: backfilling {args.days:g} days into {args.target}", file=sys.stderr)
+        for batch in demo.backfill(now - args.days * 86400, now - 60):
+            post(batch)
     rng = np.random.default_rng()
-    anomaly = demo.next_anomaly(time.time(), rng)
     t = math.floor(time.time() / 60) * 60
+    anomaly = demo.first_anomaly(t)
     print("demo: live traffic; next anomaly", anomaly.kind, "at", time.strftime("%H:%M", time.gmtime(anomaly.start)), file=sys.stderr)
     while True:
         time.sleep(max(0.0, t + 60 - time.time()))

