@@ -342,20 +342,24 @@ def test_litellm_logger_while_the_exporter_is_down(tmp_path: Path, callbacks: No
             litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                                mock_response=f"answer {i}", metadata={"app": "offline"})
             time.sleep(0.05)
+        # litellm runs its callbacks on a worker thread: wait until all 8 are in and a send failed
         deadline = time.monotonic() + 10
-        while logger.stats()["retries"] == 0 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (logger.stats()["retries"] == 0
+                                               or logger.stats()["dropped"] + logger.stats()["waiting"] < 8):
             time.sleep(0.05)
         stats = logger.stats()
-        assert stats["retries"] > 0 and stats["dropped"] == 8 - 3 - 2 and stats["waiting"] == 5, stats
+        kept = stats["waiting"]
+        # at most the queue (3) and one batch in flight (2) are kept; every other record is counted as dropped
+        assert stats["retries"] > 0 and stats["dropped"] + kept == 8 and 3 <= kept <= 5, stats
         with Server(tmp_path, tmp_path / "u.db", port=port) as srv:
             assert logger.flush(30), logger.stats()
             stats = logger.stats()
-            assert stats["accepted"] == 5 and stats["duplicate"] == 0, stats
-            assert srv.scrape() and Metrics(srv)("llm_requests_total", app="offline") == 5
+            assert stats["accepted"] == kept and stats["duplicate"] == 0, stats
+            assert srv.scrape() and Metrics(srv)("llm_requests_total", app="offline") == kept
             # the same payloads again (a retry after a lost answer): counted once
             rows = srv.client.get("/v1/usage/export").text.splitlines()
             ids = [json.loads(r)["request_id"] for r in rows]
-            assert len(set(ids)) == 5
+            assert len(set(ids)) == kept
     finally:
         logger.close(1)
 
