@@ -102,8 +102,10 @@ INGEST_RESULT_SCHEMA = {
     },
 }
 
-RECORD_SCHEMA = {"type": "object", "required": ["provider", "model"],
-                 "description": "one usage record (docs/records.md)", "additionalProperties": True}
+RECORD_SCHEMA = {"type": "object", "required": ["model"],
+                 "description": "one usage record or a native SDK object (docs/records.md); the provider comes "
+                                "from the record, the ?provider= parameter, the X-LLM-Provider header, the "
+                                "object's shape or default_provider", "additionalProperties": True}
 
 INGEST_BODY = {
     "required": True,
