@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
-BENCHMARKS = ("ingest_http", "inprocess", "evaluator", "metrics_scrape", "memory", "stress")
+BENCHMARKS = ("ingest_http", "inprocess", "native", "otlp", "evaluator", "metrics_scrape", "memory", "stress")
 
 
 def git_state() -> dict[str, Any]:

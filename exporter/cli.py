@@ -194,7 +194,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise ConfigError(f"replay: no such file {f}")
     engine = Engine(settings)
-    records, problems = load_records(args.files, time.time())
+    records, problems = load_records(args.files, time.time(), settings.attribution())
     totals = replay(engine, records, progress=True)
     engine.close()
     print(f"replayed {len(records)} records: {totals['accepted']} accepted, {totals['duplicate']} duplicate, "
@@ -285,7 +285,7 @@ def _backtest(settings: Settings, args: argparse.Namespace) -> int:
     for f in args.files:
         if not Path(f).is_file():
             raise ConfigError(f"backtest: no such file {f}")
-    records, problems = load_records(args.files, time.time())
+    records, problems = load_records(args.files, time.time(), settings.attribution())
     if problems:
         print(file_problems_report(problems), file=sys.stderr)
     transitions = backtest(settings, records, start, end, step, progress=sys.stderr.isatty())

@@ -20,19 +20,27 @@ import ipaddress
 import os
 import socket
 import typing
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .anomaly.signals import signal_specs
 from .detectors.budget import BudgetSettings
 from .detectors.drift import DriftSettings
 from .detectors.runaway import RunawaySettings
 from .durations import Duration, format_duration, parse_duration
+from .ingest.attribution import (
+    APP_SOURCES,
+    DEFAULT_APP_PRECEDENCE,
+    DEFAULT_APP_TAG_PREFIX,
+    Attribution,
+    check_precedence,
+)
 
 ENV_PREFIX = "LLM_EXPORTER_"
 NESTED = "__"          # LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS
@@ -49,6 +57,26 @@ def _lower(v: Any) -> Any:
 
 T = typing.TypeVar("T")
 Lower = Annotated[T, BeforeValidator(_lower)]
+
+
+def _app_sources(v: Any) -> Any:
+    """A comma list (a flag, a variable) or a YAML list of app sources, checked."""
+    if isinstance(v, str):
+        v = [p for p in v.split(",") if p.strip()]
+    return list(check_precedence(v)) if isinstance(v, (list, tuple)) else v
+
+
+def _provider_name(v: Any) -> Any:
+    if isinstance(v, str):
+        v = v.strip().lower()
+        if not v:
+            return None
+        if len(v) > 200:
+            raise ValueError("must be at most 200 characters")
+    return v
+
+
+AppSources = Annotated[list[str], BeforeValidator(_app_sources)]
 
 
 class Settings(BaseModel):
@@ -93,6 +121,9 @@ class Settings(BaseModel):
     limit_concurrency: int = Field(0, ge=0, description="uvicorn's limit: HTTP 503 once this many connections or requests are open (0: off)")
     tail: list[Path] = Field(default_factory=list, description="JSONL files to follow like tail -f (resumes after a restart)")
     demo: bool = Field(False, description="backfill a week of synthetic history and keep generating traffic")
+    prometheus_url: str | None = Field(None, description="the Prometheus that scrapes the blackbox exporter's backend probes, e.g. http://prometheus:9090; GET /api/backends reads them from it (unset: that endpoint answers 503)")
+    prometheus_timeout: Duration = Field(5, gt=0, description="how long GET /api/backends waits for each answer of prometheus_url")
+    prometheus_token_file: Path | None = Field(None, description="file with the bearer token prometheus_url wants, if any (read at each request)")
     log_level: Lower[Literal["debug", "info", "warning", "error"]] = Field("info", description="debug, info, warning or error")
     sqlite_synchronous: Lower[Literal["off", "normal", "full", "extra"]] = Field(
         "normal", description="SQLite's synchronous mode: normal survives a process crash, full also a power loss")
@@ -100,9 +131,32 @@ class Settings(BaseModel):
     price_aliases: dict[str, str] = Field(default_factory=dict, description="model names to price as another model, e.g. Azure deployments: {my-deployment: gpt-4o} (YAML only)")
     signals: dict[str, dict[str, float]] = Field(default_factory=dict, description="per-signal threshold overrides, e.g. signals.cost_per_hour.warning_ratio (YAML only; over thresholds_file)")
     thresholds_file: Path | None = Field(None, description="YAML file with a signals: section (as `llm-usage-exporter tune` writes it); the config's own signals: override it")
+    default_provider: Annotated[str | None, BeforeValidator(_provider_name)] = Field(
+        None, description="provider of a record that names none, when neither the X-LLM-Provider header, ?provider= "
+                          "nor the object's shape does (none: such a record is refused)")
+    app_precedence: AppSources = Field(
+        default_factory=lambda: list(DEFAULT_APP_PRECEDENCE),
+        description="where a record's app comes from, first found wins (comma list): " + ", ".join(APP_SOURCES))
+    app_tag_prefix: str = Field(DEFAULT_APP_TAG_PREFIX, max_length=50,
+                                description="a LiteLLM request tag starting with this names the app (app:support-bot)")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift detector: quality that degrades while still returning 200")
     runaway: RunawaySettings = Field(default_factory=RunawaySettings, description="runaway-loop detector: sessions that loop, burst or cost too much")
     budgets: BudgetSettings = Field(default_factory=BudgetSettings, description="spend budgets and the calendar they count in")
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        """An http(s) base URL without query or fragment; '' counts as unset."""
+        if v is None or not v.strip():
+            return None
+        parts = urllib.parse.urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"must be an http:// or https:// base URL like http://prometheus:9090, got {v!r}")
+        return v.strip().rstrip("/")
+
+    def attribution(self) -> Attribution:
+        """The app and provider precedence these settings configure."""
+        return Attribution(tuple(self.app_precedence), self.app_tag_prefix, self.default_provider)
 
     def tokens(self) -> set[str]:
         """Tokens for ingest and reads, from the file and the environment (never from a flag)."""
@@ -200,6 +254,8 @@ class Knob:
             return format_duration(float(value))
         if isinstance(value, bool):
             return str(value).lower()
+        if isinstance(value, list) and value:         # as a flag or a variable takes it
+            return ",".join(map(str, value))
         if isinstance(value, (Path, str)):
             return str(value) or "''"
         return repr(value)

@@ -32,14 +32,17 @@ from .anomaly.signals import signal_specs
 from .codes import factorize, is_none
 from .collectors.detectors import DetectorCollector
 from .collectors.exporter import RESULTS, DurationHistogram, ExporterCollector
+from .collectors.otlp import OtlpSpanCollector
 from .collectors.usage import UsageMetrics
 from .components import Components
 from .config import Settings
 from .detectors import Detectors
 from .detectors.budget import daily_cost_rows
+from .ingest.attribution import Attribution
 from .ingest.batch import parse_batch, take
 from .ingest.dedupe import DedupeIndex, hash_ids
 from .ingest.labels import OTHER, SERIES, GuardPlan, LabelGuard, fold, is_folded
+from .ingest.otlp import SpanCounts
 from .ingest.prices import PriceTable
 from .ingest.records import RecordColumns, UsageRecord, to_columns
 from .ingest.rejections import Rejected, Rejections
@@ -114,6 +117,7 @@ class Engine:
         self.store = Store(settings.db, keep_records=settings.record_retention > 0,
                            busy_timeout=settings.store_busy_timeout, synchronous=settings.sqlite_synchronous)
         self.prices = PriceTable(settings.prices, settings.price_aliases)
+        self.attribution = settings.attribution()
         self.specs = signal_specs(settings.signals)
         saved = self.store.label_values()
         self.guards = {
@@ -137,8 +141,10 @@ class Engine:
         self.last_evaluation = 0.0
         self._bursts_through = 0                # hours before it have their burstiness stored
         self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
+        self.otlp_spans = SpanCounts()          # spans received by the OTLP receiver, by result
         try:
             self._restore()
+            self.otlp_spans = SpanCounts(self.store.get_meta(SpanCounts.META_KEY))
         except StoreError:
             self.store.close()
             raise
@@ -157,6 +163,9 @@ class Engine:
                           ProcessCollector(registry=None)):
             self.registry.register(collector)
             self.scrape_registry.register(collector)
+        spans = OtlpSpanCollector(self.otlp_spans)
+        self.registry.register(spans)
+        self.scrape_registry.register(spans)
 
     # --- start-up ---------------------------------------------------------------------
 
@@ -363,12 +372,14 @@ class Engine:
     # --- ingest -----------------------------------------------------------------------
 
     def ingest(self, items: Sequence[Any], now: float | None = None, meta: dict[str, str] | None = None,
-               indices: Sequence[int] | None = None, rejections: Rejections | None = None) -> IngestResult:
+               indices: Sequence[int] | None = None, rejections: Rejections | None = None,
+               attribution: Attribution | None = None) -> IngestResult:
         """Validate, dedupe, count and persist a batch of decoded items (`indices`: the record
-        number of each item; `rejections`: records already refused while decoding)."""
+        number of each item; `rejections`: records already refused while decoding;
+        `attribution`: the app and provider precedence with one POST's header values)."""
         now = self.clock() if now is None else now
         rejections = rejections if rejections is not None else Rejections(self.settings.max_errors_listed)
-        cols, rejections, numbers = parse_batch(items, now, indices, rejections)
+        cols, rejections, numbers = parse_batch(items, now, indices, rejections, attribution or self.attribution)
         return self.ingest_columns(cols, numbers, rejections, now, meta)
 
     def ingest_records(self, records: list[UsageRecord], now: float | None = None,

@@ -10,7 +10,8 @@ This script copies every rule file into prometheus/vmalert/ under a header sayin
 came from, without its `keep_firing_for:` lines. Nothing else changes: the same alerts
 fire on the same expressions, after the same `for:`. What vmalert 1.79 loses is the
 cooldown those lines give (LLMModelLatencyHigh and LLMModelThroughputLow: 10 minutes of
-firing after the condition clears, against flapping); an alert hovering around its
+firing after the condition clears, against flapping; LLMBackendDown: a minute, so one
+successful probe does not end a flickering outage); an alert hovering around its
 threshold there resolves and fires again instead, which Alertmanager's group_interval
 spaces out.
 

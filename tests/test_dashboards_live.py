@@ -12,19 +12,38 @@ traffic carries what some panels need to show anything at all, by construction:
 - a request from a provider beyond `--label-limit-provider` (label overflow);
 - one agent session calling the same tool over and over with `runaway.chain_max_calls`
   low (runaway panels, and LLMRunawaySessions firing for the firing-alerts table and
-  the dashboards' alert annotations).
+  the dashboards' alert annotations);
+- the blackbox exporter probing three backends (the backend health board): a model server
+  that answers, one over HTTPS with a certificate that expires in 30 days (the prober
+  trusts it through SSL_CERT_FILE), and a port that refuses connections (a failure with
+  its reason);
+- a model with its own latency threshold (o3) that fails half its requests
+  (LLMErrorRatioHigh, a per-model threshold line) and reads most of its prompt from the
+  cache (cache-hit panels);
+- an app whose daily budget a few live requests spend (LLMDailyBudgetExceeded fires on any
+  day of the month, for the budget board's alert annotation).
 
 Then every query (`iter_dashboard_queries` with a 30 s `$__rate_interval`) runs as an
 instant query and as a one-minute range query; each must be accepted by Prometheus and
-return data: at least one finite value (NaN draws nothing). A panel that can only be
-empty for a good reason goes in EMPTY_ALLOWED with that reason; the list must stay short
-and every entry must still exist.
+return data: at least one finite value (NaN draws nothing). Prometheus holds about a
+minute of samples here, so a comparison with an earlier period (`offset`) looks 15 s back.
+A panel that can only be empty for a good reason goes in EMPTY_ALLOWED with that reason;
+the list must stay short and every entry must still exist.
+
+On the same data: every table panel is built the way Grafana builds it
+(tests/grafana_frames.py) and must show one row per series with the columns its
+overrides and links name; every colour step and threshold line must equal the number
+Prometheus holds for the alert threshold it stands for; and every firing alert's
+dashboard_url must open a board whose panel for the alert's metric shows that alert's
+series, with the link's variables.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -37,15 +56,19 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import (e2e_marks, exporter_json, iter_dashboard_queries, load_dashboards, load_stack,  # noqa: E402
-                        prom_api, rule_errors)
+from board_facts import (alert_constant, alert_rules, colour_steps, colour_thresholds, metrics_of,  # noqa: E402
+                         panels_of_metric, threshold_lines, threshold_values, url_variables)
+from grafana_frames import table_view  # noqa: E402
+from model_server import ModelServer, self_signed_cert  # noqa: E402
+from stack_util import (blackbox_marks, exporter_json, iter_dashboard_queries, iter_panels,  # noqa: E402
+                        load_dashboards, load_stack, prom_api, rule_errors, substitute, variable_values)
 
 from exporter.sources import demo  # noqa: E402
 
 stack_mod = load_stack()
 Stack = stack_mod.Stack
 
-pytestmark = e2e_marks()
+pytestmark = blackbox_marks()
 
 RATE_INTERVAL = "30s"
 HISTORY_DAYS = 7       # the seasonal request-rate baseline needs six earlier days
@@ -54,7 +77,7 @@ LOOP_SESSION = "agent-loop-" + uuid.uuid4().hex[:8]
 
 EXPORTER_CONFIG = {
     "budgets": {"timezone": "UTC", "day_usd": 30, "month_usd": 800,
-                "apps": {"support-bot": {"day": 15, "month": 400}, "code-assistant": {"day": 10, "month": 300}}},
+                "apps": {"support-bot": {"day": 15, "month": 400}, "code-assistant": {"day": 0.05, "month": 300}}},
     "runaway": {"chain_max_calls": 15},
 }
 
@@ -95,6 +118,12 @@ class LiveTraffic(threading.Thread):
              "input_tokens": 12000 + 400 * k, "output_tokens": 150, "latency_s": 2.5, "stop_reason": "tool_calls",
              "request_had_tools": True, "tool_calls": ["run_tests"], "session_id": LOOP_SESSION,
              "request_id": uuid.uuid4().hex},
+            {"ts": now, "provider": "openai", "model": "o3", "app": "code-assistant", "input_tokens": 1500,
+             "cache_read_tokens": 6000, "output_tokens": 400, "latency_s": 20.0, "ttft_s": 4.0, "stream": True,
+             "request_id": uuid.uuid4().hex},
+            {"ts": now, "provider": "openai", "model": "o3", "app": "code-assistant", "input_tokens": 1500,
+             "output_tokens": 0, "latency_s": 40.0, "status": "error", "error_type": "server_error",
+             "request_id": uuid.uuid4().hex},
         ]
         return records + extra
 
@@ -121,29 +150,46 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     cfg.write_text(yaml.safe_dump(EXPORTER_CONFIG))
     # demo traffic uses two providers; the third distinct one overflows into "other"
     args = ["--config", str(cfg), "--label-limit-provider", "2"]
-    with Stack(fast=True, time_scale=60, ready_timeout=60, exporter_args=args) as s:
-        now = time.time()
-        batch: list[dict[str, Any]] = []
-        for hour in demo.backfill(now - HISTORY_DAYS * 86400, now - 60):
-            batch.extend(hour)
-            if len(batch) >= 5000:
-                assert s.post_records(batch)["rejected"] == 0
-                batch = []
-        if batch:
+    cert = self_signed_cert(tmp_path_factory.mktemp("tls"), days=30)
+    with ModelServer() as plain, ModelServer(tls=cert) as secure, socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))           # bound, not listening: connections are refused
+        backends = [
+            {"targets": [plain.url + "/health"],
+             "labels": {"backend": "vllm-demo", "kind": "vllm", "provider": "openai", "model": "gpt-4o-mini"}},
+            {"targets": [secure.url + "/health"], "labels": {"backend": "tgi-demo", "kind": "tgi"}},
+            {"targets": [f"127.0.0.1:{refusing.getsockname()[1]}"],
+             "labels": {"backend": "retired-box", "module": "tcp_connect"}},
+        ]
+        with Stack(fast=True, time_scale=60, ready_timeout=60, exporter_args=args, blackbox=True, backends=backends,
+                   env={"SSL_CERT_FILE": str(cert.cert)}) as s:
+            yield from _loaded(s)
+
+
+def _loaded(s: Any) -> Iterator[Any]:
+    """A week of demo history, then live traffic until the panels have data; yields the stack."""
+    now = time.time()
+    batch: list[dict[str, Any]] = []
+    for hour in demo.backfill(now - HISTORY_DAYS * 86400, now - 60):
+        batch.extend(hour)
+        if len(batch) >= 5000:
             assert s.post_records(batch)["rejected"] == 0
-        live = LiveTraffic(s)
-        live.start()
-        try:
-            started = time.time()
-            # something besides the Watchdog fires (firing-alerts tables and annotations)
-            s.wait_for(lambda: s.prom_query('ALERTS{alertstate="firing", alertname="LLMRunawaySessions"}'),
-                       timeout=90, message="LLMRunawaySessions firing")
-            # every rate window holds a full window of live samples
-            time.sleep(max(0.0, LIVE_MIN_S - (time.time() - started)))
-            yield s
-        finally:
-            live.stop()
-        assert not live.errors, live.errors[:3]
+            batch = []
+    if batch:
+        assert s.post_records(batch)["rejected"] == 0
+    live = LiveTraffic(s)
+    live.start()
+    try:
+        started = time.time()
+        # something besides the Watchdog fires on every board (firing-alerts tables and annotations)
+        for alert in ("LLMRunawaySessions", "LLMErrorRatioHigh", "LLMDailyBudgetExceeded"):
+            s.wait_for(lambda a=alert: s.prom_query(f'ALERTS{{alertstate="firing", alertname="{a}"}}'),
+                       timeout=90, message=f"{alert} firing")
+        # every rate window holds a full window of live samples
+        time.sleep(max(0.0, LIVE_MIN_S - (time.time() - started)))
+        yield s
+    finally:
+        live.stop()
+    assert not live.errors, live.errors[:3]
 
 
 def _has_data(doc: dict[str, Any]) -> bool:
@@ -162,11 +208,18 @@ def _has_data(doc: dict[str, Any]) -> bool:
     return any(math.isfinite(float(v)) for v in values)
 
 
+def recent(expr: str) -> str:
+    """`expr` with its comparisons against an earlier period looking 15 s back: this
+    Prometheus holds about a minute of samples."""
+    return re.sub(r"\boffset\s+[0-9a-z]+", "offset 15s", expr)
+
+
 def test_every_dashboard_query_returns_data_live(loaded: Any) -> None:
     s = loaded
-    queries = list(iter_dashboard_queries(rate_interval=RATE_INTERVAL, interval="15s"))
+    queries = [q._replace(expr=recent(q.expr)) for q in iter_dashboard_queries(rate_interval=RATE_INTERVAL,
+                                                                                interval="15s")]
     assert len(queries) > 100
-    assert len({q.dashboard for q in queries}) == 5
+    assert len({q.dashboard for q in queries}) == 6
     end = time.time()
     failed, empty_instant, empty_range = [], set(), set()
     for q in queries:
@@ -189,9 +242,30 @@ def test_every_dashboard_query_returns_data_live(loaded: Any) -> None:
     assert not unexpected, "queries without data:\n" + "\n".join(f"{d} / {p}:\n    {x}" for d, p, x in unexpected)
 
 
+def query_result_options(s: Any, var: dict[str, Any], variables: dict[str, str]) -> list[tuple[str, str]]:
+    """(value, text) of a `query_result(expr)` variable as Grafana makes them: each series
+    of the instant answer written `{label="value",...} <value> <time in ms>`, then the
+    variable's regex with its `value` and `text` groups."""
+    text = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+    m = re.fullmatch(r"\s*query_result\((.*)\)\s*", text, re.S)
+    assert m, text
+    doc = prom_api(s, "query", {"query": substitute(m.group(1), variables)})
+    assert doc.get("status") == "success", doc
+    regex = re.fullmatch(r"/(.*)/", var["regex"]).group(1).replace("(?<", "(?P<")
+    out = []
+    for r in doc["data"]["result"]:
+        metric = {k: v for k, v in r["metric"].items() if k != "__name__"}
+        line = "{" + ",".join(f'{k}="{v}"' for k, v in metric.items()) + "}" + f" {r['value'][1]} {int(r['value'][0] * 1000)}"
+        found = re.search(regex, line)
+        if found:
+            out.append((found.group("value"), found.group("text")))
+    return out
+
+
 def test_every_template_variable_has_values_live(loaded: Any) -> None:
     """`label_values(selector, label)` of each dashboard variable, asked of Prometheus the way
-    Grafana does (the series API with the other variables at All)."""
+    Grafana does (the series API with the other variables at All); a `query_result`
+    variable's options select data."""
     s = loaded
     checked = 0
     for name, dash in load_dashboards().items():
@@ -200,6 +274,13 @@ def test_every_template_variable_has_values_live(loaded: Any) -> None:
                 continue
             query = var.get("query")
             text = query.get("query") if isinstance(query, dict) else query
+            if text.startswith("query_result("):
+                options = query_result_options(s, var, variable_values(dash))
+                assert options, f"{name}: variable {var['name']} has no options"
+                for value, label in options:
+                    assert label and s.prom_query(f"llm_anomaly_current{{{value}}}"), (name, value, label)
+                checked += 1
+                continue
             m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", text or "")
             assert m, f"{name}: variable {var['name']}: not a label_values() query: {text!r}"
             selector = re.sub(r"\$\{?\w+\}?", ".*", m.group(1))
@@ -231,5 +312,177 @@ def test_the_live_data_behind_the_panels(loaded: Any) -> None:
     assert s.prom_query('min(llm_anomaly_baseline_span_seconds{scope="global"}) >= 24 * 3600')
     assert s.prom_query('count(llm_drift_value) > 0')
     assert s.prom_query('sum(rate(llm_time_to_first_token_seconds_count[30s])) > 0')
+    # the backends: one up, one over TLS with its certificate, one refusing with a reason
+    assert s.prom_query('probe_success{backend="vllm-demo"} == 1')
+    assert s.prom_query('(probe_ssl_earliest_cert_expiry{backend="tgi-demo"} - time()) / 86400 > 29')
+    assert s.prom_query('instance:probe_failure_timestamp_seconds:by_reason{backend="retired-box", '
+                        'reason="connect failed"}')
     # and the recording rules the panels read evaluated cleanly on it
     assert not rule_errors(s)
+
+
+# --- what the panels show, built as Grafana builds it -------------------------------------------
+
+def panel_query(dash: dict[str, Any], expr: str, overrides: dict[str, str] | None = None) -> str:
+    """A panel's PromQL as Grafana sends it with the dashboard's variables (or `overrides`)."""
+    return recent(substitute(expr, variable_values(dash, overrides), rate_interval=RATE_INTERVAL, interval="15s"))
+
+
+def instant(s: Any, expr: str, at: float) -> list[tuple[dict[str, str], str]]:
+    doc = prom_api(s, "query", {"query": expr, "time": f"{at:.3f}"})
+    assert doc.get("status") == "success", (expr, doc)
+    data = doc["data"]
+    if data["resultType"] == "scalar":
+        return [({}, data["result"][1])]
+    return [(r["metric"], r["value"][1]) for r in data["result"]]
+
+
+def _field_refs(panel: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """Field names a table's overrides match by name, and those its data links read."""
+    fc = panel["fieldConfig"]
+    named = {o["matcher"]["options"] for o in fc["overrides"] if o["matcher"]["id"] == "byName"}
+    text = json.dumps([fc["defaults"].get("links", []), fc["overrides"]])
+    return named, set(re.findall(r"\$\{__data\.fields\.(\w+)\}", text))
+
+
+def test_table_panels_show_one_row_per_series_live(loaded: Any) -> None:
+    """Every table panel, from the answers of a real Prometheus through Grafana's frames and
+    the panel's transformations: one row per series of its first query (no row split across
+    queries, no two rows a reader cannot tell apart), each with its first value, every value
+    column named, and the fields its overrides and data links name present."""
+    s = loaded
+    at = time.time()
+    checked = []
+    for dash in load_dashboards().values():
+        for panel in iter_panels(dash):
+            if panel["type"] != "table":
+                continue
+            where = f"{dash['uid']} / {panel['title']}"
+            answers = [(t["refId"], instant(s, panel_query(dash, t["expr"]), at)) for t in panel["targets"]]
+            view = table_view(panel, answers, int(at * 1000))
+            rows = view.rows()
+            assert rows, f"{where}: no rows"
+            series = {tuple(sorted((k, v) for k, v in m.items() if k != "__name__")) for m, _ in answers[0][1]}
+            assert len(rows) == len(series), f"{where}: {len(rows)} rows for {len(series)} series\n{rows[:4]}"
+            seen = [view.labels_of(r) for r in rows]
+            assert len(set(seen)) == len(seen), f"{where}: rows a reader cannot tell apart: {seen}"
+            visible = view.columns
+            assert not [c for c in visible if c == "Value" or c.startswith("Value #")], f"{where}: {visible}"
+            named, linked = _field_refs(panel)
+            names = set(view.frame.names())
+            assert named <= names, f"{where}: overrides name missing fields {sorted(named - names)}"
+            assert linked <= names, f"{where}: links read missing fields {sorted(linked - names)}"
+            if len(panel["targets"]) > 1:
+                first = panel["transformations"][-1]["options"]["renameByName"]["Value #A"]
+                assert all(r[first] is not None for r in rows), f"{where}: rows without {first!r}: a split"
+            checked.append(where)
+    assert len(checked) >= 13, checked
+
+
+def _rule_value(record: str, labels: dict[str, str]) -> float | None:
+    """The number thresholds.yml gives the threshold series `record` with `labels`."""
+    values = threshold_values()
+    own = {k: v for k, v in labels.items() if k not in ("__name__", "job", "instance")}
+    if record.startswith("provider_model:llm_performance_threshold:"):
+        base = "llm:performance_threshold:" + record.split(":")[-1]
+        override = values.get((base, (("model", own["model"]),)))
+        return override if override is not None else values.get((base, ()))
+    if record.startswith("backend:llm_backend_threshold:"):
+        base = "llm:backend_threshold:" + record.split(":")[-1]
+        override = values.get((base, (("backend", own["backend"]),)))
+        return override if override is not None else values.get((base, ()))
+    return values.get((record, tuple(sorted(own.items()))))
+
+
+def test_threshold_lines_and_colours_equal_the_alert_thresholds_live(loaded: Any) -> None:
+    """Every colour step equals what Prometheus holds for the alert threshold it stands for;
+    every dashed threshold line draws the numbers of thresholds.yml (per model: the model's
+    own where it has one, as o3 does)."""
+    s = loaded
+    at = time.time()
+    boards = {d["uid"]: d for d in load_dashboards().values()}
+    colours = 0
+    for (uid, title, field), sources in colour_thresholds().items():
+        panel = next(p for p in iter_panels(boards[uid]) if p["title"] == title)
+        expected = []
+        for source in sources:
+            if isinstance(source, tuple):
+                expected.append(alert_constant(*source[1:]))
+                continue
+            answer = instant(s, source, at)
+            assert len(answer) == 1, (source, answer)
+            expected.append(float(answer[0][1]))
+        assert colour_steps(panel)[field] == pytest.approx(expected), (uid, title, field)
+        colours += 1
+    lines, per_model = 0, set()
+    for dash in boards.values():
+        for panel in iter_panels(dash):
+            for t in (threshold_lines(panel) if panel["type"] == "timeseries" else []):
+                record = metrics_of(t["expr"])[0]
+                answer = instant(s, panel_query(dash, t["expr"]), at)
+                assert answer, f"{dash['uid']} / {panel['title']}: threshold {t['legendFormat']} draws nothing"
+                for metric, value in answer:
+                    want = None if record.startswith("llm_budget_usd") else _rule_value(record, metric)
+                    if record.startswith("llm_budget_usd"):
+                        continue                    # the budget line is the budget itself
+                    assert want is not None, (record, metric)
+                    assert float(value) == pytest.approx(want), (dash["uid"], panel["title"], metric, value, want)
+                    if "model" in metric:
+                        per_model.add((metric["model"], float(value)))
+                    lines += 1
+    assert colours >= 30 and lines >= 25, (colours, lines)
+    assert ("o3", 90.0) in per_model and ("gpt-4o", 30.0) in per_model, sorted(per_model)
+
+
+def _grafana_value(value: str) -> str:
+    """A single selected value in a regex matcher, escaped as Grafana escapes it."""
+    return re.sub(r"([\\^$*+?.()|{}\[\]])", r"\\\1", value)
+
+
+def test_firing_alerts_open_a_board_showing_them_live(loaded: Any) -> None:
+    """Every firing alert's dashboard_url (as Prometheus renders it) opens a shipped board
+    with the variables it sets, and that board's panel for the alert's metric, with those
+    variables, shows the alert's series."""
+    s = loaded
+    boards = {d["uid"]: d for d in load_dashboards().values()}
+    rules = {(a.name, a.severity): a for a in alert_rules()}
+    firing = [a for a in prom_api(s, "alerts", {})["data"]["alerts"]
+              if a["state"] == "firing" and a["labels"]["alertname"] != "Watchdog"]
+    at = time.time()
+    checked: set[str] = set()
+    for alert in firing:
+        labels, url = alert["labels"], alert["annotations"].get("dashboard_url", "")
+        where = f"{labels['alertname']} {labels}"
+        m = re.search(r"/d/([\w-]+)\?orgId=1", url)
+        assert m and m.group(1) in boards, f"{where}: {url}"
+        board = boards[m.group(1)]
+        variables = url_variables(url)
+        names = {v["name"] for v in board["templating"]["list"]}
+        assert set(variables) <= names, f"{where}: {m.group(1)} has no variable {sorted(set(variables) - names)}"
+        rule = rules[(labels["alertname"], labels["severity"])]
+        panels = panels_of_metric(board, rule.primary or "", rule.expr)
+        assert panels, f"{where}: {m.group(1)} has no panel for {rule.primary}"
+        overrides = {k: _grafana_value(v[0]) for k, v in variables.items()}
+        shown = False
+        for panel in panels:
+            for t in panel["targets"]:
+                for metric, _ in instant(s, panel_query(board, t["expr"], overrides), at):
+                    if all(metric.get(k, labels[k]) == labels[k] for k in ("app", "provider", "model", "signal",
+                                                                             "scope", "reason", "period")
+                           if k in labels):
+                        shown = True
+        assert shown, f"{where}: {[p['title'] for p in panels]} on {m.group(1)} with {overrides} do not show it"
+        checked.add(labels["alertname"])
+    assert len(checked) >= 6, checked
+
+
+def test_zero_errors_show_zero_live(loaded: Any) -> None:
+    """A model without a single failed request (or cache read) has an error ratio (cache-hit
+    ratio) of 0 on the overview, not "No data"."""
+    s = loaded
+    overview = next(d for d in load_dashboards().values() if d["uid"] == "llm-overview")
+    at = time.time()
+    for title in ("Error ratio", "Cache-hit ratio"):
+        panel = next(p for p in iter_panels(overview) if p["title"] == title)
+        answer = instant(s, panel_query(overview, panel["targets"][0]["expr"], {"model": "in-house-finetune"}), at)
+        assert [float(v) for _, v in answer] == [0.0], (title, answer)

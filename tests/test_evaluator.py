@@ -27,7 +27,7 @@ from helpers import (CLEAN_ENV, DAY, HOUR, Harness, Stream, Traffic, engine_at, 
                      free_port, gauge, generate, row, settings_for)
 
 from exporter import evidence
-from exporter.anomaly.baseline import error_stats
+from exporter.anomaly.baseline import error_stats, size_stats
 from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
@@ -233,6 +233,23 @@ def test_independent_errors_are_not_read_as_overdispersed() -> None:
         requests = np.full((200, 168), float(n))
         stats = error_stats(requests, rng.binomial(n, p, requests.shape).astype(float))
         assert np.median(stats.dispersion) < 1.3, (n, p, np.median(stats.dispersion))
+
+
+def test_sessions_on_a_dearer_model_are_part_of_the_usual_sizes() -> None:
+    """A quiet scope whose hours are each one or two sessions, an eighth of them on a model
+    whose requests cost e^2.5 times as much: the hours' means swing far more than
+    independent requests would, and the dispersion says so (the MAD of the middle half
+    would not); the level those sessions reach is one the scope has seen, so it is no rise."""
+    rng = np.random.default_rng(3)
+    scopes, hours, n = 50, 336, 20
+    dear = rng.random((scopes, hours)) < 0.125
+    logs = rng.normal(0.0, 0.4, (scopes, hours, n)) + np.where(dear, 2.5, 0.0)[..., None]
+    st = size_stats(np.full((scopes, hours), float(n)), logs.sum(axis=2), (logs ** 2).sum(axis=2))
+    assert np.median(st.dispersion) > 10          # the MAD alone reads about 1
+    assert (st.seen > 2.0).all()                  # a dear session's hour has been seen
+    plain = rng.normal(0.0, 0.4, (scopes, hours, n))
+    st0 = size_stats(np.full((scopes, hours), float(n)), plain.sum(axis=2), (plain ** 2).sum(axis=2))
+    assert np.median(st0.dispersion) < 1.5 and (st0.seen < 0.5).all()
 
 
 def slower(traffic: Traffic, sel: np.ndarray, ttft: float = 1.0, generation: float = 1.0) -> Traffic:

@@ -9,6 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 # Top to bottom. A module belongs to the first layer one of whose prefixes it matches.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("integrations", ("exporter.integrations",)),  # runs in the user's LLM stack: imports nothing below
     ("command line", ("exporter.cli",)),
     ("sources", ("exporter.sources",)),
     ("web", ("exporter.web",)),

@@ -116,9 +116,10 @@ def test_promtool_unit_tests_pass(test_file: Path) -> None:
 def test_prometheus_config_loads_every_rule_file_and_reaches_the_stack() -> None:
     config = load(PROM_DIR / "prometheus.yml")
     assert config["rule_files"] == ["rules/*.yml"]
-    targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+    targets = {job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
                for job in config["scrape_configs"]}
     assert targets["llm-usage-exporter"] == ["exporter:9473"]
+    assert targets["blackbox-exporter"] == ["blackbox-exporter:9115"]
     assert "alertmanager:9093" in targets["alertmanager"]
     assert "prometheus" in targets
     am = [t for a in config["alerting"]["alertmanagers"] for sc in a["static_configs"] for t in sc["targets"]]

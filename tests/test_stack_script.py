@@ -80,6 +80,66 @@ def test_rewrite_addresses():
     assert stack.rewrite_addresses("llm-usage-exporter:9473x", ports) == "llm-usage-exporter:9473x"
     assert stack.rewrite_addresses("grafana:3000", ports) == "grafana:3000"
     assert stack.rewrite_addresses("exporter:94730", ports) == "exporter:94730"
+    assert stack.rewrite_addresses("blackbox-exporter:9115", {**ports, "blackbox": 1004}) == "127.0.0.1:1004"
+
+
+SHIPPED_DOC = {
+    "global": {"scrape_interval": "15s"},
+    "scrape_configs": [
+        {"job_name": "llm-backends", "metrics_path": "/probe", "file_sd_configs": [{"files": ["backends.yml"]}],
+         "relabel_configs": [{"source_labels": ["__address__"], "target_label": "__param_target"},
+                             {"target_label": "__address__", "replacement": "blackbox-exporter:9115"}]},
+        {"job_name": "blackbox-exporter", "static_configs": [{"targets": ["blackbox-exporter:9115"]}]},
+    ],
+}
+
+
+def test_render_prometheus_probes_through_the_native_prober():
+    ports = {"exporter": 1, "prometheus": 2, "alertmanager": 3, "blackbox": 4}
+    out, notes = stack.render_prometheus(SHIPPED_DOC, ports, {}, fast=False, time_scale=60)
+    jobs = {j["job_name"]: j for j in out["scrape_configs"]}
+    assert jobs["llm-backends"]["relabel_configs"][1]["replacement"] == "127.0.0.1:4"
+    assert jobs["llm-backends"]["file_sd_configs"] == [{"files": ["backends.yml"]}]
+    assert jobs["blackbox-exporter"]["static_configs"][0]["targets"] == ["127.0.0.1:4"]
+    assert not notes
+    # without the prober: both jobs go, with a note each
+    out, notes = stack.render_prometheus(SHIPPED_DOC, ports, {}, fast=False, time_scale=60, absent=["blackbox"])
+    assert out["scrape_configs"] == []
+    assert len(notes) == 2 and any("llm-backends" in n and "127.0.0.1:4" in n for n in notes)
+
+
+def test_render_blackbox_makes_the_token_path_native(tmp_path):
+    doc = {"modules": {"m": {"prober": "http", "http": {"authorization": {
+        "type": "Bearer", "credentials_file": "/etc/blackbox_exporter/secrets/openai_api_key"}}}}}
+    out = stack.render_blackbox(doc, {"/etc/blackbox_exporter/secrets/": tmp_path / "s",
+                                      "/etc/blackbox_exporter/": tmp_path / "bb"})
+    assert out["modules"]["m"]["http"]["authorization"]["credentials_file"] == str(tmp_path / "s" / "openai_api_key")
+    assert doc["modules"]["m"]["http"]["authorization"]["credentials_file"].startswith("/etc/"), "input unchanged"
+
+
+@needs_shipped
+@needs_binaries
+def test_the_backends_to_probe_replace_the_shipped_list(tmp_path):
+    groups = [{"targets": ["127.0.0.1:1"], "labels": {"backend": "closed", "module": "tcp_connect"}}]
+    s = Stack(exporter=False, blackbox=True, backends=groups, workdir=tmp_path / "stack", keep_workdir=True)
+    s.render()
+    assert yaml.safe_load(s.backends_file.read_text()) == groups
+    assert s.backends_file == s.workdir / "prometheus" / "backends.yml"
+    bb = yaml.safe_load(s.blackbox_config.read_text())
+    token = bb["modules"]["http_openai_models"]["http"]["authorization"]["credentials_file"]
+    assert token == str(REPO / "deploy" / "blackbox-secrets" / "openai_api_key")
+    s.write_backends([])
+    assert yaml.safe_load(s.backends_file.read_text()) == []
+    # the shipped list probes nothing until the user fills it
+    shipped = Stack(exporter=False, blackbox=True, workdir=tmp_path / "shipped", keep_workdir=True)
+    shipped.render()
+    assert yaml.safe_load(shipped.backends_file.read_text()) == []
+    # no prober: its jobs are not scraped, and the exporter's --prometheus-url is the stack's
+    quiet = Stack(alertmanager=False, blackbox=False, workdir=tmp_path / "quiet", keep_workdir=True)
+    quiet.render()
+    jobs = {j["job_name"] for j in yaml.safe_load(quiet.prometheus_config.read_text())["scrape_configs"]}
+    assert "llm-backends" not in jobs and "blackbox-exporter" not in jobs and "llm-usage-exporter" in jobs
+    assert f"--prometheus-url={quiet.urls['prometheus']}" in quiet.commands()["exporter"]
 
 
 def test_render_prometheus_fast(tmp_path):
@@ -147,7 +207,7 @@ def test_render_alertmanager(tmp_path):
 def test_ports_are_free_and_distinct():
     s = Stack(exporter=False)
     try:
-        assert len(set(s.ports.values())) == 3
+        assert len(set(s.ports.values())) == len(stack.DEFAULT_PORTS) == 4
         assert all(u.startswith("http://127.0.0.1:") for u in s.urls.values())
     finally:
         s.stop()
@@ -171,7 +231,7 @@ def test_rendered_shipped_configs_pass_promtool_and_amtool(tmp_path, fast):
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     rendered = (s.prometheus_config.read_text() + s.alertmanager_config.read_text())
-    for name in ("exporter:9473", "alertmanager:9093", "localhost:9090"):
+    for name in ("exporter:9473", "alertmanager:9093", "localhost:9090", "blackbox-exporter:9115"):
         assert name not in rendered
     # timing only: every rule keeps its expression
     rendered_rules = []

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAD_SCALE = 1.4826          # makes the MAD estimate sigma for normal data
+TAIL_90_HALF_NORMAL = 1.6449  # the 90th percentile of |x| for a standard normal x
 CHI2_1_MEDIAN = 0.4549      # median of chi-square with one degree of freedom
 Q75_ABS_NORMAL = 1.1503     # upper quartile of |z| for standard normal z
 CHI2_1_Q75 = Q75_ABS_NORMAL ** 2   # upper quartile of chi-square with one degree of freedom
@@ -166,10 +167,19 @@ class SizeStats:
     var: np.ndarray
     dispersion: np.ndarray
     hours: np.ndarray
+    seen: np.ndarray          # the second-highest hourly mean: a level the scope has reached before
 
 
 def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> SizeStats:
-    """From hourly (S, H) counts, sums and sums of squares of log sizes."""
+    """From hourly (S, H) counts, sums and sums of squares of log sizes.
+
+    The dispersion is read from the tail of the hours' standardised means as well as from
+    their MAD, and the larger is kept: requests come in sessions that share a model and a
+    prompt, so a quiet scope's hour is often one or two sessions, and its mean is then
+    that of a session, not of independent requests. When a tenth of the hours or more are
+    such sessions on a dearer model, the MAD (the middle half) never sees them and the next
+    one reads as a jump; the 90th percentile does, while up to a tenth of anomalous hours
+    in the baseline still cannot raise it."""
     ok = count >= 5
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(ok, total / count, np.nan)
@@ -178,10 +188,14 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> Si
     v = np.maximum(nan_median(var, axis=1), MIN_SIZE_SD ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         u = (mean - centre[:, None]) / np.sqrt(v[:, None] / np.maximum(count, 1))
-    mad = nan_median(np.abs(u - nan_median(u, axis=1)[:, None]), axis=1) * MAD_SCALE
+    dev = np.abs(u - nan_median(u, axis=1)[:, None])
+    mad = nan_median(dev, axis=1) * MAD_SCALE
+    tail = nan_quantile(dev, 0.9, axis=1) / TAIL_90_HALF_NORMAL
     hours = np.sum(ok, axis=1)
-    disp = np.maximum(np.nan_to_num(mad * mad, nan=1.0), 1.0)
-    return SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours)
+    disp = np.maximum(np.nan_to_num(np.fmax(mad, tail) ** 2, nan=1.0), 1.0)
+    # twice in the baseline: one hour could be an anomaly, two make it part of the usual
+    seen = np.sort(np.where(ok, mean, -np.inf), axis=1)[:, -2] if mean.shape[1] >= 2 else np.full(mean.shape[0], -np.inf)
+    return SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
 
 
 def sum_spread(sizes: SizeStats) -> np.ndarray:

@@ -457,14 +457,22 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     return rise, fall
 
 
-def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(z, ratio) per window of the mean log size of one kind against the baseline."""
+def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, rise, ratio) per window of the mean log size of one kind against the baseline.
+
+    A window whose mean the scope's hours reached at least twice in the baseline is not a
+    rise (its z is kept, its ratio is 0): requests come in sessions that share a model and
+    a prompt, so a small scope's size swings with whichever sessions are running, beyond
+    what independent requests would give, and a level it reached on two other hours of the
+    last weeks is part of its usual traffic, however rare among its hours. `ratio` is the size ratio itself."""
     n, s1, _ = SIZE_FIELDS[kind]
     m = c.sums[..., F[n]]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = c.sums[..., F[s1]] / m
     z = mean_z(mean, m, st.centre[:, None], st.var[:, None], st.dispersion[:, None])
-    return z, np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
+    ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
+    with np.errstate(invalid="ignore"):
+        return z, np.where(mean > st.seen[:, None], ratio, 0.0), ratio
 
 
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,
@@ -476,7 +484,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     stats = {"tokens": b.sizes, "cost": b.costs}
     # 1. requests got bigger: mean log size per request on every window
     sized = {k: _size_evidence(c, stats[k], k) for k in kinds}
-    z_size, size_ratio = sized["tokens"]
+    z_size, _, size_ratio = sized["tokens"]
     # 2. the hour's total against the time of day (a few huge requests), and
     # 3. the hour's request count (more requests of the usual size)
     expected = c.expected(seasonal, [c.ev.fine_slots[-1]])[:, 0]
@@ -492,7 +500,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     ok = c.ready(spec) & (current >= spec.min_current)
     hour_ok = ok & np.isfinite(expected)
     rise = np.zeros(c.n)
-    for z, ratio in sized.values():
+    for z, ratio, _ in sized.values():
         with np.errstate(invalid="ignore"):
             rise = np.fmax(rise, _largest(ratio, ok[:, None] & (z >= c.zc)))
     with np.errstate(invalid="ignore"):
@@ -514,7 +522,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
                 held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
                                               np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
     e = Effects(rise, np.zeros(c.n), held, np.zeros(c.n))
-    z_best = np.fmax.reduce([np.where(ok[:, None], z, np.nan) for z, _ in sized.values()])
+    z_best = np.fmax.reduce([np.where(ok[:, None], z, np.nan) for z, _, _ in sized.values()])
     zs, win, rel = _strongest(z_best, c.zc, c.ev.window_s)
     with np.errstate(invalid="ignore"):
         use_total = ok & (np.nan_to_num(np.abs(z_total) / c.zc[-1], nan=-1.0) > rel)

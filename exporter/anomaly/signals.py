@@ -125,7 +125,7 @@ DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
                                "requests / min")),
     SignalSpec("error_rate", "ratio", "up", 2.5, 5.0, 0.05, "performance",
                help="errors / requests over the window",
-               text=SignalText("Error rate", {"up": ("LLMErrorRateSpike", "LLM error rate is far above its usual level")},
+               text=SignalText("Error ratio", {"up": ("LLMErrorRateSpike", "LLM error rate is far above its usual level")},
                                "The share of failed requests over the last hour", ("", "humanizePercentage", ""),
                                "percentunit", "errors / requests")),
     SignalSpec("latency_p95", "seconds", "up", 2.5, 5.0, 0.0, "performance",

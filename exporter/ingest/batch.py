@@ -18,6 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..codes import is_none
+from . import genai
+from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
+from .attribution import Attribution
+from .native import END_KEYS, FIRST_TOKEN_KEYS, MARKER_KEYS
 from .records import (
     ALIASES,
     MAX_COST,
@@ -37,19 +41,26 @@ from .records import (
 )
 from .rejections import Rejected, Rejections
 
-SLOW_KEYS = frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | {"usage"}
-# Keys that can give a record its provider and model (a `usage` block can hold any field).
-PROVIDER_KEYS = frozenset({"provider", "usage"} | {k for k, v in ALIASES.items() if v == "provider"})
-MODEL_KEYS = frozenset({"model", "usage"} | {k for k, v in ALIASES.items() if v == "model"})
+SLOW_KEYS = (frozenset(ALIASES) | frozenset(MILLISECOND_FIELDS) | MARKER_KEYS | frozenset(END_KEYS + FIRST_TOKEN_KEYS)
+             | genai.KEYS)
+# Keys that can give a record its provider and model (a `usage` block can hold any field; a
+# native object's shape implies its provider and names its model its own way; GenAI attributes
+# name both).
+PROVIDER_KEYS = frozenset({"provider", genai.PROVIDER, genai.SYSTEM} | MARKER_KEYS
+                          | {k for k, v in ALIASES.items() if v == "provider"})
+MODEL_KEYS = frozenset({"model", genai.REQUEST_MODEL, genai.RESPONSE_MODEL} | MARKER_KEYS
+                       | {k for k, v in ALIASES.items() if v == "model"})
 _NUMBER_TYPES = (int, float, type(None))
 _FLAG_TYPES = {bool, type(None)}
 
 
 def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None = None,
-                rejections: Rejections | None = None) -> tuple[RecordColumns, Rejections, list[int]]:
+                rejections: Rejections | None = None,
+                attribution: Attribution = DEFAULT_ATTRIBUTION) -> tuple[RecordColumns, Rejections, list[int]]:
     """Validate decoded items; returns the good records as columns, the rejections (added to
     `rejections` when given), and the record number of each good record (in column order).
-    `indices[k]` is the record number of `items[k]` (default: k)."""
+    `indices[k]` is the record number of `items[k]` (default: k); `attribution` resolves the
+    app and provider of records that do not name them."""
     rejections = rejections if rejections is not None else Rejections()
     numbers = np.arange(len(items)) if indices is None else np.asarray(indices, dtype=np.int64)
     if set(map(type, items)) <= {dict}:       # the usual batch: every item is an object
@@ -68,13 +79,13 @@ def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None 
         rejections.add_many(numbers[refused], not_an_object)
         numbers = numbers[kept]
         del is_dict, kept, refused
-    dicts, numbers = _screen(dicts, numbers, now, rejections)
+    dicts, numbers = _screen(dicts, numbers, now, rejections, attribution)
     idx: list[int] = numbers.tolist()
     keys: set[str] = set().union(*dicts) if dicts else set()
     if keys & SLOW_KEYS:
-        cols, slow_idx = _slow(dicts, idx, now, rejections)
+        cols, slow_idx = _slow(dicts, idx, now, rejections, attribution)
         return cols, rejections, slow_idx
-    cols, bad, absent = _fast(dicts, now, keys)
+    cols, bad, absent = _fast(dicts, now, keys, attribution)
     if bad.any():
         # Without provider or model a record is refused whatever else it holds: count those
         # at once (a body of empty objects is millions of them) and explain only the kept.
@@ -85,34 +96,39 @@ def parse_batch(items: Sequence[Any], now: float, indices: Sequence[int] | None 
             def explain(k: int) -> Rejected:
                 j = int(certain[k])
                 try:
-                    parse_record(dicts[j], now)
+                    parse_record(dicts[j], now, attribution)
                 except RecordError as e:
                     return Rejected(idx[j], e.field, e.message)
                 return Rejected(idx[j], "record", "is missing provider or model")   # not reached
             rejections.add_many(numbered[certain], explain)
         rest = np.flatnonzero(bad & ~absent)
         good = np.flatnonzero(~bad)
-        slow_cols, slow_idx = _slow([dicts[j] for j in rest.tolist()], [idx[j] for j in rest.tolist()], now, rejections)
+        slow_cols, slow_idx = _slow([dicts[j] for j in rest.tolist()], [idx[j] for j in rest.tolist()], now, rejections,
+                                    attribution)
         cols = concat([take(cols, good), slow_cols])
         idx = [idx[j] for j in good.tolist()] + slow_idx
     return cols, rejections, idx
 
 
-def _screen(dicts: list[dict[str, Any]], numbers: np.ndarray, now: float,
-            rejections: Rejections) -> tuple[list[dict[str, Any]], np.ndarray]:
+def _screen(dicts: list[dict[str, Any]], numbers: np.ndarray, now: float, rejections: Rejections,
+            attribution: Attribution) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Refuse at once the objects with no key that could name a provider or a model: a
     body of empty objects is millions of them, and building columns for them first cost
-    gigabytes. Only the rejections kept for the answer are explained (by parse_record)."""
+    gigabytes. Only the rejections kept for the answer are explained (by parse_record).
+    With a fallback provider (a header, a query parameter, `default_provider`), a model
+    is enough."""
     if not dicts:
         return dicts, numbers
     n = len(dicts)            # map() of C functions: no Python bytecode per object
-    ok = (np.fromiter(map(operator.contains, dicts, repeat("provider", n)), dtype=bool, count=n)
-          & np.fromiter(map(operator.contains, dicts, repeat("model", n)), dtype=bool, count=n))
+    any_provider = attribution.fallback_provider is not None
+    ok = np.fromiter(map(operator.contains, dicts, repeat("model", n)), dtype=bool, count=n)
+    if not any_provider:
+        ok &= np.fromiter(map(operator.contains, dicts, repeat("provider", n)), dtype=bool, count=n)
     if ok.all():
         return dicts, numbers
     for j in np.flatnonzero(~ok).tolist():        # other spellings may name them
         d = dicts[j]
-        ok[j] = not d.keys().isdisjoint(PROVIDER_KEYS) and not d.keys().isdisjoint(MODEL_KEYS)
+        ok[j] = (any_provider or not d.keys().isdisjoint(PROVIDER_KEYS)) and not d.keys().isdisjoint(MODEL_KEYS)
     if ok.all():
         return dicts, numbers
     bad = np.flatnonzero(~ok)
@@ -120,7 +136,7 @@ def _screen(dicts: list[dict[str, Any]], numbers: np.ndarray, now: float,
     def explain(k: int) -> Rejected:
         j = int(bad[k])
         try:
-            parse_record(dicts[j], now)
+            parse_record(dicts[j], now, attribution)
         except RecordError as e:
             return Rejected(int(numbers[j]), e.field, e.message)
         return Rejected(int(numbers[j]), "record", "has no provider or model")    # not reached
@@ -129,19 +145,20 @@ def _screen(dicts: list[dict[str, Any]], numbers: np.ndarray, now: float,
     return [dicts[j] for j in keep.tolist()], numbers[keep]
 
 
-def _slow(dicts: list[dict[str, Any]], idx: list[int], now: float,
-          rejections: Rejections) -> tuple[RecordColumns, list[int]]:
+def _slow(dicts: list[dict[str, Any]], idx: list[int], now: float, rejections: Rejections,
+          attribution: Attribution) -> tuple[RecordColumns, list[int]]:
     good, good_idx = [], []
     for d, i in zip(dicts, idx):
         try:
-            good.append(parse_record(d, now))
+            good.append(parse_record(d, now, attribution))
             good_idx.append(i)
         except RecordError as e:
             rejections.add(Rejected(i, e.field, e.message))
     return to_columns(good), good_idx
 
 
-def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[RecordColumns, np.ndarray, np.ndarray]:
+def _fast(ds: list[dict[str, Any]], now: float, present: set[str],
+          attribution: Attribution) -> tuple[RecordColumns, np.ndarray, np.ndarray]:
     """Columns for every item, a mask of the items that need the per-record path, and a mask
     of those missing a required field (which the per-record path would refuse too).
     `present` holds every key used in the batch: fields no record sends are not looked up."""
@@ -174,7 +191,7 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
         bad[~(ok | missing)] = True
         return arr
 
-    def text(field: str, lower: bool = False, required: bool = False) -> np.ndarray:
+    def text(field: str, lower: bool = False, required: bool = False, fallback: str | None = None) -> np.ndarray:
         vals = values(field)
         out = np.empty(n, dtype=object)
         cleaned = _clean_texts(vals, lower)
@@ -189,6 +206,8 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
                         bad[j] = True
                     cleaned.append(None)
         out[:] = cleaned
+        if fallback is not None:
+            out[is_none(out)] = fallback
         if required:
             missing = np.flatnonzero(is_none(out))
             if missing.size:
@@ -283,14 +302,17 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
             else:
                 bad[j] = True
 
-    app = text("app")
-    app[is_none(app)] = "unknown"
+    service = None
+    if genai.SERVICE_NAME in present:           # OpenTelemetry's service.name: an app source of its own
+        service = text(genai.SERVICE_NAME)
+        service[:] = _per_distinct(service.tolist(), genai.service_app)
+    app = attribution.app_column(text("app"), service)
     operation = text("operation", lower=True)
     operation[is_none(operation)] = "chat"
     stream = flag("stream") | ~np.isnan(ttft)
     had_tools = flag("request_had_tools") | (tool_calls > 0)
     cols = RecordColumns(
-        ts=ts, app=app, provider=text("provider", lower=True, required=True),
+        ts=ts, app=app, provider=text("provider", lower=True, required=True, fallback=_lower(attribution.fallback_provider)),
         model=text("model", lower=True, required=True), session_id=text("session_id"),
         **{f: _count(tokens[f]) for f in TOKEN_FIELDS},
         cost=cost, latency=latency, ttft=ttft, is_error=is_error, error_type=etype, stop_reason=stop,
@@ -299,6 +321,10 @@ def _fast(ds: list[dict[str, Any]], now: float, present: set[str]) -> tuple[Reco
         cache_write_1h_tokens=_count(write_1h), service_tier=text("service_tier", lower=True), batch=flag("batch"),
     )
     return cols, bad, absent
+
+
+def _lower(v: str | None) -> str | None:
+    return v.strip().lower() or None if v is not None else None
 
 
 def _count(a: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """POST bodies into decoded JSON values: one object, an array, or NDJSON lines.
 
 A bad NDJSON line is rejected under its record number and the other lines still count; a
-malformed single document is a `BodyError` (HTTP 400). Validation of the decoded values is
+malformed single document is a `BodyError` (HTTP 400), and so is a body that is neither JSON
+nor NDJSON: binary data (an OTLP protobuf export sent here), or text none of whose lines is
+a JSON value. One answer then says so, instead of one rejected record per line. Validation of the decoded values is
 `records.parse_record` and `batch.parse_batch`.
 """
 
@@ -35,6 +37,7 @@ class Decoded:
 
 
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
+BINARY_TYPES = ("application/x-protobuf", "application/protobuf", "application/grpc", "application/octet-stream")
 
 
 def decode_body(body: bytes, content_type: str = "", max_errors: int = DEFAULT_LIMIT) -> Decoded:
@@ -44,10 +47,14 @@ def decode_body(body: bytes, content_type: str = "", max_errors: int = DEFAULT_L
     the other lines still count; a malformed single JSON document raises BodyError.
     """
     ct = content_type.split(";")[0].strip().lower()
+    if ct in BINARY_TYPES:
+        raise BodyError(f"Content-Type {ct}: this endpoint takes JSON or NDJSON records (OpenTelemetry OTLP "
+                        "exports go to POST /v1/traces)")
     text = body.strip()
     if not text:
         raise BodyError("empty body: send a JSON object, a JSON array or NDJSON")
-    ndjson = ct in NDJSON_TYPES
+    declared = ct in NDJSON_TYPES
+    ndjson = declared
     if not ndjson and ct not in ("application/json",) and not text.startswith(b"[") and b"\n" in text:
         try:        # a pretty-printed object is one document; NDJSON never parses as one
             doc = orjson.loads(text)
@@ -55,13 +62,30 @@ def decode_body(body: bytes, content_type: str = "", max_errors: int = DEFAULT_L
         except orjson.JSONDecodeError:
             ndjson = True
     if ndjson:
-        return decode_ndjson(text, max_errors)
+        decoded = decode_ndjson(text, max_errors)
+        if not decoded.items and (not declared or is_binary(text)):
+            # Nothing decoded: the body is not NDJSON with some bad lines but something else.
+            # (Declared NDJSON of text lines is answered line by line: a log of junk lines.)
+            first = next(iter(decoded.rejections), None)
+            raise BodyError("body is neither JSON nor NDJSON" + (" (binary data)" if is_binary(text) else "")
+                            + (f": {first.reason}" if first else ""))
+        return decoded
     try:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError as e:
         raise BodyError(f"malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}",
                         e.lineno, e.colno, e.pos) from None
     return Decoded(doc if isinstance(doc, list) else [doc], None, Rejections(max_errors))
+
+
+_CONTROL = np.zeros(256, dtype=bool)
+_CONTROL[[c for c in range(32) if c not in (9, 10, 13)]] = True
+_CONTROL[127] = True
+
+
+def is_binary(data: bytes) -> bool:
+    """Holds a control character JSON text never has outside a string, and never raw inside one."""
+    return bool(_CONTROL[np.frombuffer(data, dtype=np.uint8)].any())
 
 
 _BLANK = np.zeros(256, dtype=bool)

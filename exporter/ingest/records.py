@@ -14,9 +14,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import genai
+from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
+from .attribution import Attribution
+from .errors import ERROR_TYPES as ERROR_TYPES  # re-exported: the labels' vocabulary
+from .errors import classify_error
+from .native import END_KEYS, FIRST_TOKEN_KEYS, NativeError, duration, translate, usage_tokens
 from .rejections import Rejected
 
-ERROR_TYPES: tuple[str, ...] = ("rate_limit", "timeout", "server_error", "client_error", "content_filter", "other")
 # The token types: `llm_tokens_total{token_type}`, the record fields `<type>_tokens`, the bucket
 # sums and the price columns all follow this one list.
 TOKEN_TYPES: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "reasoning")
@@ -203,46 +208,24 @@ def _looks_numeric(s: str) -> bool:
 
 
 def _status_and_error(status: Any, error_type: Any) -> tuple[str, str | None]:
-    """Fold the many ways of saying "this failed" into status + a fixed error_type."""
-    et = _text("error_type", error_type, lower=True)
-    if et is not None and et not in ERROR_TYPES:
-        et = _ERROR_ALIASES.get(et, "other")
+    """Fold the many ways of saying "this failed" into status + a fixed error_type
+    (`errors.classify_error`: a recognised name wins, an unknown one never hides a status)."""
+    name = _text("error_type", error_type)
     if status is None or status == "":
-        return ("error", et) if et else ("ok", None)
+        return ("error", classify_error(None, name)) if name else ("ok", None)
     if isinstance(status, (int, float)) and not isinstance(status, bool):
         code = int(status)
         if 200 <= code < 400:
             return "ok", None
-        return "error", et or _http_error_type(code)
+        return "error", classify_error(code, name) or "other"
     s = _text("status", status, lower=True) or "ok"
     if s.isdigit():
         return _status_and_error(int(s), error_type)
     if s in ("ok", "success", "succeeded", "completed"):
         return "ok", None
     if s in ("error", "failure", "failed", "fail"):
-        return "error", et or "other"
+        return "error", classify_error(None, name) or "other"
     raise RecordError("status", f"must be 'ok', 'error' or an HTTP status code, got {status!r}")
-
-
-_ERROR_ALIASES = {
-    "ratelimit": "rate_limit", "rate_limited": "rate_limit", "429": "rate_limit", "throttled": "rate_limit",
-    "timed_out": "timeout", "deadline_exceeded": "timeout",
-    "server": "server_error", "internal_error": "server_error", "overloaded": "server_error", "api_error": "server_error",
-    "client": "client_error", "bad_request": "client_error", "invalid_request": "client_error",
-    "content_policy": "content_filter", "safety": "content_filter",
-}
-
-
-def _http_error_type(code: int) -> str:
-    if code == 429:
-        return "rate_limit"
-    if code in (408, 504):
-        return "timeout"
-    if code >= 500:
-        return "server_error"
-    if 400 <= code < 500:
-        return "client_error"
-    return "other"
 
 
 def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
@@ -267,15 +250,21 @@ def _tool_calls(v: Any) -> tuple[int, tuple[str, ...]]:
 
 
 def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map aliases and unit-suffixed fields onto our names; our own names win."""
+    """Map aliases and unit-suffixed fields onto our names; our own names win. OpenTelemetry
+    GenAI attributes go through `genai.merged`; a nested `usage` block (OpenAI, Anthropic,
+    Bedrock or Gemini style) is split into our token types by its own semantics
+    (`native.usage_tokens`)."""
+    if not genai.KEYS.isdisjoint(raw):      # OpenTelemetry GenAI attributes count tokens their own way
+        raw = genai.merged(raw)
     out: dict[str, Any] = {}
     usage = raw.get("usage")
-    if isinstance(usage, dict):  # OpenAI/Anthropic responses carry tokens in a nested block
-        for k, v in usage.items():
+    if isinstance(usage, dict):
+        try:
+            out.update(usage_tokens(usage))
+        except NativeError as e:
+            raise RecordError(e.field, e.message) from None
+        for k, v in usage.items():        # other fields a usage block may hold (cost, service_tier)
             out.setdefault(ALIASES.get(str(k), str(k)), v)
-        lifetimes = usage.get("cache_creation")   # Anthropic: cache writes by cache lifetime
-        if isinstance(lifetimes, dict) and "ephemeral_1h_input_tokens" in lifetimes:
-            out.setdefault("cache_write_1h_tokens", lifetimes["ephemeral_1h_input_tokens"])
     for k, v in raw.items():
         if k in MILLISECOND_FIELDS and v not in (None, ""):
             target = MILLISECOND_FIELDS[k]
@@ -290,11 +279,57 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_record(raw: Any, now: float) -> UsageRecord:
+# Fields a poster may add around a native object (`{"app": "bot", **message.model_dump()}`)
+OWN_FIELDS = frozenset(UsageRecord.__slots__) | frozenset(MILLISECOND_FIELDS)
+
+
+def _times(raw: dict[str, Any], d: dict[str, Any]) -> None:
+    """Latency and TTFT from a start (`ts`), an end and a first-token time, where a record
+    carries times instead of durations. A first token at the end is no TTFT (LiteLLM
+    writes the end time there when nothing streamed)."""
+    end = next((raw[k] for k in END_KEYS if raw.get(k) not in (None, "")), None)
+    first = next((raw[k] for k in FIRST_TOKEN_KEYS if raw.get(k) not in (None, "")), None)
+    if end is None and first is None:
+        return
+    latency = duration(d.get("ts"), end)
+    if d.get("latency_s") is None and latency is not None:
+        d["latency_s"] = latency
+    ttft = duration(d.get("ts"), first)
+    if d.get("ttft_s") is None and ttft is not None and (latency is None or ttft < latency):
+        d["ttft_s"] = ttft
+
+
+def record_fields(raw: dict[str, Any], attribution: Attribution = DEFAULT_ATTRIBUTION) -> dict[str, Any]:
+    """A decoded object's fields in our names, native objects translated, with its app and
+    provider resolved by `attribution`'s precedence (None when nothing names them)."""
+    try:
+        native = translate(raw)
+    except NativeError as e:
+        raise RecordError(e.field, e.message) from None
+    if native is None:
+        d = normalise_keys(raw)
+        apps: dict[str, Any] = {}
+        inferred = None
+        if d.get("latency_s") is None or d.get("ttft_s") is None:
+            _times(raw, d)
+    else:
+        d = normalise_keys({k: v for k, v in native.fields.items() if v is not None})
+        d.update(normalise_keys({k: v for k, v in raw.items() if k in OWN_FIELDS and k not in native.owned
+                                 and v is not None and v != ""}))
+        apps, inferred = native.apps, native.provider
+    apps["app"] = d.get("app")
+    apps["service_name"] = genai.service_app(raw.get(genai.SERVICE_NAME))
+    d["app"] = attribution.app(apps)
+    if d.get("provider") is None or (isinstance(d["provider"], str) and not d["provider"].strip()):
+        d["provider"] = attribution.provider(inferred)
+    return d
+
+
+def parse_record(raw: Any, now: float, attribution: Attribution = DEFAULT_ATTRIBUTION) -> UsageRecord:
     """Validate one decoded JSON object (or CSV row) into a record, or raise RecordError."""
     if not isinstance(raw, dict):
         raise RecordError("record", f"must be a JSON object, got {type(raw).__name__}")
-    d = normalise_keys(raw)
+    d = record_fields(raw, attribution)
     status, error_type = _status_and_error(d.get("status"), d.get("error_type"))
     latency = _float("latency_s", d.get("latency_s"), MAX_SECONDS)
     ttft = _float("ttft_s", d.get("ttft_s"), MAX_SECONDS)
@@ -339,7 +374,8 @@ def parse_record(raw: Any, now: float) -> UsageRecord:
     )
 
 
-def parse_items(items: Sequence[Any | Rejected], now: float) -> tuple[list[UsageRecord], list[Rejected], list[int]]:
+def parse_items(items: Sequence[Any | Rejected], now: float,
+                attribution: Attribution = DEFAULT_ATTRIBUTION) -> tuple[list[UsageRecord], list[Rejected], list[int]]:
     """Validate decoded items; returns records, rejections and each record's input index."""
     good: list[UsageRecord] = []
     bad: list[Rejected] = []
@@ -349,7 +385,7 @@ def parse_items(items: Sequence[Any | Rejected], now: float) -> tuple[list[Usage
             bad.append(Rejected(i, item.field, item.reason))
             continue
         try:
-            good.append(parse_record(item, now))
+            good.append(parse_record(item, now, attribution))
             idx.append(i)
         except RecordError as e:
             bad.append(Rejected(i, e.field, e.message))

@@ -12,6 +12,8 @@ import numpy as np
 from ..anomaly.evaluator import SEVERITY_NAMES, Snapshot
 from ..config import Settings
 from ..engine import Engine
+from ..ingest.attribution import DEFAULT as DEFAULT_ATTRIBUTION
+from ..ingest.attribution import Attribution
 from ..ingest.records import UsageRecord, parse_items
 from ..ingest.rejections import Rejected
 from .files import read_history_file
@@ -31,13 +33,15 @@ class FileProblem:
         return f"{self.path}: record {self.index}: {self.field}: {self.reason}"
 
 
-def load_records(paths: Iterable[str], now: float) -> tuple[list[UsageRecord], list[FileProblem]]:
-    """Every valid record of the files, sorted by event time, and the problems found."""
+def load_records(paths: Iterable[str], now: float,
+                 attribution: Attribution = DEFAULT_ATTRIBUTION) -> tuple[list[UsageRecord], list[FileProblem]]:
+    """Every valid record of the files, sorted by event time, and the problems found
+    (`attribution`: the configured app precedence and default provider)."""
     records: list[UsageRecord] = []
     problems: list[FileProblem] = []
     for path in paths:
         items = list(read_history_file(path))
-        good, bad, _ = parse_items(items, now)
+        good, bad, _ = parse_items(items, now, attribution)
         records.extend(good)
         problems.extend(FileProblem(path, b.index, b.field, b.reason) for b in bad)
     records.sort(key=lambda r: r.ts)

@@ -27,8 +27,10 @@ from ..storage.store import StoreError
 from .auth import AuthMiddleware, Tokens
 from .background import Background, NamedTask
 from .ingest_queue import IngestQueue
+from .otlp import PATHS as OTLP_PATHS
+from .otlp import status_response
 from .responses import RETRY_AFTER_STORE, ApiError, api_error_handler, error
-from .routes import alertmanager, anomalies, ingest, prices, status, usage
+from .routes import alertmanager, anomalies, backends, ingest, otlp, prices, status, usage
 
 log = logging.getLogger("llm_usage_exporter")
 
@@ -69,11 +71,20 @@ def create_app(settings: Settings, engine: Engine | None = None, background: boo
     app.state.ingest_queue = queue
     if tokens.enabled:
         app.add_middleware(AuthMiddleware, tokens=tokens)
-    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(ApiError, refused)
     app.add_exception_handler(StoreError, store_failed)
-    for module in (ingest, alertmanager, status, anomalies, prices, usage):
+    for module in (ingest, otlp, alertmanager, status, anomalies, backends, prices, usage):
         app.include_router(module.router)
     return app
+
+
+async def refused(request: Request, e: Exception) -> Response:
+    """An ApiError: JSON, or a google.rpc.Status to an OTLP client."""
+    assert isinstance(e, ApiError)
+    if request.url.path in OTLP_PATHS:
+        return status_response(e.status_code, e.message, request.headers.get("content-type", ""),
+                               dict(e.headers or {}))
+    return await api_error_handler(request, e)
 
 
 async def store_failed(request: Request, e: Exception) -> Response:

@@ -25,6 +25,8 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import orjson
 
+from . import otlp
+
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 REALM = b'realm="llm-usage-exporter"'
@@ -111,15 +113,19 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         if granted == "read":
-            await _refuse(send, 403, "this token is read-only: sending records needs an ingest token", [])
+            await _refuse(scope, send, 403, "this token is read-only: sending records needs an ingest token", [])
         else:
-            await _refuse(send, 401, "missing or wrong bearer token",
+            await _refuse(scope, send, 401, "missing or wrong bearer token",
                           [(b"www-authenticate", b"Bearer " + REALM), (b"www-authenticate", b"Basic " + REALM)])
 
 
-async def _refuse(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
-    body = orjson.dumps({"error": message})
+async def _refuse(scope: Scope, send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    if scope["path"] in otlp.PATHS:         # OTLP clients are answered with a google.rpc.Status
+        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        body, media = otlp.status_body(status, message, content_type.decode("latin-1"))
+    else:
+        body, media = orjson.dumps({"error": message}), "application/json"
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                "headers": [(b"content-type", media.encode()), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})

@@ -77,8 +77,9 @@ RESPONSES: dict[int, dict[str, Any]] = {
           "content": {"application/json": {"schema": {"type": "object"}}}},
     429: {"description": "The ingest queue is full: retry the same request after Retry-After", "content": _JSON_ERROR,
           "headers": _RETRY},
-    503: {"description": "Not available now (the store could not commit, or no evaluation yet): retry after "
-                         "Retry-After", "content": _JSON_ERROR, "headers": _RETRY},
+    503: {"description": "Not available now (the store could not commit, no evaluation yet, or a service the "
+                         "answer is read from cannot be asked): retry after Retry-After", "content": _JSON_ERROR,
+          "headers": _RETRY},
 }
 
 
@@ -101,8 +102,10 @@ INGEST_RESULT_SCHEMA = {
     },
 }
 
-RECORD_SCHEMA = {"type": "object", "required": ["provider", "model"],
-                 "description": "one usage record (docs/records.md)", "additionalProperties": True}
+RECORD_SCHEMA = {"type": "object", "required": ["model"],
+                 "description": "one usage record or a native SDK object (docs/records.md); the provider comes "
+                                "from the record, the ?provider= parameter, the X-LLM-Provider header, the "
+                                "object's shape or default_provider", "additionalProperties": True}
 
 INGEST_BODY = {
     "required": True,
@@ -113,6 +116,12 @@ INGEST_BODY = {
         "application/x-ndjson": {"schema": {"type": "string"}},
     },
 }
+
+INGEST_PARAMETERS = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200},
+     "description": f"{what} of the records that name none (also the X-LLM-{name.title()} header)"}
+    for name, what in (("app", "the calling application"), ("provider", "the provider"))
+]
 
 INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "At least one record was accepted or was a duplicate",

@@ -1,2 +1,3 @@
 """The API's routes, one router per resource: ingest, usage, anomalies and detectors, prices,
-the Alertmanager receiver, and the status endpoints (status page, probes, /metrics)."""
+backend health (read from Prometheus), the Alertmanager receiver, and the status endpoints
+(status page, probes, /metrics)."""

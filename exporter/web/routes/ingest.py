@@ -5,35 +5,60 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ...engine import Engine, IngestResult
+from ...ingest.attribution import Attribution
 from ...ingest.bodies import BodyError, decode_body
+from ...ingest.records import MAX_TEXT
 from ...storage.store import StoreError
 from ..body import BadEncoding, BodyTooLarge, decode_content
 from ..deps import EngineDep, QueuedBodyDep, QueueDep
-from ..responses import INGEST_BODY, INGEST_RESPONSES, ApiError, ORJSONResponse
+from ..responses import INGEST_BODY, INGEST_PARAMETERS, INGEST_RESPONSES, ApiError, ORJSONResponse
 
 log = logging.getLogger("llm_usage_exporter")
 router = APIRouter(tags=["ingest"])
 
 
-def ingest_body(engine: Engine, body: bytes, content_type: str, coding: str) -> IngestResult:
+def ingest_body(engine: Engine, body: bytes, content_type: str, coding: str,
+                attribution: Attribution | None = None) -> IngestResult:
     """Decompress, decode and ingest one POST body (on the ingest worker)."""
     limit = engine.settings.max_body_bytes
     decoded = decode_body(decode_content(body, coding, limit), content_type, engine.settings.max_errors_listed)
     del body
-    return engine.ingest(decoded.items, indices=decoded.indices, rejections=decoded.rejections)
+    return engine.ingest(decoded.items, indices=decoded.indices, rejections=decoded.rejections,
+                         attribution=attribution)
 
 
-@router.post("/v1/records", responses=INGEST_RESPONSES, openapi_extra={"requestBody": INGEST_BODY})
-async def post_records(body: QueuedBodyDep, engine: EngineDep, queue: QueueDep) -> Response:
+def request_attribution(engine: Engine, request: Request) -> Attribution:
+    """The engine's precedence with this POST's app and provider: `?app=` / `?provider=`,
+    else the `X-LLM-App` / `X-LLM-Provider` headers. They apply to the records that do
+    not name their own (see `ingest.attribution`)."""
+    values: dict[str, str | None] = {}
+    for name in ("app", "provider"):
+        v = request.query_params.get(name) or request.headers.get(f"x-llm-{name}")
+        v = v.strip() if v is not None else None
+        if v is not None and len(v) > MAX_TEXT:
+            raise ApiError(400, f"{name} (query parameter or X-LLM-{name.title()} header) is longer than {MAX_TEXT} "
+                                "characters")
+        values[name] = v or None
+    provider = values["provider"].lower() if values["provider"] else None
+    return engine.attribution.for_request(values["app"], provider)
+
+
+@router.post("/v1/records", responses=INGEST_RESPONSES,
+             openapi_extra={"requestBody": INGEST_BODY, "parameters": INGEST_PARAMETERS})
+async def post_records(request: Request, body: QueuedBodyDep, engine: EngineDep, queue: QueueDep) -> Response:
     """Accept one JSON object, a JSON array, or NDJSON, optionally gzip- or
-    deflate-encoded. Good records count even when others fail; a 503 or 429 means
+    deflate-encoded: records in our format, or the native objects of OpenAI, Anthropic,
+    Gemini, Bedrock and LiteLLM as their libraries produce them. Records that do not name
+    their app or provider take `?app=` / `?provider=` or the `X-LLM-App` /
+    `X-LLM-Provider` header. Good records count even when others fail; a 503 or 429 means
     nothing was counted: send the same batch again after Retry-After."""
+    attribution = request_attribution(engine, request)
     try:
-        result = await queue.run(ingest_body, engine, body.data, body.content_type, body.coding)
+        result = await queue.run(ingest_body, engine, body.data, body.content_type, body.coding, attribution)
     except BodyError as e:
         raise ApiError(400, str(e), line=e.line, column=e.column, position=e.pos) from None
     except BadEncoding as e:
