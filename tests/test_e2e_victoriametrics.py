@@ -74,7 +74,7 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[Scenario]:
-    _clear_of_the_hour_turn()
+    _clear_of_the_hour_turn(margin_s=420.0)   # a minute more: the rate windows fill first
     with VMStack(webhook="exporter-a", exporter_args=["--window", f"{WINDOW_S}s"]) as s:
         assert s.exporters == ["exporter-a", "exporter-b"]
         assert s.labels("exporter-a") == {"instance": "exporter", "replica": "a"}
@@ -98,9 +98,15 @@ def ha() -> Iterator[Scenario]:
                 raw = s.query('sum by (replica) (rate(llm_requests_total{app="spike-app"}[5m]))', at=float(at))
                 if len(raw) != 2:
                     return None
+                # only once each replica's window spans a minute of scrapes (six calls): over a
+                # few seconds, one call more or less, or a sample that reached the store after
+                # the evaluation, moves a rate by half
+                spans = s.query('min(count_over_time(llm_requests_total{app="spike-app"}[5m]))', at=float(at))
+                if not spans or float(spans[0]["value"][1]) < 60:
+                    return None
                 each = sorted(float(r["value"][1]) for r in raw)
                 return float(value), each[0], each[1]
-            sc.rates_before_kill = s.wait_for(rates, timeout=60, message="the pair's request rate, recorded")
+            sc.rates_before_kill = s.wait_for(rates, timeout=120, message="the pair's request rate, recorded")
             sc.spike_at = time.time()
             spike = [_rec(sc.spike_at, "spike-app", input_tokens=500 * SPIKE_SIZE, output_tokens=100 * SPIKE_SIZE,
                           cost_usd=UNIT_COST * SPIKE_SIZE) for _ in range(SPIKE_CALLS)]
