@@ -25,6 +25,14 @@ RUNBOOK_URL = "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/mai
 DASHBOARD_URL = "http://localhost:3000/d/llm-anomalies"
 FOR = {"warning": "5m", "critical": "2m"}
 SEVERITY_AT = {"warning": 1, "critical": 2}
+# How long a warning twin stays quiet after its critical alert resolved: the longest window
+# the verdict judges (the exporter's default `window`). A burst that paged stays in that
+# window for this long after the page resolves, and the verdict decays through warning as
+# it leaves; that warning is the tail of the cause the page already reported.
+QUIET_AFTER_PAGE = "1h"
+PAGE_ENDS = 13          # the generated test's page: severity 2 from minute 5 to 12, then 1
+# the labels that name one alert's series (an HA pair's `replica` is already aggregated away)
+_ALERT_SERIES = "job, instance, signal, scope, app, provider, model"
 BEGIN = "      # --- anomaly signals: generated from the signal specs by `llm-usage-exporter rules`; do not edit ---\n"
 END = "      # --- end of the generated anomaly thresholds ---\n"
 
@@ -38,6 +46,10 @@ HEADER = """\
 # (docs/tuning.md). These rules route the verdict:
 #   warning  fires at llm_anomaly_severity >= 1 held for {warning_for},
 #   critical fires at llm_anomaly_severity == 2 held for {critical_for}, and inhibits its warning twin;
+#   after a critical alert resolves, its warning twin stays quiet for {quiet_after} (the verdict's
+#   longest window, which still holds the burst as it decays through warning): the page's
+#   resolution is not followed by a warning about the same cause. The critical rule comes
+#   first in the group, so the warning reads the critical's state of the same evaluation;
 #   an anomaly that a narrower scope explains (llm_anomaly_explained == 1: the global echo
 #   of one app's spike, the app echo of one model's slowdown) stays quiet, so one cause
 #   pages once. Request rate moves both ways: the sign of llm_anomaly_zscore says which.
@@ -67,6 +79,10 @@ def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, da
     if spec.direction == "both":
         expr.append(f"    and llm_anomaly_zscore{sel} {'>' if direction == 'up' else '<'} 0")
     expr += [f"    unless llm_anomaly_explained{sel} == 1", ")"]
+    if severity == "warning":
+        fired = f'ALERTS{{alertname="{name}", alertstate="firing", severity="critical"}}'
+        expr += [f"  unless on({_ALERT_SERIES})",
+                 f"    (max_over_time({fired}[{QUIET_AFTER_PAGE}]) unless {fired})"]
     prefix, func, suffix = spec.text.value
     times = "x its baseline" if direction == "up" else " of its baseline"
     ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
@@ -106,10 +122,10 @@ def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, da
 def anomaly_rules(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                   dashboard_url: str = DASHBOARD_URL) -> str:
     """The text of prometheus/rules/anomaly.yml."""
-    out = [HEADER.format(warning_for=FOR["warning"], critical_for=FOR["critical"]),
+    out = [HEADER.format(warning_for=FOR["warning"], critical_for=FOR["critical"], quiet_after=QUIET_AFTER_PAGE),
            "groups:\n  - name: llm-anomaly\n    rules:\n"]
     alerts = [_alert(spec, d, sev, runbook_url, dashboard_url)
-              for spec in specs for d in spec.directions for sev in ("warning", "critical")]
+              for spec in specs for d in spec.directions for sev in ("critical", "warning")]
     out.append("\n".join(alerts))
     return "".join(out)
 
@@ -156,11 +172,11 @@ class _TestCase:
     runbook_url: str
     dashboard_url: str
 
-    def expect(self, severity: str, scope: str) -> str:
+    def expect(self, severity: str, scope: str, app: str = "chat") -> str:
         current, baseline, ratio, z = _VALUES[self.direction]
-        scope_labels = "app: chat" if scope == "app" else "provider: openai, model: gpt-4o"
-        phrase = "app chat" if scope == "app" else "model openai/gpt-4o"
-        query = "var-app=chat" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
+        scope_labels = f"app: {app}" if scope == "app" else "provider: openai, model: gpt-4o"
+        phrase = f"app {app}" if scope == "app" else "model openai/gpt-4o"
+        query = f"var-app={app}" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
         desc = _expected_description(self.spec, self.direction, phrase, current, baseline, ratio, z)
         lab = 'instance: "exporter:9473", job: llm-usage-exporter'
         return (f"          - exp_labels: {{severity: {severity}, category: anomaly, signal: {self.spec.name}, "
@@ -187,19 +203,24 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
         "#   app=echo           severity 2 and explained              -> silent\n",
         "#   app=quiet          severity 0                            -> silent\n",
         "#   app=other-way      (request rate) severity 1, the other direction -> silent for this alert\n",
+        f"#   app=after-page     severity 2 until minute {PAGE_ENDS}, then 1          -> critical and its warning twin;\n",
+        f"#                      once the critical resolves, nothing for {QUIET_AFTER_PAGE}, then the warning again\n",
         "rule_files:\n  - ../rules/anomaly.yml\nevaluation_interval: 1m\ngroup_eval_order:\n  - llm-anomaly\ntests:\n",
     ]
     warn_for = int(FOR["warning"].rstrip("m"))
     crit_for = int(FOR["critical"].rstrip("m"))
     eval_min = 5 + max(warn_for, crit_for) + 1
-    steps = eval_min + 2
+    assert eval_min < PAGE_ENDS
+    quiet = _minutes(QUIET_AFTER_PAGE)
+    again = PAGE_ENDS - 1 + quiet + warn_for + 2     # the critical's last firing minute + the hold + the warning's for:
+    steps = again + 2
     for spec in specs:
         for direction in spec.directions:
             assert spec.text is not None
             name, summary = spec.text.alerts[direction]
             current, baseline, ratio, z = _VALUES[direction]
             cases = {("app", "chat"): (1, 0, z), ("model", "gpt-4o"): (2, 0, z), ("app", "echo"): (2, 1, z),
-                     ("app", "quiet"): (0, 0, z)}
+                     ("app", "quiet"): (0, 0, z), ("app", "after-page"): (-1, 0, z)}
             if spec.direction == "both":
                 cases[("app", "other-way")] = (1, 0, -z)
             out.append(f"  - name: '{name} ({direction})'\n    interval: 1m\n    input_series:\n")
@@ -215,7 +236,9 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                                           ("explained", explained)):
                         out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n"
                                    f"        values: '{_num(value)}x{steps}'\n")
-                    out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 {sev}x{steps - 4}'\n")
+                    values = (f"0x4 2x{PAGE_ENDS - 6} 1x{steps - PAGE_ENDS}" if sev < 0     # a page, then its tail
+                              else f"0x4 {sev}x{steps - 4}")
+                    out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '{values}'\n")
             out.append("    alert_rule_test:\n")
             ctx = _TestCase(spec, direction, name, summary, runbook_url, dashboard_url)
             # the verdicts are pending: nothing yet
@@ -223,13 +246,36 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             # just before the warning's for: has passed: only the critical one (its for: is shorter)
             early = 4 + warn_for
             out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
-            out.append("        exp_alerts:\n" + ctx.expect("critical", "model") if crit_for < warn_for
-                       else "        exp_alerts: []\n")
+            out.append("        exp_alerts:\n" + ctx.expect("critical", "model") + ctx.expect("critical", "app", "after-page")
+                       if crit_for < warn_for else "        exp_alerts: []\n")
             out.append(f"      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
             out.append(ctx.expect("warning", "app"))
             out.append(ctx.expect("warning", "model"))
             out.append(ctx.expect("critical", "model"))
+            out.append(ctx.expect("warning", "app", "after-page"))
+            out.append(ctx.expect("critical", "app", "after-page"))
+            # the page resolved: its warning twin resolves with it and stays quiet (the last
+            # check is just before the hold plus the warning's for: have passed) ...
+            for t in (PAGE_ENDS, PAGE_ENDS + quiet + warn_for - 1):
+                out.append(f"      - eval_time: {t}m\n        alertname: {name}\n        exp_alerts:\n")
+                out.append(ctx.expect("warning", "app"))
+                out.append(ctx.expect("warning", "model"))
+                out.append(ctx.expect("critical", "model"))
+            # ... and then a warning that is still there is sent
+            out.append(f"      - eval_time: {again}m\n        alertname: {name}\n        exp_alerts:\n")
+            out.append(ctx.expect("warning", "app"))
+            out.append(ctx.expect("warning", "model"))
+            out.append(ctx.expect("critical", "model"))
+            out.append(ctx.expect("warning", "app", "after-page"))
     return "".join(out)
+
+
+def _minutes(duration: str) -> int:
+    """Whole minutes of a Prometheus duration of minutes or hours ("5m", "1h")."""
+    value, unit = int(duration[:-1]), duration[-1]
+    if unit not in "mh":
+        raise ValueError(f"cannot read the duration {duration!r}: minutes or hours only")
+    return value * (60 if unit == "h" else 1)
 
 
 def _num(x: float) -> str:
