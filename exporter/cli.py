@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="change nothing; exit 1 when the files differ from the specs")
     _add_knobs(g)
 
+    h = sub.add_parser("shard", help="print the shard that owns each app, for exporters sharded by app (docs/scaling.md)")
+    h.add_argument("apps", nargs="+", metavar="APP")
+    h.add_argument("--shards", type=int, required=True, help="how many shards the apps are spread over")
+
     d = sub.add_parser("demo", help="send demo traffic (a week of history, then live with anomalies) to an exporter")
     d.add_argument("--target", default="http://127.0.0.1:9473", help="exporter base URL")
     d.add_argument("--days", type=float, default=7.0, help="days of history to backfill first")
@@ -117,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "shard":
+            return _shard(args)
         settings = _settings(args)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
         return {"serve": _serve, "replay": _replay, "backtest": _backtest, "rules": _rules,
@@ -234,6 +240,16 @@ def _tune(settings: Settings, args: argparse.Namespace) -> int:
         print(f"written: {args.write} (point thresholds_file at it, then run `llm-usage-exporter rules`)", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from .sharding import app_key, shard_of
+
+    if args.shards < 1:
+        raise ConfigError(f"shard: --shards must be at least 1, got {args.shards}")
+    for app in args.apps:
+        print(f"{shard_of(app, args.shards)}\t{app_key(app)}")
     return 0
 
 

@@ -189,7 +189,36 @@ GREEN = steps(("green", None))
 TEXT = steps(("text", None))
 
 
+# Several exporters (docs/scaling.md): the replicas of an HA pair share `instance` and differ
+# in `replica`, and count the same records; shards by app count different ones. Every
+# query reads the exporter's series through `deduplicated`, as the rules do: a counter's
+# rate per replica and the larger kept, a gauge the larger of the replicas, spend summed
+# over shards, and a budget (the same configuration on every exporter) once.
+# A selector may carry an offset (`... offset 1d`, `... offset $__range`), which must stay
+# next to it, inside the aggregation.
+# A selector's matchers may hold a variable in braces (`${target:raw}`).
+_OFFSET = r"(?:\s+offset\s+-?[\w$]+)?"
+_MATCHERS = r"\{(?:[^{}$]|\$\{[\w:]+\}|\$(?!\{))*\}"
+_COUNTER = re.compile(r"\b(rate|increase)\((llm_[a-z_]+(?:" + _MATCHERS + r")?\[[^\]]+\]" + _OFFSET + r")\)")
+_GAUGE = re.compile(r"(?<![\w:])(llm_(?:anomaly|drift|runaway|budget|cost_usd_period|cost_usd_forecast)[a-z_]*)"
+                    r"(" + _MATCHERS + r")?" + _OFFSET + r"(?![\w\[{(])")
+
+
+def deduplicated(expr: str) -> str:
+    def gauge(m: re.Match[str]) -> str:
+        series = m.group(0)
+        if m.group(1) == "llm_budget_usd":
+            return f"max without (instance, replica) ({series})"
+        if m.group(1).startswith(("llm_cost_usd_period", "llm_cost_usd_forecast")):
+            return f"sum without (instance) (max without (replica) ({series}))"
+        return f"max without (replica) ({series})"
+
+    expr = _COUNTER.sub(lambda m: f"max without (replica) ({m.group(1)}({m.group(2)}))", expr)
+    return _GAUGE.sub(gauge, expr)
+
+
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, table: bool = False) -> dict[str, Any]:
+    expr = deduplicated(expr)
     t: dict[str, Any] = {
         "datasource": DS, "refId": ref, "expr": expr, "editorMode": "code",
         "legendFormat": legend or "__auto", "range": not instant, "instant": instant,
@@ -731,10 +760,10 @@ def overview() -> Board:
                    stat_colored("warning", "short", steps(("green", None), ("orange", 1)), 0),
                    change("vs one period ago", "short")]), 6, 4)
     b.add(stat("Exporter", targets(
-        (f"min(up{{{J}}})", "scrape"),
+        (f"min(max without (replica) (up{{{J}}}))", "scrape"),
         (f"time() - (max(llm_exporter_last_record_timestamp_seconds{{{J}}}) > 0)", "last record"),
         instant=True), "short",
-        "Whether Prometheus scrapes the exporter (LLMExporterDown fires when it cannot), and how long ago the "
+        "Whether Prometheus scrapes the exporter, any replica of it (LLMExporterDown fires when it cannot), and how long ago the "
         "exporter accepted its last record (wall-clock time; orange after LLMIngestStalled's quiet time, which "
         "alerts when traffic was expected).",
         mappings=[{"type": "value", "options": {"0": {"text": "down", "color": "red", "index": 0},
@@ -838,12 +867,13 @@ def overview() -> Board:
                     *hidden("link_app", "link_provider", "link_model", "link_scope")]), 24, 8)
 
     b.row("Exporter")
-    b.add(timeseries("Scrape status", targets((f"up{{{J}}}", "{{instance}}")), "short",
+    b.add(timeseries("Scrape status", targets((f"up{{{J}}}", "{{instance}} {{replica}}")), "short",
                      "1 while Prometheus scrapes the exporter, 0 when a scrape fails (LLMExporterDown after 2 "
-                     "minutes).", fill=0, interpolation="stepAfter", min_=0, max_=1, decimals=0,
+                     "minutes). The replicas of an HA pair are drawn apart: one down while its twin serves is "
+                     "LLMExporterReplicaDown, a warning.", fill=0, interpolation="stepAfter", min_=0, max_=1, decimals=0,
                      mappings=[{"type": "value", "options": {"0": {"text": "down", "color": "red", "index": 0},
                                                              "1": {"text": "up", "color": "green", "index": 1}}}],
-                     legend_calcs=("lastNotNull", "min"), links=runbook("LLMExporterDown")), 6, 7)
+                     legend_calcs=("lastNotNull", "min"), links=runbook("LLMExporterDown", "LLMExporterReplicaDown")), 6, 7)
     b.add(timeseries("Records ingested per minute", targets(
         (f"sum by (result) (rate(llm_exporter_records_total{{{J}}}[$__rate_interval])) * 60", "{{result}}")), "short",
         "Usage records per minute by outcome (accepted, duplicate, rejected: LLMRecordsRejected).", stack=True,

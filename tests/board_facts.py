@@ -250,11 +250,12 @@ def alert_constant(alert: str, severity: str, metric: str) -> float:
     """The number alert `alert` (of `severity`) compares `metric` with in its expression."""
     for a in alert_rules():
         if a.name == alert and a.severity == severity:
-            m = re.search(re.escape(metric) + r"(?:\{[^}]*\})?\s*(?:>=|<=|==|>|<)\s*(-?[0-9.]+)", a.expr)
+            # the metric, maybe inside an aggregation (`max without (replica) (up{...}) == 0`)
+            m = re.search(re.escape(metric) + r"(?:\{[^}]*\})?\)*\s*(?:>=|<=|==|>|<)\s*(-?[0-9.]+)", a.expr)
             if m:
                 value = float(m.group(1))
                 # `up == 0` alerts at 0: the colour turns good from the next whole value
-                return value + 1 if re.search(re.escape(metric) + r"(?:\{[^}]*\})?\s*==\s*0\b", a.expr) else value
+                return value + 1 if re.search(re.escape(metric) + r"(?:\{[^}]*\})?\)*\s*==\s*0\b", a.expr) else value
     raise KeyError(f"{alert} ({severity}) compares {metric} with no number")
 
 

@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, NamedTuple
@@ -157,6 +158,15 @@ def delivered(stack: Any, *, receiver: str | None = None, status: str | None = N
             if all((alert.get("labels") or {}).get(k) == v for k, v in (labels or {}).items()):
                 out.append((note, alert))
     return out
+
+
+def epoch(rfc3339: str) -> float:
+    """An Alertmanager timestamp ("2026-10-05T10:00:00.123456789Z") in epoch seconds."""
+    m = re.fullmatch(r"([\d-]+T[\d:]+)(?:\.(\d+))?(Z|[+-][\d:]+)", rfc3339)
+    if not m:
+        raise ValueError(f"not an RFC 3339 time: {rfc3339!r}")
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.fromisoformat(f"{m.group(1)}.{(m.group(2) or '0')[:6]}{zone}").timestamp()
 
 
 def prom_api(stack: Any, endpoint: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

@@ -486,3 +486,78 @@ def test_zero_errors_show_zero_live(loaded: Any) -> None:
         panel = next(p for p in iter_panels(overview) if p["title"] == title)
         answer = instant(s, panel_query(overview, panel["targets"][0]["expr"], {"model": "in-house-finetune"}), at)
         assert [float(v) for _, v in answer] == [0.0], (title, answer)
+
+
+# --- an HA pair counts once -----------------------------------------------------------------
+
+PAIR_JOB, SINGLE_JOB = "dedup-pair", "dedup-single"
+# Queries a pair may answer differently for a reason: `up` is drawn per replica (one down
+# while its twin serves is LLMExporterReplicaDown), and the alerts of two jobs that started
+# at the same moment need not be at the same point of their `for:`.
+PER_REPLICA = re.compile(r"(?<![\w:])up\{|\bALERTS\b")
+# Changes against the period before ("vs previous period") are differences of two nearly
+# equal numbers whose terms the same panel's first query shows: the jitter between two
+# scrapes is all they would compare.
+CHANGE = re.compile(r"^vs ")
+
+
+def _answers(s: Any, dash: dict[str, Any], expr: str, job: str, at: float) -> dict[tuple[tuple[str, str], ...], float]:
+    """A panel query with `$job` set to `job`, by its series' labels (job aside): finite values only."""
+    out = {}
+    for metric, value in instant(s, panel_query(dash, expr, {"job": job}), at):
+        v = float(value)
+        if math.isfinite(v):
+            out[tuple(sorted((k, x) for k, x in metric.items() if k not in ("job", "__name__")))] = v
+    return out
+
+
+def test_an_ha_pair_doubles_no_panel_value_live(loaded: Any) -> None:
+    """The same exporter scraped as a single exporter (job dedup-single) and, from the same
+    moment, as an HA pair (job dedup-pair: two targets sharing `instance`, a `replica` label
+    each, as docs/scaling.md scrapes a pair). Every panel query of every board, with `$job`
+    set to one job and then the other, gives the same series (no `replica` label left) and
+    the same values within the jitter of scrapes a fraction of a second apart: a count read
+    without deduplication would be twice the single exporter's."""
+    s = loaded
+    original = s.prometheus_config.read_text()
+    doc = yaml.safe_load(original)
+    exporter_job = next(j for j in doc["scrape_configs"] if j["job_name"] == "llm-usage-exporter")
+    target = exporter_job["static_configs"][0]["targets"][0]
+    doc["scrape_configs"] += [
+        {"job_name": SINGLE_JOB, "static_configs": [{"targets": [target]}]},
+        {"job_name": PAIR_JOB, "static_configs": [{"targets": [target], "labels": {"replica": r}} for r in "ab"]},
+    ]
+    s.prometheus_config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    s.reload_prometheus()
+    try:
+        s.wait_for(lambda: len(s.prom_query(f'up{{job=~"{PAIR_JOB}|{SINGLE_JOB}"}} == 1')) == 3, timeout=30,
+                   message="the pair and the single exporter scraped")
+        assert {r["metric"].get("instance") for r in s.prom_query(f'up{{job="{PAIR_JOB}"}}')} == {target}
+        time.sleep(LIVE_MIN_S)            # a full rate window of both, recorded by the rules
+        at = time.time()
+        compared, doubled, differ = 0, [], []
+        for dash in load_dashboards().values():
+            for panel in iter_panels(dash):
+                for t in panel.get("targets", []):
+                    if PER_REPLICA.search(t["expr"]) or CHANGE.match(t.get("legendFormat", "")):
+                        continue
+                    single = _answers(s, dash, t["expr"], SINGLE_JOB, at)
+                    pair = _answers(s, dash, t["expr"], PAIR_JOB, at)
+                    where = f"{dash['uid']} / {panel['title']} / {t['refId']}"
+                    # an age (`time() - last record`) is read at each target's last scrape, up
+                    # to a scrape interval and a traffic tick apart
+                    slack = 2.0 if "time() -" in t["expr"] else 1e-9
+                    if set(pair) != set(single):
+                        differ.append(f"{where}: series {sorted(set(pair) ^ set(single))[:3]}")
+                        continue
+                    for key, v in single.items():
+                        w = pair[key]
+                        compared += 1
+                        if abs(w - v) > 0.25 * max(abs(v), abs(w)) + slack:
+                            (doubled if v and 1.6 < w / v < 2.5 else differ).append(f"{where} {dict(key)}: {v} -> {w}")
+        assert not doubled, "the pair doubles:\n" + "\n".join(doubled[:20])
+        assert not differ, "the pair differs:\n" + "\n".join(differ[:20])
+        assert compared >= 300, compared
+    finally:
+        s.prometheus_config.write_text(original)
+        s.reload_prometheus()

@@ -551,3 +551,16 @@ def test_dashboards_are_plain_json():
         text = f.read_text()
         assert json.loads(text)
         assert "${DS_" not in text, f"{f.name}: uses an import-time datasource input instead of $datasource"
+
+
+def test_every_query_counts_the_replicas_of_an_exporter_once() -> None:
+    """An HA pair's replicas publish the same series (docs/scaling.md): every rate of an
+    exporter counter and every exporter gauge is read through `max without (replica)`."""
+    bare = []
+    for q in iter_dashboard_queries():
+        for m in re.finditer(r"(?<![\w:])(?:rate|increase)\(llm_|(?<![\w:(])llm_(?:anomaly|drift|runaway|budget|cost_usd_period|"
+                             r"cost_usd_forecast)[a-z_]*", q.expr):
+            before = q.expr[:m.start()]
+            if not re.search(r"(max without \((?:instance, )?replica\) \()$", before):
+                bare.append(f"{q.dashboard} / {q.panel}: {q.expr}")
+    assert not bare, "\n".join(bare[:10])

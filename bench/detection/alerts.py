@@ -102,7 +102,8 @@ def detector_rules(path: Path) -> list[AlertRule]:
         for_s = parse_duration(r.get("for", "0s"))
         name = str(r["alert"])
         if "llm_drift_severity" in expr:
-            lv = re.search(r"llm_drift_severity\s*>=\s*(\d+)", expr)
+            # `llm_drift_severity >= N`, or `max without (replica) (llm_drift_severity) >= N`
+            lv = re.search(r"llm_drift_severity(?:\{[^}]*\})?\)?\s*>=\s*(\d+)", expr)
             out.append(AlertRule(name, "drift", sev, int(lv.group(1)) if lv else 1, for_s, False))
         elif "llm_runaway_sessions" in expr:
             m = re.search(r'reason\s*(=~|!~|=|!=)\s*"([^"]*)"', expr)

@@ -42,6 +42,9 @@ HEADER = """\
 #   of one app's spike, the app echo of one model's slowdown) stays quiet, so one cause
 #   pages once. Request rate moves both ways: the sign of llm_anomaly_zscore says which.
 # The verdict waits for the baseline's warm-up (min_baseline_hours) by itself.
+# The replicas of an exporter (an HA pair: one `instance`, a `replica` label each) judge the
+# same records; an alert takes the strongest of them (`max without (replica)`), so it fires
+# once, whichever replica is up. docs/scaling.md has the layouts.
 """
 
 
@@ -59,16 +62,18 @@ def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, da
     assert spec.text is not None
     name, summary = spec.text.alerts[direction]
     sel = f'{{signal="{spec.name}"}}'
-    expr = [f"llm_anomaly_ratio{sel}", f"  and llm_anomaly_severity{sel} >= {SEVERITY_AT[severity]}"]
+    expr = ["max without (replica) (", f"  llm_anomaly_ratio{sel}",
+            f"    and llm_anomaly_severity{sel} >= {SEVERITY_AT[severity]}"]
     if spec.direction == "both":
-        expr.append(f"  and llm_anomaly_zscore{sel} {'>' if direction == 'up' else '<'} 0")
-    expr.append(f"  unless llm_anomaly_explained{sel} == 1")
+        expr.append(f"    and llm_anomaly_zscore{sel} {'>' if direction == 'up' else '<'} 0")
+    expr += [f"    unless llm_anomaly_explained{sel} == 1", ")"]
     prefix, func, suffix = spec.text.value
     times = "x its baseline" if direction == "up" else " of its baseline"
     ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
     desc = [
+        # (or $labels.x ""): a label the alert lacks is "" in Prometheus' templates but nil in vmalert's
         '{{ $sel := printf "signal=%q,scope=%q,app=%q,provider=%q,model=%q,instance=%q" $labels.signal '
-        '$labels.scope $labels.app $labels.provider $labels.model $labels.instance -}}',
+        '$labels.scope (or $labels.app "") (or $labels.provider "") (or $labels.model "") (or $labels.instance "") -}}',
         f"{spec.text.measure} for",
         _scope_phrase(),
         f"is {ratio}{times}: {_gauge('llm_anomaly_current', prefix, func, suffix)} against a baseline of",
@@ -178,7 +183,7 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
         "#\n",
         "# Per alert, on a one-minute grid, from minute 5 on:\n",
         "#   app=chat           severity 1 (warning)                  -> warning once held for its for:\n",
-        "#   model=openai/gpt-4o severity 2 (high)                    -> critical, and its warning twin\n",
+        "#   model=openai/gpt-4o severity 2 (high), on two replicas   -> critical, and its warning twin, once\n",
         "#   app=echo           severity 2 and explained              -> silent\n",
         "#   app=quiet          severity 0                            -> silent\n",
         "#   app=other-way      (request rate) severity 1, the other direction -> silent for this alert\n",
@@ -199,13 +204,18 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                 cases[("app", "other-way")] = (1, 0, -z)
             out.append(f"  - name: '{name} ({direction})'\n    interval: 1m\n    input_series:\n")
             for (scope, who), (sev, explained, zz) in cases.items():
-                labels = (f'signal="{spec.name}",scope="{scope}",' +
-                          (f'app="{who}"' if scope == "app" else f'provider="openai",model="{who}"') + "," + _SERIES_LABELS)
-                cur, base = (current / 10, baseline / 10) if spec.name == "error_rate" else (current, baseline)
-                for metric, value in (("ratio", ratio), ("current", cur), ("baseline", base), ("zscore", zz),
-                                      ("explained", explained)):
-                    out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n        values: '{_num(value)}x{steps}'\n")
-                out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 {sev}x{steps - 4}'\n")
+                base_labels = (f'signal="{spec.name}",scope="{scope}",' +
+                               (f'app="{who}"' if scope == "app" else f'provider="openai",model="{who}"') + "," +
+                               _SERIES_LABELS)
+                # the model's verdict comes from an HA pair: both replicas publish it
+                for labels in ([f'{base_labels},replica="a"', f'{base_labels},replica="b"'] if scope == "model"
+                               else [base_labels]):
+                    cur, base = (current / 10, baseline / 10) if spec.name == "error_rate" else (current, baseline)
+                    for metric, value in (("ratio", ratio), ("current", cur), ("baseline", base), ("zscore", zz),
+                                          ("explained", explained)):
+                        out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n"
+                                   f"        values: '{_num(value)}x{steps}'\n")
+                    out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 {sev}x{steps - 4}'\n")
             out.append("    alert_rule_test:\n")
             ctx = _TestCase(spec, direction, name, summary, runbook_url, dashboard_url)
             # the verdicts are pending: nothing yet

@@ -1,0 +1,125 @@
+"""Static checks of docker-compose.ha.yml, the HA pair on VictoriaMetrics, and its configs.
+
+No Docker engine is needed: the file is parsed and checked against the repository (pinned
+images, loopback-only ports, host paths that exist, the services every flag names), and
+vmagent checks its scrape configuration itself. tests/test_e2e_victoriametrics.py runs the
+same layout natively, with the same scrape configuration and rule files.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack_util import REPO  # noqa: E402
+
+COMPOSE = REPO / "docker-compose.ha.yml"
+SCRAPE = REPO / "deploy" / "vmagent" / "scrape.yml"
+VM_IMAGES = ("victoriametrics/victoria-metrics", "victoriametrics/vmagent", "victoriametrics/vmalert")
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def _flags(service: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for arg in service.get("command") or []:
+        name, _, value = str(arg).lstrip("-").partition("=")
+        out[name] = value
+    return out
+
+
+def test_the_services_of_the_layout(services: dict[str, Any]) -> None:
+    assert set(services) == {"exporter-a", "exporter-b", "victoria-metrics", "vmagent", "vmalert", "alertmanager",
+                             "grafana"}
+
+
+def test_images_are_pinned_and_the_victoriametrics_ones_are_the_tested_release(services: dict[str, Any]) -> None:
+    main = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name, svc in services.items():
+        image = svc["image"]
+        if name.startswith("exporter"):
+            assert image == main["exporter"]["image"] and svc["build"] == main["exporter"]["build"]
+            continue
+        repo, _, tag = image.rpartition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned to a release"
+        if repo in VM_IMAGES:
+            assert tag.startswith("v1.79."), f"{name}: the rules in prometheus/vmalert/ are made for vmalert 1.79"
+        elif name in main:
+            assert image == main[name]["image"], f"{name}: another image than docker-compose.yml's"
+
+
+def test_ports_are_loopback_only_and_distinct(services: dict[str, Any]) -> None:
+    host_ports = []
+    for name, svc in services.items():
+        for p in svc.get("ports") or []:
+            assert str(p).startswith("127.0.0.1:"), f"{name}: {p}"
+            host_ports.append(str(p).split(":")[1])
+    assert len(host_ports) == len(set(host_ports))
+
+
+def test_bind_mounts_exist(services: dict[str, Any]) -> None:
+    for name, svc in services.items():
+        for v in svc.get("volumes") or []:
+            src = str(v).split(":")[0]
+            if src.startswith("."):
+                assert (REPO / src).exists(), f"{name}: {src} does not exist"
+
+
+def test_the_replicas_keep_their_own_store_and_one_takes_the_webhooks(services: dict[str, Any]) -> None:
+    a, b = services["exporter-a"], services["exporter-b"]
+    data = [next(v for v in s["volumes"] if str(v).endswith(":/data")) for s in (a, b)]
+    assert data[0] != data[1]
+    assert a["command"] == b["command"] and "--db=/data/usage.db" in a["command"]
+    # alertmanager.yml's receivers post to http://exporter:9473
+    am = (REPO / "alertmanager" / "alertmanager.yml").read_text()
+    assert "http://exporter:9473/api/alertmanager/webhook" in am
+    assert "exporter" in a["networks"]["default"]["aliases"]
+
+
+def test_vmalert_runs_the_generated_rules_against_victoriametrics(services: dict[str, Any]) -> None:
+    vmalert = services["vmalert"]
+    assert "./prometheus/vmalert:/etc/vmalert:ro" in vmalert["volumes"]
+    flags = _flags(vmalert)
+    assert flags["rule"] == "/etc/vmalert/*.yml"
+    for key in ("datasource.url", "remoteWrite.url", "remoteRead.url"):
+        assert flags[key] == "http://victoria-metrics:8428", key
+    assert flags["notifier.url"] == "http://alertmanager:9093"
+    agent = _flags(services["vmagent"])
+    assert agent["remoteWrite.url"] == "http://victoria-metrics:8428/api/v1/write"
+    assert "./deploy/vmagent/scrape.yml:/etc/vmagent/scrape.yml:ro" in services["vmagent"]["volumes"]
+
+
+def test_the_scrape_configuration_makes_one_exporter_of_the_pair(services: dict[str, Any]) -> None:
+    doc = yaml.safe_load(SCRAPE.read_text())
+    job = next(j for j in doc["scrape_configs"] if j["job_name"] == "llm-usage-exporter")
+    targets = {t: sc["labels"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {"exporter-a:9473": {"instance": "exporter", "replica": "a"},
+                       "exporter-b:9473": {"instance": "exporter", "replica": "b"}}
+    hosts = {t.rsplit(":", 1)[0] for j in doc["scrape_configs"] for sc in j["static_configs"] for t in sc["targets"]}
+    assert hosts <= set(services), hosts - set(services)
+
+
+@pytest.mark.skipif(shutil.which("vmagent") is None, reason="vmagent is not installed (Debian package victoria-metrics)")
+def test_vmagent_accepts_the_scrape_configuration() -> None:
+    p = subprocess.run(["vmagent", f"-promscrape.config={SCRAPE}", "-promscrape.config.dryRun"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_grafana_reads_victoriametrics_under_the_dashboards_datasource_uid(services: dict[str, Any]) -> None:
+    assert "./deploy/grafana-vm:/etc/grafana/provisioning/datasources:ro" in services["grafana"]["volumes"]
+    doc = yaml.safe_load((REPO / "deploy" / "grafana-vm" / "datasources.yaml").read_text())
+    ds = {d["uid"]: d for d in doc["datasources"]}
+    assert ds["prometheus"]["url"] == "http://victoria-metrics:8428"
+    assert ds["alertmanager"]["url"] == "http://alertmanager:9093"
