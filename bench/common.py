@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,20 @@ def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1, max_seconds: fl
         if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start > max_seconds:
             break
     return times
+
+
+def drive(conns: Sequence[Any], worker: Callable[[Any, float], None], duration: float,
+          server_pid: int) -> tuple[float, float, float]:
+    """Run `worker(conn, deadline)` on one thread per connection until `duration` seconds
+    have passed; (start, wall seconds, server CPU seconds) of the run, for throughput and
+    CPU per request measured the same way by every HTTP benchmark."""
+    cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c, wall0 + duration)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wall0, time.perf_counter() - wall0, cpu_seconds(server_pid) - cpu0
 
 
 def rss_mb(pid: int | str = "self") -> dict[str, float]:

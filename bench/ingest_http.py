@@ -51,10 +51,9 @@ def _client(port: int, server_pid: int, duration: float, connections: int, warmu
 
     log: list[tuple[float, float, int, int]] = []   # (done, round trip, accepted, status)
     lock = threading.Lock()
-    stop_at = [0.0]
 
-    def worker(conn: Any) -> None:
-        while time.perf_counter() < stop_at[0]:
+    def worker(conn: Any, deadline: float) -> None:
+        while time.perf_counter() < deadline:
             n = next(seq)
             if n >= max_batches:
                 return
@@ -64,18 +63,11 @@ def _client(port: int, server_pid: int, duration: float, connections: int, warmu
             with lock:
                 log.append((done, done - t, int(doc.get("accepted", 0)), status))
 
-    cpu0, wall0 = common.cpu_seconds(server_pid), time.perf_counter()
-    stop_at[0] = wall0 + duration
-    threads = [threading.Thread(target=worker, args=(c,)) for c in conns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall1, cpu1 = time.perf_counter(), common.cpu_seconds(server_pid)
+    wall0, elapsed, server_cpu = common.drive(conns, worker, duration, server_pid)
     for c in conns:
         c.close()
-    out.send({"log": [(d - wall0, rtt, acc, st) for d, rtt, acc, st in log], "elapsed": wall1 - wall0,
-              "server_cpu": cpu1 - cpu0, "client_cpu": time.process_time()})
+    out.send({"log": [(d - wall0, rtt, acc, st) for d, rtt, acc, st in log], "elapsed": elapsed,
+              "server_cpu": server_cpu, "client_cpu": time.process_time()})
     out.close()
 
 

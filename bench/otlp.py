@@ -110,7 +110,6 @@ def _client(port: int, server_pid: int, pool: list[bytes], path: str, headers: d
     marker = PLACEHOLDER.encode()
     statuses: list[int] = []
     lock = threading.Lock()
-    stop_at = [0.0]
 
     def send(conn: Any, n: int) -> int:
         body = pool[n % len(pool)].replace(marker, b"%08x" % n)
@@ -121,20 +120,14 @@ def _client(port: int, server_pid: int, pool: list[bytes], path: str, headers: d
 
     send(conns[0], next(seq))           # warm-up
 
-    def worker(conn: Any) -> None:
-        while time.perf_counter() < stop_at[0]:
+    def worker(conn: Any, deadline: float) -> None:
+        while time.perf_counter() < deadline:
             st = send(conn, next(seq))
             with lock:
                 statuses.append(st)
 
-    cpu0, wall0 = common.cpu_seconds(server_pid), time.perf_counter()
-    stop_at[0] = wall0 + duration
-    threads = [threading.Thread(target=worker, args=(c,)) for c in conns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out.send({"elapsed": time.perf_counter() - wall0, "server_cpu": common.cpu_seconds(server_pid) - cpu0,
+    _, elapsed, server_cpu = common.drive(conns, worker, duration, server_pid)
+    out.send({"elapsed": elapsed, "server_cpu": server_cpu,
               "requests": len(statuses), "non_200": sum(1 for s in statuses if s != 200)})
     out.close()
 
