@@ -58,8 +58,17 @@ UA = f'{J}, app=~"$app"'
 # and model). The trailing "|" lets a filter match series that lack the label, so picking
 # an app narrows the app-scope series without hiding the global or model ones.
 A = f'{J}, scope=~"$scope", app=~"$app|", provider=~"$provider|", model=~"$model|"'
-# Alerts carry whichever of these labels their expression kept.
-ALERT_SEL = 'job=~"$job|", app=~"$app|", provider=~"$provider|", model=~"$model|"'
+def firing_alerts(extra: str = "", offset: str = "") -> str:
+    """The alerts firing for the selection: those of the chosen exporter job, and those of
+    jobs that are no exporter's (the backend probes, Prometheus, Alertmanager), which
+    `$job` (a deployment of the exporter) does not name. Each carries whichever of app,
+    provider and model its expression kept, so a filter also matches their absence.
+    `extra`: more matchers."""
+    more = f", {extra}" if extra else ""
+    off = f" offset {offset}" if offset else ""
+    sel = f'alertstate="firing", alertname!="Watchdog", app=~"$app|", provider=~"$provider|", model=~"$model|"{more}'
+    return (f'(ALERTS{{{sel}, job=~"$job|"}}{off} or (ALERTS{{{sel}}}{off} '
+            f'unless on(job) group by (job) (llm_exporter_build_info{off})))')
 # The traffic of the selection: narrows series that lack app (or provider and model).
 TRAFFIC = f"app_provider_model:llm_requests:rate5m{{{U}}}"
 
@@ -748,11 +757,11 @@ def overview() -> Board:
             (relative_change(increase(metric), increase(metric, offset="$__range")), "vs previous period"),
             instant=True), unit, f"{desc} in the selected time range, and the change against the period before.",
             decimals=2 if unit == "currencyUSD" else None, overrides=[change("vs previous period")]), 4, 4)
-    firing = f'ALERTS{{alertstate="firing", alertname!="Watchdog", {ALERT_SEL}'
+    critical, warning = firing_alerts('severity="critical"'), firing_alerts('severity="warning"')
     b.add(stat("Alerts firing", targets(
-        (f'count({firing}, severity="critical"}}) or vector(0)', "critical"),
-        (f'count({firing}, severity="warning"}}) or vector(0)', "warning"),
-        (f"(count({firing}}}) or vector(0)) - (count({firing}}} offset $__range) or vector(0))",
+        (f"count({critical}) or vector(0)", "critical"),
+        (f"count({warning}) or vector(0)", "warning"),
+        (f"(count({firing_alerts()}) or vector(0)) - (count({firing_alerts(offset='$__range')}) or vector(0))",
          "vs one period ago"), instant=True), "short",
         "Alerts firing now for the selected apps, providers and models (Watchdog excluded), and the change in "
         "their number against one period ago. The table below lists them with their runbooks.", decimals=0,
@@ -843,7 +852,7 @@ def overview() -> Board:
     b.row("Alerts")
     alert_names = sorted({a["alert"] for a in ALERTS if a["alert"] != "Watchdog"})
     expr = with_link_labels(
-        f'label_replace(label_replace(ALERTS{{alertstate="firing", alertname!="Watchdog", {ALERT_SEL}}}, '
+        f'label_replace(label_replace({firing_alerts()}, '
         f'"runbook", "$1", "alertname", "(.*)"), "dashboard", "$1", "alertname", "(.*)")',
         ("app", "provider", "model", "scope"))
     runbook_map = [{"type": "value", "options": {n: {"text": n.lower(), "index": i} for i, n in enumerate(alert_names)}}]

@@ -476,6 +476,34 @@ def test_firing_alerts_open_a_board_showing_them_live(loaded: Any) -> None:
     assert len(checked) >= 6, checked
 
 
+def test_overview_lists_the_alerts_of_every_job_live(loaded: Any) -> None:
+    """The overview's firing alerts are those of the chosen exporter job and of jobs that are
+    no exporter's: a backend probe's alert (job llm-backends) shows whichever deployment of
+    the exporter `$job` picks, while the exporter's own alerts follow `$job`."""
+    s = loaded
+    s.wait_for(lambda: s.prom_query('ALERTS{alertstate="firing", alertname="LLMBackendDown"}'), timeout=120,
+               message="LLMBackendDown firing for the refusing backend")
+    board = next(d for d in load_dashboards().values() if d["uid"] == "llm-overview")
+    table = next(p for p in iter_panels(board) if p.get("title") == "Firing alerts")
+    counts = next(p for p in iter_panels(board) if p.get("title") == "Alerts firing")
+    at = time.time()
+
+    def rows(job: str) -> list[dict[str, str]]:
+        return [m for m, _ in instant(s, panel_query(board, table["targets"][0]["expr"], {"job": job}), at)]
+
+    def total(job: str) -> float:
+        return sum(float(v) for t in counts["targets"] if t["legendFormat"] in ("critical", "warning")
+                   for _, v in instant(s, panel_query(board, t["expr"], {"job": job}), at))
+
+    for job in ("llm-usage-exporter", "another-deployment"):
+        listed = [r for r in rows(job) if r.get("severity") in ("critical", "warning")]
+        assert total(job) == len(listed), (job, listed)      # the count and the table agree
+    mine = {r["alertname"] for r in rows("llm-usage-exporter")}
+    other = {r["alertname"] for r in rows("another-deployment")}
+    assert {"LLMBackendDown", "LLMRunawaySessions"} <= mine, mine
+    assert "LLMBackendDown" in other and "LLMRunawaySessions" not in other, other
+
+
 def test_zero_errors_show_zero_live(loaded: Any) -> None:
     """A model without a single failed request (or cache read) has an error ratio (cache-hit
     ratio) of 0 on the overview, not "No data"."""
