@@ -38,21 +38,13 @@ from typing import Any, Callable, Mapping
 import orjson
 
 from .errors import classify_error
+from .rejections import RecordError
 
 # Keys whose presence sends a record through this module (and the per-record path).
 MARKER_KEYS = frozenset({"usage", "usageMetadata", "usage_metadata", "object", "call_type", "response"})
 # End and first-token times a record in our own format may carry instead of durations.
 END_KEYS = ("end_time", "endTime")
 FIRST_TOKEN_KEYS = ("first_token_time", "completion_start_time", "completionStartTime")
-
-
-class NativeError(ValueError):
-    """A native object that cannot be read; `field` names the culprit."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -84,7 +76,7 @@ def _count(block: Mapping[str, Any], key: str, where: str) -> int:
     if v is None:
         return 0
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v != int(v):
-        raise NativeError(f"{where}.{key}", f"must be a whole number >= 0, got {v!r}")
+        raise RecordError(f"{where}.{key}", f"must be a whole number >= 0, got {v!r}")
     return int(v)
 
 
@@ -97,7 +89,7 @@ def _first_count(block: Mapping[str, Any], keys: tuple[str, ...], where: str) ->
 
 def _part(total: int, parts: int, total_name: str, where: str) -> int:
     if parts > total:
-        raise NativeError(f"{where}.{total_name}", f"({total}) is less than the tokens it includes ({parts})")
+        raise RecordError(f"{where}.{total_name}", f"({total}) is less than the tokens it includes ({parts})")
     return total - parts
 
 
@@ -260,9 +252,9 @@ def openai_chat(raw: Mapping[str, Any]) -> Native:
     chunk = raw.get("object") == "chat.completion.chunk"
     if not isinstance(usage, dict):
         if chunk:
-            raise NativeError("usage", "this stream chunk carries no usage: post the last chunk of the stream, which "
+            raise RecordError("usage", "this stream chunk carries no usage: post the last chunk of the stream, which "
                                        "carries it when the request sets stream_options.include_usage")
-        raise NativeError("usage", "is required (a Chat Completion without usage counts nothing)")
+        raise RecordError("usage", "is required (a Chat Completion without usage counts nothing)")
     f: dict[str, Any] = {"model": raw.get("model"), "request_id": raw.get("id"), "ts": raw.get("created"),
                          "service_tier": raw.get("service_tier"), "operation": "chat", **openai_usage(usage)}
     choices = raw.get("choices")
@@ -294,7 +286,7 @@ def openai_response(raw: Mapping[str, Any]) -> Native:
     response with the same id a duplicate, so they are refused."""
     status = raw.get("status")
     if status in ("queued", "in_progress"):
-        raise NativeError("status", f"{status!r} is not final: post the response once it is completed, "
+        raise RecordError("status", f"{status!r} is not final: post the response once it is completed, "
                                     "incomplete, failed or cancelled")
     usage = raw.get("usage")
     tokens = responses_usage(usage) if isinstance(usage, dict) else {}

@@ -19,7 +19,8 @@ from .attribution import DEFAULT as DEFAULT_ATTRIBUTION
 from .attribution import Attribution
 from .errors import ERROR_TYPES as ERROR_TYPES  # re-exported: the labels' vocabulary
 from .errors import classify_error
-from .native import END_KEYS, FIRST_TOKEN_KEYS, NativeError, duration, translate, usage_tokens
+from .native import END_KEYS, FIRST_TOKEN_KEYS, duration, translate, usage_tokens
+from .rejections import RecordError as RecordError  # re-exported: the error of every record check
 from .rejections import Rejected
 
 # The token types: `llm_tokens_total{token_type}`, the record fields `<type>_tokens`, the bucket
@@ -59,15 +60,6 @@ ALIASES: dict[str, str] = {
     "tenant": "app", "team": "app", "service": "app",
 }
 MILLISECOND_FIELDS = {"latency_ms": "latency_s", "ttft_ms": "ttft_s", "duration_ms": "latency_s"}
-
-
-class RecordError(ValueError):
-    """A record that cannot be accepted; `field` names the culprit for the caller."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -259,10 +251,7 @@ def normalise_keys(raw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     usage = raw.get("usage")
     if isinstance(usage, dict):
-        try:
-            out.update(usage_tokens(usage))
-        except NativeError as e:
-            raise RecordError(e.field, e.message) from None
+        out.update(usage_tokens(usage))
         for k, v in usage.items():        # other fields a usage block may hold (cost, service_tier)
             out.setdefault(ALIASES.get(str(k), str(k)), v)
     for k, v in raw.items():
@@ -302,10 +291,7 @@ def _times(raw: dict[str, Any], d: dict[str, Any]) -> None:
 def record_fields(raw: dict[str, Any], attribution: Attribution = DEFAULT_ATTRIBUTION) -> dict[str, Any]:
     """A decoded object's fields in our names, native objects translated, with its app and
     provider resolved by `attribution`'s precedence (None when nothing names them)."""
-    try:
-        native = translate(raw)
-    except NativeError as e:
-        raise RecordError(e.field, e.message) from None
+    native = translate(raw)
     if native is None:
         d = normalise_keys(raw)
         apps: dict[str, Any] = {}

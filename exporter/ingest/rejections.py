@@ -18,6 +18,16 @@ import numpy as np
 DEFAULT_LIMIT = 100
 
 
+class RecordError(ValueError):
+    """A record (or a native object) that cannot be accepted; `field` names the culprit
+    for the caller, `message` says why."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
 @dataclass(slots=True)
 class Rejected:
     index: int
