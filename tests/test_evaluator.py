@@ -27,7 +27,7 @@ from helpers import (CLEAN_ENV, DAY, HOUR, Harness, Stream, Traffic, engine_at, 
                      free_port, gauge, generate, row, settings_for)
 
 from exporter import evidence
-from exporter.anomaly.baseline import error_stats, size_stats
+from exporter.anomaly.baseline import block_size_spread, error_stats, size_stats
 from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
@@ -683,3 +683,23 @@ def test_a_real_size_rise_with_many_sessions_is_evidence() -> None:
     assert (passed[:, 0] & rise[:, 0]).all()                      # 5x within five minutes
     passed, rise = size_verdict(st, centre + math.log(2.0), 180.0, zc)
     assert (passed[:, 4] & rise[:, 4]).all()                      # 2x within half an hour
+
+
+def test_block_size_spread_is_measured_at_the_block_length() -> None:
+    """Means over k hours stray from the centre as far as the baseline's k-hour blocks did:
+    a scope whose hours each hold one session (an eighth of them e^2.5 dearer) has blocks
+    that swing far more than the same requests drawn independently, and the spread falls
+    with the block length as the blocks mix more sessions."""
+    rng = np.random.default_rng(8)
+    scopes, hours, n = 30, 168, 20
+    dear = rng.random((scopes, hours)) < 0.125
+    logs = rng.normal(0.0, 0.4, (scopes, hours, n)) + np.where(dear, 2.5, 0.0)[..., None]
+    count, total = np.full((scopes, hours), float(n)), logs.sum(axis=2)
+    st = size_stats(count, total, (logs ** 2).sum(axis=2))
+    spread = {k: block_size_spread(count, total, st.centre, k) for k in (2, 4, 8)}
+    assert (spread[2] > spread[4]).mean() > 0.8 and (spread[4] > spread[8]).mean() > 0.8
+    mixed = rng.permutation(logs.reshape(scopes, -1), axis=1).reshape(logs.shape)   # the same requests, independent
+    st_mixed = size_stats(count, mixed.sum(axis=2), (mixed ** 2).sum(axis=2))
+    plain = block_size_spread(count, mixed.sum(axis=2), st_mixed.centre, 2)
+    assert (spread[2] > 3 * plain).all()
+    assert np.isnan(block_size_spread(count[:, :10], total[:, :10], st.centre, 2)).all()   # too few blocks

@@ -176,6 +176,7 @@ class SizeStats:
     # windows were seen.
     spread: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))   # mean squared deviation of window means
     reached: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))  # a window mean reached in two hours
+    held: dict[int, np.ndarray] = field(default_factory=dict)              # hours -> spread of means over that many
 
 
 def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
@@ -205,14 +206,39 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     # twice in the baseline: one hour could be an anomaly, two make it part of the usual
     seen = _second_highest(np.where(ok, mean, -np.inf))
     st = SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
-    dev2 = np.where(ok, (mean - centre[:, None]) ** 2, np.nan)
-    hour_spread = np.where(hours >= MIN_HOURS, np.nansum(dev2, axis=1) / np.maximum(hours, 1), np.nan)
+    # the hour's spread as the slots' below: over every hour with sized requests, the quiet
+    # ones included, whose means stray the most
+    some = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dev2 = np.where(some, (total / count - centre[:, None]) ** 2, 0.0)
+    hour_spread = np.where(hours >= MIN_HOURS, dev2.sum(axis=1) / np.maximum(some.sum(axis=1), 1), np.nan)
     if windows is None:
         windows = np.zeros(count.shape + (1, len(WINDOW_STATS)))      # one length below the hour, unmeasured
     spread, reached = window_stats(windows, centre)
     st.spread = np.concatenate([spread, hour_spread[:, None]], axis=1)
     st.reached = np.concatenate([reached, seen[:, None]], axis=1)
     return st
+
+
+def block_size_spread(count: np.ndarray, total: np.ndarray, centre: np.ndarray, hours: int) -> np.ndarray:
+    """Mean squared deviation from the centre of the mean log size over consecutive blocks
+    of `hours` hours (the newest ending with the last column), among blocks with sized
+    requests: the spread a size shift held that long must stand out from, measured at
+    that length rather than extrapolated from hours (a few long sessions on a dearer
+    model move a quiet scope's block as a whole). (S, H) inputs, (S,) out; NaN with fewer
+    than MIN_BLOCKS blocks."""
+    s, h = count.shape
+    n_blocks = h // hours
+    if n_blocks == 0:
+        return np.full(s, np.nan)
+    cut = h - n_blocks * hours
+    n = np.nan_to_num(count[:, cut:]).reshape(s, n_blocks, hours).sum(axis=2)
+    t = np.nan_to_num(total[:, cut:]).reshape(s, n_blocks, hours).sum(axis=2)
+    some = n > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dev2 = np.where(some, (t / n - centre[:, None]) ** 2, 0.0)
+        out = dev2.sum(axis=1) / some.sum(axis=1)
+    return np.where(some.sum(axis=1) >= MIN_BLOCKS, out, np.nan)
 
 
 def _second_highest(x: np.ndarray, axis: int = 1) -> np.ndarray:

@@ -46,6 +46,7 @@ from ..storage.buckets import F
 from .baseline import (
     ErrorStats,
     SizeStats,
+    block_size_spread,
     block_spread,
     burstiness,
     daily_profile,
@@ -255,7 +256,9 @@ class Evaluator:
     @staticmethod
     def _size_stats(adds: np.ndarray, slots: np.ndarray, kind: str = "tokens") -> SizeStats:
         n, s1, s2 = SIZE_FIELDS[kind]
-        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]], slots[..., SIZE_KINDS.index(kind), :])
+        st = size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]], slots[..., SIZE_KINDS.index(kind), :])
+        st.held = {k: block_size_spread(adds[..., F[n]], adds[..., F[s1]], st.centre, k) for k in SUSTAINED_HOURS}
+        return st
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -533,7 +536,8 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         rise = np.fmax(rise, np.fmax(np.where(hour_ok & (z_total >= c.zc[-1]), total_ratio, 0.0),
                                      np.where(hour_ok & (z_count >= c.zc[-1]), count_ratio, 0.0)))
     # 4. a creep: a smaller size rise held for hours (the baseline's median holds the first
-    # of those hours too, which moves it little)
+    # of those hours too, which moves it little), against sampling and against how far
+    # means over that many hours strayed in the baseline
     held = np.zeros(c.n)
     for j, k in enumerate(SUSTAINED_HOURS):
         sums = c.whole_hours(k)
@@ -544,6 +548,9 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
                 mean_k = sums[:, F[s1]] / mk
             st_k = stats[kind]
             zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                z_blocks = (mean_k - st_k.centre) / np.sqrt(st_k.held.get(k, np.full(c.n, np.nan)))
+            zk = np.where(np.isfinite(z_blocks), np.sign(zk) * np.fmin(np.abs(zk), np.abs(z_blocks)), zk)
             with np.errstate(invalid="ignore"):
                 held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
                                               np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
