@@ -27,7 +27,7 @@ from helpers import (CLEAN_ENV, DAY, HOUR, Harness, Stream, Traffic, engine_at, 
                      free_port, gauge, generate, row, settings_for)
 
 from exporter import evidence
-from exporter.anomaly.baseline import block_size_spread, error_stats, size_stats
+from exporter.anomaly.baseline import error_stats, size_stats
 from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
@@ -628,7 +628,9 @@ def session_slots(rng: np.random.Generator, scopes: int, hours: int, sessions: i
     logs = logs.reshape(scopes, hours, slots, sessions * per_slot)
     n = float(sessions * per_slot)
     m = logs.mean(axis=-1)                                          # (S, H, slots) slot means
-    stats = np.stack([np.full(m.shape[:2], float(slots)), m.sum(axis=2), (m * m).sum(axis=2), m.max(axis=2)],
+    within = ((logs - m[..., None]) ** 2).sum(axis=(2, 3))
+    stats = np.stack([np.full(m.shape[:2], float(slots)), m.sum(axis=2), (m * m).sum(axis=2), within,
+                      np.full(m.shape[:2], slots * (n - 1)), np.full(m.shape[:2], slots / n), m.max(axis=2)],
                      axis=-1)[:, :, None, :]
     flat = logs.reshape(scopes, hours, -1)
     return np.full((scopes, hours), n * slots), flat.sum(axis=2), (flat ** 2).sum(axis=2), stats
@@ -649,7 +651,7 @@ def size_verdict(st: Any, mean: float, n: float, zc: np.ndarray) -> tuple[np.nda
 def test_one_long_session_on_a_dear_model_is_no_size_evidence_in_a_quiet_scope() -> None:
     """A quiet scope: each five minutes one session of four requests, one session in seven
     on a model e^2.7 (15) times dearer. One long dear session, forty requests in five minutes
-    or a hundred in a quarter of an hour, is what this scope does: hourly means (which mix
+    or sixty in ten minutes, is what this scope does: hourly means (which mix
     the sessions of an hour) and independent requests would make it a z of 10 or more that
     grows with the session's length, but five-minute windows were measured to vary that
     much, and to reach that level, so it is neither evidence nor a rise."""
@@ -661,7 +663,7 @@ def test_one_long_session_on_a_dear_model_is_no_size_evidence_in_a_quiet_scope()
     hourly_only = size_stats(count, total, squares)               # without the slots' statistics
     old, _ = size_verdict(hourly_only, dear, 40.0, zc)
     assert old[:, 0].mean() > 0.9                                 # the flaw: hourly dispersion, n independent
-    for n, j in ((40.0, 0), (100.0, 2)):
+    for n, j in ((40.0, 0), (60.0, 1)):
         passed, rise = size_verdict(st, dear, n, zc)
         assert not (passed[:, j] & rise[:, j]).any(), n
         assert not passed[:, j].any(), n
@@ -675,6 +677,7 @@ def test_a_real_size_rise_with_many_sessions_is_evidence() -> None:
     count, total, squares, slots = session_slots(rng, 40, 168, sessions=10, per_slot=3, dear=0.05)
     st = size_stats(count, total, squares, slots)
     assert np.isfinite(st.spread).all() and (st.spread[:, 0] > st.spread[:, 1]).all()
+    assert (st.within > 0.25).all() and (st.within < st.var).all()   # about a slot's mean: sd 0.5 and its sessions
     zc = np.array([evidence.z_threshold(w, 1000, 1.0, 9) for w in WINDOWS])
     centre = float(np.median(st.centre))
     passed, rise = size_verdict(st, centre + math.log(2.0), 360.0, zc)
@@ -684,22 +687,3 @@ def test_a_real_size_rise_with_many_sessions_is_evidence() -> None:
     passed, rise = size_verdict(st, centre + math.log(2.0), 180.0, zc)
     assert (passed[:, 4] & rise[:, 4]).all()                      # 2x within half an hour
 
-
-def test_block_size_spread_is_measured_at_the_block_length() -> None:
-    """Means over k hours stray from the centre as far as the baseline's k-hour blocks did:
-    a scope whose hours each hold one session (an eighth of them e^2.5 dearer) has blocks
-    that swing far more than the same requests drawn independently, and the spread falls
-    with the block length as the blocks mix more sessions."""
-    rng = np.random.default_rng(8)
-    scopes, hours, n = 30, 168, 20
-    dear = rng.random((scopes, hours)) < 0.125
-    logs = rng.normal(0.0, 0.4, (scopes, hours, n)) + np.where(dear, 2.5, 0.0)[..., None]
-    count, total = np.full((scopes, hours), float(n)), logs.sum(axis=2)
-    st = size_stats(count, total, (logs ** 2).sum(axis=2))
-    spread = {k: block_size_spread(count, total, st.centre, k) for k in (2, 4, 8)}
-    assert (spread[2] > spread[4]).mean() > 0.8 and (spread[4] > spread[8]).mean() > 0.8
-    mixed = rng.permutation(logs.reshape(scopes, -1), axis=1).reshape(logs.shape)   # the same requests, independent
-    st_mixed = size_stats(count, mixed.sum(axis=2), (mixed ** 2).sum(axis=2))
-    plain = block_size_spread(count, mixed.sum(axis=2), st_mixed.centre, 2)
-    assert (spread[2] > 3 * plain).all()
-    assert np.isnan(block_size_spread(count[:, :10], total[:, :10], st.centre, 2)).all()   # too few blocks

@@ -206,7 +206,8 @@ def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
     by the coarse slots as they finish: the same whether the records come a minute or an
     hour at a time, and the same again when a restart re-derives them from minute buckets
     (`add_bursts`), but for the hours whose slots a running process still holds. They are
-    what the slots hold: a slot's count, mean and squared mean of log tokens."""
+    what the slots hold: per slot of log tokens, its mean, squared mean, squares about the
+    mean, requests less one and one over requests, and the highest mean."""
     from helpers import Harness, Stream, generate
 
     from exporter.storage.buckets import F, aggregate
@@ -238,6 +239,9 @@ def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
     slots = np.unique(first.start[in_hour])
     n = np.array([first.adds[in_hour & (first.start == s), F["sized_requests"]].sum() for s in slots])
     total = np.array([first.adds[in_hour & (first.start == s), F["log_tokens"]].sum() for s in slots])
-    mean = (total / n)[n > 0]
+    squares = np.array([first.adds[in_hour & (first.start == s), F["log_tokens_sq"]].sum() for s in slots])
+    some = n > 0
+    mean, within = (total / n)[some], (squares - total * total / n)[some]
     stats = live[rare, j, 0, 0]
-    np.testing.assert_allclose(stats, [mean.size, mean.sum(), (mean ** 2).sum(), mean.max()], rtol=1e-9)
+    np.testing.assert_allclose(stats, [mean.size, mean.sum(), (mean ** 2).sum(), within.sum(), (n[some] - 1).sum(),
+                                       (1 / n[some]).sum(), mean.max()], rtol=1e-9, atol=1e-9)

@@ -34,7 +34,10 @@ MIN_SIZE_SD = 0.05
 MIN_BLOCKS = 6              # blocks a spread at that block length needs
 SPREAD_FLOOR = MIN_SIZE_SD ** 2 / 100   # a measured spread of 0 still interpolates in log-log
 MIN_WINDOWS = 24            # windows with sized requests a spread at their length needs
-WINDOW_STATS = ("windows", "sum", "squares", "max")   # per hour and window length, of the windows' mean log sizes
+# per hour and window length, of the windows with sized requests: their number, the sums of
+# their mean log sizes and squared means, of squares about their means, of requests less
+# one and of one over requests, and their highest mean
+WINDOW_STATS = ("windows", "sum", "squares", "within", "dof", "inverse", "max")
 
 
 def nan_median(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -174,9 +177,9 @@ class SizeStats:
     # Windows shorter than the hour, measured (`window_stats`) at the lengths of
     # `history.WINDOW_SLOTS`, then the hour itself: (S, lengths + 1), NaN where too few
     # windows were seen.
-    spread: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))   # mean squared deviation of window means
+    spread: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))   # variance of window means beyond sampling
+    within: np.ndarray = field(default_factory=lambda: np.zeros(0))        # variance of requests about their window's mean
     reached: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))  # a window mean reached in two hours
-    held: dict[int, np.ndarray] = field(default_factory=dict)              # hours -> spread of means over that many
 
 
 def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
@@ -206,39 +209,20 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     # twice in the baseline: one hour could be an anomaly, two make it part of the usual
     seen = _second_highest(np.where(ok, mean, -np.inf))
     st = SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
-    # the hour's spread as the slots' below: over every hour with sized requests, the quiet
-    # ones included, whose means stray the most
-    some = count > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dev2 = np.where(some, (total / count - centre[:, None]) ** 2, 0.0)
-    hour_spread = np.where(hours >= MIN_HOURS, dev2.sum(axis=1) / np.maximum(some.sum(axis=1), 1), np.nan)
     if windows is None:
         windows = np.zeros(count.shape + (1, len(WINDOW_STATS)))      # one length below the hour, unmeasured
-    spread, reached = window_stats(windows, centre)
-    st.spread = np.concatenate([spread, hour_spread[:, None]], axis=1)
+    tau2, var_w, reached = window_stats(windows, centre)
+    # the hour's, as the windows': over every hour with sized requests, quiet ones included,
+    # less their sampling variance with the windows' within variance (the shortest length's)
+    vw = var_w[:, 0]
+    some = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dev2 = np.where(some, (total / count - centre[:, None]) ** 2 - vw[:, None] / count, 0.0)
+        hour_tau2 = np.maximum(dev2.sum(axis=1) / some.sum(axis=1), 0.0)
+    st.spread = np.concatenate([tau2, np.where(hours >= MIN_HOURS, hour_tau2, np.nan)[:, None]], axis=1)
+    st.within = vw
     st.reached = np.concatenate([reached, seen[:, None]], axis=1)
     return st
-
-
-def block_size_spread(count: np.ndarray, total: np.ndarray, centre: np.ndarray, hours: int) -> np.ndarray:
-    """Mean squared deviation from the centre of the mean log size over consecutive blocks
-    of `hours` hours (the newest ending with the last column), among blocks with sized
-    requests: the spread a size shift held that long must stand out from, measured at
-    that length rather than extrapolated from hours (a few long sessions on a dearer
-    model move a quiet scope's block as a whole). (S, H) inputs, (S,) out; NaN with fewer
-    than MIN_BLOCKS blocks."""
-    s, h = count.shape
-    n_blocks = h // hours
-    if n_blocks == 0:
-        return np.full(s, np.nan)
-    cut = h - n_blocks * hours
-    n = np.nan_to_num(count[:, cut:]).reshape(s, n_blocks, hours).sum(axis=2)
-    t = np.nan_to_num(total[:, cut:]).reshape(s, n_blocks, hours).sum(axis=2)
-    some = n > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dev2 = np.where(some, (t / n - centre[:, None]) ** 2, 0.0)
-        out = dev2.sum(axis=1) / some.sum(axis=1)
-    return np.where(some.sum(axis=1) >= MIN_BLOCKS, out, np.nan)
 
 
 def _second_highest(x: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -248,30 +232,34 @@ def _second_highest(x: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.take(np.partition(x, -2, axis=axis), -2, axis=axis)
 
 
-def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """How far the mean log size of a window shorter than the hour strays from the centre,
-    per window length, from per-hour sums over the windows that ended in the hour
-    (S, H, lengths, WINDOW_STATS): the number of windows with sized requests, the sums of
-    their means and of the squared means, and the highest mean.
+def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How far the mean log size of a window shorter than the hour strays from the centre
+    beyond sampling, per window length, from per-hour sums over the windows that ended in
+    the hour (S, H, lengths, WINDOW_STATS).
 
     Requests of one session share a model and a prompt, so a window that holds one or two
     sessions has their mean, not one of independent requests, and the shorter the window
     the fewer sessions it mixes: a quiet scope's 5-minute means swing far more than its
-    hourly means, and a long session does not make its window any rarer. So a window is
-    judged against windows of its own length: `spread` is their mean squared deviation
-    from the centre (NaN with fewer than MIN_WINDOWS windows), `reached` the second-highest
-    of the hours' highest means, a level the scope's windows of that length reached in
-    two hours (-inf with fewer)."""
-    k, s1, s2 = windows[..., 0], windows[..., 1], windows[..., 2]
+    hourly means, and a long session does not make its window any rarer. A random-effects
+    reading, mean = centre + the window's sessions' effect + sampling noise, gives a
+    window mean of n requests the variance tau^2 + var_w / n, with var_w the variance of
+    requests about their own window's mean (pooled) and tau^2 the mean squared deviation
+    of the windows' means less their mean sampling variance (the method of moments).
+
+    Returns (tau^2, var_w, reached), (S, lengths) each: NaN with fewer than MIN_WINDOWS
+    windows; `reached` the second-highest of the hours' highest means, a level the scope's
+    windows of that length reached in two hours (-inf with fewer)."""
+    k, s1, s2, within, dof, inv = (windows[..., i] for i in range(6))
     c = centre[:, None, None]
     with np.errstate(invalid="ignore"):
         dev2 = np.nansum(s2 - 2.0 * c * s1 + k * c * c, axis=1)
     total = k.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        spread = np.maximum(dev2 / total, 0.0)
-    spread = np.where((total >= MIN_WINDOWS) & np.isfinite(centre)[:, None], spread, np.nan)
-    reached = _second_highest(np.where(k > 0, windows[..., 3], -np.inf), axis=1)
-    return spread, reached
+        var_w = np.maximum(within.sum(axis=1) / dof.sum(axis=1), MIN_SIZE_SD ** 2)
+        tau2 = np.maximum((dev2 - var_w * inv.sum(axis=1)) / total, 0.0)
+    known = (total >= MIN_WINDOWS) & np.isfinite(centre)[:, None] & np.isfinite(var_w)
+    reached = _second_highest(np.where(k > 0, windows[..., 6], -np.inf), axis=1)
+    return np.where(known, tau2, np.nan), np.where(known, var_w, np.nan), reached
 
 
 def _log_position(windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -285,8 +273,9 @@ def _log_position(windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray,
 
 
 def window_spread(st: SizeStats, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """(S, W) the spread of window means at each window length of `windows` (seconds), read
-    from the spreads measured at `lengths` (seconds, ascending, the hour last): straight in
+    """(S, W) the variance of window means beyond sampling (tau^2) at each window length of
+    `windows` (seconds), read from those measured at `lengths` (seconds, ascending, the hour
+    last): straight in
     log-log between two measured lengths, as the variance of means over a longer stretch
     of clustered arrivals falls as a power of the number of clusters it holds. NaN where
     a length either side was not measured."""

@@ -46,7 +46,6 @@ from ..storage.buckets import F
 from .baseline import (
     ErrorStats,
     SizeStats,
-    block_size_spread,
     block_spread,
     burstiness,
     daily_profile,
@@ -256,9 +255,7 @@ class Evaluator:
     @staticmethod
     def _size_stats(adds: np.ndarray, slots: np.ndarray, kind: str = "tokens") -> SizeStats:
         n, s1, s2 = SIZE_FIELDS[kind]
-        st = size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]], slots[..., SIZE_KINDS.index(kind), :])
-        st.held = {k: block_size_spread(adds[..., F[n]], adds[..., F[s1]], st.centre, k) for k in SUSTAINED_HOURS}
-        return st
+        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]], slots[..., SIZE_KINDS.index(kind), :])
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -490,15 +487,16 @@ def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray,
     the more so the shorter the window: a 5-minute window often holds one session, an hour
     mixes several. So the z is the smaller of two readings, each of which a real change
     passes: against sampling (the window's requests, with the hourly means' dispersion),
-    and against how far the scope's windows of this length strayed from the centre
-    (`baseline.window_spread`), which a session does not pass by being long. And a mean
+    and against the variance of window means of this length, tau^2 + var_w / n
+    (`baseline.window_stats`, `window_spread`), whose tau^2 a session does not pass by
+    being long. And a mean
     that windows of this length reached in two hours of the baseline
     (`baseline.window_reached`) is part of the scope's usual traffic, however rare: no rise."""
     centre = st.centre[:, None]
     z = mean_z(mean, n, centre, st.var[:, None], st.dispersion[:, None])
-    spread = window_spread(st, windows, lengths)
+    var = window_spread(st, windows, lengths) + st.within[:, None] / np.maximum(n, 1.0)   # tau^2 + var_w / n
     with np.errstate(invalid="ignore", divide="ignore"):
-        z_windows = (mean - centre) / np.sqrt(spread)
+        z_windows = np.where(n > 0, (mean - centre) / np.sqrt(var), np.nan)
     measured = np.isfinite(z_windows)
     z = np.where(measured, np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
     return z, window_reached(st, windows, lengths)
@@ -536,8 +534,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         rise = np.fmax(rise, np.fmax(np.where(hour_ok & (z_total >= c.zc[-1]), total_ratio, 0.0),
                                      np.where(hour_ok & (z_count >= c.zc[-1]), count_ratio, 0.0)))
     # 4. a creep: a smaller size rise held for hours (the baseline's median holds the first
-    # of those hours too, which moves it little), against sampling and against how far
-    # means over that many hours strayed in the baseline
+    # of those hours too, which moves it little)
     held = np.zeros(c.n)
     for j, k in enumerate(SUSTAINED_HOURS):
         sums = c.whole_hours(k)
@@ -548,9 +545,6 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
                 mean_k = sums[:, F[s1]] / mk
             st_k = stats[kind]
             zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                z_blocks = (mean_k - st_k.centre) / np.sqrt(st_k.held.get(k, np.full(c.n, np.nan)))
-            zk = np.where(np.isfinite(z_blocks), np.sign(zk) * np.fmin(np.abs(zk), np.abs(z_blocks)), zk)
             with np.errstate(invalid="ignore"):
                 held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
                                               np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))

@@ -29,14 +29,14 @@ QUANTILES = {"latency": 0.95, "ttft": 0.95, "otps": 0.5}
 OPEN_HOURS = 3
 MIN_SKETCH_COUNT = 5
 _DIVISORS_OF_60 = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)
-# per coarse slot, for each kind of request size: how many requests were sized and the sum
-# of their log sizes (tokens, then cost), in this order
-SLOT_SIZE_FIELDS = ("sized_requests", "log_tokens", "costed_requests", "log_cost")
+# per coarse slot, for each kind of request size: how many requests were sized and the sums
+# of their log sizes and squared log sizes (tokens, then cost), in this order
+SLOT_SIZE_FIELDS = ("sized_requests", "log_tokens", "log_tokens_sq", "costed_requests", "log_cost", "log_cost_sq")
 SIZE_KINDS = ("tokens", "cost")
 # Window lengths, in coarse slots, at which mean sizes are measured below the hour: the
 # coarse slot itself, whose sums are final when it is handed on whatever the batches.
 WINDOW_SLOTS = (1,)
-N_WINDOW_STATS = 4          # baseline.WINDOW_STATS: windows, sum, squares and highest of their mean log sizes
+N_WINDOW_STATS = 7          # baseline.WINDOW_STATS
 
 
 def fine_resolution(window: float) -> int:
@@ -327,26 +327,31 @@ class ScopeHistory:
         """Add finished windows (one set per entry: scope row, hour slot, (WINDOW_SLOTS,
         SLOT_SIZE_FIELDS) sums) to their hours' statistics of window mean log sizes
         (`baseline.window_stats`): per length and kind, the number of windows with sized
-        requests, the sums of their means and squared means, and the highest mean."""
-        sized = sums.reshape(len(rows), len(WINDOW_SLOTS), len(SIZE_KINDS), 2)
-        cnt, tot = sized[..., 0], sized[..., 1]
+        requests, the sums of their means and squared means, of the squares of their log
+        sizes about their means, of their requests less one and of one over their requests,
+        and the highest mean."""
+        sized = sums.reshape(len(rows), len(WINDOW_SLOTS), len(SIZE_KINDS), 3)
+        cnt, tot, sq = sized[..., 0], sized[..., 1], sized[..., 2]
         has = cnt > 0
         keep = has.reshape(len(rows), -1).any(axis=1)
         if not keep.any():
             return
-        rows, hslots, cnt, tot, has = rows[keep], hslots[keep], cnt[keep], tot[keep], has[keep]
+        rows, hslots, cnt, tot, sq, has = rows[keep], hslots[keep], cnt[keep], tot[keep], sq[keep], has[keep]
         with np.errstate(invalid="ignore", divide="ignore"):
             m = np.where(has, tot / cnt, 0.0)
-        add = np.stack([has.astype(np.float64), m, m * m], axis=-1)
+            inv = np.where(has, 1.0 / cnt, 0.0)
+        within = np.where(has, np.maximum(sq - tot * m, 0.0), 0.0)     # squares about the window's mean
+        dof = np.where(has, cnt - 1.0, 0.0)
+        add = np.stack([has.astype(np.float64), m, m * m, within, dof, inv], axis=-1)
         key, inverse = np.unique(rows * self.hours.n + hslots, return_inverse=True)
         top = np.full((key.size,) + m.shape[1:], -np.inf)
         np.maximum.at(top, inverse.reshape(-1), np.where(has, m, -np.inf))
         ur, uh = key // self.hours.n, key % self.hours.n
         cell = self.hour_slots[ur, uh]                       # (K, lengths, kinds, stats), a copy
         had = cell[..., 0] > 0
-        cell[..., 3] = np.where(had, np.fmax(cell[..., 3], top), np.where(np.isfinite(top), top, 0.0))
+        cell[..., 6] = np.where(had, np.fmax(cell[..., 6], top), np.where(np.isfinite(top), top, 0.0))
         self.hour_slots[ur, uh] = cell
-        np.add.at(self.hour_slots[..., :3], (rows, hslots), add)
+        np.add.at(self.hour_slots[..., :6], (rows, hslots), add)
 
     def bursts_final_before(self) -> int:
         """The first hour whose burstiness sums may still change: every coarse slot of the
