@@ -36,8 +36,8 @@ SPREAD_FLOOR = MIN_SIZE_SD ** 2 / 100   # a measured spread of 0 still interpola
 MIN_WINDOWS = 24            # windows with sized requests a spread at their length needs
 # per hour and window length, of the windows with sized requests: their number, the sums of
 # their mean log sizes and squared means, of squares about their means, of requests less
-# one and of one over requests, and their highest mean
-WINDOW_STATS = ("windows", "sum", "squares", "within", "dof", "inverse", "max")
+# one and of one over requests
+WINDOW_STATS = ("windows", "sum", "squares", "within", "dof", "inverse")
 
 
 def nan_median(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -179,7 +179,6 @@ class SizeStats:
     # windows were seen.
     spread: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))   # variance of window means beyond sampling
     within: np.ndarray = field(default_factory=lambda: np.zeros(0))        # variance of requests about their window's mean
-    reached: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))  # a window mean reached in two hours
 
 
 def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
@@ -211,7 +210,7 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     st = SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
     if windows is None:
         windows = np.zeros(count.shape + (1, len(WINDOW_STATS)))      # one length below the hour, unmeasured
-    tau2, var_w, reached = window_stats(windows, centre)
+    tau2, var_w = window_stats(windows, centre)
     # the hour's, as the windows': over every hour with sized requests, quiet ones included,
     # less their sampling variance with the windows' within variance (the shortest length's)
     vw = var_w[:, 0]
@@ -221,7 +220,6 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
         hour_tau2 = np.maximum(dev2.sum(axis=1) / some.sum(axis=1), 0.0)
     st.spread = np.concatenate([tau2, np.where(hours >= MIN_HOURS, hour_tau2, np.nan)[:, None]], axis=1)
     st.within = vw
-    st.reached = np.concatenate([reached, seen[:, None]], axis=1)
     return st
 
 
@@ -232,7 +230,7 @@ def _second_highest(x: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.take(np.partition(x, -2, axis=axis), -2, axis=axis)
 
 
-def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """How far the mean log size of a window shorter than the hour strays from the centre
     beyond sampling, per window length, from per-hour sums over the windows that ended in
     the hour (S, H, lengths, WINDOW_STATS).
@@ -246,9 +244,7 @@ def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, n
     requests about their own window's mean (pooled) and tau^2 the mean squared deviation
     of the windows' means less their mean sampling variance (the method of moments).
 
-    Returns (tau^2, var_w, reached), (S, lengths) each: NaN with fewer than MIN_WINDOWS
-    windows; `reached` the second-highest of the hours' highest means, a level the scope's
-    windows of that length reached in two hours (-inf with fewer)."""
+    Returns (tau^2, var_w), (S, lengths) each: NaN with fewer than MIN_WINDOWS windows."""
     k, s1, s2, within, dof, inv = (windows[..., i] for i in range(6))
     c = centre[:, None, None]
     with np.errstate(invalid="ignore"):
@@ -258,8 +254,7 @@ def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, n
         var_w = np.maximum(within.sum(axis=1) / dof.sum(axis=1), MIN_SIZE_SD ** 2)
         tau2 = np.maximum((dev2 - var_w * inv.sum(axis=1)) / total, 0.0)
     known = (total >= MIN_WINDOWS) & np.isfinite(centre)[:, None] & np.isfinite(var_w)
-    reached = _second_highest(np.where(k > 0, windows[..., 6], -np.inf), axis=1)
-    return np.where(known, tau2, np.nan), np.where(known, var_w, np.nan), reached
+    return np.where(known, tau2, np.nan), np.where(known, var_w, np.nan)
 
 
 def _log_position(windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -282,20 +277,6 @@ def window_spread(st: SizeStats, windows: np.ndarray, lengths: np.ndarray) -> np
     lo, hi, x = _log_position(windows, lengths)
     ls = np.log(np.maximum(st.spread, SPREAD_FLOOR))
     return np.exp(ls[:, lo] + (ls[:, hi] - ls[:, lo]) * x[None, :])
-
-
-def window_reached(st: SizeStats, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """(S, W) a window mean the scope reached before, at each window length: straight in log
-    length between the measured lengths. A length without enough windows measured takes
-    the hour's level, and no length is below the hour's, which a shorter window's mean
-    reaches as easily."""
-    measured = np.isfinite(st.spread)
-    hour = st.reached[:, -1:]
-    level = np.where(measured, np.fmax(st.reached, hour), hour)
-    lo, hi, x = _log_position(windows, lengths)
-    with np.errstate(invalid="ignore"):
-        out = level[:, lo] + (level[:, hi] - level[:, lo]) * x[None, :]
-    return np.where(np.isfinite(out), out, np.fmax(level[:, lo], level[:, hi]))
 
 
 def sum_spread(sizes: SizeStats) -> np.ndarray:

@@ -54,7 +54,6 @@ from .baseline import (
     nan_median,
     size_stats,
     sum_spread,
-    window_reached,
     window_spread,
 )
 from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, token_sum
@@ -464,42 +463,42 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
 
 def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z, rise, ratio) per window of the mean log size of one kind against the baseline
-    (see `size_z`); `ratio` is the size ratio itself, `rise` the same where the window's
-    mean passes what windows of its length reached before (0 elsewhere)."""
+    (z: see `size_z`).
+
+    A window whose mean the scope's hours reached at least twice in the baseline is not a
+    rise (its z is kept, its ratio is 0): requests come in sessions that share a model and
+    a prompt, so a small scope's size swings with whichever sessions are running, and a
+    level it reached on two other hours of the last weeks is part of its usual traffic,
+    however rare among its hours. `ratio` is the size ratio itself."""
     n, s1, _ = SIZE_FIELDS[kind]
     m = c.sums[..., F[n]]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = c.sums[..., F[s1]] / m
-    z, reached = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
+    z = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
     ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
     with np.errstate(invalid="ignore"):
-        return z, np.where(mean > reached, ratio, 0.0), ratio
+        return z, np.where(mean > st.seen[:, None], ratio, 0.0), ratio
 
 
-def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray,
-           lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """(S, W) z of windows' mean log sizes (`mean` over `n` requests, windows of `windows`
-    seconds) against the baseline `st`, and the level each window's mean must pass to be a
-    rise; `lengths` (seconds) are those the baseline measured window means at, the hour last.
+    seconds) against the baseline `st`; `lengths` (seconds) are those the baseline measured
+    window means at, the hour last.
 
     Requests come in sessions that share a model and a prompt, so a scope's size swings
     with whichever sessions are running, beyond what independent requests would give, and
     the more so the shorter the window: a 5-minute window often holds one session, an hour
     mixes several. So the z is the smaller of two readings, each of which a real change
     passes: against sampling (the window's requests, with the hourly means' dispersion),
-    and against the variance of window means of this length, tau^2 + var_w / n
-    (`baseline.window_stats`, `window_spread`), whose tau^2 a session does not pass by
-    being long. And a mean
-    that windows of this length reached in two hours of the baseline
-    (`baseline.window_reached`) is part of the scope's usual traffic, however rare: no rise."""
+    and against the variance window means of this length have, tau^2 + var_w / n
+    (`baseline.window_stats`, `window_spread`), whose tau^2 does not shrink as a long
+    session adds requests."""
     centre = st.centre[:, None]
     z = mean_z(mean, n, centre, st.var[:, None], st.dispersion[:, None])
     var = window_spread(st, windows, lengths) + st.within[:, None] / np.maximum(n, 1.0)   # tau^2 + var_w / n
     with np.errstate(invalid="ignore", divide="ignore"):
         z_windows = np.where(n > 0, (mean - centre) / np.sqrt(var), np.nan)
-    measured = np.isfinite(z_windows)
-    z = np.where(measured, np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
-    return z, window_reached(st, windows, lengths)
+    return np.where(np.isfinite(z_windows), np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
 
 
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,

@@ -36,7 +36,7 @@ SIZE_KINDS = ("tokens", "cost")
 # Window lengths, in coarse slots, at which mean sizes are measured below the hour: the
 # coarse slot itself, whose sums are final when it is handed on whatever the batches.
 WINDOW_SLOTS = (1,)
-N_WINDOW_STATS = 7          # baseline.WINDOW_STATS
+N_WINDOW_STATS = 6          # baseline.WINDOW_STATS
 
 
 def fine_resolution(window: float) -> int:
@@ -328,8 +328,7 @@ class ScopeHistory:
         SLOT_SIZE_FIELDS) sums) to their hours' statistics of window mean log sizes
         (`baseline.window_stats`): per length and kind, the number of windows with sized
         requests, the sums of their means and squared means, of the squares of their log
-        sizes about their means, of their requests less one and of one over their requests,
-        and the highest mean."""
+        sizes about their means, of their requests less one and of one over their requests."""
         sized = sums.reshape(len(rows), len(WINDOW_SLOTS), len(SIZE_KINDS), 3)
         cnt, tot, sq = sized[..., 0], sized[..., 1], sized[..., 2]
         has = cnt > 0
@@ -343,15 +342,7 @@ class ScopeHistory:
         within = np.where(has, np.maximum(sq - tot * m, 0.0), 0.0)     # squares about the window's mean
         dof = np.where(has, cnt - 1.0, 0.0)
         add = np.stack([has.astype(np.float64), m, m * m, within, dof, inv], axis=-1)
-        key, inverse = np.unique(rows * self.hours.n + hslots, return_inverse=True)
-        top = np.full((key.size,) + m.shape[1:], -np.inf)
-        np.maximum.at(top, inverse.reshape(-1), np.where(has, m, -np.inf))
-        ur, uh = key // self.hours.n, key % self.hours.n
-        cell = self.hour_slots[ur, uh]                       # (K, lengths, kinds, stats), a copy
-        had = cell[..., 0] > 0
-        cell[..., 6] = np.where(had, np.fmax(cell[..., 6], top), np.where(np.isfinite(top), top, 0.0))
-        self.hour_slots[ur, uh] = cell
-        np.add.at(self.hour_slots[..., :6], (rows, hslots), add)
+        np.add.at(self.hour_slots, (rows, hslots), add)
 
     def bursts_final_before(self) -> int:
         """The first hour whose burstiness sums may still change: every coarse slot of the
