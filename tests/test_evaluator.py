@@ -32,7 +32,7 @@ from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
 from exporter.ingest.rejections import Rejections
-from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Snapshot
+from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Snapshot, size_z
 from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
 
 DAY0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY       # a midnight (UTC)
@@ -613,3 +613,70 @@ def test_the_window_setting_sets_what_current_covers() -> None:
     assert row(snap, "cost_per_hour")["current"] == pytest.approx(traffic.cost[w].sum() * 2, rel=1e-5)
     assert row(snap, "request_rate")["current"] == pytest.approx(w.sum() / 30, rel=1e-5)
     assert row(snap, "request_rate")["severity"] == "ok"
+
+
+def session_slots(rng: np.random.Generator, scopes: int, hours: int, sessions: int, per_slot: int,
+                  dear: float, slots: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hourly (count, sum, sum of squares) of log sizes and the hours' five-minute window
+    statistics (baseline.WINDOW_STATS, at one length) for scopes whose requests come in sessions: each five-minute slot
+    holds `sessions` sessions of `per_slot` requests each, a session's requests share its
+    level (sd 0.3 around 0, e^2.7 times higher on a dear model, with probability `dear`),
+    each request strays from it by sd 0.5."""
+    level = rng.normal(0.0, 0.3, (scopes, hours, slots, sessions)) + np.where(
+        rng.random((scopes, hours, slots, sessions)) < dear, 2.7, 0.0)
+    logs = level[..., None] + rng.normal(0.0, 0.5, level.shape + (per_slot,))
+    logs = logs.reshape(scopes, hours, slots, sessions * per_slot)
+    n = float(sessions * per_slot)
+    m = logs.mean(axis=-1)                                          # (S, H, slots) slot means
+    within = ((logs - m[..., None]) ** 2).sum(axis=(2, 3))
+    stats = np.stack([np.full(m.shape[:2], float(slots)), m.sum(axis=2), (m * m).sum(axis=2), within,
+                      np.full(m.shape[:2], slots * (n - 1)), np.full(m.shape[:2], slots / n)], axis=-1)[:, :, None, :]
+    flat = logs.reshape(scopes, hours, -1)
+    return np.full((scopes, hours), n * slots), flat.sum(axis=2), (flat ** 2).sum(axis=2), stats
+
+
+WINDOWS = np.array([300.0, 600.0, 900.0, 1200.0, 1800.0, 3600.0])
+LENGTHS = np.array([300.0, 3600.0])                 # where the baseline measured window means
+
+
+def size_evidence(st: Any, mean: float, n: float, zc: np.ndarray) -> np.ndarray:
+    """Per scope and window: is a window mean of `mean` over `n` requests evidence (z past
+    the threshold)?"""
+    shape = (st.centre.shape[0], WINDOWS.size)
+    return size_z(st, np.full(shape, mean), np.full(shape, n), WINDOWS, LENGTHS) >= zc
+
+
+def test_one_long_session_on_a_dear_model_is_no_size_evidence_in_a_quiet_scope() -> None:
+    """A quiet scope: each five minutes one session of four requests, one session in seven
+    on a model e^2.7 (15) times dearer. One long dear session, forty requests in five minutes
+    or sixty in ten minutes, is what this scope does: hourly means (which mix
+    the sessions of an hour) and independent requests would make it a z of 10 or more that
+    grows with the session's length, but five-minute windows were measured to vary that
+    much (tau^2), and a longer session does not shrink that part, so it is no evidence."""
+    rng = np.random.default_rng(5)
+    count, total, squares, slots = session_slots(rng, 40, 168, sessions=1, per_slot=4, dear=1 / 7)
+    st = size_stats(count, total, squares, slots)
+    zc = np.array([evidence.z_threshold(w, 1000, 1.0, 9) for w in WINDOWS])
+    dear = float(np.median(st.centre)) + 2.7
+    hourly_only = size_stats(count, total, squares)               # without the slots' statistics
+    old = size_evidence(hourly_only, dear, 40.0, zc)
+    assert old[:, 0].mean() > 0.9                                 # the flaw: hourly dispersion, n independent
+    for n, j in ((40.0, 0), (60.0, 1), (400.0, 1)):
+        assert not size_evidence(st, dear, n, zc)[:, j].any(), n
+
+
+def test_a_real_size_rise_with_many_sessions_is_evidence() -> None:
+    """A busy scope: ten sessions in every five minutes, one in twenty on the dear model.
+    Every request twice as big for half an hour, or five times as big for five minutes, stands out
+    from what its windows of that length do; a slot-level spread does not hide it."""
+    rng = np.random.default_rng(6)
+    count, total, squares, slots = session_slots(rng, 40, 168, sessions=10, per_slot=3, dear=0.05)
+    st = size_stats(count, total, squares, slots)
+    assert np.isfinite(st.spread).all() and (st.spread[:, 0] > st.spread[:, 1]).all()
+    assert (st.within > 0.25).all() and (st.within < st.var).all()   # about a slot's mean: sd 0.5 and its sessions
+    zc = np.array([evidence.z_threshold(w, 1000, 1.0, 9) for w in WINDOWS])
+    centre = float(np.median(st.centre))
+    assert size_evidence(st, centre + math.log(2.0), 360.0, zc)[:, -1].all()    # 2x over the hour
+    assert size_evidence(st, centre + math.log(5.0), 30.0, zc)[:, 0].all()      # 5x within five minutes
+    assert size_evidence(st, centre + math.log(2.0), 180.0, zc)[:, 4].all()     # 2x within half an hour
+

@@ -115,6 +115,32 @@ def test_anomaly_verdicts_are_the_same_after_restart(tmp_path: Path) -> None:
     again.close()
 
 
+def test_five_minute_size_spreads_survive_restart(tmp_path: Path) -> None:
+    """How far the scopes' five-minute mean sizes strayed is measured from coarse slots the
+    store does not keep for the whole baseline: the process stores it per finished hour,
+    and a restart reads it back (and re-derives the hours its minute buckets still cover),
+    so the restored statistics are those of the process that saw the traffic live."""
+    settings = settings_for(tmp_path)
+    t = T0 + HOUR - 1
+    engine, _ = engine_at(settings, t)
+    rng = np.random.default_rng(4)
+    day = [r for h in range(-30, 1) for r in steady_hour(T0 + h * HOUR, rng, n=30, cost=0.3 if h % 5 else 4.0)]
+    ingest_by_day(engine, day, now=t)
+    engine.evaluate(t)
+    hours = np.arange(int(T0 // HOUR) - 30, engine.history.bursts_final_before())
+    live = dict(zip(engine.history.keys, engine.history.take_slot_sizes(hours)))
+    engine.close()
+
+    again, _ = engine_at(settings, t)
+    assert again.store.slot_sizes(int(hours[0])), "the statistics were stored"
+    restored = dict(zip(again.history.keys, again.history.take_slot_sizes(hours)))
+    assert live.keys() == restored.keys()
+    for key, stats in live.items():
+        assert (stats[..., 0] > 0).sum() >= 24, key                   # every finished hour has its slots
+        np.testing.assert_allclose(restored[key], stats, rtol=1e-9, atol=1e-9, err_msg=str(key))
+    again.close()
+
+
 # --- kill -9 ---------------------------------------------------------------------------------
 
 BATCH = 25

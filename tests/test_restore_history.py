@@ -199,3 +199,49 @@ def test_codes_are_those_of_unique(bound: int) -> None:
     want_uniq, want_inverse = np.unique(values, return_inverse=True)
     assert uniq.tolist() == want_uniq.tolist()
     assert inverse.tolist() == want_inverse.reshape(values.shape).tolist()
+
+
+def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
+    """The hours' statistics of five-minute mean sizes (history.hour_slots) are handed on
+    by the coarse slots as they finish: the same whether the records come a minute or an
+    hour at a time, and the same again when a restart re-derives them from minute buckets
+    (`add_bursts`), but for the hours whose slots a running process still holds. They are
+    what the slots hold: per slot of log tokens, its mean, squared mean, squares about the
+    mean, requests less one and one over requests."""
+    from helpers import Harness, Stream, generate
+
+    from exporter.storage.buckets import F, aggregate
+    site = (Stream("chat", "gpt-4o-mini", rate=60, session=3), Stream("rare", "gpt-4o", rate=5, session=8))
+    day0 = T0 - T0 % DAY
+    traffic = generate(site, day0, day0 + DAY, seed=2)
+    minute, hourly = Harness().feed(traffic, batch=60), Harness().feed(traffic, batch=HOUR)
+    hours = np.arange(int(day0 // HOUR), minute.history.bursts_final_before())    # every slot handed on
+    assert hours.size >= 18
+    live = minute.history.take_slot_sizes(hours)
+    np.testing.assert_allclose(hourly.history.take_slot_sizes(hours), live, rtol=1e-12)
+    assert (live[..., 0] > 0).mean() > 0.5                   # most scopes sized requests in most hours
+
+    restored = ScopeHistory(HOUR, 14 * DAY)
+    sids = np.array([minute.series[k] for k in zip(traffic.app.tolist(), traffic.provider.tolist(),
+                                                    traffic.model.tolist())])
+    cols = traffic.columns()
+    restored.add_hours(aggregate(cols, sids, cols.cost, res=3600), minute.series_keys)
+    restored.add_bursts([aggregate(cols, sids, cols.cost, res=60)], minute.series_keys)
+    rows = [restored.keys.index(k) for k in minute.history.keys]
+    np.testing.assert_allclose(restored.take_slot_sizes(hours)[rows], live, rtol=1e-12)
+
+    # the first hour of the rare app with requests, from its five-minute sums
+    rare = minute.history.keys.index(("app", "rare", "", ""))
+    j = int(np.flatnonzero(live[rare, :, 0, 0, 0] > 0)[0])
+    first = aggregate(cols, sids, cols.cost, res=300)
+    app_rows = np.array([minute.series_keys[int(s)][0] == "rare" for s in first.series])
+    in_hour = app_rows & (first.start // 3600 == hours[j])
+    slots = np.unique(first.start[in_hour])
+    n = np.array([first.adds[in_hour & (first.start == s), F["sized_requests"]].sum() for s in slots])
+    total = np.array([first.adds[in_hour & (first.start == s), F["log_tokens"]].sum() for s in slots])
+    squares = np.array([first.adds[in_hour & (first.start == s), F["log_tokens_sq"]].sum() for s in slots])
+    some = n > 0
+    mean, within = (total / n)[some], (squares - total * total / n)[some]
+    stats = live[rare, j, 0, 0]
+    np.testing.assert_allclose(stats, [mean.size, mean.sum(), (mean ** 2).sum(), within.sum(), (n[some] - 1).sum(),
+                                       (1 / n[some]).sum()], rtol=1e-9, atol=1e-9)

@@ -17,7 +17,7 @@ they favour clarity over the last microsecond.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,12 @@ PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen wh
 MIN_LEVEL_SD = 0.05
 MIN_SIZE_SD = 0.05
 MIN_BLOCKS = 6              # blocks a spread at that block length needs
+SPREAD_FLOOR = MIN_SIZE_SD ** 2 / 100   # a measured spread of 0 still interpolates in log-log
+MIN_WINDOWS = 24            # windows with sized requests a spread at their length needs
+# per hour and window length, of the windows with sized requests: their number, the sums of
+# their mean log sizes and squared means, of squares about their means, of requests less
+# one and of one over requests
+WINDOW_STATS = ("windows", "sum", "squares", "within", "dof", "inverse")
 
 
 def nan_median(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -168,9 +174,15 @@ class SizeStats:
     dispersion: np.ndarray
     hours: np.ndarray
     seen: np.ndarray          # the second-highest hourly mean: a level the scope has reached before
+    # Windows shorter than the hour, measured (`window_stats`) at the lengths of
+    # `history.WINDOW_SLOTS`, then the hour itself: (S, lengths + 1), NaN where too few
+    # windows were seen.
+    spread: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))   # variance of window means beyond sampling
+    within: np.ndarray = field(default_factory=lambda: np.zeros(0))        # variance of requests about their window's mean
 
 
-def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> SizeStats:
+def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
+               windows: np.ndarray | None = None) -> SizeStats:
     """From hourly (S, H) counts, sums and sums of squares of log sizes.
 
     The dispersion is read from the tail of the hours' standardised means as well as from
@@ -194,8 +206,77 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> Si
     hours = np.sum(ok, axis=1)
     disp = np.maximum(np.nan_to_num(np.fmax(mad, tail) ** 2, nan=1.0), 1.0)
     # twice in the baseline: one hour could be an anomaly, two make it part of the usual
-    seen = np.sort(np.where(ok, mean, -np.inf), axis=1)[:, -2] if mean.shape[1] >= 2 else np.full(mean.shape[0], -np.inf)
-    return SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
+    seen = _second_highest(np.where(ok, mean, -np.inf))
+    st = SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
+    if windows is None:
+        windows = np.zeros(count.shape + (1, len(WINDOW_STATS)))      # one length below the hour, unmeasured
+    tau2, var_w = window_stats(windows, centre)
+    # the hour's, as the windows': over every hour with sized requests, quiet ones included,
+    # less their sampling variance with the windows' within variance (the shortest length's)
+    vw = var_w[:, 0]
+    some = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dev2 = np.where(some, (total / count - centre[:, None]) ** 2 - vw[:, None] / count, 0.0)
+        hour_tau2 = np.maximum(dev2.sum(axis=1) / some.sum(axis=1), 0.0)
+    st.spread = np.concatenate([tau2, np.where(hours >= MIN_HOURS, hour_tau2, np.nan)[:, None]], axis=1)
+    st.within = vw
+    return st
+
+
+def _second_highest(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Second-highest value along `axis` (-inf with fewer than two)."""
+    if x.shape[axis] < 2:
+        return np.full(np.delete(x.shape, axis), -np.inf)
+    return np.take(np.partition(x, -2, axis=axis), -2, axis=axis)
+
+
+def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How far the mean log size of a window shorter than the hour strays from the centre
+    beyond sampling, per window length, from per-hour sums over the windows that ended in
+    the hour (S, H, lengths, WINDOW_STATS).
+
+    Requests of one session share a model and a prompt, so a window that holds one or two
+    sessions has their mean, not one of independent requests, and the shorter the window
+    the fewer sessions it mixes: a quiet scope's 5-minute means swing far more than its
+    hourly means, and a long session does not make its window any rarer. A random-effects
+    reading, mean = centre + the window's sessions' effect + sampling noise, gives a
+    window mean of n requests the variance tau^2 + var_w / n, with var_w the variance of
+    requests about their own window's mean (pooled) and tau^2 the mean squared deviation
+    of the windows' means less their mean sampling variance (the method of moments).
+
+    Returns (tau^2, var_w), (S, lengths) each: NaN with fewer than MIN_WINDOWS windows."""
+    k, s1, s2, within, dof, inv = (windows[..., i] for i in range(6))
+    c = centre[:, None, None]
+    with np.errstate(invalid="ignore"):
+        dev2 = np.nansum(s2 - 2.0 * c * s1 + k * c * c, axis=1)
+    total = k.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_w = np.maximum(within.sum(axis=1) / dof.sum(axis=1), MIN_SIZE_SD ** 2)
+        tau2 = np.maximum((dev2 - var_w * inv.sum(axis=1)) / total, 0.0)
+    known = (total >= MIN_WINDOWS) & np.isfinite(centre)[:, None] & np.isfinite(var_w)
+    return np.where(known, tau2, np.nan), np.where(known, var_w, np.nan)
+
+
+def _log_position(windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each window length, the measured lengths either side (indices) and where it lies
+    between them in log length (0 to 1; clipped outside the measured range)."""
+    w = np.clip(np.asarray(windows, dtype=np.float64), lengths[0], lengths[-1])
+    hi = np.clip(np.searchsorted(lengths, w), 1, len(lengths) - 1)
+    lo = hi - 1
+    x = np.log(w / lengths[lo]) / np.log(lengths[hi] / lengths[lo])
+    return lo, hi, x
+
+
+def window_spread(st: SizeStats, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(S, W) the variance of window means beyond sampling (tau^2) at each window length of
+    `windows` (seconds), read from those measured at `lengths` (seconds, ascending, the hour
+    last): straight in
+    log-log between two measured lengths, as the variance of means over a longer stretch
+    of clustered arrivals falls as a power of the number of clusters it holds. NaN where
+    a length either side was not measured."""
+    lo, hi, x = _log_position(windows, lengths)
+    ls = np.log(np.maximum(st.spread, SPREAD_FLOOR))
+    return np.exp(ls[:, lo] + (ls[:, hi] - ls[:, lo]) * x[None, :])
 
 
 def sum_spread(sizes: SizeStats) -> np.ndarray:

@@ -54,8 +54,9 @@ from .baseline import (
     nan_median,
     size_stats,
     sum_spread,
+    window_spread,
 )
-from .history import QUANTILES, ScopeHistory, ScopeKey, WindowValues, token_sum
+from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, token_sum
 from .signals import Severity, SignalSpec
 
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
@@ -187,6 +188,8 @@ class Evaluator:
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
         self.coarse_slots = [max(1, round(f * h.window / h.coarse)) for f in WINDOW_FRACTIONS]
         self.window_s = np.array([k * h.fine for k in self.fine_slots], dtype=np.float64)
+        # the window lengths (seconds) at which the history measures mean sizes, the hour last
+        self.size_lengths = np.array([k * h.coarse for k in WINDOW_SLOTS] + [h.window], dtype=np.float64)
 
     # --- baseline ---------------------------------------------------------------------
 
@@ -206,7 +209,8 @@ class Evaluator:
         req, cost, tokens = (np.where(unknown, np.nan, a) for a in
                              (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
         disp = burstiness(np.nan_to_num(req), burst, round(3600 / h.coarse))
-        sizes, costs = self._size_stats(held_adds), self._size_stats(held_adds, "cost")
+        slots = np.where(unknown[..., None, None, None], 0.0, h.take_slot_sizes(hours))
+        sizes, costs = self._size_stats(held_adds, slots), self._size_stats(held_adds, slots, "cost")
         hod = hours % 24
         req_profile = daily_profile(req, hours)
 
@@ -248,9 +252,9 @@ class Evaluator:
         return np.where(b >= 0, b + 1, -1)                # count bins >= b + 1
 
     @staticmethod
-    def _size_stats(adds: np.ndarray, kind: str = "tokens") -> SizeStats:
+    def _size_stats(adds: np.ndarray, slots: np.ndarray, kind: str = "tokens") -> SizeStats:
         n, s1, s2 = SIZE_FIELDS[kind]
-        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]])
+        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]], slots[..., SIZE_KINDS.index(kind), :])
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -458,21 +462,43 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
 
 
 def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z, rise, ratio) per window of the mean log size of one kind against the baseline.
+    """(z, rise, ratio) per window of the mean log size of one kind against the baseline
+    (z: see `size_z`).
 
     A window whose mean the scope's hours reached at least twice in the baseline is not a
     rise (its z is kept, its ratio is 0): requests come in sessions that share a model and
-    a prompt, so a small scope's size swings with whichever sessions are running, beyond
-    what independent requests would give, and a level it reached on two other hours of the
-    last weeks is part of its usual traffic, however rare among its hours. `ratio` is the size ratio itself."""
+    a prompt, so a small scope's size swings with whichever sessions are running, and a
+    level it reached on two other hours of the last weeks is part of its usual traffic,
+    however rare among its hours. `ratio` is the size ratio itself."""
     n, s1, _ = SIZE_FIELDS[kind]
     m = c.sums[..., F[n]]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = c.sums[..., F[s1]] / m
-    z = mean_z(mean, m, st.centre[:, None], st.var[:, None], st.dispersion[:, None])
+    z = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
     ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
     with np.errstate(invalid="ignore"):
         return z, np.where(mean > st.seen[:, None], ratio, 0.0), ratio
+
+
+def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(S, W) z of windows' mean log sizes (`mean` over `n` requests, windows of `windows`
+    seconds) against the baseline `st`; `lengths` (seconds) are those the baseline measured
+    window means at, the hour last.
+
+    Requests come in sessions that share a model and a prompt, so a scope's size swings
+    with whichever sessions are running, beyond what independent requests would give, and
+    the more so the shorter the window: a 5-minute window often holds one session, an hour
+    mixes several. So the z is the smaller of two readings, each of which a real change
+    passes: against sampling (the window's requests, with the hourly means' dispersion),
+    and against the variance window means of this length have, tau^2 + var_w / n
+    (`baseline.window_stats`, `window_spread`), whose tau^2 does not shrink as a long
+    session adds requests."""
+    centre = st.centre[:, None]
+    z = mean_z(mean, n, centre, st.var[:, None], st.dispersion[:, None])
+    var = window_spread(st, windows, lengths) + st.within[:, None] / np.maximum(n, 1.0)   # tau^2 + var_w / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_windows = np.where(n > 0, (mean - centre) / np.sqrt(var), np.nan)
+    return np.where(np.isfinite(z_windows), np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
 
 
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,

@@ -29,6 +29,14 @@ QUANTILES = {"latency": 0.95, "ttft": 0.95, "otps": 0.5}
 OPEN_HOURS = 3
 MIN_SKETCH_COUNT = 5
 _DIVISORS_OF_60 = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)
+# per coarse slot, for each kind of request size: how many requests were sized and the sums
+# of their log sizes and squared log sizes (tokens, then cost), in this order
+SLOT_SIZE_FIELDS = ("sized_requests", "log_tokens", "log_tokens_sq", "costed_requests", "log_cost", "log_cost_sq")
+SIZE_KINDS = ("tokens", "cost")
+# Window lengths, in coarse slots, at which mean sizes are measured below the hour: the
+# coarse slot itself, whose sums are final when it is handed on whatever the batches.
+WINDOW_SLOTS = (1,)
+N_WINDOW_STATS = 6          # baseline.WINDOW_STATS
 
 
 def fine_resolution(window: float) -> int:
@@ -97,6 +105,9 @@ class ScopeHistory:
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
+        self.coarse_size = np.zeros((0, self.coarse_ring.n, len(SLOT_SIZE_FIELDS)))   # sized requests and log sums per coarse slot
+        # per hour: statistics of the mean log sizes of its coarse slots, per kind (see `_fold_slot_sizes`)
+        self.hour_slots = np.zeros((0, self.hours.n, len(WINDOW_SLOTS), len(SIZE_KINDS), N_WINDOW_STATS))
         self.coarse_dirty: set[int] = set()                    # coarse slots changed since the evaluator last read them
         self.first_hour = np.zeros(0, dtype=np.int64)
         self.late_sketch_groups = 0
@@ -120,6 +131,7 @@ class ScopeHistory:
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
+        self.coarse_size, self.hour_slots = g(self.coarse_size), g(self.hour_slots)
         self.first_hour = g(self.first_hour, np.iinfo(np.int64).max)
         self._cap = cap
 
@@ -185,10 +197,12 @@ class ScopeHistory:
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
         absolute = np.repeat(groups.start // self.coarse, 3)
         requests = groups.adds[rep, F["requests"]]
-        self._hand_on_bursts(rows, absolute, requests)
+        sizes = groups.adds[rep][:, _SLOT_COLUMNS]
+        self._hand_on_bursts(rows, absolute, requests, sizes)
         slot, ok = self._claim_coarse(absolute)
         _scatter(self.coarse_sk, rows, slot, ok, groups.nonzero_bins())
         np.add.at(self.coarse_req, (rows[ok], slot[ok]), requests[ok])
+        _add_at_cells(self.coarse_size, rows[ok], slot[ok], sizes[ok])
         self.coarse_dirty.update(np.unique(slot[ok]).tolist())
 
     def add_hours(self, groups: Groups, series_keys: dict[int, tuple[str, str, str]]) -> None:
@@ -251,13 +265,16 @@ class ScopeHistory:
             data[:, s] = fill
         return slot, ok
 
-    def _hand_on_bursts(self, rows: np.ndarray, absolute: np.ndarray, requests: np.ndarray) -> None:
+    def _hand_on_bursts(self, rows: np.ndarray, absolute: np.ndarray, requests: np.ndarray,
+                        sizes: np.ndarray) -> None:
         """Before a batch claims coarse slots: every coarse slot that this batch completes
         (the ring moves past it) hands its request count per scope, the ring's part plus the
         batch's, to the burstiness sums of its hour. Slots the ring holds on, and late
         records for slots it has already handed on, are left alone (an hour with a late
         record no longer adds up and is left out of the burstiness). So a day in one batch
-        and the same day a minute at a time leave the same sums."""
+        and the same day a minute at a time leave the same sums. The slot's request sizes
+        (`sizes`, SLOT_SIZE_FIELDS per entry) are handed on the same way, to the hour's
+        statistics of slot means (`_fold_slot_sizes`)."""
         ring = self.coarse_ring
         held = ring.tag.copy()
         after = held.copy()
@@ -269,13 +286,16 @@ class ScopeHistory:
         if not recycled.size and not done.any():
             return
         n = self.size
-        totals: dict[int, np.ndarray] = {}                             # absolute slot -> (S,) requests
+        totals: dict[int, np.ndarray] = {}                   # absolute slot -> (S, 1 + SLOT_SIZE_FIELDS)
         for s in recycled.tolist():
-            totals[int(held[s])] = self.coarse_req[:n, s].copy()
+            totals[int(held[s])] = np.concatenate([self.coarse_req[:n, s, None], self.coarse_size[:n, s]], axis=1)
             self.coarse_req[:, s] = 0.0                                # handed on: the claim clears the rest
+            self.coarse_size[:, s] = 0.0
+        values = np.concatenate([requests[:, None], sizes], axis=1)
         for a in np.unique(absolute[done]).tolist():
             sel = done & (absolute == a)
-            part = np.bincount(rows[sel], weights=requests[sel], minlength=n)[:n]
+            part = np.zeros((n, values.shape[1]))
+            np.add.at(part, rows[sel], values[sel])
             totals[a] = totals[a] + part if a in totals else part
         for a, counts in totals.items():
             self._fold_burst(a, counts)
@@ -286,17 +306,43 @@ class ScopeHistory:
         for s in cleared:
             self.coarse_sk[:, s] = 0
             self.coarse_req[:, s] = 0.0
+            self.coarse_size[:, s] = 0.0
             self.coarse_dirty.add(s)
         return slot, ok
 
-    def _fold_burst(self, coarse_abs: int, counts: np.ndarray) -> None:
+    def _fold_burst(self, coarse_abs: int, values: np.ndarray) -> None:
+        """Fold one finished coarse slot, (S, 1 + SLOT_SIZE_FIELDS) requests and sizes per
+        scope, into its hour."""
         hour = coarse_abs * self.coarse // 3600
         hslot = hour % self.hours.n
         if self.hours.tag[hslot] == hour:
-            n = counts.shape[0]
+            n = values.shape[0]
+            counts = values[:, 0]
             self.hour_burst[:n, hslot, 0] += counts
             self.hour_burst[:n, hslot, 1] += counts * counts
+            self._fold_slot_sizes(np.arange(n), np.full(n, hslot), values[:, None, 1:])
             self.changed_from_hour = min(self.changed_from_hour, hour)
+
+    def _fold_slot_sizes(self, rows: np.ndarray, hslots: np.ndarray, sums: np.ndarray) -> None:
+        """Add finished windows (one set per entry: scope row, hour slot, (WINDOW_SLOTS,
+        SLOT_SIZE_FIELDS) sums) to their hours' statistics of window mean log sizes
+        (`baseline.window_stats`): per length and kind, the number of windows with sized
+        requests, the sums of their means and squared means, of the squares of their log
+        sizes about their means, of their requests less one and of one over their requests."""
+        sized = sums.reshape(len(rows), len(WINDOW_SLOTS), len(SIZE_KINDS), 3)
+        cnt, tot, sq = sized[..., 0], sized[..., 1], sized[..., 2]
+        has = cnt > 0
+        keep = has.reshape(len(rows), -1).any(axis=1)
+        if not keep.any():
+            return
+        rows, hslots, cnt, tot, sq, has = rows[keep], hslots[keep], cnt[keep], tot[keep], sq[keep], has[keep]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = np.where(has, tot / cnt, 0.0)
+            inv = np.where(has, 1.0 / cnt, 0.0)
+        within = np.where(has, np.maximum(sq - tot * m, 0.0), 0.0)     # squares about the window's mean
+        dof = np.where(has, cnt - 1.0, 0.0)
+        add = np.stack([has.astype(np.float64), m, m * m, within, dof, inv], axis=-1)
+        np.add.at(self.hour_slots, (rows, hslots), add)
 
     def bursts_final_before(self) -> int:
         """The first hour whose burstiness sums may still change: every coarse slot of the
@@ -319,6 +365,38 @@ class ScopeHistory:
                 out.append((_scope_text(self.keys[r]), h, float(self.hour_burst[r, s, 0]), float(self.hour_burst[r, s, 1])))
         return out
 
+    def slot_size_rows(self, first: int, end: int) -> list[tuple[str, int, bytes]]:
+        """(scope key, hour, statistics of its windows' mean sizes as float64 bytes,
+        WINDOW_SLOTS x SIZE_KINDS x baseline.WINDOW_STATS) of the hours [first, end) the ring
+        holds, for scopes that had sized requests in them."""
+        out = []
+        hours = np.arange(first, end)
+        slot, ok = self.hours.slots_for(hours)
+        n = self.size
+        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
+            rows = np.flatnonzero(self.hour_slots[:n, s, ..., 0].reshape(n, -1).sum(axis=1) > 0)
+            for r in rows.tolist():
+                out.append((_scope_text(self.keys[r]), h, self.hour_slots[r, s].astype("<f8").tobytes()))
+        return out
+
+    def load_slot_sizes(self, rows: list[tuple[str, int, bytes]]) -> None:
+        """Slot size statistics stored by `slot_size_rows`, for the hours the ring holds (at
+        start-up); a row of another shape (another version) is skipped."""
+        shape = self.hour_slots.shape[2:]
+        for text, hour, blob in rows:
+            slot, ok = self.hours.slots_for(np.array([hour]))
+            if ok[0] and len(blob) == 8 * math.prod(shape):
+                r = self._scope(_scope_key(text))
+                self.hour_slots[r, int(slot[0])] = np.frombuffer(blob, dtype="<f8").reshape(shape)
+
+    def take_slot_sizes(self, hours: np.ndarray) -> np.ndarray:
+        """Window size statistics (S, H, WINDOW_SLOTS, SIZE_KINDS, WINDOW_STATS) of the given
+        absolute hours (zero where the ring has none)."""
+        slot, ok = self.hours.slots_for(hours)
+        out = np.take(self.hour_slots[: self.size], slot, axis=1)
+        out[:, ~ok] = 0.0
+        return out
+
     def load_bursts(self, rows: list[tuple[str, int, float, float]]) -> None:
         """Burstiness sums stored by `burst_rows`, for the hours the ring holds (at start-up)."""
         for text, hour, total, squares in rows:
@@ -338,12 +416,16 @@ class ScopeHistory:
                         np.concatenate([g.adds for g in chunks]), None, [])
         rows, rep = self._expand(groups, series_keys)
         key, inv = np.unique(rows * (1 << 40) + np.repeat(groups.start // self.coarse, 3), return_inverse=True)
-        counts = np.bincount(inv.reshape(-1), weights=groups.adds[rep, F["requests"]], minlength=key.shape[0])
+        inv = inv.reshape(-1)
+        counts = np.bincount(inv, weights=groups.adds[rep, F["requests"]], minlength=key.shape[0])
+        sizes = np.stack([np.bincount(inv, weights=groups.adds[rep, c], minlength=key.shape[0]) for c in _SLOT_COLUMNS],
+                         axis=1)
         row, coarse_abs = key >> 40, key & ((1 << 40) - 1)
         hour = coarse_abs * self.coarse // 3600
         slot, ok = self.hours.slots_for(hour)
         np.add.at(self.hour_burst, (row[ok], slot[ok], 0), counts[ok])
         np.add.at(self.hour_burst, (row[ok], slot[ok], 1), counts[ok] ** 2)
+        self._fold_slot_sizes(row[ok], slot[ok], sizes[ok][:, None, :])
 
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         hour = groups.start // 3600
@@ -358,6 +440,7 @@ class ScopeHistory:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan
             self.hour_burst[:, s] = 0.0
+            self.hour_slots[:, s] = 0.0
         slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
         _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
 
@@ -524,6 +607,9 @@ class ScopeHistory:
         hours = np.arange(end - int(round(baseline / 3600)), end)
         slot, ok = self.hours.slots_for(hours)
         return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
+
+
+_SLOT_COLUMNS = [F[name] for name in SLOT_SIZE_FIELDS]
 
 
 def _scope_text(key: ScopeKey) -> str:

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS daily_cost (app TEXT NOT NULL, day INTEGER NOT NULL, 
 CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS bursts (scope TEXT NOT NULL, hour INTEGER NOT NULL, total REAL NOT NULL, squares REAL NOT NULL,
   PRIMARY KEY (scope, hour)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slot_sizes (scope TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 """
 SCHEMA_VERSION = "2"
 RESOLUTIONS = (60, 3600)
@@ -552,15 +554,19 @@ class Store:
                 self._failed(e, "storing a notification in")
             self._committed()
 
-    def write_bursts(self, rows: Sequence[tuple[str, int, float, float]], through: int) -> None:
+    def write_bursts(self, rows: Sequence[tuple[str, int, float, float]], through: int,
+                     sizes: Sequence[tuple[str, int, bytes]] = ()) -> None:
         """Store how bursty finished hours were, per scope (scope key, hour, sum and sum of
-        squares of its five-minute request counts): derived from minute counts that the
-        store keeps only for hours, so a restart can measure burstiness over the whole
-        baseline. `through`: the hour after the last one written (kept in meta)."""
+        squares of its five-minute request counts), and how their five-minute mean request
+        sizes spread (`sizes`: scope key, hour, the history's statistics as bytes): derived
+        from minute buckets that the store keeps only for hours, so a restart can measure
+        both over the whole baseline. `through`: the hour after the last one written (kept
+        in meta)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT OR REPLACE INTO bursts VALUES (?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT OR REPLACE INTO slot_sizes VALUES (?, ?, ?)", sizes)
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('bursts_through', ?)", (str(through),))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
@@ -570,6 +576,10 @@ class Store:
     def bursts(self, since_hour: int) -> list[tuple[str, int, float, float]]:
         with self._lock, self._reading("reading burstiness from"):
             return self._db.execute("SELECT scope, hour, total, squares FROM bursts WHERE hour >= ?", (since_hour,)).fetchall()
+
+    def slot_sizes(self, since_hour: int) -> list[tuple[str, int, bytes]]:
+        with self._lock, self._reading("reading request size spreads from"):
+            return self._db.execute("SELECT scope, hour, data FROM slot_sizes WHERE hour >= ?", (since_hour,)).fetchall()
 
     def notifications(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock, self._reading("reading notifications from"):
@@ -588,6 +598,7 @@ class Store:
                 self._db.execute("DELETE FROM records WHERE ts_max < ? AND id <= ?", (now - record_retention, self.folded_through))
                 self._db.execute("DELETE FROM daily_cost WHERE day < ?", (int(now // 86400) - 400,))
                 self._db.execute("DELETE FROM bursts WHERE hour < ?", (int((now - horizon) // 3600),))
+                self._db.execute("DELETE FROM slot_sizes WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._failed(e, "pruning")
