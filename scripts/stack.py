@@ -113,6 +113,28 @@ class StackError(RuntimeError):
     """The stack could not be started or did not become ready."""
 
 
+def poll(predicate: Callable[[], Any], timeout: float, interval: float, message: str,
+         check: Callable[[], None] = lambda: None, error: type[Exception] = StackError) -> Any:
+    """Call `predicate` every `interval` seconds until it returns something truthy, and
+    return that; `check` runs first each time (e.g. that every process is still alive).
+    A predicate that fails to connect or reads a half-written answer counts as not yet;
+    after `timeout` seconds, raise `error` naming `message` and the last such failure."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        check()
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
+            last_error = e
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout}s waiting for {message}"
+                        + (f" (last error: {last_error})" if last_error else ""))
+        time.sleep(interval)
+
+
 # --------------------------------------------------------------------------- durations
 
 def parse_duration_ms(text: str) -> int:
@@ -654,20 +676,7 @@ class Stack:
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.25,
                  message: str = "condition") -> Any:
         """Poll `predicate` until it returns something truthy; return it or raise StackError."""
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while True:
-            self._check_alive()
-            try:
-                value = predicate()
-                if value:
-                    return value
-            except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
-                last_error = e
-            if time.monotonic() > deadline:
-                raise StackError(f"timed out after {timeout}s waiting for {message}"
-                                 + (f" (last error: {last_error})" if last_error else ""))
-            time.sleep(interval)
+        return poll(predicate, timeout, interval, message, check=self._check_alive)
 
     def prom_query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         """Instant query; the `result` list."""

@@ -24,7 +24,7 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import pytest
 
@@ -148,8 +148,14 @@ def delivered(stack: Any, *, receiver: str | None = None, status: str | None = N
     Newest first. `receiver` is the Alertmanager receiver name, `status` the alert's own
     status (firing / resolved), `labels` exact values the alert must carry (others may
     be there too)."""
+    return matching_alerts(exporter_json(stack, f"/api/notifications?limit={limit}"), receiver, status, labels)
+
+
+def matching_alerts(notes: Iterable[dict[str, Any]], receiver: str | None = None, status: str | None = None,
+                    labels: Mapping[str, str] | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(notification, alert) pairs of webhook notifications that match: see `delivered`."""
     out = []
-    for note in exporter_json(stack, f"/api/notifications?limit={limit}"):
+    for note in notes:
         if receiver is not None and note.get("receiver") != receiver:
             continue
         for alert in note.get("alerts") or []:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import REPO, load_stack  # noqa: E402
+from stack_util import REPO, load_stack, matching_alerts  # noqa: E402
 
 stack_mod = load_stack()
 JOB = "llm-usage-exporter"
@@ -236,19 +236,7 @@ class VMStack:
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.5,
                  message: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while True:
-            self.check_alive()
-            try:
-                value = predicate()
-                if value:
-                    return value
-            except (OSError, ValueError, KeyError) as e:
-                last = e
-            if time.monotonic() > deadline:
-                raise VMStackError(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last})" if last else ""))
-            time.sleep(interval)
+        return stack_mod.poll(predicate, timeout, interval, message, check=self.check_alive, error=VMStackError)
 
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         """An instant query on victoria-metrics (its Prometheus API), now or at time `at`."""
@@ -272,16 +260,7 @@ class VMStack:
 
     def delivered(self, *, receiver: str | None = None, status: str | None = None,
                   labels: Mapping[str, str] | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        out = []
-        for note in self.notifications():
-            if receiver is not None and note.get("receiver") != receiver:
-                continue
-            for alert in note.get("alerts") or []:
-                if status is not None and alert.get("status") != status:
-                    continue
-                if all((alert.get("labels") or {}).get(k) == v for k, v in (labels or {}).items()):
-                    out.append((note, alert))
-        return out
+        return matching_alerts(self.notifications(), receiver, status, labels)
 
 
 def shipped_job() -> dict[str, Any]:
