@@ -286,11 +286,20 @@ def test_bedrock_converse(server: Server) -> None:
 
 # --- LiteLLM -----------------------------------------------------------------------------------
 
+# litellm copies each entry of `litellm.callbacks` into these lists on the next call and keeps it
+# there when `litellm.callbacks` is replaced; a logger left behind by one test (the generic API
+# logger batches on a timer) would send the next test's calls to the module's exporter first,
+# and that test's own copies would then count as retries
+CALLBACK_LISTS = ("callbacks", "input_callback", "success_callback", "failure_callback",
+                  "_async_success_callback", "_async_failure_callback")
+
+
 @pytest.fixture
 def callbacks() -> Iterator[None]:
-    saved = list(litellm.callbacks)
+    saved = {name: list(getattr(litellm, name)) for name in CALLBACK_LISTS}
     yield
-    litellm.callbacks = saved
+    for name, entries in saved.items():
+        setattr(litellm, name, entries)
 
 
 def test_litellm_logger_sdk(server: Server, callbacks: None) -> None:
@@ -438,6 +447,8 @@ def test_litellm_spend_log_rows(server: Server, callbacks: None) -> None:
     first, second = sorted(payloads, key=lambda p: p["model"] != "gpt-4o")
     assert (first["model"], second["model"]) == ("gpt-4o", "gpt-4o-mini")
     rows = [spend_log_row(first, team_alias="search-team", key_alias="k1"), spend_log_row(second, key_alias="k2")]
+    seen = {json.loads(line)["request_id"] for line in server.client.get("/v1/usage/export").text.splitlines()}
+    assert not seen & {r["request_id"] for r in rows}, "a logger left by another test already sent these calls"
     run(snippet("spend-log rows", EXPORTER=exporter_url(server)), rows=rows)
     m = Metrics(server)
     labels = {"app": "search-team", "model": "gpt-4o"}
