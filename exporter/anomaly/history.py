@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -381,13 +382,26 @@ class ScopeHistory:
 
     def load_slot_sizes(self, rows: list[tuple[str, int, bytes]]) -> None:
         """Slot size statistics stored by `slot_size_rows`, for the hours the ring holds (at
-        start-up); a row of another shape (another version) is skipped."""
-        shape = self.hour_slots.shape[2:]
-        for text, hour, blob in rows:
-            slot, ok = self.hours.slots_for(np.array([hour]))
-            if ok[0] and len(blob) == 8 * math.prod(shape):
-                r = self._scope(_scope_key(text))
-                self.hour_slots[r, int(slot[0])] = np.frombuffer(blob, dtype="<f8").reshape(shape)
+        start-up); a row of another shape (another version) is skipped. All rows at once
+        (a row per scope and hour: 337,000 for 1,000 scopes and 14 days), into the array
+        by index; scopes new to the history are numbered in the order their rows come."""
+        width = math.prod(self.hour_slots.shape[2:])
+        texts = list(map(itemgetter(0), rows))
+        blobs = list(map(itemgetter(2), rows))
+        slot, ok = self.hours.slots_for(np.fromiter(map(itemgetter(1), rows), dtype=np.int64, count=len(rows)))
+        ok &= np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) == 8 * width
+        if not ok.all():
+            keep = np.flatnonzero(ok).tolist()
+            texts, blobs, slot = [texts[i] for i in keep], [blobs[i] for i in keep], slot[ok]
+        if not texts:
+            return
+        scope = {text: self._scope(_scope_key(text)) for text in dict.fromkeys(texts)}   # new scopes in row order
+        cell = np.fromiter(map(scope.__getitem__, texts), dtype=np.int64, count=len(texts)) * self.hours.n + slot
+        data = np.frombuffer(b"".join(blobs), dtype="<f8").reshape(-1, width)
+        # one row per (scope, hour); of repeated ones the last counts, as when read row by row
+        _, last = np.unique(cell[::-1], return_index=True)
+        last = len(cell) - 1 - last
+        self.hour_slots.reshape(-1, width)[cell[last]] = data[last]     # a view: hour_slots is contiguous
 
     def take_slot_sizes(self, hours: np.ndarray) -> np.ndarray:
         """Window size statistics (S, H, WINDOW_SLOTS, SIZE_KINDS, WINDOW_STATS) of the given
