@@ -41,7 +41,7 @@ def _flags(service: dict[str, Any]) -> dict[str, str]:
 
 def test_the_services_of_the_layout(services: dict[str, Any]) -> None:
     assert set(services) == {"exporter-a", "exporter-b", "victoria-metrics", "vmagent", "vmalert", "alertmanager",
-                             "grafana"}
+                             "grafana", "blackbox-exporter"}
 
 
 def test_images_are_pinned_and_the_victoriametrics_ones_are_the_tested_release(services: dict[str, Any]) -> None:
@@ -106,13 +106,67 @@ def test_the_scrape_configuration_makes_one_exporter_of_the_pair(services: dict[
     targets = {t: sc["labels"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {"exporter-a:9473": {"instance": "exporter", "replica": "a"},
                        "exporter-b:9473": {"instance": "exporter", "replica": "b"}}
-    hosts = {t.rsplit(":", 1)[0] for j in doc["scrape_configs"] for sc in j["static_configs"] for t in sc["targets"]}
+    hosts = {t.rsplit(":", 1)[0] for j in doc["scrape_configs"] for sc in j.get("static_configs", [])
+             for t in sc["targets"]}
     assert hosts <= set(services), hosts - set(services)
 
 
+def _rule_jobs() -> set[str]:
+    """Every job the shipped rules select by name (`job="..."`)."""
+    return {m for path in (REPO / "prometheus" / "rules").glob("*.yml")
+            for m in re.findall(r'\bjob="([^"]+)"', path.read_text())}
+
+
+def _vmagent_file(services: dict[str, Any], name: str) -> Path:
+    """The repository file vmagent reads as `name` beside its scrape configuration (a bind mount)."""
+    mounts = {dst: src for src, dst, *_ in (str(v).split(":") for v in services["vmagent"]["volumes"])}
+    src = mounts.get(f"/etc/vmagent/{name}")
+    assert src is not None, f"docker-compose.ha.yml does not mount {name} beside vmagent's scrape.yml"
+    return REPO / src
+
+
+def test_every_job_the_rules_need_is_scraped_as_prometheus_scrapes_it(services: dict[str, Any]) -> None:
+    """The backend rules (and any other rule that names a job) have data in the HA layout too.
+
+    vmalert loads every rule file; a job the rules read that vmagent never scrapes leaves its
+    alerts without data (LLMBackendDown never fires) or, for `up{job=...} == 0`, silent. The
+    probe job is the main Prometheus config's own: the same /probe path, relabelling and
+    target list (prometheus/backends.yml, mounted beside scrape.yml), through a blackbox
+    exporter the HA file runs with docker-compose.yml's image and modules.
+    """
+    doc = yaml.safe_load(SCRAPE.read_text())
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    needed = _rule_jobs()
+    assert {"llm-usage-exporter", "llm-backends", "blackbox-exporter"} <= needed
+    assert needed <= set(jobs), f"rules read jobs vmagent does not scrape: {sorted(needed - set(jobs))}"
+
+    prom = {j["job_name"]: j for j in yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    probe, prom_probe = jobs["llm-backends"], prom["llm-backends"]
+    assert probe["metrics_path"] == prom_probe["metrics_path"] == "/probe"
+    assert probe["relabel_configs"] == prom_probe["relabel_configs"]
+    files = [f for sd in probe["file_sd_configs"] for f in sd["files"]]
+    assert [_vmagent_file(services, f) for f in files] == [REPO / "prometheus" / "backends.yml"]
+
+    # the prober the relabelling sends every probe to, and its own scrape
+    prober = next(r["replacement"] for r in probe["relabel_configs"] if r.get("target_label") == "__address__")
+    assert prober.rsplit(":", 1)[0] in services
+    assert [t for sc in jobs["blackbox-exporter"]["static_configs"] for t in sc["targets"]] == [prober]
+    main = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["blackbox-exporter"]
+    box = services["blackbox-exporter"]
+    assert box["image"] == main["image"] and box["command"] == main["command"]
+    assert box["volumes"] == main["volumes"]
+
+
 @pytest.mark.skipif(shutil.which("vmagent") is None, reason="vmagent is not installed (Debian package victoria-metrics)")
-def test_vmagent_accepts_the_scrape_configuration() -> None:
-    p = subprocess.run(["vmagent", f"-promscrape.config={SCRAPE}", "-promscrape.config.dryRun"],
+def test_vmagent_accepts_the_scrape_configuration(services: dict[str, Any], tmp_path: Path) -> None:
+    """vmagent checks scrape.yml laid out as in its container: every file the compose file
+    mounts into /etc/vmagent (the backend list among them) beside it."""
+    for v in services["vmagent"]["volumes"]:
+        src, dst, *_ = str(v).split(":")
+        if dst.startswith("/etc/vmagent/"):
+            shutil.copy(REPO / src, tmp_path / dst.removeprefix("/etc/vmagent/"))
+    p = subprocess.run(["vmagent", f"-promscrape.config={tmp_path / 'scrape.yml'}", "-promscrape.config.dryRun",
+                        "-promscrape.config.strictParse"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
 

@@ -245,3 +245,74 @@ def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
     stats = live[rare, j, 0, 0]
     np.testing.assert_allclose(stats, [mean.size, mean.sum(), (mean ** 2).sum(), within.sum(), (n[some] - 1).sum(),
                                        (1 / n[some]).sum()], rtol=1e-9, atol=1e-9)
+
+
+def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp_path: Path) -> None:
+    """The hours' statistics of coarse-slot mean sizes (hour_slots) and burstiness sums
+    (hour_burst) that a process stored in its SQLite file are what a restarted process's
+    evaluator reads (`take_slot_sizes`, `take_bursts`), bit for bit. Scopes the restarted history does not know yet are numbered in the order
+    their rows come; a row of another shape (another version) or of an hour the ring does
+    not hold is skipped and makes no scope; of two rows for one scope and hour, the later
+    counts."""
+    from exporter.anomaly.history import _scope_key, _scope_text
+    rng = np.random.default_rng(8)
+    keys = {i + 1: (f"app-{i % 7}", f"prov{i % 3}", f"model-{i:02d}") for i in range(30)}
+    end = int(T0 // HOUR)
+    hours = list(range(end - 72, end))
+
+    def claimed(series: list[int]) -> ScopeHistory:
+        """A history holding the hours, as `add_hours` leaves it at start-up."""
+        h = ScopeHistory(HOUR, 14 * DAY)
+        h.add_hours(hourly_groups(np.random.default_rng(1), series, hours), keys)
+        return h
+
+    live = claimed(sorted(keys))
+    n = live.size
+    stats = rng.lognormal(0, 1, (n,) + live.hour_slots.shape[1:])
+    stats[rng.random(stats.shape[:2]) < 0.3] = 0.0                  # hours without sized requests
+    live.hour_slots[:n] = stats
+    bursts = rng.lognormal(3, 1, (n,) + live.hour_burst.shape[1:])
+    bursts[rng.random(bursts.shape[:2]) < 0.3] = 0.0                # hours without requests
+    live.hour_burst[:n] = bursts
+    store = Store(tmp_path / "usage.db")
+    store.write_bursts(live.burst_rows(hours[0], end), end, live.slot_size_rows(hours[0], end))
+    blob = stats[0, 0].astype("<f8").tobytes()
+    store.write_bursts([(_scope_text(("app", "aged-out", "", "")), end - 30 * 24, 5.0, 25.0)], end,
+                       [(_scope_text(("app", "other-version", "", "")), end - 1, blob[:40]),
+                        (_scope_text(("app", "aged-out", "", "")), end - 30 * 24, blob)])
+    store.close()
+
+    again = Store(tmp_path / "usage.db")
+    rows = again.slot_sizes(end - 40 * 24)
+    burst_rows = again.bursts(end - 40 * 24)
+    again.close()
+    held = live.take_slot_sizes(np.array(hours))[..., 0].reshape(n, len(hours), -1)
+    assert len(rows) == int((held.sum(axis=2) > 0).sum()) + 2
+    restored = claimed(sorted(keys)[::3])                            # some scopes are new to it
+    known = list(restored.keys)
+    restored.load_slot_sizes(rows)
+    new = [k for k in dict.fromkeys(_scope_key(text) for text, _, _ in rows) if k not in known and k in live.keys]
+    assert restored.keys == known + new
+    assert set(restored.keys) == set(live.keys)
+    order = [restored.keys.index(k) for k in live.keys]
+    span = np.array(hours)
+    assert np.array_equal(restored.take_slot_sizes(span)[order], live.take_slot_sizes(span))
+    assert (live.take_slot_sizes(span)[..., 0] > 0).sum() > 1000
+
+    assert len(burst_rows) == int((live.take_bursts(span)[..., 0] > 0).sum()) + 1
+    twice = claimed(sorted(keys)[1::3])
+    known = list(twice.keys)
+    twice.load_bursts(burst_rows)
+    new = [k for k in dict.fromkeys(_scope_key(text) for text, *_ in burst_rows) if k not in known and k in live.keys]
+    assert twice.keys == known + new
+    order = [twice.keys.index(k) for k in live.keys]
+    assert np.array_equal(twice.take_bursts(span)[order], live.take_bursts(span))
+    assert (live.take_bursts(span)[..., 0] > 0).sum() > 1000
+
+    text, hour, first = next(row for row in rows if _scope_key(row[0]) in live.keys)
+    later = (np.frombuffer(first, dtype="<f8") * 2).astype("<f8").tobytes()
+    restored.load_slot_sizes([(text, hour, first), (text, hour, later)])
+    r, slot = restored.keys.index(_scope_key(text)), hour % restored.hours.n
+    assert restored.hour_slots[r, slot].tobytes() == later
+    twice.load_bursts([(text, hour, 1.0, 2.0), (text, hour, 3.0, 4.0)])
+    assert twice.hour_burst[twice.keys.index(_scope_key(text)), slot].tolist() == [3.0, 4.0]
