@@ -446,15 +446,18 @@ def test_inhibitions_and_deliveries(alertmanager: RunningAlertmanager) -> None:
 @needs_alertmanager
 def test_exporter_down_silences_the_alerts_built_on_it(alertmanager: RunningAlertmanager) -> None:
     am = alertmanager
+    job = {"job": EXP["job"]}
     am.post([
         alert("LLMExporterDown", "critical", **EXP),
-        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o"),
-        alert("LLMBudgetBurnRate", "critical", app="chat"),
+        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o", **job),
+        alert("LLMBudgetBurnRate", "critical", app="chat", **job),
         alert("LLMIngestStalled", "warning", **EXP),
+        # another deployment of the exporter under the same Alertmanager: still watched
+        alert("LLMBudgetBurnRate", "critical", app="search", job="staging"),
         alert("Watchdog", "info"),
     ])
     cap = am.captured
-    wait_for(lambda: bool(cap.webhook_alerts("pager")) and bool(cap.webhook_alerts("watchdog")), "the page")
+    wait_for(lambda: len(cap.webhook_alerts("pager")) >= 2 and bool(cap.webhook_alerts("watchdog")), "the pages")
     wait_for(lambda: am.inhibited().get(("LLMBudgetBurnRate", "critical|chat")) is True, "the inhibition")
     time.sleep(2.5)
     assert am.inhibited() == {
@@ -462,10 +465,48 @@ def test_exporter_down_silences_the_alerts_built_on_it(alertmanager: RunningAler
         ("LLMErrorRatioHigh", "warning|"): True,
         ("LLMBudgetBurnRate", "critical|chat"): True,
         ("LLMIngestStalled", "warning|exporter:9473"): True,
+        ("LLMBudgetBurnRate", "critical|search"): False,
         ("Watchdog", "info|"): False,
     }
-    assert {a["labels"]["alertname"] for a in cap.webhook_alerts("pager")} == {"LLMExporterDown"}
+    assert {(a["labels"]["alertname"], a["labels"].get("job", "")) for a in cap.webhook_alerts("pager")} == {
+        ("LLMExporterDown", "llm-usage-exporter"), ("LLMBudgetBurnRate", "staging")}
     assert cap.webhook_alerts("chat") == []
+
+
+@pytest.mark.e2e
+@needs_alertmanager
+def test_one_deployment_never_silences_another(alertmanager: RunningAlertmanager) -> None:
+    """Two deployments of the exporter (jobs prod and staging) whose exporters are named
+    alike (the HA layout's instance "exporter") see the same model and app: staging's page,
+    critical anomaly and stalled ingest silence staging's own warnings, never prod's."""
+    am = alertmanager
+    model = {"provider": "openai", "model": "gpt-4o"}
+    app = {"category": "anomaly", "scope": "app", "app": "chat", "instance": "exporter"}
+    am.post([alert("LLMErrorRatioHigh", "critical", job="staging", **model)] + [
+        a for job in ("staging", "prod") for a in (
+            alert("LLMErrorRatioHigh", "warning", job=job, **model),
+            alert("LLMTokenVelocitySpike", "warning", signal="token_velocity", job=job, **app),
+            alert("LLMRequestRateDrop", "warning", category="anomaly", scope="global", signal="request_rate",
+                  instance="exporter", job=job),
+        )] + [
+        alert("LLMCostSpike", "critical", signal="cost_per_hour", job="staging", **app),
+        alert("LLMIngestStalled", "warning", instance="exporter", job="staging"),
+    ])
+    wait_for(lambda: any(a["status"]["inhibitedBy"] for a in am.alerts()), "the first inhibition")
+    time.sleep(2.5)
+    held = {(a["labels"]["alertname"], a["labels"]["severity"], a["labels"]["job"]): bool(a["status"]["inhibitedBy"])
+            for a in am.alerts()}
+    assert held == {
+        ("LLMErrorRatioHigh", "critical", "staging"): False,
+        ("LLMErrorRatioHigh", "warning", "staging"): True,
+        ("LLMErrorRatioHigh", "warning", "prod"): False,
+        ("LLMCostSpike", "critical", "staging"): False,
+        ("LLMTokenVelocitySpike", "warning", "staging"): True,
+        ("LLMTokenVelocitySpike", "warning", "prod"): False,
+        ("LLMIngestStalled", "warning", "staging"): False,
+        ("LLMRequestRateDrop", "warning", "staging"): True,
+        ("LLMRequestRateDrop", "warning", "prod"): False,
+    }
 
 
 BACKEND = {"job": "llm-backends", "kind": "vllm"}
@@ -567,7 +608,7 @@ def test_the_exporter_down_leaves_the_backend_alerts_alone(alertmanager: Running
     am = alertmanager
     am.post([
         alert("LLMExporterDown", "critical", **EXP),
-        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o"),
+        alert("LLMErrorRatioHigh", "warning", provider="openai", model="gpt-4o", job=EXP["job"]),
         alert("LLMBackendDown", "critical", backend="vllm-a", module="http_health", instance="http://gpu-1:8000/health",
               job="llm-backends"),
         alert("LLMBackendProberDown", "critical", instance="blackbox-exporter:9115", job="blackbox-exporter"),

@@ -56,7 +56,9 @@ HEADER = """\
 # The verdict waits for the baseline's warm-up (min_baseline_hours) by itself.
 # The replicas of an exporter (an HA pair: one `instance`, a `replica` label each) judge the
 # same records; an alert takes the strongest of them (`max without (replica)`), so it fires
-# once, whichever replica is up. docs/scaling.md has the layouts.
+# once, whichever replica is up. docs/scaling.md has the layouts. Each description reads
+# its figures from the alert's own exporter (its job and instance), so deployments under
+# one Prometheus that name their exporters alike never quote each other's.
 """
 
 
@@ -88,8 +90,10 @@ def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, da
     ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
     desc = [
         # (or $labels.x ""): a label the alert lacks is "" in Prometheus' templates but nil in vmalert's
-        '{{ $sel := printf "signal=%q,scope=%q,app=%q,provider=%q,model=%q,instance=%q" $labels.signal '
-        '$labels.scope (or $labels.app "") (or $labels.provider "") (or $labels.model "") (or $labels.instance "") -}}',
+        # the figures are read from the alert's own exporter: its deployment (job) and instance
+        '{{ $sel := printf "signal=%q,scope=%q,app=%q,provider=%q,model=%q,job=%q,instance=%q" $labels.signal '
+        '$labels.scope (or $labels.app "") (or $labels.provider "") (or $labels.model "") (or $labels.job "") '
+        '(or $labels.instance "") -}}',
         f"{spec.text.measure} for",
         _scope_phrase(),
         f"is {ratio}{times}: {_gauge('llm_anomaly_current', prefix, func, suffix)} against a baseline of",
@@ -172,13 +176,14 @@ class _TestCase:
     runbook_url: str
     dashboard_url: str
 
-    def expect(self, severity: str, scope: str, app: str = "chat") -> str:
-        current, baseline, ratio, z = _VALUES[self.direction]
+    def expect(self, severity: str, scope: str, app: str = "chat",
+               lab: str = 'instance: "exporter:9473", job: llm-usage-exporter',
+               values: tuple[float, float, float, float] | None = None) -> str:
+        current, baseline, ratio, z = values or _VALUES[self.direction]
         scope_labels = f"app: {app}" if scope == "app" else "provider: openai, model: gpt-4o"
         phrase = f"app {app}" if scope == "app" else "model openai/gpt-4o"
         query = f"var-app={app}" if scope == "app" else "var-provider=openai&var-model=gpt-4o"
         desc = _expected_description(self.spec, self.direction, phrase, current, baseline, ratio, z)
-        lab = 'instance: "exporter:9473", job: llm-usage-exporter'
         return (f"          - exp_labels: {{severity: {severity}, category: anomaly, signal: {self.spec.name}, "
                 f"scope: {scope}, {scope_labels}, {lab}}}\n"
                 "            exp_annotations:\n"
@@ -267,6 +272,35 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             out.append(ctx.expect("warning", "model"))
             out.append(ctx.expect("critical", "model"))
             out.append(ctx.expect("warning", "app", "after-page"))
+    out.append(_two_deployments_test(specs, runbook_url, dashboard_url, eval_min, steps))
+    return "".join(out)
+
+
+# Two deployments that both name their exporter as docs/scaling.md's HA layout does; only
+# `job` tells them apart. Their figures differ, so a description reading the other's shows.
+_DEPLOYMENTS = {"prod": (5.0, 2.0, 2.5, 6.0), "staging": (3.0, 1.5, 2.0, 4.0)}  # current, baseline, ratio, z
+
+
+def _two_deployments_test(specs: tuple[SignalSpec, ...], runbook_url: str, dashboard_url: str,
+                          eval_min: int, steps: int) -> str:
+    """One test of the first alert on a rise: two deployments (jobs) whose exporters share
+    an instance name see the same app rise, each by its own figures; each alert's
+    description must quote its own deployment's current value, baseline and z."""
+    spec = next(s for s in specs if "up" in s.directions)
+    assert spec.text is not None
+    name, summary = spec.text.alerts["up"]
+    out = [f"  - name: '{name} (two deployments with the same instance name quote their own figures)'\n"
+           "    interval: 1m\n    input_series:\n"]
+    for job, (current, baseline, ratio, z) in _DEPLOYMENTS.items():
+        labels = f'signal="{spec.name}",scope="app",app="chat",instance="exporter",job="{job}"'
+        cur, base = (current / 10, baseline / 10) if spec.name == "error_rate" else (current, baseline)
+        for metric, value in (("ratio", ratio), ("current", cur), ("baseline", base), ("zscore", z), ("explained", 0)):
+            out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n        values: '{_num(value)}x{steps}'\n")
+        out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '0x4 1x{steps - 4}'\n")
+    out.append(f"    alert_rule_test:\n      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
+    ctx = _TestCase(spec, "up", name, summary, runbook_url, dashboard_url)
+    for job, values in _DEPLOYMENTS.items():
+        out.append(ctx.expect("warning", "app", lab=f"instance: exporter, job: {job}", values=values))
     return "".join(out)
 
 
