@@ -680,3 +680,34 @@ def test_a_real_size_rise_with_many_sessions_is_evidence() -> None:
     assert size_evidence(st, centre + math.log(5.0), 30.0, zc)[:, 0].all()      # 5x within five minutes
     assert size_evidence(st, centre + math.log(2.0), 180.0, zc)[:, 4].all()     # 2x within half an hour
 
+
+
+def test_without_top_session_leaves_out_the_bucket_that_carries_the_rise() -> None:
+    """One window, three session buckets about a centre of 0: the bucket of the largest
+    excess goes, whatever its size; requests in no bucket stay in."""
+    from exporter.anomaly.evaluator import without_top_session
+    n_by = np.array([[[10.0, 30.0, 5.0]]])
+    total_by = np.array([[[1.0, 3.0, 12.0]]])            # bucket 2: 5 requests at 2.4 above the centre
+    n, total = np.array([[50.0]]), np.array([[16.0]])    # 5 more requests in no bucket, at 0
+    rest_n, rest_mean = without_top_session(n, total, n_by, total_by, np.array([0.0]))
+    assert rest_n[0, 0] == 45 and rest_mean[0, 0] == pytest.approx(4.0 / 45)
+    alone = without_top_session(np.array([[5.0]]), np.array([[12.0]]), n_by[..., 2:], total_by[..., 2:], np.array([0.0]))
+    assert alone[0][0, 0] == 0 and np.isnan(alone[1][0, 0])      # one session holds the window: nothing is left
+
+
+@pytest.mark.parametrize("sessions,flags", [(1, False), (40, True)])
+def test_a_rise_one_session_carries_is_not_the_apps(site: Site, sessions: int, flags: bool) -> None:
+    """Forty requests at ten times the usual cost over half an hour in the search app (whose
+    requests are otherwise independent): as one agent session they are that session's
+    (the runaway detector judges it), not a rise of the app's cost per request; the same
+    requests from forty sessions are one, and warn."""
+    rng = np.random.default_rng(11)
+    base = site.traffic.take(site.traffic.where(S, S + 45 * 60, app="search", model=MINI))
+    pick = np.sort(rng.choice(len(base), 40, replace=False))
+    extra = base.take(pick)
+    extra.ts = np.sort(S + rng.uniform(0, 30 * 60, 40))
+    extra.cost = extra.cost * 10.0
+    extra.session = np.array([f"dear-{i % sessions}" for i in range(40)], dtype=object)
+    snaps = live(site, Traffic.concat([site.traffic, extra]), every(S, 45))
+    hits = [f for f in flagged(snaps, "cost_per_hour") if f[1] == "app=search"]
+    assert bool(hits) == flags, flagged(snaps, "cost_per_hour")

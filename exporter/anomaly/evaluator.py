@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 
 from .. import sketch
 from ..evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
-from ..storage.buckets import F
+from ..storage.buckets import SESSION_FIELDS, F
 from .baseline import (
     ErrorStats,
     SizeStats,
@@ -290,6 +290,7 @@ class _Context:
         self.ev, self.h, self.t, self.base, self.win, self.span, self.zc, self.zc_long, self.n = (
             ev, h, t, base, win, span, zc, zc_long, n)
         self.sums = h.recent_sums(t, ev.fine_slots)                # (S, W, F)
+        self._sessions: np.ndarray | None = None
         self.window_min = ev.window_s / 60.0
         self.hour_s = h.window
         above, total, self._coarse_abs = h.recent_exceedances(t, max(ev.coarse_slots), base.threshold_bins,
@@ -334,6 +335,12 @@ class _Context:
         sk = self.h.coarse_sketches(rows, self._coarse_abs[::-1], KINDS.index(kind))   # newest slot first
         cum = np.cumsum(sk, axis=1)[:, np.array(self.ev.coarse_slots) - 1]             # (R, W, NBINS)
         return sketch.quantile(cum, q)
+
+    def sessions(self) -> np.ndarray:
+        """(S, W, buckets, len(SESSION_FIELDS)) the windows' size sums per session bucket."""
+        if self._sessions is None:
+            self._sessions = self.h.recent_sessions(self.t, self.ev.fine_slots)
+        return self._sessions
 
     def whole_hours(self, k: int) -> np.ndarray:
         """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
@@ -469,15 +476,42 @@ def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, n
     rise (its z is kept, its ratio is 0): requests come in sessions that share a model and
     a prompt, so a small scope's size swings with whichever sessions are running, and a
     level it reached on two other hours of the last weeks is part of its usual traffic,
-    however rare among its hours. `ratio` is the size ratio itself."""
+    however rare among its hours. A rise must also survive leaving out the window's
+    session that carries most of it (`without_top_session`). `ratio` is the size ratio itself."""
     n, s1, _ = SIZE_FIELDS[kind]
-    m = c.sums[..., F[n]]
+    m, total = c.sums[..., F[n]], c.sums[..., F[s1]]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = c.sums[..., F[s1]] / m
+        mean = total / m
     z = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
     ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
+    sessions = c.sessions()
+    m_rest, mean_rest = without_top_session(m, total, sessions[..., SESSION_FIELDS.index(n)],
+                                            sessions[..., SESSION_FIELDS.index(s1)], st.centre)
+    z_rest = size_z(st, mean_rest, m_rest, c.ev.window_s, c.ev.size_lengths)
     with np.errstate(invalid="ignore"):
-        return z, np.where(mean > st.seen[:, None], ratio, 0.0), ratio
+        # a rise is the lesser of the two readings, and none at all when one session holds
+        # the window's every request; a fall or no change is left as it was
+        rising = z > 0
+        z = np.where(rising, np.fmax(np.fmin(z, np.where(m_rest > 0, z_rest, 0.0)), 0.0), z)
+        mean_rise = np.where(m_rest > 0, np.fmin(mean, mean_rest), mean)
+        rise_ratio = np.exp(np.nan_to_num(mean_rise - st.centre[:, None], nan=0.0))
+        return z, np.where(mean_rise > st.seen[:, None], rise_ratio, 0.0), ratio
+
+
+def without_top_session(n: np.ndarray, total: np.ndarray, n_by: np.ndarray, total_by: np.ndarray,
+                        centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, mean) of each window (S, W) without its session bucket (S, W, B) of the largest
+    excess over the scope's centre: the requests of one session are one piece of evidence
+    whatever their number, so a rise that one session (a long agent run on a dearer model)
+    carries alone is not the scope's, however many requests it makes (the runaway detector
+    judges sessions). Requests in no bucket (without a session id, or in slots restored at
+    start-up) stay in."""
+    excess = total_by - n_by * centre[:, None, None]
+    top = np.argmax(excess, axis=-1)[..., None]
+    n_rest = n - np.take_along_axis(n_by, top, axis=-1)[..., 0]
+    total_rest = total - np.take_along_axis(total_by, top, axis=-1)[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return n_rest, np.where(n_rest > 0.5, total_rest / n_rest, np.nan)
 
 
 def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -501,6 +535,22 @@ def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, 
     return np.where(np.isfinite(z_windows), np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
 
 
+def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expected: np.ndarray,
+                                n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hour's total without the session bucket that spent most beyond its share of the
+    hour's requests, and what the rest was expected to spend (the expectation times its
+    share of the requests): a few huge requests of one session are that session's, for
+    the runaway detector to judge, not the scope's."""
+    hour = c.sessions()[:, -1]                                    # (S, buckets, fields)
+    n_by, total_by = hour[..., SESSION_FIELDS.index("requests")], hour[..., SESSION_FIELDS.index(field)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = n_by / n[:, None]
+        top = np.argmax(total_by - np.nan_to_num(expected)[:, None] * share, axis=1)[:, None]
+        rest = value - np.take_along_axis(total_by, top, axis=1)[:, 0]
+        kept = 1.0 - np.nan_to_num(np.take_along_axis(share, top, axis=1)[:, 0])
+    return np.maximum(rest, 0.0), expected * kept
+
+
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,
                  kinds: tuple[str, ...]) -> Verdict:
     """cost_per_hour and token_velocity: size, count, total and creep evidence. `kinds` are
@@ -519,7 +569,10 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     with np.errstate(invalid="ignore", divide="ignore"):
         total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
-        total_ratio = value / expected
+        rest, expected_rest = _total_without_top_session(c, "cost" if spec.name == "cost_per_hour" else "tokens",
+                                                         value, expected, n_req)
+        z_total = np.fmin(z_total, np.log((rest + floor) / (expected_rest + floor)) / total_sd)
+        total_ratio = np.fmin(value / expected, rest / expected_rest)
         count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
     z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness)
     current, base_value = value * per, expected * per
