@@ -290,7 +290,6 @@ class _Context:
         self.ev, self.h, self.t, self.base, self.win, self.span, self.zc, self.zc_long, self.n = (
             ev, h, t, base, win, span, zc, zc_long, n)
         self.sums = h.recent_sums(t, ev.fine_slots)                # (S, W, F)
-        self._sessions: np.ndarray | None = None
         self.window_min = ev.window_s / 60.0
         self.hour_s = h.window
         above, total, self._coarse_abs = h.recent_exceedances(t, max(ev.coarse_slots), base.threshold_bins,
@@ -336,11 +335,9 @@ class _Context:
         cum = np.cumsum(sk, axis=1)[:, np.array(self.ev.coarse_slots) - 1]             # (R, W, NBINS)
         return sketch.quantile(cum, q)
 
-    def sessions(self) -> np.ndarray:
-        """(S, W, buckets, len(SESSION_FIELDS)) the windows' size sums per session bucket."""
-        if self._sessions is None:
-            self._sessions = self.h.recent_sessions(self.t, self.ev.fine_slots)
-        return self._sessions
+    def sessions(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), W, buckets, len(SESSION_FIELDS)) the windows' sums per session bucket."""
+        return self.h.recent_sessions(self.t, self.ev.fine_slots, rows)
 
     def whole_hours(self, k: int) -> np.ndarray:
         """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
@@ -484,9 +481,14 @@ def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, n
         mean = total / m
     z = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
     ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
-    sessions = c.sessions()
-    m_rest, mean_rest = without_top_session(m, total, sessions[..., SESSION_FIELDS.index(n)],
-                                            sessions[..., SESSION_FIELDS.index(s1)], st.centre)
+    m_rest, mean_rest = m.copy(), mean.copy()
+    with np.errstate(invalid="ignore"):
+        rows = np.flatnonzero((z >= c.zc).any(axis=1))      # only a rise that passed can fall short
+    if rows.size:
+        sessions = c.sessions(rows)
+        m_rest[rows], mean_rest[rows] = without_top_session(
+            m[rows], total[rows], sessions[..., SESSION_FIELDS.index(n)], sessions[..., SESSION_FIELDS.index(s1)],
+            st.centre[rows])
     z_rest = size_z(st, mean_rest, m_rest, c.ev.window_s, c.ev.size_lengths)
     with np.errstate(invalid="ignore"):
         # a rise is the lesser of the two readings, and none at all when one session holds
@@ -536,19 +538,22 @@ def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, 
 
 
 def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expected: np.ndarray,
-                                n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                                n: np.ndarray, passed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The hour's total without the session bucket that spent most beyond its share of the
     hour's requests, and what the rest was expected to spend (the expectation times its
     share of the requests): a few huge requests of one session are that session's, for
-    the runaway detector to judge, not the scope's."""
-    hour = c.sessions()[:, -1]                                    # (S, buckets, fields)
-    n_by, total_by = hour[..., SESSION_FIELDS.index("requests")], hour[..., SESSION_FIELDS.index(field)]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = n_by / n[:, None]
-        top = np.argmax(total_by - np.nan_to_num(expected)[:, None] * share, axis=1)[:, None]
-        rest = value - np.take_along_axis(total_by, top, axis=1)[:, 0]
-        kept = 1.0 - np.nan_to_num(np.take_along_axis(share, top, axis=1)[:, 0])
-    return np.maximum(rest, 0.0), expected * kept
+    the runaway detector to judge, not the scope's. Read for the scopes that `passed` only."""
+    rest, kept = value.copy(), np.ones_like(value)
+    rows = np.flatnonzero(passed)
+    if rows.size:
+        hour = c.sessions(rows)[:, -1]                              # (R, buckets, fields)
+        n_by, total_by = hour[..., SESSION_FIELDS.index("requests")], hour[..., SESSION_FIELDS.index(field)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = n_by / n[rows, None]
+            top = np.argmax(total_by - np.nan_to_num(expected[rows])[:, None] * share, axis=1)[:, None]
+            rest[rows] = np.maximum(value[rows] - np.take_along_axis(total_by, top, axis=1)[:, 0], 0.0)
+            kept[rows] = 1.0 - np.nan_to_num(np.take_along_axis(share, top, axis=1)[:, 0])
+    return rest, expected * kept
 
 
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,
@@ -570,7 +575,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
         rest, expected_rest = _total_without_top_session(c, "cost" if spec.name == "cost_per_hour" else "tokens",
-                                                         value, expected, n_req)
+                                                         value, expected, n_req, z_total >= c.zc[-1])
         z_total = np.fmin(z_total, np.log((rest + floor) / (expected_rest + floor)) / total_sd)
         total_ratio = np.fmin(value / expected, rest / expected_rest)
         count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]

@@ -538,16 +538,16 @@ class ScopeHistory:
         back = np.cumsum(data[:, ::-1], axis=1)             # back[:, j]: the newest j + 1 slots
         return back[:, np.asarray(slot_counts) - 1]
 
-    def recent_sessions(self, t: float, slot_counts: list[int]) -> np.ndarray:
-        """(S, W, SESSION_BUCKETS, len(SESSION_FIELDS)): `recent_sums` of the size sums split
-        by session bucket."""
-        n, k_max = self.size, max(slot_counts)
+    def recent_sessions(self, t: float, slot_counts: list[int], rows: np.ndarray) -> np.ndarray:
+        """(len(rows), W, SESSION_BUCKETS, len(SESSION_FIELDS)): `recent_sums` of the given
+        scope rows split by session bucket (read for the few scopes whose evidence passed)."""
+        k_max = max(slot_counts)
         hi = math.floor(t / self.fine)
         slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
-        data = np.take(self.fine_sessions[:n], slot, axis=1)
+        data = self.fine_sessions[rows][:, slot]
         data[:, ~ok] = 0.0
         back = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
-        return back.reshape(n, len(slot_counts), SESSION_BUCKETS, len(SESSION_FIELDS))
+        return back.reshape(len(rows), len(slot_counts), SESSION_BUCKETS, len(SESSION_FIELDS))
 
     def recent_exceedances(self, t: float, n_slots: int, thresholds: np.ndarray,
                            version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
