@@ -684,15 +684,18 @@ def test_a_real_size_rise_with_many_sessions_is_evidence() -> None:
 
 def test_without_top_session_leaves_out_the_bucket_that_carries_the_rise() -> None:
     """One window, three session buckets about a centre of 0: the bucket of the largest
-    excess goes, whatever its size; requests in no bucket stay in."""
+    excess goes, whatever its size, and carries the rise if it holds most of the window's
+    excess; requests in no bucket stay in."""
     from exporter.anomaly.evaluator import without_top_session
     n_by = np.array([[[10.0, 30.0, 5.0]]])
     total_by = np.array([[[1.0, 3.0, 12.0]]])            # bucket 2: 5 requests at 2.4 above the centre
     n, total = np.array([[50.0]]), np.array([[16.0]])    # 5 more requests in no bucket, at 0
-    rest_n, rest_mean = without_top_session(n, total, n_by, total_by, np.array([0.0]))
-    assert rest_n[0, 0] == 45 and rest_mean[0, 0] == pytest.approx(4.0 / 45)
+    rest_n, rest_mean, carried = without_top_session(n, total, n_by, total_by, np.array([0.0]))
+    assert rest_n[0, 0] == 45 and rest_mean[0, 0] == pytest.approx(4.0 / 45) and carried[0, 0]   # 12 of 16
     alone = without_top_session(np.array([[5.0]]), np.array([[12.0]]), n_by[..., 2:], total_by[..., 2:], np.array([0.0]))
-    assert alone[0][0, 0] == 0 and np.isnan(alone[1][0, 0])      # one session holds the window: nothing is left
+    assert alone[0][0, 0] == 0 and np.isnan(alone[1][0, 0]) and alone[2][0, 0]   # one session holds the window
+    shared = without_top_session(n, np.array([[12.0]]), n_by, np.array([[[4.0, 4.0, 4.0]]]), np.array([0.0]))
+    assert not shared[2][0, 0]                           # each bucket a third of the excess: a rise of the scope
 
 
 @pytest.mark.parametrize("sessions,flags", [(1, False), (40, True)])

@@ -481,39 +481,42 @@ def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, n
         mean = total / m
     z = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
     ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
-    m_rest, mean_rest = m.copy(), mean.copy()
+    m_rest, mean_rest, carried = m.copy(), mean.copy(), np.zeros(m.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
         rows = np.flatnonzero((z >= c.zc).any(axis=1))      # only a rise that passed can fall short
     if rows.size:
         sessions = c.sessions(rows)
-        m_rest[rows], mean_rest[rows] = without_top_session(
+        m_rest[rows], mean_rest[rows], carried[rows] = without_top_session(
             m[rows], total[rows], sessions[..., SESSION_FIELDS.index(n)], sessions[..., SESSION_FIELDS.index(s1)],
             st.centre[rows])
     z_rest = size_z(st, mean_rest, m_rest, c.ev.window_s, c.ev.size_lengths)
     with np.errstate(invalid="ignore"):
-        # a rise is the lesser of the two readings, and none at all when one session holds
-        # the window's every request; a fall or no change is left as it was
-        rising = z > 0
-        z = np.where(rising, np.fmax(np.fmin(z, np.where(m_rest > 0, z_rest, 0.0)), 0.0), z)
-        mean_rise = np.where(m_rest > 0, np.fmin(mean, mean_rest), mean)
+        # a rise one session carries is what the rest of the window shows (none at all when
+        # that session made every request); a fall, or a rise shared out, is left as it was
+        carried &= z > 0
+        z = np.where(carried, np.fmax(np.fmin(z, np.where(m_rest > 0, z_rest, 0.0)), 0.0), z)
+        mean_rise = np.where(carried & (m_rest > 0), np.fmin(mean, mean_rest), mean)
         rise_ratio = np.exp(np.nan_to_num(mean_rise - st.centre[:, None], nan=0.0))
         return z, np.where(mean_rise > st.seen[:, None], rise_ratio, 0.0), ratio
 
 
 def without_top_session(n: np.ndarray, total: np.ndarray, n_by: np.ndarray, total_by: np.ndarray,
-                        centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, mean) of each window (S, W) without its session bucket (S, W, B) of the largest
-    excess over the scope's centre: the requests of one session are one piece of evidence
-    whatever their number, so a rise that one session (a long agent run on a dearer model)
-    carries alone is not the scope's, however many requests it makes (the runaway detector
-    judges sessions). Requests in no bucket (without a session id, or in slots restored at
-    start-up) stay in."""
-    excess = total_by - n_by * centre[:, None, None]
+                        centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, mean, carried) of each window (S, W) without its session bucket (S, W, B) of the
+    largest excess over the scope's centre, and whether that bucket carries most of the
+    window's excess. The requests of one session are one piece of evidence whatever their
+    number, so a rise that one session (a long agent run on a dearer model) carries is not
+    the scope's, however many requests it makes (the runaway detector judges sessions);
+    a rise that moves every session leaves each bucket a share of it. Requests in no bucket
+    (without a session id, or in slots restored at start-up) stay in."""
+    c = centre[:, None]
+    excess = total_by - n_by * c[..., None]
     top = np.argmax(excess, axis=-1)[..., None]
     n_rest = n - np.take_along_axis(n_by, top, axis=-1)[..., 0]
     total_rest = total - np.take_along_axis(total_by, top, axis=-1)[..., 0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return n_rest, np.where(n_rest > 0.5, total_rest / n_rest, np.nan)
+        carried = np.take_along_axis(excess, top, axis=-1)[..., 0] > 0.5 * (total - n * c)
+        return n_rest, np.where(n_rest > 0.5, total_rest / n_rest, np.nan), carried
 
 
 def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -541,8 +544,9 @@ def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expec
                                 n: np.ndarray, passed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The hour's total without the session bucket that spent most beyond its share of the
     hour's requests, and what the rest was expected to spend (the expectation times its
-    share of the requests): a few huge requests of one session are that session's, for
-    the runaway detector to judge, not the scope's. Read for the scopes that `passed` only."""
+    share of the requests), where that bucket carries most of the hour's excess: a few
+    huge requests of one session are that session's, for the runaway detector to judge,
+    not the scope's. Read for the scopes that `passed` only; elsewhere the total as it is."""
     rest, kept = value.copy(), np.ones_like(value)
     rows = np.flatnonzero(passed)
     if rows.size:
@@ -550,9 +554,13 @@ def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expec
         n_by, total_by = hour[..., SESSION_FIELDS.index("requests")], hour[..., SESSION_FIELDS.index(field)]
         with np.errstate(invalid="ignore", divide="ignore"):
             share = n_by / n[rows, None]
-            top = np.argmax(total_by - np.nan_to_num(expected[rows])[:, None] * share, axis=1)[:, None]
-            rest[rows] = np.maximum(value[rows] - np.take_along_axis(total_by, top, axis=1)[:, 0], 0.0)
-            kept[rows] = 1.0 - np.nan_to_num(np.take_along_axis(share, top, axis=1)[:, 0])
+            excess = total_by - np.nan_to_num(expected[rows])[:, None] * share
+            top = np.argmax(excess, axis=1)[:, None]
+            carried = np.take_along_axis(excess, top, axis=1)[:, 0] > 0.5 * (value[rows] - expected[rows])
+            rows, top = rows[carried], top[carried]
+            total_top = np.take_along_axis(total_by[carried], top, axis=1)[:, 0]
+            rest[rows] = np.maximum(value[rows] - total_top, 0.0)
+            kept[rows] = 1.0 - np.nan_to_num(np.take_along_axis(share[carried], top, axis=1)[:, 0])
     return rest, expected * kept
 
 
