@@ -131,7 +131,10 @@ def session_buckets(cols: RecordColumns) -> np.ndarray:
     out = np.full(len(cols), -1, dtype=np.int64)
     named = np.flatnonzero(~is_none(cols.session_id))
     if named.size:
-        out[named] = hash_ids([str(v) for v in cols.session_id[named].tolist()]) % SESSION_BUCKETS
+        first: dict[str, int] = {}                          # a batch holds few sessions: hash each once
+        code = np.fromiter((first.setdefault(str(v), len(first)) for v in cols.session_id[named].tolist()),
+                           dtype=np.int64, count=named.size)
+        out[named] = (hash_ids(list(first)) % SESSION_BUCKETS)[code]
     return out
 
 
