@@ -329,7 +329,7 @@ class Engine:
         sid_list = sids.tolist()
         keys = [known[sid] if sid in known else planned[sid] for sid in sid_list]
         delta = self.usage.delta(inverse.reshape(-1), len(sid_list), fresh, cost)
-        groups = aggregate(fresh, series, cost, res=self.history.fine)
+        groups = aggregate(fresh, series, cost, res=self.history.fine, sessions=True)
         newest = max(self.newest_event_ts, float(fresh.ts.max()))
         wallclock = time.time()
         daily = daily_cost_rows(fresh.app, fresh.ts, cost, self.detectors.budget.tz)

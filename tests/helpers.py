@@ -226,13 +226,18 @@ class Traffic:
     latency: np.ndarray
     ttft: np.ndarray
     is_error: np.ndarray
+    session: np.ndarray | None = None     # object: session ids (None: requests without one)
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
+    def sessions(self) -> np.ndarray:
+        return self.session if self.session is not None else np.full(len(self), None, dtype=object)
+
     def take(self, sel: np.ndarray) -> "Traffic":
         """The requests selected by a mask or index array (a copy)."""
-        return Traffic(*(getattr(self, f.name)[sel].copy() for f in fields(self)))
+        return Traffic(*(getattr(self, f.name)[sel].copy() for f in fields(self) if f.name != "session"),
+                       session=self.sessions()[sel].copy())
 
     def between(self, start: float, end: float) -> "Traffic":
         return self.take((self.ts >= start) & (self.ts < end))
@@ -258,7 +263,8 @@ class Traffic:
 
     @staticmethod
     def concat(parts: Sequence["Traffic"]) -> "Traffic":
-        joined = Traffic(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Traffic)))
+        joined = Traffic(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Traffic)
+                           if f.name != "session"), session=np.concatenate([p.sessions() for p in parts]))
         return joined.take(np.argsort(joined.ts, kind="stable"))
 
     def columns(self) -> RecordColumns:
@@ -269,7 +275,7 @@ class Traffic:
         tools[:] = [()] * n
         return RecordColumns(
             ts=self.ts.astype(np.float64), app=self.app.astype(object), provider=self.provider.astype(object),
-            model=self.model.astype(object), session_id=none.copy(),
+            model=self.model.astype(object), session_id=self.sessions().copy(),
             input_tokens=self.input_tokens.astype(np.int64), output_tokens=self.output_tokens.astype(np.int64),
             cache_read_tokens=zero.copy(), cache_write_tokens=zero.copy(), reasoning_tokens=zero.copy(),
             cost=self.cost.astype(np.float64), latency=self.latency.astype(np.float64),
@@ -291,6 +297,8 @@ class Traffic:
                 d["ttft_s"] = float(self.ttft[i])
             if self.is_error[i]:
                 d["status"] = 500
+            if self.session is not None and self.session[i] is not None:
+                d["session_id"] = str(self.session[i])
             out.append(d)
         return out
 
@@ -315,17 +323,20 @@ def generate(streams: Sequence[Stream], start: float, end: float, seed: int = 1)
         step = rng.exponential(s.gap, owner.size)
         step[np.r_[0, np.cumsum(calls)[:-1]]] = 0.0                 # a session's first call at its start
         cum = np.cumsum(step)
-        ts = t0[owner] + cum - cum[np.r_[0, np.cumsum(calls)[:-1]]][owner]
-        ts = np.sort(ts[(ts >= lo) & (ts < end)])
+        ts_all = t0[owner] + cum - cum[np.r_[0, np.cumsum(calls)[:-1]]][owner]
+        kept = (ts_all >= lo) & (ts_all < end)
+        order = np.argsort(ts_all[kept], kind="stable")
+        ts, owner = ts_all[kept][order], owner[kept][order]
         n = ts.size
         inp = np.maximum(1, np.round(s.tokens[0] * rng.lognormal(0, s.size_sd, n))).astype(np.int64)
         out = np.maximum(1, np.round(s.tokens[1] * rng.lognormal(0, s.size_sd, n))).astype(np.int64)
         ttft = (s.ttft * rng.lognormal(0, s.ttft_sd, n)) if s.ttft is not None else np.full(n, np.nan)
         speed = s.otps * rng.lognormal(0, s.otps_sd, n)
         latency = np.nan_to_num(ttft, nan=0.2) + out / speed
+        session = np.array([f"{s.app}-{k}-{i}" for i in owner.tolist()], dtype=object)
         parts.append(Traffic(ts, np.full(n, s.app, dtype=object), np.full(n, s.provider, dtype=object),
                              np.full(n, s.model, dtype=object), inp, out, inp * s.price[0] + out * s.price[1],
-                             latency, ttft, rng.random(n) < s.error_rate))
+                             latency, ttft, rng.random(n) < s.error_rate, session))
     return Traffic.concat(parts)
 
 
@@ -361,7 +372,7 @@ class Harness:
         cols = traffic.columns()
         for idx in np.split(np.arange(len(traffic)), cuts):
             sub = _take_columns(cols, idx)
-            self.history.add(aggregate(sub, sids[idx], sub.cost, res=self.history.fine), self.series_keys)
+            self.history.add(aggregate(sub, sids[idx], sub.cost, res=self.history.fine, sessions=True), self.series_keys)
         return self
 
     def copy(self, signals: dict[str, dict[str, float]] | None = None, alert_budget: float | None = None) -> "Harness":

@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 
 from .. import sketch
 from ..evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
-from ..storage.buckets import F
+from ..storage.buckets import SESSION_FIELDS, F
 from .baseline import (
     ErrorStats,
     SizeStats,
@@ -335,6 +335,10 @@ class _Context:
         cum = np.cumsum(sk, axis=1)[:, np.array(self.ev.coarse_slots) - 1]             # (R, W, NBINS)
         return sketch.quantile(cum, q)
 
+    def sessions(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), W, buckets, len(SESSION_FIELDS)) the windows' sums per session bucket."""
+        return self.h.recent_sessions(self.t, self.ev.fine_slots, rows)
+
     def whole_hours(self, k: int) -> np.ndarray:
         """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
         if k not in self._whole:
@@ -469,15 +473,50 @@ def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, n
     rise (its z is kept, its ratio is 0): requests come in sessions that share a model and
     a prompt, so a small scope's size swings with whichever sessions are running, and a
     level it reached on two other hours of the last weeks is part of its usual traffic,
-    however rare among its hours. `ratio` is the size ratio itself."""
+    however rare among its hours. A rise must also survive leaving out the window's
+    session that carries most of it (`without_top_session`). `ratio` is the size ratio itself."""
     n, s1, _ = SIZE_FIELDS[kind]
-    m = c.sums[..., F[n]]
+    m, total = c.sums[..., F[n]], c.sums[..., F[s1]]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = c.sums[..., F[s1]] / m
+        mean = total / m
     z = size_z(st, mean, m, c.ev.window_s, c.ev.size_lengths)
     ratio = np.exp(np.nan_to_num(mean - st.centre[:, None], nan=0.0))
+    m_rest, mean_rest, carried = m.copy(), mean.copy(), np.zeros(m.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
-        return z, np.where(mean > st.seen[:, None], ratio, 0.0), ratio
+        rows = np.flatnonzero((z >= c.zc).any(axis=1))      # only a rise that passed can fall short
+    if rows.size:
+        sessions = c.sessions(rows)
+        m_rest[rows], mean_rest[rows], carried[rows] = without_top_session(
+            m[rows], total[rows], sessions[..., SESSION_FIELDS.index(n)], sessions[..., SESSION_FIELDS.index(s1)],
+            st.centre[rows])
+    z_rest = size_z(st, mean_rest, m_rest, c.ev.window_s, c.ev.size_lengths)
+    with np.errstate(invalid="ignore"):
+        # a rise one session carries is what the rest of the window shows (none at all when
+        # that session made every request); a fall, or a rise shared out, is left as it was
+        carried &= z > 0
+        z = np.where(carried, np.fmax(np.fmin(z, np.where(m_rest > 0, z_rest, 0.0)), 0.0), z)
+        mean_rise = np.where(carried & (m_rest > 0), np.fmin(mean, mean_rest), mean)
+        rise_ratio = np.exp(np.nan_to_num(mean_rise - st.centre[:, None], nan=0.0))
+        return z, np.where(mean_rise > st.seen[:, None], rise_ratio, 0.0), ratio
+
+
+def without_top_session(n: np.ndarray, total: np.ndarray, n_by: np.ndarray, total_by: np.ndarray,
+                        centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, mean, carried) of each window (S, W) without its session bucket (S, W, B) of the
+    largest excess over the scope's centre, and whether that bucket carries most of the
+    window's excess. The requests of one session are one piece of evidence whatever their
+    number, so a rise that one session (a long agent run on a dearer model) carries is not
+    the scope's, however many requests it makes (the runaway detector judges sessions);
+    a rise that moves every session leaves each bucket a share of it. Requests in no bucket
+    (without a session id, or in slots restored at start-up) stay in."""
+    c = centre[:, None]
+    excess = total_by - n_by * c[..., None]
+    top = np.argmax(excess, axis=-1)[..., None]
+    n_rest = n - np.take_along_axis(n_by, top, axis=-1)[..., 0]
+    total_rest = total - np.take_along_axis(total_by, top, axis=-1)[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        carried = np.take_along_axis(excess, top, axis=-1)[..., 0] > 0.5 * (total - n * c)
+        return n_rest, np.where(n_rest > 0.5, total_rest / n_rest, np.nan), carried
 
 
 def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -501,6 +540,30 @@ def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, 
     return np.where(np.isfinite(z_windows), np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
 
 
+def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expected: np.ndarray,
+                                n: np.ndarray, passed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hour's total without the session bucket that spent most beyond its share of the
+    hour's requests, and what the rest was expected to spend (the expectation times its
+    share of the requests), where that bucket carries most of the hour's excess: a few
+    huge requests of one session are that session's, for the runaway detector to judge,
+    not the scope's. Read for the scopes that `passed` only; elsewhere the total as it is."""
+    rest, kept = value.copy(), np.ones_like(value)
+    rows = np.flatnonzero(passed)
+    if rows.size:
+        hour = c.sessions(rows)[:, -1]                              # (R, buckets, fields)
+        n_by, total_by = hour[..., SESSION_FIELDS.index("requests")], hour[..., SESSION_FIELDS.index(field)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = n_by / n[rows, None]
+            excess = total_by - np.nan_to_num(expected[rows])[:, None] * share
+            top = np.argmax(excess, axis=1)[:, None]
+            carried = np.take_along_axis(excess, top, axis=1)[:, 0] > 0.5 * (value[rows] - expected[rows])
+            rows, top = rows[carried], top[carried]
+            total_top = np.take_along_axis(total_by[carried], top, axis=1)[:, 0]
+            rest[rows] = np.maximum(value[rows] - total_top, 0.0)
+            kept[rows] = 1.0 - np.nan_to_num(np.take_along_axis(share[carried], top, axis=1)[:, 0])
+    return rest, expected * kept
+
+
 def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.ndarray, per: float,
                  kinds: tuple[str, ...]) -> Verdict:
     """cost_per_hour and token_velocity: size, count, total and creep evidence. `kinds` are
@@ -519,7 +582,10 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     with np.errstate(invalid="ignore", divide="ignore"):
         total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
-        total_ratio = value / expected
+        rest, expected_rest = _total_without_top_session(c, "cost" if spec.name == "cost_per_hour" else "tokens",
+                                                         value, expected, n_req, z_total >= c.zc[-1])
+        z_total = np.fmin(z_total, np.log((rest + floor) / (expected_rest + floor)) / total_sd)
+        total_ratio = np.fmin(value / expected, rest / expected_rest)
         count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
     z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness)
     current, base_value = value * per, expected * per

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import sketch
-from ..storage.buckets import FIELDS, SKETCHES, TOKEN_FIELDS, F, Groups
+from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES, TOKEN_FIELDS, F, Groups
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
@@ -105,6 +105,10 @@ class ScopeHistory:
         self.hour_q = np.full((0, self.hours.n, nk), np.nan)
         self.open_sk = np.zeros((0, self.open.n, nk, nb), dtype=np.int32)
         self.fine_add = np.zeros((0, self.fine_ring.n, nf))
+        # the fine slots' size sums split by session bucket (`buckets.SESSION_FIELDS`), flat
+        # per slot; only batches of records carry them, so slots re-read from the store at
+        # start-up hold zeros (their requests are in no bucket)
+        self.fine_sessions = np.zeros((0, self.fine_ring.n, SESSION_BUCKETS * len(SESSION_FIELDS)))
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
@@ -130,7 +134,7 @@ class ScopeHistory:
             out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
             out[: a.shape[0]] = a
             return out
-        self.hour_add, self.fine_add = g(self.hour_add), g(self.fine_add)
+        self.hour_add, self.fine_add, self.fine_sessions = g(self.hour_add), g(self.fine_add), g(self.fine_sessions)
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
@@ -196,8 +200,12 @@ class ScopeHistory:
             self._add_hourly(rows, rep, groups)
             self._add_open(rows, rep, groups)
         adds = groups.adds[rep]
-        slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0)
+        slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0,
+                               self.fine_sessions)
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
+        if groups.sessions is not None:
+            split = groups.sessions.reshape(len(groups), -1)[rep]
+            _add_at_cells(self.fine_sessions, rows[ok], slot[ok], split[ok])
         absolute = np.repeat(groups.start // self.coarse, 3)
         requests = groups.adds[rep, F["requests"]]
         sizes = groups.adds[rep][:, _SLOT_COLUMNS]
@@ -262,10 +270,14 @@ class ScopeHistory:
         rows = self.scope_rows(groups.series, series_keys).reshape(-1)
         return rows, np.repeat(np.arange(len(groups)), 3)
 
-    def _claim(self, ring: Ring, absolute: np.ndarray, data: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray]:
+    def _claim(self, ring: Ring, absolute: np.ndarray, data: np.ndarray, fill: float,
+               *more: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Claim slots of `ring`; a recycled slot is cleared in `data` and in `more`."""
         slot, ok, cleared = ring.claim(absolute)
         for s in cleared:
             data[:, s] = fill
+            for other in more:
+                other[:, s] = fill
         return slot, ok
 
     def _hand_on_bursts(self, rows: np.ndarray, absolute: np.ndarray, requests: np.ndarray,
@@ -550,6 +562,17 @@ class ScopeHistory:
         data[:, ~ok] = 0.0
         back = np.cumsum(data[:, ::-1], axis=1)             # back[:, j]: the newest j + 1 slots
         return back[:, np.asarray(slot_counts) - 1]
+
+    def recent_sessions(self, t: float, slot_counts: list[int], rows: np.ndarray) -> np.ndarray:
+        """(len(rows), W, SESSION_BUCKETS, len(SESSION_FIELDS)): `recent_sums` of the given
+        scope rows split by session bucket (read for the few scopes whose evidence passed)."""
+        k_max = max(slot_counts)
+        hi = math.floor(t / self.fine)
+        slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
+        data = self.fine_sessions[rows][:, slot]
+        data[:, ~ok] = 0.0
+        back = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
+        return back.reshape(len(rows), len(slot_counts), SESSION_BUCKETS, len(SESSION_FIELDS))
 
     def recent_exceedances(self, t: float, n_slots: int, thresholds: np.ndarray,
                            version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

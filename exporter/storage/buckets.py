@@ -14,9 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from .. import sketch
+from ..codes import is_none
+from ..ingest.dedupe import hash_ids
 from ..ingest.records import TOKEN_FIELDS, RecordColumns
 
-__all__ = ["F", "FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse", "widen_adds"]
+__all__ = ["F", "FIELDS", "SESSION_BUCKETS", "SESSION_FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse", "widen_adds"]
 # The sums kept per bucket, in this order in the stored `adds` blob (the order is the file format).
 # The last six describe request size: over successful requests that used tokens (that
 # cost something), their count and the sum and sum of squares of log(total tokens) (of
@@ -28,6 +30,13 @@ FIELDS: tuple[str, ...] = ("requests", "errors", *TOKEN_FIELDS, "cost", "unprice
                            "sized_requests", "log_tokens", "log_tokens_sq", "costed_requests", "log_cost", "log_cost_sq")
 F = {name: i for i, name in enumerate(FIELDS)}
 SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps")
+# Requests of one session share a model and a prompt, so they are not independent evidence
+# of a change in request size or spend. Each group's request count, size sums and totals
+# are also kept split by a hash of the session id into a few buckets (the requests of one session always share a bucket), so
+# that the evaluator can ask whether a window's rise survives leaving out any one of them.
+# Requests without a session id are in no bucket.
+SESSION_BUCKETS = 8
+SESSION_FIELDS: tuple[str, ...] = ("requests", "sized_requests", "log_tokens", "costed_requests", "log_cost", "cost", "tokens")
 
 
 Bins = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -47,6 +56,7 @@ class Groups:
     adds: np.ndarray
     sketches: dict[str, np.ndarray] | None
     bins: Bins | None = None
+    sessions: np.ndarray | None = None   # (G, SESSION_BUCKETS, len(SESSION_FIELDS)), from a batch of records only
 
     def nonzero_bins(self) -> Bins:
         if self.bins is None:
@@ -101,14 +111,42 @@ def widen_adds(adds: np.ndarray) -> np.ndarray:
     return out
 
 
-def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: int = 60) -> Groups:
+def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: int = 60,
+              sessions: bool = False) -> Groups:
     """Fold records into (series, bucket start) groups at resolution `res` seconds, with
-    sparse sketches (a batch fills a few bins of each group's sketch)."""
+    sparse sketches (a batch fills a few bins of each group's sketch) and, if asked, the
+    size sums split by session bucket."""
     start = (np.floor(cols.ts / res) * res).astype(np.int64)
     uniq, inverse, order, first = _group(series.astype(np.int64), start)
-    adds = np.add.reduceat(record_values(cols, cost)[order], first, axis=0)
+    values = record_values(cols, cost)
+    adds = np.add.reduceat(values[order], first, axis=0)
     bins = [_sketch_bins(v, inverse) for v in (cols.latency, cols.ttft, cols.output_tokens_per_second)]
-    return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins)
+    split = _session_sums(values, inverse, session_buckets(cols), len(uniq)) if sessions else None
+    return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins, split)
+
+
+def session_buckets(cols: RecordColumns) -> np.ndarray:
+    """Each record's session bucket, a stable hash of its session id, or -1 for a record
+    without one: such requests are taken as independent, and left in every reading."""
+    out = np.full(len(cols), -1, dtype=np.int64)
+    named = np.flatnonzero(~is_none(cols.session_id))
+    if named.size:
+        first: dict[str, int] = {}                          # a batch holds few sessions: hash each once
+        code = np.fromiter((first.setdefault(str(v), len(first)) for v in cols.session_id[named].tolist()),
+                           dtype=np.int64, count=named.size)
+        out[named] = (hash_ids(list(first)) % SESSION_BUCKETS)[code]
+    return out
+
+
+def _session_sums(values: np.ndarray, group: np.ndarray, bucket: np.ndarray, n_groups: int) -> np.ndarray:
+    """(G, SESSION_BUCKETS, len(SESSION_FIELDS)) sums per group and bucket."""
+    known = bucket >= 0
+    cell = group[known] * SESSION_BUCKETS + bucket[known]
+    size = n_groups * SESSION_BUCKETS
+    tokens = values[known][:, [F[name] for name in TOKEN_FIELDS]].sum(axis=1)
+    cols = [np.bincount(cell, weights=tokens if name == "tokens" else values[known, F[name]], minlength=size)
+            for name in SESSION_FIELDS]
+    return np.stack(cols, axis=-1).reshape(n_groups, SESSION_BUCKETS, len(SESSION_FIELDS))
 
 
 def _group(series: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
