@@ -745,3 +745,27 @@ def test_session_buckets_split_a_groups_sums_without_losing_any() -> None:
     assert all(len(v) == 1 for v in by_session.values()) and len(set(b[named].tolist())) == 8
     order = np.random.default_rng(2).permutation(len(traffic))
     assert (session_buckets(take(cols, order)) == b[order]).all()
+
+
+def test_a_model_whose_traffic_streams_less_is_not_slower() -> None:
+    """A model serves a streamed chat app and a code app that does not stream and writes
+    short answers (its latency is mostly the wait before the first token). From 14:00
+    the code app sends eight times its usual traffic and chat a third: the model's
+    requests without a TTFT would read as half the tokens per second, but nobody's
+    generation got slower, so throughput raises nothing (it is measured where the
+    generation time is known); a real halving of chat's speed still does."""
+    streams = (Stream("chat", HAIKU, "anthropic", rate=300, ttft=0.5, otps=50),
+               Stream("code", HAIKU, "anthropic", rate=100, ttft=None, tokens=(3000, 10), otps=50))
+    before = generate(streams, DAY0, S, seed=8)
+    h = Harness().feed(before)
+    after = generate((Stream("chat", HAIKU, "anthropic", rate=100, ttft=0.5, otps=50),
+                      Stream("code", HAIKU, "anthropic", rate=800, ttft=None, tokens=(3000, 10), otps=50)),
+                     S, S + 2 * HOUR, seed=9)
+    cols = after.columns()
+    assert np.isnan(cols.output_tokens_per_second[after.app == "code"]).all()
+    snaps = h.copy().run(after, every(S, 60))
+    assert flagged(snaps, "output_tokens_per_second") == []
+    slow, chat = after.take(slice(None)), after.app == "chat"
+    slow.latency[chat] = slow.ttft[chat] + 2.0 * (slow.latency[chat] - slow.ttft[chat])   # generation twice as long
+    snaps = h.copy().run(slow, every(S, 60))
+    assert first_flagged(snaps, "output_tokens_per_second", "model", HAIKU) is not None

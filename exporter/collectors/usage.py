@@ -28,7 +28,8 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
                                      (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, INF)),
     "llm_time_to_first_token_seconds": ("Time to first token of streamed LLM requests.",
                                         (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, INF)),
-    "llm_output_tokens_per_second": ("Output tokens per second of generation time (after the first token).",
+    "llm_output_tokens_per_second": ("Output tokens per second of generation time (after the first token) "
+                                     "of streamed LLM requests.",
                                      (1, 5, 10, 20, 30, 45, 60, 80, 100, 150, 200, 300, INF)),
 }
 SERIES_LABELS = ("app", "provider", "model")

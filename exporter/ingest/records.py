@@ -426,8 +426,14 @@ class RecordColumns:
 
     @property
     def output_tokens_per_second(self) -> np.ndarray:
-        """Output tokens over generation time (latency minus TTFT when streamed); NaN if unknown."""
-        gen = self.latency - np.nan_to_num(self.ttft, nan=0.0)
+        """Output tokens over generation time, latency minus TTFT; NaN where either is unknown.
+
+        A request without a TTFT (not streamed) has no generation time of its own: its
+        latency also holds the queue and the prompt's prefill, which grow with the prompt,
+        so its tokens per second would be another quantity. Mixed into one distribution
+        with streamed requests, a model's median would follow the share of its traffic
+        that streams (which app is busy), not how fast it generates."""
+        gen = self.latency - self.ttft
         with np.errstate(divide="ignore", invalid="ignore"):
             tps = np.where((gen > 0) & (self.output_tokens > 0) & ~self.is_error, self.output_tokens / gen, np.nan)
         return tps
