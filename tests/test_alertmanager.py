@@ -509,6 +509,43 @@ def test_one_deployment_never_silences_another(alertmanager: RunningAlertmanager
     }
 
 
+@pytest.mark.e2e
+@needs_alertmanager
+def test_each_deployment_gets_its_own_notifications(alertmanager: RunningAlertmanager) -> None:
+    """Two deployments (jobs prod and staging, exporters named alike) see the same app and
+    model at once. Each deployment's cost and token anomalies of the app arrive together, in
+    a page of their own, and each deployment's latency warning of the model in its own chat
+    message: no notification mixes the deployments."""
+    am = alertmanager
+    app = {"category": "anomaly", "scope": "app", "app": "chat", "instance": "exporter"}
+    model = {"provider": "openai", "model": "gpt-4o"}
+    am.post([a for job in ("prod", "staging") for a in (
+        alert("LLMCostSpike", "critical", signal="cost_per_hour", job=job, **app),
+        alert("LLMTokenVelocitySpike", "critical", signal="token_velocity", job=job, **app),
+        alert("LLMModelLatencyHigh", "warning", job=job, **model),
+    )])
+    cap = am.captured
+
+    def notes(receiver: str) -> list[dict[str, Any]]:
+        with cap.lock:
+            return [body for path, body in cap.posts if path == f"/{receiver}"]
+    wait_for(lambda: len({a["labels"]["job"] for n in notes("pager") for a in n["alerts"]}) == 2
+             and len({a["labels"]["job"] for n in notes("chat") for a in n["alerts"]}) == 2, "both deployments' notifications")
+    time.sleep(2.5)  # a few more group intervals: a late notification would show now
+
+    pages = notes("pager")
+    assert sorted((n["groupLabels"].get("job"), sorted(a["labels"]["alertname"] for a in n["alerts"])) for n in pages) == [
+        ("prod", ["LLMCostSpike", "LLMTokenVelocitySpike"]), ("staging", ["LLMCostSpike", "LLMTokenVelocitySpike"])]
+    for n in pages:
+        assert n["groupLabels"] == {"category": "anomaly", "job": n["groupLabels"]["job"], "scope": "app", "app": "chat"}
+        assert {a["labels"]["job"] for a in n["alerts"]} == {n["groupLabels"]["job"]}
+    chats = notes("chat")
+    assert sorted(str(n["groupLabels"].get("job")) for n in chats) == ["prod", "staging"]
+    for n in chats:
+        assert n["groupLabels"] == {"alertname": "LLMModelLatencyHigh", "job": n["groupLabels"]["job"], **model}
+        assert [a["labels"]["job"] for a in n["alerts"]] == [n["groupLabels"]["job"]]
+
+
 BACKEND = {"job": "llm-backends", "kind": "vllm"}
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_util import REPO  # noqa: E402
+from stack_util import REPO, load_stack  # noqa: E402
 
 COMPOSE = REPO / "docker-compose.ha.yml"
 SCRAPE = REPO / "deploy" / "vmagent" / "scrape.yml"
@@ -155,6 +155,65 @@ def test_every_job_the_rules_need_is_scraped_as_prometheus_scrapes_it(services: 
     box = services["blackbox-exporter"]
     assert box["image"] == main["image"] and box["command"] == main["command"]
     assert box["volumes"] == main["volumes"]
+
+
+EXPORTER_HEALTH_ALERTS = ("LLMExporterDown", "LLMExporterReplicaDown", "LLMIngestStalled")
+
+
+def _exporter_health_job() -> str:
+    """The one job name the exporter's own health alerts select (`job="..."`)."""
+    doc = yaml.safe_load((REPO / "prometheus" / "rules" / "exporter.yml").read_text())
+    exprs = [r["expr"] for g in doc["groups"] for r in g["rules"] if r.get("alert") in EXPORTER_HEALTH_ALERTS]
+    assert len(exprs) == len(EXPORTER_HEALTH_ALERTS)
+    names = {m for e in exprs for m in re.findall(r'\bjob="([^"]+)"', e)}
+    assert len(names) == 1, names
+    return names.pop()
+
+
+def _shipped_scrape_configs() -> dict[str, list[dict[str, Any]]]:
+    """Every scrape configuration the project ships, by where it comes from: the files the
+    compose files mount (a mounted directory: its YAML files), the native stack's rewrite of
+    prometheus.yml, and the YAML examples of the README and docs/."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for compose in sorted(REPO.glob("docker-compose*.yml")):
+        for service in yaml.safe_load(compose.read_text())["services"].values():
+            for volume in service.get("volumes") or []:
+                src = REPO / str(volume).split(":")[0]
+                if not str(volume).startswith("./") or not src.exists():
+                    continue
+                for path in sorted(src.glob("*.yml")) if src.is_dir() else [src]:
+                    if path.suffix in (".yml", ".yaml"):
+                        doc = yaml.safe_load(path.read_text())
+                        if isinstance(doc, dict) and "scrape_configs" in doc:
+                            out[str(path.relative_to(REPO))] = doc["scrape_configs"]
+    ports = {"exporter": 9473, "prometheus": 9090, "alertmanager": 9093, "blackbox": 9115}
+    rendered, _ = load_stack().render_prometheus(yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text()),
+                                                 ports, {}, fast=True, time_scale=60)
+    out["scripts/stack.py (native stack)"] = rendered["scrape_configs"]
+    for md in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for i, block in enumerate(re.findall(r"```ya?ml\n(.*?)```", md.read_text(), re.S)):
+            if "job_name" in block:
+                doc = yaml.safe_load(block)
+                jobs = doc["scrape_configs"] if isinstance(doc, dict) else doc
+                out[f"{md.relative_to(REPO)} (example {i + 1})"] = jobs
+    return out
+
+
+def test_every_shipped_scrape_config_names_the_exporter_job_as_the_health_alerts_do() -> None:
+    """LLMExporterDown, LLMExporterReplicaDown and LLMIngestStalled select the exporter's
+    scrape job by its exact name: an exporter scraped under any other name would have no
+    down, replica-down or stall alert. Every shipped scrape configuration (and example) that
+    scrapes an exporter (a target on its port, 9473) does so under that name, in one job."""
+    name = _exporter_health_job()
+    assert name == "llm-usage-exporter"
+    configs = _shipped_scrape_configs()
+    assert {"prometheus/prometheus.yml", "deploy/vmagent/scrape.yml", "scripts/stack.py (native stack)"} <= set(configs)
+    assert any(k.startswith("docs/scaling.md") for k in configs), sorted(configs)
+    for source, jobs in configs.items():
+        exporter_jobs = [j["job_name"] for j in jobs
+                         if any(str(t).rsplit(":", 1)[-1] == "9473"
+                                for sc in j.get("static_configs") or [] for t in sc.get("targets") or [])]
+        assert exporter_jobs == [name], f"{source} scrapes the exporter as {exporter_jobs}, the health alerts need {name!r}"
 
 
 @pytest.mark.skipif(shutil.which("vmagent") is None, reason="vmagent is not installed (Debian package victoria-metrics)")

@@ -231,7 +231,7 @@ def test_cost_spike_pages_with_value_and_baseline(scenario: Scenario) -> None:
     note, alert = hits[0]
     assert alert["labels"] == {**COST_APP_LABELS, "severity": "critical", **_exporter_labels(sc)}
     assert alert["status"] == "firing" and note["status"] == "firing"
-    assert note["groupLabels"] == {"category": "anomaly", "scope": "app", "app": "spike-app"}
+    assert note["groupLabels"] == {"category": "anomaly", "scope": "app", "app": "spike-app", "job": "llm-usage-exporter"}
     assert alert["annotations"]["summary"] == "LLM spend is far above its usual level"
     _check_annotations(alert, "LLMCostSpike")
     desc = " ".join(alert["annotations"]["description"].split())
@@ -253,7 +253,7 @@ def test_one_cause_pages_once(scenario: Scenario) -> None:
     to the pager; their warning twins are inhibited."""
     sc = scenario
     s = sc.stack
-    app = {"category": "anomaly", "scope": "app", "app": "spike-app"}
+    app = {"category": "anomaly", "scope": "app", "app": "spike-app", "job": "llm-usage-exporter"}
 
     def both_in_one() -> Any:
         for note, _ in delivered(s, receiver=RECEIVER["critical"], status="firing", labels=app):
@@ -310,7 +310,8 @@ def test_model_latency_above_threshold_reaches_chat(scenario: Scenario) -> None:
     note, alert = hits[0]
     # the recording rules aggregate by provider and model, within the exporter's job: nothing else is left
     assert alert["labels"] == {**labels, "job": _exporter_labels(sc)["job"]}
-    assert note["groupLabels"] == {"alertname": "LLMModelLatencyHigh", "provider": "openai", "model": "slow-model"}
+    assert note["groupLabels"] == {"alertname": "LLMModelLatencyHigh", "provider": "openai", "model": "slow-model",
+                                  "job": "llm-usage-exporter"}
     _check_annotations(alert, "LLMModelLatencyHigh")
     desc = " ".join(alert["annotations"]["description"].split())
     assert "p95 request duration of openai/slow-model over the last 5 minutes is" in desc

@@ -111,7 +111,8 @@ def test_a_backend_that_fails_pages_holds_back_its_errors_and_resolves(scenario:
     hits = sc.wait(lambda: sc.pages("firing", **labels), "LLMBackendDown of vllm-e2e at the pager")
     note, alert = hits[0]
     assert alert["labels"] == {**labels, "job": "llm-backends", "instance": sc.health, "module": "http_health"}
-    assert note["groupLabels"] == {"alertname": "LLMBackendDown", "provider": "hosted_vllm", "model": "llama-e2e"}
+    assert note["groupLabels"] == {"alertname": "LLMBackendDown", "provider": "hosted_vllm", "model": "llama-e2e",
+                                  "job": "llm-backends"}
     desc = _check_annotations(alert, "LLMBackendDown")
     m = re.fullmatch(r"Backend vllm-e2e \(vllm\) failed its last (\d+) http_health probes of " + re.escape(sc.health)
                      + r" \(down after 3\); last failure: HTTP 503\.", desc)

@@ -141,7 +141,7 @@ def test_cost_spike_pages_once_through_victoriametrics(ha: Scenario) -> None:
     note, alert = hits[0]
     # one alert for the pair: the logical instance, no replica label (vmalert adds alertgroup)
     assert alert["labels"] == {**COST, "instance": "exporter", "job": "llm-usage-exporter", "alertgroup": "llm-anomaly"}
-    assert note["groupLabels"] == {"category": "anomaly", "scope": "app", "app": "spike-app"}
+    assert note["groupLabels"] == {"category": "anomaly", "scope": "app", "app": "spike-app", "job": "llm-usage-exporter"}
     ann = alert["annotations"]
     assert ann["runbook_url"] == RUNBOOK + "llmcostspike" and "llmcostspike" in runbook_anchors()
     desc = " ".join(ann["description"].split())
