@@ -137,8 +137,9 @@ def test_every_job_the_rules_need_is_scraped_as_prometheus_scrapes_it(services: 
     doc = yaml.safe_load(SCRAPE.read_text())
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
     needed = _rule_jobs()
-    assert {"llm-usage-exporter", "llm-backends", "blackbox-exporter"} <= needed
+    assert {"llm-backends", "blackbox-exporter"} <= needed
     assert needed <= set(jobs), f"rules read jobs vmagent does not scrape: {sorted(needed - set(jobs))}"
+    assert any(re.fullmatch(_exporter_health_job(), j) for j in jobs), "vmagent scrapes no exporter job"
 
     prom = {j["job_name"]: j for j in yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
     probe, prom_probe = jobs["llm-backends"], prom["llm-backends"]
@@ -161,11 +162,13 @@ EXPORTER_HEALTH_ALERTS = ("LLMExporterDown", "LLMExporterReplicaDown", "LLMInges
 
 
 def _exporter_health_job() -> str:
-    """The one job name the exporter's own health alerts select (`job="..."`)."""
+    """The one job selector (`job=~"..."`, a regular expression) the exporter's own health
+    alerts use."""
     doc = yaml.safe_load((REPO / "prometheus" / "rules" / "exporter.yml").read_text())
     exprs = [r["expr"] for g in doc["groups"] for r in g["rules"] if r.get("alert") in EXPORTER_HEALTH_ALERTS]
     assert len(exprs) == len(EXPORTER_HEALTH_ALERTS)
-    names = {m for e in exprs for m in re.findall(r'\bjob="([^"]+)"', e)}
+    assert not any(re.search(r'\bjob="', e) for e in exprs), "a health alert selects one job name only"
+    names = {m for e in exprs for m in re.findall(r'\bjob=~"([^"]+)"', e)}
     assert len(names) == 1, names
     return names.pop()
 
@@ -201,11 +204,13 @@ def _shipped_scrape_configs() -> dict[str, list[dict[str, Any]]]:
 
 def test_every_shipped_scrape_config_names_the_exporter_job_as_the_health_alerts_do() -> None:
     """LLMExporterDown, LLMExporterReplicaDown and LLMIngestStalled select the exporter's
-    scrape job by its exact name: an exporter scraped under any other name would have no
-    down, replica-down or stall alert. Every shipped scrape configuration (and example) that
-    scrapes an exporter (a target on its port, 9473) does so under that name, in one job."""
-    name = _exporter_health_job()
-    assert name == "llm-usage-exporter"
+    scrape jobs by name, `llm-usage-exporter` or `llm-usage-exporter-<deployment>`: an
+    exporter scraped under any other name would have no down, replica-down or stall alert.
+    Every shipped scrape configuration (and example) that scrapes an exporter (a target on
+    its port, 9473) does so under such a name, one job per deployment."""
+    pattern = _exporter_health_job()
+    assert re.fullmatch(pattern, "llm-usage-exporter") and re.fullmatch(pattern, "llm-usage-exporter-staging")
+    assert not re.fullmatch(pattern, "llm-usage-exporterx") and not re.fullmatch(pattern, "node")
     configs = _shipped_scrape_configs()
     assert {"prometheus/prometheus.yml", "deploy/vmagent/scrape.yml", "scripts/stack.py (native stack)"} <= set(configs)
     assert any(k.startswith("docs/scaling.md") for k in configs), sorted(configs)
@@ -213,7 +218,9 @@ def test_every_shipped_scrape_config_names_the_exporter_job_as_the_health_alerts
         exporter_jobs = [j["job_name"] for j in jobs
                          if any(str(t).rsplit(":", 1)[-1] == "9473"
                                 for sc in j.get("static_configs") or [] for t in sc.get("targets") or [])]
-        assert exporter_jobs == [name], f"{source} scrapes the exporter as {exporter_jobs}, the health alerts need {name!r}"
+        assert exporter_jobs and all(re.fullmatch(pattern, j) for j in exporter_jobs), \
+            f"{source} scrapes the exporter as {exporter_jobs}, the health alerts need a job matching {pattern!r}"
+        assert len(set(exporter_jobs)) == len(exporter_jobs), f"{source}: one job per deployment"
 
 
 @pytest.mark.skipif(shutil.which("vmagent") is None, reason="vmagent is not installed (Debian package victoria-metrics)")
