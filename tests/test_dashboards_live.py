@@ -539,6 +539,32 @@ def _answers(s: Any, dash: dict[str, Any], expr: str, job: str, at: float) -> di
     return out
 
 
+def _compare_jobs(s: Any, at: float) -> tuple[int, list[str], list[str]]:
+    """Every panel query of every board at `at`, with `$job` the single exporter and then the
+    pair: (values compared, values the pair doubles, other differences)."""
+    compared, doubled, differ = 0, [], []
+    for dash in load_dashboards().values():
+        for panel in iter_panels(dash):
+            for t in panel.get("targets", []):
+                if PER_REPLICA.search(t["expr"]) or CHANGE.match(t.get("legendFormat", "")):
+                    continue
+                single = _answers(s, dash, t["expr"], SINGLE_JOB, at)
+                pair = _answers(s, dash, t["expr"], PAIR_JOB, at)
+                where = f"{dash['uid']} / {panel['title']} / {t['refId']}"
+                # an age (`time() - last record`) is read at each target's last scrape, up
+                # to a scrape interval and a traffic tick apart
+                slack = 2.0 if "time() -" in t["expr"] else 1e-9
+                if set(pair) != set(single):
+                    differ.append(f"{where}: series {sorted(set(pair) ^ set(single))[:3]}")
+                    continue
+                for key, v in single.items():
+                    w = pair[key]
+                    compared += 1
+                    if abs(w - v) > 0.25 * max(abs(v), abs(w)) + slack:
+                        (doubled if v and 1.6 < w / v < 2.5 else differ).append(f"{where} {dict(key)}: {v} -> {w}")
+    return compared, doubled, differ
+
+
 def test_an_ha_pair_doubles_no_panel_value_live(loaded: Any) -> None:
     """The same exporter scraped as a single exporter (job dedup-single) and, from the same
     moment, as an HA pair (job dedup-pair: two targets sharing `instance`, a `replica` label
@@ -562,28 +588,15 @@ def test_an_ha_pair_doubles_no_panel_value_live(loaded: Any) -> None:
                    message="the pair and the single exporter scraped")
         assert {r["metric"].get("instance") for r in s.prom_query(f'up{{job="{PAIR_JOB}"}}')} == {target}
         time.sleep(LIVE_MIN_S)            # a full rate window of both, recorded by the rules
-        at = time.time()
-        compared, doubled, differ = 0, [], []
-        for dash in load_dashboards().values():
-            for panel in iter_panels(dash):
-                for t in panel.get("targets", []):
-                    if PER_REPLICA.search(t["expr"]) or CHANGE.match(t.get("legendFormat", "")):
-                        continue
-                    single = _answers(s, dash, t["expr"], SINGLE_JOB, at)
-                    pair = _answers(s, dash, t["expr"], PAIR_JOB, at)
-                    where = f"{dash['uid']} / {panel['title']} / {t['refId']}"
-                    # an age (`time() - last record`) is read at each target's last scrape, up
-                    # to a scrape interval and a traffic tick apart
-                    slack = 2.0 if "time() -" in t["expr"] else 1e-9
-                    if set(pair) != set(single):
-                        differ.append(f"{where}: series {sorted(set(pair) ^ set(single))[:3]}")
-                        continue
-                    for key, v in single.items():
-                        w = pair[key]
-                        compared += 1
-                        if abs(w - v) > 0.25 * max(abs(v), abs(w)) + slack:
-                            (doubled if v and 1.6 < w / v < 2.5 else differ).append(f"{where} {dict(key)}: {v} -> {w}")
-        assert not doubled, "the pair doubles:\n" + "\n".join(doubled[:20])
+        # A doubled value shows at every instant. A verdict the exporter re-judges every few
+        # seconds can flip between two scrapes a fraction of a second apart (a live signal
+        # at its threshold): such a difference is looked at again a few seconds later.
+        for _ in range(3):
+            compared, doubled, differ = _compare_jobs(s, time.time())
+            assert not doubled, "the pair doubles:\n" + "\n".join(doubled[:20])
+            if not differ:
+                break
+            time.sleep(7)
         assert not differ, "the pair differs:\n" + "\n".join(differ[:20])
         assert compared >= 300, compared
     finally:
