@@ -1125,7 +1125,8 @@ def performance() -> Board:
     b.add(timeseries("Output tokens per second", targets(
         (quantile(0.5, "llm_output_tokens_per_second"), "median"),
         (quantile(0.1, "llm_output_tokens_per_second"), "p10 (slowest tenth)")), "short",
-        "Output tokens per second of generation time of the selected traffic; low is bad.", fill=0,
+        "Output tokens per second of generation time (latency minus time to first token, so streamed "
+        "requests only) of the selected traffic; low is bad.", fill=0,
         axis="tokens / s"), 12, 8)
     b.add(timeseries("Median output tokens per second by model", targets(
         (per_model("provider_model:llm_output_tokens_per_second:p50_5m",
