@@ -769,3 +769,43 @@ def test_a_model_whose_traffic_streams_less_is_not_slower() -> None:
     slow.latency[chat] = slow.ttft[chat] + 2.0 * (slow.latency[chat] - slow.ttft[chat])   # generation twice as long
     snaps = h.copy().run(slow, every(S, 60))
     assert first_flagged(snaps, "output_tokens_per_second", "model", HAIKU) is not None
+
+
+def _pair_verdict(excess_app: float, excess_model: float) -> Any:
+    """A verdict of three scopes (global, one app, the model it uses), app and model both
+    flagged, with the given excess on every window."""
+    from exporter.anomaly.evaluator import Verdict
+    ones, windows = np.ones(3), len(WINDOW_FRACTIONS)
+    excess = np.array([[excess_model + 1.0] * windows, [excess_app] * windows, [excess_model] * windows])
+    return Verdict(ones, ones, ones * 3, ones * 6, ones, ones, ones, np.array([0, 1, 1]), np.full(3, 3600.0), excess)
+
+
+def test_the_scope_that_named_a_latency_anomaly_keeps_the_name() -> None:
+    """Latency excesses are counted against each scope's own p95, so which of an app and
+    its model holds more can swap between evaluations. The model (latency's family) keeps
+    the name while it named the anomaly at the last evaluations; without that it hands the
+    name to the app whenever only the app holds half of the model's excess, and back."""
+    from exporter.anomaly.evaluator import explain
+    spec = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
+    keys = [("global", "", "", ""), ("app", "rag", "", ""), ("model", "", "openai", "gpt-4o")]
+    pairs, windows = np.array([[1, 2]]), np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    v = _pair_verdict(excess_app=10.0, excess_model=4.0)          # the app holds more than twice the model's
+    assert explain(spec, v, keys, pairs, windows).tolist() == [-1, -1, 1]             # model: the app's echo
+    named = np.array([False, False, True])
+    assert explain(spec, v, keys, pairs, windows, named).tolist() == [-1, 2, -1]      # the model keeps the name
+    usage = next(s for s in DEFAULT_SIGNALS if s.name == "cost_per_hour")
+    assert explain(usage, v, keys, pairs, windows, named).tolist() == [-1, -1, 1]     # cost: the app's, as before
+    apart = _pair_verdict(excess_app=10.0, excess_model=-4.0)      # no shared excess: two events
+    assert explain(spec, apart, keys, pairs, windows, named).tolist() == [-1, -1, -1]
+
+
+def test_a_latency_anomaly_is_named_at_one_scope_for_its_whole_length(site: Site) -> None:
+    """Latency three times on claude-3-5-haiku, judged every minute for an hour: once the
+    model names the anomaly, no minute hands the name to an app (each hand-over would end
+    one alert's `for:` and start another's)."""
+    traffic = slower(site.traffic, site.traffic.where(model=HAIKU), ttft=3.0, generation=3.0)
+    snaps = live(site, traffic, every(S, 60, step=1))
+    named = [(m, name) for m, name, _, by in flagged(snaps, "latency_p95") if by is None and name != "global"]
+    assert named and named[0][1] == f"model={HAIKU}", flagged(snaps, "latency_p95")
+    first = named[0][0]
+    assert {name for m, name in named if m >= first} == {f"model={HAIKU}"}, named

@@ -184,6 +184,9 @@ class Evaluator:
         self.alert_budget = alert_budget
         self._baseline: Baseline | None = None
         self._key: tuple[int, int] | None = None
+        # signal -> (scopes,) event time each scope last named an anomaly (flagged, not explained);
+        # scope rows of the history never move, so the arrays only grow
+        self._named: dict[str, np.ndarray] = {}
         h = history
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
         self.coarse_slots = [max(1, round(f * h.window / h.coarse)) for f in WINDOW_FRACTIONS]
@@ -274,9 +277,32 @@ class Evaluator:
         zc_long = np.array([z_threshold(3600.0 * k, tests, self.alert_budget, n_windows) for k in SUSTAINED_HOURS])
         ctx = _Context(self, t, base, win, span, zc, zc_long, n)
         verdicts = {spec.name: JUDGES[spec.name](spec, ctx) for spec in self.specs}
+        keys, pairs = h.keys[:n], h.app_model_pairs()
         for spec in self.specs:
-            verdicts[spec.name].explained = explain(spec, verdicts[spec.name], h.keys[:n], h.app_model_pairs(), self.window_s)
+            v = verdicts[spec.name]
+            v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t))
+            self._remember_named(spec.name, v, t)
         return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
+
+    def _incumbents(self, signal: str, n: int, t: float) -> np.ndarray:
+        """Scopes that named an anomaly of `signal` within the shortest evaluation window
+        before t (one evaluation's dip below the thresholds does not end an event)."""
+        last = self._named.get(signal)
+        out = np.zeros(n, dtype=bool)
+        if last is not None:
+            m = min(n, last.shape[0])
+            out[:m] = (last[:m] >= t - float(self.window_s[0])) & (last[:m] < t)
+        return out
+
+    def _remember_named(self, signal: str, v: Verdict, t: float) -> None:
+        n = v.severity.shape[0]
+        last = self._named.get(signal)
+        if last is None or last.shape[0] < n:
+            grown = np.full(n, -np.inf)
+            if last is not None:
+                grown[: last.shape[0]] = last
+            last = self._named[signal] = grown
+        last[:n][(v.severity >= 1) & (v.explained < 0)] = t
 
 
 class _Context:
@@ -747,7 +773,7 @@ EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of 
 
 
 def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray,
-            windows: np.ndarray) -> np.ndarray:
+            windows: np.ndarray, incumbent: np.ndarray | None = None) -> np.ndarray:
     """For each scope, the index of an anomalous narrower scope that explains its anomaly
     (of this signal), or -1.
 
@@ -757,6 +783,13 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
     other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
+
+    `incumbent` marks the scopes that named this anomaly at the last evaluations. The scope
+    the family points to keeps the name while it is incumbent, even where for a moment only
+    the other holds half of its excess: latency excesses are counted against each scope's
+    own p95, so which of the two holds more can swap from one evaluation to the next, and
+    every swap would end one alert's `for:` and start the other's. The name can still move
+    once, to the family's scope, when that scope comes to hold half of the other's excess.
 
     Excesses are compared on the window the explained scope's evidence came from
     (`windows` are the evaluation windows' lengths): early in a spike only the last minutes
@@ -792,6 +825,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
                 echo, root = a, m
             else:
                 continue
+            preferred, other = (a, m) if spec.family == "usage" else (m, a)
+            if root == other and incumbent is not None and incumbent[preferred]:
+                echo, root = other, preferred
             if out[echo] < 0:
                 out[echo] = root
     roots = [i for i in apps + models if out[i] < 0]
