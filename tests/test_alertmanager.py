@@ -475,6 +475,41 @@ def test_exporter_down_silences_the_alerts_built_on_it(alertmanager: RunningAler
 
 @pytest.mark.e2e
 @needs_alertmanager
+def test_a_down_shard_leaves_the_other_shards_alerts_alone(alertmanager: RunningAlertmanager) -> None:
+    """Shard b of a deployment (one job, an instance per shard) cannot be scraped: its own
+    alerts and the deployment's alerts built on sums over the shards (no instance) are held
+    back; shard a's anomaly and stalled-ingest alerts still arrive."""
+    am = alertmanager
+    job = {"job": EXP["job"]}
+    cost = {"category": "anomaly", "scope": "app", "signal": "cost_per_hour"}
+    am.post([
+        alert("LLMExporterDown", "critical", instance="shard-b:9473", **job),
+        alert("LLMCostSpike", "critical", app="chat", instance="shard-a:9473", **cost, **job),
+        alert("LLMCostSpike", "critical", app="search", instance="shard-b:9473", **cost, **job),
+        alert("LLMIngestStalled", "warning", instance="shard-a:9473", **job),
+        alert("LLMIngestStalled", "warning", instance="shard-b:9473", **job),
+        alert("LLMBudgetBurnRate", "critical", app="chat", **job),
+    ])
+    cap = am.captured
+    wait_for(lambda: am.inhibited().get(("LLMBudgetBurnRate", "critical|chat")) is True, "the inhibition")
+    wait_for(lambda: len(cap.webhook_alerts("pager")) >= 2, "the pages")
+    time.sleep(2.5)
+    held = {(a["labels"]["alertname"], a["labels"].get("instance", "")): bool(a["status"]["inhibitedBy"])
+            for a in am.alerts()}
+    assert held == {
+        ("LLMExporterDown", "shard-b:9473"): False,
+        ("LLMCostSpike", "shard-a:9473"): False,
+        ("LLMCostSpike", "shard-b:9473"): True,
+        ("LLMIngestStalled", "shard-a:9473"): False,
+        ("LLMIngestStalled", "shard-b:9473"): True,
+        ("LLMBudgetBurnRate", ""): True,
+    }
+    assert {(a["labels"]["alertname"], a["labels"].get("instance", "")) for a in cap.webhook_alerts("pager")} == {
+        ("LLMExporterDown", "shard-b:9473"), ("LLMCostSpike", "shard-a:9473")}
+
+
+@pytest.mark.e2e
+@needs_alertmanager
 def test_one_deployment_never_silences_another(alertmanager: RunningAlertmanager) -> None:
     """Two deployments of the exporter (jobs prod and staging) whose exporters are named
     alike (the HA layout's instance "exporter") see the same model and app: staging's page,
