@@ -30,8 +30,10 @@ repeats, each in two states:
   within an hour;
 - first after the hour turns: that cache dropped before each call, so every statistic over
   the baseline hours is rebuilt, as on the first evaluation after each hour turn (or after
-  late data changes an hour in the baseline). This is the slowest evaluation; the target
-  applies to it too.
+  late data changes an hour in the baseline); and the window's slow-request counts, which
+  are kept per coarse slot against the baseline's thresholds, dropped too, so every slot
+  is counted again, as after every hour turn (the new baseline brings new thresholds).
+  This is the slowest evaluation; the target applies to it too.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     active = 0
 
     def cold(ev: Evaluator) -> None:
-        ev._baseline = None         # as at the first evaluation after the hour turns
+        ev._baseline = None                 # as at the first evaluation after the hour turns:
+        ev.history._exc_version = -1        # new statistics, new thresholds to count against
         ev.evaluate(t)
 
     for name, ev in list(variants.items()):

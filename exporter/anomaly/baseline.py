@@ -102,8 +102,8 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     days = -(-h // 24)
     grid = np.full((s, 24, days), np.nan)                 # values by hour of day and day
     grid[:, hod, (np.arange(h) // 24)] = values
-    seen = np.sum(~np.isnan(grid), axis=2)
-    med = nan_median(grid, axis=2)
+    by_day, seen = sorted_rows(grid)
+    med = _sorted_median(by_day, seen)
     enough = seen >= MIN_DAYS
     out[enough] = med[enough]
     young = np.flatnonzero(~enough.all(axis=1))
@@ -142,8 +142,8 @@ def level_spread(values: np.ndarray, expected: np.ndarray, sampling_var: np.ndar
     anomalous without inflating it. (S, H) inputs, (S,) out."""
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.log((values + floor) / (expected + floor))
-    excess = r * r - sampling_var
-    q = nan_quantile(np.where(np.isnan(expected) | np.isnan(values), np.nan, excess), 0.75, axis=1)
+    excess = r * r - sampling_var           # NaN where the value or its expectation is
+    q = nan_quantile(excess, 0.75, axis=1)
     return np.sqrt(np.maximum(np.nan_to_num(q / CHI2_1_Q75, nan=0.0), MIN_LEVEL_SD ** 2))
 
 
@@ -158,13 +158,26 @@ def block_spread(observed: np.ndarray, expected: np.ndarray, hours: int) -> np.n
     if n_blocks == 0:
         return np.full(s, np.nan)
     cut = h - n_blocks * hours
-    o = observed[:, cut:].reshape(s, n_blocks, hours).sum(axis=2)
-    e = expected[:, cut:].reshape(s, n_blocks, hours).sum(axis=2)
+    o, e = _block_sums(observed[:, cut:], hours), _block_sums(expected[:, cut:], hours)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.log((o + 0.5) / (e + 0.5))
     valid = np.sum(~np.isnan(r), axis=1)
     out = _tail_scale(r)
     return np.where(valid >= MIN_BLOCKS, np.maximum(out, MIN_LEVEL_SD), np.nan)
+
+
+def _block_sums(x: np.ndarray, hours: int) -> np.ndarray:
+    """Sums of consecutive blocks of `hours` columns of (S, H) `x` (H a multiple of
+    `hours`), column by column in order: one vectorised add per column of a block, where
+    numpy's sum over a short last axis pays its loop set-up per block. For the counts and
+    medians of counts (multiples of 1/2) `block_spread` receives every sum is exact, so
+    the order of the additions cannot change it; for other values it may differ from
+    numpy's pairwise order in the last bit."""
+    blocks = x.reshape(x.shape[0], -1, hours)
+    out = blocks[:, :, 0].copy()
+    for j in range(1, hours):
+        out += blocks[:, :, j]
+    return out
 
 
 def _tail_scale(x: np.ndarray) -> np.ndarray:
@@ -206,7 +219,8 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(ok, total / count, np.nan)
         var = np.where(ok, (total_sq - total * total / count) / np.maximum(count - 1, 1), np.nan)
-    centre = nan_median(mean, axis=1)
+    by_mean = sorted_rows(mean)
+    centre = _sorted_median(*by_mean)
     v = np.maximum(nan_median(var, axis=1), MIN_SIZE_SD ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         u = (mean - centre[:, None]) / np.sqrt(v[:, None] / np.maximum(count, 1))
@@ -217,7 +231,7 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     hours = np.sum(ok, axis=1)
     disp = np.maximum(np.nan_to_num(np.fmax(mad, tail) ** 2, nan=1.0), 1.0)
     # twice in the baseline: one hour could be an anomaly, two make it part of the usual
-    seen = _second_highest(np.where(ok, mean, -np.inf))
+    seen = _second_highest(*by_mean)
     st = SizeStats(np.where(hours >= MIN_HOURS, centre, np.nan), v, disp, hours, seen)
     if windows is None:
         windows = np.zeros(count.shape + (1, len(WINDOW_STATS)))      # one length below the hour, unmeasured
@@ -234,11 +248,13 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     return st
 
 
-def _second_highest(x: np.ndarray, axis: int = 1) -> np.ndarray:
-    """Second-highest value along `axis` (-inf with fewer than two)."""
-    if x.shape[axis] < 2:
-        return np.full(np.delete(x.shape, axis), -np.inf)
-    return np.take(np.partition(x, -2, axis=axis), -2, axis=axis)
+def _second_highest(s: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Second-highest of the first n values of each row of the sorted `s` (-inf with
+    fewer than two): the hours' means are sorted for their median anyway."""
+    if s.shape[-1] < 2:
+        return np.full(s.shape[:-1], -np.inf)
+    v = np.take_along_axis(s, np.maximum(n - 2, 0)[..., None], axis=-1)[..., 0]
+    return np.where(n >= 2, v, -np.inf)
 
 
 def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

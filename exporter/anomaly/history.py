@@ -80,6 +80,20 @@ class WindowValues:
     counts: dict[str, np.ndarray]
 
 
+@dataclass(slots=True)
+class BaselineHours:
+    """The hourly values of a run of baseline hours (S scopes, H hours), as the baseline
+    statistics read them. An hour is unknown to a scope when the ring no longer holds it or
+    it comes before the scope's first hour: its sums and slot statistics read as zero and
+    its quantiles as NaN."""
+
+    unknown: np.ndarray       # (S, H)
+    adds: np.ndarray          # (S, H, F) sums, each field stored contiguously (`_take_planes`)
+    quantiles: np.ndarray     # (S, H, K) hourly quantiles, each kind contiguous
+    bursts: np.ndarray        # (S, H, 2) burstiness sums as held (zero where the ring has none)
+    slots: np.ndarray         # (S, H, WINDOW_SLOTS, SIZE_KINDS, N_WINDOW_STATS), each statistic contiguous
+
+
 class ScopeHistory:
     """Per-scope rings for the evaluator; see the module docstring."""
 
@@ -548,6 +562,30 @@ class ScopeHistory:
         out[:, ~ok] = 0.0
         return out
 
+    def baseline_hours(self, hours: np.ndarray) -> BaselineHours:
+        """Everything the baseline statistics read of the given absolute hours, gathered
+        once (see `BaselineHours`).
+
+        The ring zeroes (NaNs) the hours it no longer holds for every scope at once, so the
+        only other unknown hours are those before a young scope's first hour: only those
+        cells are masked, where masking whole (S, H, F) arrays would cost more than
+        gathering them."""
+        n = self.size
+        slot, ok = self.hours.slots_for(hours)
+        adds, q = self._take_hours(hours)
+        bursts = self.take_bursts(hours)
+        shape = self.hour_slots.shape[2:]
+        slots = _take_planes(self.hour_slots[:n].reshape(n, self.hours.n, -1), slot)
+        if not ok.all():
+            np.copyto(slots, 0.0, where=~ok[None, :, None])
+        slots = slots.reshape((n, len(hours)) + shape)
+        early = hours[None, :] < self.first_hour[:n, None]
+        rows, cols = np.nonzero(early)
+        adds[rows, cols] = 0.0
+        q[rows, cols] = np.nan
+        slots[rows, cols] = 0.0
+        return BaselineHours(~ok[None, :] | early, adds, q, bursts, slots)
+
     def held_hours(self, hours: np.ndarray) -> np.ndarray:
         """Which of the given absolute hours the hourly ring holds."""
         return self.hours.slots_for(hours)[1]
@@ -598,14 +636,8 @@ class ScopeHistory:
             stale |= {int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}
             self._exc_size = n
         thr = np.clip(thresholds, -1, nb)
-        rows = np.arange(n)
         for s in sorted(stale):
-            for k in range(nk):
-                counts = self.coarse_sk[:n, s, k].astype(np.int64)
-                tail = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]            # tail[:, b]: samples in bins >= b
-                tail = np.concatenate([tail, np.zeros((n, 1), dtype=np.int64)], axis=1)
-                self._exc_total[:n, s, k] = tail[:, 0]
-                self._exc_above[:n, s, k] = np.where(thr[:, k] >= 0, tail[rows, np.maximum(thr[:, k], 0)], 0)
+            self._exc_above[:n, s], self._exc_total[:n, s] = _exceedances(self.coarse_sk[:n, s], thr)
             self._exc_tag[s] = self.coarse_ring.tag[s]
             self.coarse_dirty.discard(s)
         above = np.take(self._exc_above[:n], slot, axis=1)
@@ -778,6 +810,21 @@ def _sum_slots(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
     for p in parts[1:]:
         out += p
     return out
+
+
+def _exceedances(sk: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Samples at or above each scope's threshold bin, and all samples, of one coarse
+    slot's (S, kinds, bins) sketches; `thr` (S, kinds) holds a bin in [-1, bins] (-1: none).
+
+    One cumulative count over the bins, in int32 (a coarse slot's counts fit), read twice:
+    the total is its last entry, and the samples at or above bin b are the total less the
+    count below b. Integer counts, so this is exactly what summing the bins from b up gives.
+    """
+    cum = np.cumsum(sk, axis=-1, dtype=np.int32)
+    total = cum[..., -1]
+    below = np.take_along_axis(cum, np.clip(thr - 1, 0, sk.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    above = total - np.where(thr > 0, below, 0)
+    return np.where(thr >= 0, above, 0), total
 
 
 def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
