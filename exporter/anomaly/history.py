@@ -137,7 +137,8 @@ class ScopeHistory:
         self._exc_above = np.zeros((0, self.coarse_ring.n, nk))     # per coarse slot: samples beyond thresholds ...
         self._exc_total = np.zeros((0, self.coarse_ring.n, nk))     # ... and all samples (see recent_exceedances)
         self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
-        self._exc_version = -1
+        self._exc_thr = np.zeros((self.coarse_ring.n, 0, nk), dtype=np.int64)   # the thresholds each slot's rows were counted against ...
+        self._exc_version = np.full(self.coarse_ring.n, -1, dtype=np.int64)     # ... of this version
         self._exc_size = 0
         self._grow(16)
 
@@ -528,8 +529,11 @@ class ScopeHistory:
         if self.hours.tag[hslot] != hour:
             return
         n = self.size
+        sk = self.open_sk[:n, open_slot]
+        total = sk.sum(axis=-1)
+        qs = _window_quantiles(sk, total)           # `_quantiles` of every kind, in one pass
         for k, kind in enumerate(SKETCHES):
-            self.hour_q[:n, hslot, k] = _quantiles(self.open_sk[:n, open_slot, k], QUANTILES[kind])
+            self.hour_q[:n, hslot, k] = np.where(total[:, k] >= MIN_SKETCH_COUNT, qs[kind], np.nan)
 
     def refresh_open_hours(self, before_hour: int | None = None) -> None:
         """Recompute the quantiles of open hours that received data (those before
@@ -618,28 +622,34 @@ class ScopeHistory:
         kind's threshold bin (S, n_slots, kinds), all samples (same shape), and the slots'
         absolute indices. `thresholds` (S, kinds) holds a bin per scope and kind (-1: none).
 
-        A slot's counts are kept until it changes or the thresholds do (`version`), so each
-        evaluation counts only the slots that received records since the last."""
+        A slot's counts are kept until it changes, and a scope's until its thresholds do: so
+        each evaluation counts only the slots that received records since the last, and the
+        first after the hour turns (a new baseline, a new `version` of the thresholds) only
+        the scopes whose threshold bins moved."""
         n, nk, nb = self.size, len(SKETCHES), sketch.NBINS
-        if self._exc_above.shape[0] < self._cap or self._exc_version != version:
+        if self._exc_above.shape[0] < self._cap:
             self._exc_above = np.zeros((self._cap, self.coarse_ring.n, nk))
             self._exc_total = np.zeros((self._cap, self.coarse_ring.n, nk))
+            self._exc_thr = np.zeros((self.coarse_ring.n, self._cap, nk), dtype=np.int64)
             self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
             self._exc_size = 0
-            self._exc_version = version
         hi = math.floor(t / self.coarse)
         absolute = np.arange(hi - n_slots + 1, hi + 1)
         slot, ok = self.coarse_ring.slots_for(absolute)
-        stale = {int(s) for s, o in zip(slot.tolist(), ok.tolist())
-                 if o and (self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty)}
-        if self._exc_size != n:                              # new scopes: count every slot again
-            stale |= {int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}
-            self._exc_size = n
-        thr = np.clip(thresholds, -1, nb)
-        for s in sorted(stale):
-            self._exc_above[:n, s], self._exc_total[:n, s] = _exceedances(self.coarse_sk[:n, s], thr)
-            self._exc_tag[s] = self.coarse_ring.tag[s]
+        thr = np.clip(thresholds[:n], -1, nb)
+        for s in sorted({int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}):
+            rows: slice | np.ndarray
+            if self._exc_size != n or self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty:
+                rows = slice(None, n)                        # new scopes, or the slot changed: count all of it
+            elif self._exc_version[s] != version:
+                rows = np.flatnonzero((self._exc_thr[s, :n] != thr).any(axis=1))
+            else:
+                continue
+            self._exc_above[rows, s], self._exc_total[rows, s] = _exceedances(self.coarse_sk[rows, s], thr[rows])
+            self._exc_thr[s, rows] = thr[rows]
+            self._exc_tag[s], self._exc_version[s] = self.coarse_ring.tag[s], version
             self.coarse_dirty.discard(s)
+        self._exc_size = n
         above = np.take(self._exc_above[:n], slot, axis=1)
         total = np.take(self._exc_total[:n], slot, axis=1)
         above[:, ~ok] = 0.0
@@ -835,9 +845,10 @@ def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _window_quantiles(sk: np.ndarray, total: np.ndarray) -> dict[str, np.ndarray]:
-    """`sketch.quantile` of each kind of the window's (S, kinds, bins) sketches, given their
-    totals: one cumulative sum for all kinds, in int32 when the totals fit (numpy's default
-    int64 accumulator costs several times more), compared with the same float targets."""
+    """`sketch.quantile` of each kind of (S, kinds, bins) sketches (a window's, an open
+    hour's), given their totals: one cumulative sum for all kinds, in int32 when the totals
+    fit (numpy's default int64 accumulator costs several times more), compared with the
+    same float targets."""
     cum = np.cumsum(sk, axis=-1, dtype=np.int32 if total.max(initial=0) < 2**31 else np.int64)
     out = {}
     for k, kind in enumerate(SKETCHES):
