@@ -9,7 +9,9 @@
 - `ScopeHistory.recent_exceedances` keeps per-slot counts between evaluations: they must
   equal counting the coarse sketches (and the records) afresh, also after a counted slot
   receives more records, after slots are recycled, after new scopes appear, and after the
-  thresholds change with a new version.
+  thresholds change with a new version (all of them, or a few scopes' only).
+- An open hour's quantiles (`_finalise_open`, all kinds in one pass) equal
+  `sketch.quantile` of its sketches, NaN under MIN_SKETCH_COUNT samples.
 - The history's block-wise gathers and slice sums (`_take_planes`, `_sum_slots`,
   `_window_quantiles`, `token_sum`) equal fancy indexing and plain sums.
 """
@@ -25,7 +27,8 @@ from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 from exporter import sketch
 from exporter.anomaly.baseline import nan_median, nan_quantile
 from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, record_values
-from exporter.anomaly.history import QUANTILES, ScopeHistory, _sum_slots, _take_planes, _window_quantiles, token_sum
+from exporter.anomaly.history import (MIN_SKETCH_COUNT, QUANTILES, ScopeHistory, _sum_slots, _take_planes,
+                                      _window_quantiles, token_sum)
 
 
 # --- NaN-aware median and quantile ---------------------------------------------------------------
@@ -217,6 +220,16 @@ def test_recent_exceedances_equal_counts_from_the_sketches() -> None:
     thresholds, version = random_thresholds(rng, h), 2
     check(fed - 1)
     check(fed - 301)                                        # an earlier time, slots already counted
+    # a new version that moves some scopes' thresholds only, as an hour turn does: those
+    # scopes are counted again, the others keep their counts
+    thresholds = thresholds.copy()
+    thresholds[::3, 0] += 1
+    thresholds[1::4, 2] = np.maximum(thresholds[1::4, 2] - 2, -1)
+    version = 3
+    check(fed - 1)
+    check(fed - 301)
+    thresholds, version = thresholds.copy(), 4              # a new version, the same thresholds
+    check(fed - 1)
     # the cached path gives what a history that never counted before gives
     fresh = Harness().feed(traffic.take(traffic.ts < fed)).history
     a1, t1, _ = h.recent_exceedances(fed - 1, n_slots, thresholds, version)
@@ -262,3 +275,23 @@ def test_token_sum_equals_plain_sum() -> None:
     want = sum(adds[..., F[name]] for name in TOKEN_FIELDS)
     assert np.array_equal(token_sum(adds), want)
     assert np.array_equal(token_sum(adds[:, 0]), want[:, 0])
+
+
+def test_open_hour_quantiles_equal_sketch_quantile() -> None:
+    traffic = generate(STREAMS + (Stream("rare", "gpt-4o", rate=3),), DAY0, DAY0 + 3 * HOUR, seed=4)
+    h = Harness().feed(traffic).history
+    n = h.size
+    checked = 0
+    for s in range(h.open.n):
+        hour = int(h.open.tag[s])
+        if hour < 0 or h.hours.tag[hour % h.hours.n] != hour:
+            continue
+        h._finalise_open(s)
+        for k, kind in enumerate(SKETCHES):
+            counts = h.open_sk[:n, s, k].astype(np.int64)
+            want = np.where(counts.sum(axis=1) >= MIN_SKETCH_COUNT, sketch.quantile(counts, QUANTILES[kind]), np.nan)
+            np.testing.assert_array_equal(h.hour_q[:n, hour % h.hours.n, k], want)
+            checked += int(np.isfinite(want).sum())
+        few = h.open_sk[:n, s].sum(axis=-1) < MIN_SKETCH_COUNT
+        assert few.any() and np.isnan(h.hour_q[:n, hour % h.hours.n][few]).all()
+    assert checked > 20

@@ -94,6 +94,53 @@ class BaselineHours:
     slots: np.ndarray         # (S, H, WINDOW_SLOTS, SIZE_KINDS, N_WINDOW_STATS), each statistic contiguous
 
 
+class _GatheredHours:
+    """The baseline hours read last, kept so that the next read, an hour later, gathers the
+    one new hour instead of all of them (gathering is most of the cost of a baseline's
+    statistics that is not sorting).
+
+    Each array is stored field by field, as `_take_planes` lays it out, over `capacity`
+    columns: column c holds absolute hour `base + c` when `hour[c]` says so. A read is a
+    view of consecutive columns, so a later hour moves the view one column on and the
+    columns are moved back only when it runs off the end, once a day."""
+
+    SLACK = 24           # spare columns after the view: how many hours it moves on before the columns move back
+    LEAD = 2             # spare columns before it: a read of an hour earlier stays a view too
+
+    def __init__(self, rows: int, widths: tuple[int, ...], hours: int, base: int) -> None:
+        self.rows, self.capacity = rows, hours + self.LEAD + self.SLACK
+        self.planes = [np.empty((w, rows, self.capacity)) for w in widths]
+        self.hour = np.full(self.capacity, -1, dtype=np.int64)
+        self.base = base - self.LEAD
+
+    def place(self, first: int, count: int) -> np.ndarray:
+        """Columns for hours first .. first + count - 1, moving the held columns back to the
+        start (those that stay in range) when the view would run off either end."""
+        lo = first - self.base
+        if lo < 0 or lo + count > self.capacity:
+            base = first - self.LEAD
+            keep = np.flatnonzero((self.hour >= base) & (self.hour < base + self.capacity))
+            src, dst = keep, self.hour[keep] - base
+            for p in self.planes:
+                p[:, :, dst] = p[:, :, src]
+            hour = np.full(self.capacity, -1, dtype=np.int64)
+            hour[dst] = self.hour[src]
+            self.hour, self.base = hour, base
+            lo = first - base
+        return np.arange(lo, lo + count)
+
+    def forget_from(self, hour: int) -> None:
+        """Columns of `hour` and later are stale (the ring changed them)."""
+        self.hour[self.hour >= hour] = -1
+
+    def view(self, k: int, cols: np.ndarray) -> np.ndarray:
+        """(rows, len(cols), width) read-only view of plane `k`: a consumer that wrote into
+        it would change the next hour's baseline."""
+        out = self.planes[k][:, :, cols[0]:cols[-1] + 1].transpose(1, 2, 0)
+        out.flags.writeable = False
+        return out
+
+
 class ScopeHistory:
     """Per-scope rings for the evaluator; see the module docstring."""
 
@@ -134,6 +181,8 @@ class ScopeHistory:
         self.late_sketch_groups = 0
         self._dirty_open: set[int] = set()              # open slots with sketches newer than their quantiles
         self.changed_from_hour = np.iinfo(np.int64).max  # oldest hour changed since the evaluator last looked
+        self._gathered: _GatheredHours | None = None     # the baseline hours last read (`baseline_hours`) ...
+        self._gathered_stale_from = np.iinfo(np.int64).max   # ... and the oldest hour changed since
         self._exc_above = np.zeros((0, self.coarse_ring.n, nk))     # per coarse slot: samples beyond thresholds ...
         self._exc_total = np.zeros((0, self.coarse_ring.n, nk))     # ... and all samples (see recent_exceedances)
         self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
@@ -351,7 +400,7 @@ class ScopeHistory:
             self.hour_burst[:n, hslot, 0] += counts
             self.hour_burst[:n, hslot, 1] += counts * counts
             self._fold_slot_sizes(np.arange(n), np.full(n, hslot), values[:, None, 1:])
-            self.changed_from_hour = min(self.changed_from_hour, hour)
+            self._changed(hour)
 
     def _fold_slot_sizes(self, rows: np.ndarray, hslots: np.ndarray, sums: np.ndarray) -> None:
         """Add finished windows (one set per entry: scope row, hour slot, (WINDOW_SLOTS,
@@ -421,6 +470,7 @@ class ScopeHistory:
         if take.size:
             data = np.frombuffer(b"".join([blobs[i] for i in take.tolist()]), dtype="<f8").reshape(-1, width)
             self.hour_slots.reshape(-1, width)[cell] = data     # a view: hour_slots is contiguous
+            self._gathered = None
 
     def _restored_cells(self, rows: Sequence[tuple[Any, ...]], fits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For stored rows (scope key, hour, ...): the (scope row x hour slot) cell of each
@@ -456,6 +506,7 @@ class ScopeHistory:
             sums = np.stack([np.fromiter(map(itemgetter(k), rows), dtype=np.float64, count=len(rows))
                              for k in (2, 3)], axis=1)[take]
             self.hour_burst.reshape(-1, 2)[cell] = sums         # a view: hour_burst is contiguous
+            self._gathered = None
 
     def add_bursts(self, chunks: list[Groups], series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Burstiness sums of the hours minute buckets cover (at start-up, for minutes before
@@ -478,16 +529,17 @@ class ScopeHistory:
         np.add.at(self.hour_burst, (row[ok], slot[ok], 0), counts[ok])
         np.add.at(self.hour_burst, (row[ok], slot[ok], 1), counts[ok] ** 2)
         self._fold_slot_sizes(row[ok], slot[ok], sizes[ok][:, None, :])
+        self._gathered = None
 
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         hour = groups.start // 3600
-        self.changed_from_hour = min(self.changed_from_hour, int(hour.min()))
+        self._changed(int(hour.min()))
         np.minimum.at(self.first_hour, rows, np.repeat(hour, 3))
         held = self.hours.tag.copy()                    # claim() re-tags the slots it clears
         slot, ok, cleared = self.hours.claim(hour)      # per group, then per (group, scope)
         evicted = [int(held[s]) for s in cleared if held[s] >= 0]
         if evicted:     # an hour left the ring: statistics that included it are stale
-            self.changed_from_hour = min(self.changed_from_hour, min(evicted))
+            self._changed(min(evicted))
         for s in cleared:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan
@@ -495,6 +547,11 @@ class ScopeHistory:
             self.hour_slots[:, s] = 0.0
         slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
         _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
+
+    def _changed(self, hour: int) -> None:
+        """Note that the hourly ring's `hour` changed: statistics over it are stale."""
+        self.changed_from_hour = min(self.changed_from_hour, hour)
+        self._gathered_stale_from = min(self._gathered_stale_from, hour)
 
     def _add_open(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         """Sketches of the newest hours, whose quantiles are still changing.
@@ -524,7 +581,7 @@ class ScopeHistory:
         self._dirty_open.discard(open_slot)
         if hour < 0:
             return
-        self.changed_from_hour = min(self.changed_from_hour, hour)
+        self._changed(hour)
         hslot = hour % self.hours.n
         if self.hours.tag[hslot] != hour:
             return
@@ -567,28 +624,57 @@ class ScopeHistory:
         return out
 
     def baseline_hours(self, hours: np.ndarray) -> BaselineHours:
-        """Everything the baseline statistics read of the given absolute hours, gathered
-        once (see `BaselineHours`).
+        """Everything the baseline statistics read of the given consecutive absolute hours
+        (see `BaselineHours`), as read-only views of the hours gathered so far
+        (`_GatheredHours`): only hours not gathered yet, or changed since (`_changed`), are
+        gathered from the rings. The values are those the rings hold, whichever hours were
+        gathered when.
 
         The ring zeroes (NaNs) the hours it no longer holds for every scope at once, so the
         only other unknown hours are those before a young scope's first hour: only those
         cells are masked, where masking whole (S, H, F) arrays would cost more than
         gathering them."""
-        n = self.size
+        n, count = self.size, len(hours)
+        first = int(hours[0]) if count else 0
+        if count == 0 or not np.array_equal(hours, np.arange(first, first + count)):
+            raise ValueError("baseline_hours: hours must be consecutive and ascending")
+        rings = (self.hour_add, self.hour_q, self.hour_burst, self.hour_slots)
+        widths = tuple(math.prod(r.shape[2:]) for r in rings)
+        g = self._gathered
+        if g is None or g.rows != n or g.capacity < count + g.LEAD + g.SLACK:
+            g = self._gathered = _GatheredHours(n, widths, count, first)
+        g.forget_from(self._gathered_stale_from)
+        self._gathered_stale_from = np.iinfo(np.int64).max
+        cols = g.place(first, count)
+        missing = np.flatnonzero(g.hour[cols] != hours)
+        if missing.size:
+            self._gather_into(g, cols[missing], hours[missing], rings)
         slot, ok = self.hours.slots_for(hours)
-        adds, q = self._take_hours(hours)
-        bursts = self.take_bursts(hours)
-        shape = self.hour_slots.shape[2:]
-        slots = _take_planes(self.hour_slots[:n].reshape(n, self.hours.n, -1), slot)
-        if not ok.all():
-            np.copyto(slots, 0.0, where=~ok[None, :, None])
-        slots = slots.reshape((n, len(hours)) + shape)
         early = hours[None, :] < self.first_hour[:n, None]
-        rows, cols = np.nonzero(early)
-        adds[rows, cols] = 0.0
-        q[rows, cols] = np.nan
-        slots[rows, cols] = 0.0
-        return BaselineHours(~ok[None, :] | early, adds, q, bursts, slots)
+        adds, q, bursts, slots = (g.view(k, cols) for k in range(len(rings)))
+        return BaselineHours(~ok[None, :] | early, adds, q, bursts,
+                             slots.reshape((n, count) + self.hour_slots.shape[2:]))
+
+    def _gather_into(self, g: _GatheredHours, cols: np.ndarray, hours: np.ndarray,
+                     rings: tuple[np.ndarray, ...]) -> None:
+        """Copy the given absolute hours of every scope from the hourly rings into columns
+        `cols` of `g`: zero (NaN for quantiles) where the ring no longer holds an hour, and
+        in the hours before a scope's first (its bursts as held: `burstiness` reads an hour
+        without requests as not seen whole)."""
+        n = g.rows
+        slot, ok = self.hours.slots_for(hours)
+        early = hours[None, :] < self.first_hour[:n, None]
+        for ring, plane in zip(rings, g.planes):
+            fill = np.nan if ring is self.hour_q else 0.0
+            flat = ring[:n].reshape(n, self.hours.n, -1)
+            block = max(1, (4 << 20) // max(1, len(slot) * flat.shape[2] * 8))
+            for a in range(0, n, block):          # a block of scopes at a time, transposed in cache
+                part = np.take(flat[a:a + block], slot, axis=1)
+                part[:, ~ok] = fill
+                if ring is not self.hour_burst:
+                    part[early[a:a + block]] = fill
+                plane[:, a:a + block, cols] = part.transpose(2, 0, 1)
+        g.hour[cols] = hours
 
     def held_hours(self, hours: np.ndarray) -> np.ndarray:
         """Which of the given absolute hours the hourly ring holds."""
