@@ -329,3 +329,7 @@ def test_gathered_hours_are_read_only_views() -> None:
             a[0, 0] = 1.0
     with pytest.raises(ValueError):
         harness.history.baseline_hours(hours[::2])
+    empty = ScopeHistory(HOUR, 14 * DAY).baseline_hours(hours)          # before the first record
+    assert empty.adds.shape == (0, len(hours), len(F)) and empty.slots.shape[:2] == (0, len(hours))
+    snap = Harness().evaluate(1_800_000_000.0)                           # and the evaluation over it
+    assert snap.active.shape == (0,)

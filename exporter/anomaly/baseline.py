@@ -173,7 +173,7 @@ def _block_sums(x: np.ndarray, hours: int) -> np.ndarray:
     medians of counts (multiples of 1/2) `block_spread` receives every sum is exact, so
     the order of the additions cannot change it; for other values it may differ from
     numpy's pairwise order in the last bit."""
-    blocks = x.reshape(x.shape[0], -1, hours)
+    blocks = x.reshape(x.shape[0], x.shape[1] // hours, hours)
     out = blocks[:, :, 0].copy()
     for j in range(1, hours):
         out += blocks[:, :, j]

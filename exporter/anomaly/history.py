@@ -666,7 +666,7 @@ class ScopeHistory:
         early = hours[None, :] < self.first_hour[:n, None]
         for ring, plane in zip(rings, g.planes):
             fill = np.nan if ring is self.hour_q else 0.0
-            flat = ring[:n].reshape(n, self.hours.n, -1)
+            flat = ring[:n].reshape(n, self.hours.n, plane.shape[0])
             block = max(1, (4 << 20) // max(1, len(slot) * flat.shape[2] * 8))
             for a in range(0, n, block):          # a block of scopes at a time, transposed in cache
                 part = np.take(flat[a:a + block], slot, axis=1)
