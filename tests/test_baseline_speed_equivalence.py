@@ -3,7 +3,9 @@
 - `baseline.nan_median` and `baseline.nan_quantile` sort once and index, where numpy's
   nanmedian / nanquantile take a slow path per row: they must give numpy's values (the
   'lower' method for the quantile), bit for bit, on random data with NaN gaps, ties,
-  infinities and all-NaN rows, along any axis.
+  infinities and all-NaN rows, along any axis; rows longer than numpy's fast sort
+  (`baseline.FAST_SORT`) too, which are sorted as two halves (`baseline.Ordered`), and
+  every order statistic of such rows equals the whole row's sorted value.
 - `ScopeHistory.recent_sums` (cumulative sums over the fine ring) must equal a direct sum
   of the ring's slots of each window, and of the records themselves.
 - `ScopeHistory.recent_exceedances` keeps per-slot counts between evaluations: they must
@@ -25,7 +27,7 @@ import pytest
 from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
 from exporter import sketch
-from exporter.anomaly.baseline import nan_median, nan_quantile
+from exporter.anomaly.baseline import FAST_SORT, Ordered, nan_median, nan_quantile
 from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, record_values
 from exporter.anomaly.history import (MIN_SKETCH_COUNT, QUANTILES, ScopeHistory, _sum_slots, _take_planes,
                                       _window_quantiles, token_sum)
@@ -50,7 +52,9 @@ def random_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")          # numpy warns about all-NaN slices
 @pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 2), 1), ((300, 7), 1), ((300, 168), 1),
-                                        ((168, 300), 0), ((7, 40, 24), 0), ((6, 40, 25), -1), ((5, 6, 7), 1)])
+                                        ((168, 300), 0), ((7, 40, 24), 0), ((6, 40, 25), -1), ((5, 6, 7), 1),
+                                        ((200, 256), 1), ((200, 257), 1), ((200, 336), 1), ((3, 512, 9), 1),
+                                        ((100, 513), 1), ((300, 20, 300), 1)])
 def test_nan_median_equals_numpy(shape: tuple[int, ...], axis: int) -> None:
     rng = np.random.default_rng(sum(shape) + axis)
     x = random_values(rng, shape)
@@ -63,13 +67,33 @@ def test_nan_median_equals_numpy(shape: tuple[int, ...], axis: int) -> None:
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("q", [0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0, 0.3333, 0.6180339887])
-@pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 9), 1), ((300, 168), 1), ((168, 300), 0), ((7, 40, 24), 0)])
+@pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 9), 1), ((300, 168), 1), ((168, 300), 0), ((7, 40, 24), 0),
+                                        ((200, 257), 1), ((200, 336), 1), ((336, 100), 0)])
 def test_nan_quantile_equals_numpy_lower(q: float, shape: tuple[int, ...], axis: int) -> None:
     rng = np.random.default_rng(int(q * 1000) + sum(shape))
     x = random_values(rng, shape)
     got, want = nan_quantile(x, q, axis=axis), np.nanquantile(x, q, axis=axis, method="lower")
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m", [2, 255, 256, 257, 300, 336, 512])
+def test_order_statistics_of_halves_equal_a_full_sort(m: int) -> None:
+    rng = np.random.default_rng(m)
+    x = random_values(rng, (400, m))
+    x[7] = 1.5                                                   # a row of one value
+    x[8, : m // 2] = np.nan                                      # a half with nothing
+    x[9, m // 2:] = np.nan
+    o = Ordered(x)
+    assert len(o.parts) == (2 if FAST_SORT < m <= 2 * FAST_SORT else 1)
+    full = np.sort(x, axis=1)
+    n = np.sum(~np.isnan(x), axis=1)
+    np.testing.assert_array_equal(o.n, n)
+    for k in range(m):
+        rows = np.flatnonzero(k < n)
+        np.testing.assert_array_equal(o.kth(np.full(400, k))[rows], full[rows, k])
+    want = np.where(n >= 2, full[np.arange(400), np.maximum(n - 2, 0)], -np.inf)
+    np.testing.assert_array_equal(o.second_highest(), want)
 
 
 # --- the history's window reads --------------------------------------------------------------------
