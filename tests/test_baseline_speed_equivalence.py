@@ -15,7 +15,9 @@
 - An open hour's quantiles (`_finalise_open`, all kinds in one pass) equal
   `sketch.quantile` of its sketches, NaN under MIN_SKETCH_COUNT samples.
 - The history's block-wise gathers and slice sums (`_take_planes`, `_sum_slots`,
-  `_window_quantiles`, `token_sum`) equal fancy indexing and plain sums.
+  `_window_quantiles`, `token_sum`) equal fancy indexing and plain sums; the window's
+  slot-by-slot sums (`_sum_in_order`, `_sums_from_newest`) equal numpy's sum and
+  cumulative sum of the gathered slots bit for bit.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 from exporter import sketch
 from exporter.anomaly.baseline import FAST_SORT, Ordered, nan_median, nan_quantile
 from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, record_values
-from exporter.anomaly.history import (MIN_SKETCH_COUNT, QUANTILES, ScopeHistory, _sum_slots, _take_planes,
-                                      _window_quantiles, token_sum)
+from exporter.anomaly.history import (MIN_SKETCH_COUNT, QUANTILES, ScopeHistory, _sum_in_order, _sum_slots,
+                                      _sums_from_newest, _take_planes, _window_quantiles, token_sum)
 
 
 # --- NaN-aware median and quantile ---------------------------------------------------------------
@@ -291,6 +293,23 @@ def test_window_sums_and_quantiles_equal_sketch_quantile() -> None:
     qs = _window_quantiles(sk, sk.sum(axis=-1))
     for k, kind in enumerate(SKETCHES):
         assert np.array_equal(qs[kind], sketch.quantile(sk[:, k], QUANTILES[kind]), equal_nan=True)
+
+
+@pytest.mark.parametrize("n_slots,start", [(60, 10), (60, 0), (5, 62), (1, 3)])
+def test_window_sums_equal_numpy_sums_of_the_gathered_slots(n_slots: int, start: int) -> None:
+    """`_sum_in_order` and `_sums_from_newest` add slot by slot: the same values, bit for
+    bit, as numpy's sum and cumulative sum of the gathered slots, wrap-around and slots the
+    ring no longer holds included."""
+    rng = np.random.default_rng(n_slots + start)
+    ring = rng.normal(size=(40, 64, len(FIELDS))) * rng.lognormal(0, 3, (40, 64, len(FIELDS)))
+    slots = (np.arange(n_slots) + start) % 64
+    ok = rng.random(n_slots) < 0.8
+    assert np.array_equal(_sum_in_order(ring, slots[ok]), np.take(ring, slots[ok], axis=1).sum(axis=1))
+    counts = sorted({1, max(n_slots // 2, 1), n_slots}) + [n_slots]          # a length asked for twice
+    data = np.take(ring, slots, axis=1)
+    data[:, ~ok] = 0.0
+    want = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(counts) - 1]
+    assert np.array_equal(_sums_from_newest(ring, slots, ok, counts), want)
 
 
 def test_token_sum_equals_plain_sum() -> None:

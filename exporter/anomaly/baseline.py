@@ -118,27 +118,27 @@ def _kth_of_two(a: np.ndarray, na: np.ndarray, b: np.ndarray, nb: np.ndarray, k:
 
     The k + 1 smallest are the i smallest of a and the k + 1 - i smallest of b for the
     least i whose next value of a, a[i], is no smaller than the last of those of b,
-    b[k - i]: binary search for it, all rows at once, then the k-th is the larger of a[i - 1]
-    and b[k - i]."""
-    k = np.clip(k, 0, np.maximum(na + nb - 1, 0))
+    b[k - i]: binary search for it, all rows at once (flat indices into the rows: the
+    arrays are small, so the count of numpy calls is what costs), then the k-th is the
+    larger of a[i - 1] and b[k - i]."""
+    shape = k.shape
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    ma, mb = max(a.shape[-1], 1), max(b.shape[-1], 1)
+    rows = np.arange(k.size)
+    oa, ob = rows * a.shape[-1], rows * b.shape[-1]
+    na, nb = na.reshape(-1), nb.reshape(-1)
+    k = np.clip(k.reshape(-1), 0, np.maximum(na + nb - 1, 0))
     lo = np.maximum(k + 1 - nb, 0)
     hi = np.minimum(k + 1, na)
-    ia, ib = max(a.shape[-1] - 1, 0), max(b.shape[-1] - 1, 0)
-
-    def at(x: np.ndarray, idx: np.ndarray, last: int) -> np.ndarray:
-        return np.take_along_axis(x, np.clip(idx, 0, last)[..., None], axis=-1)[..., 0]
-
-    while True:
-        open_ = lo < hi
-        if not open_.any():
-            break
-        mid = (lo + hi) // 2
-        enough = at(a, mid, ia) >= at(b, k - mid, ib)
-        hi = np.where(open_ & enough, mid, hi)
-        lo = np.where(open_ & ~enough, mid + 1, lo)
-    from_a = np.where(lo > 0, at(a, lo - 1, ia), -np.inf)
-    from_b = np.where(k + 1 - lo > 0, at(b, k - lo, ib), -np.inf)
-    return np.maximum(from_a, from_b)
+    for _ in range(int(np.max(hi - lo, initial=0)).bit_length()):
+        mid = (lo + hi) >> 1
+        enough = fa.take(oa + np.minimum(mid, ma - 1)) >= fb.take(ob + np.clip(k - mid, 0, mb - 1))
+        shut = enough | (lo >= hi)                       # a closed row keeps lo == hi
+        hi = np.where(shut, np.minimum(mid, hi), hi)
+        lo = np.where(shut, lo, mid + 1)
+    from_a = np.where(lo > 0, fa.take(oa + np.clip(lo - 1, 0, ma - 1)) if fa.size else 0.0, -np.inf)
+    from_b = np.where(k + 1 - lo > 0, fb.take(ob + np.clip(k - lo, 0, mb - 1)) if fb.size else 0.0, -np.inf)
+    return np.maximum(from_a, from_b).reshape(shape)
 
 
 def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:

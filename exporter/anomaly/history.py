@@ -607,7 +607,7 @@ class ScopeHistory:
         lo = math.floor((t - self.window) / self.fine) + 1
         fine_abs = np.arange(lo, math.floor(t / self.fine) + 1)
         slot, ok = self.fine_ring.slots_for(fine_abs)
-        adds = np.take(self.fine_add[:n], slot[ok], axis=1).sum(axis=1)
+        adds = _sum_in_order(self.fine_add[:n], slot[ok])
         lo = math.floor((t - self.window) / self.coarse) + 1
         coarse_abs = np.arange(lo, math.floor(t / self.coarse) + 1)
         slot, ok = self.coarse_ring.slots_for(coarse_abs)
@@ -686,10 +686,7 @@ class ScopeHistory:
         n, k_max = self.size, max(slot_counts)
         hi = math.floor(t / self.fine)
         slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
-        data = np.take(self.fine_add[:n], slot, axis=1)
-        data[:, ~ok] = 0.0
-        back = np.cumsum(data[:, ::-1], axis=1)             # back[:, j]: the newest j + 1 slots
-        return back[:, np.asarray(slot_counts) - 1]
+        return _sums_from_newest(self.fine_add[:n], slot, ok, slot_counts)
 
     def recent_sessions(self, t: float, slot_counts: list[int], rows: np.ndarray) -> np.ndarray:
         """(len(rows), W, SESSION_BUCKETS, len(SESSION_FIELDS)): `recent_sums` of the given
@@ -889,6 +886,39 @@ def _take_planes(ring: np.ndarray, slots: np.ndarray, block_bytes: int = 4 << 20
     for a in range(0, n, block):
         out[:, a:a + block] = np.take(ring[a:a + block], slots, axis=1).transpose(2, 0, 1)
     return out.transpose(1, 2, 0)
+
+
+def _sum_in_order(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """`ring[:, slots].sum(axis=1)` of a (scopes, slots, fields) ring, one slot at a time in
+    the order given: numpy adds the gathered slots in that same order (the fields, not the
+    slots, are its inner loop), so the sums are the same, without gathering them first."""
+    if not len(slots):
+        return np.zeros((ring.shape[0],) + ring.shape[2:])
+    out = ring[:, slots[0]].copy()
+    for s in slots[1:].tolist():
+        out += ring[:, s]
+    return out
+
+
+def _sums_from_newest(ring: np.ndarray, slots: np.ndarray, ok: np.ndarray, counts: list[int]) -> np.ndarray:
+    """(scopes, len(counts), fields): for each k of `counts`, the sum of the last k of
+    `slots` (ring slots, oldest first; zero where `ok` is False), added newest first one
+    slot at a time. These are the values of numpy's cumulative sum along the reversed slots
+    (the same additions in the same order), without gathering the (scopes, slots, fields)
+    array it runs along."""
+    want: dict[int, list[int]] = {}
+    for j, k in enumerate(counts):
+        want.setdefault(k - 1, []).append(j)
+    out = np.zeros((ring.shape[0], len(counts)) + ring.shape[2:])
+    acc = np.zeros((ring.shape[0],) + ring.shape[2:])
+    for i, (s, held) in enumerate(zip(slots[::-1].tolist(), ok[::-1].tolist())):
+        if i == 0:
+            acc = ring[:, s].copy() if held else acc
+        else:
+            acc += ring[:, s] if held else 0.0
+        for j in want.get(i, []):
+            out[:, j] = acc
+    return out
 
 
 def _sum_slots(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
