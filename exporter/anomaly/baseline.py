@@ -74,8 +74,7 @@ class Ordered:
         m = x.shape[-1]
         cut = m // 2 if FAST_SORT < m <= 2 * FAST_SORT else m
         self.parts = [np.sort(x[..., :cut], axis=-1)] + ([np.sort(x[..., cut:], axis=-1)] if cut < m else [])
-        # numpy's sort puts NaN last: the valid values of a part are its first ones
-        self.counts = [p.shape[-1] - np.count_nonzero(np.isnan(p), axis=-1) for p in self.parts]
+        self.counts = [_valid_count(p) for p in self.parts]
         self.n = sum(self.counts[1:], self.counts[0])
 
     def kth(self, k: np.ndarray) -> np.ndarray:
@@ -110,6 +109,18 @@ class Ordered:
         if self.parts[0].shape[-1] + (self.parts[1].shape[-1] if len(self.parts) > 1 else 0) < 2:
             return np.full(n.shape, -np.inf)
         return np.where(n >= 2, self.kth(n - 2), -np.inf)
+
+
+def _valid_count(s: np.ndarray) -> np.ndarray:
+    """How many values of each row of the sorted `s` are not NaN. numpy's sort puts NaN
+    last, so only the rows whose last value is NaN (few, mostly) need counting."""
+    m = s.shape[-1]
+    n = np.full(s.shape[:-1], m, dtype=np.int64)
+    if m:
+        gaps = np.isnan(s[..., -1])
+        if gaps.any():
+            n[gaps] = m - np.count_nonzero(np.isnan(s[gaps]), axis=-1)
+    return n
 
 
 def _kth_of_two(a: np.ndarray, na: np.ndarray, b: np.ndarray, nb: np.ndarray, k: np.ndarray) -> np.ndarray:
