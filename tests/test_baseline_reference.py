@@ -12,7 +12,8 @@ They must agree bit for bit:
   quiet scope whose hours mostly hold too few requests for a mean or a quantile), hour
   after hour (the gathered hours reused), with records arriving late into baseline hours,
   a scope appearing mid-run, a baseline longer than the ring's horizon (hours the ring no
-  longer holds) and one longer than 256 hours.
+  longer holds) and one longer than 256 hours; and the baseline's request counts, read from
+  the gathered hours, equal a plain sum of the ring.
 """
 
 from __future__ import annotations
@@ -308,6 +309,10 @@ def test_baseline_equals_the_reference_hour_after_hour(baseline_days: float, hor
         ev = harness._evaluator
         assert ev is not None and ev._baseline is not None
         assert_same(flatten(ev._baseline), reference_baseline(h, ev._baseline.end, count), f"t={t - end:.0f}s")
+        hours = np.arange(ev._baseline.end - count, ev._baseline.end)      # and the requests that keep scopes active
+        slot, ok = h.hours.slots_for(hours)
+        plain = h.hour_add[: h.size][:, slot[ok], F["requests"]].sum(axis=1)
+        assert np.array_equal(h.baseline_requests(t, baseline_days * DAY), plain)
         checked += 1
     assert checked == 15
     # the run covered what it means to: young scopes, a newcomer, hours the ring no longer holds

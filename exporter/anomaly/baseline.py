@@ -282,7 +282,8 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     in the baseline still cannot raise it."""
     ok = count >= 5
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(ok, total / count, np.nan)
+        per_request = total / count
+        mean = np.where(ok, per_request, np.nan)
         var = np.where(ok, (total_sq - total * total / count) / np.maximum(count - 1, 1), np.nan)
     by_mean = Ordered(mean)
     centre = by_mean.median()
@@ -306,7 +307,7 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
     vw = var_w[:, 0]
     some = count > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        dev2 = np.where(some, (total / count - centre[:, None]) ** 2 - vw[:, None] / count, 0.0)
+        dev2 = np.where(some, (per_request - centre[:, None]) ** 2 - vw[:, None] / count, 0.0)
         hour_tau2 = np.maximum(dev2.sum(axis=1) / some.sum(axis=1), 0.0)
     st.spread = np.concatenate([tau2, np.where(hours >= MIN_HOURS, hour_tau2, np.nan)[:, None]], axis=1)
     st.within = vw

@@ -721,15 +721,18 @@ class ScopeHistory:
         slot, ok = self.coarse_ring.slots_for(absolute)
         thr = np.clip(thresholds[:n], -1, nb)
         for s in sorted({int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}):
-            rows: slice | np.ndarray
             if self._exc_size != n or self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty:
-                rows = slice(None, n)                        # new scopes, or the slot changed: count all of it
+                # new scopes, or the slot changed: count all of it
+                self._exc_above[:n, s], self._exc_total[:n, s] = _exceedances(self.coarse_sk[:n, s], thr)
+                self._exc_thr[s, :n] = thr
             elif self._exc_version[s] != version:
-                rows = np.flatnonzero((self._exc_thr[s, :n] != thr).any(axis=1))
+                for k in range(nk):         # the totals stand; the samples beyond moved thresholds do not
+                    rows = np.flatnonzero(self._exc_thr[s, :n, k] != thr[:, k])
+                    above, _ = _exceedances(self.coarse_sk[rows, s, k][:, None], thr[rows, k][:, None])
+                    self._exc_above[rows, s, k] = above[:, 0]
+                    self._exc_thr[s, rows, k] = thr[rows, k]
             else:
                 continue
-            self._exc_above[rows, s], self._exc_total[rows, s] = _exceedances(self.coarse_sk[rows, s], thr[rows])
-            self._exc_thr[s, rows] = thr[rows]
             self._exc_tag[s], self._exc_version[s] = self.coarse_ring.tag[s], version
             self.coarse_dirty.discard(s)
         self._exc_size = n
@@ -778,6 +781,14 @@ class ScopeHistory:
         n = self.size
         end = math.floor((t - self.window) / 3600)
         hours = np.arange(end - int(round(baseline / 3600)), end)
+        g = self._gathered
+        if g is not None and g.rows == n and len(hours) and self._gathered_stale_from > hours[-1]:
+            cols = hours - g.base
+            if cols[0] >= 0 and cols[-1] < g.capacity and np.array_equal(g.hour[cols], hours):
+                # the evaluator has just gathered these hours (`baseline_hours`), unchanged
+                # since; zero where the ring does not hold an hour, and request counts are
+                # whole numbers, so they add up to the same sum in any order
+                return g.planes[0][F["requests"], :, cols[0]:cols[-1] + 1].sum(axis=1)
         slot, ok = self.hours.slots_for(hours)
         return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
 
