@@ -1,8 +1,10 @@
 """Baseline statistics: what "normal" looks like for every scope, from its hourly history.
 
 Pure numpy functions over (scopes, hours) arrays, one row per scope, NaN where an hour has
-no value. They run when the hour turns (the evaluator keeps the result until then), so
-they favour clarity over the last microsecond.
+no value. They run when the hour turns (the evaluator keeps the result until then), within
+the first evaluation after it, which has the evaluation's time budget: so each row set is
+sorted once and read for every order statistic it gives (`Ordered`), and otherwise they
+favour clarity over the last microsecond.
 
 - Counts (requests) follow the time of day: the expected count of an hour is the median
   of the same hour on the baseline's days (`daily_profile`). How far a day strays from that
