@@ -26,7 +26,7 @@ from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
 from exporter.anomaly import baseline as bl
 from exporter.anomaly.evaluator import LOG_FLOOR, SUSTAINED_HOURS, Baseline, Evaluator, KINDS, SIZE_FIELDS
-from exporter.anomaly.history import SIZE_KINDS, ScopeHistory, token_sum
+from exporter.anomaly.history import SIZE_KINDS, ScopeHistory, _GatheredHours, token_sum
 from exporter.storage.buckets import F
 
 
@@ -275,10 +275,15 @@ STREAMS = (Stream("chat", "gpt-4o-mini", rate=600, session=3),
            Stream("batch", "claude-3-5-haiku", "anthropic", rate=150, session=20, gap=2))
 
 
-@pytest.mark.parametrize("baseline_days,horizon_days,days", [(4, 14, 6), (6, 5, 8), (11, 14, 12)])
-def test_baseline_equals_the_reference_hour_after_hour(baseline_days: float, horizon_days: float, days: float) -> None:
+@pytest.mark.parametrize("baseline_days,horizon_days,days,slack", [(4, 14, 6, 24), (4, 14, 6, 1), (6, 5, 8, 2),
+                                                                  (11, 14, 12, 24)])
+def test_baseline_equals_the_reference_hour_after_hour(baseline_days: float, horizon_days: float, days: float,
+                                                       slack: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Live: feed, evaluate every 20 minutes over five hour turns, and compare the
-    evaluator's baseline with the reference's at every evaluation."""
+    evaluator's baseline with the reference's at every evaluation; then at earlier times
+    (a backtest going back). With little slack the gathered hours are moved back to the start
+    of their columns every hour or two, and forward again for the earlier times."""
+    monkeypatch.setattr(_GatheredHours, "SLACK", slack)
     start = 1_800_000_000.0 - 1_800_000_000.0 % DAY
     end = start + days * DAY
     traffic = generate(STREAMS, start, end, seed=int(baseline_days))
@@ -315,6 +320,13 @@ def test_baseline_equals_the_reference_hour_after_hour(baseline_days: float, hor
         assert np.array_equal(h.baseline_requests(t, baseline_days * DAY), plain)
         checked += 1
     assert checked == 15
+    back = Harness(baseline=baseline_days * DAY, horizon=horizon_days * DAY)
+    back.history, back.series, back.series_keys = h, harness.series, harness.series_keys
+    for t in (fed - 3 * HOUR, fed - 7 * HOUR, fed - 2 * HOUR):      # earlier hours, the same history
+        back.evaluate(t)
+        b = back._evaluator._baseline if back._evaluator is not None else None
+        assert b is not None
+        assert_same(flatten(b), reference_baseline(h, b.end, count), f"back to t={t - end:.0f}s")
     # the run covered what it means to: young scopes, a newcomer, hours the ring no longer holds
     assert h.keys.index(("app", "newcomer", "", "")) > 0
     hours = np.arange(ev._baseline.end - count, ev._baseline.end)

@@ -102,7 +102,10 @@ class _GatheredHours:
     Each array is stored field by field, as `_take_planes` lays it out, over `capacity`
     columns: column c holds absolute hour `base + c` when `hour[c]` says so. A read is a
     view of consecutive columns, so a later hour moves the view one column on and the
-    columns are moved back only when it runs off the end, once a day."""
+    columns are moved back only when it runs off the end: once a day, a copy of them all
+    (about 10 ms for 1,000 scopes and 7 days, in that hour's first evaluation). A few more
+    columns would make that rarer, at the cost of memory held all day: the columns take
+    about 50 MB for 1,000 scopes and 7 days, 10 MB for 200."""
 
     SLACK = 24           # spare columns after the view: how many hours it moves on before the columns move back
     LEAD = 2             # spare columns before it: a read of an hour earlier stays a view too
@@ -119,12 +122,15 @@ class _GatheredHours:
         lo = first - self.base
         if lo < 0 or lo + count > self.capacity:
             base = first - self.LEAD
-            keep = np.flatnonzero((self.hour >= base) & (self.hour < base + self.capacity))
-            src, dst = keep, self.hour[keep] - base
-            for p in self.planes:
-                p[:, :, dst] = p[:, :, src]
+            shift = base - self.base                 # columns move this many to the left
+            held = np.flatnonzero(self.hour >= 0)
+            a = max(int(held[0]) if held.size else 0, shift, 0)                      # the held columns ...
+            b = min(int(held[-1]) + 1 if held.size else 0, self.capacity + shift, self.capacity)
             hour = np.full(self.capacity, -1, dtype=np.int64)
-            hour[dst] = self.hour[src]
+            if a < b:                                # ... that stay in range: one slice per plane
+                for p in self.planes:
+                    p[:, :, a - shift:b - shift] = p[:, :, a:b]
+                hour[a - shift:b - shift] = self.hour[a:b]
             self.hour, self.base = hour, base
             lo = first - base
         return np.arange(lo, lo + count)
