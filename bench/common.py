@@ -93,14 +93,20 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else math.nan
 
 
-def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1, max_seconds: float | None = None) -> list[float]:
+def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1, max_seconds: float | None = None,
+           setup: Callable[[], Any] | None = None) -> list[float]:
     """Wall times (s) of `repeats` calls after `warmup` untimed ones; stops early past `max_seconds`
-    (always keeping at least three timings) so a slow machine cannot stretch a run without bound."""
+    (always keeping at least three timings) so a slow machine cannot stretch a run without bound.
+    `setup`, when given, runs untimed before every call."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times: list[float] = []
     start = time.perf_counter()
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)

@@ -3,15 +3,21 @@
 - `baseline.nan_median` and `baseline.nan_quantile` sort once and index, where numpy's
   nanmedian / nanquantile take a slow path per row: they must give numpy's values (the
   'lower' method for the quantile), bit for bit, on random data with NaN gaps, ties,
-  infinities and all-NaN rows, along any axis.
+  infinities and all-NaN rows, along any axis; rows longer than numpy's fast sort
+  (`baseline.FAST_SORT`) too, which are sorted as two halves (`baseline.Ordered`), and
+  every order statistic of such rows equals the whole row's sorted value.
 - `ScopeHistory.recent_sums` (cumulative sums over the fine ring) must equal a direct sum
   of the ring's slots of each window, and of the records themselves.
 - `ScopeHistory.recent_exceedances` keeps per-slot counts between evaluations: they must
   equal counting the coarse sketches (and the records) afresh, also after a counted slot
   receives more records, after slots are recycled, after new scopes appear, and after the
-  thresholds change with a new version.
+  thresholds change with a new version (all of them, or a few scopes' only).
+- An open hour's quantiles (`_finalise_open`, all kinds in one pass) equal
+  `sketch.quantile` of its sketches, NaN under MIN_SKETCH_COUNT samples.
 - The history's block-wise gathers and slice sums (`_take_planes`, `_sum_slots`,
-  `_window_quantiles`, `token_sum`) equal fancy indexing and plain sums.
+  `_window_quantiles`, `token_sum`) equal fancy indexing and plain sums; the window's
+  slot-by-slot sums (`_sum_in_order`, `_sums_from_newest`) equal numpy's sum and
+  cumulative sum of the gathered slots bit for bit.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import pytest
 from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
 from exporter import sketch
-from exporter.anomaly.baseline import nan_median, nan_quantile
+from exporter.anomaly.baseline import FAST_SORT, Ordered, nan_median, nan_quantile
 from exporter.storage.buckets import F, FIELDS, SKETCHES, TOKEN_FIELDS, record_values
-from exporter.anomaly.history import QUANTILES, ScopeHistory, _sum_slots, _take_planes, _window_quantiles, token_sum
+from exporter.anomaly.history import (MIN_SKETCH_COUNT, QUANTILES, ScopeHistory, _sum_in_order, _sum_slots,
+                                      _sums_from_newest, _take_planes, _window_quantiles, token_sum)
 
 
 # --- NaN-aware median and quantile ---------------------------------------------------------------
@@ -47,7 +54,9 @@ def random_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")          # numpy warns about all-NaN slices
 @pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 2), 1), ((300, 7), 1), ((300, 168), 1),
-                                        ((168, 300), 0), ((7, 40, 24), 0), ((6, 40, 25), -1), ((5, 6, 7), 1)])
+                                        ((168, 300), 0), ((7, 40, 24), 0), ((6, 40, 25), -1), ((5, 6, 7), 1),
+                                        ((200, 256), 1), ((200, 257), 1), ((200, 336), 1), ((3, 512, 9), 1),
+                                        ((100, 513), 1), ((300, 20, 300), 1)])
 def test_nan_median_equals_numpy(shape: tuple[int, ...], axis: int) -> None:
     rng = np.random.default_rng(sum(shape) + axis)
     x = random_values(rng, shape)
@@ -60,13 +69,33 @@ def test_nan_median_equals_numpy(shape: tuple[int, ...], axis: int) -> None:
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("q", [0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0, 0.3333, 0.6180339887])
-@pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 9), 1), ((300, 168), 1), ((168, 300), 0), ((7, 40, 24), 0)])
+@pytest.mark.parametrize("shape,axis", [((300, 1), 1), ((300, 9), 1), ((300, 168), 1), ((168, 300), 0), ((7, 40, 24), 0),
+                                        ((200, 257), 1), ((200, 336), 1), ((336, 100), 0)])
 def test_nan_quantile_equals_numpy_lower(q: float, shape: tuple[int, ...], axis: int) -> None:
     rng = np.random.default_rng(int(q * 1000) + sum(shape))
     x = random_values(rng, shape)
     got, want = nan_quantile(x, q, axis=axis), np.nanquantile(x, q, axis=axis, method="lower")
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m", [2, 255, 256, 257, 300, 336, 512])
+def test_order_statistics_of_halves_equal_a_full_sort(m: int) -> None:
+    rng = np.random.default_rng(m)
+    x = random_values(rng, (400, m))
+    x[7] = 1.5                                                   # a row of one value
+    x[8, : m // 2] = np.nan                                      # a half with nothing
+    x[9, m // 2:] = np.nan
+    o = Ordered(x)
+    assert len(o.parts) == (2 if FAST_SORT < m <= 2 * FAST_SORT else 1)
+    full = np.sort(x, axis=1)
+    n = np.sum(~np.isnan(x), axis=1)
+    np.testing.assert_array_equal(o.n, n)
+    for k in range(m):
+        rows = np.flatnonzero(k < n)
+        np.testing.assert_array_equal(o.kth(np.full(400, k))[rows], full[rows, k])
+    want = np.where(n >= 2, full[np.arange(400), np.maximum(n - 2, 0)], -np.inf)
+    np.testing.assert_array_equal(o.second_highest(), want)
 
 
 # --- the history's window reads --------------------------------------------------------------------
@@ -217,6 +246,16 @@ def test_recent_exceedances_equal_counts_from_the_sketches() -> None:
     thresholds, version = random_thresholds(rng, h), 2
     check(fed - 1)
     check(fed - 301)                                        # an earlier time, slots already counted
+    # a new version that moves some scopes' thresholds only, as an hour turn does: those
+    # scopes are counted again, the others keep their counts
+    thresholds = thresholds.copy()
+    thresholds[::3, 0] += 1
+    thresholds[1::4, 2] = np.maximum(thresholds[1::4, 2] - 2, -1)
+    version = 3
+    check(fed - 1)
+    check(fed - 301)
+    thresholds, version = thresholds.copy(), 4              # a new version, the same thresholds
+    check(fed - 1)
     # the cached path gives what a history that never counted before gives
     fresh = Harness().feed(traffic.take(traffic.ts < fed)).history
     a1, t1, _ = h.recent_exceedances(fed - 1, n_slots, thresholds, version)
@@ -256,9 +295,46 @@ def test_window_sums_and_quantiles_equal_sketch_quantile() -> None:
         assert np.array_equal(qs[kind], sketch.quantile(sk[:, k], QUANTILES[kind]), equal_nan=True)
 
 
+@pytest.mark.parametrize("n_slots,start", [(60, 10), (60, 0), (5, 62), (1, 3)])
+def test_window_sums_equal_numpy_sums_of_the_gathered_slots(n_slots: int, start: int) -> None:
+    """`_sum_in_order` and `_sums_from_newest` add slot by slot: the same values, bit for
+    bit, as numpy's sum and cumulative sum of the gathered slots, wrap-around and slots the
+    ring no longer holds included."""
+    rng = np.random.default_rng(n_slots + start)
+    ring = rng.normal(size=(40, 64, len(FIELDS))) * rng.lognormal(0, 3, (40, 64, len(FIELDS)))
+    slots = (np.arange(n_slots) + start) % 64
+    ok = rng.random(n_slots) < 0.8
+    assert np.array_equal(_sum_in_order(ring, slots[ok]), np.take(ring, slots[ok], axis=1).sum(axis=1))
+    counts = sorted({1, max(n_slots // 2, 1), n_slots}) + [n_slots]          # a length asked for twice
+    data = np.take(ring, slots, axis=1)
+    data[:, ~ok] = 0.0
+    want = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(counts) - 1]
+    assert np.array_equal(_sums_from_newest(ring, slots, ok, counts), want)
+
+
 def test_token_sum_equals_plain_sum() -> None:
     rng = np.random.default_rng(6)
     adds = rng.lognormal(5, 3, (100, 30, len(FIELDS))) * (rng.random((100, 30, len(FIELDS))) < 0.7)
     want = sum(adds[..., F[name]] for name in TOKEN_FIELDS)
     assert np.array_equal(token_sum(adds), want)
     assert np.array_equal(token_sum(adds[:, 0]), want[:, 0])
+
+
+def test_open_hour_quantiles_equal_sketch_quantile() -> None:
+    traffic = generate(STREAMS + (Stream("rare", "gpt-4o", rate=3),), DAY0, DAY0 + 3 * HOUR, seed=4)
+    h = Harness().feed(traffic).history
+    n = h.size
+    checked = 0
+    for s in range(h.open.n):
+        hour = int(h.open.tag[s])
+        if hour < 0 or h.hours.tag[hour % h.hours.n] != hour:
+            continue
+        h._finalise_open(s)
+        for k, kind in enumerate(SKETCHES):
+            counts = h.open_sk[:n, s, k].astype(np.int64)
+            want = np.where(counts.sum(axis=1) >= MIN_SKETCH_COUNT, sketch.quantile(counts, QUANTILES[kind]), np.nan)
+            np.testing.assert_array_equal(h.hour_q[:n, hour % h.hours.n, k], want)
+            checked += int(np.isfinite(want).sum())
+        few = h.open_sk[:n, s].sum(axis=-1) < MIN_SKETCH_COUNT
+        assert few.any() and np.isnan(h.hour_q[:n, hour % h.hours.n][few]).all()
+    assert checked > 20

@@ -205,31 +205,30 @@ class Evaluator:
             return self._baseline
         count = int(round(self.baseline_s / 3600))
         hours = np.arange(end - count, end)
-        adds, q = h._take_hours(hours)
-        burst = h.take_bursts(hours)
-        unknown = ~h.held_hours(hours)[None, :] | (hours[None, :] < h.first_hour[: h.size, None])
-        held_adds = np.where(~unknown[..., None], adds, 0.0)
+        held = h.baseline_hours(hours)                # zero (NaN) where unknown
+        unknown, adds = held.unknown, held.adds
         req, cost, tokens = (np.where(unknown, np.nan, a) for a in
                              (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
-        disp = burstiness(np.nan_to_num(req), burst, round(3600 / h.coarse))
-        slots = np.where(unknown[..., None, None, None], 0.0, h.take_slot_sizes(hours))
-        sizes, costs = self._size_stats(held_adds, slots), self._size_stats(held_adds, slots, "cost")
+        req0 = np.nan_to_num(req)
+        disp = burstiness(req0, held.bursts, round(3600 / h.coarse))
+        sizes, costs = self._size_stats(adds, held.slots), self._size_stats(adds, held.slots, "cost")
         hod = hours % 24
         req_profile = daily_profile(req, hours)
+        expected_req = req_profile[:, hod]
 
         def seasonal(values: np.ndarray, floor: float, per_request: np.ndarray | float) -> Seasonal:
             """per_request: how much a total's relative variance exceeds its count's (1 + CV^2
             of the request sizes summed; 1 for the count itself)."""
             profile = req_profile if values is req else daily_profile(values, hours)
             with np.errstate(invalid="ignore", divide="ignore"):
-                sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(req_profile[:, hod], 0.5)
-            return Seasonal(profile, level_spread(values, profile[:, hod], sampling, floor))
+                sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(expected_req, 0.5)
+            expected = expected_req if values is req else profile[:, hod]
+            return Seasonal(profile, level_spread(values, expected, sampling, floor))
 
-        qs = np.where(unknown[..., None], np.nan, q)
-        quantile = {kind: nan_median(qs[..., k], axis=1) for k, kind in enumerate(KINDS)}
+        quantile = {kind: nan_median(held.quantiles[..., k], axis=1) for k, kind in enumerate(KINDS)}
         bins = np.stack([self._threshold_bin(quantile[kind], kind) for kind in KINDS], axis=1)
-        sustained = {k: Sustained(block_spread(np.nan_to_num(req), np.nan_to_num(req_profile[:, hod]), k))
-                     for k in SUSTAINED_HOURS}
+        expected0 = np.nan_to_num(expected_req)
+        sustained = {k: Sustained(block_spread(req0, expected0, k)) for k in SUSTAINED_HOURS}
         b = Baseline(
             end=end, sustained=sustained,
             requests=seasonal(req, 0.5, 1.0),
@@ -237,7 +236,7 @@ class Evaluator:
             tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
             burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
             sizes=sizes, costs=costs,
-            errors=error_stats(held_adds[..., F["requests"]], held_adds[..., F["errors"]]),
+            errors=error_stats(adds[..., F["requests"]], adds[..., F["errors"]]),
             quantile=quantile, threshold_bins=bins)
         self._baseline, self._key = b, key
         h.changed_from_hour = np.iinfo(np.int64).max

@@ -80,6 +80,73 @@ class WindowValues:
     counts: dict[str, np.ndarray]
 
 
+@dataclass(slots=True)
+class BaselineHours:
+    """The hourly values of a run of baseline hours (S scopes, H hours), as the baseline
+    statistics read them. An hour is unknown to a scope when the ring no longer holds it or
+    it comes before the scope's first hour: its sums and slot statistics read as zero and
+    its quantiles as NaN."""
+
+    unknown: np.ndarray       # (S, H)
+    adds: np.ndarray          # (S, H, F) sums, each field stored contiguously (`_take_planes`)
+    quantiles: np.ndarray     # (S, H, K) hourly quantiles, each kind contiguous
+    bursts: np.ndarray        # (S, H, 2) burstiness sums as held (zero where the ring has none)
+    slots: np.ndarray         # (S, H, WINDOW_SLOTS, SIZE_KINDS, N_WINDOW_STATS), each statistic contiguous
+
+
+class _GatheredHours:
+    """The baseline hours read last, kept so that the next read, an hour later, gathers the
+    one new hour instead of all of them (gathering is most of the cost of a baseline's
+    statistics that is not sorting).
+
+    Each array is stored field by field, as `_take_planes` lays it out, over `capacity`
+    columns: column c holds absolute hour `base + c` when `hour[c]` says so. A read is a
+    view of consecutive columns, so a later hour moves the view one column on and the
+    columns are moved back only when it runs off the end: once a day, a copy of them all
+    (about 10 ms for 1,000 scopes and 7 days, in that hour's first evaluation). A few more
+    columns would make that rarer, at the cost of memory held all day: the columns take
+    about 50 MB for 1,000 scopes and 7 days, 10 MB for 200."""
+
+    SLACK = 24           # spare columns after the view: how many hours it moves on before the columns move back
+    LEAD = 2             # spare columns before it: a read of an hour earlier stays a view too
+
+    def __init__(self, rows: int, widths: tuple[int, ...], hours: int, base: int) -> None:
+        self.rows, self.capacity = rows, hours + self.LEAD + self.SLACK
+        self.planes = [np.empty((w, rows, self.capacity)) for w in widths]
+        self.hour = np.full(self.capacity, -1, dtype=np.int64)
+        self.base = base - self.LEAD
+
+    def place(self, first: int, count: int) -> np.ndarray:
+        """Columns for hours first .. first + count - 1, moving the held columns back to the
+        start (those that stay in range) when the view would run off either end."""
+        lo = first - self.base
+        if lo < 0 or lo + count > self.capacity:
+            base = first - self.LEAD
+            shift = base - self.base                 # columns move this many to the left
+            held = np.flatnonzero(self.hour >= 0)
+            a = max(int(held[0]) if held.size else 0, shift, 0)                      # the held columns ...
+            b = min(int(held[-1]) + 1 if held.size else 0, self.capacity + shift, self.capacity)
+            hour = np.full(self.capacity, -1, dtype=np.int64)
+            if a < b:                                # ... that stay in range: one slice per plane
+                for p in self.planes:
+                    p[:, :, a - shift:b - shift] = p[:, :, a:b]
+                hour[a - shift:b - shift] = self.hour[a:b]
+            self.hour, self.base = hour, base
+            lo = first - base
+        return np.arange(lo, lo + count)
+
+    def forget_from(self, hour: int) -> None:
+        """Columns of `hour` and later are stale (the ring changed them)."""
+        self.hour[self.hour >= hour] = -1
+
+    def view(self, k: int, cols: np.ndarray) -> np.ndarray:
+        """(rows, len(cols), width) read-only view of plane `k`: a consumer that wrote into
+        it would change the next hour's baseline."""
+        out = self.planes[k][:, :, cols[0]:cols[-1] + 1].transpose(1, 2, 0)
+        out.flags.writeable = False
+        return out
+
+
 class ScopeHistory:
     """Per-scope rings for the evaluator; see the module docstring."""
 
@@ -120,10 +187,13 @@ class ScopeHistory:
         self.late_sketch_groups = 0
         self._dirty_open: set[int] = set()              # open slots with sketches newer than their quantiles
         self.changed_from_hour = np.iinfo(np.int64).max  # oldest hour changed since the evaluator last looked
+        self._gathered: _GatheredHours | None = None     # the baseline hours last read (`baseline_hours`) ...
+        self._gathered_stale_from = np.iinfo(np.int64).max   # ... and the oldest hour changed since
         self._exc_above = np.zeros((0, self.coarse_ring.n, nk))     # per coarse slot: samples beyond thresholds ...
         self._exc_total = np.zeros((0, self.coarse_ring.n, nk))     # ... and all samples (see recent_exceedances)
         self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
-        self._exc_version = -1
+        self._exc_thr = np.zeros((self.coarse_ring.n, 0, nk), dtype=np.int64)   # the thresholds each slot's rows were counted against ...
+        self._exc_version = np.full(self.coarse_ring.n, -1, dtype=np.int64)     # ... of this version
         self._exc_size = 0
         self._grow(16)
 
@@ -336,7 +406,7 @@ class ScopeHistory:
             self.hour_burst[:n, hslot, 0] += counts
             self.hour_burst[:n, hslot, 1] += counts * counts
             self._fold_slot_sizes(np.arange(n), np.full(n, hslot), values[:, None, 1:])
-            self.changed_from_hour = min(self.changed_from_hour, hour)
+            self._changed(hour)
 
     def _fold_slot_sizes(self, rows: np.ndarray, hslots: np.ndarray, sums: np.ndarray) -> None:
         """Add finished windows (one set per entry: scope row, hour slot, (WINDOW_SLOTS,
@@ -406,6 +476,7 @@ class ScopeHistory:
         if take.size:
             data = np.frombuffer(b"".join([blobs[i] for i in take.tolist()]), dtype="<f8").reshape(-1, width)
             self.hour_slots.reshape(-1, width)[cell] = data     # a view: hour_slots is contiguous
+            self._gathered = None
 
     def _restored_cells(self, rows: Sequence[tuple[Any, ...]], fits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For stored rows (scope key, hour, ...): the (scope row x hour slot) cell of each
@@ -441,6 +512,7 @@ class ScopeHistory:
             sums = np.stack([np.fromiter(map(itemgetter(k), rows), dtype=np.float64, count=len(rows))
                              for k in (2, 3)], axis=1)[take]
             self.hour_burst.reshape(-1, 2)[cell] = sums         # a view: hour_burst is contiguous
+            self._gathered = None
 
     def add_bursts(self, chunks: list[Groups], series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Burstiness sums of the hours minute buckets cover (at start-up, for minutes before
@@ -463,16 +535,17 @@ class ScopeHistory:
         np.add.at(self.hour_burst, (row[ok], slot[ok], 0), counts[ok])
         np.add.at(self.hour_burst, (row[ok], slot[ok], 1), counts[ok] ** 2)
         self._fold_slot_sizes(row[ok], slot[ok], sizes[ok][:, None, :])
+        self._gathered = None
 
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         hour = groups.start // 3600
-        self.changed_from_hour = min(self.changed_from_hour, int(hour.min()))
+        self._changed(int(hour.min()))
         np.minimum.at(self.first_hour, rows, np.repeat(hour, 3))
         held = self.hours.tag.copy()                    # claim() re-tags the slots it clears
         slot, ok, cleared = self.hours.claim(hour)      # per group, then per (group, scope)
         evicted = [int(held[s]) for s in cleared if held[s] >= 0]
         if evicted:     # an hour left the ring: statistics that included it are stale
-            self.changed_from_hour = min(self.changed_from_hour, min(evicted))
+            self._changed(min(evicted))
         for s in cleared:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan
@@ -480,6 +553,11 @@ class ScopeHistory:
             self.hour_slots[:, s] = 0.0
         slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
         _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
+
+    def _changed(self, hour: int) -> None:
+        """Note that the hourly ring's `hour` changed: statistics over it are stale."""
+        self.changed_from_hour = min(self.changed_from_hour, hour)
+        self._gathered_stale_from = min(self._gathered_stale_from, hour)
 
     def _add_open(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
         """Sketches of the newest hours, whose quantiles are still changing.
@@ -509,13 +587,16 @@ class ScopeHistory:
         self._dirty_open.discard(open_slot)
         if hour < 0:
             return
-        self.changed_from_hour = min(self.changed_from_hour, hour)
+        self._changed(hour)
         hslot = hour % self.hours.n
         if self.hours.tag[hslot] != hour:
             return
         n = self.size
+        sk = self.open_sk[:n, open_slot]
+        total = sk.sum(axis=-1)
+        qs = _window_quantiles(sk, total)           # `_quantiles` of every kind, in one pass
         for k, kind in enumerate(SKETCHES):
-            self.hour_q[:n, hslot, k] = _quantiles(self.open_sk[:n, open_slot, k], QUANTILES[kind])
+            self.hour_q[:n, hslot, k] = np.where(total[:, k] >= MIN_SKETCH_COUNT, qs[kind], np.nan)
 
     def refresh_open_hours(self, before_hour: int | None = None) -> None:
         """Recompute the quantiles of open hours that received data (those before
@@ -532,7 +613,7 @@ class ScopeHistory:
         lo = math.floor((t - self.window) / self.fine) + 1
         fine_abs = np.arange(lo, math.floor(t / self.fine) + 1)
         slot, ok = self.fine_ring.slots_for(fine_abs)
-        adds = np.take(self.fine_add[:n], slot[ok], axis=1).sum(axis=1)
+        adds = _sum_in_order(self.fine_add[:n], slot[ok])
         lo = math.floor((t - self.window) / self.coarse) + 1
         coarse_abs = np.arange(lo, math.floor(t / self.coarse) + 1)
         slot, ok = self.coarse_ring.slots_for(coarse_abs)
@@ -548,6 +629,59 @@ class ScopeHistory:
         out[:, ~ok] = 0.0
         return out
 
+    def baseline_hours(self, hours: np.ndarray) -> BaselineHours:
+        """Everything the baseline statistics read of the given consecutive absolute hours
+        (see `BaselineHours`), as read-only views of the hours gathered so far
+        (`_GatheredHours`): only hours not gathered yet, or changed since (`_changed`), are
+        gathered from the rings. The values are those the rings hold, whichever hours were
+        gathered when.
+
+        The ring zeroes (NaNs) the hours it no longer holds for every scope at once, so the
+        only other unknown hours are those before a young scope's first hour: only those
+        cells are masked, where masking whole (S, H, F) arrays would cost more than
+        gathering them."""
+        n, count = self.size, len(hours)
+        first = int(hours[0]) if count else 0
+        if count == 0 or not np.array_equal(hours, np.arange(first, first + count)):
+            raise ValueError("baseline_hours: hours must be consecutive and ascending")
+        rings = (self.hour_add, self.hour_q, self.hour_burst, self.hour_slots)
+        widths = tuple(math.prod(r.shape[2:]) for r in rings)
+        g = self._gathered
+        if g is None or g.rows != n or g.capacity < count + g.LEAD + g.SLACK:
+            g = self._gathered = _GatheredHours(n, widths, count, first)
+        g.forget_from(self._gathered_stale_from)
+        self._gathered_stale_from = np.iinfo(np.int64).max
+        cols = g.place(first, count)
+        missing = np.flatnonzero(g.hour[cols] != hours)
+        if missing.size:
+            self._gather_into(g, cols[missing], hours[missing], rings)
+        slot, ok = self.hours.slots_for(hours)
+        early = hours[None, :] < self.first_hour[:n, None]
+        adds, q, bursts, slots = (g.view(k, cols) for k in range(len(rings)))
+        return BaselineHours(~ok[None, :] | early, adds, q, bursts,
+                             slots.reshape((n, count) + self.hour_slots.shape[2:]))
+
+    def _gather_into(self, g: _GatheredHours, cols: np.ndarray, hours: np.ndarray,
+                     rings: tuple[np.ndarray, ...]) -> None:
+        """Copy the given absolute hours of every scope from the hourly rings into columns
+        `cols` of `g`: zero (NaN for quantiles) where the ring no longer holds an hour, and
+        in the hours before a scope's first (its bursts as held: `burstiness` reads an hour
+        without requests as not seen whole)."""
+        n = g.rows
+        slot, ok = self.hours.slots_for(hours)
+        early = hours[None, :] < self.first_hour[:n, None]
+        for ring, plane in zip(rings, g.planes):
+            fill = np.nan if ring is self.hour_q else 0.0
+            flat = ring[:n].reshape(n, self.hours.n, plane.shape[0])
+            block = max(1, (4 << 20) // max(1, len(slot) * flat.shape[2] * 8))
+            for a in range(0, n, block):          # a block of scopes at a time, transposed in cache
+                part = np.take(flat[a:a + block], slot, axis=1)
+                part[:, ~ok] = fill
+                if ring is not self.hour_burst:
+                    part[early[a:a + block]] = fill
+                plane[:, a:a + block, cols] = part.transpose(2, 0, 1)
+        g.hour[cols] = hours
+
     def held_hours(self, hours: np.ndarray) -> np.ndarray:
         """Which of the given absolute hours the hourly ring holds."""
         return self.hours.slots_for(hours)[1]
@@ -558,10 +692,7 @@ class ScopeHistory:
         n, k_max = self.size, max(slot_counts)
         hi = math.floor(t / self.fine)
         slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
-        data = np.take(self.fine_add[:n], slot, axis=1)
-        data[:, ~ok] = 0.0
-        back = np.cumsum(data[:, ::-1], axis=1)             # back[:, j]: the newest j + 1 slots
-        return back[:, np.asarray(slot_counts) - 1]
+        return _sums_from_newest(self.fine_add[:n], slot, ok, slot_counts)
 
     def recent_sessions(self, t: float, slot_counts: list[int], rows: np.ndarray) -> np.ndarray:
         """(len(rows), W, SESSION_BUCKETS, len(SESSION_FIELDS)): `recent_sums` of the given
@@ -580,34 +711,37 @@ class ScopeHistory:
         kind's threshold bin (S, n_slots, kinds), all samples (same shape), and the slots'
         absolute indices. `thresholds` (S, kinds) holds a bin per scope and kind (-1: none).
 
-        A slot's counts are kept until it changes or the thresholds do (`version`), so each
-        evaluation counts only the slots that received records since the last."""
+        A slot's counts are kept until it changes, and a scope's until its thresholds do: so
+        each evaluation counts only the slots that received records since the last, and the
+        first after the hour turns (a new baseline, a new `version` of the thresholds) only
+        the scopes whose threshold bins moved."""
         n, nk, nb = self.size, len(SKETCHES), sketch.NBINS
-        if self._exc_above.shape[0] < self._cap or self._exc_version != version:
+        if self._exc_above.shape[0] < self._cap:
             self._exc_above = np.zeros((self._cap, self.coarse_ring.n, nk))
             self._exc_total = np.zeros((self._cap, self.coarse_ring.n, nk))
+            self._exc_thr = np.zeros((self.coarse_ring.n, self._cap, nk), dtype=np.int64)
             self._exc_tag = np.full(self.coarse_ring.n, -1, dtype=np.int64)
             self._exc_size = 0
-            self._exc_version = version
         hi = math.floor(t / self.coarse)
         absolute = np.arange(hi - n_slots + 1, hi + 1)
         slot, ok = self.coarse_ring.slots_for(absolute)
-        stale = {int(s) for s, o in zip(slot.tolist(), ok.tolist())
-                 if o and (self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty)}
-        if self._exc_size != n:                              # new scopes: count every slot again
-            stale |= {int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}
-            self._exc_size = n
-        thr = np.clip(thresholds, -1, nb)
-        rows = np.arange(n)
-        for s in sorted(stale):
-            for k in range(nk):
-                counts = self.coarse_sk[:n, s, k].astype(np.int64)
-                tail = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]            # tail[:, b]: samples in bins >= b
-                tail = np.concatenate([tail, np.zeros((n, 1), dtype=np.int64)], axis=1)
-                self._exc_total[:n, s, k] = tail[:, 0]
-                self._exc_above[:n, s, k] = np.where(thr[:, k] >= 0, tail[rows, np.maximum(thr[:, k], 0)], 0)
-            self._exc_tag[s] = self.coarse_ring.tag[s]
+        thr = np.clip(thresholds[:n], -1, nb)
+        for s in sorted({int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}):
+            if self._exc_size != n or self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty:
+                # new scopes, or the slot changed: count all of it
+                self._exc_above[:n, s], self._exc_total[:n, s] = _exceedances(self.coarse_sk[:n, s], thr)
+                self._exc_thr[s, :n] = thr
+            elif self._exc_version[s] != version:
+                for k in range(nk):         # the totals stand; the samples beyond moved thresholds do not
+                    rows = np.flatnonzero(self._exc_thr[s, :n, k] != thr[:, k])
+                    above, _ = _exceedances(self.coarse_sk[rows, s, k][:, None], thr[rows, k][:, None])
+                    self._exc_above[rows, s, k] = above[:, 0]
+                    self._exc_thr[s, rows, k] = thr[rows, k]
+            else:
+                continue
+            self._exc_tag[s], self._exc_version[s] = self.coarse_ring.tag[s], version
             self.coarse_dirty.discard(s)
+        self._exc_size = n
         above = np.take(self._exc_above[:n], slot, axis=1)
         total = np.take(self._exc_total[:n], slot, axis=1)
         above[:, ~ok] = 0.0
@@ -653,6 +787,14 @@ class ScopeHistory:
         n = self.size
         end = math.floor((t - self.window) / 3600)
         hours = np.arange(end - int(round(baseline / 3600)), end)
+        g = self._gathered
+        if g is not None and g.rows == n and len(hours) and self._gathered_stale_from > hours[-1]:
+            cols = hours - g.base
+            if cols[0] >= 0 and cols[-1] < g.capacity and np.array_equal(g.hour[cols], hours):
+                # the evaluator has just gathered these hours (`baseline_hours`), unchanged
+                # since; zero where the ring does not hold an hour, and request counts are
+                # whole numbers, so they add up to the same sum in any order
+                return g.planes[0][F["requests"], :, cols[0]:cols[-1] + 1].sum(axis=1)
         slot, ok = self.hours.slots_for(hours)
         return np.take(self.hour_add[:n, :, F["requests"]], slot[ok], axis=1).sum(axis=1)
 
@@ -763,6 +905,39 @@ def _take_planes(ring: np.ndarray, slots: np.ndarray, block_bytes: int = 4 << 20
     return out.transpose(1, 2, 0)
 
 
+def _sum_in_order(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """`ring[:, slots].sum(axis=1)` of a (scopes, slots, fields) ring, one slot at a time in
+    the order given: numpy adds the gathered slots in that same order (the fields, not the
+    slots, are its inner loop), so the sums are the same, without gathering them first."""
+    if not len(slots):
+        return np.zeros((ring.shape[0],) + ring.shape[2:])
+    out = ring[:, slots[0]].copy()
+    for s in slots[1:].tolist():
+        out += ring[:, s]
+    return out
+
+
+def _sums_from_newest(ring: np.ndarray, slots: np.ndarray, ok: np.ndarray, counts: list[int]) -> np.ndarray:
+    """(scopes, len(counts), fields): for each k of `counts`, the sum of the last k of
+    `slots` (ring slots, oldest first; zero where `ok` is False), added newest first one
+    slot at a time. These are the values of numpy's cumulative sum along the reversed slots
+    (the same additions in the same order), without gathering the (scopes, slots, fields)
+    array it runs along."""
+    want: dict[int, list[int]] = {}
+    for j, k in enumerate(counts):
+        want.setdefault(k - 1, []).append(j)
+    out = np.zeros((ring.shape[0], len(counts)) + ring.shape[2:])
+    acc = np.zeros((ring.shape[0],) + ring.shape[2:])
+    for i, (s, held) in enumerate(zip(slots[::-1].tolist(), ok[::-1].tolist())):
+        if i == 0:
+            acc = ring[:, s].copy() if held else acc
+        else:
+            acc += ring[:, s] if held else 0.0
+        for j in want.get(i, []):
+            out[:, j] = acc
+    return out
+
+
 def _sum_slots(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """`ring[:, slots].sum(axis=1)` in int32 for a ring of (scopes, slots, kinds, bins).
 
@@ -780,6 +955,21 @@ def _sum_slots(ring: np.ndarray, slots: np.ndarray) -> np.ndarray:
     return out
 
 
+def _exceedances(sk: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Samples at or above each scope's threshold bin, and all samples, of one coarse
+    slot's (S, kinds, bins) sketches; `thr` (S, kinds) holds a bin in [-1, bins] (-1: none).
+
+    One cumulative count over the bins, in int32 (a coarse slot's counts fit), read twice:
+    the total is its last entry, and the samples at or above bin b are the total less the
+    count below b. Integer counts, so this is exactly what summing the bins from b up gives.
+    """
+    cum = np.cumsum(sk, axis=-1, dtype=np.int32)
+    total = cum[..., -1]
+    below = np.take_along_axis(cum, np.clip(thr - 1, 0, sk.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    above = total - np.where(thr > 0, below, 0)
+    return np.where(thr >= 0, above, 0), total
+
+
 def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
     """Distinct slot indices as [start, stop) runs of consecutive slots."""
     s = np.unique(slots)
@@ -788,9 +978,10 @@ def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _window_quantiles(sk: np.ndarray, total: np.ndarray) -> dict[str, np.ndarray]:
-    """`sketch.quantile` of each kind of the window's (S, kinds, bins) sketches, given their
-    totals: one cumulative sum for all kinds, in int32 when the totals fit (numpy's default
-    int64 accumulator costs several times more), compared with the same float targets."""
+    """`sketch.quantile` of each kind of (S, kinds, bins) sketches (a window's, an open
+    hour's), given their totals: one cumulative sum for all kinds, in int32 when the totals
+    fit (numpy's default int64 accumulator costs several times more), compared with the
+    same float targets."""
     cum = np.cumsum(sk, axis=-1, dtype=np.int32 if total.max(initial=0) < 2**31 else np.int64)
     out = {}
     for k, kind in enumerate(SKETCHES):
