@@ -570,3 +570,30 @@ def test_verdicts_are_the_same_after_restart(tmp_path: Path) -> None:
     restored = only(again.evaluate(t).extra["detectors"].drift)
     assert restored.to_dict() == live.to_dict()
     again.close()
+
+
+def test_the_hourly_length_histograms_hold_every_answer_of_the_hours_kept() -> None:
+    """The reference's answer-length histograms are kept only for the (app, hour) cells that
+    had answers. Fed batch by batch over 40 hours (late records and hours that leave the
+    ring included), each app's histograms equal a plain count of the answers in the hours
+    the ring still holds, and a masked sum over hours equals the dense product."""
+    from exporter.detectors.drift import COUNTS, LENGTH_BINS, _Hours, _masked_sum
+    rng = np.random.default_rng(5)
+    slots, n = 25, 4000
+    ts = np.sort(rng.uniform(0, 40 * 3600, n))
+    ts[rng.random(n) < 0.05] -= 3 * 3600                       # some late records
+    app = rng.choice(np.array([0, 1, 2, 7]), n, p=[0.6, 0.3, 0.09, 0.01]).astype(np.int32)
+    answer = rng.random(n) < 0.9
+    bins = rng.integers(0, LENGTH_BINS, n)
+    h = _Hours(slots)
+    for lo in range(0, n, 97):
+        sl = slice(lo, lo + 97)
+        h.add(ts[sl], np.ones((ts[sl].shape[0], len(COUNTS)), dtype=np.int64), app[sl], answer[sl], bins[sl])
+    hour = np.floor(ts / 3600).astype(np.int64)
+    for code in np.unique(app).tolist():
+        dense = h.length_hours(code)
+        for s in range(slots):
+            held = answer & (app == code) & (hour == h.hour[s])
+            assert (dense[s] == np.bincount(bins[held], minlength=LENGTH_BINS)).all(), (code, s)
+        mask = rng.integers(0, 2, (3, slots)).astype(np.float64)
+        assert np.array_equal(_masked_sum(mask, h.lengths[code]), mask @ dense)

@@ -627,7 +627,10 @@ class _Hours:
     def __init__(self, slots: int) -> None:
         self.hour = np.full(slots, -1, dtype=np.int64)
         self.counts = np.zeros((slots, len(COUNTS)), dtype=np.int64)
-        self.lengths: dict[int, np.ndarray] = {}                 # app code -> (slots, LENGTH_BINS)
+        # app code -> slot -> (LENGTH_BINS,) counts, only for the hours in which the app had
+        # answers: with many apps per model most (app, hour) cells are empty, and dense
+        # (slots, LENGTH_BINS) arrays per app cost 8 kB each whatever the traffic
+        self.lengths: dict[int, dict[int, np.ndarray]] = {}
         self.tainted = np.zeros((slots, len(SIGNALS)), dtype=bool)
         self.version = 0                                       # bumped when an hour before the newest changes
         self._cache: tuple[Any, np.ndarray, dict[int, float]] | None = None
@@ -645,16 +648,25 @@ class _Hours:
                 self.counts[s] = 0
                 self.tainted[s] = False
                 for hist in self.lengths.values():
-                    hist[s] = 0
+                    hist.pop(s, None)
         if hours.shape[0] and int(hours.min()) < int(self.hour.max()):
             self.version += 1                                  # late data in an hour a reference may hold
         slot = hours % slots
         np.add.at(self.counts, slot, ind)
-        for code in np.unique(app[answer]).tolist():            # one iteration per app in the batch
-            mine = answer & (app == code)
-            if code not in self.lengths:
-                self.lengths[code] = np.zeros((slots, LENGTH_BINS), dtype=np.int32)
-            np.add.at(self.lengths[code], (slot[mine], bins[mine]), 1)
+        pairs = np.unique(app[answer].astype(np.int64) * slots + slot[answer])
+        for code, s in zip((pairs // slots).tolist(), (pairs % slots).tolist()):   # per (app, hour) in the batch
+            row = self.lengths.setdefault(code, {}).get(s)
+            if row is None:
+                row = self.lengths[code][s] = np.zeros(LENGTH_BINS, dtype=np.int32)
+            mine = answer & (app == code) & (slot == s)
+            row += np.bincount(bins[mine], minlength=LENGTH_BINS).astype(np.int32)
+
+    def length_hours(self, code: int) -> np.ndarray:
+        """(slots, LENGTH_BINS) answer length histograms of one app, zero for hours without."""
+        out = np.zeros((self.hour.shape[0], LENGTH_BINS))
+        for s, row in self.lengths[code].items():
+            out[s] = row
+        return out
 
     def reference(self, first_hour: int, last_hour: int, signal: int) -> np.ndarray:
         """Mask of the slots holding hours first_hour..last_hour not tainted for `signal`."""
@@ -676,10 +688,19 @@ class _Hours:
             rows = self.counts[by_time][mask[SIGNALS.index(name), by_time] > 0]
             rates[i] = rate_level_variance(rows[:, e], rows[:, t], min_block)
         j = SIGNALS.index("length_collapse_ratio")
-        lengths = {code: length_level_variance(h[by_time][mask[j, by_time] > 0], min_block)
-                   for code, h in self.lengths.items()}
+        lengths = {code: length_level_variance(self.length_hours(code)[by_time][mask[j, by_time] > 0], min_block)
+                   for code in self.lengths}
         self._cache = (key, rates, lengths)
         return rates, lengths
+
+
+def _masked_sum(mask: np.ndarray, rows: dict[int, np.ndarray]) -> np.ndarray:
+    """(W, LENGTH_BINS): for each window's mask over the hour slots (W, slots), the sum of
+    the histograms of the slots it takes; `rows` holds the non-empty slots only."""
+    if not rows:
+        return np.zeros((mask.shape[0], LENGTH_BINS))
+    slots = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
+    return mask[:, slots] @ np.stack(list(rows.values())).astype(np.float64)
 
 
 class DriftDetector:
@@ -811,7 +832,7 @@ class DriftDetector:
         j = SIGNALS.index("length_collapse_ratio")
         answer = (flags & (_ERROR | _EMPTY)) == 0
         length_mask = ref_mask[:, j].astype(np.float64)
-        reference = {code: length_mask @ h.astype(np.float64) for code, h in hours.lengths.items()}
+        reference = {code: _masked_sum(length_mask, rows) for code, rows in hours.lengths.items()}
         # how alike a conversation's answers are, from the ring's older half (outside the windows it could bias)
         older = answer & (age >= fill // 2)
         logs = np.log2(np.maximum(out[older], 1).astype(np.float64))
