@@ -592,15 +592,17 @@ def test_an_ha_pair_doubles_no_panel_value_live(loaded: Any) -> None:
                    message="the pair and the single exporter scraped")
         assert {r["metric"].get("instance") for r in s.prom_query(f'up{{job="{PAIR_JOB}"}}')} == {target}
         time.sleep(LIVE_MIN_S)            # a full rate window of both, recorded by the rules
-        # A doubled value shows at every instant. A verdict the exporter re-judges every few
-        # seconds can flip between two scrapes a fraction of a second apart (a live signal
-        # at its threshold): such a difference is looked at again a few seconds later.
+        # A doubled value shows at every instant, so at every look. A value the exporter
+        # re-judges every few seconds can change between two scrapes a fraction of a second
+        # apart (a verdict at its threshold flips; a live ratio of a few streamed requests
+        # moves, even by a factor near two): any difference is looked at again a few
+        # seconds later, and only one that stays fails.
         for _ in range(3):
             compared, doubled, differ = _compare_jobs(s, time.time())
-            assert not doubled, "the pair doubles:\n" + "\n".join(doubled[:20])
-            if not differ:
+            if not doubled and not differ:
                 break
             time.sleep(7)
+        assert not doubled, "the pair doubles:\n" + "\n".join(doubled[:20])
         assert not differ, "the pair differs:\n" + "\n".join(differ[:20])
         assert compared >= 300, compared
     finally:
