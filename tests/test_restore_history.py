@@ -112,13 +112,14 @@ def test_missing_sketches_read_as_empty(tmp_path: Path) -> None:
     sid = store.series_ids([("a", "p", "m")])[0]
     adds = np.arange(len(FIELDS), dtype=np.float64)
     lat = sketch.encode(sketch.histogram(np.array([0.5, 0.5, 2.0])))
-    store._db.execute("INSERT INTO buckets VALUES (3600, 7200, ?, ?, ?, NULL, NULL)", (sid, adds.tobytes(), lat))
-    store._db.execute("INSERT INTO buckets VALUES (3600, 10800, ?, ?, NULL, NULL, x'')", (sid, adds.tobytes()))
+    cols = "(res, start, series, adds, latency, ttft, otps, tpot)"
+    store._db.execute(f"INSERT INTO buckets {cols} VALUES (3600, 7200, ?, ?, ?, NULL, NULL, NULL)", (sid, adds.tobytes(), lat))
+    store._db.execute(f"INSERT INTO buckets {cols} VALUES (3600, 10800, ?, ?, NULL, NULL, x'', NULL)", (sid, adds.tobytes()))
     (g,) = list(store.bucket_groups(3600, 0, 20_000))
     assert g.start.tolist() == [7200, 10800] and (g.adds == adds).all()
-    latency, ttft, otps = g.nonzero_bins()
+    latency, ttft, otps, tpot = g.nonzero_bins()
     assert latency[0].tolist() == [0, 0] and latency[2].tolist() == [2, 1]
-    assert ttft[0].size == 0 and otps[0].size == 0
+    assert ttft[0].size == 0 and otps[0].size == 0 and tpot[0].size == 0
     store.close()
 
 

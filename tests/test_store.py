@@ -33,6 +33,41 @@ def test_fresh_store_schema_and_meta(tmp_path: Path) -> None:
     assert Store(db).get_meta("k") == "v2"
 
 
+def test_a_file_from_before_the_tpot_sketch_gains_its_column(tmp_path: Path) -> None:
+    """A store written by version 2 (three sketch columns) opens: it gains the tpot column,
+    its old rows read that sketch as empty, and new records fill it."""
+    import sqlite3
+
+    from exporter import sketch
+    db = tmp_path / "old.db"
+    old = sqlite3.connect(db)
+    old.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE series (id INTEGER PRIMARY KEY, app TEXT NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL,
+          UNIQUE (app, provider, model));
+        CREATE TABLE buckets (res INTEGER NOT NULL, start INTEGER NOT NULL, series INTEGER NOT NULL,
+          adds BLOB NOT NULL, latency BLOB, ttft BLOB, otps BLOB, PRIMARY KEY (res, start, series)) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('schema_version', '2');
+        INSERT INTO series VALUES (1, 'chat', 'openai', 'gpt-4o-mini');""")
+    hour = int(T0 // 3600 * 3600) - 7200
+    lat = sketch.encode(sketch.histogram(np.array([0.5, 2.0])))
+    old.execute("INSERT INTO buckets VALUES (3600, ?, 1, ?, ?, NULL, NULL)", (hour, np.ones(4).tobytes(), lat))
+    old.commit()
+    old.close()
+
+    engine, _ = engine_at(settings_for(tmp_path, name="old.db"))
+    st = engine.store
+    assert st.get_meta("schema_version") == SCHEMA_VERSION
+    # a 2 s request with 100 output tokens and no TTFT: 20 ms per output token; a streamed one is left out
+    engine.ingest([rec(T0 - 60, request_id="a", latency_s=2.0, output_tokens=100, **SERIES),
+                   rec(T0 - 60, request_id="b", latency_s=2.0, ttft_s=0.5, stream=True, output_tokens=100, **SERIES)])
+    rows = {start: sk for start, _, _, sk in bucket_rows(st, 3600, 0, T0 + 3600)}
+    assert rows[hour]["tpot"].sum() == 0 and rows[hour]["latency"].sum() == 2
+    new = rows[int((T0 - 60) // 3600 * 3600)]
+    assert new["tpot"].sum() == 1 and sketch.MIDPOINTS[new["tpot"].argmax()] == pytest.approx(20.0, rel=0.03)
+    engine.close()
+
+
 def test_unopenable_store_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "a-directory.db").mkdir()
     with pytest.raises(StoreError, match="db: .*a-directory.db is a directory"):

@@ -62,8 +62,8 @@ from .signals import Severity, SignalSpec
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
 WINDOW_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0)   # of the configured window
 SUSTAINED_HOURS = (2, 4, 8)                                     # cost and token creep
-TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5}             # share beyond the baseline quantile when normal
-KINDS = tuple(QUANTILES)                                        # latency, ttft, otps
+TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5, "tpot": 0.05}   # share beyond the baseline quantile when normal
+KINDS = tuple(QUANTILES)                                        # latency, ttft, otps, tpot
 MIN_SAMPLES = 5
 SIZE_FIELDS = {"tokens": ("sized_requests", "log_tokens", "log_tokens_sq"),
                "cost": ("costed_requests", "log_cost", "log_cost_sq")}
@@ -739,7 +739,7 @@ def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown
 
 
 def judge_latency(spec: SignalSpec, c: _Context) -> Verdict:
-    return _judge_quantile(spec, c, ("latency", "ttft", "otps"), "latency")
+    return _judge_quantile(spec, c, ("latency", "ttft", "otps", "tpot"), "latency")
 
 
 def judge_ttft(spec: SignalSpec, c: _Context) -> Verdict:

@@ -28,7 +28,7 @@ from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES,
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
-QUANTILES = {"latency": 0.95, "ttft": 0.95, "otps": 0.5}
+QUANTILES = {"latency": 0.95, "ttft": 0.95, "otps": 0.5, "tpot": 0.95}
 OPEN_HOURS = 3
 MIN_SKETCH_COUNT = 5
 _DIVISORS_OF_60 = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)

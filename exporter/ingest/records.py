@@ -438,6 +438,23 @@ class RecordColumns:
             tps = np.where((gen > 0) & (self.output_tokens > 0) & ~self.is_error, self.output_tokens / gen, np.nan)
         return tps
 
+    @property
+    def ms_per_output_token(self) -> np.ndarray:
+        """Milliseconds of the whole request per output token, for successful requests
+        without a TTFT; NaN elsewhere.
+
+        A request's duration grows with the length of its answer, so across a model's
+        traffic durations spread over orders of magnitude, and a slowdown hides among long
+        answers. Per output token, the spread narrows to how fast the model serves, and a
+        slower model shows as many requests beyond the usual tail. Streamed requests are
+        left out: their TTFT and generation speed already split their duration into its
+        two parts. Milliseconds keep fast models (a few thousand tokens a second) inside
+        the sketches' range."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ms = np.where(np.isnan(self.ttft) & (self.latency > 0) & (self.output_tokens > 0) & ~self.is_error,
+                          1000.0 * self.latency / self.output_tokens, np.nan)
+        return ms
+
 
 def to_columns(records: Sequence[UsageRecord], costs: Sequence[float | None] | None = None) -> RecordColumns:
     """Columnar view of records; `costs` overrides the records' own cost (after pricing)."""

@@ -29,7 +29,10 @@ __all__ = ["F", "FIELDS", "SESSION_BUCKETS", "SESSION_FIELDS", "SKETCHES", "TOKE
 FIELDS: tuple[str, ...] = ("requests", "errors", *TOKEN_FIELDS, "cost", "unpriced", "empty_outputs",
                            "sized_requests", "log_tokens", "log_tokens_sq", "costed_requests", "log_cost", "log_cost_sq")
 F = {name: i for i, name in enumerate(FIELDS)}
-SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps")
+# Quantile sketches per group: request duration (s), time to first token (s), output tokens
+# per second of generation, and milliseconds per output token of requests without a TTFT
+# (`RecordColumns.ms_per_output_token`). Rows written before a kind existed read it empty.
+SKETCHES: tuple[str, ...] = ("latency", "ttft", "otps", "tpot")
 # Requests of one session share a model and a prompt, so they are not independent evidence
 # of a change in request size or spend. Each group's request count, size sums and totals
 # are also kept split by a hash of the session id into a few buckets (the requests of one session always share a bucket), so
@@ -120,7 +123,8 @@ def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: in
     uniq, inverse, order, first = _group(series.astype(np.int64), start)
     values = record_values(cols, cost)
     adds = np.add.reduceat(values[order], first, axis=0)
-    bins = [_sketch_bins(v, inverse) for v in (cols.latency, cols.ttft, cols.output_tokens_per_second)]
+    bins = [_sketch_bins(v, inverse)
+            for v in (cols.latency, cols.ttft, cols.output_tokens_per_second, cols.ms_per_output_token)]
     split = _session_sums(values, inverse, session_buckets(cols), len(uniq)) if sessions else None
     return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins, split)
 

@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS series (
   UNIQUE (app, provider, model));
 CREATE TABLE IF NOT EXISTS buckets (
   res INTEGER NOT NULL, start INTEGER NOT NULL, series INTEGER NOT NULL,
-  adds BLOB NOT NULL, latency BLOB, ttft BLOB, otps BLOB,
+  adds BLOB NOT NULL, latency BLOB, ttft BLOB, otps BLOB, tpot BLOB,
   PRIMARY KEY (res, start, series)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (series INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dedupe (id INTEGER PRIMARY KEY, seen REAL NOT NULL, hashes BLOB NOT NULL);
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS bursts (scope TEXT NOT NULL, hour INTEGER NOT NULL, t
 CREATE TABLE IF NOT EXISTS slot_sizes (scope TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 """
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"     # 3: the tpot sketch column (added in place to older files)
 RESOLUTIONS = (60, 3600)
 MAX_CACHED_BUCKETS = 100_000
 CHECKPOINT_BATCHES = 16      # pending batches that trigger a checkpoint (a few hundred KB held)
@@ -70,6 +70,8 @@ log = logging.getLogger("llm_usage_exporter")
 PAGE_ROWS = 1_000            # bucket rows per read: small enough to be turned into columns while in cache
 # A bucket row's columns as `StoredRows.from_rows` takes them: a missing sketch is an empty blob.
 _SKETCH_COLUMNS = "adds, " + ", ".join(f"ifnull({k}, x'')" for k in SKETCHES)
+_INSERT_BUCKET = (f"INSERT OR REPLACE INTO buckets (res, start, series, adds, {', '.join(SKETCHES)}) "
+                  f"VALUES ({', '.join('?' * (4 + len(SKETCHES)))})")
 _BEFORE_ANY_SERIES = -(2**63)
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -190,11 +192,13 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")     # one of SYNCHRONOUS, checked above
             self._db.executescript(SCHEMA)
+            self._add_sketch_columns()
             self.probe()           # a real commit: a read-only, locked or full file fails here, at start-up
             self._series: dict[tuple[str, str, str], int] = {
                 (a, p, m): i for i, a, p, m in self._db.execute("SELECT id, app, provider, model FROM series")}
             self._keys = {i: k for k, i in self._series.items()}
-            if self.get_meta("schema_version") is None:
+            version = self.get_meta("schema_version")
+            if version is None or (version.isdigit() and int(version) < int(SCHEMA_VERSION)):
                 self.set_meta("schema_version", SCHEMA_VERSION)
             if self.get_meta("dedupe_hash") != HASH_NAME:
                 self._forget_foreign_hashes()
@@ -210,6 +214,14 @@ class Store:
         except StoreError:
             self._db.close()
             raise
+
+    def _add_sketch_columns(self) -> None:
+        """Give a file written by an older version the sketch columns it lacks; its rows
+        read the new kinds as empty sketches."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(buckets)")}
+        missing = [k for k in SKETCHES if k not in have]
+        for kind in missing:
+            self._db.execute(f"ALTER TABLE buckets ADD COLUMN {kind} BLOB")
 
     def _forget_foreign_hashes(self) -> None:
         """Request-id hashes written with another hash function cannot match new ones."""
@@ -313,7 +325,7 @@ class Store:
         b = self._cache.get(key)
         if b is None:
             row = self._db.execute(
-                "SELECT adds, latency, ttft, otps FROM buckets WHERE res=? AND start=? AND series=?", key).fetchone()
+                f"SELECT adds, {', '.join(SKETCHES)} FROM buckets WHERE res=? AND start=? AND series=?", key).fetchone()
             if row is None:
                 b = Bucket(np.zeros(len(FIELDS)), [b""] * len(SKETCHES))
             else:
@@ -336,10 +348,10 @@ class Store:
                        for k, kind in enumerate(SKETCHES)]
             for j, b in enumerate(cached):
                 b.adds = adds[j]
-                b.sketches = [encoded[0][j], encoded[1][j], encoded[2][j]]
+                b.sketches = [e[j] for e in encoded]
                 rows.append((res, starts[j], series[j], adds[j].tobytes(), *b.sketches))
             self._newest[res] = max(self._newest.get(res, 0), max(starts))
-        self._db.executemany("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self._db.executemany(_INSERT_BUCKET, rows)
         self._writes += 1
         if self._writes % 16 == 0 or len(self._cache) > MAX_CACHED_BUCKETS:
             self._evict()
