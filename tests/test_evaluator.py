@@ -317,6 +317,38 @@ def test_faster_throughput_is_not_an_anomaly(site: Site) -> None:
     assert row(snaps[-1], "output_tokens_per_second", "model", HAIKU)["zscore"] > 3
 
 
+# A code assistant that does not stream: one request a minute at its peak, answers from a
+# few dozen to a few thousand tokens, so its durations spread over two orders of magnitude.
+UNSTREAMED = (Stream("code", "gpt-4o", rate=60, ttft=None, tokens=(3000.0, 400.0), size_sd=1.0, otps=60.0,
+                     otps_sd=0.15),)
+U_START = DAY0 + 8 * DAY + 14 * HOUR
+
+
+@pytest.fixture(scope="module")
+def unstreamed() -> Site:
+    traffic = generate(UNSTREAMED, DAY0, U_START + 2 * HOUR, seed=5)
+    return Site(Harness().feed(traffic.take(traffic.ts < U_START)), traffic.take(traffic.ts >= U_START))
+
+
+def test_a_slower_model_shows_per_output_token_among_long_and_short_answers(unstreamed: Site) -> None:
+    """Every request of the code assistant, which does not stream, takes 2.5 times as long
+    from 14:00. Its raw p95 is the tail of the long answers, which few of the first
+    minutes' requests reach; per output token nearly every slower request is past the
+    usual tail. The model warns within 10 minutes; the same requests made 2.5 times as long
+    by 2.5 times longer answers (the same tokens per second) are judged by the raw p95
+    alone, later."""
+    tr = unstreamed.traffic
+    hit = tr.where(U_START, U_START + HOUR)
+    times = every(U_START, 60, step=1)
+    slow = unstreamed.harness.copy().run(tr.changed(hit, latency=lambda x: x * 2.5), times)
+    first = first_flagged(slow, "latency_p95", "model", "gpt-4o")
+    assert first is not None and first - U_START <= 10 * 60, flagged(slow, "latency_p95")
+    longer = unstreamed.harness.copy().run(tr.changed(hit, latency=lambda x: x * 2.5,
+                                                      output_tokens=lambda x: x * 2.5), times)
+    first_longer = first_flagged(longer, "latency_p95", "model", "gpt-4o")
+    assert first_longer is None or first_longer > first + 5 * 60, flagged(longer, "latency_p95")
+
+
 # --- a small scope needs a bigger deviation ---------------------------------------------------------
 
 VOLUMES = (Stream("big", "m-big", rate=2000, night=1.0, error_rate=0.02),

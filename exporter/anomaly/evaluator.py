@@ -18,8 +18,9 @@ What each signal's evidence is:
 - error_rate: the window's errors against the usual error ratio (binomial).
 - latency_p95, ttft_p95, output_tokens_per_second: how many of the window's requests are
   slower than the baseline's p95 (or slower-generating than its median) against the 5 %
-  (50 %) expected. Latency also counts a slower first token or slower tokens as its own
-  evidence: they explain a longer request without longer answers confusing the test.
+  (50 %) expected. Latency also counts a slower first token, slower tokens, and, for
+  requests without a TTFT, more time per output token as its own evidence: they explain a
+  longer request without longer answers confusing the test.
 
 After the verdicts, an anomaly that a narrower scope explains (the global echo of one
 app's spike, the app echo of one model's slowdown) is marked `explained`; the alert rules
