@@ -25,7 +25,7 @@ import pytest
 from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
 from exporter.anomaly import baseline as bl
-from exporter.anomaly.evaluator import LOG_FLOOR, SUSTAINED_HOURS, Baseline, Evaluator, KINDS, SIZE_FIELDS
+from exporter.anomaly.evaluator import LOG_FLOOR, SUSTAINED_HOURS, Baseline, Evaluator, KINDS, MIN_QUANTILE_HOURS, SIZE_FIELDS
 from exporter.anomaly.history import SIZE_KINDS, ScopeHistory, _GatheredHours, token_sum
 from exporter.storage.buckets import F
 
@@ -166,7 +166,8 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
     qs = np.where(unknown[..., None], np.nan, q)
     for k, kind in enumerate(KINDS):
         out[f"quantile.{kind}"] = nanmedian(qs[..., k])
-    out["threshold_bins"] = np.stack([Evaluator._threshold_bin(out[f"quantile.{kind}"], kind) for kind in KINDS], axis=1)
+    bins = np.stack([Evaluator._threshold_bin(out[f"quantile.{kind}"], kind) for kind in KINDS], axis=1)
+    out["threshold_bins"] = np.where(np.isfinite(qs).sum(axis=1) >= MIN_QUANTILE_HOURS, bins, -1)   # a day of hours
     for k in SUSTAINED_HOURS:
         out[f"sustained.{k}"] = ref_block_spread(np.nan_to_num(req), np.nan_to_num(req_profile[:, hod]), k)
     return out

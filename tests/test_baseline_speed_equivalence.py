@@ -178,9 +178,9 @@ def reference_exceedances(h: ScopeHistory, t: float, n_slots: int, thresholds: n
 
 def record_exceedances(traffic: Traffic, h: ScopeHistory, t: float, n_slots: int,
                        thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The same counted from the records' own values (latency, TTFT, token speed)."""
+    """The same counted from the records' own values (latency, TTFT, token speed, time per output token)."""
     cols = traffic.columns()
-    bins = [sketch.bin_index(v) for v in (cols.latency, cols.ttft, cols.output_tokens_per_second)]
+    bins = [sketch.bin_index(v) for v in (cols.latency, cols.ttft, cols.output_tokens_per_second, cols.ms_per_output_token)]
     masks = scope_masks(traffic, h)
     hi = math.floor(t / h.coarse)
     slot = np.floor(traffic.ts / h.coarse)

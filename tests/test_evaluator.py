@@ -349,6 +349,30 @@ def test_a_slower_model_shows_per_output_token_among_long_and_short_answers(unst
     assert first_longer is None or first_longer > first + 5 * 60, flagged(longer, "latency_p95")
 
 
+def test_a_sketch_kind_is_evidence_once_a_day_of_hours_holds_it() -> None:
+    """The code assistant's records carried no output tokens until ten hours ago (as in a
+    store from before the time-per-output-token sketch): the p95 of ten hours would make
+    ordinary days look slow, so that kind waits for a day of hours; plain latency, with a
+    week behind it, is judged meanwhile."""
+    from exporter.anomaly.evaluator import KINDS, MIN_QUANTILE_HOURS
+    end = U_START - 2 * HOUR
+    traffic = generate(UNSTREAMED, DAY0, U_START + DAY, seed=5)
+    traffic = traffic.changed(traffic.ts < end - 10 * HOUR, output_tokens=0)
+    h = Harness().feed(traffic.take(traffic.ts < end))
+
+    def thresholds(t: float) -> dict[str, int]:
+        snap = h.evaluate(t)
+        i = snap.keys.index(("model", "", "openai", "gpt-4o"))
+        assert h._evaluator is not None and h._evaluator._baseline is not None
+        return dict(zip(KINDS, h._evaluator._baseline.threshold_bins[i].tolist()))
+
+    now = thresholds(end + 30)
+    assert now["tpot"] == -1 and now["latency"] >= 0
+    h.feed(traffic.take((traffic.ts >= end) & (traffic.ts < end + (MIN_QUANTILE_HOURS - 8) * HOUR)))
+    later = thresholds(end + (MIN_QUANTILE_HOURS - 8) * HOUR + 30)
+    assert later["tpot"] >= 0 and later["latency"] >= 0
+
+
 # --- a small scope needs a bigger deviation ---------------------------------------------------------
 
 VOLUMES = (Stream("big", "m-big", rate=2000, night=1.0, error_rate=0.02),

@@ -66,6 +66,7 @@ SUSTAINED_HOURS = (2, 4, 8)                                     # cost and token
 TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5, "tpot": 0.05}   # share beyond the baseline quantile when normal
 KINDS = tuple(QUANTILES)                                        # latency, ttft, otps, tpot
 MIN_SAMPLES = 5
+MIN_QUANTILE_HOURS = 24       # baseline hours with a quantile before a sketch kind counts as evidence
 SIZE_FIELDS = {"tokens": ("sized_requests", "log_tokens", "log_tokens_sq"),
                "cost": ("costed_requests", "log_cost", "log_cost_sq")}
 ERROR_RATIO_FLOOR = 0.01
@@ -228,6 +229,9 @@ class Evaluator:
 
         quantile = {kind: nan_median(held.quantiles[..., k], axis=1) for k, kind in enumerate(KINDS)}
         bins = np.stack([self._threshold_bin(quantile[kind], kind) for kind in KINDS], axis=1)
+        # a tail judged against the p95 of a few hours would count far more than 5 % of
+        # ordinary requests as slow on some days: a kind is evidence once it has a day of hours
+        bins = np.where(np.isfinite(held.quantiles).sum(axis=1) >= MIN_QUANTILE_HOURS, bins, -1)
         expected0 = np.nan_to_num(expected_req)
         sustained = {k: Sustained(block_spread(req0, expected0, k)) for k in SUSTAINED_HOURS}
         b = Baseline(
