@@ -54,7 +54,7 @@ TARGET_MS = 100.0
 def sketch_pool(rng: np.random.Generator, size: int, samples: int) -> dict[str, np.ndarray]:
     from exporter import sketch
     from exporter.storage.buckets import SKETCHES
-    centre = {"latency": 1.5, "ttft": 0.5, "otps": 70.0}
+    centre = {"latency": 1.5, "ttft": 0.5, "otps": 70.0, "tpot": 20.0}
     pool = {}
     for kind in SKETCHES:
         scale = centre[kind] * rng.lognormal(0, 0.4, size)

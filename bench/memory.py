@@ -59,7 +59,7 @@ def _bulk_hours(db: str, sids: list[int], hours: np.ndarray, seed: int) -> None:
     if cols != expected:
         raise SystemExit(f"buckets table is {cols}, benchmark writes {expected}: update bench/memory.py")
     rng = np.random.default_rng(seed)
-    centre = {"latency": 1.5, "ttft": 0.5, "otps": 70.0}
+    centre = {"latency": 1.5, "ttft": 0.5, "otps": 70.0, "tpot": 20.0}
     pool = {k: [sketch.encode(sketch.histogram(centre[k] * rng.lognormal(0, 0.5, int(rng.integers(5, 60)))))
                 for _ in range(64)] for k in SKETCHES}
     adds_pool = []
@@ -73,16 +73,17 @@ def _bulk_hours(db: str, sids: list[int], hours: np.ndarray, seed: int) -> None:
     con.execute("PRAGMA synchronous=OFF")
     # The rows are generated inside SQLite (a join of hours x series x a pool of blobs),
     # so the insert runs at SQLite's speed rather than Python's.
-    con.execute("CREATE TEMP TABLE pool (i INTEGER PRIMARY KEY, adds BLOB, latency BLOB, ttft BLOB, otps BLOB)")
-    con.executemany("INSERT INTO temp.pool VALUES (?, ?, ?, ?, ?)",
-                    [(i, adds_pool[i], pool["latency"][i], pool["ttft"][(i * 7) % 64], pool["otps"][(i * 13) % 64])
+    con.execute("CREATE TEMP TABLE pool (i INTEGER PRIMARY KEY, adds BLOB, latency BLOB, ttft BLOB, otps BLOB, tpot BLOB)")
+    con.executemany("INSERT INTO temp.pool VALUES (?, ?, ?, ?, ?, ?)",
+                    [(i, adds_pool[i], pool["latency"][i], pool["ttft"][(i * 7) % 64], pool["otps"][(i * 13) % 64],
+                      pool["tpot"][(i * 17) % 64])
                      for i in range(64)])
     con.execute("CREATE TEMP TABLE sids (sid INTEGER PRIMARY KEY)")
     con.executemany("INSERT INTO temp.sids VALUES (?)", [(s,) for s in sids])
     for h0 in range(0, len(hours), 24):
         con.execute("BEGIN")
         for h in hours[h0:h0 + 24].tolist():
-            con.execute("INSERT OR REPLACE INTO buckets SELECT 3600, ?, sid, adds, latency, ttft, otps "
+            con.execute("INSERT OR REPLACE INTO buckets SELECT 3600, ?, sid, adds, latency, ttft, otps, tpot "
                         "FROM temp.sids JOIN temp.pool ON temp.pool.i = (sid * 31 + ? / 3600) % 64", (h, h))
         con.execute("COMMIT")
     con.close()
