@@ -42,7 +42,8 @@ class DetectorCollector(Collector):
             rs.add_metric([app, reason], n)
         yield rs
         iz = GaugeMetricFamily("llm_runaway_invocation_zscore",
-                               "Robust z of an app's last-5-minute call count against its own recent 5-minute counts "
+                               "Robust z of an app's last-5-minute call count against its own recent 5-minute counts, "
+                               "on the square-root scale of the counts "
                                "(NaN below the minimum call count, where z is noise).", labels=["app"])
         min_count = self.d.runaway.settings.spike_min_count
         for app, z in sorted(rep.runaway.invocation_zscore.items()):

@@ -27,8 +27,8 @@ expires (idle for `session_idle_s`), so that a loop that stopped an hour ago is 
 listed for whoever answers the alert.
 
 Per app, `invocation_zscore` compares the number of calls in the last 5 minutes with
-the app's own 5-minute counts over the previous 24 hours (median and MAD): the retry
-storm signal, which needs no session id at all.
+the app's own 5-minute counts over the previous 24 hours (median and MAD, on the square
+root scale of the counts): the retry storm signal, which needs no session id at all.
 
 Memory is bounded: at most `max_sessions` tracked sessions (new sessions beyond it are
 counted in `overflow_total` and ignored), an event log of at most `max_events` recent
@@ -90,9 +90,8 @@ class RunawaySettings(BaseModel):
     `max_events`: recent calls kept for the windows (24 bytes each).
 
     Invocation spikes: `spike_window_s` (5 min) against the app's own counts over
-    `spike_history_s` (24 h); robust z = (count - median) / max(1.4826·MAD,
-    sqrt(median), 1), the square-root floor being the Poisson noise of a count, without
-    which a perfectly steady history (MAD 0) would make any extra call infinite.
+    `spike_history_s` (24 h); robust z (median and MAD) on the square-root scale of the
+    counts, where Poisson noise has unit variance (`robust_z`).
     Flagged at `spike_z` with at least `spike_min_count` calls; z is NaN until
     `spike_min_history` buckets of history exist.
     """
@@ -194,22 +193,33 @@ class RunawayReport:
 # --- pure functions -------------------------------------------------------------------
 
 def robust_z(current: np.ndarray, history: np.ndarray) -> np.ndarray:
-    """Robust z of counts against rows of history (NaN = no data), one row per series.
+    """Robust z of counts against rows of history (NaN = no data), one row per series, on
+    the square-root scale of the counts.
 
-    scale = max(1.4826·MAD, sqrt(median), 1): MAD is zero for a steady history, and a
-    count has Poisson noise of about sqrt(mean) however steady its past."""
+    Counts of calls that come in conversations and agent runs are skewed: a busy five
+    minutes lies much further above the median than a quiet one lies below it, so a
+    median and MAD of the raw counts read ordinary busy periods as z 4 and more. The
+    Anscombe transform 2·sqrt(n + 3/8) makes a count's spread nearly symmetric and, for
+    independent calls, of unit variance whatever its mean; scale = max(1.4826·MAD, 1) on
+    that scale, the floor of 1 being the Poisson noise of a count, without which a
+    perfectly steady history (MAD 0) would make any extra call infinite."""
     out = np.full(current.shape[0], np.nan)
     ok = np.isfinite(history).any(axis=1)
     if not ok.any():
         return out
-    h = history[ok]
+    h = anscombe(history[ok])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(h, axis=1)
         mad = np.nanmedian(np.abs(h - med[:, None]), axis=1)
-    scale = np.maximum(np.maximum(_MAD_TO_SIGMA * mad, np.sqrt(np.maximum(med, 0.0))), 1.0)
-    out[ok] = (current[ok] - med) / scale
+    scale = np.maximum(_MAD_TO_SIGMA * mad, 1.0)
+    out[ok] = (anscombe(current[ok]) - med) / scale
     return out
+
+
+def anscombe(counts: np.ndarray) -> np.ndarray:
+    """2·sqrt(n + 3/8): counts on a scale where Poisson noise has unit variance."""
+    return 2.0 * np.sqrt(np.maximum(counts, 0.0) + 0.375)
 
 
 def tool_runs(group: np.ndarray, sig_code: np.ndarray, valid: np.ndarray,
