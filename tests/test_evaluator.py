@@ -190,6 +190,32 @@ def test_a_tiny_absolute_cost_is_quiet(site: Site) -> None:
     assert sev(loose[-1], "cost_per_hour", "app", "tiny") == LEVEL["high"]
 
 
+def extra_calls(app: str, model: str, provider: str, per_minute: int, minutes: int, failed: bool) -> Traffic:
+    """`per_minute` more calls of `app` a minute from S, all failed with no tokens (a retry
+    storm) or all of the app's usual size."""
+    ts = S + np.repeat(np.arange(minutes) * 60.0, per_minute) + np.tile(np.linspace(0.5, 3.0, per_minute), minutes)
+    n = ts.size
+    inp, out = (np.zeros(n, np.int64), np.zeros(n, np.int64)) if failed else (np.full(n, 3000), np.full(n, 300))
+    return Traffic(ts, np.full(n, app, dtype=object), np.full(n, provider, dtype=object), np.full(n, model, dtype=object),
+                   inp, out, inp * 2.5e-6 + out * 1e-5, np.full(n, 0.1 if failed else 6.5), np.full(n, np.nan if failed else 0.5),
+                   np.full(n, failed), np.full(n, None, dtype=object))
+
+
+@pytest.mark.parametrize("failed", [True, False])
+def test_a_retry_storm_is_no_rise_in_spend(site: Site, failed: bool) -> None:
+    """Ten more calls a minute from the agent app (about twice its peak rate) for an hour.
+    Failed calls with no tokens (a retry storm) spend nothing: cost and token velocity stay
+    quiet on every scope, while the error rate rises. The same calls of the usual size
+    are more spend, and cost flags the agent app."""
+    traffic = Traffic.concat([site.traffic, extra_calls("agent", HAIKU, "anthropic", 10, 60, failed)])
+    snaps = live(site, traffic, every(S, 60, step=5))
+    if failed:
+        assert flagged(snaps, "cost_per_hour") == [] and flagged(snaps, "token_velocity") == []
+        assert first_flagged(snaps, "error_rate", "model", HAIKU) is not None
+    else:
+        assert first_flagged(snaps, "cost_per_hour", "app", "agent") is not None, flagged(snaps, "cost_per_hour")
+
+
 @pytest.mark.parametrize("factor,warns", [(1.3, True), (1.1, False)])
 def test_a_creep_in_request_size_warns_when_held(site: Site, factor: float, warns: bool) -> None:
     """Chat requests 30 % bigger from 14:00 on: below the 1.5x spike ratio, but above the
