@@ -164,10 +164,11 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
     errors = ref_error_stats(held[..., F["requests"]], held[..., F["errors"]])
     out["errors.ratio"], out["errors.dispersion"] = errors.ratio, errors.dispersion
     requests = held[..., F["requests"]].sum(axis=1)
-    out["sized_share"] = np.ones(n)
-    for i in range(n):
-        if requests[i] > 0:
-            out["sized_share"][i] = held[i, :, F["sized_requests"]].sum() / requests[i]
+    for field in ("costed_requests", "sized_requests"):
+        out[f"spending_share.{field}"] = np.ones(n)
+        for i in range(n):
+            if requests[i] > 0:
+                out[f"spending_share.{field}"][i] = held[i, :, F[field]].sum() / requests[i]
     qs = np.where(unknown[..., None], np.nan, q)
     for k, kind in enumerate(KINDS):
         out[f"quantile.{kind}"] = nanmedian(qs[..., k])
@@ -189,7 +190,8 @@ def flatten(b: Baseline) -> dict[str, np.ndarray]:
         for f in ("centre", "var", "dispersion", "hours", "seen", "spread", "within"):
             out[f"{attr}.{f}"] = getattr(st, f)
     out["errors.ratio"], out["errors.dispersion"] = b.errors.ratio, b.errors.dispersion
-    out["sized_share"] = b.sized_share
+    for field, share in b.spending_share.items():
+        out[f"spending_share.{field}"] = share
     for kind in KINDS:
         out[f"quantile.{kind}"] = b.quantile[kind]
     out["threshold_bins"] = b.threshold_bins

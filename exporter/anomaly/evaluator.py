@@ -71,6 +71,9 @@ SIZE_FIELDS = {"tokens": ("sized_requests", "log_tokens", "log_tokens_sq"),
                "cost": ("costed_requests", "log_cost", "log_cost_sq")}
 ERROR_RATIO_FLOOR = 0.01
 LOG_FLOOR = {"cost_per_hour": 0.01, "token_velocity": 1.0}     # keeps log ratios of near-zero totals finite
+# the requests that spend, per usage signal: those that carried cost (records priced or
+# carrying their own cost, tokens or not) and those that carried tokens
+SPENDING = {"cost_per_hour": "costed_requests", "token_velocity": "sized_requests"}
 
 
 @dataclass(slots=True)
@@ -161,7 +164,7 @@ class Baseline:
     costs: SizeStats                          # log cost per request, as `sizes` is for log tokens
     sizes: SizeStats
     errors: ErrorStats
-    sized_share: np.ndarray                   # (S,) share of the requests that carried tokens (not failed, not empty)
+    spending_share: dict[str, np.ndarray]     # field -> (S,) share of the requests that carried tokens (sized) or cost (costed)
     quantile: dict[str, np.ndarray]           # kind -> (S,) median of the hourly quantiles
     threshold_bins: np.ndarray                # (S, kinds) sketch bin of each kind's exceedance threshold
     sustained: dict[int, "Sustained"]          # hours -> the baseline of a shift held that long
@@ -243,7 +246,7 @@ class Evaluator:
             burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
             sizes=sizes, costs=costs,
             errors=error_stats(adds[..., F["requests"]], adds[..., F["errors"]]),
-            sized_share=sized_share(adds), quantile=quantile, threshold_bins=bins)
+            spending_share={f: spending_share(adds, f) for f in SPENDING.values()}, quantile=quantile, threshold_bins=bins)
         self._baseline, self._key = b, key
         h.changed_from_hour = np.iinfo(np.int64).max
         return b
@@ -415,12 +418,13 @@ class Effects:
         return cls(z, z.copy(), z.copy(), z.copy())
 
 
-def sized_share(adds: np.ndarray) -> np.ndarray:
-    """(S,) share of a baseline's requests (adds: (S, H, F)) that carried tokens; 1 where it
-    has none, so a new scope expects every request to spend."""
-    n, sized = adds[..., F["requests"]].sum(axis=1), adds[..., F["sized_requests"]].sum(axis=1)
+def spending_share(adds: np.ndarray, field: str) -> np.ndarray:
+    """(S,) share of a baseline's requests (adds: (S, H, F)) counted in `field` (those that
+    carried tokens, or cost); 1 where it has none, so a new scope expects every request to
+    spend."""
+    n, spent = adds[..., F["requests"]].sum(axis=1), adds[..., F[field]].sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, sized / n, 1.0)
+        return np.where(n > 0, spent / n, 1.0)
 
 
 def _largest(effect: np.ndarray, passed: np.ndarray) -> np.ndarray:
@@ -622,10 +626,11 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     z_size, _, size_ratio = sized["tokens"]
     # 2. the hour's total against the time of day (a few huge requests), and
     # 3. the hour's count of requests that spent (more requests of the usual size): calls
-    # that failed or came back empty spend nothing, so a retry storm is no rise in spend
+    # that failed or carried no tokens (no cost) spend nothing, so a retry storm is no rise
     expected = c.expected(seasonal, [c.ev.fine_slots[-1]])[:, 0]
     floor = LOG_FLOOR[spec.name] * (60.0 if spec.name == "token_velocity" else 1.0)
-    n_req, exp_req = c.sums[:, -1, F["sized_requests"]], c.expected_requests()[:, -1] * b.sized_share
+    spent = SPENDING[spec.name]
+    n_req, exp_req = c.sums[:, -1, F[spent]], c.expected_requests()[:, -1] * b.spending_share[spent]
     with np.errstate(invalid="ignore", divide="ignore"):
         total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
