@@ -219,7 +219,8 @@ def robust_z(current: np.ndarray, history: np.ndarray) -> np.ndarray:
 
 def anscombe(counts: np.ndarray) -> np.ndarray:
     """2·sqrt(n + 3/8): counts on a scale where Poisson noise has unit variance."""
-    return 2.0 * np.sqrt(np.maximum(counts, 0.0) + 0.375)
+    out: np.ndarray = 2.0 * np.sqrt(np.maximum(counts, 0.0) + 0.375)
+    return out
 
 
 def tool_runs(group: np.ndarray, sig_code: np.ndarray, valid: np.ndarray,
