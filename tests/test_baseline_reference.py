@@ -19,12 +19,14 @@ They must agree bit for bit:
 from __future__ import annotations
 
 import warnings
+from statistics import NormalDist
 
 import numpy as np
 import pytest
 from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
 from exporter.anomaly import baseline as bl
+from exporter.evidence import binomial_z
 from exporter.anomaly.evaluator import LOG_FLOOR, SUSTAINED_HOURS, Baseline, Evaluator, KINDS, MIN_QUANTILE_HOURS, SIZE_FIELDS
 from exporter.anomaly.history import SIZE_KINDS, ScopeHistory, _GatheredHours, token_sum
 from exporter.storage.buckets import F
@@ -118,6 +120,26 @@ def ref_size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray, w
 
 
 def ref_error_stats(requests: np.ndarray, errors: np.ndarray) -> bl.ErrorStats:
+    """Row by row: the pooled statistics, again without the storm hours where there are
+    some and they are under a quarter of the hours with requests."""
+    first = ref_pooled_error_stats(requests, errors)
+    ratio, disp = first.ratio.copy(), first.dispersion.copy()
+    limit = NormalDist().inv_cdf(1.0 - bl.STORM_HOUR_CHANCE / max(requests.shape[1], 1))
+    for i in range(requests.shape[0]):
+        n, e = np.nan_to_num(requests[i]), np.nan_to_num(errors[i])
+        p = first.ratio[i]
+        terms = [(e[h] - n[h] * p) ** 2 / (n[h] * p * (1 - p)) for h in range(n.size) if n[h] >= 10]
+        robust = max(float(np.median(terms)) / bl.CHI2_1_MEDIAN, 1.0) if terms else 1.0
+        storm = [h for h in range(n.size) if n[h] > 0 and float(binomial_z(e[h], n[h], p, robust)) > limit]
+        if storm and len(storm) < 0.25 * int((n > 0).sum()):
+            r, x = requests[i:i + 1].copy(), errors[i:i + 1].copy()
+            r[0, storm], x[0, storm] = np.nan, np.nan
+            again = ref_pooled_error_stats(r, x)
+            ratio[i], disp[i] = again.ratio[0], again.dispersion[0]
+    return bl.ErrorStats(ratio, disp)
+
+
+def ref_pooled_error_stats(requests: np.ndarray, errors: np.ndarray) -> bl.ErrorStats:
     p = (np.nansum(errors, axis=1) + 0.5) / (np.nansum(requests, axis=1) + 50.0)
     used = requests >= 10
     var = np.where(used, requests * p[:, None] * (1 - p[:, None]), np.nan)
@@ -271,6 +293,8 @@ def test_size_and_error_stats_equal_the_reference(h: int) -> None:
     for f in ("centre", "var", "dispersion", "hours", "seen", "spread", "within"):
         np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
     errors = rng.binomial(count.astype(np.int64), 0.03).astype(np.float64)
+    storms = (rng.random((150, h)) < 0.03) | ((np.arange(150) % 17 == 0)[:, None] & (rng.random((150, h)) < 0.4))
+    errors = np.where(storms, np.ceil(count * 0.5), errors)      # earlier storms; a few rows with storms every other hour
     e_got, e_want = bl.error_stats(count, errors), ref_error_stats(count, errors)
     np.testing.assert_array_equal(e_got.ratio, e_want.ratio)
     np.testing.assert_array_equal(e_got.dispersion, e_want.dispersion)

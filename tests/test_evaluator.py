@@ -261,6 +261,22 @@ def test_independent_errors_are_not_read_as_overdispersed() -> None:
         assert np.median(stats.dispersion) < 1.3, (n, p, np.median(stats.dispersion))
 
 
+def test_an_earlier_error_storm_is_left_out_of_the_usual_ratio() -> None:
+    """A week of 200 requests an hour failing 1 % of the time, with a storm (30 % errors)
+    on five of its hours: the usual ratio and dispersion are those of the other hours, so
+    the next storm is judged against 1 % and not against the storms'. A ratio that stayed
+    up for a third of the week is the scope's level, and is kept."""
+    rng = np.random.default_rng(4)
+    requests = np.full((3, 168), 200.0)
+    errors = rng.binomial(200, 0.01, (3, 168)).astype(np.float64)
+    errors[1, [20, 50, 80, 110, 140]] = 60.0
+    errors[2, :56] = rng.binomial(200, 0.3, 56)
+    st = error_stats(requests, errors)
+    assert st.ratio[1] == pytest.approx(st.ratio[0], rel=0.15) and st.ratio[1] < 0.015
+    assert st.dispersion[1] < 1.5
+    assert st.ratio[2] > 0.08                       # a third of the week at 30 %: its level
+
+
 def test_sessions_on_a_dearer_model_are_part_of_the_usual_sizes() -> None:
     """A quiet scope whose hours are each one or two sessions, an eighth of them on a model
     whose requests cost e^2.5 times as much: the hours' means swing far more than

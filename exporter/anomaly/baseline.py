@@ -13,7 +13,8 @@ favour clarity over the last microsecond.
 - Request sizes (mean log tokens per request) are judged against a flat baseline
   (`size_stats`): their centre, their spread, and how much more hourly means vary than
   independent requests would make them.
-- Error ratios (`error_stats`): the pooled ratio and its overdispersion.
+- Error ratios (`error_stats`): the pooled ratio and its overdispersion, without the
+  hours of an earlier error storm.
 - Latency-like quantiles: the median of the hourly quantiles (`nan_median`).
 """
 
@@ -23,11 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..evidence import binomial_z, normal_quantile
+
 MAD_SCALE = 1.4826          # makes the MAD estimate sigma for normal data
 TAIL_90_HALF_NORMAL = 1.6449  # the 90th percentile of |x| for a standard normal x
 CHI2_1_MEDIAN = 0.4549      # median of chi-square with one degree of freedom
 Q75_ABS_NORMAL = 1.1503     # upper quartile of |z| for standard normal z
 CHI2_1_Q75 = Q75_ABS_NORMAL ** 2   # upper quartile of chi-square with one degree of freedom
+STORM_HOUR_CHANCE = 0.05   # an hour of errors left out of the baseline is this unlikely over all its hours
 MIN_DAYS = 3                # earlier days a seasonal expectation needs
 MIN_HOURS = 6               # hours a flat statistic needs
 PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen whole
@@ -382,6 +386,45 @@ class ErrorStats:
 
 
 def error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
+    """Pooled ratio and overdispersion (`_pooled_error_stats`) of the hours that are not an
+    earlier error storm.
+
+    A storm of the last days is in the baseline hours: its errors would raise the pooled
+    ratio and the dispersion, so the next storm (the same fault coming back) would look
+    like less of a change, or like noise. An hour whose errors are beyond what the rest
+    make likely once in twenty baselines (a one-sided binomial z, with the robust
+    dispersion, past the Bonferroni level for the baseline's hours) is left out, and the
+    statistics are taken again; only while such hours are under a quarter of the hours
+    with requests, since a ratio that stays up that long is the scope's new level."""
+    pooled = _pooled_error_stats(requests, errors)
+    p, disp = pooled.ratio, pooled.dispersion
+    hours = max(requests.shape[-1], 1)
+    with np.errstate(invalid="ignore"):
+        has = np.nan_to_num(requests) > 0
+        z = binomial_z(np.nan_to_num(errors), np.nan_to_num(requests), p[:, None],
+                       _median_dispersion(requests, errors, p)[:, None])
+        storm = has & (z > normal_quantile(1.0 - STORM_HOUR_CHANCE / hours))
+    rows = np.flatnonzero(storm.any(axis=1) & (storm.sum(axis=1) < 0.25 * has.sum(axis=1)))
+    if rows.size:
+        keep = ~storm[rows]
+        calm = _pooled_error_stats(np.where(keep, requests[rows], np.nan), np.where(keep, errors[rows], np.nan))
+        p, disp = p.copy(), disp.copy()
+        p[rows], disp[rows] = calm.ratio, calm.dispersion
+    return ErrorStats(p, disp)
+
+
+def _median_dispersion(requests: np.ndarray, errors: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The median Pearson term of the hours with 10 or more requests over that of chi2(1)
+    (at least 1; 1 where no hour qualifies): robust to a few anomalous hours."""
+    used = requests >= 10
+    var = np.where(used, requests * p[:, None] * (1 - p[:, None]), np.nan)
+    sq = np.where(used, (errors - requests * p[:, None]) ** 2, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        median = nan_median(sq / var, axis=1) / CHI2_1_MEDIAN
+    return np.maximum(np.nan_to_num(median, nan=1.0), 1.0)
+
+
+def _pooled_error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
     """Pooled ratio with a weak prior (half an error in 50 requests, so a clean history
     does not make the first error infinitely surprising) and the overdispersion of the
     hours with 10 or more requests.
