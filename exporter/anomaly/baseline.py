@@ -396,38 +396,35 @@ def error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
     dispersion, past the Bonferroni level for the baseline's hours) is left out, and the
     statistics are taken again; only while such hours are under a quarter of the hours
     with requests, since a ratio that stays up that long is the scope's new level."""
-    pooled = _pooled_error_stats(requests, errors)
-    p, disp = pooled.ratio, pooled.dispersion
-    hours = max(requests.shape[-1], 1)
+    p, disp, robust = _pooled_error_stats(requests, errors)
+    n, e = np.nan_to_num(requests), np.nan_to_num(errors)
+    limit = normal_quantile(1.0 - STORM_HOUR_CHANCE / max(requests.shape[-1], 1))
+    # a binomial z past `limit` needs at least this many errors (a normal bound, loose enough
+    # that the exact test below sees every storm): the cheap sieve spares most hours the logs
     with np.errstate(invalid="ignore"):
-        has = np.nan_to_num(requests) > 0
-        z = binomial_z(np.nan_to_num(errors), np.nan_to_num(requests), p[:, None],
-                       _median_dispersion(requests, errors, p)[:, None])
-        storm = has & (z > normal_quantile(1.0 - STORM_HOUR_CHANCE / hours))
-    rows = np.flatnonzero(storm.any(axis=1) & (storm.sum(axis=1) < 0.25 * has.sum(axis=1)))
+        sd = np.sqrt(robust[:, None] * n * p[:, None] * (1 - p[:, None]))
+        maybe = (n > 0) & (e > n * p[:, None] + 0.5 * limit * sd)
+    r, h = np.nonzero(maybe)
+    if not r.size:
+        return ErrorStats(p, disp)
+    storm = np.zeros_like(maybe)
+    with np.errstate(invalid="ignore"):
+        storm[r, h] = binomial_z(e[r, h], n[r, h], p[r], robust[r]) > limit
+    rows = np.flatnonzero(storm.any(axis=1))
+    storm = storm[rows]
+    calm = storm.sum(axis=1) < 0.25 * (n[rows] > 0).sum(axis=1)
+    rows, storm = rows[calm], storm[calm]
     if rows.size:
-        keep = ~storm[rows]
-        calm = _pooled_error_stats(np.where(keep, requests[rows], np.nan), np.where(keep, errors[rows], np.nan))
+        p2, disp2, _ = _pooled_error_stats(np.where(storm, np.nan, requests[rows]), np.where(storm, np.nan, errors[rows]))
         p, disp = p.copy(), disp.copy()
-        p[rows], disp[rows] = calm.ratio, calm.dispersion
+        p[rows], disp[rows] = p2, disp2
     return ErrorStats(p, disp)
 
 
-def _median_dispersion(requests: np.ndarray, errors: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """The median Pearson term of the hours with 10 or more requests over that of chi2(1)
-    (at least 1; 1 where no hour qualifies): robust to a few anomalous hours."""
-    used = requests >= 10
-    var = np.where(used, requests * p[:, None] * (1 - p[:, None]), np.nan)
-    sq = np.where(used, (errors - requests * p[:, None]) ** 2, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        median = nan_median(sq / var, axis=1) / CHI2_1_MEDIAN
-    return np.maximum(np.nan_to_num(median, nan=1.0), 1.0)
-
-
-def _pooled_error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
+def _pooled_error_stats(requests: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pooled ratio with a weak prior (half an error in 50 requests, so a clean history
-    does not make the first error infinitely surprising) and the overdispersion of the
-    hours with 10 or more requests.
+    does not make the first error infinitely surprising), the overdispersion of the hours
+    with 10 or more requests, and the robust part of that overdispersion alone.
 
     The overdispersion is the smaller of two estimates, each biased upwards in a case the
     other is not: the median Pearson term over that of chi2(1), robust to a few anomalous
@@ -443,4 +440,4 @@ def _pooled_error_stats(requests: np.ndarray, errors: np.ndarray) -> ErrorStats:
         median = nan_median(sq / var, axis=1) / CHI2_1_MEDIAN
         pooled = np.nansum(sq, axis=1) / np.nansum(var, axis=1)
     disp = np.maximum(np.nan_to_num(np.fmin(median, pooled), nan=1.0), 1.0)
-    return ErrorStats(p, disp)
+    return p, disp, np.maximum(np.nan_to_num(median, nan=1.0), 1.0)
