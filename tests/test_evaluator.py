@@ -869,6 +869,28 @@ def test_a_model_whose_traffic_streams_less_is_not_slower() -> None:
     assert first_flagged(snaps, "output_tokens_per_second", "model", HAIKU) is not None
 
 
+MIXED = (Stream("chat", "gpt-4o", rate=600, ttft=0.4, tokens=(1000, 150), otps=60),
+         Stream("code", "gpt-4o", rate=15, ttft=None, tokens=(6000, 1200), otps=40))
+
+
+def test_a_model_whose_slow_app_sends_more_is_not_slower() -> None:
+    """A model serves a streamed chat app and a code app that does not stream and writes
+    long answers (30 s a request, past the model's usual p95). From 14:00 the code app
+    sends ten times its usual traffic: the model's whole-duration p95 is then the code
+    app's, six times the usual, but no request is slower than its own kind, so latency
+    raises nothing. A real 2.5x slowdown of the same traffic still warns on the model."""
+    before = generate(MIXED, DAY0, S, seed=12)
+    h = Harness().feed(before)
+    after = generate((MIXED[0], Stream("code", "gpt-4o", rate=150, ttft=None, tokens=(6000, 1200), otps=40)),
+                     S, S + HOUR, seed=13)
+    snaps = h.copy().run(after, every(S, 60))
+    assert max(row(s, "latency_p95", "model", "gpt-4o")["ratio"] for s in snaps) > 2.5   # the raw tail moved
+    assert flagged(snaps, "latency_p95") == []
+    slow = h.copy().run(after.changed(after.where(S, S + HOUR), latency=lambda x: x * 2.5,
+                                      ttft=lambda x: x * 2.5), every(S, 60))
+    assert first_flagged(slow, "latency_p95", "model", "gpt-4o") is not None
+
+
 def _pair_verdict(excess_app: float, excess_model: float) -> Any:
     """A verdict of three scopes (global, one app, the model it uses), app and model both
     flagged, with the given excess on every window."""

@@ -18,9 +18,11 @@ What each signal's evidence is:
 - error_rate: the window's errors against the usual error ratio (binomial).
 - latency_p95, ttft_p95, output_tokens_per_second: how many of the window's requests are
   slower than the baseline's p95 (or slower-generating than its median) against the 5 %
-  (50 %) expected. Latency also counts a slower first token, slower tokens, and, for
-  requests without a TTFT, more time per output token as its own evidence: they explain a
-  longer request without longer answers confusing the test.
+  (50 %) expected. Latency's evidence is a slower first token, slower tokens, and, for
+  requests without a TTFT, more time per output token: they explain a longer request
+  without longer answers, or a shift of the scope's traffic towards a slower app,
+  confusing the test. The whole duration counts as evidence only where none of them is
+  known; elsewhere its p95 measures the effect where its tail and another kind agree.
 
 After the verdicts, an anomaly that a narrower scope explains (the global echo of one
 app's spike, the app echo of one model's slowdown) is marked `explained`; the alert rules
@@ -733,17 +735,35 @@ def _quantile_effect(c: _Context, kind: str, passed: np.ndarray) -> np.ndarray:
 
 
 def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown: str) -> Verdict:
-    """latency_p95 (its own kind, TTFT and token speed as evidence), ttft_p95, throughput.
-    Effects are rises for latency and TTFT, falls for throughput."""
+    """latency_p95 (TTFT, token speed and time per output token as evidence), ttft_p95,
+    throughput. Effects are rises for latency and TTFT, falls for throughput.
+
+    Latency's whole duration is evidence of its own only where a scope knows none of the
+    other kinds. Its tail moves with the mix of a scope's traffic (a model shared by a
+    streamed chat app and a code app that sends long requests has more requests past its
+    pooled p95 whenever the code app's share grows), while each other kind compares like
+    with like. Its p95 still measures the effect on the windows where both its own tail
+    and another kind's evidence passed."""
     ready = c.ready(spec)[:, None]
     effect = np.zeros(c.n)
     best = np.full((c.n, len(c.zc)), np.nan)
-    for kind in kinds:
+    parts = [k for k in kinds if k != shown]
+    known = np.zeros(c.n, dtype=bool)            # scopes with another kind's baseline tail
+    part_passed = np.zeros((c.n, len(c.zc)), dtype=bool)
+    for kind in parts:
+        known |= c.base.threshold_bins[:, KINDS.index(kind)] >= 0
         z, _, _ = _slow_evidence(c, kind)
         with np.errstate(invalid="ignore"):
             passed = ready & (z >= c.zc)
+        part_passed |= passed
         effect = np.fmax(effect, _largest(_quantile_effect(c, kind, passed), passed))
         best = np.fmax(best, np.where(ready, z, np.nan))
+    z, slow, total = _slow_evidence(c, shown)
+    own = ready & ~known[:, None]                # where the whole duration is evidence
+    with np.errstate(invalid="ignore"):
+        passed = ready & (z >= c.zc) & (~known[:, None] | part_passed)
+    effect = np.fmax(effect, _largest(_quantile_effect(c, shown, passed), passed))
+    best = np.fmax(best, np.where(own, z, np.nan))
     zs, win, _ = _strongest(best, c.zc, c.ev.window_s)
     current, baseline = c.win.quantiles[shown], c.base.quantile[shown]
     zero = np.zeros(c.n)
@@ -753,7 +773,6 @@ def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown
         e = Effects(zero, effect, zero, zero.copy())
     else:
         e = Effects(effect, zero, zero, zero.copy())
-    _, slow, total = _slow_evidence(c, shown)
     lo, hi = baseline / spec.warning_ratio, baseline * spec.warning_ratio
     return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=slow - TAIL[shown] * total)
 
