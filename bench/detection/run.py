@@ -5,6 +5,7 @@ shipped rules would raise from them.
     python bench/detection/run.py                  # full: 14 + 7 days, 1-minute steps, all NAB series
     python bench/detection/run.py --quick          # CI form: 7 + 1 days, 2 instances per kind, 5-minute steps
     python bench/detection/run.py --split 5        # clean traffic only, over 5x the apps and model deployments
+    python bench/detection/run.py --seed 8 --kinds none --no-nab   # another week of clean traffic
     python bench/detection/run.py --compare before.json after.json [before-split.json after-split.json]
     python bench/detection/run.py --rescore bench/results/<run>.runs.pickle.gz --rules other/rules/
 
@@ -23,7 +24,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -478,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", type=int, default=1, metavar="N",
                     help="clean traffic only, each app split into N apps (by session) and each model into N "
                          "deployments, same volume")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="traffic seed: which real day each synthetic day replays, and the modelled sizes and "
+                         "latencies (default 7); another seed is another week of clean traffic to count false "
+                         "alerts on")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
@@ -512,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(state, rules, Path(args.rules) if args.rules else rules_dir(), args.out)
 
     plan = QUICK if args.quick else FULL
+    if args.seed is not None:
+        plan = replace(plan, seed=args.seed)
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
@@ -562,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def default_path(plan: Plan, split: int, revision: str) -> Path:
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", revision)
-    return RESULTS / f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}-{tag}.json"
+    seed = f"-seed{plan.seed}" if plan.seed != FULL.seed else ""
+    return RESULTS / f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}-{tag}.json"
 
 
 def runs_path(json_path: Path) -> Path:
@@ -582,7 +590,7 @@ def report(state: dict[str, Any], rules: dict[str, tuple[AlertRule, ...]], rules
     out_lines = [
         f"## Detection benchmark ({plan.name}{f', split ×{split}' if split > 1 else ''}, exporter {revision})", "",
         f"Traffic: RAGPulse arrivals and sessions ({plan.history_days + plan.scored_days + 1} days from its six "
-        f"real days), Azure token sizes"
+        f"real days, seed {plan.seed}), Azure token sizes"
         + (f", each app split into {split} apps by session and each model into {split} deployments" if split > 1
            else "")
         + f"; {plan.history_days} days of history, {plan.scored_days} scored day(s), evaluated every "
