@@ -178,6 +178,31 @@ def test_a_price_change_is_caught_by_cost_per_request(site: Site) -> None:
     assert flagged(snaps, "token_velocity") == []
 
 
+CHEAP, DEAR = (1.5e-7, 6e-7), (2.5e-6, 1e-5)       # a dear model's tokens cost about 16 times as much
+
+
+def test_a_shift_of_an_apps_requests_to_its_dearer_model_is_no_price_change() -> None:
+    """An app sends a sixth of its sessions to a model whose tokens cost 16 times as much.
+    From 14:00 most of its cheap sessions stop and the dear ones grow: each request costs
+    three times the usual on average, but the hour's spend rises a third, every request
+    costs what its model charges, and no request got bigger. The app's cost per request
+    follows the share of its models, so it is no evidence; the models' cost per request
+    is. A real price rise on the dear model (its records' cost three times) warns there."""
+    def streams(cheap: float, dear: float) -> tuple[Stream, ...]:
+        return (Stream("rag", MINI, rate=cheap, session=3, price=CHEAP),
+                Stream("rag", "gpt-4o", rate=dear, session=3, price=DEAR))
+    before = generate(streams(400, 70), DAY0, S, seed=15)
+    h = Harness().feed(before)
+    after = generate(streams(100, 120), S, S + HOUR, seed=16)
+    per_request = (after.cost.sum() / len(after)) / (before.cost.sum() / len(before))
+    assert per_request > 2.5                                          # the app's mix moved
+    snaps = h.copy().run(after, every(S, 60))
+    assert all(sev(s, "cost_per_hour", "app", "rag") == 0 for s in snaps), flagged(snaps, "cost_per_hour")
+    pricier = after.changed(after.where(model="gpt-4o"), cost=lambda x: x * 3)
+    snaps = h.copy().run(pricier, every(S, 60))
+    assert first_flagged(snaps, "cost_per_hour", "model", "gpt-4o") is not None, flagged(snaps, "cost_per_hour")
+
+
 def test_a_tiny_absolute_cost_is_quiet(site: Site) -> None:
     """The tiny app ($0.002 an hour) sends requests ten times as big: its cost signal
     stays quiet because $0.02 an hour is below min_current ($0.10); with min_current 0 the

@@ -392,6 +392,15 @@ class _Context:
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
 
+    def one_model(self) -> np.ndarray:
+        """(S,) scopes whose requests all go to one model: every model scope, an app that
+        sends to one model, the global scope of a site with one model."""
+        kind = np.array([k[0] for k in self.h.keys[:self.n]], dtype=object)
+        pairs = self.h.app_model_pairs()
+        per_app = np.bincount(pairs[:, 0], minlength=self.n) if pairs.size else np.zeros(self.n, dtype=np.int64)
+        return np.where(kind == "model", True,
+                        np.where(kind == "app", per_app[:self.n] <= 1, int(np.sum(kind == "model")) <= 1))
+
 
 # --- the judges: one per signal -------------------------------------------------------
 #
@@ -623,8 +632,15 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     cost (a switch to a pricier model, or records that carry their cost)."""
     b = c.base
     stats = {"tokens": b.sizes, "cost": b.costs}
-    # 1. requests got bigger: mean log size per request on every window
+    # 1. requests got bigger: mean log size per request on every window. Cost per request
+    # only where one model serves the scope: elsewhere it moves with the share of requests
+    # each model gets, which a few sessions on a dearer model decide (the models' own
+    # scopes show a price change, the tokens and the totals a bigger spend)
     sized = {k: _size_evidence(c, stats[k], k) for k in kinds}
+    if "cost" in sized:
+        z, rise, ratio = sized["cost"]
+        one = c.one_model()[:, None]
+        sized["cost"] = (np.where(one, z, np.nan), np.where(one, rise, 0.0), ratio)
     z_size, _, size_ratio = sized["tokens"]
     # 2. the hour's total against the time of day (a few huge requests), and
     # 3. the hour's count of requests that spent (more requests of the usual size): calls
