@@ -12,7 +12,8 @@ thresholds and docs/tuning.md for the reasoning and the measurements behind them
 What each signal's evidence is:
 - request_rate: the window's request count against the same time of day on earlier days.
 - cost_per_hour, token_velocity: requests got bigger (mean log tokens per request, the
-  least noisy view of a prompt change or a growing context), or more requests came (the
+  least noisy view of a prompt change or a growing context; for cost also the mean log
+  cost per request, on the scopes one model serves), or more requests came (the
   hour's count), or the hour's total is out of line with the time of day (a few huge
   requests); and, for a creep, a smaller size rise held for hours.
 - error_rate: the window's errors against the usual error ratio (binomial).
@@ -637,10 +638,10 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     # each model gets, which a few sessions on a dearer model decide (the models' own
     # scopes show a price change, the tokens and the totals a bigger spend)
     sized = {k: _size_evidence(c, stats[k], k) for k in kinds}
+    one = c.one_model()
     if "cost" in sized:
         z, rise, ratio = sized["cost"]
-        one = c.one_model()[:, None]
-        sized["cost"] = (np.where(one, z, np.nan), np.where(one, rise, 0.0), ratio)
+        sized["cost"] = (np.where(one[:, None], z, np.nan), np.where(one[:, None], rise, 0.0), ratio)
     z_size, _, size_ratio = sized["tokens"]
     # 2. the hour's total against the time of day (a few huge requests), and
     # 3. the hour's count of requests that spent (more requests of the usual size): calls
@@ -680,8 +681,9 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
                 mean_k = sums[:, F[s1]] / mk
             st_k = stats[kind]
             zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
+            counts = ok & one if kind == "cost" else ok          # cost per request: one model only
             with np.errstate(invalid="ignore"):
-                held = np.fmax(held, np.where(ok & (zk >= c.zc_long[j]),
+                held = np.fmax(held, np.where(counts & (zk >= c.zc_long[j]),
                                               np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
     e = Effects(rise, np.zeros(c.n), held, np.zeros(c.n))
     z_best = np.fmax.reduce([np.where(ok[:, None], z, np.nan) for z, _, _ in sized.values()])
