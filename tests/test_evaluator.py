@@ -944,6 +944,52 @@ def test_the_scope_that_named_a_latency_anomaly_keeps_the_name() -> None:
     assert explain(spec, apart, keys, pairs, windows, named).tolist() == [-1, -1, -1]
 
 
+def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
+    """All traffic falls and no app or model holds half of the global excess: the apps
+    and models that fell too are parts of one event, which the global scope names. An app
+    flagged higher than the global scope keeps its own (its page must not wait on a
+    warning), and an app that rose meanwhile is another event."""
+    from exporter.anomaly.evaluator import Verdict, explain
+    spec = next(s for s in DEFAULT_SIGNALS if s.name == "request_rate")
+    keys = [("global", "", "", ""), ("app", "a", "", ""), ("app", "b", "", ""), ("app", "c", "", ""),
+            ("model", "", "openai", "m")]
+    windows = np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    excess = np.repeat(np.array([[-200.0], [-30.0], [-30.0], [12.0], [-70.0]]), len(windows), axis=1)
+    ones = np.ones(len(keys))
+
+    def verdict(severity: list[int]) -> Verdict:
+        return Verdict(ones, ones, ones * 0.1, -ones * 6, ones, ones, ones, np.array(severity),
+                       np.full(len(keys), 900.0), excess)
+
+    pairs = np.array([[2, 4]])                   # b sends to m (and is its echo); a uses a model that held up
+    got = explain(spec, verdict([2, 2, 1, 1, 2]), keys, pairs, windows).tolist()
+    assert got == [-1, 0, 4, -1, 0]
+    got = explain(spec, verdict([1, 2, 1, 1, 1]), keys, pairs, windows).tolist()
+    assert got == [-1, -1, 4, -1, 0]          # app a is high while all traffic only warns
+
+
+def test_an_outage_of_all_traffic_raises_one_alert() -> None:
+    """Every app's requests fall to 3 % at 14:00: once the global scope names the outage
+    (in its first minutes the busiest model may hold most of it), every app and model that
+    fell with it is its part, so one alert names it."""
+    streams = (Stream("chat", HAIKU, "anthropic", rate=600, session=3),
+               Stream("search", "gpt-4o-mini", rate=400, session=2),
+               Stream("agent", HAIKU, "anthropic", rate=300, session=5))
+    traffic = generate(streams, DAY0, S + HOUR, seed=14)
+    h = Harness().feed(traffic.take(traffic.ts < S))
+    rng = np.random.default_rng(3)
+    after = traffic.take(traffic.ts >= S)
+    after = after.take(rng.random(len(after)) < 0.03)
+    snaps = h.copy().run(after, every(S, 40))
+    first = first_flagged(snaps, "request_rate", "global", level="high")
+    assert first is not None and first - S <= 20 * 60
+    parts = [(minute, name, by) for minute, name, _, by in flagged(snaps, "request_rate") if name != "global"]
+    assert len({name for _, name, _ in parts}) >= 3, parts       # the apps and models fell too ...
+    while_global = {minute for minute, name, _, by in flagged(snaps, "request_rate") if name == "global" and by is None}
+    assert while_global and min(while_global) <= (first - S) / 60 + 5, flagged(snaps, "request_rate")
+    assert all(by is not None for minute, _, by in parts if minute in while_global), parts   # ... as its parts
+
+
 def test_a_latency_anomaly_is_named_at_one_scope_for_its_whole_length(site: Site) -> None:
     """Latency three times on claude-3-5-haiku, judged every minute for an hour: once the
     model names the anomaly, no minute hands the name to an app (each hand-over would end

@@ -846,6 +846,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
     other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
+    The other way round, where the global scope is anomalous and no narrower scope explains
+    it, its flagged apps and models that moved the same way are parts of one event of all
+    traffic, named at the global scope, unless their severity is higher than its.
 
     `incumbent` marks the scopes that named this anomaly at the last evaluations. The scope
     the family points to keeps the name while it is incumbent, even where for a moment only
@@ -904,6 +907,15 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
         if covers(best, g) or (spec.family == "usage"
                                and _rest_is_usual(v.ratio[g], ex2[best, -1], ex2[g, -1], alerting)):
             out[g] = best
+    # an event of all traffic that no app or model explains (an outage upstream, a creep of
+    # every app's spend) is the global scope's: the apps and models flagged the same way are
+    # its parts, unless one of them is flagged higher (its page must not wait on a warning)
+    for g in flagged.tolist():
+        if kind[g] != "global" or out[g] >= 0:
+            continue
+        for i in roots:
+            if out[i] < 0 and sev[i] <= sev[g] and ex2[i, col[i]] * ex2[g, col[i]] > 0:
+                out[i] = g
     return out
 
 
@@ -926,7 +938,7 @@ GAUGES: tuple[tuple[str, str, str], ...] = (
     ("llm_anomaly_ratio", "ratio", "Current value / baseline."),
     ("llm_anomaly_zscore", "zscore", "Strongest evidence of a change over the windows judged, as a z-score (negative for a drop)."),
     ("llm_anomaly_severity", "severity", "Exporter verdict: 0 ok, 1 warning, 2 high."),
-    ("llm_anomaly_explained", "explained", "1 when a narrower scope's anomaly of the same signal explains this one (its alert stays quiet)."),
+    ("llm_anomaly_explained", "explained", "1 when another scope's anomaly of the same signal explains this one (a narrower scope's, or all traffic's): its alert stays quiet."),
     ("llm_anomaly_baseline_span_seconds", "baseline_span_seconds", "How much history the baseline rests on; verdicts wait for min_baseline_hours."),
     ("llm_anomaly_band_lower", "band_lower", "Lower edge of the normal range over the evaluation window, in the signal's unit."),
     ("llm_anomaly_band_upper", "band_upper", "Upper edge of the normal range over the evaluation window, in the signal's unit."),
