@@ -25,9 +25,10 @@ What each signal's evidence is:
   confusing the test. The whole duration counts as evidence only where none of them is
   known; elsewhere its p95 measures the effect where its tail and another kind agree.
 
-After the verdicts, an anomaly that a narrower scope explains (the global echo of one
-app's spike, the app echo of one model's slowdown) is marked `explained`; the alert rules
-stay quiet for it, so one cause pages once.
+After the verdicts, an anomaly that another scope explains (the global echo of one app's
+spike, the app echo of one model's slowdown, the apps and models that fell with an outage
+of all traffic) is marked `explained`; the alert rules stay quiet for it, so one cause
+pages once.
 
 The result is an immutable `Snapshot`; the `/metrics` collector and the HTTP API read the
 latest one, so a scrape never waits on an evaluation, and the backtest calls the same
