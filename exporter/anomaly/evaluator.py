@@ -847,9 +847,10 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
     other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
-    The other way round, where the global scope is anomalous and no narrower scope explains
-    it, its flagged apps and models that moved the same way are parts of one event of all
-    traffic, named at the global scope, unless their severity is higher than its.
+    The other way round, for usage signals, where the global scope is anomalous and no
+    narrower scope explains it, its flagged apps and models that moved the same way are
+    parts of one event of all traffic, named at the global scope, unless their severity is
+    higher than its.
 
     `incumbent` marks the scopes that named this anomaly at the last evaluations. The scope
     the family points to keeps the name while it is incumbent, even where for a moment only
@@ -910,9 +911,11 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             out[g] = best
     # an event of all traffic that no app or model explains (an outage upstream, a creep of
     # every app's spend) is the global scope's: the apps and models flagged the same way are
-    # its parts, unless one of them is flagged higher (its page must not wait on a warning)
+    # its parts, unless one of them is flagged higher (its page must not wait on a warning).
+    # Usage signals only: their excesses add up over the apps, while a latency excess is
+    # counted against each scope's own p95, so a share of the global one means little
     for g in flagged.tolist():
-        if kind[g] != "global" or out[g] >= 0:
+        if spec.family != "usage" or kind[g] != "global" or out[g] >= 0:
             continue
         for i in roots:
             if out[i] < 0 and sev[i] <= sev[g] and ex2[i, col[i]] * ex2[g, col[i]] > 0:
