@@ -179,6 +179,8 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
             sampling = np.asarray(per)[..., None] * disp[:, None] / np.maximum(req_profile[:, hod], 0.5)
         out[f"{name}.profile"] = profile
         out[f"{name}.level_sd"] = ref_level_spread(values, profile[:, hod], sampling, floor)
+        out[f"{name}.level_df"] = bl.TAIL_SCALE_DF_PER_VALUE * np.sum(~np.isnan(values) & ~np.isnan(profile[:, hod]),
+                                                                      axis=1)
     out["burstiness"] = disp
     for attr, kind in (("sizes", "tokens"), ("costs", "cost")):
         for f in ("centre", "var", "dispersion", "hours", "seen", "spread", "within"):
@@ -196,8 +198,11 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
         out[f"quantile.{kind}"] = nanmedian(qs[..., k])
     bins = np.stack([Evaluator._threshold_bin(out[f"quantile.{kind}"], kind) for kind in KINDS], axis=1)
     out["threshold_bins"] = np.where(np.isfinite(qs).sum(axis=1) >= MIN_QUANTILE_HOURS, bins, -1)   # a day of hours
-    for k in SUSTAINED_HOURS:
-        out[f"sustained.{k}"] = ref_block_spread(np.nan_to_num(req), np.nan_to_num(req_profile[:, hod]), k)
+    prev = None
+    for k in SUSTAINED_HOURS:                         # each length at least the shorter one's, scaled
+        sd = ref_block_spread(np.nan_to_num(req), np.nan_to_num(req_profile[:, hod]), k)
+        out[f"sustained.{k}"] = sd if prev is None else np.where(np.isnan(sd), sd, np.fmax(sd, prev[1] * np.sqrt(prev[0] / k)))
+        prev = (k, out[f"sustained.{k}"])
     return out
 
 
@@ -205,7 +210,7 @@ def flatten(b: Baseline) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in ("requests", "cost", "tokens"):
         s = getattr(b, name)
-        out[f"{name}.profile"], out[f"{name}.level_sd"] = s.profile, s.level_sd
+        out[f"{name}.profile"], out[f"{name}.level_sd"], out[f"{name}.level_df"] = s.profile, s.level_sd, s.level_df
     out["burstiness"] = b.burstiness
     for attr in ("sizes", "costs"):
         st = getattr(b, attr)

@@ -527,6 +527,22 @@ def test_the_evidence_threshold_rises_with_the_number_of_tests() -> None:
     assert 1 - evidence._NORMAL.cdf(few) == pytest.approx(per_test, rel=1e-6)
 
 
+def test_a_t_is_read_as_the_z_of_the_same_tail() -> None:
+    """A count's level z divides by a spread read off the baseline's hours, so it is a
+    Student t: t_as_z gives the normal z of its tail (within 1.3 % of scipy's from 4 degrees
+    of freedom up), near t itself with a week's hours (0.6 degrees of freedom each) and
+    well below it with a young scope's day."""
+    from scipy import stats
+    t = np.array([-6.0, -3.0, 2.0, 4.5, 5.0, 8.0])
+    for df in (4, 8, 14.4, 25, 50, 100, 1000):
+        exact = np.sign(t) * stats.norm.isf(stats.t.sf(np.abs(t), df))
+        np.testing.assert_allclose(evidence.t_as_z(t, df), exact, rtol=0.013)
+    week, day = 0.598 * 168, 0.598 * 24
+    assert float(evidence.t_as_z(4.5, day)) < 3.6 < 4.2 < float(evidence.t_as_z(4.5, week)) < 4.4
+    np.testing.assert_array_equal(evidence.t_as_z(t, np.inf), t)
+    assert np.isnan(evidence.t_as_z(3.0, 0.0))
+
+
 BORDER = Stream("svc", "m-svc", rate=200, night=1.0, error_rate=0.02, day_sd=0.05)
 B_START = DAY0 + 8 * DAY + 12 * HOUR
 

@@ -201,6 +201,28 @@ def test_ordinary_day_to_day_variation_is_not_a_shift(steady_and_noisy: dict) ->
     assert flags(snaps, SHIFT_START) == []
 
 
+def test_a_long_blocks_spread_is_no_less_than_its_shorter_blocks_imply() -> None:
+    """A week whose 4-hour blocks swing by a third either way, busy and quiet in turn, so
+    that every 8-hour block sums to its usual level: the 21 blocks of 8 hours alone read a
+    spread of nothing (the floor), and a shift held 8 hours at 1.4x would be z 7. Hours of
+    real traffic do not alternate like that; the 8-hour spread is now at least the 4-hour
+    one over sqrt(2), as if 4-hour blocks were independent, so the same shift is z 1.5. On
+    a series whose long blocks do stray more, their own spread stands."""
+    from exporter.anomaly import baseline as bl
+    hours = 168
+    expected = np.full((2, hours), 100.0)
+    swing = np.where((np.arange(hours) // 4) % 2 == 0, 4 / 3, 2 / 3)
+    days = np.repeat(np.random.default_rng(5).lognormal(0.0, 0.3, hours // 8), 8)
+    observed = expected * np.stack([swing, days])
+    alone = {k: bl.block_spread(observed, expected, k) for k in (2, 4, 8)}
+    chained = bl.held_spreads(observed, expected, (2, 4, 8))
+    assert alone[8][0] == bl.MIN_LEVEL_SD
+    assert chained[8][0] == pytest.approx(alone[4][0] / np.sqrt(2))
+    assert np.log(1.4) / alone[8][0] > 6.5 > 1.8 > np.log(1.4) / chained[8][0]
+    np.testing.assert_array_equal(chained[8][1], alone[8][1])      # held days: the long blocks know best
+    assert alone[8][1] > alone[4][1] / np.sqrt(2)
+
+
 # --- young scopes --------------------------------------------------------------------------------
 
 def test_a_young_scope_is_judged_against_the_day_before(daily: tuple[Harness, Traffic]) -> None:

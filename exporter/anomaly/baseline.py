@@ -36,6 +36,11 @@ MIN_DAYS = 3                # earlier days a seasonal expectation needs
 MIN_HOURS = 6               # hours a flat statistic needs
 PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen whole
 MIN_LEVEL_SD = 0.05
+# The degrees of freedom per value of a spread read off the upper quartile of |x| or x^2
+# (`_tail_scale`, `level_spread`): that estimate's relative variance is
+# p(1 - p) / (n f(q)^2 q^2) = 0.836 / n for normal x (p = 0.75, q = 1.1503, f the half-normal
+# density), a sample standard deviation's 1 / (2 df), so n values carry 0.6 n degrees of freedom.
+TAIL_SCALE_DF_PER_VALUE = 0.598
 MIN_SIZE_SD = 0.05
 MIN_BLOCKS = 6              # blocks a spread at that block length needs
 SPREAD_FLOOR = MIN_SIZE_SD ** 2 / 100   # a measured spread of 0 still interpolates in log-log
@@ -235,6 +240,24 @@ def block_spread(observed: np.ndarray, expected: np.ndarray, hours: int) -> np.n
     valid = np.sum(~np.isnan(r), axis=1)
     out = _tail_scale(r)
     return np.where(valid >= MIN_BLOCKS, np.maximum(out, MIN_LEVEL_SD), np.nan)
+
+
+def held_spreads(observed: np.ndarray, expected: np.ndarray, lengths: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """`block_spread` at each block length (hours, ascending), none below what the next
+    shorter length implies: sd_k >= sd_j sqrt(j / k). A busy hour is followed by more busy
+    hours rather than by quiet ones, so a sum of k hours strays at least as far as
+    independent blocks of j hours would make it; a week holds only 21 blocks of 8 hours,
+    and a spread read off so few that says less is their sampling noise (the 4-hour
+    blocks, twice as many, know better)."""
+    out: dict[int, np.ndarray] = {}
+    prev: tuple[int, np.ndarray] | None = None
+    for k in lengths:
+        sd = block_spread(observed, expected, k)
+        if prev is not None:
+            sd = np.where(np.isnan(sd), sd, np.fmax(sd, prev[1] * np.sqrt(prev[0] / k)))
+        out[k] = sd
+        prev = (k, sd)
+    return out
 
 
 def _block_sums(x: np.ndarray, hours: int) -> np.ndarray:

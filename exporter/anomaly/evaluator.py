@@ -49,12 +49,13 @@ from .. import sketch
 from ..evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from ..storage.buckets import SESSION_FIELDS, F
 from .baseline import (
+    TAIL_SCALE_DF_PER_VALUE,
     ErrorStats,
     SizeStats,
-    block_spread,
     burstiness,
     daily_profile,
     error_stats,
+    held_spreads,
     level_spread,
     nan_median,
     size_stats,
@@ -155,6 +156,7 @@ class Seasonal:
 
     profile: np.ndarray       # (S, 24) expected value of each hour of the day, UTC (NaN: too little history)
     level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
+    level_df: np.ndarray      # (S,) degrees of freedom of that spread: 0.6 per hour it was read from
 
 
 @dataclass(slots=True)
@@ -233,7 +235,9 @@ class Evaluator:
             with np.errstate(invalid="ignore", divide="ignore"):
                 sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(expected_req, 0.5)
             expected = expected_req if values is req else profile[:, hod]
-            return Seasonal(profile, level_spread(values, expected, sampling, floor))
+            hours_read = np.sum(np.isfinite(values) & np.isfinite(expected), axis=1)
+            return Seasonal(profile, level_spread(values, expected, sampling, floor),
+                            TAIL_SCALE_DF_PER_VALUE * hours_read)
 
         quantile = {kind: nan_median(held.quantiles[..., k], axis=1) for k, kind in enumerate(KINDS)}
         bins = np.stack([self._threshold_bin(quantile[kind], kind) for kind in KINDS], axis=1)
@@ -241,7 +245,7 @@ class Evaluator:
         # ordinary requests as slow on some days: a kind is evidence once it has a day of hours
         bins = np.where(np.isfinite(held.quantiles).sum(axis=1) >= MIN_QUANTILE_HOURS, bins, -1)
         expected0 = np.nan_to_num(expected_req)
-        sustained = {k: Sustained(block_spread(req0, expected0, k)) for k in SUSTAINED_HOURS}
+        sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
         b = Baseline(
             end=end, sustained=sustained,
             requests=seasonal(req, 0.5, 1.0),
@@ -487,7 +491,7 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     b = c.base
     n = c.sums[..., F["requests"]]
     expected = c.expected_requests()
-    z = count_z(n, expected, b.requests.level_sd[:, None], b.burstiness[:, None])
+    z = count_z(n, expected, b.requests.level_sd[:, None], b.burstiness[:, None], b.requests.level_df[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (n + 0.5) / (expected + 0.5)
         rate, usual = n / c.window_min, expected / c.window_min
@@ -659,7 +663,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         z_total = np.fmin(z_total, np.log((rest + floor) / (expected_rest + floor)) / total_sd)
         total_ratio = np.fmin(value / expected, rest / expected_rest)
         count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
-    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness)
+    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness, b.requests.level_df)
     current, base_value = value * per, expected * per
     ok = c.ready(spec) & (current >= spec.min_current)
     hour_ok = ok & np.isfinite(expected)
