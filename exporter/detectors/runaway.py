@@ -93,7 +93,10 @@ class RunawaySettings(BaseModel):
     `spike_history_s` (24 h); robust z (median and MAD) on the square-root scale of the
     counts, where Poisson noise has unit variance (`robust_z`).
     Flagged at `spike_z` with at least `spike_min_count` calls; z is NaN until
-    `spike_min_history` buckets of history exist.
+    `spike_min_history` buckets of history exist. An app is judged on 2,016 five-minute
+    periods a week: at z 3 about 0.2 % of the ordinary periods of calls that come in
+    conversations pass (four a week per app, which only the call floor kept quiet), at 4
+    about one in 5,000 (under one every two weeks per app).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -115,7 +118,7 @@ class RunawaySettings(BaseModel):
     max_offenders: int = Field(100, description="flagged sessions listed by /api/runaways")
     spike_window_s: Duration = Field(300.0, description="window of an app's invocation count (whole minutes)")
     spike_history_s: Duration = Field(86_400.0, description="history the invocation count is judged against")
-    spike_z: float = Field(3.0, description="robust z of the invocation count that flags a spike")
+    spike_z: float = Field(4.0, description="robust z of the invocation count that flags a spike")
     spike_min_count: int = Field(30, description="calls in the window below which no spike is flagged")
     spike_min_history: int = Field(24, description="history buckets needed before z is computed")
     app_overrides: dict[str, dict[str, float]] = Field(
