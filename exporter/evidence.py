@@ -105,11 +105,11 @@ def mean_z(mean: np.ndarray, n: np.ndarray, centre: np.ndarray, var: np.ndarray,
 
 def t_as_z(t: np.ndarray, df: np.ndarray | float) -> np.ndarray:
     """The standard normal z with the same tail probability as Student's t with `df`
-    degrees of freedom (Wallace's approximation, within 1 % of the exact value from 4
-    degrees of freedom up; +-inf where df is not positive). A z whose scale was estimated
-    from a few values of the baseline (a spread of a dozen day-long blocks) is such a t:
-    its tail is heavier than the normal one the thresholds assume, so it is read as this z
-    before it is compared with them."""
+    degrees of freedom (Wallace's approximation, within about 1 % of the exact value from
+    4 degrees of freedom up; t itself where df is infinite, NaN where it is not positive).
+    A z whose scale was read off a limited number of the baseline's values (the spread of
+    its hours about their time of day) is such a t: its tail is heavier than the normal
+    one the thresholds assume, so it is read as this z before it is compared with them."""
     t = np.asarray(t, dtype=np.float64)
     df = np.asarray(df, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
