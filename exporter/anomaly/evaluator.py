@@ -68,6 +68,7 @@ from .signals import Severity, SignalSpec
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
 WINDOW_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0)   # of the configured window
 SUSTAINED_HOURS = (2, 4, 8)                                     # cost and token creep
+JUDGED_BY_SIZE = ("cost_per_hour", "token_velocity")             # whose verdicts leave hours out of the size statistics
 TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5, "tpot": 0.05}   # share beyond the baseline quantile when normal
 KINDS = tuple(QUANTILES)                                        # latency, ttft, otps, tpot
 MIN_SAMPLES = 5
@@ -199,6 +200,8 @@ class Evaluator:
         # signal -> (scopes,) event time each scope last named an anomaly (flagged, not explained);
         # scope rows of the history never move, so the arrays only grow
         self._named: dict[str, np.ndarray] = {}
+        # absolute hour -> (scopes,) whose cost or tokens a verdict judged anomalous in it
+        self._judged: dict[int, np.ndarray] = {}
         h = history
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
         self.coarse_slots = [max(1, round(f * h.window / h.coarse)) for f in WINDOW_FRACTIONS]
@@ -223,7 +226,8 @@ class Evaluator:
                              (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
         req0 = np.nan_to_num(req)
         disp = burstiness(req0, held.bursts, round(3600 / h.coarse))
-        sizes, costs = self._size_stats(adds, held.slots), self._size_stats(adds, held.slots, "cost")
+        judged = self._judged_hours(hours, adds[..., F["sized_requests"]])
+        sizes, costs = (self._size_stats(adds, held.slots, kind, judged) for kind in ("tokens", "cost"))
         hod = hours % 24
         req_profile = daily_profile(req, hours)
         expected_req = req_profile[:, hod]
@@ -271,9 +275,73 @@ class Evaluator:
         return np.where(b >= 0, b + 1, -1)                # count bins >= b + 1
 
     @staticmethod
-    def _size_stats(adds: np.ndarray, slots: np.ndarray, kind: str = "tokens") -> SizeStats:
+    def _size_stats(adds: np.ndarray, slots: np.ndarray, kind: str = "tokens",
+                    leave_out: np.ndarray | None = None) -> SizeStats:
+        """Size statistics of the baseline hours, without the (scope, hour) cells of
+        `leave_out` (hours judged anomalous, `_judged_hours`)."""
         n, s1, s2 = SIZE_FIELDS[kind]
-        return size_stats(adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]], slots[..., SIZE_KINDS.index(kind), :])
+        sums = [adds[..., F[f]] for f in (n, s1, s2)]
+        windows = slots[..., SIZE_KINDS.index(kind), :]
+        if leave_out is not None:
+            sums = [np.where(leave_out, 0.0, a) for a in sums]
+            windows = np.where(leave_out[..., None, None], 0.0, windows)
+        return size_stats(*sums, windows)
+
+    def _judged_hours(self, hours: np.ndarray, sized: np.ndarray) -> np.ndarray | None:
+        """(S, H) the baseline hours in which a scope's cost or tokens were judged anomalous
+        (`_remember_judged`), None where there are none. A scope keeps its hours while they
+        are under a quarter of its hours with sized requests: a level that lasts longer is
+        its new one, and the baseline learns it."""
+        for h in [h for h in self._judged if h < int(hours[0])]:
+            del self._judged[h]
+        n = sized.shape[0]
+        out = np.zeros((n, hours.shape[0]), dtype=bool)
+        for j, h in enumerate(hours.tolist()):
+            got = self._judged.get(h)
+            if got is not None:
+                m = min(n, got.shape[0])
+                out[:m, j] = got[:m]
+        if not out.any():
+            return None
+        brief = out.sum(axis=1) < 0.25 * np.sum(sized > 0, axis=1)
+        out &= brief[:, None]
+        return out if out.any() else None
+
+    def _remember_judged(self, verdicts: dict[str, Verdict], t: float) -> None:
+        """Mark the hours a cost or token verdict (warning or above, explained or not) rests
+        on, from its deciding window's start to `t`, for the scopes it flags.
+
+        A spike of the last days is in the baseline hours. The centre, the spread of
+        requests and the dispersion of the sizes are medians and upper quantiles, which a few
+        such hours cannot move; but the variances of window means are means of squares, and
+        the level the scope's hours reached before is their second-highest: two earlier
+        spikes would make the next one (the same fault coming back) read as noise, and as a
+        level the scope has reached before. An hour that a verdict judged is therefore left
+        out of the size statistics, as the drift detector leaves its drifting hours out of
+        its reference. Kept in memory (a restart forgets them) and judged on event time, so
+        a backtest marks the hours live evaluation would."""
+        flags = [verdicts[name] for name in JUDGED_BY_SIZE if name in verdicts]
+        if not flags:
+            return
+        n = flags[0].severity.shape[0]
+        hit = np.zeros(n, dtype=bool)
+        start = np.full(n, t)
+        for v in flags:
+            on = v.severity >= 1
+            hit |= on
+            start = np.where(on, np.fmin(start, t - np.nan_to_num(v.window, nan=0.0)), start)
+        if not hit.any():
+            return
+        first, last = np.floor(start / 3600.0).astype(np.int64), math.floor(t / 3600.0)
+        for h in range(int(first[hit].min()), last + 1):
+            mark = hit & (first <= h)
+            got = self._judged.get(h)
+            if got is None or got.shape[0] < n:
+                grown = np.zeros(n, dtype=bool)
+                if got is not None:
+                    grown[: got.shape[0]] = got
+                got = self._judged[h] = grown
+            got |= mark
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -298,6 +366,7 @@ class Evaluator:
             v = verdicts[spec.name]
             v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t))
             self._remember_named(spec.name, v, t)
+        self._remember_judged(verdicts, t)
         return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
 
     def _incumbents(self, signal: str, n: int, t: float) -> np.ndarray:
