@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.storage.buckets import aggregate
 from exporter.config import Settings, load_settings
 from exporter.engine import Engine
-from exporter.anomaly.evaluator import Evaluator, Snapshot
+from exporter.anomaly.evaluator import Baseline, Evaluator, Snapshot
 from exporter.anomaly.history import ScopeHistory
 from exporter.ingest.records import RecordColumns
 from exporter.anomaly.signals import SignalSpec, signal_specs
@@ -392,6 +392,11 @@ class Harness:
         if self._evaluator is None:
             self._evaluator = Evaluator(self.history, self.specs, self.baseline, self.alert_budget)
         return self._evaluator.evaluate(t)
+
+    def baseline_stats(self) -> Baseline:
+        """The statistics of the baseline the last evaluation judged against."""
+        assert self._evaluator is not None and self._evaluator._baseline is not None, "evaluate first"
+        return self._evaluator._baseline
 
     def run(self, traffic: Traffic, times: Sequence[float]) -> list[Snapshot]:
         """Live operation: feed the requests up to each time, then evaluate there."""

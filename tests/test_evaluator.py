@@ -32,7 +32,7 @@ from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
 from exporter.ingest.rejections import Rejections
-from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Snapshot, size_z
+from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Evaluator, Snapshot, size_z
 from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
 
 DAY0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY       # a midnight (UTC)
@@ -317,6 +317,36 @@ def test_sessions_on_a_dearer_model_are_part_of_the_usual_sizes() -> None:
     plain = rng.normal(0.0, 0.4, (scopes, hours, n))
     st0 = size_stats(np.full((scopes, hours), float(n)), plain.sum(axis=2), (plain ** 2).sum(axis=2))
     assert np.median(st0.dispersion) < 1.5 and (st0.seen < 0.5).all()
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_hours_a_verdict_judged_leave_the_size_statistics(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                        judged: bool) -> None:
+    """The chat app's requests twice as big from 14:00 and again from 17:00, an hour each:
+    both are flagged, and their hours leave the chat app's size statistics, so at 21:00 the
+    level its hours reached before (the second-highest hourly mean) is an ordinary hour's
+    and not the spikes', and the spread of its hourly means is what it was before them.
+    Without the marks (`judged` False) the two spikes are that level, and the third spike of
+    the same fault would read as one the app has reached before."""
+    if not judged:
+        monkeypatch.setattr(Evaluator, "_remember_judged", lambda self, verdicts, t: None)
+    chat = site.traffic.where(app="chat")
+    hours = (site.traffic.ts - S) // HOUR
+    traffic = scaled(site.traffic, chat & ((hours == 0) | (hours == 3)), 2.0)
+    h = site.harness.copy()
+    snaps = h.run(traffic, every(S, 7 * 60, step=5))
+    assert first_flagged(snaps, "cost_per_hour", "app", "chat") is not None
+    i = h.history.keys.index(("app", "chat", "", ""))
+    before = site.harness.copy()
+    before.run(site.traffic, [S + 7 * HOUR + 30])          # the same moment without the spikes
+    base, clean = h.baseline_stats(), before.baseline_stats()
+    above = float(base.sizes.seen[i] - base.sizes.centre[i])
+    if judged:
+        assert above < math.log(1.3), above
+        assert base.sizes.spread[i, -1] == pytest.approx(clean.sizes.spread[i, -1], rel=0.35)
+    else:
+        assert above > math.log(1.8), above
+        assert base.sizes.spread[i, -1] > 2 * clean.sizes.spread[i, -1]
 
 
 def slower(traffic: Traffic, sel: np.ndarray, ttft: float = 1.0, generation: float = 1.0) -> Traffic:
