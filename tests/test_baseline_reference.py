@@ -116,6 +116,21 @@ def ref_size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray, w
         hour_tau2 = np.maximum(dev2.sum(axis=1) / some.sum(axis=1), 0.0)
     st.spread = np.concatenate([tau2, np.where(hours >= bl.MIN_HOURS, hour_tau2, np.nan)[:, None]], axis=1)
     st.within = vw
+    st.between, st.sessions = np.full(len(count), np.nan), np.full(len(count), np.nan)
+    for i in range(len(count)):
+        # weighted least squares of the hours' excess on 1 / n; a negative coefficient is 0
+        use = some[i]
+        if hours[i] < bl.MIN_HOURS or not use.any() or not np.isfinite(vw[i] + hour_tau2[i]):
+            continue
+        x, e = 1.0 / count[i, use], dev2[i, use]
+        w = 1.0 / (hour_tau2[i] + vw[i] * x) ** 2
+        design = np.stack([np.ones_like(x), x], axis=1) * np.sqrt(w)[:, None]
+        a, b = np.linalg.lstsq(design, e * np.sqrt(w), rcond=None)[0] if np.ptp(x) > 0 else (0.0, 0.0)
+        if not b > 0:
+            a, b = max(float(np.sum(w * e) / np.sum(w)), 0.0), 0.0
+        elif a < 0:
+            a, b = 0.0, max(float(np.sum(w * x * e) / np.sum(w * x * x)), 0.0)
+        st.between[i], st.sessions[i] = a, b
     return st
 
 
@@ -297,6 +312,10 @@ def test_size_and_error_stats_equal_the_reference(h: int) -> None:
     got, want = bl.size_stats(count, total, total_sq, windows), ref_size_stats(count, total, total_sq, windows)
     for f in ("centre", "var", "dispersion", "hours", "seen", "spread", "within"):
         np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+    for f in ("between", "sessions"):
+        np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=1e-6, atol=1e-12, err_msg=f)
+    if h >= 168:
+        assert np.nanmax(got.sessions) > 0 and np.nanmax(got.between) > 0   # both readings occur
     errors = rng.binomial(count.astype(np.int64), 0.03).astype(np.float64)
     storms = (rng.random((150, h)) < 0.03) | ((np.arange(150) % 17 == 0)[:, None] & (rng.random((150, h)) < 0.4))
     errors = np.where(storms, np.ceil(count * 0.5), errors)      # earlier storms; a few rows with storms every other hour

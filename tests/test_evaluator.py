@@ -319,6 +319,35 @@ def test_sessions_on_a_dearer_model_are_part_of_the_usual_sizes() -> None:
     assert np.median(st0.dispersion) < 1.5 and (st0.seen < 0.5).all()
 
 
+def test_a_busy_hours_mean_strays_less_than_a_quiet_ones() -> None:
+    """Hours made of 1 to 24 sessions of 5 requests each, the sessions' sizes apart by
+    0.3 (log), the requests within one by 0.4, each hour moved as a whole by 0.05: the
+    hour's spread beyond sampling reads as between + sessions / n with between about
+    0.05^2, where one flat variance would ask an hour of 24 sessions to stray as far as
+    the average hour does."""
+    rng = np.random.default_rng(8)
+    scopes, hours, m = 40, 336, 5
+    k = rng.integers(1, 25, (scopes, hours))
+    count = (k * m).astype(np.float64)
+    total, total_sq = np.zeros((scopes, hours)), np.zeros((scopes, hours))
+    windows = np.zeros((scopes, hours, 1, 6))          # the hour as its own window: the within variance
+    shift = rng.normal(0.0, 0.05, (scopes, hours))
+    for s in range(scopes):
+        for h in range(hours):
+            logs = (shift[s, h] + np.repeat(rng.normal(0.0, 0.3, k[s, h]), m)
+                    + rng.normal(0.0, 0.4, k[s, h] * m))
+            total[s, h], total_sq[s, h] = logs.sum(), (logs ** 2).sum()
+            mean = logs.mean()
+            windows[s, h, 0] = (1, mean, mean ** 2, ((logs - mean) ** 2).sum(), logs.size - 1, 1 / logs.size)
+    st = size_stats(count, total, total_sq, windows)
+    assert np.median(st.between) == pytest.approx(0.05 ** 2, abs=0.002)
+    # the within variance is read inside windows that hold several sessions, so it holds one
+    # session's share of their spread: what is left shrinks as (m - 1) / n
+    assert np.median(st.sessions) == pytest.approx(0.3 ** 2 * (m - 1), rel=0.2)
+    busy = st.between + st.sessions / (24 * m)
+    assert np.median(busy / st.spread[:, -1]) < 0.5          # the flat reading: about 2.5 times as much
+
+
 @pytest.mark.parametrize("judged", [True, False])
 def test_hours_a_verdict_judged_leave_the_size_statistics(site: Site, monkeypatch: pytest.MonkeyPatch,
                                                         judged: bool) -> None:

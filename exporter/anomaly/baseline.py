@@ -296,6 +296,9 @@ class SizeStats:
     # windows were seen.
     spread: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))   # variance of window means beyond sampling
     within: np.ndarray = field(default_factory=lambda: np.zeros(0))        # variance of requests about their window's mean
+    # the hour's spread beyond sampling read as between + sessions / n (`excess_by_count`), (S,) each
+    between: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sessions: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
@@ -340,7 +343,45 @@ def size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
         hour_tau2 = np.maximum(dev2.sum(axis=1) / some.sum(axis=1), 0.0)
     st.spread = np.concatenate([tau2, np.where(hours >= MIN_HOURS, hour_tau2, np.nan)[:, None]], axis=1)
     st.within = vw
+    between, sessions = excess_by_count(np.where(some, dev2, np.nan), count, hour_tau2, vw)
+    young = hours < MIN_HOURS
+    st.between, st.sessions = np.where(young, np.nan, between), np.where(young, np.nan, sessions)
     return st
+
+
+def excess_by_count(excess: np.ndarray, count: np.ndarray, flat: np.ndarray, within: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(between, sessions) per scope: the hours' variance of their means beyond the
+    sampling of independent requests (`excess`, (S, H), NaN for hours left out) read as
+    between + sessions / n for an hour of n requests, both at least 0.
+
+    An hour's requests come in sessions, and its mean strays from the centre by what moves
+    the whole hour (`between`) and by the effects of the sessions it holds, which average
+    out over more of them (`sessions` / n while sessions hold about as many requests in
+    quiet hours as in busy ones). One variance for all hours, their mean excess (`flat`),
+    is what the quiet hours of one or two sessions make it, and asks a busy hour of many
+    sessions to stray as far as they do. Weighted least squares on 1 / n, each hour
+    weighted by the inverse square of its variance under `flat` and `within` (a squared
+    deviation varies with the square of its variance); a negative coefficient is set to 0
+    and the other fitted alone. NaN for a scope without hours."""
+    x = np.where(np.isfinite(excess) & (count > 0), 1.0 / np.maximum(count, 1e-9), np.nan)
+    e = np.where(np.isnan(x), 0.0, excess)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(np.isnan(x), 0.0, 1.0 / (flat[:, None] + within[:, None] * x) ** 2)
+        w = np.where(np.isfinite(w), w, 0.0)
+        x = np.nan_to_num(x)
+        sw = w.sum(axis=1)
+        xm, em = (w * x).sum(axis=1) / sw, (w * e).sum(axis=1) / sw
+        sxx = (w * (x - xm[:, None]) ** 2).sum(axis=1)
+        slope = np.where(sxx > 0, (w * (x - xm[:, None]) * (e - em[:, None])).sum(axis=1) / sxx, 0.0)
+        through_origin = (w * x * e).sum(axis=1) / (w * x * x).sum(axis=1)
+    cut = em - slope * xm
+    flat_only = ~(slope > 0)                       # nothing that shrinks with n: one variance for all hours
+    origin_only = ~flat_only & (cut < 0)           # all of it shrinks with n
+    between = np.where(flat_only, np.maximum(em, 0.0), np.where(origin_only, 0.0, cut))
+    sessions = np.where(flat_only, 0.0, np.where(origin_only, np.maximum(through_origin, 0.0), slope))
+    known = sw > 0
+    return np.where(known, np.nan_to_num(between), np.nan), np.where(known, np.nan_to_num(sessions), np.nan)
 
 
 def window_stats(windows: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -667,10 +667,17 @@ def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, 
     passes: against sampling (the window's requests, with the hourly means' dispersion),
     and against the variance window means of this length have, tau^2 + var_w / n
     (`baseline.window_stats`, `window_spread`), whose tau^2 does not shrink as a long
-    session adds requests."""
+    session adds requests. The hour's tau^2 is measured on whole hours, whose request
+    counts are known: between + sessions / n (`baseline.excess_by_count`), so a busy hour
+    of many sessions is not asked to stray as far as a quiet hour of one or two."""
     centre = st.centre[:, None]
     z = mean_z(mean, n, centre, st.var[:, None], st.dispersion[:, None])
-    var = window_spread(st, windows, lengths) + st.within[:, None] / np.maximum(n, 1.0)   # tau^2 + var_w / n
+    tau2 = window_spread(st, windows, lengths)
+    hour = np.asarray(windows) >= lengths[-1]        # measured hour by hour with its count: between + sessions / n
+    if hour.any() and st.between.shape[0] == tau2.shape[0]:
+        by_count = st.between[:, None] + st.sessions[:, None] / np.maximum(n, 1.0)
+        tau2 = np.where(hour[None, :] & np.isfinite(by_count), by_count, tau2)
+    var = tau2 + st.within[:, None] / np.maximum(n, 1.0)   # tau^2 + var_w / n
     with np.errstate(invalid="ignore", divide="ignore"):
         z_windows = np.where(n > 0, (mean - centre) / np.sqrt(var), np.nan)
     return np.where(np.isfinite(z_windows), np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
