@@ -280,12 +280,12 @@ class Evaluator:
         """Size statistics of the baseline hours, without the (scope, hour) cells of
         `leave_out` (hours judged anomalous, `_judged_hours`)."""
         n, s1, s2 = SIZE_FIELDS[kind]
-        sums = [adds[..., F[f]] for f in (n, s1, s2)]
+        count, total, total_sq = adds[..., F[n]], adds[..., F[s1]], adds[..., F[s2]]
         windows = slots[..., SIZE_KINDS.index(kind), :]
         if leave_out is not None:
-            sums = [np.where(leave_out, 0.0, a) for a in sums]
+            count, total, total_sq = (np.where(leave_out, 0.0, a) for a in (count, total, total_sq))
             windows = np.where(leave_out[..., None, None], 0.0, windows)
-        return size_stats(*sums, windows)
+        return size_stats(count, total, total_sq, windows)
 
     def _judged_hours(self, hours: np.ndarray, sized: np.ndarray) -> np.ndarray | None:
         """(S, H) the baseline hours in which a scope's cost or tokens were judged anomalous
