@@ -364,23 +364,30 @@ def excess_by_count(excess: np.ndarray, count: np.ndarray, flat: np.ndarray, wit
     weighted by the inverse square of its variance under `flat` and `within` (a squared
     deviation varies with the square of its variance); a negative coefficient is set to 0
     and the other fitted alone. NaN for a scope without hours."""
-    x = np.where(np.isfinite(excess) & (count > 0), 1.0 / np.maximum(count, 1e-9), np.nan)
-    e = np.where(np.isnan(x), 0.0, excess)
+    valid = np.isfinite(excess) & (count > 0)
+    x = np.divide(1.0, count, out=np.zeros(count.shape), where=valid)
+    e = np.where(valid, excess, 0.0)
+    d = within[:, None] * x
+    d += flat[:, None]
+    d *= d
+    w = np.zeros(d.shape)
+    with np.errstate(invalid="ignore"):
+        np.divide(1.0, d, out=w, where=valid & (d > 0))
+    wx = w * x
+    # the normal equations from five weighted sums
+    s0, s1, s2 = w.sum(axis=1), wx.sum(axis=1), np.einsum("ij,ij->i", wx, x)
+    t0, t1 = np.einsum("ij,ij->i", w, e), np.einsum("ij,ij->i", wx, e)
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(np.isnan(x), 0.0, 1.0 / (flat[:, None] + within[:, None] * x) ** 2)
-        w = np.where(np.isfinite(w), w, 0.0)
-        x = np.nan_to_num(x)
-        sw = w.sum(axis=1)
-        xm, em = (w * x).sum(axis=1) / sw, (w * e).sum(axis=1) / sw
-        sxx = (w * (x - xm[:, None]) ** 2).sum(axis=1)
-        slope = np.where(sxx > 0, (w * (x - xm[:, None]) * (e - em[:, None])).sum(axis=1) / sxx, 0.0)
-        through_origin = (w * x * e).sum(axis=1) / (w * x * x).sum(axis=1)
-    cut = em - slope * xm
+        det = s0 * s2 - s1 * s1
+        slope = np.where(det > 1e-12 * s0 * s2, (s0 * t1 - s1 * t0) / det, 0.0)
+        em = t0 / s0
+        cut = em - slope * s1 / s0
+        through_origin = t1 / s2
     flat_only = ~(slope > 0)                       # nothing that shrinks with n: one variance for all hours
     origin_only = ~flat_only & (cut < 0)           # all of it shrinks with n
     between = np.where(flat_only, np.maximum(em, 0.0), np.where(origin_only, 0.0, cut))
     sessions = np.where(flat_only, 0.0, np.where(origin_only, np.maximum(through_origin, 0.0), slope))
-    known = sw > 0
+    known = s0 > 0
     return np.where(known, np.nan_to_num(between), np.nan), np.where(known, np.nan_to_num(sessions), np.nan)
 
 
