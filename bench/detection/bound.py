@@ -2,6 +2,7 @@
 
     python bench/detection/bound.py                  # clean weeks of seeds 7-12, instances of seed 7
     python bench/detection/bound.py --seeds 7,8 --kinds error_storm,rate_drop
+    python bench/detection/bound.py --split 5        # over 5x the apps and model deployments
 
 The exporter watches every signal of every scope without knowing what will go wrong. The
 oracle here knows everything the exporter cannot: which series an anomaly kind hits,
@@ -183,6 +184,8 @@ def delays(s: Series, onsets: list[float], deadline: float, thresholds: np.ndarr
     for j, t0 in enumerate(onsets):
         inside = (s.t >= t0) & (s.t < t0 + deadline)
         t, v = s.t[inside], stat[inside]
+        if not t.size:
+            continue
         hit = v[None, :] >= thresholds[:, None]
         first = np.argmax(hit, axis=1)
         out[:, j] = np.where(hit.any(axis=1), (t[first] - t0) / 60.0, np.nan)
