@@ -50,14 +50,15 @@ import numpy as np  # noqa: E402
 
 from inject import KIND_BY_NAME, KINDS, inject  # noqa: E402
 from run import FULL, GRACE, TARGET_DELAY_MIN, Plan  # noqa: E402
-from traffic import DAY, Traffic, build_traffic  # noqa: E402
+from traffic import APPS, DAY, MODELS, Traffic, build_traffic  # noqa: E402
+
+from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
 
 BIN_OCTAVES = 0.25
 N_BINS = 96                       # 0 .. 24 octaves of tokens
 WEEK = 7 * DAY
 THRESHOLDS = np.round(np.geomspace(1.0, 60.0, 240), 3)
-SCOPES_PER_SPLIT = 4 + 3         # the benchmark's apps and models; with the global scope, 8 scopes unsplit
-SIGNALS = 7                       # the evaluator's signals
+SCOPES_PER_SPLIT = len({a.name for a in APPS}) + len(MODELS)   # apps and models; with the global scope, 8 unsplit
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     days = plan.history_days + plan.scored_days + 1
     lo, hi = plan.scored_start, plan.scored_start + plan.scored_days * DAY
     clean = {seed: build_traffic(days, seed) for seed in seeds}
-    judged = (1 + SCOPES_PER_SPLIT * split) * SIGNALS
+    judged = (1 + SCOPES_PER_SPLIT * split) * len(SIGNAL_NAMES)
     print(f"oracle CUSUM, split {split}: threshold for at most {args.false:g} false alarm a week on the clean weeks "
           f"of seeds {', '.join(map(str, seeds))}; instances of seed {seeds[0]}; the exporter judges {judged} "
           f"series (scopes x signals)\n")
