@@ -12,8 +12,8 @@ import pytest
 from helpers import engine_at, settings_for
 
 from exporter.detectors.drift import (
-    PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, between_hour_variance,
-    design_effect, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
+    LENGTH_WINDOW_FRACTIONS, PRESET_BUDGETS, PRESETS, SIGNALS, DriftDetector, DriftResult, DriftSettings, between_hour_variance,
+    design_effect, effective_conversations, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
     response_flags, shift_estimate, stop_is_anomalous,
 )
 from exporter.evidence import z_threshold
@@ -195,6 +195,40 @@ def test_length_collapse() -> None:
     assert r.values["length_collapse_ratio"] > 1 and r.severity == 0
 
 
+def test_a_collapse_shows_within_a_dozen_answers() -> None:
+    """The latest 10 answers a fifth as long, from 10 conversations: the 12-answer window
+    finds it (the 25-answer one would still hold 15 ordinary answers)."""
+    hist = history(session_id=[f"h{i // 3}" for i in range(720)])
+    out = lengths(190, seed=21) + [max(1, x // 5) for x in lengths(10, seed=22)]
+    r = run(batch(200, output_tokens=out, session_id=[f"u{i}" for i in range(200)]), reference=hist)
+    assert r.severity == 2 and r.windows["length_collapse_ratio"] == 12
+    assert r.values["length_collapse_ratio"] < 0.25 and r.zscores["length_collapse_ratio"] < -4.5
+    # eight are not yet the median of the window: no effect, however strong the evidence
+    out = lengths(192, seed=21) + [max(1, x // 5) for x in lengths(8, seed=22)]
+    assert run(batch(200, output_tokens=out, session_id=[f"u{i}" for i in range(200)]), reference=hist).severity == 0
+
+
+def test_short_answers_need_several_conversations() -> None:
+    """The same dozen short answers from one conversation (an agent's loop of terse
+    steps) are its own business, even where the ring's conversations looked unalike; from
+    three conversations they count."""
+    hist = history(session_id=[f"h{i // 3}" for i in range(720)])
+    out = lengths(188, seed=21) + [max(1, x // 5) for x in lengths(12, seed=22)]
+    singles = [f"u{i}" for i in range(188)]
+    one = run(batch(200, output_tokens=out, session_id=singles + ["agent"] * 12), reference=hist)
+    assert one.severity == 0 and one.values["length_collapse_ratio"] > 0.8
+    three = run(batch(200, output_tokens=out, session_id=singles + [f"t{i % 3}" for i in range(12)]), reference=hist)
+    assert three.severity == 2 and three.windows["length_collapse_ratio"] == 12
+
+
+def test_effective_conversations() -> None:
+    unit = np.array([0, 0, 0, 0, 1, 2, 3, 3])
+    age = np.arange(8)[::-1]                                 # the last entry is the newest
+    got = effective_conversations(unit, age, np.array([2, 4, 8]))
+    assert got.tolist() == pytest.approx([1.0, 16 / 6, 64 / 22])
+    assert effective_conversations(np.arange(5), np.arange(5), np.array([5])).tolist() == [5.0]
+
+
 def test_a_few_short_answers_are_no_collapse() -> None:
     """A collapse is about typical answers: a handful of very short ones in a window of
     ordinary answers moves neither the ratio nor the evidence far enough."""
@@ -245,7 +279,8 @@ def test_tool_silence() -> None:
             reference=tools)
     assert r.values["tool_silence_rate"] == pytest.approx(0.25) and r.severity == 0
     # Too few tool requests: no rate at all.
-    r = run(batch(200, request_had_tools=[i < 10 for i in range(200)], tool_calls=0), reference=tools)
+    few = DriftSettings().min_signal_n - 1
+    r = run(batch(200, request_had_tools=[i < few for i in range(200)], tool_calls=0), reference=tools)
     assert math.isnan(r.values["tool_silence_rate"]) and r.severity == 0
 
 
@@ -524,9 +559,12 @@ def test_reference_reaches_back_baseline_s_only() -> None:
 
 
 def test_signals_on_tiny_windows() -> None:
-    r = run(batch(10))
+    r = run(batch(8))
     assert not r.ready and math.isnan(r.values["length_collapse_ratio"]) and r.severity == 0
-    assert r.windows["error_rate"] == 10
+    assert r.windows["error_rate"] == 8
+    # a ring between the length windows (12) and the rates' (25) publishes its length on all of it
+    r = run(batch(20, output_tokens=lengths(20, seed=3)))
+    assert r.windows["length_collapse_ratio"] == 20 and 0.5 < r.values["length_collapse_ratio"] < 2
     assert response_flags(batch(3, status="error")).tolist() == [1, 1, 1]
 
 
@@ -540,6 +578,7 @@ def test_settings_validation() -> None:
     with pytest.raises(ValueError, match="baseline_s"):
         DriftSettings(baseline_s=600)
     assert DriftSettings().windows() == [25, 50, 100, 200]
+    assert DriftSettings().windows(LENGTH_WINDOW_FRACTIONS) == [12, 25, 50, 100, 200]
 
 
 def test_to_dict_is_json_safe() -> None:

@@ -37,8 +37,11 @@ Every verdict needs two things, as the anomaly evaluator's do (see `evidence.py`
    0.93-0.98 on every window size (1.3-1.7 on sampling alone).
 
 The recent windows are the latest eighth, quarter, half and whole of a ring of the
-`window` most recent responses (25, 50, 100 and 200 by default): a collapse of every
-answer shows within a few dozen responses, a subtler one on the larger windows. Windows
+`window` most recent responses (25, 50, 100 and 200 by default), and for answer lengths
+also its sixteenth (12): a collapse of every answer shows within a dozen responses, a
+subtler one on the larger windows. A length verdict needs its window's answers to come
+from several conversations (`effective_conversations`), since a window of a dozen can be
+one conversation's, whose likeness no design effect can measure. Windows
 are counted in responses rather than time because quality is a property of responses:
 a model serving 10 requests an hour and one serving 10 a second get verdicts resting on
 the same numbers of samples. The age limit stops a quiet model's window from resting on
@@ -106,8 +109,12 @@ RATES: dict[str, tuple[int, int]] = {
 # for), up to 2^20 tokens.
 BINS_PER_OCTAVE = 4
 LENGTH_BINS = 20 * BINS_PER_OCTAVE
-# The recent windows, as fractions of `DriftSettings.window`.
+# The recent windows, as fractions of `DriftSettings.window`. Answer lengths are also
+# judged on a sixteenth (12 answers by default): a collapse of every answer is evidence
+# within a dozen, and an effect (the median answer) that shows once half the window has
+# changed. Rates keep the larger windows, where `min_events` odd answers are a trend.
 WINDOW_FRACTIONS: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1.0)
+LENGTH_WINDOW_FRACTIONS: tuple[float, ...] = (1 / 16,) + WINDOW_FRACTIONS
 HOUR = 3600.0
 
 
@@ -175,7 +182,8 @@ class DriftSettings:
     """Windows, reference and sensitivity of the drift detector.
 
     `window`: responses kept per (provider, model); the recent windows are its latest
-    eighth, quarter, half and whole (25, 50, 100, 200 by default).
+    eighth, quarter, half and whole (25, 50, 100, 200 by default), and for answer
+    lengths its sixteenth too (12).
     `max_age_s`: entries older than this (event time) are ignored and eventually dropped;
     6 h keeps a quiet model's window about the same working day.
     `baseline_s`: how far back the reference hours reach; 24 h covers a daily cycle and
@@ -186,9 +194,12 @@ class DriftSettings:
     `model_presets`: per-model sensitivity, keyed by `model` or `provider/model` (the
     latter wins).
     `min_events`: a rate signal needs at least this many offending responses in its
-    window to count, so that two odd answers are never a trend however rare they were.
+    window to count, so that two odd answers are never a trend however rare they were;
+    a length collapse needs its window's answers to spread over this many conversations'
+    worth (`effective_conversations`), so that two users' short answers are never one.
     `min_signal_n`: a conditional signal (tool silence over tool requests, the answers
-    behind a length ratio) needs this many responses in its window, else it is NaN.
+    behind a length ratio) needs this many responses in its window, else it is NaN; 10
+    lets the 12-response length window count when an error or an empty answer is in it.
     """
 
     window: int = 200
@@ -198,7 +209,7 @@ class DriftSettings:
     preset: str = "normal"
     model_presets: dict[str, str] = field(default_factory=dict)
     min_events: int = 3
-    min_signal_n: int = 20
+    min_signal_n: int = 10
 
     def __post_init__(self) -> None:
         if self.window < 2:
@@ -217,9 +228,10 @@ class DriftSettings:
         """The preset that applies to one series."""
         return self.model_presets.get(f"{provider}/{model}", self.model_presets.get(model, self.preset))
 
-    def windows(self) -> list[int]:
-        """The recent window sizes, smallest first."""
-        return sorted({max(1, round(f * self.window)) for f in WINDOW_FRACTIONS})
+    def windows(self, fractions: tuple[float, ...] = WINDOW_FRACTIONS) -> list[int]:
+        """The recent window sizes, smallest first (of the rates; pass
+        LENGTH_WINDOW_FRACTIONS for those of the answer lengths)."""
+        return sorted({max(1, round(f * self.window)) for f in fractions})
 
 
 @dataclass(slots=True)
@@ -473,6 +485,18 @@ def shift_estimate(recent: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
     out = j - (bins - 1) - 0.5 + (0.5 - below) / np.maximum(cdf[rows, j] - below, 1e-12)
     out = np.where(total > 0.5, out, math.nan)
     return float(out[0]) if np.ndim(recent) == 1 else out
+
+
+def effective_conversations(unit: np.ndarray, age: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Kish's effective number of conversations in each window: (sum n)^2 / sum n^2 over
+    the answers n of each conversation. Twelve answers of one conversation are one, of
+    twelve conversations twelve. `unit` holds small integer codes; window k holds the
+    answers with `age` < k."""
+    w_idx, i_idx = np.nonzero(age[None, :] < windows[:, None])
+    n_u = int(unit.max()) + 1 if unit.shape[0] else 1
+    sizes = np.bincount(w_idx * n_u + unit[i_idx], minlength=windows.shape[0] * n_u).reshape(-1, n_u)
+    total, squares = sizes.sum(axis=1).astype(np.float64), (sizes.astype(np.float64) ** 2).sum(axis=1)
+    return np.where(squares > 0, total ** 2 / np.where(squares > 0, squares, 1.0), 0.0)
 
 
 def length_level_variance(hours: np.ndarray, min_answers: int) -> float:
@@ -797,11 +821,15 @@ class DriftDetector:
         limits = PRESETS[preset]
         hours = self._hours[key]
         ready = fill >= s.min_fill
-        windows = np.array([k for k in s.windows() if k <= fill] or [fill], dtype=np.int64)
+        # the windows of the rates and of the lengths, as rows of one table; a signal's other rows stay empty
+        rate_w = np.array([k for k in s.windows() if k <= fill] or [fill], dtype=np.int64)
+        length_w = np.union1d([k for k in s.windows(LENGTH_WINDOW_FRACTIONS) if k <= fill], rate_w[-1:]).astype(np.int64)
+        windows = np.union1d(rate_w, length_w)
+        rate_rows, length_rows = np.searchsorted(windows, rate_w), np.searchsorted(windows, length_w)
         n_w = windows.shape[0]
         gap = (float(ts[-1]) - float(ts[0])) / (fill - 1) if fill > 1 else HOUR     # mean time between responses
-        zc = np.array([z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset], len(WINDOW_FRACTIONS))
-                       for k in windows.tolist()])
+        zc = np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset], len(fractions))
+                        for fractions in (WINDOW_FRACTIONS, LENGTH_WINDOW_FRACTIONS)] for k in windows.tolist()])
         start = ts[fill - windows]
         # reference hours per window and signal: within baseline_s, complete before the window's first response
         in_range = ((hours.hour[None, :] >= math.floor((now - s.baseline_s) / HOUR))
@@ -818,31 +846,35 @@ class DriftDetector:
         rate_cols = [SIGNALS.index(name) for name in RATES]
         ev = [e for e, _ in RATES.values()]
         tr = [t for _, t in RATES.values()]
-        ref = np.einsum("wrs,sc->wrc", ref_mask[:, rate_cols], hours.counts)                     # (W, rates, counts)
+        ref = np.einsum("wrs,sc->wrc", ref_mask[rate_rows][:, rate_cols], hours.counts)          # (W, rates, counts)
         r = np.arange(len(RATES))
-        rate_var, length_var = hours.level_variances(ref_mask[-1], int(windows[0]))
-        x, n, z[:, rate_cols] = rate_evidence(ind[:, ev], ind[:, tr], units, age, windows, ref[:, r, ev], ref[:, r, tr],
-                                              rate_var)
+        rate_var, length_var = hours.level_variances(ref_mask[-1], int(rate_w[0]))
+        x, n, z_rate = rate_evidence(ind[:, ev], ind[:, tr], units, age, rate_w, ref[:, r, ev], ref[:, r, tr], rate_var)
         min_n = np.array([s.min_signal_n if name == "tool_silence_rate" else 1 for name in RATES])
-        value[:, rate_cols] = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
-        found = (z[:, rate_cols] >= zc[:, None]) & (x >= s.min_events)
-        for c, name in zip(rate_cols, RATES):
-            level[:, c] = np.where(found[:, rate_cols.index(c)], levels(value[:, c], limits[name]), 0)
+        rate_value = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
+        found = (z_rate >= zc[rate_rows, 0][:, None]) & (x >= s.min_events)
+        for i, (c, name) in enumerate(zip(rate_cols, RATES)):
+            value[rate_rows, c], z[rate_rows, c] = rate_value[:, i], z_rate[:, i]
+            level[rate_rows, c] = np.where(found[:, i], levels(rate_value[:, i], limits[name]), 0)
         # answer lengths
         j = SIGNALS.index("length_collapse_ratio")
         answer = (flags & (_ERROR | _EMPTY)) == 0
-        length_mask = ref_mask[:, j].astype(np.float64)
+        length_mask = ref_mask[length_rows, j].astype(np.float64)
         reference = {code: _masked_sum(length_mask, rows) for code, rows in hours.lengths.items()}
         # how alike a conversation's answers are, from the ring's older half (outside the windows it could bias)
         older = answer & (age >= fill // 2)
         logs = np.log2(np.maximum(out[older], 1).astype(np.float64))
         app_mean = np.bincount(app[older], weights=logs) / np.maximum(np.bincount(app[older]), 1)
         likeness = intraclass_correlation(logs - app_mean[app[older]], units[older]) if older.any() else 0.0
+        zc_len = zc[length_rows, 1]
         ratio, z_len, answers = length_evidence(length_bins(out[answer]), app[answer], units[answer], age[answer],
-                                                windows, reference, length_var, zc, likeness)
-        value[:, j] = np.where(answers >= s.min_signal_n, ratio, math.nan)
-        z[:, j] = np.where(answers >= s.min_signal_n, z_len, 0.0)
-        level[:, j] = np.where(z[:, j] <= -zc, levels(value[:, j], limits["length_collapse_ratio"]), 0)
+                                                length_w, reference, length_var, zc_len, likeness)
+        # a design effect needs several conversations to be measured: fewer is no evidence
+        spread = effective_conversations(units[answer], age[answer], length_w)
+        enough = (answers >= s.min_signal_n) & (spread >= s.min_events)
+        value[length_rows, j] = np.where(enough, ratio, math.nan)
+        z[length_rows, j] = np.where(enough, z_len, 0.0)
+        level[length_rows, j] = np.where(enough & (z_len <= -zc_len), levels(ratio, limits["length_collapse_ratio"]), 0)
         if not ready:
             level[:] = 0
         # each signal's deciding window: the highest level, then the strongest evidence; the largest window without one
