@@ -140,6 +140,7 @@ class Engine:
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
         self._bursts_through = 0                # hours before it have their burstiness stored
+        self._judged_stored = 0                 # the evaluator's judged_version last stored
         self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
         self.otlp_spans = SpanCounts()          # spans received by the OTLP receiver, by result
         try:
@@ -168,6 +169,20 @@ class Engine:
         self.scrape_registry.register(spans)
 
     # --- start-up ---------------------------------------------------------------------
+
+    def _save_judged(self) -> None:
+        """Store the hours the evaluator judged when it marked new ones (a failed write is
+        retried at the next evaluation)."""
+        with self.lock:
+            version = self.evaluator.judged_version
+            if version == self._judged_stored:
+                return
+            try:
+                self.store.write_judged(self.evaluator.judged_rows())
+            except StoreError:
+                log.exception("storing judged hours failed; retried at the next evaluation")
+                return
+            self._judged_stored = version
 
     def _restore(self) -> None:
         """Counters from their totals, the history from the buckets, our own counters from meta."""
@@ -205,6 +220,7 @@ class Engine:
         self.history.add_bursts(list(self.store.bucket_groups(60, since, cut)), keys)
         for groups in self.store.bucket_groups(60, cut, newest + 60):
             self.history.add(groups, keys, hourly=False)
+        self.evaluator.load_judged(self.store.judged(int((now - self.settings.horizon) // 3600)))
         _release_freed_heap()
 
     def _fold_journal(self) -> None:
@@ -443,6 +459,7 @@ class Engine:
         self.snapshot = snap
         self.last_evaluation = time.time()
         self._save_bursts()
+        self._save_judged()
         return snap
 
     def _save_bursts(self) -> None:

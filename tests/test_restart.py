@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from helpers import HOUR, T0, Server, bucket_rows as stored_buckets, close_to, engine_at, ingest_by_day, rec, sample_sum, settings_for, steady_history, steady_hour, value
 
+from exporter.anomaly.evaluator import Evaluator
+from exporter.anomaly.history import scope_text
 from exporter.engine import Engine
 
 USAGE_FAMILIES = ("llm_requests", "llm_request_errors", "llm_tokens", "llm_cost_usd", "llm_unpriced_requests",
@@ -139,6 +141,43 @@ def test_five_minute_size_spreads_survive_restart(tmp_path: Path) -> None:
         assert (stats[..., 0] > 0).sum() >= 24, key                   # every finished hour has its slots
         np.testing.assert_allclose(restored[key], stats, rtol=1e-9, atol=1e-9, err_msg=str(key))
     again.close()
+
+
+@pytest.mark.parametrize("restored", [True, False])
+def test_hours_a_cost_verdict_judged_survive_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     restored: bool) -> None:
+    """The evaluator leaves the hours its cost and token verdicts judged out of the size
+    statistics, so that a spike of the last days does not become the level and the spread
+    the next one is measured against. The marks are stored: a process restarted after a
+    spike judges the hours after it as the process that kept running does. (With the
+    stored marks ignored, `restored` False, the spike hour is back in the statistics and
+    the verdicts differ: the test can tell.)"""
+    if not restored:
+        monkeypatch.setattr(Evaluator, "load_judged", lambda self, rows: None)
+    rng = np.random.default_rng(5)
+    before = steady_history(days=8) + steady_hour(T0, rng, cost=5.0, n=40)
+    later = steady_hour(T0 + HOUR, rng) + steady_hour(T0 + 2 * HOUR, rng)
+    t, t2 = T0 + HOUR - 1, T0 + 3 * HOUR - 1
+    results = []
+    for name, restart in (("kept", False), ("restarted", True)):
+        settings = settings_for(tmp_path, name=f"{name}.db")
+        engine, clock = engine_at(settings, t)
+        ingest_by_day(engine, before, now=t)
+        flagged = {r["scope"] for r in engine.evaluate(t).rows() if r["signal"] == "cost_per_hour" and r["severity"] != "ok"}
+        assert "global" in flagged
+        if restart:
+            engine.close()
+            engine, clock = engine_at(settings, t)
+            if restored:
+                assert (scope_text(("global", "", "", "")), int(T0 // HOUR)) in engine.evaluator.judged_rows()
+        clock.t = t2
+        ingest_by_day(engine, later, now=t2)
+        results.append({(r["signal"], r["scope"]): r["zscore"] for r in engine.evaluate(t2).rows()
+                        if r["signal"] in ("cost_per_hour", "token_velocity")})
+        engine.close()
+    kept, again = results
+    same = all(again[k] == close_to(z, rel=1e-9, abs=1e-9) for k, z in kept.items())
+    assert same == restored, (kept, again)
 
 
 # --- kill -9 ---------------------------------------------------------------------------------

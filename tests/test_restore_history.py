@@ -255,7 +255,7 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     their rows come; a row of another shape (another version) or of an hour the ring does
     not hold is skipped and makes no scope; of two rows for one scope and hour, the later
     counts."""
-    from exporter.anomaly.history import _scope_key, _scope_text
+    from exporter.anomaly.history import scope_key, scope_text
     rng = np.random.default_rng(8)
     keys = {i + 1: (f"app-{i % 7}", f"prov{i % 3}", f"model-{i:02d}") for i in range(30)}
     end = int(T0 // HOUR)
@@ -278,9 +278,9 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     store = Store(tmp_path / "usage.db")
     store.write_bursts(live.burst_rows(hours[0], end), end, live.slot_size_rows(hours[0], end))
     blob = stats[0, 0].astype("<f8").tobytes()
-    store.write_bursts([(_scope_text(("app", "aged-out", "", "")), end - 30 * 24, 5.0, 25.0)], end,
-                       [(_scope_text(("app", "other-version", "", "")), end - 1, blob[:40]),
-                        (_scope_text(("app", "aged-out", "", "")), end - 30 * 24, blob)])
+    store.write_bursts([(scope_text(("app", "aged-out", "", "")), end - 30 * 24, 5.0, 25.0)], end,
+                       [(scope_text(("app", "other-version", "", "")), end - 1, blob[:40]),
+                        (scope_text(("app", "aged-out", "", "")), end - 30 * 24, blob)])
     store.close()
 
     again = Store(tmp_path / "usage.db")
@@ -292,7 +292,7 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     restored = claimed(sorted(keys)[::3])                            # some scopes are new to it
     known = list(restored.keys)
     restored.load_slot_sizes(rows)
-    new = [k for k in dict.fromkeys(_scope_key(text) for text, _, _ in rows) if k not in known and k in live.keys]
+    new = [k for k in dict.fromkeys(scope_key(text) for text, _, _ in rows) if k not in known and k in live.keys]
     assert restored.keys == known + new
     assert set(restored.keys) == set(live.keys)
     order = [restored.keys.index(k) for k in live.keys]
@@ -304,16 +304,16 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     twice = claimed(sorted(keys)[1::3])
     known = list(twice.keys)
     twice.load_bursts(burst_rows)
-    new = [k for k in dict.fromkeys(_scope_key(text) for text, *_ in burst_rows) if k not in known and k in live.keys]
+    new = [k for k in dict.fromkeys(scope_key(text) for text, *_ in burst_rows) if k not in known and k in live.keys]
     assert twice.keys == known + new
     order = [twice.keys.index(k) for k in live.keys]
     assert np.array_equal(twice.take_bursts(span)[order], live.take_bursts(span))
     assert (live.take_bursts(span)[..., 0] > 0).sum() > 1000
 
-    text, hour, first = next(row for row in rows if _scope_key(row[0]) in live.keys)
+    text, hour, first = next(row for row in rows if scope_key(row[0]) in live.keys)
     later = (np.frombuffer(first, dtype="<f8") * 2).astype("<f8").tobytes()
     restored.load_slot_sizes([(text, hour, first), (text, hour, later)])
-    r, slot = restored.keys.index(_scope_key(text)), hour % restored.hours.n
+    r, slot = restored.keys.index(scope_key(text)), hour % restored.hours.n
     assert restored.hour_slots[r, slot].tobytes() == later
     twice.load_bursts([(text, hour, 1.0, 2.0), (text, hour, 3.0, 4.0)])
-    assert twice.hour_burst[twice.keys.index(_scope_key(text)), slot].tolist() == [3.0, 4.0]
+    assert twice.hour_burst[twice.keys.index(scope_key(text)), slot].tolist() == [3.0, 4.0]

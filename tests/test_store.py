@@ -138,6 +138,8 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     engine.ingest([rec(T0 - 5 * 3600, request_id="old", cost_usd=1.0)], now=T0 - 3600)
     engine.ingest([rec(T0 - 600, request_id="new", cost_usd=1.0)], now=T0)
     st = engine.store
+    st.write_judged([("global\x1f\x1f\x1f", int(T0 // 3600) - 5), ("global\x1f\x1f\x1f", int(T0 // 3600) - 5)])
+    assert st.judged(0) == [("global\x1f\x1f\x1f", int(T0 // 3600) - 5)]    # a mark stored twice is one
     mins = lambda: sorted({b[0] for b in bucket_rows(st, 60, 0, T0 + 10**6)})      # noqa: E731
     hours = lambda: sorted({b[0] for b in bucket_rows(st, 3600, 0, T0 + 10**6)})   # noqa: E731
     assert mins() == [T0 - 5 * 3600, T0 - 600] and len(hours()) == 2
@@ -151,7 +153,7 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     assert remembered(st) == set(hash_ids(["new"]).tolist())
     clock.t = T0 + 3 * 86400
     engine.prune()
-    assert mins() == [] and hours() == [] and remembered(st) == set()
+    assert mins() == [] and hours() == [] and remembered(st) == set() and st.judged(0) == []   # judged hours: 2 d
     assert sum(c for _, _, c in st.daily_costs()) == pytest.approx(2.0)   # daily costs stay for forecasts
     engine.close()
 

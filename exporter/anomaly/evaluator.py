@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -62,7 +62,7 @@ from .baseline import (
     sum_spread,
     window_spread,
 )
-from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, token_sum
+from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
 from .signals import Severity, SignalSpec
 
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
@@ -202,6 +202,7 @@ class Evaluator:
         self._named: dict[str, np.ndarray] = {}
         # absolute hour -> (scopes,) whose cost or tokens a verdict judged anomalous in it
         self._judged: dict[int, np.ndarray] = {}
+        self.judged_version = 0                   # bumped when a mark is added: the engine stores them then
         h = history
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
         self.coarse_slots = [max(1, round(f * h.window / h.coarse)) for f in WINDOW_FRACTIONS]
@@ -318,8 +319,8 @@ class Evaluator:
         spikes would make the next one (the same fault coming back) read as noise, and as a
         level the scope has reached before. An hour that a verdict judged is therefore left
         out of the size statistics, as the drift detector leaves its drifting hours out of
-        its reference. Kept in memory (a restart forgets them) and judged on event time, so
-        a backtest marks the hours live evaluation would."""
+        its reference. Judged on event time, so a backtest marks the hours live evaluation
+        would; the engine stores the marks (`judged_rows`), so a restart keeps them."""
         flags = [verdicts[name] for name in JUDGED_BY_SIZE if name in verdicts]
         if not flags:
             return
@@ -335,13 +336,34 @@ class Evaluator:
         first, last = np.floor(start / 3600.0).astype(np.int64), math.floor(t / 3600.0)
         for h in range(int(first[hit].min()), last + 1):
             mark = hit & (first <= h)
-            got = self._judged.get(h)
-            if got is None or got.shape[0] < n:
-                grown = np.zeros(n, dtype=bool)
-                if got is not None:
-                    grown[: got.shape[0]] = got
-                got = self._judged[h] = grown
-            got |= mark
+            got = self._marks(h, n)
+            if (mark & ~got).any():
+                got |= mark
+                self.judged_version += 1
+
+    def judged_rows(self) -> list[tuple[str, int]]:
+        """Every (scope key, hour) mark held, for the store."""
+        keys = self.history.keys
+        return [(scope_text(keys[i]), h) for h, got in self._judged.items() for i in np.flatnonzero(got).tolist()]
+
+    def load_judged(self, rows: Sequence[tuple[str, int]]) -> None:
+        """Marks stored from `judged_rows` (at start-up), for the scopes the history holds."""
+        index = {scope_text(key): i for i, key in enumerate(self.history.keys)}
+        n = len(self.history.keys)
+        for text, h in rows:
+            i = index.get(text)
+            if i is not None:
+                self._marks(h, n)[i] = True
+
+    def _marks(self, h: int, n: int) -> np.ndarray:
+        """The (scopes,) marks of hour h, grown to n scopes (empty if it had none)."""
+        got = self._judged.get(h)
+        if got is None or got.shape[0] < n:
+            grown = np.zeros(n, dtype=bool)
+            if got is not None:
+                grown[: got.shape[0]] = got
+            got = self._judged[h] = grown
+        return got
 
     # --- evaluation -------------------------------------------------------------------
 

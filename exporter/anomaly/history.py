@@ -447,7 +447,7 @@ class ScopeHistory:
         for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
             rows = np.flatnonzero(self.hour_burst[:n, s, 0] > 0)
             for r in rows.tolist():
-                out.append((_scope_text(self.keys[r]), h, float(self.hour_burst[r, s, 0]), float(self.hour_burst[r, s, 1])))
+                out.append((scope_text(self.keys[r]), h, float(self.hour_burst[r, s, 0]), float(self.hour_burst[r, s, 1])))
         return out
 
     def slot_size_rows(self, first: int, end: int) -> list[tuple[str, int, bytes]]:
@@ -461,7 +461,7 @@ class ScopeHistory:
         for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
             rows = np.flatnonzero(self.hour_slots[:n, s, ..., 0].reshape(n, -1).sum(axis=1) > 0)
             for r in rows.tolist():
-                out.append((_scope_text(self.keys[r]), h, self.hour_slots[r, s].astype("<f8").tobytes()))
+                out.append((scope_text(self.keys[r]), h, self.hour_slots[r, s].astype("<f8").tobytes()))
         return out
 
     def load_slot_sizes(self, rows: list[tuple[str, int, bytes]]) -> None:
@@ -490,7 +490,7 @@ class ScopeHistory:
         if not idx.size:
             return idx, idx
         texts = [rows[i][0] for i in idx.tolist()]
-        scope = {text: self._scope(_scope_key(text)) for text in dict.fromkeys(texts)}
+        scope = {text: self._scope(scope_key(text)) for text in dict.fromkeys(texts)}
         cell = np.fromiter(map(scope.__getitem__, texts), dtype=np.int64, count=len(texts)) * self.hours.n + slot[idx]
         _, last = np.unique(cell[::-1], return_index=True)
         last = len(cell) - 1 - last
@@ -802,11 +802,11 @@ class ScopeHistory:
 _SLOT_COLUMNS = [F[name] for name in SLOT_SIZE_FIELDS]
 
 
-def _scope_text(key: ScopeKey) -> str:
+def scope_text(key: ScopeKey) -> str:
     return "\x1f".join(key)
 
 
-def _scope_key(text: str) -> ScopeKey:
+def scope_key(text: str) -> ScopeKey:
     scope, app, provider, model = text.split("\x1f")
     return scope, app, provider, model
 
