@@ -611,6 +611,45 @@ def test_verdicts_are_the_same_after_restart(tmp_path: Path) -> None:
     again.close()
 
 
+@pytest.mark.parametrize("restored", [True, False])
+def test_a_lasting_fault_stays_out_of_its_reference_after_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 restored: bool) -> None:
+    """The hours found drifting are stored with the store's other marks: a process
+    restarted three hours into a fault of 20 % empty answers gives the verdicts of the
+    process that kept running. (With the stored marks ignored, `restored` False, the fault's
+    first hours are back in the reference and the verdicts differ: the test can tell.)"""
+    if not restored:
+        monkeypatch.setattr(DriftDetector, "load_tainted", lambda self, rows: None)
+    rng = np.random.default_rng(8)
+
+    def rows(start: float, n: int, empty_every: int, prefix: str) -> list[dict[str, Any]]:
+        return [{"ts": start + 30 * i, "provider": "openai", "model": "gpt-4o", "app": "chat", "input_tokens": 100,
+                 "output_tokens": 0 if empty_every and i % empty_every == 0 else int(rng.lognormal(5.5, 0.6)) + 1,
+                 "latency_s": 1.0, "session_id": f"{prefix}{i // 3}", "request_id": f"{prefix}{i}"} for i in range(n)]
+
+    healthy, fault = rows(T0 - 2 * HOUR, 240, 0, "h"), rows(T0, 6 * 120, 5, "f")
+    verdicts = []
+    for name in ("kept", "restarted"):
+        settings = settings_for(tmp_path, name=f"{name}.db")
+        engine, clock = engine_at(settings, T0)
+        engine.ingest(healthy, now=T0)
+        seen = []
+        for t in np.arange(T0 + 300, T0 + 6 * HOUR, 300.0):
+            if name == "restarted" and t == T0 + 3 * HOUR:
+                engine.close()
+                engine, clock = engine_at(settings, float(t))
+            clock.t = float(t)
+            batch_ = [r for r in fault if t - 300 < r["ts"] <= t]
+            if batch_:
+                engine.ingest(batch_, now=float(t))
+            seen.append(only(engine.evaluate(float(t)).extra["detectors"].drift).to_dict())
+        engine.close()
+        verdicts.append(seen)
+    kept, again = verdicts
+    assert kept[-1]["severity"] >= 1                                   # the fault is flagged to its end
+    assert (again == kept) == restored
+
+
 def test_the_hourly_length_histograms_hold_every_answer_of_the_hours_kept() -> None:
     """The reference's answer-length histograms are kept only for the (app, hour) cells that
     had answers. Fed batch by batch over 40 hours (late records and hours that leave the

@@ -52,7 +52,8 @@ The reference is time-based: per-hour counts and per-app length histograms of th
 first response. An hour in which a signal was found drifting is left out of that
 signal's reference, so a fault that lasts does not become its own baseline while its
 pre-fault hours are still within the day; a change that has lasted longer than that
-becomes the new normal.
+becomes the new normal. The engine stores those marks (`tainted_rows`), so a restart,
+which rebuilds the windows and hours from the store's raw records, keeps them.
 
 The evidence threshold comes from the preset's false-alarm budget (false drift warnings
 a week over all models and signals, `PRESET_BUDGETS`), spread over the models watched,
@@ -696,8 +697,13 @@ class _Hours:
         """Mask of the slots holding hours first_hour..last_hour not tainted for `signal`."""
         return (self.hour >= first_hour) & (self.hour <= last_hour) & ~self.tainted[:, signal]
 
-    def taint(self, first_hour: int, last_hour: int, signal: int) -> None:
-        self.tainted[(self.hour >= first_hour) & (self.hour <= last_hour), signal] = True
+    def taint(self, first_hour: int, last_hour: int, signal: int) -> bool:
+        """Mark the hours held from first_hour to last_hour as drifting for `signal`; True
+        if one was not marked yet."""
+        cells = (self.hour >= first_hour) & (self.hour <= last_hour)
+        new = bool((cells & ~self.tainted[:, signal]).any())
+        self.tainted[cells, signal] = True
+        return new
 
     def level_variances(self, mask: np.ndarray, min_block: int) -> tuple[np.ndarray, dict[int, float]]:
         """Between-hour variances over the reference hours in `mask` (signals, slots): of
@@ -748,6 +754,7 @@ class DriftDetector:
         self._solo = 0                                         # responses without a session get units of their own
         self._memo: dict[tuple[str, str], tuple[Any, DriftResult]] = {}   # last verdict and what it rested on
         self._slots = math.ceil(settings.baseline_s / HOUR) + 1
+        self.taint_version = 0                                 # bumped when an hour is newly marked drifting
 
     def observe(self, cols: RecordColumns) -> None:
         """Add a batch. Records go to their series in event-time order within the batch;
@@ -781,6 +788,27 @@ class DriftDetector:
                 self._hours[key] = _Hours(self._slots)
             ring.push(cols.ts[idx], cols.output_tokens[idx], flags[idx], app[idx], unit[idx])
             self._hours[key].add(cols.ts[idx], ind[idx], app[idx], answer[idx], bins[idx])
+
+    def tainted_rows(self) -> list[tuple[str, str, int, str]]:
+        """(provider, model, hour, signal) of every hour held that a signal was found
+        drifting in, for the store: a restart rebuilds the windows and hours from raw
+        records, and these marks keep a lasting fault out of its own reference."""
+        out = []
+        for (provider, model), hours in self._hours.items():
+            for s, j in zip(*np.nonzero(hours.tainted)):
+                out.append((provider, model, int(hours.hour[s]), SIGNALS[int(j)]))
+        return out
+
+    def load_tainted(self, rows: list[tuple[str, str, int, str]]) -> None:
+        """Marks stored from `tainted_rows` (at start-up, after the raw records were
+        observed), for the hours the series hold; unknown series and signals are skipped."""
+        for provider, model, hour, signal in rows:
+            hours = self._hours.get((provider, model))
+            if hours is None or signal not in SIGNALS:
+                continue
+            s = hour % hours.hour.shape[0]
+            if hours.hour[s] == hour:
+                hours.tainted[s, SIGNALS.index(signal)] = True
 
     def evaluate(self, now: float) -> list[DriftResult]:
         """One result per series with entries younger than `max_age_s` at `now`, sorted
@@ -892,7 +920,8 @@ class DriftDetector:
             reasons.append(f"{name} {value[w, i]:.2f} {'>=' if th.above else '<='} "
                            f"{'severe' if best_level[i] == 2 else 'mild'} {limit:.2f} "
                            f"(last {int(windows[w])} responses, z {z[w, i]:.1f})")
-            hours.taint(math.floor(float(start[w]) / HOUR), math.floor(now / HOUR), i)
+            if hours.taint(math.floor(float(start[w]) / HOUR), math.floor(now / HOUR), i):
+                self.taint_version += 1
         severity = judge(dict(zip(SIGNALS, best_level.tolist())))
         return DriftResult(key[0], key[1], dict(zip(SIGNALS, value[pick, cols_].tolist())), severity, reasons, fill,
                            ready, preset, dict(zip(SIGNALS, z[pick, cols_].tolist())),

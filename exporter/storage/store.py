@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS bursts (scope TEXT NOT NULL, hour INTEGER NOT NULL, t
 CREATE TABLE IF NOT EXISTS slot_sizes (scope TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS judged (scope TEXT NOT NULL, hour INTEGER NOT NULL, PRIMARY KEY (scope, hour)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drift_tainted (provider TEXT NOT NULL, model TEXT NOT NULL, hour INTEGER NOT NULL,
+  signal TEXT NOT NULL, PRIMARY KEY (provider, model, hour, signal)) WITHOUT ROWID;
 """
 SCHEMA_VERSION = "3"     # 3: the tpot sketch column (added in place to older files)
 RESOLUTIONS = (60, 3600)
@@ -586,15 +588,17 @@ class Store:
                 self._failed(e, "storing burstiness in")
             self._committed()
 
-    def write_judged(self, rows: Sequence[tuple[str, int]]) -> None:
+    def write_judged(self, rows: Sequence[tuple[str, int]], tainted: Sequence[tuple[str, str, int, str]] = ()) -> None:
         """Store the (scope key, hour) pairs whose cost or tokens a verdict judged anomalous
-        (the evaluator leaves those hours out of its size statistics), so that a restart
-        does not take a spike of the last days back into the baseline. Rows already stored
-        are kept as they are."""
+        (the evaluator leaves those hours out of its size statistics), and the (provider,
+        model, hour, signal) cells the drift detector found drifting (left out of that
+        signal's reference), so that a restart does not take a spike or a lasting fault
+        back into its baseline. Rows already stored are kept as they are."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT OR IGNORE INTO judged VALUES (?, ?)", rows)
+                self._db.executemany("INSERT OR IGNORE INTO drift_tainted VALUES (?, ?, ?, ?)", tainted)
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._failed(e, "storing judged hours in")
@@ -603,6 +607,11 @@ class Store:
     def judged(self, since_hour: int) -> list[tuple[str, int]]:
         with self._lock, self._reading("reading judged hours from"):
             return self._db.execute("SELECT scope, hour FROM judged WHERE hour >= ?", (since_hour,)).fetchall()
+
+    def drift_tainted(self, since_hour: int) -> list[tuple[str, str, int, str]]:
+        with self._lock, self._reading("reading drifting hours from"):
+            return self._db.execute("SELECT provider, model, hour, signal FROM drift_tainted WHERE hour >= ?",
+                                    (since_hour,)).fetchall()
 
     def bursts(self, since_hour: int) -> list[tuple[str, int, float, float]]:
         with self._lock, self._reading("reading burstiness from"):
@@ -631,6 +640,7 @@ class Store:
                 self._db.execute("DELETE FROM bursts WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM slot_sizes WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM judged WHERE hour < ?", (int((now - horizon) // 3600),))
+                self._db.execute("DELETE FROM drift_tainted WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._failed(e, "pruning")
