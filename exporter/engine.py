@@ -179,7 +179,12 @@ class Engine:
             if version == self._judged_stored:
                 return
             try:
-                self.store.write_judged(self.evaluator.judged_rows(), drift.tainted_rows())
+                rows, tainted = self.evaluator.judged_rows(), drift.tainted_rows()
+            except Exception:   # a bug in either must not stop the evaluations; the marks stay in memory
+                log.exception("listing judged hours failed")
+                return
+            try:
+                self.store.write_judged(rows, tainted)
             except StoreError:
                 log.exception("storing judged hours failed; retried at the next evaluation")
                 return
