@@ -897,12 +897,13 @@ class DriftDetector:
         zc_len = zc[length_rows, 1]
         ratio, z_len, answers = length_evidence(length_bins(out[answer]), app[answer], units[answer], age[answer],
                                                 length_w, reference, length_var, zc_len, likeness)
-        # a design effect needs several conversations to be measured: fewer is no evidence
-        spread = effective_conversations(units[answer], age[answer], length_w)
-        enough = (answers >= s.min_signal_n) & (spread >= s.min_events)
+        # the answers of fewer conversations than min_events are a value but no evidence: their
+        # likeness cannot be measured
+        enough = answers >= s.min_signal_n
+        spread = effective_conversations(units[answer], age[answer], length_w) >= s.min_events
         value[length_rows, j] = np.where(enough, ratio, math.nan)
-        z[length_rows, j] = np.where(enough, z_len, 0.0)
-        level[length_rows, j] = np.where(enough & (z_len <= -zc_len), levels(ratio, limits["length_collapse_ratio"]), 0)
+        z[length_rows, j] = np.where(enough & spread, z_len, 0.0)
+        level[length_rows, j] = np.where(enough & spread & (z_len <= -zc_len), levels(ratio, limits["length_collapse_ratio"]), 0)
         if not ready:
             level[:] = 0
         # each signal's deciding window: the highest level, then the strongest evidence; the largest window without one
