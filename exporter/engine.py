@@ -456,7 +456,12 @@ class Engine:
         failures = sum(self.components.errors[name] for name in ("evaluator", *DETECTORS))
         with self.lock:
             snap = self.components.attempt("evaluator", lambda: self.evaluator.evaluate(t), None)
-            reports = self.detectors.evaluate(t)
+            # a model's errors that the evaluator put on one app are no drift of the model's
+            apart: frozenset[tuple[str, str]] = frozenset()
+            if snap is not None:
+                judged = snap
+                apart = self.components.attempt("evaluator", lambda: judged.put_on_an_app("error_rate"), apart)
+            reports = self.detectors.evaluate(t, apart)
         if sum(self.components.errors[name] for name in ("evaluator", *DETECTORS)) > failures:
             self.evaluation_errors_total += 1
         if snap is None:

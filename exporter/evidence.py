@@ -19,6 +19,11 @@ Deviance-based z-scores (the signed square root of the likelihood-ratio statisti
 close to normal even for counts of a few, where a normal approximation of the count
 itself would not.
 
+`apart_log_odds` answers a third question, once a verdict stands: whose anomaly is it?
+When one app's requests to a model fail, the model's other traffic either failed with
+them (the model's fault) or went on at its usual rate (the app's own: a retry storm, a
+bad request, its quota).
+
 `z_threshold` says how large a z must be: the false-alarm budget (false warnings a week
 over all series) spread over every series and over the independent windows of each length
 in a week (a Bonferroni bound), so the false rate does not grow with the number of apps
@@ -27,6 +32,7 @@ and models watched.
 
 from __future__ import annotations
 
+import math
 from statistics import NormalDist
 
 import numpy as np
@@ -115,6 +121,28 @@ def t_as_z(t: np.ndarray, df: np.ndarray | float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         z = (8.0 * df + 1.0) / (8.0 * df + 3.0) * np.sqrt(df * np.log1p(t * t / df))
     return np.where(np.isinf(df), t, np.where(df > 0, np.sign(t) * z, np.nan))
+
+
+# A Bayes factor of 20 ("strong" on the Kass-Raftery scale). By Wald's inequality, traffic
+# that fails alike everywhere reaches it on an accumulating sample with a chance of at most
+# 1/20, so a fault of a model is put on one of its apps about once in twenty faults.
+APART_EVIDENCE = math.log(20.0)
+
+
+def apart_log_odds(e_a: np.ndarray, n_a: np.ndarray, e_r: np.ndarray, n_r: np.ndarray,
+                   usual: np.ndarray | float, dispersion: np.ndarray | float = 1.0) -> np.ndarray:
+    """Log odds that the rest's e_r events of n_r trials came at their `usual` probability
+    rather than at the probability shared with one part's e_a of n_a (the pooled share,
+    its estimate were both to fail alike), divided by the overdispersion. Positive: the
+    rest stayed usual while the part moved, so the part's change is its own. 0 where the
+    rest has no trials or the pooled share is not above the usual one."""
+    e_a, n_a, e_r, n_r = (np.asarray(v, dtype=np.float64) for v in (e_a, n_a, e_r, n_r))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.clip((e_a + e_r) / np.maximum(n_a + n_r, 1.0), 1e-9, 1 - 1e-9)
+        p0 = np.clip(np.asarray(usual, dtype=np.float64), 1e-9, 1 - 1e-9)
+        odds = e_r * np.log(p0 / pooled) + (n_r - e_r) * np.log((1 - p0) / (1 - pooled))
+    ok = (n_r > 0) & (pooled > p0)
+    return np.where(ok, odds / np.maximum(dispersion, 1.0), 0.0)
 
 
 def z_threshold(window_s: float, tests: int, budget_per_week: float, windows: int) -> float:

@@ -581,6 +581,56 @@ def test_each_deployment_gets_its_own_notifications(alertmanager: RunningAlertma
         assert [a["labels"]["job"] for a in n["alerts"]] == [n["groupLabels"]["job"]]
 
 
+def shipped(alertname: str, severity: str, **labels: str) -> dict[str, Any]:
+    """An alert as the shipped rule of that name and severity raises it: the rule's static
+    labels (category, scope) with the series labels given."""
+    rule = next(r for r in alert_rules() if r["alert"] == alertname and r["labels"]["severity"] == severity)
+    return alert(alertname, severity, **{k: v for k, v in rule["labels"].items() if k != "severity"}, **labels)
+
+
+@pytest.mark.e2e
+@needs_alertmanager
+def test_a_scopes_detector_alerts_join_its_anomaly_notification(alertmanager: RunningAlertmanager) -> None:
+    """An app's retry storm: its request-rate spike and error-rate anomaly (the exporter
+    names the app: the model's other traffic did not fail), its invocation spike and its
+    runaway sessions. A model's error storm: its error-rate anomaly and its quality drift.
+    Each scope's alerts, with their labels from the shipped rules (the anomaly alerts take
+    `scope` from their series, the detectors' rules set it), arrive in one page; the
+    warnings of a scope with a critical anomaly wait."""
+    am = alertmanager
+    app = {"app": "support-chat", **EXP}
+    model = {"provider": "anthropic", "model": "claude-3-5-haiku", **EXP}
+    am.post([
+        shipped("LLMRequestRateSpike", "critical", signal="request_rate", scope="app", **app),
+        shipped("LLMErrorRateSpike", "critical", signal="error_rate", scope="app", **app),
+        shipped("LLMInvocationSpike", "warning", **app),
+        shipped("LLMRunawaySessions", "critical", reason="session_cost", **app),
+        shipped("LLMErrorRateSpike", "critical", signal="error_rate", scope="model", **model),
+        shipped("LLMQualityDrift", "critical", **model),
+        shipped("LLMQualityDrift", "warning", **model),
+    ])
+    cap = am.captured
+
+    def pages() -> list[dict[str, Any]]:
+        with cap.lock:
+            return [body for path, body in cap.posts if path == "/pager"]
+    wait_for(lambda: {a["labels"]["alertname"] for n in pages() for a in n["alerts"]} >= {
+        "LLMRequestRateSpike", "LLMErrorRateSpike", "LLMRunawaySessions", "LLMQualityDrift"}, "both scopes' pages")
+    time.sleep(2.5)  # a few more group intervals: a split notification would show now
+
+    by_group = {tuple(sorted(n["groupLabels"].items())): sorted(a["labels"]["alertname"] for a in n["alerts"])
+                for n in pages()}
+    assert by_group == {
+        (("app", "support-chat"), ("category", "anomaly"), ("job", EXP["job"]), ("scope", "app")):
+            ["LLMErrorRateSpike", "LLMRequestRateSpike", "LLMRunawaySessions"],
+        (("category", "anomaly"), ("job", EXP["job"]), ("model", "claude-3-5-haiku"), ("provider", "anthropic"),
+         ("scope", "model")): ["LLMErrorRateSpike", "LLMQualityDrift"],
+    }
+    # the warnings wait on their scope's page
+    assert am.inhibited()[("LLMInvocationSpike", "warning|support-chat")]
+    assert not cap.webhook_alerts("chat")
+
+
 BACKEND = {"job": "llm-backends", "kind": "vllm"}
 
 

@@ -129,6 +129,25 @@ def test_errors_are_not_empty_answers() -> None:
     assert r.severity == 2 and any(x.startswith("error_rate 0.30 >= severe") for x in r.reasons)
 
 
+@pytest.mark.parametrize("apart", [True, False])
+def test_errors_put_on_an_app_are_not_the_models_drift(apart: bool) -> None:
+    """30 % of the responses fail. Where the anomaly evaluator found those failures to be
+    one app's (the model's other traffic went on at its usual rate: a retry storm), the
+    error rate is that app's anomaly, alerted at the app: the model's drift publishes the
+    rate but gives no verdict on it. Other signals are judged as ever."""
+    det = DriftDetector(DriftSettings())
+    det.observe(history())
+    det.observe(batch(200, **mixed(200, 60, status="error", output_tokens=0)))
+    now = T0 + 200 * 10.0 + 1
+    r = only(det.evaluate(now, frozenset({("openai", "gpt-4o")}) if apart else frozenset()))
+    assert r.values["error_rate"] == pytest.approx(0.30)
+    assert any(x.startswith("error_rate") for x in r.reasons) != apart, r.reasons
+    assert r.severity == (0 if apart else 2)
+    # another model's errors put on an app change nothing here
+    r = only(det.evaluate(now + 1, frozenset({("openai", "gpt-4o-mini")})))
+    assert r.severity == 2
+
+
 def test_one_mild_is_mild_two_mild_are_severe() -> None:
     one = run(batch(200, **mixed(200, 12, output_tokens=0)))  # 6 % empty: mild under normal
     assert one.severity == 1 and len(one.reasons) == 1

@@ -260,20 +260,29 @@ def test_a_creep_in_request_size_warns_when_held(site: Site, factor: float, warn
 
 # --- errors, latency, TTFT, throughput -----------------------------------------------------------
 
-def test_an_error_storm_is_caught_on_the_model(site: Site) -> None:
-    """20 % of the agent app's requests fail from 14:00: high within 15 minutes on its
-    model; the agent app, which uses only that model, is its echo (errors are a
-    performance signal: the model that serves the requests explains them)."""
+@pytest.mark.parametrize("where,root", [("model", f"model={HAIKU}"), ("app", "app=agent")])
+def test_an_error_storm_is_named_where_the_requests_fail(site: Site, where: str, root: str) -> None:
+    """20 % of requests fail from 14:00, either every request to claude-3-5-haiku (both
+    apps that use it) or only the agent app's. High within 15 minutes on the model either
+    way. Where every app's requests fail, the model is named and the apps are its echoes
+    (errors are a performance signal: the model that serves the requests explains them).
+    Where only the agent's fail and the search app's requests to the same model do not,
+    the agent app is named and the model is its echo: one notification, at the scope that
+    explains it."""
     rng = np.random.default_rng(20)
-    traffic = site.traffic.changed(site.traffic.where(app="agent"), is_error=lambda x: x | (rng.random(x.size) < 0.2))
+    sel = site.traffic.where(model=HAIKU) if where == "model" else site.traffic.where(app="agent")
+    traffic = site.traffic.changed(sel, is_error=lambda x: x | (rng.random(x.size) < 0.2))
     snaps = live(site, traffic, every(S, 30))
     first = first_flagged(snaps, "error_rate", "model", HAIKU, level="high")
     assert first is not None and first - S <= 15 * 60, flagged(snaps, "error_rate")
     late = [f for f in flagged(snaps, "error_rate") if f[0] >= 15]
-    assert ("app=agent" in {name for _, name, _, _ in late})
-    for _, name, _, by in late:
-        assert by == (None if name == f"model={HAIKU}" else f"model=anthropic/{HAIKU}"), name
+    assert root in {name for _, name, _, _ in late}
+    by = root.replace("model=", "model=anthropic/")
+    for _, name, _, explained_by in late:
+        assert explained_by == (None if name == root else by), (name, explained_by)
     assert {name for _, name, _, _ in flagged(snaps, "error_rate")} <= {f"model={HAIKU}", "app=agent", "app=search", "global"}
+    # what the engine tells the drift detector: the model's errors are the agent app's
+    assert snaps[-1].put_on_an_app("error_rate") == (frozenset({("anthropic", HAIKU)}) if where == "app" else frozenset())
 
 
 def test_independent_errors_are_not_read_as_overdispersed() -> None:

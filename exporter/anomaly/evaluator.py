@@ -46,7 +46,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import sketch
-from ..evidence import binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
+from ..evidence import APART_EVIDENCE, apart_log_odds, binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from ..storage.buckets import SESSION_FIELDS, F
 from .baseline import (
     TAIL_SCALE_DF_PER_VALUE,
@@ -91,7 +91,9 @@ class Verdict:
     length in seconds of the window it was found on (0 when none passed). `explained`
     holds the index of the scope whose anomaly explains this one, or -1. `excess` (S, W)
     is the amount above the expectation on each evaluation window, in the signal's
-    natural count (requests, errors, slow requests, USD, tokens)."""
+    natural count (requests, errors, slow requests, USD, tokens). `counts` (events,
+    trials, each (S, W), and the usual ratio and dispersion per scope) is kept for a ratio of counts (the error rate): it lets `explain`
+    ask whether a model's other traffic moved as one app's did."""
 
     current: np.ndarray
     baseline: np.ndarray
@@ -105,6 +107,7 @@ class Verdict:
     excess: np.ndarray
     effects: "Effects | None" = None
     explained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(slots=True)
@@ -138,6 +141,16 @@ class Snapshot:
                     "severity": SEVERITY_NAMES[int(v.severity[i])],
                     "explained_by": scope_name(self.keys[by]) if by >= 0 else None,
                 }
+
+    def put_on_an_app(self, signal: str) -> frozenset[tuple[str, str]]:
+        """The (provider, model)s whose anomaly of `signal` is explained by one of their
+        apps' (for the error rate: the app's requests fail, the model's others do not)."""
+        v = self.verdicts.get(signal)
+        if v is None or not v.explained.size:
+            return frozenset()
+        rows = np.flatnonzero((v.severity >= 1) & (v.explained >= 0))
+        return frozenset((self.keys[i][2], self.keys[i][3]) for i in rows.tolist()
+                         if self.keys[i][0] == "model" and self.keys[int(v.explained[i])][0] == "app")
 
 
 def _num(x: float) -> float | None:
@@ -824,7 +837,9 @@ def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
     sd = np.sqrt(st.dispersion * baseline * (1 - baseline) / np.maximum(n[:, -1], 1))
     with np.errstate(invalid="ignore", divide="ignore"):
         lo, hi = np.maximum(baseline - c.zc[-1] * sd, 0), baseline + c.zc[-1] * sd
-    return _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e - st.ratio[:, None] * n)
+    v = _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e - st.ratio[:, None] * n)
+    v.counts = (e, n, st.ratio, st.dispersion)
+    return v
 
 
 def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -949,6 +964,12 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
     other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
+    A model's fault shows on every app that sends to it: where a performance signal kept as
+    counts (the error rate, `Verdict.counts`) shows that the model's other traffic went on
+    at its usual rate while the app's moved (`_rest_stayed_usual`), the app is named
+    instead (its requests fail, not the model's: a retry storm, a bad request, its own
+    quota). This needs the app's counts to be its counts on that model, so it applies to
+    apps that send to one model.
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope, unless their severity is
@@ -982,20 +1003,23 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     apps = [i for i in flagged.tolist() if kind[i] == "app"]
     models = [i for i in flagged.tolist() if kind[i] == "model"]
     shared = {(int(a), int(m)) for a, m in pairs.tolist()} if pairs.size else set()
+    solo = np.bincount(pairs[:, 0], minlength=sev.shape[0]) == 1 if pairs.size else np.zeros(sev.shape[0], bool)
     for a in apps:
         for m in models:
             if (a, m) not in shared:
                 continue
             a_m, m_a = covers(a, m), covers(m, a)
+            preferred, other = (a, m) if spec.family == "usage" else (m, a)
             if a_m and m_a:
-                echo, root = (m, a) if spec.family == "usage" else (a, m)
+                if preferred == m and solo[a] and v.counts is not None and _rest_stayed_usual(v.counts, a, m):
+                    preferred, other = a, m
+                echo, root = other, preferred
             elif a_m:
                 echo, root = m, a
             elif m_a:
                 echo, root = a, m
             else:
                 continue
-            preferred, other = (a, m) if spec.family == "usage" else (m, a)
             if root == other and incumbent is not None and incumbent[preferred]:
                 echo, root = other, preferred
             if out[echo] < 0:
@@ -1023,6 +1047,21 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             if out[i] < 0 and sev[i] <= sev[g] and ex2[i, col[i]] * ex2[g, col[i]] > 0:
                 out[i] = g
     return out
+
+
+def _rest_stayed_usual(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int) -> bool:
+    """Whether the requests to model m other than app a's failed at the model's usual rate
+    while app a's failed more, strongly enough (`evidence.APART_EVIDENCE`): then the
+    failures are app a's, not the model's. `counts` holds events and trials per (scope,
+    window), and the usual ratio and overdispersion per scope. Judged on the configured
+    window only, which holds all of an event's first hour: one sample that grows with the
+    event, for which Wald's bound on wrongly reaching the evidence holds. (Every shorter
+    window at every evaluation would be a test of its own: a model's fault would be put on
+    one of its apps far more often than the bound says.) The app's counts must be its
+    counts on m: it sends to no other model."""
+    e, n, usual, disp = (x[..., -1] if x.ndim == 2 else x for x in counts)
+    e_r, n_r = max(e[m] - e[a], 0.0), max(n[m] - n[a], 0.0)
+    return bool(apart_log_odds(e[a], n[a], e_r, n_r, usual[m], disp[m]) >= APART_EVIDENCE)
 
 
 def _rest_is_usual(ratio: float, part: float, whole: float, alerting: float) -> bool:

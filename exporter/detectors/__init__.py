@@ -51,12 +51,13 @@ class Detectors:
             else:
                 attempt("budget", lambda: self.budget.add_daily(daily), None)
 
-    def evaluate(self, now: float) -> DetectorReports:
-        """Every detector's verdict at `now`; one that fails keeps its previous verdict."""
+    def evaluate(self, now: float, errors_apart: frozenset[tuple[str, str]] = frozenset()) -> DetectorReports:
+        """Every detector's verdict at `now`; one that fails keeps its previous verdict.
+        `errors_apart`: see `DriftDetector.evaluate`."""
         prev = self.latest
         attempt = self.components.attempt
         self.latest = DetectorReports(
-            attempt("drift", lambda: self.drift.evaluate(now), prev.drift if prev else []),
+            attempt("drift", lambda: self.drift.evaluate(now, errors_apart), prev.drift if prev else []),
             attempt("runaway", lambda: self.runaway.evaluate(now), prev.runaway if prev else RunawayReport.empty()),
             attempt("budget", lambda: self.budget.evaluate(now),
                     prev.budget if prev else BudgetReport.empty(self.budget.settings.timezone, now)))

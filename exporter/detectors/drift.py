@@ -811,9 +811,15 @@ class DriftDetector:
             if hours.hour[s] == hour:
                 hours.tainted[s, SIGNALS.index(signal)] = True
 
-    def evaluate(self, now: float) -> list[DriftResult]:
+    def evaluate(self, now: float, errors_apart: frozenset[tuple[str, str]] = frozenset()) -> list[DriftResult]:
         """One result per series with entries younger than `max_age_s` at `now`, sorted
-        by (provider, model). Series with none left are forgotten, so their gauges go."""
+        by (provider, model). Series with none left are forgotten, so their gauges go.
+
+        `errors_apart` lists the (provider, model)s whose failing requests the anomaly
+        evaluator found to be one app's (the model's other traffic went on at its usual
+        rate: a retry storm, an app's own quota): their error rate is that app's anomaly,
+        alerted at the app, and gives no drift verdict of the model's. It is still
+        published."""
         s = self.settings
         cutoff = now - s.max_age_s
         live: list[tuple[tuple[str, str], np.ndarray]] = []
@@ -829,18 +835,20 @@ class DriftDetector:
         for key, keep in live:
             ring, hours = self._rings[key], self._hours[key]
             # the verdict depends on the kept responses, the reference hours, the hour and the number of tests only
+            apart = key in errors_apart
             state = (ring.pushes, int(keep.sum()), math.floor(now / HOUR), math.floor((now - s.baseline_s) / HOUR), tests,
-                     hours.version, hours.hour.tobytes(), hours.tainted.tobytes())
+                     hours.version, hours.hour.tobytes(), hours.tainted.tobytes(), apart)
             memo = self._memo.get(key)
             if memo is None or memo[0] != state:
                 cols = ring.view()
                 order = np.argsort(cols[0][keep], kind="stable")
-                memo = self._memo[key] = (state, self._judge_series(key, tuple(x[keep][order] for x in cols), now, tests))
+                memo = self._memo[key] = (state, self._judge_series(key, tuple(x[keep][order] for x in cols), now, tests,
+                                                                    apart))
             out.append(memo[1])
         return out
 
     def _judge_series(self, key: tuple[str, str], cols: tuple[np.ndarray, ...], now: float,
-                      tests: int) -> DriftResult:
+                      tests: int, errors_apart: bool = False) -> DriftResult:
         """Every signal on every recent window at once; each signal's verdict is its
         strongest window (level first, then evidence)."""
         s = self.settings
@@ -882,6 +890,8 @@ class DriftDetector:
         min_n = np.array([s.min_signal_n if name == "tool_silence_rate" else 1 for name in RATES])
         rate_value = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
         found = (z_rate >= zc[rate_rows, 0][:, None]) & (x >= s.min_events)
+        if errors_apart:        # one app's failures, named at the app by the anomaly evaluator
+            found[:, list(RATES).index("error_rate")] = False
         for i, (c, name) in enumerate(zip(rate_cols, RATES)):
             value[rate_rows, c], z[rate_rows, c] = rate_value[:, i], z_rate[:, i]
             level[rate_rows, c] = np.where(found[:, i], levels(rate_value[:, i], limits[name]), 0)
