@@ -142,7 +142,8 @@ def test_errors_put_on_an_app_are_not_the_models_drift(apart: bool) -> None:
     r = only(det.evaluate(now, frozenset({("openai", "gpt-4o")}) if apart else frozenset()))
     assert r.values["error_rate"] == pytest.approx(0.30)
     assert any(x.startswith("error_rate") for x in r.reasons) != apart, r.reasons
-    assert r.severity == (0 if apart else 2)
+    assert r.severity == (0 if apart else 2) and r.errors_apart == apart
+    assert r.to_dict()["errors_apart"] == apart
     # another model's errors put on an app change nothing here
     r = only(det.evaluate(now + 1, frozenset({("openai", "gpt-4o-mini")})))
     assert r.severity == 2

@@ -242,7 +242,8 @@ class DriftResult:
     the window that decided its verdict (the largest window when there is none); NaN when
     a signal has too little data to mean anything. `zscores` is the evidence behind each
     value (negative: shorter answers, fewer events than the reference) and `windows` the
-    responses it rests on."""
+    responses it rests on. `errors_apart`: the model's failing requests were one app's (see
+    `DriftDetector.evaluate`), so its error rate gave no verdict."""
 
     provider: str
     model: str
@@ -254,6 +255,7 @@ class DriftResult:
     preset: str
     zscores: dict[str, float] = field(default_factory=dict)
     windows: dict[str, int] = field(default_factory=dict)
+    errors_apart: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: NaN becomes None."""
@@ -268,6 +270,7 @@ class DriftResult:
             "fill": self.fill,
             "ready": self.ready,
             "preset": self.preset,
+            "errors_apart": self.errors_apart,
         }
 
 
@@ -937,7 +940,7 @@ class DriftDetector:
         severity = judge(dict(zip(SIGNALS, best_level.tolist())))
         return DriftResult(key[0], key[1], dict(zip(SIGNALS, value[pick, cols_].tolist())), severity, reasons, fill,
                            ready, preset, dict(zip(SIGNALS, z[pick, cols_].tolist())),
-                           dict(zip(SIGNALS, windows[pick].tolist())))
+                           dict(zip(SIGNALS, windows[pick].tolist())), errors_apart)
 
 
 def _session_units(session_id: np.ndarray, first_solo: int) -> np.ndarray:
