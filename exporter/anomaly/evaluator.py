@@ -968,8 +968,8 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     counts (the error rate, `Verdict.counts`) shows that the model's other traffic went on
     at its usual rate while the app's moved (`_rest_stayed_usual`), the app is named
     instead (its requests fail, not the model's: a retry storm, a bad request, its own
-    quota). This needs the app's counts to be its counts on that model, so it applies to
-    apps that send to one model.
+    quota). For an app that sends to several models, its share of the model's counts is
+    bounded (see there).
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope, unless their severity is
@@ -1003,7 +1003,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     apps = [i for i in flagged.tolist() if kind[i] == "app"]
     models = [i for i in flagged.tolist() if kind[i] == "model"]
     shared = {(int(a), int(m)) for a, m in pairs.tolist()} if pairs.size else set()
-    solo = np.bincount(pairs[:, 0], minlength=sev.shape[0]) == 1 if pairs.size else np.zeros(sev.shape[0], bool)
+    models_of: dict[int, list[int]] = {}
+    for a_, m_ in shared:
+        models_of.setdefault(a_, []).append(m_)
     for a in apps:
         for m in models:
             if (a, m) not in shared:
@@ -1011,7 +1013,8 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             a_m, m_a = covers(a, m), covers(m, a)
             preferred, other = (a, m) if spec.family == "usage" else (m, a)
             if a_m and m_a:
-                if preferred == m and solo[a] and v.counts is not None and _rest_stayed_usual(v.counts, a, m):
+                others = [x for x in models_of.get(a, ()) if x != m]
+                if preferred == m and v.counts is not None and _rest_stayed_usual(v.counts, a, m, others):
                     preferred, other = a, m
                 echo, root = other, preferred
             elif a_m:
@@ -1049,19 +1052,28 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     return out
 
 
-def _rest_stayed_usual(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int) -> bool:
+def _rest_stayed_usual(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int,
+                       others: Sequence[int] = ()) -> bool:
     """Whether the requests to model m other than app a's failed at the model's usual rate
     while app a's failed more, strongly enough (`evidence.APART_EVIDENCE`): then the
     failures are app a's, not the model's. `counts` holds events and trials per (scope,
-    window), and the usual ratio and overdispersion per scope. Judged on the configured
-    window only, which holds all of an event's first hour: one sample that grows with the
-    event, for which Wald's bound on wrongly reaching the evidence holds. (Every shorter
-    window at every evaluation would be a test of its own: a model's fault would be put on
-    one of its apps far more often than the bound says.) The app's counts must be its
-    counts on m: it sends to no other model."""
+    window), and the usual ratio and overdispersion per scope.
+
+    Judged on the configured window only, which holds all of an event's first hour: one
+    sample that grows with the event, for which Wald's bound on wrongly reaching the
+    evidence holds. (Every shorter window at every evaluation would be a test of its own:
+    a model's fault would be put on one of its apps far more often than the bound says.)
+
+    The history keeps an app's counts over all its models, not per model. For an app that
+    also sends to `others`, its share of m's counts is bounded instead: the rest of m has
+    at most m's failures less the app's failures not on the other models, and at least
+    m's successes less all of the app's. Both bounds lean towards the model's fault; for
+    an app of one model they are its exact counts."""
     e, n, usual, disp = (x[..., -1] if x.ndim == 2 else x for x in counts)
-    e_r, n_r = max(e[m] - e[a], 0.0), max(n[m] - n[a], 0.0)
-    return bool(apart_log_odds(e[a], n[a], e_r, n_r, usual[m], disp[m]) >= APART_EVIDENCE)
+    e_other = float(sum(e[o] for o in others))
+    e_r = min(e[m], max(e[m] - e[a] + e_other, 0.0))
+    n_r = e_r + max((n[m] - e[m]) - (n[a] - e[a]), 0.0)
+    return bool(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]) >= APART_EVIDENCE)
 
 
 def _rest_is_usual(ratio: float, part: float, whole: float, alerting: float) -> bool:
