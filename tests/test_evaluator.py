@@ -1051,9 +1051,10 @@ def test_the_scope_that_named_a_latency_anomaly_keeps_the_name() -> None:
 def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     """All traffic falls and no app or model holds half of the global excess: the apps
     and models that fell too are parts of one event, which the global scope names. An app
-    flagged higher than the global scope keeps its own (its page must not wait on a
-    warning), and an app that rose meanwhile is another event."""
-    from exporter.anomaly.evaluator import Verdict, explain
+    flagged higher than the global scope is a part too, and lifts the event's severity to
+    its own (its page must not wait on a warning, and one outage pages once); an app that
+    rose meanwhile is another event."""
+    from exporter.anomaly.evaluator import Verdict, explain, lift_to_parts
     spec = next(s for s in DEFAULT_SIGNALS if s.name == "request_rate")
     keys = [("global", "", "", ""), ("app", "a", "", ""), ("app", "b", "", ""), ("app", "c", "", ""),
             ("model", "", "openai", "m")]
@@ -1068,8 +1069,10 @@ def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     pairs = np.array([[2, 4]])                   # b sends to m (and is its echo); a uses a model that held up
     got = explain(spec, verdict([2, 2, 1, 1, 2]), keys, pairs, windows).tolist()
     assert got == [-1, 0, 4, -1, 0]
+    assert lift_to_parts(np.array([2, 2, 1, 1, 2]), np.array(got), keys).tolist() == [2, 2, 1, 1, 2]
     got = explain(spec, verdict([1, 2, 1, 1, 1]), keys, pairs, windows).tolist()
-    assert got == [-1, -1, 4, -1, 0]          # app a is high while all traffic only warns
+    assert got == [-1, 0, 4, -1, 0]           # app a is high while all traffic only warns ...
+    assert lift_to_parts(np.array([1, 2, 1, 1, 1]), np.array(got), keys).tolist() == [2, 2, 1, 1, 1]  # ... so it pages
 
 
 def test_an_outage_of_all_traffic_raises_one_alert() -> None:

@@ -400,6 +400,7 @@ class Evaluator:
         for spec in self.specs:
             v = verdicts[spec.name]
             v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t))
+            v.severity = lift_to_parts(v.severity, v.explained, keys)
             self._remember_named(spec.name, v, t)
         self._remember_judged(verdicts, t)
         return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
@@ -972,8 +973,8 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     bounded (see there).
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
-    parts of one event of all traffic, named at the global scope, unless their severity is
-    higher than its.
+    parts of one event of all traffic, named at the global scope (at the severity of its
+    most severe part: `lift_to_parts`).
 
     `incumbent` marks the scopes that named this anomaly at the last evaluations. The scope
     the family points to keeps the name while it is incumbent, even where for a moment only
@@ -1040,15 +1041,31 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             out[g] = best
     # an event of all traffic that no app or model explains (an outage upstream, a creep of
     # every app's spend) is the global scope's: the apps and models flagged the same way are
-    # its parts, unless one of them is flagged higher (its page must not wait on a warning).
-    # Usage signals only: their excesses add up over the apps, while a latency excess is
-    # counted against each scope's own p95, so a share of the global one means little
+    # its parts (and `lift_to_parts` gives it the severity of its most severe part: its page
+    # must not wait on a warning, and must not come twice). Usage signals only: their
+    # excesses add up over the apps, while a latency excess is counted against each scope's
+    # own p95, so a share of the global one means little
     for g in flagged.tolist():
         if spec.family != "usage" or kind[g] != "global" or out[g] >= 0:
             continue
         for i in roots:
-            if out[i] < 0 and sev[i] <= sev[g] and ex2[i, col[i]] * ex2[g, col[i]] > 0:
+            if out[i] < 0 and ex2[i, col[i]] * ex2[g, col[i]] > 0:
                 out[i] = g
+    return out
+
+
+def lift_to_parts(severity: np.ndarray, explained: np.ndarray, keys: list[ScopeKey]) -> np.ndarray:
+    """Severity per scope, where the global scope names an event of all traffic whose parts
+    (the apps and models it explains) are flagged higher than it is: the event's severity
+    is its most severe part's. An outage reaches a tenth of the usual rate in one app or
+    model a few minutes before the global evidence says so; paged at the part and then at
+    the global scope, one outage would page twice."""
+    out = severity.copy()
+    parts = np.flatnonzero(explained >= 0)
+    for i in parts.tolist():
+        g = int(explained[i])
+        if keys[g][0] == "global":
+            out[g] = max(out[g], severity[i])
     return out
 
 
