@@ -134,7 +134,8 @@ def test_errors_put_on_an_app_are_not_the_models_drift(apart: bool) -> None:
     """30 % of the responses fail. Where the anomaly evaluator found those failures to be
     one app's (the model's other traffic went on at its usual rate: a retry storm), the
     error rate is that app's anomaly, alerted at the app: the model's drift publishes the
-    rate but gives no verdict on it. Other signals are judged as ever."""
+    rate but gives no verdict on it, and keeps those hours out of its error reference as
+    it would its own drifting hours. Other signals are judged as ever."""
     det = DriftDetector(DriftSettings())
     det.observe(history())
     det.observe(batch(200, **mixed(200, 60, status="error", output_tokens=0)))
@@ -144,6 +145,8 @@ def test_errors_put_on_an_app_are_not_the_models_drift(apart: bool) -> None:
     assert any(x.startswith("error_rate") for x in r.reasons) != apart, r.reasons
     assert r.severity == (0 if apart else 2) and r.errors_apart == apart
     assert r.to_dict()["errors_apart"] == apart
+    # either way the failing hours stay out of the model's error reference
+    assert {row[3] for row in det.tainted_rows()} == {"error_rate"}
     # another model's errors put on an app change nothing here
     r = only(det.evaluate(now + 1, frozenset({("openai", "gpt-4o-mini")})))
     assert r.severity == 2

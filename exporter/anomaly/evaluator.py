@@ -91,9 +91,10 @@ class Verdict:
     length in seconds of the window it was found on (0 when none passed). `explained`
     holds the index of the scope whose anomaly explains this one, or -1. `excess` (S, W)
     is the amount above the expectation on each evaluation window, in the signal's
-    natural count (requests, errors, slow requests, USD, tokens). `counts` (events,
-    trials, each (S, W), and the usual ratio and dispersion per scope) is kept for a ratio of counts (the error rate): it lets `explain`
-    ask whether a model's other traffic moved as one app's did."""
+    natural count (requests, errors, slow requests, USD, tokens). `counts` is kept for a
+    ratio of counts (the error rate): events and trials, each (S, W), and the usual ratio
+    and overdispersion per scope. It lets `explain` ask whether a model's other traffic
+    moved as one app's did."""
 
     current: np.ndarray
     baseline: np.ndarray

@@ -822,7 +822,8 @@ class DriftDetector:
         evaluator found to be one app's (the model's other traffic went on at its usual
         rate: a retry storm, an app's own quota): their error rate is that app's anomaly,
         alerted at the app, and gives no drift verdict of the model's. It is still
-        published."""
+        published, and its hours are kept out of the model's error reference as drifting
+        hours are (a fault of the model an hour later is judged against healthy hours)."""
         s = self.settings
         cutoff = now - s.max_age_s
         live: list[tuple[tuple[str, str], np.ndarray]] = []
@@ -893,8 +894,6 @@ class DriftDetector:
         min_n = np.array([s.min_signal_n if name == "tool_silence_rate" else 1 for name in RATES])
         rate_value = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
         found = (z_rate >= zc[rate_rows, 0][:, None]) & (x >= s.min_events)
-        if errors_apart:        # one app's failures, named at the app by the anomaly evaluator
-            found[:, list(RATES).index("error_rate")] = False
         for i, (c, name) in enumerate(zip(rate_cols, RATES)):
             value[rate_rows, c], z[rate_rows, c] = rate_value[:, i], z_rate[:, i]
             level[rate_rows, c] = np.where(found[:, i], levels(rate_value[:, i], limits[name]), 0)
@@ -932,11 +931,16 @@ class DriftDetector:
             th = limits[name]
             w = int(pick[i])
             limit = th.severe if best_level[i] == 2 else th.mild
+            if hours.taint(math.floor(float(start[w]) / HOUR), math.floor(now / HOUR), i):
+                self.taint_version += 1
+            if errors_apart and name == "error_rate":
+                # one app's failures, which the anomaly evaluator names at the app: no verdict
+                # here, but its hours stay out of the reference like any other drifting hours
+                best_level[i] = 0
+                continue
             reasons.append(f"{name} {value[w, i]:.2f} {'>=' if th.above else '<='} "
                            f"{'severe' if best_level[i] == 2 else 'mild'} {limit:.2f} "
                            f"(last {int(windows[w])} responses, z {z[w, i]:.1f})")
-            if hours.taint(math.floor(float(start[w]) / HOUR), math.floor(now / HOUR), i):
-                self.taint_version += 1
         severity = judge(dict(zip(SIGNALS, best_level.tolist())))
         return DriftResult(key[0], key[1], dict(zip(SIGNALS, value[pick, cols_].tolist())), severity, reasons, fill,
                            ready, preset, dict(zip(SIGNALS, z[pick, cols_].tolist())),
