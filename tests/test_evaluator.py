@@ -32,7 +32,7 @@ from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
 from exporter.ingest.rejections import Rejections
-from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Evaluator, Snapshot, _rest_stayed_usual, size_z
+from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Evaluator, Snapshot, _failures_are_the_apps, size_z
 from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
 
 DAY0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY       # a midnight (UTC)
@@ -298,11 +298,11 @@ def test_an_apps_share_of_a_models_failures_is_bounded() -> None:
         e = np.array([[30.0], [30.0], [e_other]])
         n = np.array([[150.0], [200.0], [80.0]])
         return e, n, np.full(3, 0.01), np.ones(3)
-    assert _rest_stayed_usual(counts(0.0), 0, 1, [2])
-    assert not _rest_stayed_usual(counts(10.0), 0, 1, [2])
+    assert _failures_are_the_apps(counts(0.0), 0, 1, [2])
+    assert not _failures_are_the_apps(counts(10.0), 0, 1, [2])
     # an app of one model: its counts on m are its counts
     e, n, usual, disp = counts(0.0)
-    assert _rest_stayed_usual((e, n - np.array([[50.0], [0.0], [0.0]]), usual, disp), 0, 1)
+    assert _failures_are_the_apps((e, n - np.array([[50.0], [0.0], [0.0]]), usual, disp), 0, 1)
 
 
 def test_independent_errors_are_not_read_as_overdispersed() -> None:

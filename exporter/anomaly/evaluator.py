@@ -968,7 +968,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
     A model's fault shows on every app that sends to it: where a performance signal kept as
     counts (the error rate, `Verdict.counts`) shows that the model's other traffic went on
-    at its usual rate while the app's moved (`_rest_stayed_usual`), the app is named
+    at its usual rate while the app's moved (`_failures_are_the_apps`), the app is named
     instead (its requests fail, not the model's: a retry storm, a bad request, its own
     quota). For an app that sends to several models, its share of the model's counts is
     bounded (see there).
@@ -1016,7 +1016,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             preferred, other = (a, m) if spec.family == "usage" else (m, a)
             if a_m and m_a:
                 others = [x for x in models_of.get(a, ()) if x != m]
-                if preferred == m and v.counts is not None and _rest_stayed_usual(v.counts, a, m, others):
+                if preferred == m and v.counts is not None and _failures_are_the_apps(v.counts, a, m, others):
                     preferred, other = a, m
                 echo, root = other, preferred
             elif a_m:
@@ -1070,7 +1070,7 @@ def lift_to_parts(severity: np.ndarray, explained: np.ndarray, keys: list[ScopeK
     return out
 
 
-def _rest_stayed_usual(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int,
+def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int,
                        others: Sequence[int] = ()) -> bool:
     """Whether the requests to model m other than app a's failed at the model's usual rate
     while app a's failed more, strongly enough (`evidence.APART_EVIDENCE`): then the
