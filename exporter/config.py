@@ -89,7 +89,7 @@ class Settings(BaseModel):
     db: Path = Field(Path("llm-usage.db"), description="SQLite file holding history, counter totals and the dedupe window")
     window: Duration = Field(3600, gt=0, description="the window each anomaly signal is measured over (current value)")
     baseline: Duration = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
-    horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline)")
+    horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline; two weeks or more let a weekly pattern, such as quiet weekends, be learned)")
     alert_budget: float = Field(1.0, gt=0, description="false anomaly warnings a week the evaluator's evidence thresholds allow, over all signals and scopes together")
     evaluation_interval: Duration = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
     dedupe_window: Duration = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")

@@ -171,6 +171,11 @@ def ingest_by_day(engine: Engine, items: Sequence[dict[str, Any]], now: float = 
 # daily cycle, busy and quiet days, heavy-tailed token counts, and latency built from a
 # time to first token plus output tokens at a per-request speed.
 
+def weekday(t: np.ndarray) -> np.ndarray:
+    """Day of the week of event times `t` (UTC): 0 Monday .. 6 Sunday (1970-01-01 was a Thursday)."""
+    return (np.floor(np.asarray(t, dtype=np.float64) / DAY).astype(np.int64) + 3) % 7
+
+
 def daily_cycle(t: np.ndarray | float, night: float = 0.3, peak_hour: float = 15.0) -> np.ndarray:
     """Share of the peak rate at event times `t` (UTC): 1 at `peak_hour`, `night` twelve
     hours later, a cosine in between (1 everywhere for night=1: no cycle)."""
@@ -210,6 +215,7 @@ class Stream:
     otps_sd: float = 0.2
     error_rate: float = 0.01
     start: float | None = None               # no requests before (a new app or model)
+    weekend: float = 1.0                     # share of the rate on Saturdays and Sundays (UTC)
 
 
 @dataclass
@@ -315,7 +321,8 @@ def generate(streams: Sequence[Stream], start: float, end: float, seed: int = 1)
         hour_level = np.exp(s.hour_sd * rng.standard_normal(math.ceil(end / HOUR) - first_hour + 1))
         level = (s.rate / 60 * daily_cycle(minutes + 30, s.night, s.peak_hour)
                  * day_level[(minutes // DAY).astype(np.int64) - first_day]
-                 * hour_level[(minutes // HOUR).astype(np.int64) - first_hour])
+                 * hour_level[(minutes // HOUR).astype(np.int64) - first_hour]
+                 * np.where(weekday(minutes) >= 5, s.weekend, 1.0))
         sessions = rng.poisson(level / s.session)
         t0 = np.repeat(minutes, sessions) + rng.uniform(0, 60, int(sessions.sum()))
         calls = rng.geometric(1 / s.session, t0.size) if s.session > 1 else np.ones(t0.size, dtype=np.int64)

@@ -61,6 +61,43 @@ def ref_daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
+def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float) -> np.ndarray:
+    """Each quarter day of the week, one at a time: its two latest occurrences in `hours`
+    that are at least half inside them, their log ratios where half their hours are known,
+    the noise from the median difference between the two weeks, and the mean of two ratios
+    that agree beyond it."""
+    s = daily.shape[0]
+    out = np.full((s, bl.WEEK_HOURS), np.nan)
+    for i in range(bl.WEEK_HOURS):
+        out[:, i] = daily[:, i % 24]
+    by_block: dict[int, list[int]] = {}
+    for j, hour in enumerate(hours.tolist()):
+        by_block.setdefault(hour // bl.WEEK_BLOCK_HOURS, []).append(j)
+    shifts = np.full((s, bl.WEEK_BLOCKS, 2), np.nan)
+    for b in range(bl.WEEK_BLOCKS):
+        occurrences = [cols for blk, cols in sorted(by_block.items())
+                       if blk % bl.WEEK_BLOCKS == b and 2 * len(cols) >= bl.WEEK_BLOCK_HOURS][-2:]
+        if len(occurrences) < 2:
+            continue
+        for r in range(s):
+            for w, cols in enumerate(occurrences):
+                pairs = [(values[r, j], daily[r, hours[j] % 24]) for j in cols
+                         if not np.isnan(values[r, j]) and not np.isnan(daily[r, hours[j] % 24])]
+                if 2 * len(pairs) >= bl.WEEK_BLOCK_HOURS:
+                    ratio = (sum(v for v, _ in pairs) + floor * len(pairs)) / (sum(e for _, e in pairs) + floor * len(pairs))
+                    shifts[r, b, w] = np.log(np.array([ratio]))[0]       # numpy's array loop, as the fast path
+    for r in range(s):
+        apart = [abs(x - y) for x, y in shifts[r] if not np.isnan(x) and not np.isnan(y)]
+        if 2 * len(apart) < bl.WEEK_BLOCKS:
+            continue
+        noise = float(np.median(apart)) / (bl.Q50_ABS_NORMAL * np.sqrt(2.0))
+        for b, (x, y) in enumerate(shifts[r]):
+            if x * y > 0 and abs(x) > bl.WEEK_PATTERN_Z * noise and abs(y) > bl.WEEK_PATTERN_Z * noise:
+                for i in range(b * bl.WEEK_BLOCK_HOURS, (b + 1) * bl.WEEK_BLOCK_HOURS):
+                    out[r, i] = daily[r, i % 24] * np.exp(np.array([(x + y) / 2.0]))[0]
+    return out
+
+
 def ref_level_spread(values: np.ndarray, expected: np.ndarray, sampling: np.ndarray | float,
                      floor: float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -183,13 +220,21 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
         c, s1, s2 = SIZE_FIELDS[kind]
         stats[kind] = ref_size_stats(held[..., F[c]], held[..., F[s1]], held[..., F[s2]],
                                      slots[..., SIZE_KINDS.index(kind), :])
-    hod = hours % 24
-    req_profile = ref_daily_profile(req, hours)
+    hod = hours % bl.WEEK_HOURS
+    weeks = np.arange(end - 2 * bl.WEEK_HOURS, end)
+    w_slot, w_ok = h.hours.slots_for(weeks)
+    w_adds = h.hour_add[:n][:, w_slot].copy()
+    w_unknown = ~w_ok[None, :] | (weeks[None, :] < h.first_hour[:n, None])
+    week_values = [np.where(w_unknown, np.nan, a) for a in (w_adds[..., F["requests"]], w_adds[..., F["cost"]],
+                                                            token_sum(w_adds))]
     out: dict[str, np.ndarray] = {}
-    for name, values, floor, per in (("requests", req, 0.5, 1.0),
-                                     ("cost", cost, LOG_FLOOR["cost_per_hour"], bl.sum_spread(stats["cost"])),
-                                     ("tokens", tokens, LOG_FLOOR["token_velocity"] * 60, bl.sum_spread(stats["tokens"]))):
-        profile = ref_daily_profile(values, hours)
+    judged = (("requests", req, 0.5, 1.0),
+              ("cost", cost, LOG_FLOOR["cost_per_hour"], bl.sum_spread(stats["cost"])),
+              ("tokens", tokens, LOG_FLOOR["token_velocity"] * 60, bl.sum_spread(stats["tokens"])))
+    profiles = [ref_weekly_profile(ref_daily_profile(values, hours), week, weeks, floor)
+                for (_, values, floor, _), week in zip(judged, week_values)]
+    req_profile = profiles[0]
+    for (name, values, floor, per), profile in zip(judged, profiles):
         with np.errstate(invalid="ignore", divide="ignore"):
             sampling = np.asarray(per)[..., None] * disp[:, None] / np.maximum(req_profile[:, hod], 0.5)
         out[f"{name}.profile"] = profile
@@ -269,6 +314,9 @@ def test_profiles_and_spreads_equal_the_reference(h: int) -> None:
     values = ragged(rng, (120, h))
     expected = bl.daily_profile(values, hours)
     np.testing.assert_array_equal(expected, ref_daily_profile(values, hours))
+    for floor in (0.5, 0.01):
+        np.testing.assert_array_equal(bl.weekly_profile(expected, values, hours, floor),
+                                      ref_weekly_profile(expected, values, hours, floor))
     sampling = rng.lognormal(-3, 1, (120, h))
     sampling[rng.random(sampling.shape) < 0.02] = np.nan
     for floor in (0.5, 0.01):

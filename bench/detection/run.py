@@ -73,6 +73,8 @@ class Plan:
     nab: tuple[str, ...] | None                       # None: every labelled file
     step: float = 60.0                                # default evaluation step
     seed: int = 7
+    volume: int = 1                                   # arrival copies per app, times the base
+    weekend: float = 1.0                              # share of the sessions kept on weekends
 
     @property
     def scored_start(self) -> float:
@@ -101,9 +103,9 @@ _BASE: dict[tuple[int, int], Any] = {}
 
 
 def base_traffic(plan: Plan) -> Any:
-    key = (plan.history_days + plan.scored_days + 1, plan.seed)
+    key = (plan.history_days + plan.scored_days + 1, plan.seed, plan.volume, plan.weekend)
     if key not in _BASE:
-        _BASE[key] = build_traffic(key[0], plan.seed)
+        _BASE[key] = build_traffic(key[0], plan.seed, volume=plan.volume, weekend=plan.weekend)
     return _BASE[key]
 
 
@@ -483,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="traffic seed: which real day each synthetic day replays, and the modelled sizes and "
                          "latencies (default 7); another seed is another week of clean traffic to count false "
                          "alerts on")
+    ap.add_argument("--volume", type=int, default=1, metavar="N",
+                    help="N times the requests: every app replays N times as many copies of the real days "
+                         "(clean weeks at the volume of a busier site)")
+    ap.add_argument("--weekend", type=float, default=1.0, metavar="SHARE",
+                    help="keep this share of the sessions on Saturdays and Sundays, e.g. 0.3 for a site used "
+                         "at work (default 1: every day alike)")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
@@ -519,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.seed is not None:
         plan = replace(plan, seed=args.seed)
+    if args.volume > 1:
+        plan = replace(plan, volume=args.volume)
+    if not 0.0 < args.weekend <= 1.0:
+        raise SystemExit("--weekend: a share of the sessions, above 0 and at most 1")
+    if args.weekend < 1.0:
+        plan = replace(plan, weekend=args.weekend)
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
@@ -570,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
 def default_path(plan: Plan, split: int, revision: str) -> Path:
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", revision)
     seed = f"-seed{plan.seed}" if plan.seed != FULL.seed else ""
-    return RESULTS / f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}-{tag}.json"
+    volume = f"-volume{plan.volume}" if plan.volume > 1 else ""
+    weekend = f"-weekend{plan.weekend:g}" if plan.weekend < 1 else ""
+    return RESULTS / f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}-{tag}.json"
 
 
 def runs_path(json_path: Path) -> Path:

@@ -294,14 +294,19 @@ def _requests(rng: np.random.Generator, ts: np.ndarray, app: AppProfile, session
                    stop, had_tools, tool_calls.astype(np.int64), tool_name.astype(object))
 
 
-def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS) -> Traffic:
-    """`days` synthetic days from EPOCH (each from 04:00 to 04:00), all apps, sorted by time."""
+def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS, volume: int = 1,
+                  weekend: float = 1.0) -> Traffic:
+    """`days` synthetic days from EPOCH (each from 04:00 to 04:00), all apps, sorted by time.
+    `volume` multiplies every app's RAGPulse arrival copies: a busier site of the same apps,
+    each copy replaying its own seeded order of the real days. `weekend` is the share of
+    the sessions kept on Saturdays and Sundays (EPOCH is a Monday): a site used at work,
+    whose weekends are quieter than its weekdays."""
     rp = ragpulse()
     day_idx = ragpulse_days()
     rng = np.random.default_rng(seed)
     parts: list[Traffic] = []
     for app in apps:
-        for copy in range(app.copies):
+        for copy in range(app.copies * volume):
             order: list[int] = []
             while len(order) < days:
                 order.extend(rng.permutation(len(day_idx)).tolist())
@@ -309,6 +314,9 @@ def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS)
             for d in range(days):
                 k = order[d]
                 idx = day_idx[k]
+                if weekend < 1.0 and d % 7 >= 5:
+                    sess, inv = np.unique(rp["session"][idx].astype(str), return_inverse=True)
+                    idx = idx[(rng.random(sess.size) < weekend)[inv]]
                 lo = RAGPULSE_FIRST_CUT + k * DAY
                 ts_l.append(EPOCH + d * DAY + DAY_START_S + (rp["t"][idx] - lo))
                 sess_l.append(np.array([f"{app.name}-{copy}-{d}-{s}" for s in rp["session"][idx].tolist()], dtype=object))

@@ -7,7 +7,9 @@ sorted once and read for every order statistic it gives (`Ordered`), and otherwi
 favour clarity over the last microsecond.
 
 - Counts (requests) follow the time of day: the expected count of an hour is the median
-  of the same hour on the baseline's days (`daily_profile`). How far a day strays from that
+  of the same hour on the baseline's days (`daily_profile`), scaled where the last two
+  weeks agree that a quarter of the week runs above or below it (`weekly_profile`: quiet
+  weekends). How far a day strays from that
   (`level_spread`) and how bursty requests arrive within an hour (`burstiness`) set the
   noise a window's count is judged against.
 - Request sizes (mean log tokens per request) are judged against a flat baseline
@@ -36,6 +38,14 @@ MIN_DAYS = 3                # earlier days a seasonal expectation needs
 MIN_HOURS = 6               # hours a flat statistic needs
 PRIOR_BURSTINESS = 3.0      # dispersion assumed until enough hours were seen whole
 MIN_LEVEL_SD = 0.05
+WEEK_HOURS = 168
+WEEK_BLOCK_HOURS = 6        # the week's pattern is read in quarter days
+WEEK_BLOCKS = WEEK_HOURS // WEEK_BLOCK_HOURS
+# Each of two weeks must stray this many times the noise of a quarter day's shift, the
+# same way, before the week's pattern is read there: ordinary noise does so by chance in
+# 2 P(z > 2)^2, about one quarter day in a thousand.
+WEEK_PATTERN_Z = 2.0
+Q50_ABS_NORMAL = 0.6745     # median of |z| for standard normal z
 # The degrees of freedom per value of a spread read off the upper quartile of |x| or x^2
 # (`_tail_scale`, `level_spread`): that estimate's relative variance is
 # p(1 - p) / (n f(q)^2 q^2) = 0.836 / n for normal x (p = 0.75, q = 1.1503, f the half-normal
@@ -189,6 +199,65 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
         level = np.where(known, nan_median(recent, axis=1), np.nan)
         out[young] = level[:, None]
     return out
+
+
+def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float) -> np.ndarray:
+    """(S, WEEK_HOURS) expected value of each hour of the week, indexed by absolute hour %
+    WEEK_HOURS: the daily profile (S, 24), scaled in each quarter day of the week where the
+    last two weeks agree that it runs above or below the daily profile.
+
+    A site used at work is quieter at weekends. Judged against the time of day alone, every
+    weekend reads as a drop, and the level spread that would have to excuse it would blunt
+    every weekday. One week cannot tell a weekly pattern from a one-off (an outage, a
+    holiday, a launch); two weeks that agree can. A quarter day is read as patterned where
+    both weeks' log ratios to the daily profile go the same way and each is more than
+    WEEK_PATTERN_Z times the noise of such a ratio; it is then scaled by their mean (the
+    smaller of the two would expect the busier of two quiet weekends, and read an ordinary
+    quieter one as a fall). The noise is read off the differences between the two weeks'
+    ratios of the same quarter day, which a weekly pattern cancels: their median over the
+    week, over sqrt(2) (two weeks' noises) and over the median of |z|. A one-off in one
+    week leaves the other near zero, so the quarter day stays as the daily profile has it.
+    Quarter days, so that a site far from UTC finds its weekend in blocks of its own
+    rather than straddling two UTC days.
+
+    `values` (S, H) are hourly values (NaN unknown) at the consecutive absolute `hours`,
+    the last two weeks or more; each quarter day of the week takes its two latest
+    occurrences there with at least half their hours known (a block at the edge of `hours`
+    may be partial), and a scope needs both occurrences of half the week's quarter days.
+    `floor` is added per hour to both sides of each log ratio."""
+    s = daily.shape[0]
+    out = np.tile(daily, (1, WEEK_HOURS // 24))
+    if hours.size == 0:
+        return out
+    # pad `hours` out to whole blocks (unknown hours), then sum each block's hours in order
+    lead = int(hours[0]) % WEEK_BLOCK_HOURS
+    width = -(-(lead + hours.size) // WEEK_BLOCK_HOURS) * WEEK_BLOCK_HOURS
+    span = slice(lead, lead + hours.size)
+    padded = np.full((2, s, width), np.nan)
+    padded[0, :, span], padded[1, :, span] = values, daily[:, hours % 24]
+    known = np.isfinite(padded[0]) & np.isfinite(padded[1])
+    v, e = (_block_sums(np.where(known, x, 0.0), WEEK_BLOCK_HOURS) for x in padded)
+    n = _block_sums(known.astype(np.float64), WEEK_BLOCK_HOURS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(2 * n >= WEEK_BLOCK_HOURS, np.log((v + floor * n) / (e + floor * n)), np.nan)
+    inside = np.zeros(width)
+    inside[span] = 1.0
+    whole = 2 * _block_sums(inside[None, :], WEEK_BLOCK_HOURS)[0] >= WEEK_BLOCK_HOURS   # not cut short by `hours`
+    of_week = (int(hours[0]) // WEEK_BLOCK_HOURS + np.arange(width // WEEK_BLOCK_HOURS)) % WEEK_BLOCKS
+    older, newer = np.full((s, WEEK_BLOCKS), np.nan), np.full((s, WEEK_BLOCKS), np.nan)
+    for b in range(WEEK_BLOCKS):
+        cols = np.flatnonzero((of_week == b) & whole)[-2:]
+        if cols.size == 2:
+            older[:, b], newer[:, b] = shift[:, cols[0]], shift[:, cols[1]]
+    apart = np.abs(older - newer)
+    both = np.isfinite(apart)
+    noise = nan_median(np.where(both, apart, np.nan), axis=1) / (Q50_ABS_NORMAL * np.sqrt(2.0))
+    noise = np.where(both.sum(axis=1) >= WEEK_BLOCKS // 2, noise, np.nan)[:, None]
+    with np.errstate(invalid="ignore"):
+        pattern = (both & (older * newer > 0) & (np.abs(older) > WEEK_PATTERN_Z * noise)
+                   & (np.abs(newer) > WEEK_PATTERN_Z * noise))
+    factor = np.where(pattern, (older + newer) / 2.0, 0.0)
+    return out * np.exp(np.repeat(factor, WEEK_BLOCK_HOURS, axis=1))
 
 
 def burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int) -> np.ndarray:

@@ -50,6 +50,7 @@ from ..evidence import APART_EVIDENCE, apart_log_odds, binomial_z, count_z, mean
 from ..storage.buckets import SESSION_FIELDS, F
 from .baseline import (
     TAIL_SCALE_DF_PER_VALUE,
+    WEEK_HOURS,
     ErrorStats,
     SizeStats,
     burstiness,
@@ -60,6 +61,7 @@ from .baseline import (
     nan_median,
     size_stats,
     sum_spread,
+    weekly_profile,
     window_spread,
 )
 from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
@@ -169,7 +171,7 @@ def scope_name(key: ScopeKey) -> str:
 class Seasonal:
     """An hourly quantity (requests, cost, tokens) against the same time of day."""
 
-    profile: np.ndarray       # (S, 24) expected value of each hour of the day, UTC (NaN: too little history)
+    profile: np.ndarray       # (S, 168) expected value of each hour of the week, by absolute hour % 168 (NaN: too little history)
     level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
     level_df: np.ndarray      # (S,) degrees of freedom of that spread: 0.6 per hour it was read from
 
@@ -243,17 +245,23 @@ class Evaluator:
         disp = burstiness(req0, held.bursts, round(3600 / h.coarse))
         judged = self._judged_hours(hours, adds[..., F["sized_requests"]])
         sizes, costs = (self._size_stats(adds, held.slots, kind, judged) for kind in ("tokens", "cost"))
-        hod = hours % 24
-        req_profile = daily_profile(req, hours)
-        expected_req = req_profile[:, hod]
+        how = hours % WEEK_HOURS
+        weeks = np.arange(end - 2 * WEEK_HOURS, end)
+        week_values = dict(zip(("requests", "cost", "tokens"), h.volume_hours(weeks)))
 
-        def seasonal(values: np.ndarray, floor: float, per_request: np.ndarray | float) -> Seasonal:
+        def profile_of(values: np.ndarray, name: str, floor: float) -> np.ndarray:
+            return weekly_profile(daily_profile(values, hours), week_values[name], weeks, floor)
+
+        req_profile = profile_of(req, "requests", 0.5)
+        expected_req = req_profile[:, how]
+
+        def seasonal(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> Seasonal:
             """per_request: how much a total's relative variance exceeds its count's (1 + CV^2
             of the request sizes summed; 1 for the count itself)."""
-            profile = req_profile if values is req else daily_profile(values, hours)
+            profile = req_profile if values is req else profile_of(values, name, floor)
             with np.errstate(invalid="ignore", divide="ignore"):
                 sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(expected_req, 0.5)
-            expected = expected_req if values is req else profile[:, hod]
+            expected = expected_req if values is req else profile[:, how]
             hours_read = np.sum(np.isfinite(values) & np.isfinite(expected), axis=1)
             return Seasonal(profile, level_spread(values, expected, sampling, floor),
                             TAIL_SCALE_DF_PER_VALUE * hours_read)
@@ -267,9 +275,9 @@ class Evaluator:
         sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
         b = Baseline(
             end=end, sustained=sustained,
-            requests=seasonal(req, 0.5, 1.0),
-            cost=seasonal(cost, LOG_FLOOR["cost_per_hour"], sum_spread(costs)),
-            tokens=seasonal(tokens, LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
+            requests=seasonal(req, "requests", 0.5, 1.0),
+            cost=seasonal(cost, "cost", LOG_FLOOR["cost_per_hour"], sum_spread(costs)),
+            tokens=seasonal(tokens, "tokens", LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
             burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
             sizes=sizes, costs=costs,
             errors=error_stats(adds[..., F["requests"]], adds[..., F["errors"]]),
@@ -471,8 +479,8 @@ class _Context:
             pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
             h0 = np.floor(pos).astype(np.int64)
             frac = pos - h0
-            v0 = seasonal.profile[:, h0 % 24]
-            v1 = seasonal.profile[:, (h0 + 1) % 24]
+            v0 = seasonal.profile[:, h0 % WEEK_HOURS]
+            v1 = seasonal.profile[:, (h0 + 1) % WEEK_HOURS]
             per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
             out[:, j] = (per_hour * weight[:k]).sum(axis=1) * h.fine / 3600.0
         return out
@@ -623,7 +631,7 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     ready = c.ready(spec)
     for j, k in enumerate(SUSTAINED_HOURS):
         n = c.whole_hours(k)[:, F["requests"]]
-        expected = b.requests.profile[:, np.arange(b.end + 1 - k, b.end + 1) % 24].sum(axis=1)
+        expected = b.requests.profile[:, np.arange(b.end + 1 - k, b.end + 1) % WEEK_HOURS].sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
             z_level = np.log(ratio) / b.sustained[k].count_sd

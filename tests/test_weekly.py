@@ -1,0 +1,113 @@
+"""A site used at work: quiet weekends are part of the usual traffic once two weeks agree.
+
+The expected count of an hour is the time of day's median, scaled where the last two
+weeks agree that a quarter day of the week runs above or below it (`weekly_profile`).
+These tests judge the real evaluator on weeks of generated traffic whose Saturdays and
+Sundays (UTC) carry a quarter of the weekday rate.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pytest
+from helpers import DAY, HOUR, Harness, Stream, Traffic, every, generate, row, weekday
+
+from exporter.anomaly import baseline as bl
+from exporter.anomaly.evaluator import Snapshot
+
+MONDAY = 1_800_000_000.0 - 1_800_000_000.0 % DAY + 3 * DAY          # 2027-01-18, a Monday
+OFFICE = (
+    Stream("office", "gpt-4o-mini", rate=600, session=3, weekend=0.25),
+    Stream("helpdesk", "claude-3-5-haiku", "anthropic", rate=240, weekend=0.25, ttft=0.5, otps=50),
+)
+VOLUME = ("request_rate", "cost_per_hour", "token_velocity")
+
+
+def drops(snaps: Sequence[Snapshot]) -> list[tuple[str, str, str]]:
+    """(weekday and time, signal, scope) of every volume verdict that is not ok."""
+    out = []
+    for s in snaps:
+        for r in s.rows():
+            if r["signal"] in VOLUME and r["severity"] != "ok":
+                when = f"{['Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun'][int(weekday(np.array(s.t)))]} " \
+                       f"{(s.t % DAY) / HOUR:04.1f}h"
+                out.append((when, r["signal"], f"{r['scope']}:{r['app'] or r['model'] or ''}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def weeks() -> Traffic:
+    return generate(OFFICE, MONDAY - 2 * DAY, MONDAY + 22 * DAY, seed=3)
+
+
+def judge_weekend(traffic: Traffic, harness: Harness, saturday: float) -> list[Snapshot]:
+    """Feed everything before `saturday`, then judge its weekend and the Monday morning after,
+    every 20 minutes."""
+    harness.feed(traffic.take(traffic.ts < saturday))
+    return harness.run(traffic.take(traffic.ts >= saturday), every(saturday, 2 * 24 * 60 + 12 * 60, step=20))
+
+
+def test_a_quiet_weekend_is_usual_after_two_weeks(weeks: Traffic) -> None:
+    """The third weekend, with two like it in the history: no volume verdict on any scope,
+    from Saturday 00:00 to Monday noon, and the expected rate is the weekend's."""
+    saturday = MONDAY + 19 * DAY
+    snaps = judge_weekend(weeks, Harness(), saturday)
+    assert drops(snaps) == []
+    sunday_noon = next(s for s in snaps if s.t >= saturday + DAY + 12 * HOUR)
+    ratio = row(sunday_noon, "request_rate", "global")["ratio"]
+    assert 0.6 < ratio < 1.6, ratio
+
+
+def test_one_weekend_is_not_yet_a_pattern(weeks: Traffic) -> None:
+    """The same weekend with one week of history (a horizon of eight days): the weekday
+    rate is still expected, so the weekend's rate is far below it. (The test above can
+    fail: this is what it would see without the weekly pattern.)"""
+    saturday = MONDAY + 19 * DAY
+    snaps = judge_weekend(weeks, Harness(horizon=8 * DAY), saturday)
+    sunday_noon = next(s for s in snaps if s.t >= saturday + DAY + 12 * HOUR)
+    ratio = row(sunday_noon, "request_rate", "global")["ratio"]
+    assert ratio < 0.45, ratio
+
+
+def test_a_one_off_outage_is_not_learned_as_the_week(weeks: Traffic) -> None:
+    """A Wednesday afternoon at a tenth of its rate in the second week is one week's, not
+    the week's pattern: the next Wednesday afternoon at its usual rate is quiet, and the
+    same outage again is still caught."""
+    wednesday_2 = MONDAY + 9 * DAY
+    outage = weeks.where(wednesday_2 + 12 * HOUR, wednesday_2 + 18 * HOUR)
+    rng = np.random.default_rng(5)
+    history = weeks.take(~outage | (rng.random(len(weeks)) < 0.1))
+    wednesday_3 = wednesday_2 + 7 * DAY
+    base = Harness().feed(history.take(history.ts < wednesday_3 + 12 * HOUR))
+    later = history.take(history.ts >= wednesday_3 + 12 * HOUR)
+    times = every(wednesday_3 + 12 * HOUR, 6 * 60, step=20)
+    assert drops(base.copy().run(later, times)) == []
+    again = later.take(~later.where(wednesday_3 + 12 * HOUR, wednesday_3 + 18 * HOUR)
+                       | (rng.random(len(later)) < 0.1))
+    caught = [d for d in drops(base.copy().run(again, times)) if d[1] == "request_rate"]
+    assert ("request_rate", "global:") in {(sig, scope) for _, sig, scope in caught}, caught
+
+
+def test_the_week_is_read_only_where_two_weeks_agree() -> None:
+    """The pure function: a quarter day of the week is scaled by the mean of the last two
+    weeks' shifts where both go the same way beyond the noise between the weeks, and not
+    at all where they disagree, where one is unknown, or where one is within the noise."""
+    hours = np.arange(0, 2 * bl.WEEK_HOURS) + 1000 * bl.WEEK_HOURS      # two whole weeks, aligned
+    rng = np.random.default_rng(1)
+    daily = np.full((4, 24), 100.0)
+    values = np.exp(np.log(100.0) + 0.05 * rng.standard_normal((4, hours.size)))   # noise of about 0.02 a block
+    block = (hours // bl.WEEK_BLOCK_HOURS) % bl.WEEK_BLOCKS
+    first = (np.arange(hours.size) < bl.WEEK_HOURS)[block == 5]
+    values[0, block == 5] = np.where(first, 25.0, 50.0)       # both weeks lower: their mean
+    values[1, block == 5] = np.where(first, 25.0, 200.0)      # one lower, one higher: no shift
+    values[2, block == 5] = np.where(first, np.nan, 25.0)     # one week unknown: no shift
+    values[3, block == 5] = np.where(first, 25.0, 101.0)      # one week within the noise: no shift
+    out = bl.weekly_profile(daily, values, hours, floor=0.0)
+    at = slice(5 * bl.WEEK_BLOCK_HOURS, 6 * bl.WEEK_BLOCK_HOURS)
+    np.testing.assert_allclose(out[0, at], np.sqrt(25.0 * 50.0))
+    np.testing.assert_allclose(out[1:, at], 100.0)
+    rest = np.ones(bl.WEEK_HOURS, dtype=bool)
+    rest[at] = False
+    assert np.all(np.abs(np.log(out[:, rest] / 100.0)) < 0.1)
