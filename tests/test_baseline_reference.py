@@ -65,7 +65,7 @@ def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray,
     """Each quarter day of the week, one at a time: its two latest occurrences in `hours`
     that are at least half inside them, their log ratios where half their hours are known,
     the noise from the median difference between the two weeks, and the mean of two ratios
-    that agree beyond it."""
+    that agree beyond it (the smaller where they differ by more than the noise)."""
     s = daily.shape[0]
     out = np.full((s, bl.WEEK_HOURS), np.nan)
     for i in range(bl.WEEK_HOURS):
@@ -93,8 +93,10 @@ def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray,
         noise = float(np.median(apart)) / (bl.Q50_ABS_NORMAL * np.sqrt(2.0))
         for b, (x, y) in enumerate(shifts[r]):
             if x * y > 0 and abs(x) > bl.WEEK_PATTERN_Z * noise and abs(y) > bl.WEEK_PATTERN_Z * noise:
+                alike = abs(x - y) <= bl.WEEK_PATTERN_Z * np.sqrt(2.0) * noise
+                shift = (x + y) / 2.0 if alike else np.sign(x) * min(abs(x), abs(y))
                 for i in range(b * bl.WEEK_BLOCK_HOURS, (b + 1) * bl.WEEK_BLOCK_HOURS):
-                    out[r, i] = daily[r, i % 24] * np.exp(np.array([(x + y) / 2.0]))[0]
+                    out[r, i] = daily[r, i % 24] * np.exp(np.array([shift]))[0]
     return out
 
 

@@ -91,23 +91,30 @@ def test_a_one_off_outage_is_not_learned_as_the_week(weeks: Traffic) -> None:
 
 
 def test_the_week_is_read_only_where_two_weeks_agree() -> None:
-    """The pure function: a quarter day of the week is scaled by the mean of the last two
-    weeks' shifts where both go the same way beyond the noise between the weeks, and not
-    at all where they disagree, where one is unknown, or where one is within the noise."""
+    """The pure function: a quarter day of the week is scaled where the last two weeks'
+    shifts both go the same way beyond the noise between the weeks: by their mean where
+    they are alike within that noise, by the smaller where one strays further (25 and 50
+    of 100; 400 and 150); not at all where they disagree, where one is unknown, or where
+    one is within the noise."""
     hours = np.arange(0, 2 * bl.WEEK_HOURS) + 1000 * bl.WEEK_HOURS      # two whole weeks, aligned
     rng = np.random.default_rng(1)
-    daily = np.full((4, 24), 100.0)
-    values = np.exp(np.log(100.0) + 0.05 * rng.standard_normal((4, hours.size)))   # noise of about 0.02 a block
+    daily = np.full((5, 24), 100.0)
+    values = np.exp(np.log(100.0) + 0.05 * rng.standard_normal((5, hours.size)))   # noise of about 0.02 a block
     block = (hours // bl.WEEK_BLOCK_HOURS) % bl.WEEK_BLOCKS
     first = (np.arange(hours.size) < bl.WEEK_HOURS)[block == 5]
-    values[0, block == 5] = np.where(first, 25.0, 50.0)       # both weeks lower: their mean
+    values[0, block == 5] = np.where(first, 25.0, 50.0)       # both lower, one far more: the smaller
     values[1, block == 5] = np.where(first, 25.0, 200.0)      # one lower, one higher: no shift
     values[2, block == 5] = np.where(first, np.nan, 25.0)     # one week unknown: no shift
     values[3, block == 5] = np.where(first, 25.0, 101.0)      # one week within the noise: no shift
+    values[4, block == 5] = np.where(first, 24.8, 25.2)       # both lower, alike within the noise: their mean
+    values[0, block == 9] = np.where(first, 400.0, 150.0)      # both higher, one far more: the smaller
     out = bl.weekly_profile(daily, values, hours, floor=0.0)
     at = slice(5 * bl.WEEK_BLOCK_HOURS, 6 * bl.WEEK_BLOCK_HOURS)
-    np.testing.assert_allclose(out[0, at], np.sqrt(25.0 * 50.0))
-    np.testing.assert_allclose(out[1:, at], 100.0)
+    np.testing.assert_allclose(out[0, at], 50.0)
+    np.testing.assert_allclose(out[1:4, at], 100.0)
+    np.testing.assert_allclose(out[4, at], np.sqrt(24.8 * 25.2))
+    at9 = slice(9 * bl.WEEK_BLOCK_HOURS, 10 * bl.WEEK_BLOCK_HOURS)
+    np.testing.assert_allclose(out[0, at9], 150.0)
     rest = np.ones(bl.WEEK_HOURS, dtype=bool)
-    rest[at] = False
+    rest[at], rest[at9] = False, False
     assert np.all(np.abs(np.log(out[:, rest] / 100.0)) < 0.1)

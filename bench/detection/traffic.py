@@ -332,6 +332,17 @@ def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS,
             ts = np.concatenate(ts_l)
             # Jitter arrivals by up to a second so that two copies of one trace day never coincide.
             ts = ts + rng.uniform(0.0, 1.0, ts.shape[0])
+            if copy >= app.copies:
+                # A volume copy is other users having the same kinds of conversation, not the same
+                # users at the same second: with six real days, copies of one day would otherwise
+                # replay each conversation several times within a second under different session
+                # ids, answers no detector can tell from independent ones. Each session of such a
+                # copy starts up to an hour earlier or later (its own generator, so the other draws
+                # and volume 1 stay as they were), keeping its own pacing and the day's shape.
+                sess = np.concatenate(sess_l)
+                _, inv = np.unique(sess.astype(str), return_inverse=True)
+                shift_rng = np.random.default_rng([seed, apps.index(app), copy])
+                ts = ts + shift_rng.uniform(-HOUR, HOUR, int(inv.max()) + 1)[inv]
             web = np.concatenate(web_l) if app.tokens == "ragpulse" and not app.tools else np.zeros(ts.shape[0], bool)
             parts.append(_requests(rng, ts, app, np.concatenate(sess_l), np.concatenate(in_l),
                                    np.concatenate(out_l), web))

@@ -211,9 +211,12 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     every weekday. One week cannot tell a weekly pattern from a one-off (an outage, a
     holiday, a launch); two weeks that agree can. A quarter day is read as patterned where
     both weeks' log ratios to the daily profile go the same way and each is more than
-    WEEK_PATTERN_Z times the noise of such a ratio; it is then scaled by their mean (the
-    smaller of the two would expect the busier of two quiet weekends, and read an ordinary
-    quieter one as a fall). The noise is read off the differences between the two weeks'
+    WEEK_PATTERN_Z times the noise of such a ratio. It is then scaled by their mean where
+    the two differ by no more than noise would make them (the smaller of the two would
+    expect the busier of two quiet weekends, and read an ordinary quieter one as a fall),
+    and by the smaller where they differ by more: one of them then holds something of its
+    own besides the week's pattern (a launch on one of two busy Wednesdays), which the next
+    week is not to expect. The noise is read off the differences between the two weeks'
     ratios of the same quarter day, which a weekly pattern cancels: their median over the
     week, over sqrt(2) (two weeks' noises) and over the median of |z|. A one-off in one
     week leaves the other near zero, so the quarter day stays as the daily profile has it.
@@ -256,7 +259,9 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     with np.errstate(invalid="ignore"):
         pattern = (both & (older * newer > 0) & (np.abs(older) > WEEK_PATTERN_Z * noise)
                    & (np.abs(newer) > WEEK_PATTERN_Z * noise))
-    factor = np.where(pattern, (older + newer) / 2.0, 0.0)
+        alike = apart <= WEEK_PATTERN_Z * np.sqrt(2.0) * noise
+    smaller = np.sign(older) * np.fmin(np.abs(older), np.abs(newer))
+    factor = np.where(pattern, np.where(alike, (older + newer) / 2.0, smaller), 0.0)
     return out * np.exp(np.repeat(factor, WEEK_BLOCK_HOURS, axis=1))
 
 
