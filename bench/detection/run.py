@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 < args.weekend <= 1.0:
         raise SystemExit("--weekend: a share of the sessions, above 0 and at most 1")
     if args.weekend < 1.0:
-        plan = replace(plan, weekend=args.weekend)
+        # a day more of history, so that the weekly pattern holds two whole weeks before the
+        # first scored hour (the first history day starts at 04:00, a quarter day late)
+        plan = replace(plan, weekend=args.weekend, history_days=plan.history_days + 1)
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
