@@ -46,6 +46,8 @@ WEEK_BLOCKS = WEEK_HOURS // WEEK_BLOCK_HOURS
 # 2 P(z > 2)^2, about one quarter day in a thousand.
 WEEK_PATTERN_Z = 2.0
 Q50_ABS_NORMAL = 0.6745     # median of |z| for standard normal z
+_HOUR_OF_DAY = np.arange(WEEK_HOURS) % 24                   # of each hour of the week
+_BLOCK_OF_HOUR = np.arange(WEEK_HOURS) // WEEK_BLOCK_HOURS   # its quarter day of the week
 # The degrees of freedom per value of a spread read off the upper quartile of |x| or x^2
 # (`_tail_scale`, `level_spread`): that estimate's relative variance is
 # p(1 - p) / (n f(q)^2 q^2) = 0.836 / n for normal x (p = 0.75, q = 1.1503, f the half-normal
@@ -229,18 +231,20 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     may be partial), and a scope needs both occurrences of half the week's quarter days.
     `floor` is added per hour to both sides of each log ratio."""
     s = daily.shape[0]
-    out = np.tile(daily, (1, WEEK_HOURS // 24))
     if hours.size == 0:
-        return out
-    # pad `hours` out to whole blocks (unknown hours), then sum each block's hours in order
+        return daily[:, _HOUR_OF_DAY]
+    # pad `hours` out to whole blocks (unknown hours count nothing), then sum each block's
+    # hours in order
     lead = int(hours[0]) % WEEK_BLOCK_HOURS
     width = -(-(lead + hours.size) // WEEK_BLOCK_HOURS) * WEEK_BLOCK_HOURS
     span = slice(lead, lead + hours.size)
-    padded = np.full((2, s, width), np.nan)
-    padded[0, :, span], padded[1, :, span] = values, daily[:, hours % 24]
-    known = np.isfinite(padded[0]) & np.isfinite(padded[1])
-    v, e = (_block_sums(np.where(known, x, 0.0), WEEK_BLOCK_HOURS) for x in padded)
-    n = _block_sums(known.astype(np.float64), WEEK_BLOCK_HOURS)
+    expected = daily[:, hours % 24]
+    known = np.isfinite(values) & np.isfinite(expected)
+    v, e, n = np.zeros((s, width)), np.zeros((s, width)), np.zeros((s, width))
+    np.copyto(v[:, span], values, where=known)
+    np.copyto(e[:, span], expected, where=known)
+    n[:, span] = known
+    v, e, n = (_block_sums(x, WEEK_BLOCK_HOURS) for x in (v, e, n))
     with np.errstate(invalid="ignore", divide="ignore"):
         shift = np.where(2 * n >= WEEK_BLOCK_HOURS, np.log((v + floor * n) / (e + floor * n)), np.nan)
     inside = np.zeros(width)
@@ -262,7 +266,7 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
         alike = apart <= WEEK_PATTERN_Z * np.sqrt(2.0) * noise
     smaller = np.sign(older) * np.fmin(np.abs(older), np.abs(newer))
     factor = np.where(pattern, np.where(alike, (older + newer) / 2.0, smaller), 0.0)
-    return out * np.exp(np.repeat(factor, WEEK_BLOCK_HOURS, axis=1))
+    return daily[:, _HOUR_OF_DAY] * np.exp(factor)[:, _BLOCK_OF_HOUR]
 
 
 def burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int) -> np.ndarray:
