@@ -246,8 +246,14 @@ class Evaluator:
         judged = self._judged_hours(hours, adds[..., F["sized_requests"]])
         sizes, costs = (self._size_stats(adds, held.slots, kind, judged) for kind in ("tokens", "cost"))
         how = hours % WEEK_HOURS
+        # two weeks of totals for the weekly pattern: the baseline's own hours, and the ring's
+        # for those before them
         weeks = np.arange(end - 2 * WEEK_HOURS, end)
-        week_values = dict(zip(("requests", "cost", "tokens"), h.volume_hours(weeks)))
+        older = weeks[weeks < hours[0]] if hours.size else weeks
+        recent = weeks.size - older.size
+        gathered = h.volume_hours(older) if older.size else (np.zeros((h.size, 0)),) * 3
+        week_values = {name: np.concatenate([g, v[:, v.shape[1] - recent:]], axis=1)
+                       for name, g, v in zip(("requests", "cost", "tokens"), gathered, (req, cost, tokens))}
 
         def profile_of(values: np.ndarray, name: str, floor: float) -> np.ndarray:
             return weekly_profile(daily_profile(values, hours), week_values[name], weeks, floor)

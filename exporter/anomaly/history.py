@@ -777,14 +777,17 @@ class ScopeHistory:
     def volume_hours(self, hours: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Requests, cost and tokens, each (S, H), of the given absolute hours; NaN where
         unknown (hours the ring no longer holds, or before a scope's first hour). Only these
-        fields are gathered: the weekly pattern reads two weeks of them, once an hour."""
+        fields are gathered: the weekly pattern reads two weeks of them, once an hour, where
+        the baseline holds one."""
         n = self.size
         slot, ok = self.hours.slots_for(hours)
         cols = np.array([F["requests"], F["cost"], *(F[t] for t in TOKEN_FIELDS)])
         sums = self.hour_add[:n][:, slot[:, None], cols[None, :]]          # (S, H, fields)
         unknown = ~ok[None, :] | (hours[None, :] < self.first_hour[:n, None])
-        req, cost, tokens = sums[..., 0], sums[..., 1], sums[..., 2:].sum(axis=-1)
-        return tuple(np.where(unknown, np.nan, a) for a in (req, cost, tokens))   # type: ignore[return-value]
+        tokens = sums[..., 2].copy()
+        for k in range(3, cols.size):                                      # in field order, as token_sum
+            tokens += sums[..., k]
+        return tuple(np.where(unknown, np.nan, a) for a in (sums[..., 0], sums[..., 1], tokens))  # type: ignore[return-value]
 
     def span(self, t: float, baseline: float) -> np.ndarray:
         """Hours of history each scope has before the window, up to the baseline's length."""
