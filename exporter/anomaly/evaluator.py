@@ -169,7 +169,8 @@ def scope_name(key: ScopeKey) -> str:
 
 @dataclass(slots=True)
 class Seasonal:
-    """An hourly quantity (requests, cost, tokens) against the same time of day."""
+    """An hourly quantity (requests, cost, tokens) against the same time of day, and of the
+    week where two weeks agree on a weekly pattern (`weekly_profile`)."""
 
     profile: np.ndarray       # (S, 168) expected value of each hour of the week, by absolute hour % 168 (NaN: too little history)
     level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
