@@ -61,7 +61,8 @@ def ref_daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
-def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float) -> np.ndarray:
+def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
+                       sampling: np.ndarray | float = 0.0) -> np.ndarray:
     """Each quarter day of the week, one at a time: its two latest occurrences in `hours`
     that are at least half inside them, their log ratios where half their hours are known,
     the noise from the median difference between the two weeks, and the mean of two ratios
@@ -74,6 +75,8 @@ def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray,
     for j, hour in enumerate(hours.tolist()):
         by_block.setdefault(hour // bl.WEEK_BLOCK_HOURS, []).append(j)
     shifts = np.full((s, bl.WEEK_BLOCKS, 2), np.nan)
+    totals = np.full((s, bl.WEEK_BLOCKS), np.nan)
+    per = np.broadcast_to(np.asarray(sampling, dtype=np.float64), (s,))
     for b in range(bl.WEEK_BLOCKS):
         occurrences = [cols for blk, cols in sorted(by_block.items())
                        if blk % bl.WEEK_BLOCKS == b and 2 * len(cols) >= bl.WEEK_BLOCK_HOURS][-2:]
@@ -86,12 +89,15 @@ def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray,
                 if 2 * len(pairs) >= bl.WEEK_BLOCK_HOURS:
                     ratio = (sum(v for v, _ in pairs) + floor * len(pairs)) / (sum(e for _, e in pairs) + floor * len(pairs))
                     shifts[r, b, w] = np.log(np.array([ratio]))[0]       # numpy's array loop, as the fast path
+                if w == 1:
+                    totals[r, b] = sum(e for _, e in pairs) + floor * len(pairs)
     for r in range(s):
         apart = [abs(x - y) for x, y in shifts[r] if not np.isnan(x) and not np.isnan(y)]
         if 2 * len(apart) < bl.WEEK_BLOCKS:
             continue
-        noise = float(np.median(apart)) / (bl.Q50_ABS_NORMAL * np.sqrt(2.0))
+        median_noise = float(np.median(apart)) / (bl.Q50_ABS_NORMAL * np.sqrt(2.0))
         for b, (x, y) in enumerate(shifts[r]):
+            noise = max(median_noise, float(np.sqrt(np.array([per[r] / totals[r, b]]))[0]))
             if x * y > 0 and abs(x) > bl.WEEK_PATTERN_Z * noise and abs(y) > bl.WEEK_PATTERN_Z * noise:
                 alike = abs(x - y) <= bl.WEEK_PATTERN_Z * np.sqrt(2.0) * noise
                 shift = (x + y) / 2.0 if alike else np.sign(x) * min(abs(x), abs(y))
@@ -233,8 +239,8 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
     judged = (("requests", req, 0.5, 1.0),
               ("cost", cost, LOG_FLOOR["cost_per_hour"], bl.sum_spread(stats["cost"])),
               ("tokens", tokens, LOG_FLOOR["token_velocity"] * 60, bl.sum_spread(stats["tokens"])))
-    profiles = [ref_weekly_profile(ref_daily_profile(values, hours), week, weeks, floor)
-                for (_, values, floor, _), week in zip(judged, week_values)]
+    profiles = [ref_weekly_profile(ref_daily_profile(values, hours), week, weeks, floor, np.asarray(per) * disp)
+                for (_, values, floor, per), week in zip(judged, week_values)]
     req_profile = profiles[0]
     for (name, values, floor, per), profile in zip(judged, profiles):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -317,8 +323,9 @@ def test_profiles_and_spreads_equal_the_reference(h: int) -> None:
     expected = bl.daily_profile(values, hours)
     np.testing.assert_array_equal(expected, ref_daily_profile(values, hours))
     for floor in (0.5, 0.01):
-        np.testing.assert_array_equal(bl.weekly_profile(expected, values, hours, floor),
-                                      ref_weekly_profile(expected, values, hours, floor))
+        for per in (0.0, rng.lognormal(0, 1, 120)):
+            np.testing.assert_array_equal(bl.weekly_profile(expected, values, hours, floor, per),
+                                          ref_weekly_profile(expected, values, hours, floor, per))
     sampling = rng.lognormal(-3, 1, (120, h))
     sampling[rng.random(sampling.shape) < 0.02] = np.nan
     for floor in (0.5, 0.01):

@@ -203,7 +203,8 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
-def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float) -> np.ndarray:
+def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
+                   sampling: np.ndarray | float = 0.0) -> np.ndarray:
     """(S, WEEK_HOURS) expected value of each hour of the week, indexed by absolute hour %
     WEEK_HOURS: the daily profile (S, 24), scaled in each quarter day of the week where the
     last two weeks agree that it runs above or below the daily profile.
@@ -220,8 +221,12 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     own besides the week's pattern (a launch on one of two busy Wednesdays), which the next
     week is not to expect. The noise is read off the differences between the two weeks'
     ratios of the same quarter day, which a weekly pattern cancels: their median over the
-    week, over sqrt(2) (two weeks' noises) and over the median of |z|. A one-off in one
-    week leaves the other near zero, so the quarter day stays as the daily profile has it.
+    week, over sqrt(2) (two weeks' noises) and over the median of |z|. A quiet quarter day
+    (the night) holds fewer requests than the median one and strays further by sampling
+    alone: its noise is at least its own sampling spread, `sampling` (S,) over its expected
+    total (the variance of a log total of expectation E is about sampling / E: the
+    burstiness for a count, times 1 + CV^2 of the sizes for a sum). A one-off in one week
+    leaves the other near zero, so the quarter day stays as the daily profile has it.
     Quarter days, so that a site far from UTC finds its weekend in blocks of its own
     rather than straddling two UTC days.
 
@@ -252,14 +257,19 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     whole = 2 * _block_sums(inside[None, :], WEEK_BLOCK_HOURS)[0] >= WEEK_BLOCK_HOURS   # not cut short by `hours`
     of_week = (int(hours[0]) // WEEK_BLOCK_HOURS + np.arange(width // WEEK_BLOCK_HOURS)) % WEEK_BLOCKS
     older, newer = np.full((s, WEEK_BLOCKS), np.nan), np.full((s, WEEK_BLOCKS), np.nan)
+    total = np.full((s, WEEK_BLOCKS), np.nan)                         # expected total of the newer one
     for b in range(WEEK_BLOCKS):
         cols = np.flatnonzero((of_week == b) & whole)[-2:]
         if cols.size == 2:
             older[:, b], newer[:, b] = shift[:, cols[0]], shift[:, cols[1]]
+            total[:, b] = e[:, cols[1]] + floor * n[:, cols[1]]
     apart = np.abs(older - newer)
     both = np.isfinite(apart)
     noise = nan_median(np.where(both, apart, np.nan), axis=1) / (Q50_ABS_NORMAL * np.sqrt(2.0))
     noise = np.where(both.sum(axis=1) >= WEEK_BLOCKS // 2, noise, np.nan)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        own = np.sqrt(np.asarray(sampling, dtype=np.float64).reshape(-1, 1) / total)
+    noise = np.where(np.isnan(noise), np.nan, np.fmax(noise, own))
     with np.errstate(invalid="ignore"):
         pattern = (both & (older * newer > 0) & (np.abs(older) > WEEK_PATTERN_Z * noise)
                    & (np.abs(newer) > WEEK_PATTERN_Z * noise))

@@ -256,16 +256,17 @@ class Evaluator:
         week_values = {name: np.concatenate([g, v[:, v.shape[1] - recent:]], axis=1)
                        for name, g, v in zip(("requests", "cost", "tokens"), gathered, (req, cost, tokens))}
 
-        def profile_of(values: np.ndarray, name: str, floor: float) -> np.ndarray:
-            return weekly_profile(daily_profile(values, hours), week_values[name], weeks, floor)
+        def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
+            return weekly_profile(daily_profile(values, hours), week_values[name], weeks, floor,
+                                  np.asarray(per_request) * disp)
 
-        req_profile = profile_of(req, "requests", 0.5)
+        req_profile = profile_of(req, "requests", 0.5, 1.0)
         expected_req = req_profile[:, how]
 
         def seasonal(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> Seasonal:
             """per_request: how much a total's relative variance exceeds its count's (1 + CV^2
             of the request sizes summed; 1 for the count itself)."""
-            profile = req_profile if values is req else profile_of(values, name, floor)
+            profile = req_profile if values is req else profile_of(values, name, floor, per_request)
             with np.errstate(invalid="ignore", divide="ignore"):
                 sampling = np.asarray(per_request)[..., None] * disp[:, None] / np.maximum(expected_req, 0.5)
             expected = expected_req if values is req else profile[:, how]
