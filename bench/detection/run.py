@@ -527,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.seed is not None:
         plan = replace(plan, seed=args.seed)
+    if args.volume < 1:
+        raise SystemExit("--volume: a whole number of times the requests, at least 1")
     if args.volume > 1:
         plan = replace(plan, volume=args.volume)
     if not 0.0 < args.weekend <= 1.0:

@@ -330,7 +330,7 @@ def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS,
                     in_l.append(ai[pick])
                     out_l.append(ao[pick])
             ts = np.concatenate(ts_l)
-            # Jitter arrivals by up to a second so that two copies of one trace day never coincide.
+            # Jitter arrivals by up to a second so that two copies of one trace day never share a timestamp.
             ts = ts + rng.uniform(0.0, 1.0, ts.shape[0])
             if copy >= app.copies:
                 # A volume copy is other users having the same kinds of conversation, not the same
