@@ -41,6 +41,7 @@ from .ingest.attribution import (
     Attribution,
     check_precedence,
 )
+from .zones import zone
 
 ENV_PREFIX = "LLM_EXPORTER_"
 NESTED = "__"          # LLM_EXPORTER_RUNAWAY__CHAIN_MAX_CALLS
@@ -91,6 +92,7 @@ class Settings(BaseModel):
     baseline: Duration = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
     horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline; two weeks or more let a weekly pattern, such as quiet weekends, be learned)")
     alert_budget: float = Field(1.0, gt=0, description="false anomaly warnings a week the evaluator's evidence thresholds allow, over all signals and scopes together")
+    timezone: str = Field("UTC", description="IANA time zone of the people the traffic follows, e.g. Europe/Berlin: the baseline learns the hours of the day and week in their local time, so a daylight saving change does not read as a day shifted by an hour (budgets count in budgets.timezone)")
     evaluation_interval: Duration = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
     dedupe_window: Duration = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
     record_retention: Duration = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")
@@ -142,6 +144,12 @@ class Settings(BaseModel):
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift detector: quality that degrades while still returning 200")
     runaway: RunawaySettings = Field(default_factory=RunawaySettings, description="runaway-loop detector: sessions that loop, burst or cost too much")
     budgets: BudgetSettings = Field(default_factory=BudgetSettings, description="spend budgets and the calendar they count in")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        zone(v)
+        return v
 
     @field_validator("prometheus_url")
     @classmethod

@@ -33,6 +33,7 @@ from exporter.anomaly.evaluator import Baseline, Evaluator, Snapshot
 from exporter.anomaly.history import ScopeHistory
 from exporter.ingest.records import RecordColumns
 from exporter.anomaly.signals import SignalSpec, signal_specs
+from exporter.zones import utc_offsets
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -216,6 +217,7 @@ class Stream:
     error_rate: float = 0.01
     start: float | None = None               # no requests before (a new app or model)
     weekend: float = 1.0                     # share of the rate on Saturdays and Sundays (UTC)
+    zone: str | None = None                  # the users' time zone: their day and week follow its clocks
 
 
 @dataclass
@@ -319,10 +321,11 @@ def generate(streams: Sequence[Stream], start: float, end: float, seed: int = 1)
         first_day, first_hour = math.floor(start / DAY), math.floor(start / HOUR)
         day_level = np.exp(s.day_sd * rng.standard_normal(math.ceil(end / DAY) - first_day + 1))
         hour_level = np.exp(s.hour_sd * rng.standard_normal(math.ceil(end / HOUR) - first_hour + 1))
-        level = (s.rate / 60 * daily_cycle(minutes + 30, s.night, s.peak_hour)
+        local = minutes + (utc_offsets(minutes, s.zone) if s.zone else 0.0)   # the users' clock
+        level = (s.rate / 60 * daily_cycle(local + 30, s.night, s.peak_hour)
                  * day_level[(minutes // DAY).astype(np.int64) - first_day]
                  * hour_level[(minutes // HOUR).astype(np.int64) - first_hour]
-                 * np.where(weekday(minutes) >= 5, s.weekend, 1.0))
+                 * np.where(weekday(local) >= 5, s.weekend, 1.0))
         sessions = rng.poisson(level / s.session)
         t0 = np.repeat(minutes, sessions) + rng.uniform(0, 60, int(sessions.sum()))
         calls = rng.geometric(1 / s.session, t0.size) if s.session > 1 else np.ones(t0.size, dtype=np.int64)
@@ -355,9 +358,11 @@ class Harness:
     milliseconds. `evaluate(t)` is the evaluator the engine runs."""
 
     def __init__(self, window: float = HOUR, baseline: float = 7 * DAY, horizon: float = 14 * DAY,
-                 signals: dict[str, dict[str, float]] | None = None, alert_budget: float = 1.0) -> None:
+                 signals: dict[str, dict[str, float]] | None = None, alert_budget: float = 1.0,
+                 timezone: str = "UTC") -> None:
         self.history = ScopeHistory(window, horizon)
         self.baseline = baseline
+        self.timezone = timezone
         self.specs: tuple[SignalSpec, ...] = signal_specs(signals)
         self.alert_budget = alert_budget
         self.series: dict[tuple[str, str, str], int] = {}
@@ -397,7 +402,7 @@ class Harness:
 
     def evaluate(self, t: float) -> Snapshot:
         if self._evaluator is None:
-            self._evaluator = Evaluator(self.history, self.specs, self.baseline, self.alert_budget)
+            self._evaluator = Evaluator(self.history, self.specs, self.baseline, self.alert_budget, self.timezone)
         return self._evaluator.evaluate(t)
 
     def baseline_stats(self) -> Baseline:

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("storage", ("exporter.storage",)),
     ("ingest", ("exporter.ingest",)),
     ("primitives", ("exporter.codes", "exporter.sketch", "exporter.evidence", "exporter.durations", "exporter.floats",
-                    "exporter.components", "exporter.sharding", "exporter.client", "exporter")),
+                    "exporter.components", "exporter.sharding", "exporter.client", "exporter.zones", "exporter")),
 )
 
 

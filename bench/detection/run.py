@@ -38,7 +38,8 @@ from inject import KIND_BY_NAME, KINDS, Anomaly, Kind, inject  # noqa: E402
 from score import (  # noqa: E402
     Collector, Observations, SignalScore, alerts_per_instance, false_figures, raise_alerts, score_kind, score_nab,
 )
-from traffic import DAY, EPOCH, HOUR, MissingData, build_traffic, nab_files, nab_traffic, split_records  # noqa: E402
+from traffic import (DAY, EPOCH, HOUR, MissingData, build_traffic, in_zone, nab_files, nab_traffic,  # noqa: E402
+                     split_records, zone_shift)
 
 from exporter.config import Settings, load_settings  # noqa: E402
 try:                                       # the package by layer
@@ -75,10 +76,12 @@ class Plan:
     seed: int = 7
     volume: int = 1                                   # arrival copies per app, times the base
     weekend: float = 1.0                              # share of the sessions kept on weekends
+    zone: str = ""                                    # the users' time zone ("": the traffic is UTC's)
+    shift: float = 0.0                                # whole weeks the timeline moved by, for the zone's clock change
 
     @property
     def scored_start(self) -> float:
-        return EPOCH + self.history_days * DAY
+        return EPOCH + self.shift + self.history_days * DAY
 
     @property
     def scored_end(self) -> float:
@@ -103,9 +106,10 @@ _BASE: dict[tuple[int, int], Any] = {}
 
 
 def base_traffic(plan: Plan) -> Any:
-    key = (plan.history_days + plan.scored_days + 1, plan.seed, plan.volume, plan.weekend)
+    key = (plan.history_days + plan.scored_days + 1, plan.seed, plan.volume, plan.weekend, plan.zone)
     if key not in _BASE:
-        _BASE[key] = build_traffic(key[0], plan.seed, volume=plan.volume, weekend=plan.weekend)
+        tr = build_traffic(key[0], plan.seed, volume=plan.volume, weekend=plan.weekend)
+        _BASE[key] = in_zone(tr, plan.zone, plan.shift) if plan.zone else tr
     return _BASE[key]
 
 
@@ -491,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weekend", type=float, default=1.0, metavar="SHARE",
                     help="keep this share of the sessions on Saturdays and Sundays, e.g. 0.3 for a site used "
                          "at work (default 1: every day alike)")
+    ap.add_argument("--zone", default="", metavar="IANA",
+                    help="the users live in this time zone, e.g. Europe/Berlin: their days follow its clocks, and "
+                         "the days are moved on by whole weeks so that its first daylight saving change falls just "
+                         "before the scored week (the exporter learns in UTC unless --set timezone=IANA)")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
@@ -537,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         # a day more of history, so that the weekly pattern holds two whole weeks before the
         # first scored hour (the first history day starts at 04:00, a quarter day late)
         plan = replace(plan, weekend=args.weekend, history_days=plan.history_days + 1)
+    if args.zone:
+        try:
+            plan = replace(plan, zone=args.zone, shift=zone_shift(args.zone, plan.scored_start))
+        except ValueError as e:
+            raise SystemExit(f"--zone: {e}") from None
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
@@ -590,7 +603,9 @@ def default_path(plan: Plan, split: int, revision: str) -> Path:
     seed = f"-seed{plan.seed}" if plan.seed != FULL.seed else ""
     volume = f"-volume{plan.volume}" if plan.volume > 1 else ""
     weekend = f"-weekend{plan.weekend:g}" if plan.weekend < 1 else ""
-    return RESULTS / f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}-{tag}.json"
+    clock = "-" + re.sub(r"[^A-Za-z0-9]+", "-", plan.zone) if plan.zone else ""
+    return RESULTS / (f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}{clock}"
+                      f"-{tag}.json")
 
 
 def runs_path(json_path: Path) -> Path:

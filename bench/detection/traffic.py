@@ -46,6 +46,11 @@ from typing import Any
 import numpy as np
 
 try:
+    from exporter.zones import utc_offsets
+except ImportError:                        # before the zones had a module of their own
+    from exporter.detectors.budget import utc_offsets  # type: ignore[no-redef]
+
+try:
     from exporter.ingest.records import UsageRecord
 except ImportError:                        # an older revision, for a before / after comparison
     from exporter.records import UsageRecord  # type: ignore[no-redef]
@@ -352,6 +357,32 @@ def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS,
     out = out.sorted()
     out.meta = {"days": days, "seed": seed, "start": EPOCH, "end": EPOCH + days * DAY + DAY_START_S}
     return out
+
+
+def in_zone(tr: Traffic, zone: str, shift: float) -> Traffic:
+    """The traffic of a site whose users live in `zone`: the synthetic timeline, moved on
+    by `shift` seconds, is read as their wall-clock time and converted to UTC, so their
+    days move in UTC when their clocks change for daylight saving time. (A wall time the
+    clocks skip takes the offset from before the change; of a wall hour that happens twice
+    only the first happens: a night hour, as the clocks change at night.)"""
+    out = tr.copy()
+    wall = tr.ts + shift
+    first = utc_offsets(wall, zone)
+    out.ts = wall - utc_offsets(wall - first, zone)
+    out = out.sorted()
+    out.meta = dict(tr.meta)
+    return out
+
+
+def zone_shift(zone: str, scored_start: float) -> float:
+    """Whole weeks to move the synthetic timeline by, so that `zone`'s first change of the
+    clocks after it falls in the two days before the scored week: the whole scored week is
+    the first after the change. The weekdays stay as they were."""
+    for weeks in range(0, 60):
+        at = scored_start + weeks * 7 * DAY
+        if utc_offsets(np.array([at - 2 * DAY]), zone)[0] != utc_offsets(np.array([at]), zone)[0]:
+            return weeks * 7 * DAY
+    raise ValueError(f"{zone} does not change its clocks")
 
 
 def modelled(rng: np.random.Generator, ts: np.ndarray, app: str, model: str, inp: np.ndarray, outp: np.ndarray,

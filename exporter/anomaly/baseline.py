@@ -175,15 +175,31 @@ def _kth_of_two(a: np.ndarray, na: np.ndarray, b: np.ndarray, nb: np.ndarray, k:
     return np.maximum(from_a, from_b).reshape(shape)
 
 
+def on_local_hours(values: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S, H) values of consecutive UTC hours laid out on the consecutive local hours they
+    span (`local`: their local hour numbers, `zones.local_hours`), and those local hours.
+    Where the clocks went forward the skipped local hour is unknown (NaN); where they went
+    back, the local hour that happened twice keeps its later hour. Unchanged where no
+    clock moved, as in UTC."""
+    if local.size == 0 or int(local[-1] - local[0]) == local.size - 1:
+        return values, local
+    last = np.r_[local[1:] != local[:-1], True]            # the later of a repeated hour
+    span = np.arange(local[0], local[-1] + 1)
+    out = np.full((values.shape[0], span.size), np.nan)
+    out[:, local[last] - local[0]] = values[:, last]
+    return out, span
+
+
 def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
-    """(S, 24) expected value of each hour of the day (UTC): the median of that hour over
-    the baseline's days. `values` (S, H) are the baseline's hourly values (NaN before a
-    scope existed) at absolute `hours`. A scope with an hour of the day seen on fewer than
-    MIN_DAYS days takes the median of its last day (of at least MIN_HOURS hours) for every
-    hour: a young scope is judged against its recent level until it has days enough for a
-    time of day. (Mixing the two would judge it against its first days' level at the hours
-    seen three times and against its last day's elsewhere, a step in the middle of a
-    window whenever its level has moved since it started.)"""
+    """(S, 24) expected value of each hour of the day: the median of that hour over the
+    baseline's days. `values` (S, H) are the baseline's hourly values (NaN before a
+    scope existed) at consecutive local hour numbers `hours` (see `on_local_hours`). A
+    scope with an hour of the day seen on fewer than MIN_DAYS days takes the median of its
+    last day (of at least MIN_HOURS hours) for every hour: a young scope is judged against
+    its recent level until it has days enough for a time of day. (Mixing the two would
+    judge it against its first days' level at the hours seen three times and against its
+    last day's elsewhere, a step in the middle of a window whenever its level has moved
+    since it started.)"""
     s, h = values.shape
     hod = hours % 24
     out = np.full((s, 24), np.nan)
@@ -205,8 +221,8 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
 
 def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
                    sampling: np.ndarray | float = 0.0) -> np.ndarray:
-    """(S, WEEK_HOURS) expected value of each hour of the week, indexed by absolute hour %
-    WEEK_HOURS: the daily profile (S, 24), scaled in each quarter day of the week where the
+    """(S, WEEK_HOURS) expected value of each hour of the week, indexed by local hour
+    number % WEEK_HOURS (UTC unless a time zone is set): the daily profile (S, 24), scaled in each quarter day of the week where the
     last two weeks agree that it runs above or below the daily profile.
 
     A site used at work is quieter at weekends. Judged against the time of day alone, every
@@ -230,7 +246,7 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     Quarter days, so that a site far from UTC finds its weekend in blocks of its own
     rather than straddling two UTC days.
 
-    `values` (S, H) are hourly values (NaN unknown) at the consecutive absolute `hours`,
+    `values` (S, H) are hourly values (NaN unknown) at the consecutive local `hours`,
     the last two weeks or more; each quarter day of the week takes its two latest
     occurrences there with at least half their hours known (a block at the edge of `hours`
     may be partial), and a scope needs both occurrences of half the week's quarter days.

@@ -48,6 +48,7 @@ from prometheus_client.registry import Collector
 from .. import sketch
 from ..evidence import APART_EVIDENCE, apart_log_odds, binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from ..storage.buckets import SESSION_FIELDS, F
+from ..zones import local_hours
 from .baseline import (
     TAIL_SCALE_DF_PER_VALUE,
     WEEK_HOURS,
@@ -59,6 +60,7 @@ from .baseline import (
     held_spreads,
     level_spread,
     nan_median,
+    on_local_hours,
     size_stats,
     sum_spread,
     weekly_profile,
@@ -207,11 +209,12 @@ class Evaluator:
     """Judges all signals over all scopes at a given event time."""
 
     def __init__(self, history: ScopeHistory, specs: tuple[SignalSpec, ...], baseline: float,
-                 alert_budget: float = 1.0) -> None:
+                 alert_budget: float = 1.0, timezone: str = "UTC") -> None:
         self.history = history
         self.specs = specs
         self.baseline_s = baseline
         self.alert_budget = alert_budget
+        self.timezone = timezone
         self._baseline: Baseline | None = None
         self._key: tuple[int, int] | None = None
         # signal -> (scopes,) event time each scope last named an anomaly (flagged, not explained);
@@ -226,6 +229,12 @@ class Evaluator:
         self.window_s = np.array([k * h.fine for k in self.fine_slots], dtype=np.float64)
         # the window lengths (seconds) at which the history measures mean sizes, the hour last
         self.size_lengths = np.array([k * h.coarse for k in WINDOW_SLOTS] + [h.window], dtype=np.float64)
+
+    def local(self, hours: np.ndarray) -> np.ndarray:
+        """Absolute UTC hours as the site's local hour numbers (`zones.local_hours`): the
+        baseline's hours of the day and of the week are its users' hours, which a daylight
+        saving change does not move."""
+        return local_hours(hours, self.timezone)
 
     # --- baseline ---------------------------------------------------------------------
 
@@ -246,10 +255,12 @@ class Evaluator:
         disp = burstiness(req0, held.bursts, round(3600 / h.coarse))
         judged = self._judged_hours(hours, adds[..., F["sized_requests"]])
         sizes, costs = (self._size_stats(adds, held.slots, kind, judged) for kind in ("tokens", "cost"))
-        how = hours % WEEK_HOURS
+        local = self.local(hours)
+        how = local % WEEK_HOURS
         # two weeks of totals for the weekly pattern: the baseline's own hours, and the ring's
         # for those before them
         weeks = np.arange(end - 2 * WEEK_HOURS, end)
+        local_weeks = self.local(weeks)
         older = weeks[weeks < hours[0]] if hours.size else weeks
         recent = weeks.size - older.size
         gathered = h.volume_hours(older) if older.size else (np.zeros((h.size, 0)),) * 3
@@ -257,8 +268,8 @@ class Evaluator:
                        for name, g, v in zip(("requests", "cost", "tokens"), gathered, (req, cost, tokens))}
 
         def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
-            return weekly_profile(daily_profile(values, hours), week_values[name], weeks, floor,
-                                  np.asarray(per_request) * disp)
+            return weekly_profile(daily_profile(*on_local_hours(values, local)),
+                                  *on_local_hours(week_values[name], local_weeks), floor, np.asarray(per_request) * disp)
 
         req_profile = profile_of(req, "requests", 0.5, 1.0)
         expected_req = req_profile[:, how]
@@ -487,8 +498,8 @@ class _Context:
             pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
             h0 = np.floor(pos).astype(np.int64)
             frac = pos - h0
-            v0 = seasonal.profile[:, h0 % WEEK_HOURS]
-            v1 = seasonal.profile[:, (h0 + 1) % WEEK_HOURS]
+            v0 = seasonal.profile[:, self.ev.local(h0) % WEEK_HOURS]
+            v1 = seasonal.profile[:, self.ev.local(h0 + 1) % WEEK_HOURS]
             per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
             out[:, j] = (per_hour * weight[:k]).sum(axis=1) * h.fine / 3600.0
         return out
@@ -639,7 +650,7 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     ready = c.ready(spec)
     for j, k in enumerate(SUSTAINED_HOURS):
         n = c.whole_hours(k)[:, F["requests"]]
-        expected = b.requests.profile[:, np.arange(b.end + 1 - k, b.end + 1) % WEEK_HOURS].sum(axis=1)
+        expected = b.requests.profile[:, c.ev.local(np.arange(b.end + 1 - k, b.end + 1)) % WEEK_HOURS].sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
             z_level = np.log(ratio) / b.sustained[k].count_sd

@@ -40,9 +40,9 @@ from __future__ import annotations
 import calendar
 import math
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..codes import factorize
 from ..floats import finite_or_none
 from ..ingest.records import RecordColumns
+from ..zones import TzLike, utc_offsets, zone
 
 PERIODS: tuple[str, ...] = ("day", "month")
 HORIZONS: tuple[str, ...] = ("month_end", "30d", "60d", "90d")
@@ -58,19 +59,6 @@ BAND_Z = 1.6449  # two-sided 90 % of a normal
 _MAD_TO_SIGMA = 1.4826
 _MEDIAN_SE = 1.2533  # standard error of a median / that of a mean, for normal data
 _EPOCH = date(1970, 1, 1)
-
-TzLike = str | ZoneInfo
-
-
-def zone(tz: TzLike) -> ZoneInfo:
-    """A ZoneInfo from a name, with a configuration error that says which name failed."""
-    if isinstance(tz, ZoneInfo):
-        return tz
-    try:
-        return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as 'Europe/Berlin'") from e
-
 
 # --- calendar -------------------------------------------------------------------------
 
@@ -98,47 +86,6 @@ def period_start(now: float, period: str, tz: TzLike = "UTC") -> float:
 def day_index_to_date(day: int) -> date:
     """The local calendar date of a day index (days since 1970-01-01)."""
     return _EPOCH + timedelta(days=int(day))
-
-
-def _offset_at(z: ZoneInfo, t: float) -> float:
-    off = datetime.fromtimestamp(t, timezone.utc).astimezone(z).utcoffset()
-    return 0.0 if off is None else off.total_seconds()
-
-
-def _transition(z: ZoneInfo, lo: int, hi: int, before: float) -> int:
-    """First whole second in (lo, hi] whose offset differs from `before` (bisection)."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _offset_at(z, mid) == before:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def utc_offsets(ts: np.ndarray, tz: TzLike = "UTC") -> np.ndarray:
-    """UTC offset in seconds at each timestamp, vectorised.
-
-    The zone is asked once per distinct UTC hour in `ts` (offsets are constant within an
-    hour except at a transition); an hour whose start and end offsets differ gets its
-    exact transition second by bisection, and the records on either side of it get
-    their own offset. Python touches distinct hours, never records."""
-    ts = np.asarray(ts, dtype=np.float64)
-    if ts.size == 0:
-        return np.zeros(0)
-    z = zone(tz)
-    hours = np.floor(ts / 3600.0).astype(np.int64)
-    uh, inv = np.unique(hours, return_inverse=True)
-    before = np.empty(uh.shape[0])
-    after = np.empty(uh.shape[0])
-    switch = np.full(uh.shape[0], np.inf)
-    for j, h in enumerate(uh.tolist()):  # one iteration per distinct UTC hour
-        a = _offset_at(z, h * 3600)
-        b = _offset_at(z, h * 3600 + 3600)
-        before[j], after[j] = a, b
-        if a != b:
-            switch[j] = _transition(z, h * 3600, h * 3600 + 3600, a)
-    return np.where(ts >= switch[inv], after[inv], before[inv])
 
 
 def daily_cost_rows(app: np.ndarray, ts: np.ndarray, cost: np.ndarray, tz: ZoneInfo) -> list[tuple[str, int, float]]:
