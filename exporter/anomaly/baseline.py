@@ -181,12 +181,14 @@ def on_local_hours(values: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, n
     Where the clocks went forward the skipped local hour is unknown (NaN); where they went
     back, the local hour that happened twice keeps its later hour. Unchanged where no
     clock moved, as in UTC."""
-    if local.size == 0 or int(local[-1] - local[0]) == local.size - 1:
+    if local.size == 0 or (int(local[-1] - local[0]) == local.size - 1 and bool(np.all(np.diff(local) == 1))):
         return values, local
-    last = np.r_[local[1:] != local[:-1], True]            # the later of a repeated hour
-    span = np.arange(local[0], local[-1] + 1)
+    lo = int(local.min())
+    span = np.arange(lo, int(local.max()) + 1)
+    _, from_end = np.unique(local[::-1], return_index=True)
+    latest = local.size - 1 - from_end                     # the later of a repeated hour
     out = np.full((values.shape[0], span.size), np.nan)
-    out[:, local[last] - local[0]] = values[:, last]
+    out[:, local[latest] - lo] = values[:, latest]
     return out, span
 
 
@@ -222,8 +224,9 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
 def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
                    sampling: np.ndarray | float = 0.0) -> np.ndarray:
     """(S, WEEK_HOURS) expected value of each hour of the week, indexed by local hour
-    number % WEEK_HOURS (UTC unless a time zone is set): the daily profile (S, 24), scaled in each quarter day of the week where the
-    last two weeks agree that it runs above or below the daily profile.
+    number % WEEK_HOURS (`on_local_hours`; UTC's unless a time zone is set): the daily
+    profile (S, 24), scaled in each quarter day of the week where the last two weeks agree
+    that it runs above or below the daily profile.
 
     A site used at work is quieter at weekends. Judged against the time of day alone, every
     weekend reads as a drop, and the level spread that would have to excuse it would blunt
