@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .anomaly.signals import signal_specs
 from .detectors.budget import BudgetSettings
@@ -92,7 +92,7 @@ class Settings(BaseModel):
     baseline: Duration = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
     horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline; two weeks or more let a weekly pattern, such as quiet weekends, be learned)")
     alert_budget: float = Field(1.0, gt=0, description="false anomaly warnings a week the evaluator's evidence thresholds allow, over all signals and scopes together")
-    timezone: str = Field("UTC", description="IANA time zone of the people the traffic follows, e.g. Europe/Berlin: the baseline learns the hours of the day and week in their local time, so a daylight saving change does not read as a day shifted by an hour (budgets count in budgets.timezone)")
+    timezone: str = Field("UTC", description="IANA time zone of the people the traffic follows, e.g. Europe/Berlin: the baseline learns the hours of the day and week in their local time, so a daylight saving change does not read as a day shifted by an hour (also the budgets' days, unless budgets.timezone is set)")
     evaluation_interval: Duration = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
     dedupe_window: Duration = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")
     record_retention: Duration = Field(72 * 3600, ge=0, description="how long raw records are kept for /v1/usage/recent and export (0: not kept)")
@@ -150,6 +150,13 @@ class Settings(BaseModel):
     def _zone(cls, v: str) -> str:
         zone(v)
         return v
+
+    @model_validator(mode="after")
+    def _budgets_follow_the_zone(self) -> Settings:
+        """Budgets count in the users' days too, unless `budgets.timezone` says otherwise."""
+        if "timezone" not in self.budgets.model_fields_set and self.budgets.timezone != self.timezone:
+            self.budgets.timezone = self.timezone
+        return self
 
     @field_validator("prometheus_url")
     @classmethod

@@ -90,3 +90,10 @@ def test_a_time_zone_is_checked_by_name() -> None:
     assert load_settings(flags={"timezone": "Europe/Berlin"}, environ={}).timezone == "Europe/Berlin"
     with pytest.raises(ConfigError, match="timezone.*unknown time zone 'Europe/Atlantis'"):
         load_settings(flags={"timezone": "Europe/Atlantis"}, environ={})
+
+
+def test_budgets_count_in_the_same_zone_unless_told_otherwise() -> None:
+    assert load_settings(flags={}, environ={}).budgets.timezone == "UTC"
+    assert load_settings(flags={"timezone": "Europe/Berlin"}, environ={}).budgets.timezone == "Europe/Berlin"
+    own = load_settings(flags={"timezone": "Europe/Berlin"}, environ={"LLM_EXPORTER_BUDGETS__TIMEZONE": "Asia/Tokyo"})
+    assert (own.timezone, own.budgets.timezone) == ("Europe/Berlin", "Asia/Tokyo")
