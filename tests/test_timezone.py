@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import pytest
-from helpers import DAY, HOUR, Harness, Stream, Traffic, every, generate
+from helpers import DAY, HOUR, Harness, Stream, Traffic, engine_at, every, generate
 
 from exporter.anomaly.baseline import on_local_hours
 from exporter.anomaly.evaluator import Snapshot
@@ -97,3 +97,25 @@ def test_budgets_count_in_the_same_zone_unless_told_otherwise() -> None:
     assert load_settings(flags={"timezone": "Europe/Berlin"}, environ={}).budgets.timezone == "Europe/Berlin"
     own = load_settings(flags={"timezone": "Europe/Berlin"}, environ={"LLM_EXPORTER_BUDGETS__TIMEZONE": "Asia/Tokyo"})
     assert (own.timezone, own.budgets.timezone) == ("Europe/Berlin", "Asia/Tokyo")
+
+
+@pytest.mark.parametrize("tz", ["Europe/Berlin", "UTC"])
+def test_the_engine_judges_in_the_configured_zone(weeks: Traffic, tmp_path, tz: str) -> None:
+    """The same through the real engine and SQLite store, configured as a user would
+    (`timezone`): the Monday morning after the change is quiet in Berlin's hours and not
+    in UTC's."""
+    settings = load_settings(flags={"db": str(tmp_path / "usage.db"), "timezone": tz}, environ={})
+    engine, clock = engine_at(settings, MONDAY)
+    records = weeks.take(weeks.ts < MONDAY + 12 * HOUR).records()
+    fed, flagged = 0, []
+    for t in every(MONDAY, 12 * 60, step=30):
+        clock.t = t
+        upto = next((i for i in range(fed, len(records)) if records[i]["ts"] > t), len(records))
+        for i in range(fed, upto, 20_000):                    # live ingest up to the evaluation
+            engine.ingest(records[i:min(i + 20_000, upto)])
+        fed = upto
+        snap = engine.evaluate(t)
+        assert snap is not None
+        flagged += [r["scope"] for r in snap.rows() if r["signal"] == "request_rate" and r["severity"] != "ok"]
+    engine.close()
+    assert (flagged == []) == (tz == "Europe/Berlin"), flagged
