@@ -26,7 +26,7 @@ from inject import GLOBAL, KIND_BY_NAME, app_scope, inject  # noqa: E402
 from score import (  # noqa: E402
     Collector, Observations, alerts_per_instance, episodes, false_figures, key_name, raise_alerts, score_kind,
 )
-from traffic import DAY, HOUR, MissingData, build_traffic, split_records  # noqa: E402
+from traffic import DAY, HOUR, MissingData, build_traffic, in_zone, split_records, zone_shift  # noqa: E402
 
 from exporter.sources.replay import backtest  # noqa: E402
 from exporter.anomaly.rules import FOR  # noqa: E402
@@ -171,6 +171,23 @@ def test_split_keeps_volume_and_sessions(base) -> None:
         if r.session_id:
             assert app_of.setdefault(r.session_id, r.app) == r.app
     assert split_records(recs, 1) is recs
+
+
+def test_a_zone_moves_the_day_by_its_clocks() -> None:
+    """`--zone`: the timeline moves on by whole weeks so that the zone's change of the clocks
+    falls the night before the scored week (a Monday); before it the wall-clock traffic
+    comes an hour before UTC's (CET), after it two (CEST: Berlin's clocks went forward)."""
+    week = bench.Plan("week", history_days=7, scored_days=1, instance_slots=(), creep_slots=(), nab=())
+    shift = zone_shift("Europe/Berlin", week.scored_start)
+    assert shift % (7 * DAY) == 0 and shift > 0                       # the weekdays stay
+    tr = build_traffic(9, week.seed)
+    moved = in_zone(tr, "Europe/Berlin", shift)
+    assert len(moved) == len(tr) and (np.diff(moved.ts) >= 0).all()
+    wall = tr.ts + shift
+    before, after = wall < week.scored_start + shift - 2 * DAY, wall >= week.scored_start + shift
+    assert before.sum() > 10_000 and after.sum() > 1_000
+    assert np.allclose(wall[before] - in_zone(tr.select(before), "Europe/Berlin", shift).ts, 3600)
+    assert np.allclose(wall[after] - in_zone(tr.select(after), "Europe/Berlin", shift).ts, 7200)
 
 
 # --- through the backtest ------------------------------------------------------------------

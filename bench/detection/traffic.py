@@ -376,11 +376,12 @@ def in_zone(tr: Traffic, zone: str, shift: float) -> Traffic:
 
 def zone_shift(zone: str, scored_start: float) -> float:
     """Whole weeks to move the synthetic timeline by, so that `zone`'s first change of the
-    clocks after it falls in the two days before the scored week: the whole scored week is
-    the first after the change. The weekdays stay as they were."""
+    clocks after it falls in the week before the scored days (for the full plan, which
+    starts on a Monday, the Sunday night before): the scored days are the first after the
+    change. The weekdays stay as they were."""
     for weeks in range(0, 60):
         at = scored_start + weeks * 7 * DAY
-        if utc_offsets(np.array([at - 2 * DAY]), zone)[0] != utc_offsets(np.array([at]), zone)[0]:
+        if utc_offsets(np.array([at - 7 * DAY]), zone)[0] != utc_offsets(np.array([at]), zone)[0]:
             return weeks * 7 * DAY
     raise ValueError(f"{zone} does not change its clocks")
 
