@@ -79,7 +79,7 @@ def local_hours(hours: np.ndarray, tz: TzLike = "UTC") -> np.ndarray:
     zone whose offset is not a whole number of hours (India's +05:30) is rounded to the
     nearest hour; what matters is that its hours move together with its clocks."""
     hours = np.asarray(hours, dtype=np.int64)
-    if isinstance(tz, str) and tz == "UTC" or hours.size == 0:
+    if tz == "UTC" or hours.size == 0:
         return hours
     offsets = utc_offsets(hours * 3600.0 + 1800.0, tz)
     out: np.ndarray = hours + np.rint(offsets / 3600.0).astype(np.int64)

@@ -181,7 +181,7 @@ def on_local_hours(values: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, n
     Where the clocks went forward the skipped local hour is unknown (NaN); where they went
     back, the local hour that happened twice keeps its later hour. Unchanged where no
     clock moved, as in UTC."""
-    if local.size == 0 or (int(local[-1] - local[0]) == local.size - 1 and bool(np.all(np.diff(local) == 1))):
+    if bool(np.all(np.diff(local) == 1)):                  # no clock moved (also empty)
         return values, local
     lo = int(local.min())
     span = np.arange(lo, int(local.max()) + 1)
