@@ -453,14 +453,18 @@ def test_ttft_3x_is_caught(site: Site) -> None:
 def test_halved_throughput_is_caught(site: Site) -> None:
     """Output tokens come at half the speed on claude-3-5-haiku: throughput warns on the
     model within 10 minutes with a negative z (a drop), and once the window holds only slow
-    requests its ratio is a half; latency p95, up less than 2x, stays quiet there."""
+    requests its ratio is a half. A long answer now takes nearly twice as long, so latency
+    p95 may warn too, but only where and when throughput does: the same scope, so the same
+    notification, and never a model whose speed did not change."""
     traffic = slower(site.traffic, site.traffic.where(model=HAIKU), generation=2.0)
     snaps = live(site, traffic, every(S, 60))
     first = first_flagged(snaps, "output_tokens_per_second", "model", HAIKU)
     assert first is not None and first - S <= 10 * 60, flagged(snaps, "output_tokens_per_second")
     r = row(snaps[-1], "output_tokens_per_second", "model", HAIKU)
     assert r["severity"] == "warning" and r["zscore"] < 0 and r["ratio"] == pytest.approx(0.5, rel=0.2)
-    assert all(sev(s, "latency_p95", "model", HAIKU) == 0 for s in snaps)
+    slow = {(t, scope) for t, scope, _, _ in flagged(snaps, "output_tokens_per_second")}
+    latency = {(t, scope) for t, scope, _, _ in flagged(snaps, "latency_p95")}
+    assert latency <= slow, sorted(latency - slow)
 
 
 def test_faster_throughput_is_not_an_anomaly(site: Site) -> None:

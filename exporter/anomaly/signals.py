@@ -103,7 +103,10 @@ TUNABLE = ("warning_ratio", "high_ratio", "drop_warning_ratio", "drop_high_ratio
 # - request rate 3x / 6x up, 5x / 10x down: a drop must reach a fifth of the usual rate,
 #   because real traffic has quiet spells at a third.
 # - error rate 2.5x / 5x of its usual ratio, and at least 5 % of requests.
-# - latency p95 2.5x / 5x; TTFT p95 2x / 4x; throughput down to 1/1.75 and 1/3.5.
+# - latency p95 2x / 5x; TTFT p95 2x / 4x; throughput down to 1/1.75 and 1/3.5. A change of
+#   exactly the ratio is caught about half the time, so the warning sits below the 2.5x
+#   rise that must not be missed. Halved token speed then warns on latency too, at the
+#   throughput alert's scope, so in its notification.
 DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("cost_per_hour", "USD", "up", 1.5, 3.0, 0.10, "usage", sustained_ratio=1.25,
                help="cost over the window, scaled to one hour",
@@ -128,7 +131,7 @@ DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
                text=SignalText("Error ratio", {"up": ("LLMErrorRateSpike", "LLM error rate is far above its usual level")},
                                "The share of failed requests over the last hour", ("", "humanizePercentage", ""),
                                "percentunit", "errors / requests")),
-    SignalSpec("latency_p95", "seconds", "up", 2.5, 5.0, 0.0, "performance",
+    SignalSpec("latency_p95", "seconds", "up", 2.0, 5.0, 0.0, "performance",
                help="p95 request duration over the window",
                text=SignalText("Latency p95",
                                {"up": ("LLMLatencySpike", "LLM request latency (p95) is far above its usual level")},
