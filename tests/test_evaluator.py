@@ -1079,6 +1079,35 @@ def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     assert lift_to_parts(np.array([1, 2, 1, 1, 1]), np.array(got), keys).tolist() == [2, 2, 1, 1, 1]  # ... so it pages
 
 
+def test_the_global_scope_keeps_an_event_of_all_traffic_that_its_biggest_app_holds_half_of() -> None:
+    """Every app's spend creeps up 1.3x; the biggest app sends 60 % of it, so it holds 60 %
+    of the global excess. Judged afresh, the global rise is that app's echo and the other
+    app that rose alerts on its own. Once the global scope has named the event, it keeps
+    it: the rest of the traffic rose as much as the biggest app, so the apps are its parts.
+    One app's spike (the rest where it was) still takes the name from it."""
+    from exporter.anomaly.evaluator import Verdict, explain
+    spec = next(s for s in DEFAULT_SIGNALS if s.name == "cost_per_hour")
+    keys = [("global", "", "", ""), ("app", "big", "", ""), ("app", "mid", "", ""), ("app", "small", "", "")]
+    windows = np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    baseline = np.array([10.0, 6.0, 2.5, 1.5])                    # USD / hour
+    no_pairs = np.zeros((0, 2), dtype=np.int64)
+
+    def verdict(current: np.ndarray) -> Verdict:
+        excess = np.repeat((current - baseline)[:, None], len(windows), axis=1)
+        ones = np.ones(len(keys))
+        return Verdict(current, baseline, current / baseline, ones * 6, ones, ones, ones, np.array([1, 1, 1, 0]),
+                       np.full(len(keys), 3600.0), excess)
+
+    creep = verdict(baseline * 1.3)
+    named = np.array([True, False, False, False])
+    assert explain(spec, creep, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]        # two alerts
+    assert explain(spec, creep, keys, no_pairs, windows, named).tolist() == [-1, 0, 0, -1]  # one, global
+    spike = verdict(np.array([10.0 + 6.0 * 0.8, 6.0 * 1.8, 2.5 * 1.05, 1.5 * 0.95]))
+    assert explain(spec, spike, keys, no_pairs, windows, named).tolist() == [1, -1, -1, -1]  # the big app's
+    lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
+    assert explain(lat, creep, keys, no_pairs, windows, named).tolist() == [1, -1, -1, -1]   # usage signals only
+
+
 def test_an_outage_of_all_traffic_raises_one_alert() -> None:
     """Every app's requests fall to 3 % at 14:00: once the global scope names the outage
     (in its first minutes the busiest model may hold most of it), every app and model that

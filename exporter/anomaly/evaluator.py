@@ -1010,6 +1010,12 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     own p95, so which of the two holds more can swap from one evaluation to the next, and
     every swap would end one alert's `for:` and start the other's. The name can still move
     once, to the family's scope, when that scope comes to hold half of the other's excess.
+    The global scope that named an event of all traffic keeps it the same way: a creep of
+    every app's spend, in which the biggest app holds half of the excess as its share of
+    the traffic, would otherwise move the name to that app and back, and the other apps
+    that rose would alert on their own meanwhile. It hands the name to one part only when
+    the rest of the traffic, without that part, moved by less than half as much as the part
+    did (each against its own usual level): one app's spike leaves the rest where it was.
 
     Excesses are compared on the window the explained scope's evidence came from
     (`windows` are the evaluation windows' lengths): early in a spike only the last minutes
@@ -1064,8 +1070,11 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
         best = max(roots, key=lambda i: abs(ex2[i, col[g]]), default=None)
         if best is None:
             continue
-        if covers(best, g) or (spec.family == "usage"
-                               and _rest_is_usual(v.ratio[g], ex2[best, -1], ex2[g, -1], alerting)):
+        if spec.family == "usage" and incumbent is not None and incumbent[g]:
+            if _rest_moved_less(v.current, v.baseline, g, best):
+                out[g] = best
+        elif covers(best, g) or (spec.family == "usage"
+                                 and _rest_is_usual(v.ratio[g], ex2[best, -1], ex2[g, -1], alerting)):
             out[g] = best
     # an event of all traffic that no app or model explains (an outage upstream, a creep of
     # every app's spend) is the global scope's: the apps and models flagged the same way are
@@ -1119,6 +1128,21 @@ def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.
     e_r = min(e[m], max(e[m] - e[a] + e_other, 0.0))
     n_r = e_r + max((n[m] - e[m]) - (n[a] - e[a]), 0.0)
     return bool(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]) >= APART_EVIDENCE)
+
+
+def _rest_moved_less(current: np.ndarray, baseline: np.ndarray, g: int, part: int) -> bool:
+    """Whether the traffic outside one scope (the global scope's current value and baseline
+    less the part's: usage values add up over apps and over models) moved by less than
+    EXPLAINS_SHARE of the part's own change, each against its own usual level: then the
+    event is the part's, not all traffic's. A part that is all the traffic explains it."""
+    cur_p, base_p = float(current[part]), float(baseline[part])
+    rest_base = float(baseline[g]) - base_p
+    if not (np.isfinite(cur_p) and base_p > 0.0 and cur_p != base_p):
+        return False
+    if rest_base <= 0.0:
+        return True
+    rest = (float(current[g]) - cur_p) / rest_base
+    return bool((rest - 1.0) / (cur_p / base_p - 1.0) < EXPLAINS_SHARE)
 
 
 def _rest_is_usual(ratio: float, part: float, whole: float, alerting: float) -> bool:
