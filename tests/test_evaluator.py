@@ -1066,8 +1066,10 @@ def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     excess = np.repeat(np.array([[-200.0], [-30.0], [-30.0], [12.0], [-70.0]]), len(windows), axis=1)
     ones = np.ones(len(keys))
 
+    baseline = np.array([400.0, 60.0, 60.0, 60.0, 140.0])       # what each scope usually sends
+
     def verdict(severity: list[int]) -> Verdict:
-        return Verdict(ones, ones, ones * 0.1, -ones * 6, ones, ones, ones, np.array(severity),
+        return Verdict(ones, baseline, ones * 0.1, -ones * 6, ones, ones, ones, np.array(severity),
                        np.full(len(keys), 900.0), excess)
 
     pairs = np.array([[2, 4]])                   # b sends to m (and is its echo); a uses a model that held up
@@ -1079,12 +1081,12 @@ def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     assert lift_to_parts(np.array([1, 2, 1, 1, 1]), np.array(got), keys).tolist() == [2, 2, 1, 1, 1]  # ... so it pages
 
 
-def test_the_global_scope_keeps_an_event_of_all_traffic_that_its_biggest_app_holds_half_of() -> None:
-    """Every app's spend creeps up 1.3x; the biggest app sends 60 % of it, so it holds 60 %
-    of the global excess. Judged afresh, the global rise is that app's echo and the other
-    app that rose alerts on its own. Once the global scope has named the event, it keeps
-    it: the rest of the traffic rose as much as the biggest app, so the apps are its parts.
-    One app's spike (the rest where it was) still takes the name from it."""
+def test_an_event_of_all_traffic_is_the_global_scopes_though_its_biggest_app_holds_half() -> None:
+    """Every app's spend rises 1.3x; the biggest app sends 60 % of it, so it holds 60 % of
+    the global excess. Half of the excess made it the global scope's explanation, and the
+    other app that rose alerted on its own. The rest of the traffic rose as much as the
+    biggest app did, so the event is all traffic's and the apps are its parts: one alert.
+    One app's spike, with the rest where it was, is still that app's."""
     from exporter.anomaly.evaluator import Verdict, explain
     spec = next(s for s in DEFAULT_SIGNALS if s.name == "cost_per_hour")
     keys = [("global", "", "", ""), ("app", "big", "", ""), ("app", "mid", "", ""), ("app", "small", "", "")]
@@ -1098,14 +1100,14 @@ def test_the_global_scope_keeps_an_event_of_all_traffic_that_its_biggest_app_hol
         return Verdict(current, baseline, current / baseline, ones * 6, ones, ones, ones, np.array([1, 1, 1, 0]),
                        np.full(len(keys), 3600.0), excess)
 
-    creep = verdict(baseline * 1.3)
-    named = np.array([True, False, False, False])
-    assert explain(spec, creep, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]        # two alerts
-    assert explain(spec, creep, keys, no_pairs, windows, named).tolist() == [-1, 0, 0, -1]  # one, global
+    rise = verdict(baseline * 1.3)
+    assert explain(spec, rise, keys, no_pairs, windows).tolist() == [-1, 0, 0, -1]           # one alert, global
     spike = verdict(np.array([10.0 + 6.0 * 0.8, 6.0 * 1.8, 2.5 * 1.05, 1.5 * 0.95]))
-    assert explain(spec, spike, keys, no_pairs, windows, named).tolist() == [1, -1, -1, -1]  # the big app's
+    assert explain(spec, spike, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]          # the big app's
+    half = verdict(np.array([10.0 + 6.0 * 0.8 + 4.0 * 0.45, 6.0 * 1.8, 2.5 * 1.45, 1.5 * 1.45]))
+    assert explain(spec, half, keys, no_pairs, windows).tolist() == [-1, 0, 0, -1]           # rest: over half
     lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
-    assert explain(lat, creep, keys, no_pairs, windows, named).tolist() == [1, -1, -1, -1]   # usage signals only
+    assert explain(lat, rise, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]            # usage signals only
 
 
 def test_an_outage_of_all_traffic_raises_one_alert() -> None:

@@ -988,7 +988,12 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     (of this signal), or -1.
 
     The global scope is explained by an anomalous app or model holding at least half of its
-    excess (the amount above the baseline). An app and a model that share traffic and are
+    excess (the amount above the baseline). For usage signals, whose excesses and baselines
+    add up over the apps, the test is instead whether the rest of the traffic, without the
+    part, moved by less than half as much as the part did, each against its own usual level
+    (`_rest_moved_less`): one app's spike leaves the rest where it was, while an event of
+    all traffic moves every app alike, and its biggest app holds half of its excess merely
+    as its share of the traffic. An app and a model that share traffic and are
     both anomalous are one event when each holds at least half of the other's excess; the
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
@@ -1010,12 +1015,6 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     own p95, so which of the two holds more can swap from one evaluation to the next, and
     every swap would end one alert's `for:` and start the other's. The name can still move
     once, to the family's scope, when that scope comes to hold half of the other's excess.
-    The global scope that named an event of all traffic keeps it the same way: a creep of
-    every app's spend, in which the biggest app holds half of the excess as its share of
-    the traffic, would otherwise move the name to that app and back, and the other apps
-    that rose would alert on their own meanwhile. It hands the name to one part only when
-    the rest of the traffic, without that part, moved by less than half as much as the part
-    did (each against its own usual level): one app's spike leaves the rest where it was.
 
     Excesses are compared on the window the explained scope's evidence came from
     (`windows` are the evaluation windows' lengths): early in a spike only the last minutes
@@ -1063,18 +1062,17 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             if out[echo] < 0:
                 out[echo] = root
     roots = [i for i in apps + models if out[i] < 0]
-    alerting = min(r for r in (spec.warning_ratio, spec.sustained_ratio) if r > 1.0)
     for g in flagged.tolist():
         if kind[g] != "global":
             continue
         best = max(roots, key=lambda i: abs(ex2[i, col[g]]), default=None)
         if best is None:
             continue
-        if spec.family == "usage" and incumbent is not None and incumbent[g]:
-            if _rest_moved_less(v.current, v.baseline, g, best):
-                out[g] = best
-        elif covers(best, g) or (spec.family == "usage"
-                                 and _rest_is_usual(v.ratio[g], ex2[best, -1], ex2[g, -1], alerting)):
+        if spec.family == "usage":
+            alone = _rest_moved_less(ex2[g, col[g]], ex2[best, col[g]], v.baseline[g], v.baseline[best])
+        else:
+            alone = covers(best, g)
+        if alone:
             out[g] = best
     # an event of all traffic that no app or model explains (an outage upstream, a creep of
     # every app's spend) is the global scope's: the apps and models flagged the same way are
@@ -1130,30 +1128,19 @@ def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return bool(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]) >= APART_EVIDENCE)
 
 
-def _rest_moved_less(current: np.ndarray, baseline: np.ndarray, g: int, part: int) -> bool:
-    """Whether the traffic outside one scope (the global scope's current value and baseline
-    less the part's: usage values add up over apps and over models) moved by less than
+def _rest_moved_less(excess_g: float, excess_p: float, baseline_g: float, baseline_p: float) -> bool:
+    """Whether the traffic outside one part (a usage signal's global excess and baseline
+    less the part's: both add up over apps and over models) moved by less than
     EXPLAINS_SHARE of the part's own change, each against its own usual level: then the
-    event is the part's, not all traffic's. A part that is all the traffic explains it."""
-    cur_p, base_p = float(current[part]), float(baseline[part])
-    rest_base = float(baseline[g]) - base_p
-    if not (np.isfinite(cur_p) and base_p > 0.0 and cur_p != base_p):
+    event is the part's, not all traffic's. A part that is all the traffic explains it.
+    The excesses are on one evaluation window and the baselines on the configured one;
+    the window's expectations are the baselines times one factor, which cancels."""
+    rest_base = baseline_g - baseline_p
+    if not (np.isfinite(excess_p) and excess_p != 0.0 and baseline_p > 0.0):
         return False
     if rest_base <= 0.0:
         return True
-    rest = (float(current[g]) - cur_p) / rest_base
-    return bool((rest - 1.0) / (cur_p / base_p - 1.0) < EXPLAINS_SHARE)
-
-
-def _rest_is_usual(ratio: float, part: float, whole: float, alerting: float) -> bool:
-    """Whether the global total without one scope's excess stays below the lowest ratio that
-    alerts. A usage ratio is total / expected, so expected = whole / (ratio - 1) and the rest
-    sits at 1 + (ratio - 1)(1 - part / whole). This catches the tail of a spike, where the
-    scope's hour has mostly left its peak while noise elsewhere is a sizeable share of a
-    small global excess."""
-    if not (np.isfinite(ratio) and ratio > 1.0 and whole > 0.0 and part > 0.0):
-        return False
-    return bool(1.0 + (ratio - 1.0) * (1.0 - min(part / whole, 1.0)) < alerting)
+    return bool((excess_g - excess_p) * baseline_p / (excess_p * rest_base) < EXPLAINS_SHARE)
 
 
 # --- exposition ---------------------------------------------------------------------------
