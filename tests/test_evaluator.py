@@ -1106,6 +1106,8 @@ def test_an_event_of_all_traffic_is_the_global_scopes_though_its_biggest_app_hol
     assert explain(spec, spike, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]          # the big app's
     half = verdict(np.array([10.0 + 6.0 * 0.8 + 4.0 * 0.45, 6.0 * 1.8, 2.5 * 1.45, 1.5 * 1.45]))
     assert explain(spec, half, keys, no_pairs, windows).tolist() == [-1, 0, 0, -1]           # rest: over half
+    apart = verdict(np.array([11.0, 6.0 * 0.5, 2.5 * 2.0, 1.5 * 2.0]))        # the big app halves, the rest doubles
+    assert explain(spec, apart, keys, no_pairs, windows).tolist() == [-1, -1, 0, -1]          # big fell: not it
     lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
     assert explain(lat, rise, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]            # usage signals only
 

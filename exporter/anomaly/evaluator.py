@@ -1132,11 +1132,12 @@ def _rest_moved_less(excess_g: float, excess_p: float, baseline_g: float, baseli
     """Whether the traffic outside one part (a usage signal's global excess and baseline
     less the part's: both add up over apps and over models) moved by less than
     EXPLAINS_SHARE of the part's own change, each against its own usual level: then the
-    event is the part's, not all traffic's. A part that is all the traffic explains it.
+    event is the part's, not all traffic's. A part that moved the other way explains
+    nothing; a part that is all the traffic explains it.
     The excesses are on one evaluation window and the baselines on the configured one;
     the window's expectations are the baselines times one factor, which cancels."""
     rest_base = baseline_g - baseline_p
-    if not (np.isfinite(excess_p) and excess_p != 0.0 and baseline_p > 0.0):
+    if not (np.isfinite(excess_p) and excess_p * excess_g > 0.0 and baseline_p > 0.0):
         return False
     if rest_base <= 0.0:
         return True
