@@ -1065,7 +1065,6 @@ def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     windows = np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
     excess = np.repeat(np.array([[-200.0], [-30.0], [-30.0], [12.0], [-70.0]]), len(windows), axis=1)
     ones = np.ones(len(keys))
-
     baseline = np.array([400.0, 60.0, 60.0, 60.0, 140.0])       # what each scope usually sends
 
     def verdict(severity: list[int]) -> Verdict:

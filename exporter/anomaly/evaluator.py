@@ -979,7 +979,8 @@ JUDGES: dict[str, Judge] = {
 
 # --- one cause, one alert ---------------------------------------------------------------
 
-EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of the excess explains it
+EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of the excess explains it;
+                         # for usage signals: the rest moved by less than this share of the part's change
 
 
 def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray,
