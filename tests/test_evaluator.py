@@ -258,6 +258,30 @@ def test_a_creep_in_request_size_warns_when_held(site: Site, factor: float, warn
     assert flagged(snaps, "token_velocity") == []
 
 
+@pytest.mark.parametrize("compared_held", [True, False])
+def test_a_creep_of_all_traffic_is_named_at_the_global_scope(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                            compared_held: bool) -> None:
+    """Every request 30 % bigger from 14:00 on: cost warns on the shift held for hours, on
+    the global scope and on the apps and models. Which scope names it is asked on the held
+    window its evidence came from: on a 5-minute window a shift of 30 % is smaller than the
+    noise, and the name went to whichever app's last minutes happened to be busiest, so
+    the other apps alerted on their own. Compared on the held window, every app moved as
+    the rest did: one event of all traffic, named once; no app or model is named on its own
+    for as long as a warning's `for:`. (`compared_held=False` is the comparison on the short
+    windows, which this test must catch.)"""
+    import exporter.anomaly.evaluator as ev
+    if not compared_held:
+        monkeypatch.setattr(ev, "_held_only", lambda spec, e, hours: np.zeros_like(hours))
+    traffic = scaled(site.traffic, np.ones(len(site.traffic), dtype=bool), 1.3)
+    snaps = live(site, traffic, every(S, 8 * 60, step=5))
+    cost = flagged(snaps, "cost_per_hour")
+    while_global = {m for m, name, _, _ in cost if name == "global"}
+    assert len(while_global) >= 12, cost                       # the global scope warns for hours
+    named = {(m, name) for m, name, _, by in cost if m in while_global and by is None and name != "global"}
+    held = sorted((name, m) for m, name in named if (m - 5, name) in named)    # named for `for:` (5 min)
+    assert (held == []) == compared_held, held
+
+
 # --- errors, latency, TTFT, throughput -----------------------------------------------------------
 
 @pytest.mark.parametrize("where,root", [("model", f"model={HAIKU}"), ("agent", "app=agent"), ("search", f"model={HAIKU}")])
@@ -1109,6 +1133,61 @@ def test_an_event_of_all_traffic_is_the_global_scopes_though_its_biggest_app_hol
     assert explain(spec, apart, keys, no_pairs, windows).tolist() == [-1, -1, 0, -1]          # big fell: not it
     lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
     assert explain(lat, rise, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]            # usage signals only
+
+def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_passes() -> None:
+    """Two apps' evidence of a 1.3x rise held for hours has passed and the global scope's
+    has not yet (an app's sizes vary less than the mix of all apps' does). Over those
+    hours the rest of the traffic rose as much as each of them, so both are parts of one
+    event of all traffic: the global scope names it, at their severity, instead of each
+    app alerting on its own. One app's rise with the rest where it was stays that app's,
+    and so does a rise on a short window (where the rest moves by half of a spike by
+    chance), a model's rise that one app's requests over two models carry, a scope whose
+    baseline is unknown, and a performance signal."""
+    from exporter.anomaly.evaluator import SUSTAINED_HOURS, Verdict, explain, lift_to_parts
+    spec = next(s for s in DEFAULT_SIGNALS if s.name == "cost_per_hour")
+    keys = [("global", "", "", ""), ("app", "big", "", ""), ("app", "mid", "", ""), ("app", "small", "", "")]
+    windows = np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    no_pairs = np.zeros((0, 2), dtype=np.int64)
+    usual = np.array([10.0, 6.0, 2.5, 1.5])                       # USD / hour
+
+    def verdict(held: np.ndarray, severity: list[int], hours: int = 4, baseline: np.ndarray = usual) -> Verdict:
+        """`held`: each scope's USD / hour over the held hours; the short windows hold noise
+        that one app carries."""
+        short = np.zeros((len(keys), len(windows)))
+        short[[0, 1], :] = 3.0
+        excess = np.hstack([short, np.repeat(((held - baseline) * hours)[:, None], len(SUSTAINED_HOURS), axis=1)])
+        ones = np.ones(len(keys))
+        v = Verdict(held, baseline, held / baseline, ones * 6, ones, ones, ones, np.array(severity),
+                    np.full(len(keys), 300.0), excess)
+        v.held_hours = np.where(np.array(severity) > 0, hours, 0)
+        return v
+
+    creep = verdict(usual * 1.3, [0, 1, 1, 0])
+    got = explain(spec, creep, keys, no_pairs, windows)
+    assert got.tolist() == [-1, 0, 0, -1]
+    assert lift_to_parts(creep.severity, got, keys).tolist() == [1, 1, 1, 0]       # the global scope warns
+    short = verdict(usual * 1.3, [0, 1, 1, 0])
+    short.held_hours[:] = 0                                      # judged on the short windows: the big app's
+    assert explain(spec, short, keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]
+    one = verdict(np.array([10.0 + 6.0 * 0.3, 6.0 * 1.3, 2.5, 1.5]), [0, 1, 0, 0])
+    assert explain(spec, one, keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]   # the big app's own
+    unknown = verdict(usual * 1.3, [0, 1, 1, 0], baseline=np.array([np.nan, 6.0, 2.5, 1.5]))
+    assert explain(spec, unknown, keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]
+    lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
+    assert explain(lat, creep, keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]   # usage signals only
+    # the big app's rise held over its two models, which it sends half of its requests each;
+    # only the first model's evidence has passed. That model's rest holds the big app's
+    # requests to the other model, so it moved with it, but the rest without the big app did
+    # not: the rise is the big app's, not all traffic's, and the model keeps it
+    keys2 = keys + [("model", "", "openai", "m1"), ("model", "", "openai", "m2")]
+    usual2 = np.append(usual, [5.0, 5.0])                         # m1: 3 of big's, 2 of mid's; m2: the rest
+    spike = np.array([10.0 + 1.8, 6.0 * 1.3, 2.5, 1.5, 5.0 + 0.9, 5.0 + 0.9])
+    excess2 = np.repeat(((spike - usual2) * 4)[:, None], len(windows) + len(SUSTAINED_HOURS), axis=1)
+    ones2 = np.ones(len(keys2))
+    one_app = Verdict(spike, usual2, spike / usual2, ones2 * 6, ones2, ones2, ones2, np.array([0, 0, 0, 0, 1, 0]),
+                      np.full(len(keys2), 300.0), excess2)
+    one_app.held_hours = np.array([0, 0, 0, 0, 4, 0])
+    assert explain(spec, one_app, keys2, np.array([[1, 4], [1, 5], [2, 4]]), windows).tolist() == [-1] * 6
 
 
 def test_an_outage_of_all_traffic_raises_one_alert() -> None:

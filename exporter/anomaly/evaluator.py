@@ -95,7 +95,11 @@ class Verdict:
     length in seconds of the window it was found on (0 when none passed). `explained`
     holds the index of the scope whose anomaly explains this one, or -1. `excess` (S, W)
     is the amount above the expectation on each evaluation window, in the signal's
-    natural count (requests, errors, slow requests, USD, tokens). `counts` is kept for a
+    natural count (requests, errors, slow requests, USD, tokens), and for the signals that
+    judge a shift held for hours (cost, tokens, request rate) then on each of those
+    SUSTAINED_HOURS windows. `held_hours` is, where only such a held shift reached its
+    ratio, the length in hours of the window it passed furthest on (0 elsewhere): `explain`
+    compares excesses there. `counts` is kept for a
     ratio of counts (the error rate): events and trials, each (S, W), and the usual ratio
     and overdispersion per scope. It lets `explain` ask whether a model's other traffic
     moved as one app's did."""
@@ -112,6 +116,7 @@ class Verdict:
     excess: np.ndarray
     effects: "Effects | None" = None
     explained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    held_hours: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
@@ -528,6 +533,11 @@ class _Context:
             self._whole[k] = adds.sum(axis=1)
         return self._whole[k]
 
+    def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
+        """(S,) the seasonal expectation of the same k whole hours' total."""
+        end = self.base.end
+        return seasonal.profile[:, self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS].sum(axis=1)
+
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
 
@@ -631,26 +641,34 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     ok = c.ready(spec)[:, None] & np.isfinite(expected)
     rising = ok & (z >= c.zc) & (rate >= spec.min_current)
     falling = ok & (z <= -c.zc) & (usual >= spec.min_current)
+    held_rise, held_fall, held_hours, held_excess = _held_requests(spec, c)
     with np.errstate(invalid="ignore", divide="ignore"):
-        e = Effects(_largest(ratio, rising), _largest(1.0 / ratio, falling), *_held_requests(spec, c))
+        e = Effects(_largest(ratio, rising), _largest(1.0 / ratio, falling), held_rise, held_fall)
     zs, win, _ = _strongest(np.where(ok, z, np.nan), c.zc, c.ev.window_s)
     current, baseline = rate[:, -1], usual[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
     lo, hi = _band(baseline, band_sd, c.zc[-1])
-    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=n - expected)
+    v = _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=np.hstack([n - expected, held_excess]))
+    v.held_hours = _held_only(spec, e, held_hours)
+    return v
 
 
-def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray]:
+def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A shift of the request rate held over the last 2, 4 or 8 whole hours: against the sum
     of those hours' seasonal expectations, judged by how much k-hour sums strayed from
-    theirs in the baseline (and by sampling noise, for quiet scopes). (rise, fall) effects."""
+    theirs in the baseline (and by sampling noise, for quiet scopes). (rise, fall) effects,
+    the hours of the window a shift passed furthest on (0 where none), and the excess of
+    requests on each of those windows (S, K)."""
     b = c.base
     rise, fall = np.zeros(c.n), np.zeros(c.n)
+    hours, best = np.zeros(c.n, dtype=np.int64), np.zeros(c.n)
+    excess = np.zeros((c.n, len(SUSTAINED_HOURS)))
     ready = c.ready(spec)
     for j, k in enumerate(SUSTAINED_HOURS):
         n = c.whole_hours(k)[:, F["requests"]]
-        expected = b.requests.profile[:, c.ev.local(np.arange(b.end + 1 - k, b.end + 1)) % WEEK_HOURS].sum(axis=1)
+        expected = c.whole_hours_expected(b.requests, k)
+        excess[:, j] = n - expected
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
             z_level = np.log(ratio) / b.sustained[k].count_sd
@@ -662,7 +680,21 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
             down = ok & (z <= -c.zc_long[j]) & (expected / (60.0 * k) >= spec.min_current)
             rise = np.fmax(rise, np.where(up, ratio, 0.0))
             fall = np.fmax(fall, np.where(down, 1.0 / ratio, 0.0))
-    return rise, fall
+            rel = np.where(up | down, np.abs(z) / c.zc_long[j], 0.0)
+        hours, best = np.where(rel > best, k, hours), np.fmax(rel, best)
+    return rise, fall, hours, excess
+
+
+def _held_only(spec: SignalSpec, e: Effects, hours: np.ndarray) -> np.ndarray:
+    """(S,) the held window's hours for the verdicts that only a held shift carries (its
+    short windows' effect stayed below the warning ratio), 0 elsewhere. Such a verdict's
+    evidence is the held window's, and so is the excess `explain` must weigh: a shift of a
+    quarter is no larger than a short window's noise, so comparing it there would name one
+    scope or another by chance."""
+    drop = spec.drop_warning_ratio if spec.direction == "both" else spec.warning_ratio
+    short = (e.rise >= spec.warning_ratio) | (e.fall >= drop)
+    held = (e.held_rise >= spec.sustained_ratio) | (e.held_fall >= spec.sustained_ratio)
+    return np.where(held & ~short & (spec.sustained_ratio > 0), hours, 0)
 
 
 def _size_evidence(c: _Context, st: SizeStats, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -815,10 +847,21 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         rise = np.fmax(rise, np.fmax(np.where(hour_ok & (z_total >= c.zc[-1]), total_ratio, 0.0),
                                      np.where(hour_ok & (z_count >= c.zc[-1]), count_ratio, 0.0)))
     # 4. a creep: a smaller size rise held for hours (the baseline's median holds the first
-    # of those hours too, which moves it little)
+    # of those hours too, which moves it little). Its excess is the size's: the hours' total
+    # less their requests at the hours' usual amount per request (the count's own ups and
+    # downs, larger than a creep's step, are not the creep's); all traffic's is its apps'
+    # summed, each at its own usual amount (more requests from a dearer app is no bigger
+    # request)
     held = np.zeros(c.n)
+    held_hours, held_rel = np.zeros(c.n, dtype=np.int64), np.zeros(c.n)
+    held_excess = np.zeros((c.n, len(SUSTAINED_HOURS)))
     for j, k in enumerate(SUSTAINED_HOURS):
         sums = c.whole_hours(k)
+        total_k = sums[:, F["cost"]] if spec.name == "cost_per_hour" else token_sum(sums)
+        usual_req_k = c.whole_hours_expected(b.requests, k) * b.spending_share[spent]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_request = c.whole_hours_expected(seasonal, k) / usual_req_k
+        held_excess[:, j] = np.nan_to_num(total_k - sums[:, F[spent]] * per_request)
         for kind in kinds:
             n, s1, _ = SIZE_FIELDS[kind]
             mk = sums[:, F[n]]
@@ -828,8 +871,13 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
             zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
             counts = ok & one if kind == "cost" else ok          # cost per request: one model only
             with np.errstate(invalid="ignore"):
-                held = np.fmax(held, np.where(counts & (zk >= c.zc_long[j]),
-                                              np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
+                passed = counts & (zk >= c.zc_long[j])
+                held = np.fmax(held, np.where(passed, np.exp(np.nan_to_num(mean_k - st_k.centre)), 0.0))
+                rel = np.where(passed, zk / c.zc_long[j], 0.0)
+            held_hours, held_rel = np.where(rel > held_rel, k, held_hours), np.fmax(rel, held_rel)
+    scope = np.array([k[0] for k in c.h.keys[:c.n]], dtype=object)
+    if (scope == "app").any():
+        held_excess[scope == "global"] = held_excess[scope == "app"].sum(axis=0)
     e = Effects(rise, np.zeros(c.n), held, np.zeros(c.n))
     z_best = np.fmax.reduce([np.where(ok[:, None], z, np.nan) for z, _, _ in sized.values()])
     zs, win, rel = _strongest(z_best, c.zc, c.ev.window_s)
@@ -841,7 +889,9 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     per_window = c.sums[..., F["cost"]] if spec.name == "cost_per_hour" else token_sum(c.sums)
     excess = per_window - c.expected(seasonal, c.ev.fine_slots)
     excess[:, -1] = value - expected                 # the hour's own total, as judged above
-    return _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=excess)
+    v = _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=np.hstack([excess, held_excess]))
+    v.held_hours = _held_only(spec, e, held_hours)
+    return v
 
 
 def judge_cost(spec: SignalSpec, c: _Context) -> Verdict:
@@ -1008,7 +1058,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope (at the severity of its
-    most severe part: `lift_to_parts`).
+    most severe part: `lift_to_parts`). A shift held for hours is all traffic's already
+    before the global scope's own evidence passes, when no app and no model holds it
+    (`_no_part_holds`).
 
     `incumbent` marks the scopes that named this anomaly at the last evaluations. The scope
     the family points to keeps the name while it is incumbent, even where for a moment only
@@ -1020,14 +1072,19 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     Excesses are compared on the window the explained scope's evidence came from
     (`windows` are the evaluation windows' lengths): early in a spike only the last minutes
     hold it, and an hour's excess would still be mostly the ordinary ups and downs of the
-    minutes before."""
+    minutes before. A verdict that only a held shift carries is compared on its held
+    window (`Verdict.held_hours`), whose excess follows the evaluation windows' in
+    `Verdict.excess`."""
     sev = v.severity
     col = np.minimum(np.searchsorted(windows, v.window), len(windows) - 1)
     ex2 = v.excess if v.excess.ndim == 2 else v.excess[:, None]
     col = np.minimum(col, ex2.shape[1] - 1)
+    if v.held_hours.size and ex2.shape[1] == len(windows) + len(SUSTAINED_HOURS):
+        for j, k in enumerate(SUSTAINED_HOURS):
+            col = np.where(v.held_hours == k, len(windows) + j, col)
     out = np.full(sev.shape[0], -1, dtype=np.int64)
     flagged = np.flatnonzero(sev >= 1)
-    if flagged.size < 2:
+    if flagged.size < (1 if spec.family == "usage" else 2):
         return out
     kind = np.array([k[0] for k in keys], dtype=object)
 
@@ -1080,14 +1137,44 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     # its parts (and `lift_to_parts` gives it the severity of its most severe part: its page
     # must not wait on a warning, and must not come twice). Usage signals only: their
     # excesses add up over the apps, while a latency excess is counted against each scope's
-    # own p95, so a share of the global one means little
-    for g in flagged.tolist():
-        if spec.family != "usage" or kind[g] != "global" or out[g] >= 0:
+    # own p95, so a share of the global one means little.
+    # Where the global scope's own evidence has not passed yet, a shift held for hours in a
+    # part is still all traffic's when, over the same hours, no app and no model holds it
+    # (flagged or not: the rest of the traffic without the app, and without the model,
+    # that moved most moved by at least half as much as it did, the converse of
+    # `_rest_moved_less`). An app's request sizes vary less than the mix of all apps' does,
+    # so in a creep of every app's spend the apps' evidence passes hours before the global
+    # scope's, each app alerting on its own meanwhile. Both partitions are asked: a model's
+    # rest holds the app's requests to its other models, so one app's spike over two models
+    # moves a model's rest with it. Held shifts only: over a short window the rest of the
+    # traffic moves by half of a 2x spike by chance alone
+    held = v.held_hours if v.held_hours.size else np.zeros(sev.shape[0], dtype=np.int64)
+    for g in np.flatnonzero(kind == "global").tolist():
+        if spec.family != "usage" or out[g] >= 0:
             continue
         for i in roots:
-            if out[i] < 0 and ex2[i, col[i]] * ex2[g, col[i]] > 0:
+            if out[i] >= 0 or not ex2[i, col[i]] * ex2[g, col[i]] > 0:
+                continue
+            if sev[g] >= 1 or (held[i] > 0 and _no_part_holds(ex2[:, col[i]], v.baseline, kind, g)):
                 out[i] = g
     return out
+
+
+def _no_part_holds(excess: np.ndarray, baseline: np.ndarray, kind: np.ndarray, g: int) -> bool:
+    """Whether global scope g's excess (on one window) is all traffic's: for the apps and
+    for the models alike, the rest of the traffic without the one that moved most moved
+    with it (`_rest_moved_alike`)."""
+    sign = np.sign(excess[g])
+    if not sign:
+        return False
+    for part in ("app", "model"):
+        rows = np.flatnonzero(kind == part)
+        if not rows.size:
+            continue
+        top = int(rows[np.argmax(np.nan_to_num(excess[rows] * sign, nan=-np.inf))])
+        if not _rest_moved_alike(excess[g], excess[top], baseline[g], baseline[top]):
+            return False
+    return True
 
 
 def lift_to_parts(severity: np.ndarray, explained: np.ndarray, keys: list[ScopeKey]) -> np.ndarray:
@@ -1143,6 +1230,14 @@ def _rest_moved_less(excess_g: float, excess_p: float, baseline_g: float, baseli
     if rest_base <= 0.0:
         return True
     return bool((excess_g - excess_p) * baseline_p / (excess_p * rest_base) < EXPLAINS_SHARE)
+
+
+def _rest_moved_alike(excess_g: float, excess_p: float, baseline_g: float, baseline_p: float) -> bool:
+    """Whether the traffic outside one part moved the same way as the part, by at least
+    EXPLAINS_SHARE of its change (each against its own usual level): `_rest_moved_less`'s
+    converse where both sides are known, False where they are not."""
+    known = np.isfinite([excess_g, excess_p, baseline_g, baseline_p]).all() and baseline_g - baseline_p > 0.0
+    return bool(known and not _rest_moved_less(excess_g, excess_p, baseline_g, baseline_p))
 
 
 # --- exposition ---------------------------------------------------------------------------
