@@ -24,7 +24,7 @@ import run as bench  # noqa: E402
 from alerts import AlertRule, firing, load_rules, parse_duration, run_start, runs  # noqa: E402
 from inject import GLOBAL, KIND_BY_NAME, app_scope, inject  # noqa: E402
 from score import (  # noqa: E402
-    Collector, Observations, alerts_per_instance, episodes, false_figures, key_name, raise_alerts, score_kind,
+    AFTER, Collector, Observations, alerts_per_instance, episodes, false_figures, key_name, raise_alerts, score_kind,
 )
 from traffic import DAY, HOUR, MissingData, build_traffic, in_zone, split_records, zone_shift  # noqa: E402
 
@@ -247,6 +247,10 @@ def test_cost_spike_scored_as_the_backtest_reports_it(base) -> None:
                  if f.signal not in SIGNAL_NAMES and a.start <= f.start <= a.end + bench.GRACE}
     inside = {o[:4] for o in ref if a.start <= o[4] <= a.end + bench.GRACE} | detectors
     assert per["alerts"] == len(inside) >= 1 and per["scopes"] == len({o[2] for o in inside})
+    # its tail: every alert that starts in the 12 hours after it (each start a notification)
+    tail = [o for o in ref if a.end + bench.GRACE < o[4] <= a.end + AFTER]
+    tail += [f for f in al.firings if f.signal not in SIGNAL_NAMES and a.end + bench.GRACE < f.start <= a.end + AFTER]
+    assert per["after"] == len(tail)
 
 
 def test_clean_day_false_figures_match_the_transitions(base) -> None:

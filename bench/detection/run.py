@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from alerts import AlertRule, RulesError, load_rules, parse_duration, rules_dir  # noqa: E402
 from inject import KIND_BY_NAME, KINDS, Anomaly, Kind, inject  # noqa: E402
 from score import (  # noqa: E402
-    Collector, Observations, SignalScore, alerts_per_instance, false_figures, raise_alerts, score_kind, score_nab,
+    AFTER, Collector, Observations, SignalScore, alerts_per_instance, false_figures, raise_alerts, score_kind, score_nab,
 )
 from traffic import (DAY, EPOCH, HOUR, MissingData, build_traffic, in_zone, nab_files, nab_traffic,  # noqa: E402
                      split_records, zone_shift)
@@ -245,7 +245,8 @@ def _per_instance(rows: list[dict[str, Any]]) -> str:
 
 def cause_table(cause: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["| anomaly | alerts per instance (list) | scopes alerting per instance | pages per instance | "
-             "alerts raised, all instances |", "|---|---|---|---|---|"]
+             f"alerts in the {AFTER / 3600:g} h after, median (total) | alerts raised, all instances |",
+             "|---|---|---|---|---|---|"]
     for kind, rows in cause.items():
         names: dict[str, int] = {}
         for r in rows:
@@ -257,9 +258,11 @@ def cause_table(cause: dict[str, list[dict[str, Any]]]) -> str:
         a = [r["alerts"] for r in rows]
         sc = [r["scopes"] for r in rows]
         pg = [r["pages"] for r in rows]
+        tail = [r["after"] for r in rows if "after" in r]
+        tail_text = f"{_med(tail)} ({sum(tail)})" if tail else "–"
         lines.append(f"| {kind} | median {_med(a)}, max {max(a, default=0)} ({', '.join(map(str, a))}) | "
                      f"median {_med(sc)}, max {max(sc, default=0)} | median {_med(pg)}, max {max(pg, default=0)} | "
-                     f"{top or '–'} |")
+                     f"{tail_text} | {top or '–'} |")
     return "\n".join(lines)
 
 

@@ -367,15 +367,25 @@ def score_kind(obs: Observations, alerts: Alerts, kind: Any, anomalies: list[Ano
     return out
 
 
+AFTER = 12 * 3600.0     # how long after an instance its tail is counted
+
+
 def alerts_per_instance(alerts: Alerts, anomalies: list[Anomaly], grace: float) -> list[dict[str, Any]]:
     """For each instance, the distinct alerts (signal, direction, scope, severity) of every
     alerting signal that start firing between its start and its end + grace, and the
-    distinct scopes they name (anomaly alerts of one scope share a notification)."""
+    distinct scopes they name (anomaly alerts of one scope share a notification).
+    `after`: the alerts (each start a notification) that start in the AFTER hours past
+    that, outside every instance: an event's tail, while windows of hours still hold it."""
+    def inside(t: float) -> bool:
+        return any(b.start <= t <= b.end + grace for b in anomalies)
+
     out = []
     for a in anomalies:
         fired = {f.name: f for f in alerts.firings if a.start <= f.start <= a.end + grace}
+        after = sum(1 for f in alerts.firings if a.end + grace < f.start <= a.end + AFTER and not inside(f.start))
         out.append({"start": a.start, "alerts": len(fired), "scopes": len({f.key for f in fired.values()}),
-                    "pages": len({n for n, f in fired.items() if f.pages}), "names": sorted(fired)})
+                    "pages": len({n for n, f in fired.items() if f.pages}), "names": sorted(fired),
+                    "after": after})
     return out
 
 
