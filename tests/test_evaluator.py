@@ -1134,6 +1134,7 @@ def test_an_event_of_all_traffic_is_the_global_scopes_though_its_biggest_app_hol
     lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
     assert explain(lat, rise, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]            # usage signals only
 
+
 def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_passes() -> None:
     """Two apps' evidence of a 1.3x rise held for hours has passed and the global scope's
     has not yet (an app's sizes vary less than the mix of all apps' does). Over those
