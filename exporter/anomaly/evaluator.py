@@ -480,6 +480,7 @@ class _Context:
         self.above, self.samples = ca[:, idx], ct[:, idx]          # (S, W, kinds)
         self._expected: np.ndarray | None = None
         self._whole: dict[int, np.ndarray] = {}
+        self._whole_slots: dict[int, np.ndarray] = {}
 
     def expected_requests(self) -> np.ndarray:
         """(S, W) requests the time of day leads to expect in each window: the seasonal hourly
@@ -535,8 +536,10 @@ class _Context:
 
     def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
         """(S,) the seasonal expectation of the same k whole hours' total."""
-        end = self.base.end
-        return seasonal.profile[:, self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS].sum(axis=1)
+        if k not in self._whole_slots:
+            end = self.base.end
+            self._whole_slots[k] = self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS
+        return seasonal.profile[:, self._whole_slots[k]].sum(axis=1)
 
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
