@@ -971,6 +971,31 @@ def test_a_rise_one_session_carries_is_not_the_apps(site: Site, sessions: int, f
     assert bool(hits) == flags, flagged(snaps, "cost_per_hour")
 
 
+@pytest.mark.parametrize("hours_split", [True, False])
+def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                                hours_split: bool) -> None:
+    """One agent session re-sends its growing context (3k to 120k tokens) 90 times in the
+    half hour from 14:00: the runaway detector's to judge. Its hour stays in the 2 to 8-hour
+    windows a creep is judged on until 22:00, where it lifts the agent's mean request size
+    far past the sustained ratio; left out with its session bucket, as on the short windows,
+    nothing is flagged for cost or tokens in the six hours after. (`hours_split=False`: the
+    whole hours hold no session buckets, as the history had before; the test must catch it.)"""
+    if not hours_split:
+        from exporter.anomaly.history import ScopeHistory
+        from exporter.storage.buckets import SESSION_BUCKETS, SESSION_FIELDS
+        monkeypatch.setattr(ScopeHistory, "recent_hour_sessions",
+                            lambda self, end, k, rows: np.zeros((len(rows), SESSION_BUCKETS, len(SESSION_FIELDS))))
+    base = site.traffic.take(site.traffic.where(S, S + HOUR, app="agent"))
+    run = base.take(np.arange(90) % len(base))
+    run.ts = S + 20.0 * np.arange(90)
+    run.input_tokens = np.minimum(3000 + 1500 * np.arange(90), 120_000)
+    run.cost = run.cost * run.input_tokens / np.maximum(base.input_tokens[np.arange(90) % len(base)], 1)
+    run.session = np.full(90, "runaway-1", dtype=object)
+    snaps = live(site, Traffic.concat([site.traffic, run]), every(S, 6 * 60, step=10, first_minute=40))
+    after = [f for signal in ("cost_per_hour", "token_velocity") for f in flagged(snaps, signal)]
+    assert (after == []) == hours_split, after
+
+
 def test_session_buckets_split_a_groups_sums_without_losing_any() -> None:
     """The per-bucket sums of a batch add up to its groups' sums over the requests that name
     a session, a session's requests share one bucket, and the same batch in another order
@@ -1000,6 +1025,36 @@ def test_session_buckets_split_a_groups_sums_without_losing_any() -> None:
     assert all(len(v) == 1 for v in by_session.values()) and len(set(b[named].tolist())) == 8
     order = np.random.default_rng(2).permutation(len(traffic))
     assert (session_buckets(take(cols, order)) == b[order]).all()
+
+
+def test_whole_hours_split_by_session_bucket_add_up_to_the_hours() -> None:
+    """The whole hours' per-bucket sums add up to their requests that name a session, for
+    every held window length; an hour the ring has recycled, or one fed without buckets
+    (restored at start-up), reads as zeros: its requests are in no bucket, so they stay in."""
+    from exporter.anomaly.history import SESSION_HOURS
+    from exporter.storage.buckets import SESSION_BUCKETS, SESSION_FIELDS, aggregate
+    traffic = generate(SITE, DAY0, DAY0 + 14 * HOUR, seed=5)
+    traffic.session[::5] = None
+    h = Harness().feed(traffic)
+    rows = np.arange(h.history.size)
+    named = traffic.take(~np.equal(traffic.session, None))
+    app = {k[1]: i for i, k in enumerate(h.history.keys) if k[0] == "app"}
+    end = int((DAY0 + 13 * HOUR) // HOUR)                   # the last whole hour before the one running
+    for k in (1, 2, 4, 8, SESSION_HOURS - 1):
+        by = h.history.recent_hour_sessions(end, k, rows)
+        assert by.shape == (len(rows), SESSION_BUCKETS, len(SESSION_FIELDS))
+        inside = named.take(named.where((end + 1 - k) * HOUR, (end + 1) * HOUR))
+        for name, r in app.items():
+            sel = inside.app == name
+            assert by[r, :, SESSION_FIELDS.index("requests")].sum() == sel.sum(), (k, name)
+            assert by[r, :, SESSION_FIELDS.index("cost")].sum() == pytest.approx(inside.cost[sel].sum())
+        assert by[h.history.keys.index(("global", "", "", "")), :, 0].sum() == len(inside)   # every app
+    assert not h.history.recent_hour_sessions(end - SESSION_HOURS, 1, rows).any()   # recycled
+    assert h.history.recent_hour_sessions(end, 14, rows)[0, :, 0].sum() < len(named)
+    restored = Harness()
+    restored.history.add_hours(aggregate(traffic.columns(), np.ones(len(traffic), dtype=np.int64), traffic.cost,
+                                         res=HOUR), {1: ("chat", "openai", MINI)})
+    assert not restored.history.recent_hour_sessions(end, 2, np.arange(restored.history.size)).any()
 
 
 def test_a_model_whose_traffic_streams_less_is_not_slower() -> None:

@@ -527,6 +527,10 @@ class _Context:
         """(len(rows), W, buckets, len(SESSION_FIELDS)) the windows' sums per session bucket."""
         return self.h.recent_sessions(self.t, self.ev.fine_slots, rows)
 
+    def hour_sessions(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), buckets, len(SESSION_FIELDS)) `whole_hours(k)` per session bucket."""
+        return self.h.recent_hour_sessions(self.base.end, k, rows)
+
     def whole_hours(self, k: int) -> np.ndarray:
         """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
         if k not in self._whole:
@@ -782,6 +786,31 @@ def size_z(st: SizeStats, mean: np.ndarray, n: np.ndarray, windows: np.ndarray, 
     return np.where(np.isfinite(z_windows), np.sign(z) * np.fmin(np.abs(z), np.abs(z_windows)), z)
 
 
+def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray,
+                 zc: float) -> tuple[np.ndarray, np.ndarray]:
+    """(z, mean) of the mean log size of one kind over the k whole hours of `sums` against
+    the baseline; a rise that passed `zc` must survive leaving out the hours' session
+    bucket that carries most of it, as on the evaluation windows (`without_top_session`).
+    A runaway session's burst stays in the held windows for hours after it ended; it is
+    the runaway detector's to judge, and a creep moves every session alike."""
+    n, s1, _ = SIZE_FIELDS[kind]
+    m, total = sums[:, F[n]], sums[:, F[s1]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / m
+    z = mean_z(mean, m, st.centre, st.var, st.dispersion)
+    rows = np.flatnonzero(z >= zc)
+    if rows.size:
+        by = c.hour_sessions(k, rows)[:, None]                      # (R, 1, buckets, fields)
+        m_rest, mean_rest, carried = (a[:, 0] for a in without_top_session(
+            m[rows, None], total[rows, None], by[..., SESSION_FIELDS.index(n)], by[..., SESSION_FIELDS.index(s1)],
+            st.centre[rows]))
+        z_rest = mean_z(mean_rest, m_rest, st.centre[rows], st.var[rows], np.asarray(st.dispersion)[rows])
+        with np.errstate(invalid="ignore"):
+            z[rows] = np.where(carried, np.fmax(np.fmin(z[rows], np.where(m_rest > 0, z_rest, 0.0)), 0.0), z[rows])
+            mean[rows] = np.where(carried & (m_rest > 0), np.fmin(mean[rows], mean_rest), mean[rows])
+    return z, mean
+
+
 def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expected: np.ndarray,
                                 n: np.ndarray, passed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The hour's total without the session bucket that spent most beyond its share of the
@@ -866,12 +895,8 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
             per_request = c.whole_hours_expected(seasonal, k) / usual_req_k
         held_excess[:, j] = np.nan_to_num(total_k - sums[:, F[spent]] * per_request)
         for kind in kinds:
-            n, s1, _ = SIZE_FIELDS[kind]
-            mk = sums[:, F[n]]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean_k = sums[:, F[s1]] / mk
             st_k = stats[kind]
-            zk = mean_z(mean_k, mk, st_k.centre, st_k.var, st_k.dispersion)
+            zk, mean_k = _held_size_z(c, st_k, kind, k, sums, c.zc_long[j])
             counts = ok & one if kind == "cost" else ok          # cost per request: one model only
             with np.errstate(invalid="ignore"):
                 passed = counts & (zk >= c.zc_long[j])

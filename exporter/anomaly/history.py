@@ -39,6 +39,7 @@ SIZE_KINDS = ("tokens", "cost")
 # Window lengths, in coarse slots, at which mean sizes are measured below the hour: the
 # coarse slot itself, whose sums are final when it is handed on whatever the batches.
 WINDOW_SLOTS = (1,)
+SESSION_HOURS = 10          # whole hours split by session bucket: the evaluator's longest held window, and more
 N_WINDOW_STATS = 6          # baseline.WINDOW_STATS
 
 
@@ -176,6 +177,10 @@ class ScopeHistory:
         # per slot; only batches of records carry them, so slots re-read from the store at
         # start-up hold zeros (their requests are in no bucket)
         self.fine_sessions = np.zeros((0, self.fine_ring.n, SESSION_BUCKETS * len(SESSION_FIELDS)))
+        # the same for the last few whole hours, which a shift held for hours is judged on
+        # (`recent_hour_sessions`); batches only, so hours restored at start-up hold zeros
+        self.session_hours = Ring(3600, SESSION_HOURS)
+        self.hour_sessions = np.zeros((0, SESSION_HOURS, SESSION_BUCKETS * len(SESSION_FIELDS)))
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
@@ -205,6 +210,7 @@ class ScopeHistory:
             out[: a.shape[0]] = a
             return out
         self.hour_add, self.fine_add, self.fine_sessions = g(self.hour_add), g(self.fine_add), g(self.fine_sessions)
+        self.hour_sessions = g(self.hour_sessions)
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
@@ -276,6 +282,9 @@ class ScopeHistory:
         if groups.sessions is not None:
             split = groups.sessions.reshape(len(groups), -1)[rep]
             _add_at_cells(self.fine_sessions, rows[ok], slot[ok], split[ok])
+            if hourly:
+                hslot, hok = self._claim(self.session_hours, np.repeat(groups.start // 3600, 3), self.hour_sessions, 0.0)
+                _add_at_cells(self.hour_sessions, rows[hok], hslot[hok], split[hok])
         absolute = np.repeat(groups.start // self.coarse, 3)
         requests = groups.adds[rep, F["requests"]]
         sizes = groups.adds[rep][:, _SLOT_COLUMNS]
@@ -704,6 +713,15 @@ class ScopeHistory:
         data[:, ~ok] = 0.0
         back = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
         return back.reshape(len(rows), len(slot_counts), SESSION_BUCKETS, len(SESSION_FIELDS))
+
+    def recent_hour_sessions(self, end: int, k: int, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), SESSION_BUCKETS, len(SESSION_FIELDS)): the sums of the k whole hours up
+        to `end` (hours end+1-k .. end) of the given scope rows split by session bucket; zeros
+        for hours the ring no longer (or never) held, whose requests are in no bucket."""
+        slot, ok = self.session_hours.slots_for(np.arange(end + 1 - k, end + 1))
+        data = self.hour_sessions[rows][:, slot]
+        data[:, ~ok] = 0.0
+        return data.sum(axis=1).reshape(len(rows), SESSION_BUCKETS, len(SESSION_FIELDS))
 
     def recent_exceedances(self, t: float, n_slots: int, thresholds: np.ndarray,
                            version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
