@@ -457,7 +457,7 @@ class Engine:
         with self.lock:
             snap = self.components.attempt("evaluator", lambda: self.evaluator.evaluate(t), None)
             # a model's errors that the evaluator put on one app are no drift of the model's
-            apart: frozenset[tuple[str, str]] = frozenset()
+            apart: frozenset[tuple[str, str, str]] = frozenset()
             if snap is not None:
                 judged = snap
                 apart = self.components.attempt("evaluator", lambda: judged.put_on_an_app("error_rate"), apart)

@@ -309,7 +309,8 @@ def test_an_error_storm_is_named_where_the_requests_fail(site: Site, where: str,
         assert explained_by == (None if name == root else by), (name, explained_by)
     assert {name for _, name, _, _ in flagged(snaps, "error_rate")} <= {f"model={HAIKU}", "app=agent", "app=search", "global"}
     # what the engine tells the drift detector: the model's errors are the app's
-    assert snaps[-1].put_on_an_app("error_rate") == (frozenset({("anthropic", HAIKU)}) if root.startswith("app") else frozenset())
+    assert snaps[-1].put_on_an_app("error_rate") == (frozenset({("anthropic", HAIKU, where)}) if root.startswith("app")
+                                                     else frozenset())
 
 
 def test_an_apps_share_of_a_models_failures_is_bounded() -> None:

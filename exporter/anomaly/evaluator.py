@@ -152,14 +152,14 @@ class Snapshot:
                     "explained_by": scope_name(self.keys[by]) if by >= 0 else None,
                 }
 
-    def put_on_an_app(self, signal: str) -> frozenset[tuple[str, str]]:
-        """The (provider, model)s whose anomaly of `signal` is explained by one of their
-        apps' (for the error rate: the app's requests fail, the model's others do not)."""
+    def put_on_an_app(self, signal: str) -> frozenset[tuple[str, str, str]]:
+        """The (provider, model, app)s where the model's anomaly of `signal` is explained
+        by that app's (for the error rate: the app's requests fail, the model's others do not)."""
         v = self.verdicts.get(signal)
         if v is None or not v.explained.size:
             return frozenset()
         rows = np.flatnonzero((v.severity >= 1) & (v.explained >= 0))
-        return frozenset((self.keys[i][2], self.keys[i][3]) for i in rows.tolist()
+        return frozenset((self.keys[i][2], self.keys[i][3], self.keys[int(v.explained[i])][1]) for i in rows.tolist()
                          if self.keys[i][0] == "model" and self.keys[int(v.explained[i])][0] == "app")
 
 

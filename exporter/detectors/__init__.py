@@ -51,7 +51,7 @@ class Detectors:
             else:
                 attempt("budget", lambda: self.budget.add_daily(daily), None)
 
-    def evaluate(self, now: float, errors_apart: frozenset[tuple[str, str]] = frozenset()) -> DetectorReports:
+    def evaluate(self, now: float, errors_apart: frozenset[tuple[str, str, str]] = frozenset()) -> DetectorReports:
         """Every detector's verdict at `now`; one that fails keeps its previous verdict.
         `errors_apart`: see `DriftDetector.evaluate`."""
         prev = self.latest

@@ -96,6 +96,7 @@ _EMPTY = np.uint8(2)
 _HAD_TOOLS = np.uint8(4)
 _TOOL_SILENT = np.uint8(8)
 _STOP_ANOMALY = np.uint8(16)
+_APART = np.uint8(32)       # a failure put on its app (see `DriftDetector.evaluate`): in no count
 
 # Per-response counts (columns of `indicators` and of the hourly reference) and, for each
 # rate signal, which column counts its events and which its trials.
@@ -302,10 +303,12 @@ def stop_is_anomalous(stop_reason: np.ndarray) -> np.ndarray:
 
 
 def indicators(flags: np.ndarray) -> np.ndarray:
-    """(n, len(COUNTS)) 0/1 per response: what each response adds to each count."""
+    """(n, len(COUNTS)) 0/1 per response: what each response adds to each count. A failure
+    put on its app is neither a response nor an error of the model's."""
     f = flags.astype(np.uint8)
     err = (f & _ERROR) != 0
-    return np.stack([np.ones(f.shape[0], dtype=bool), err, ~err, (f & _EMPTY) != 0, (f & _HAD_TOOLS) != 0,
+    own = (f & _APART) == 0
+    return np.stack([own, err & own, ~err, (f & _EMPTY) != 0, (f & _HAD_TOOLS) != 0,
                      (f & _TOOL_SILENT) != 0, (f & _STOP_ANOMALY) != 0], axis=1).astype(np.int64)
 
 
@@ -613,7 +616,7 @@ def judge(found: dict[str, int]) -> int:
 class _Ring:
     """A fixed-size ring of the most recent responses of one series."""
 
-    __slots__ = ("ts", "out", "flags", "app", "unit", "head", "size", "pushes")
+    __slots__ = ("ts", "out", "flags", "app", "unit", "head", "size", "pushes", "marks")
 
     def __init__(self, capacity: int) -> None:
         self.ts = np.zeros(capacity, dtype=np.float64)
@@ -623,7 +626,8 @@ class _Ring:
         self.unit = np.zeros(capacity, dtype=np.int64)
         self.head = 0  # next write position
         self.size = 0
-        self.pushes = 0  # batches pushed: the ring's version
+        self.pushes = 0  # batches pushed: the ring's version ...
+        self.marks = 0   # ... and marks set (`put_apart`)
 
     def push(self, ts: np.ndarray, out: np.ndarray, flags: np.ndarray, app: np.ndarray, unit: np.ndarray) -> None:
         cap = self.ts.shape[0]
@@ -640,6 +644,14 @@ class _Ring:
         self.head = int((self.head + n) % cap)
         self.size = min(cap, self.size + n)
         self.pushes += 1
+
+    def put_apart(self, app: int) -> None:
+        """Mark the failures of `app` held as that app's (`_APART`)."""
+        s = self.size
+        hit = (self.app[:s] == app) & ((self.flags[:s] & (_ERROR | _APART)) == _ERROR)
+        if hit.any():
+            self.flags[:s][hit] |= _APART
+            self.marks += 1
 
     def view(self) -> tuple[np.ndarray, ...]:
         s = self.size
@@ -814,16 +826,22 @@ class DriftDetector:
             if hours.hour[s] == hour:
                 hours.tainted[s, SIGNALS.index(signal)] = True
 
-    def evaluate(self, now: float, errors_apart: frozenset[tuple[str, str]] = frozenset()) -> list[DriftResult]:
+    def evaluate(self, now: float, errors_apart: frozenset[tuple[str, str, str]] = frozenset()) -> list[DriftResult]:
         """One result per series with entries younger than `max_age_s` at `now`, sorted
         by (provider, model). Series with none left are forgotten, so their gauges go.
 
-        `errors_apart` lists the (provider, model)s whose failing requests the anomaly
-        evaluator found to be one app's (the model's other traffic went on at its usual
-        rate: a retry storm, an app's own quota): their error rate is that app's anomaly,
-        alerted at the app, and gives no drift verdict of the model's. It is still
-        published, and its hours are kept out of the model's error reference as drifting
-        hours are (a fault of the model an hour later is judged against healthy hours)."""
+        `errors_apart` lists the (provider, model, app)s whose failing requests on the
+        model the anomaly evaluator found to be the app's (the model's other traffic went
+        on at its usual rate: a retry storm, an app's own quota): their error rate is that
+        app's anomaly, alerted at the app, and gives no drift verdict of the model's. It is
+        still published, and its hours are kept out of the model's error reference as
+        drifting hours are (a fault of the model an hour later is judged against healthy
+        hours). The app's failures held in the windows then are marked as the app's: once
+        its verdict ends they count in neither the model's responses nor its errors until
+        they leave the windows. The windows count responses, so on a quiet model they hold
+        a storm for longer than the evaluator's hour does, and the model would page for it
+        when the app's verdict ended."""
+        apart_models = {(provider, model) for provider, model, _ in errors_apart}
         s = self.settings
         cutoff = now - s.max_age_s
         live: list[tuple[tuple[str, str], np.ndarray]] = []
@@ -839,8 +857,8 @@ class DriftDetector:
         for key, keep in live:
             ring, hours = self._rings[key], self._hours[key]
             # the verdict depends on the kept responses, the reference hours, the hour and the number of tests only
-            apart = key in errors_apart
-            state = (ring.pushes, int(keep.sum()), math.floor(now / HOUR), math.floor((now - s.baseline_s) / HOUR), tests,
+            apart = key in apart_models
+            state = (ring.pushes, ring.marks, int(keep.sum()), math.floor(now / HOUR), math.floor((now - s.baseline_s) / HOUR), tests,
                      hours.version, hours.hour.tobytes(), hours.tainted.tobytes(), apart)
             memo = self._memo.get(key)
             if memo is None or memo[0] != state:
@@ -849,6 +867,10 @@ class DriftDetector:
                 memo = self._memo[key] = (state, self._judge_series(key, tuple(x[keep][order] for x in cols), now, tests,
                                                                     apart))
             out.append(memo[1])
+        for provider, model, app in errors_apart:
+            held, code = self._rings.get((provider, model)), self._app_codes.get(app)
+            if held is not None and code is not None:
+                held.put_apart(code)
         return out
 
     def _judge_series(self, key: tuple[str, str], cols: tuple[np.ndarray, ...], now: float,
@@ -880,8 +902,9 @@ class DriftDetector:
         value = np.full((n_w, len(SIGNALS)), math.nan)
         z = np.zeros((n_w, len(SIGNALS)))
         level = np.zeros((n_w, len(SIGNALS)), dtype=np.int64)
-        # rates
-        ind = indicators(flags)
+        # rates (while the model's failures are put on an app, all of them count, as the
+        # rate it publishes then; after, the failures marked as the app's do not)
+        ind = indicators(flags & ~_APART if errors_apart else flags)
         age = fill - 1 - np.arange(fill)                                                          # 0 = newest
         _, units = np.unique(unit, return_inverse=True)
         rate_cols = [SIGNALS.index(name) for name in RATES]
