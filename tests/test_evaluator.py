@@ -972,6 +972,42 @@ def test_a_rise_one_session_carries_is_not_the_apps(site: Site, sessions: int, f
     assert bool(hits) == flags, flagged(snaps, "cost_per_hour")
 
 
+def test_a_buckets_usual_share_is_an_eighth_of_the_requests_naming_a_session() -> None:
+    """The top bucket is left out of the reading (it may hold the session under test); the
+    share of the rest's requests that name a session, over the eight buckets, is what any
+    one bucket usually holds."""
+    from exporter.anomaly.evaluator import usual_bucket_share
+    even = np.full(8, 10.0)
+    assert usual_bucket_share(even, np.array(80.0)) == pytest.approx(1 / 8)
+    loop = even.copy()
+    loop[3] = 610.0                                        # one session's 600 calls
+    assert usual_bucket_share(loop, np.array(680.0)) == pytest.approx(1 / 8)
+    assert usual_bucket_share(even, np.array(160.0)) == pytest.approx((70 / 150) / 8)   # half name no session
+    assert usual_bucket_share(np.zeros(8), np.array(50.0)) == 0.0
+
+
+N_CALLS = 600
+
+
+@pytest.mark.parametrize("sessions,flags", [(1, False), (None, True), (N_CALLS, True)])
+def test_calls_one_session_carries_are_no_rise_of_the_apps_requests(site: Site, sessions: int | None,
+                                                                    flags: bool) -> None:
+    """150 more calls of the agent app's usual size in the half hour from 14:00, about
+    three times its rate: made by one session (an agent loop, the runaway detector's to
+    judge) they are no rise of the app's request rate, nor of its spend; made without
+    session ids (a retry storm's) or by 150 sessions they are, and warn."""
+    rng = np.random.default_rng(12)
+    base = site.traffic.take(site.traffic.where(S, S + HOUR, app="agent"))
+    extra = base.take(rng.integers(0, len(base), N_CALLS))
+    extra.ts = np.sort(S + rng.uniform(0, 30 * 60, N_CALLS))
+    extra.session = np.array([None if sessions is None else f"loop-{i % sessions}" for i in range(N_CALLS)], dtype=object)
+    snaps = live(site, Traffic.concat([site.traffic, extra]), every(S, 60, step=5))
+    rate = [f for f in flagged(snaps, "request_rate") if f[1] == "app=agent"]
+    assert bool(rate) == flags, flagged(snaps, "request_rate")
+    if not flags:
+        assert [f for signal in ("cost_per_hour", "token_velocity") for f in flagged(snaps, signal)] == []
+
+
 @pytest.mark.parametrize("hours_split", [True, False])
 def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monkeypatch: pytest.MonkeyPatch,
                                                                 hours_split: bool) -> None:

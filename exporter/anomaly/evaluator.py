@@ -47,7 +47,7 @@ from prometheus_client.registry import Collector
 
 from .. import sketch
 from ..evidence import APART_EVIDENCE, apart_log_odds, binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
-from ..storage.buckets import SESSION_FIELDS, F
+from ..storage.buckets import SESSION_BUCKETS, SESSION_FIELDS, F
 from ..zones import local_hours
 from .baseline import (
     TAIL_SCALE_DF_PER_VALUE,
@@ -641,9 +641,11 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     b = c.base
     n = c.sums[..., F["requests"]]
     expected = c.expected_requests()
-    z = count_z(n, expected, b.requests.level_sd[:, None], b.burstiness[:, None], b.requests.level_df[:, None])
+    args = (b.requests.level_sd[:, None], b.burstiness[:, None], b.requests.level_df[:, None])
+    z = count_z(n, expected, *args)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (n + 0.5) / (expected + 0.5)
+        z, ratio = _count_without_top_session(c, "requests", n, expected, z, ratio, z >= c.zc, args)
         rate, usual = n / c.window_min, expected / c.window_min
     ok = c.ready(spec)[:, None] & np.isfinite(expected)
     rising = ok & (z >= c.zc) & (rate >= spec.min_current)
@@ -811,27 +813,69 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
     return z, mean
 
 
+def usual_bucket_share(n_by: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """(...) the share of a window's requests one session bucket (of `n_by` (..., buckets),
+    the window's requests per bucket; `n` all of them) usually holds, leaving out the
+    bucket with the most: an eighth of the share of requests that name a session, as the
+    other buckets show it. The hash spreads sessions evenly over the buckets, so with many
+    sessions each holds about that; with a few, a bucket holds more, and a window judged
+    without its top bucket against the rest of its expectation asks for more."""
+    top = n_by.max(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        named = np.clip((n_by.sum(axis=-1) - top) / np.maximum(n - top, 1.0), 0.0, 1.0)
+    return named / SESSION_BUCKETS
+
+
+def _count_without_top_session(c: _Context, field: str, n: np.ndarray, expected: np.ndarray, z: np.ndarray,
+                               ratio: np.ndarray, passed: np.ndarray, args: tuple[np.ndarray, ...],
+                               hour: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(z, ratio) of request counts (S, W) that must survive leaving out the window's
+    session bucket with the most requests, where that bucket holds most of the window's
+    excess over its usual share (`usual_bucket_share`) of the expectation: a session's
+    requests are one piece of evidence however many it makes (one agent loop's calls are
+    the runaway detector's to judge: its invocation spike and chain length). The rest is
+    judged against the rest of the expectation. Requests in no bucket (without a session
+    id, or in slots restored at start-up) stay in. Read for the scopes whose rise `passed`
+    only (`hour`: the counts are the hour window's alone)."""
+    rows = np.flatnonzero(passed.any(axis=1))
+    if not rows.size:
+        return z, ratio
+    by = c.sessions(rows)[..., SESSION_FIELDS.index(field)]             # (R, W, buckets)
+    if hour:
+        by = by[:, -1:]
+    top = by.max(axis=-1)
+    n_r, e_r = n[rows], np.nan_to_num(expected[rows])
+    share = e_r * usual_bucket_share(by, n_r)
+    carried = passed[rows] & (top - share > 0.5 * (n_r - e_r)) & (top > 0)
+    rest, e_rest = n_r - top, e_r - share
+    z_rest = count_z(rest, e_rest, *(a[rows] for a in args))
+    z, ratio = z.copy(), ratio.copy()
+    z[rows] = np.where(carried, np.fmin(z[rows], z_rest), z[rows])
+    ratio[rows] = np.where(carried, np.fmin(ratio[rows], (rest + 0.5) / (e_rest + 0.5)), ratio[rows])
+    return z, ratio
+
+
 def _total_without_top_session(c: _Context, field: str, value: np.ndarray, expected: np.ndarray,
                                 n: np.ndarray, passed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The hour's total without the session bucket that spent most beyond its share of the
-    hour's requests, and what the rest was expected to spend (the expectation times its
-    share of the requests), where that bucket carries most of the hour's excess: a few
-    huge requests of one session are that session's, for the runaway detector to judge,
-    not the scope's. Read for the scopes that `passed` only; elsewhere the total as it is."""
+    """The hour's total without the session bucket that spent most beyond its usual share
+    (`usual_bucket_share`), and what the rest was expected to spend (the rest of the
+    expectation), where that bucket carries most of the hour's excess: a few huge
+    requests of one session, or a loop of many, are that session's, for the runaway
+    detector to judge, not the scope's. Read for the scopes that `passed` only; elsewhere
+    the total as it is."""
     rest, kept = value.copy(), np.ones_like(value)
     rows = np.flatnonzero(passed)
     if rows.size:
         hour = c.sessions(rows)[:, -1]                              # (R, buckets, fields)
         n_by, total_by = hour[..., SESSION_FIELDS.index("requests")], hour[..., SESSION_FIELDS.index(field)]
+        share = usual_bucket_share(n_by, n[rows])
         with np.errstate(invalid="ignore", divide="ignore"):
-            share = n_by / n[rows, None]
-            excess = total_by - np.nan_to_num(expected[rows])[:, None] * share
-            top = np.argmax(excess, axis=1)[:, None]
-            carried = np.take_along_axis(excess, top, axis=1)[:, 0] > 0.5 * (value[rows] - expected[rows])
-            rows, top = rows[carried], top[carried]
-            total_top = np.take_along_axis(total_by[carried], top, axis=1)[:, 0]
-            rest[rows] = np.maximum(value[rows] - total_top, 0.0)
-            kept[rows] = 1.0 - np.nan_to_num(np.take_along_axis(share[carried], top, axis=1)[:, 0])
+            top = np.argmax(total_by, axis=1)[:, None]
+            total_top = np.take_along_axis(total_by, top, axis=1)[:, 0]
+            carried = total_top - np.nan_to_num(expected[rows]) * share > 0.5 * (value[rows] - expected[rows])
+            rows = rows[carried]
+            rest[rows] = np.maximum(value[rows] - total_top[carried], 0.0)
+            kept[rows] = 1.0 - share[carried]
     return rest, expected * kept
 
 
@@ -863,11 +907,17 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
         rest, expected_rest = _total_without_top_session(c, "cost" if spec.name == "cost_per_hour" else "tokens",
-                                                         value, expected, n_req, z_total >= c.zc[-1])
+                                                         value, expected, c.sums[:, -1, F["requests"]],
+                                                         z_total >= c.zc[-1])
         z_total = np.fmin(z_total, np.log((rest + floor) / (expected_rest + floor)) / total_sd)
         total_ratio = np.fmin(value / expected, rest / expected_rest)
-        count_ratio = (n_req + 0.5) / (exp_req + 0.5) * size_ratio[:, -1]
+        count_ratio = (n_req + 0.5) / (exp_req + 0.5)
+    args = (b.requests.level_sd[:, None], b.burstiness[:, None], b.requests.level_df[:, None])
     z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness, b.requests.level_df)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_c, ratio_c = _count_without_top_session(c, spent, n_req[:, None], exp_req[:, None], z_count[:, None],
+                                                  count_ratio[:, None], (z_count >= c.zc[-1])[:, None], args, hour=True)
+        z_count, count_ratio = z_c[:, 0], ratio_c[:, 0] * size_ratio[:, -1]
     current, base_value = value * per, expected * per
     ok = c.ready(spec) & (current >= spec.min_current)
     hour_ok = ok & np.isfinite(expected)
