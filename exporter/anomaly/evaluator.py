@@ -898,7 +898,10 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     z_size, _, size_ratio = sized["tokens"]
     # 2. the hour's total against the time of day (a few huge requests), and
     # 3. the hour's count of requests that spent (more requests of the usual size): calls
-    # that failed or carried no tokens (no cost) spend nothing, so a retry storm is no rise
+    # that failed or carried no tokens (no cost) spend nothing, so a retry storm is no rise.
+    # Its effect is the count's, less where the requests got smaller; bigger requests are
+    # the size's and the total's evidence, each of which must hold without the session
+    # that carries it (one session's huge requests lifted other traffic's busy hour to a page)
     expected = c.expected(seasonal, [c.ev.fine_slots[-1]])[:, 0]
     floor = LOG_FLOOR[spec.name] * (60.0 if spec.name == "token_velocity" else 1.0)
     spent = SPENDING[spec.name]
@@ -917,7 +920,7 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     with np.errstate(invalid="ignore", divide="ignore"):
         z_c, ratio_c = _count_without_top_session(c, spent, n_req[:, None], exp_req[:, None], z_count[:, None],
                                                   count_ratio[:, None], (z_count >= c.zc[-1])[:, None], args, hour=True)
-        z_count, count_ratio = z_c[:, 0], ratio_c[:, 0] * size_ratio[:, -1]
+        z_count, count_ratio = z_c[:, 0], ratio_c[:, 0] * np.fmin(size_ratio[:, -1], 1.0)
     current, base_value = value * per, expected * per
     ok = c.ready(spec) & (current >= spec.min_current)
     hour_ok = ok & np.isfinite(expected)
