@@ -1008,6 +1008,28 @@ def test_calls_one_session_carries_are_no_rise_of_the_apps_requests(site: Site, 
         assert [f for signal in ("cost_per_hour", "token_velocity") for f in flagged(snaps, signal)] == []
 
 
+def test_a_runaway_session_does_not_lift_a_busy_hour_to_a_page(site: Site) -> None:
+    """Twice the agent app's usual requests from 14:00 (more sessions of the usual size: a
+    busy hour, a warning at most) while one of its sessions re-sends its growing context
+    150 times. The hour's requests are up, and so is their mean size, but the size rise is
+    the one session's: cost may warn for the busy hour, but does not reach the high ratio
+    (the runaway detector's page to make). Read with the hour's mean size ratio, which the
+    one session lifts, the count made the model's spend about four times the usual."""
+    rng = np.random.default_rng(13)
+    base = site.traffic.take(site.traffic.where(S, S + HOUR, app="agent"))
+    busy = base.take(np.arange(len(base)))
+    busy.ts = np.sort(S + rng.uniform(0, HOUR, len(busy)))
+    busy.session = np.array([f"busy-{i // 6}" for i in range(len(busy))], dtype=object)
+    run = base.take(np.arange(150) % len(base))
+    run.ts = S + 20.0 * np.arange(150)
+    run.input_tokens = np.minimum(3000 + 1500 * np.arange(150), 120_000)
+    run.cost = run.cost * run.input_tokens / np.maximum(base.input_tokens[np.arange(150) % len(base)], 1)
+    run.session = np.full(150, "runaway-1", dtype=object)
+    snaps = live(site, Traffic.concat([site.traffic, busy, run]), every(S, 70, step=5))
+    cost = flagged(snaps, "cost_per_hour")
+    assert cost and all(severity == "warning" for _, _, severity, _ in cost), cost
+
+
 @pytest.mark.parametrize("hours_split", [True, False])
 def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monkeypatch: pytest.MonkeyPatch,
                                                                 hours_split: bool) -> None:
