@@ -140,7 +140,7 @@ class Engine:
         self.evaluation_errors_total = 0.0
         self.last_evaluation = 0.0
         self._bursts_through = 0                # hours before it have their burstiness stored
-        self._judged_stored = (0, 0)            # the evaluator's judged_version and drift's taint_version last stored
+        self._judged_stored = (0, 0, 0)         # the evaluator's judged_version, drift's taint_version and apart_version last stored
         self.queue_metrics: Any = None          # the HTTP edge's ingest queue collector, once an app has one
         self.otlp_spans = SpanCounts()          # spans received by the OTLP receiver, by result
         try:
@@ -171,20 +171,21 @@ class Engine:
     # --- start-up ---------------------------------------------------------------------
 
     def _save_judged(self) -> None:
-        """Store the hours the evaluator judged and the drift detector found drifting, when
-        either marked new ones (a failed write is retried at the next evaluation)."""
+        """Store the hours the evaluator judged and the drift detector found drifting, and
+        the failures the drift detector put on an app, when any marked new ones (a failed
+        write is retried at the next evaluation)."""
         with self.lock:
             drift = self.detectors.drift
-            version = (self.evaluator.judged_version, drift.taint_version)
+            version = (self.evaluator.judged_version, drift.taint_version, drift.apart_version)
             if version == self._judged_stored:
                 return
             try:
-                rows, tainted = self.evaluator.judged_rows(), drift.tainted_rows()
+                rows, tainted, apart = self.evaluator.judged_rows(), drift.tainted_rows(), drift.apart_rows()
             except Exception:   # a bug in either must not stop the evaluations; the marks stay in memory
                 log.exception("listing judged hours failed")
                 return
             try:
-                self.store.write_judged(rows, tainted)
+                self.store.write_judged(rows, tainted, apart)
             except StoreError:
                 log.exception("storing judged hours failed; retried at the next evaluation")
                 return
@@ -212,6 +213,7 @@ class Engine:
             return
         self._restore_detectors(newest)
         self.detectors.drift.load_tainted(self.store.drift_tainted(int((newest - self.settings.horizon) // 3600)))
+        self.detectors.drift.load_apart(self.store.drift_apart(int((newest - self.settings.horizon) // 3600)))
         now = max(self.clock(), newest)
         for groups in self.store.bucket_groups(3600, now - self.settings.horizon, now + 3600):
             self.history.add_hours(groups, keys)

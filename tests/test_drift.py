@@ -16,6 +16,7 @@ from exporter.detectors.drift import (
     design_effect, effective_conversations, hour_blocks, intraclass_correlation, length_bins, rank_sum_terms, rate_z,
     response_flags, shift_estimate, stop_is_anomalous,
 )
+from exporter.anomaly.evaluator import Snapshot
 from exporter.evidence import z_threshold
 from exporter.ingest.records import RecordColumns, parse_record, to_columns
 
@@ -177,6 +178,48 @@ def test_failures_put_on_an_app_stay_out_of_the_error_rate_after_its_verdict(apa
     assert not after.errors_apart
     if apart:
         assert after.values["error_rate"] == pytest.approx(2 / 140) and after.severity == 0, after.reasons
+    else:
+        assert after.values["error_rate"] == pytest.approx(62 / 200) and after.severity == 2
+
+
+@pytest.mark.parametrize("restored", [True, False])
+def test_failures_put_on_an_app_stay_its_own_after_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             restored: bool) -> None:
+    """The storm of the test above, through the engine and its SQLite file: the failures
+    marked as the "retry" app's while the evaluator's verdict held are stored with the
+    other marks, so a process restarted after that verdict ended, with the storm still in
+    the model's last 200 responses, counts them as the app's as the kept process does
+    (2 of 140 failed), where it would otherwise page for them (62 of 200, `restored`
+    False). The evaluator's verdict is set here: this test is about what the drift keeps."""
+    if not restored:
+        monkeypatch.setattr(DriftDetector, "load_apart", lambda self, rows: None)
+    verdict = {"on": True}
+    monkeypatch.setattr(Snapshot, "put_on_an_app", lambda self, signal: frozenset(
+        {("openai", "gpt-4o", "retry")} if verdict["on"] and signal == "error_rate" else ()))
+    idx = set(np.linspace(0, 199, 60).round().astype(int).tolist())
+    chat_fails = {i for i in range(200) if i not in idx}.intersection(range(5, 200, 70))
+    rng = np.random.default_rng(3)
+    healthy = [{"ts": REF_END - 6 * HOUR + 30 * i, "provider": "openai", "model": "gpt-4o", "app": "chat",
+                "output_tokens": int(rng.lognormal(5.7, 0.6)) + 1, "request_id": f"h{i}"} for i in range(720)]
+    storm = [{"ts": T0 + 10 * i, "provider": "openai", "model": "gpt-4o", "app": "retry" if i in idx else "chat",
+              "status": "error" if i in idx or i in chat_fails else "ok", "output_tokens": 0 if i in idx else 300,
+              "request_id": f"s{i}"} for i in range(200)]
+    now = T0 + 200 * 10.0 + 1
+    settings = settings_for(tmp_path)
+    engine, _ = engine_at(settings, now)
+    engine.ingest(healthy, now=now)
+    engine.ingest(storm, now=now)
+    during = only(engine.evaluate(now).extra["detectors"].drift)
+    assert during.errors_apart and during.severity == 0 and during.values["error_rate"] == pytest.approx(62 / 200)
+    verdict["on"] = False
+    kept = only(engine.evaluate(now + 600).extra["detectors"].drift)
+    assert kept.values["error_rate"] == pytest.approx(2 / 140) and kept.severity == 0
+    engine.close()
+    again, _ = engine_at(settings, now + 600)
+    after = only(again.evaluate(now + 600).extra["detectors"].drift)
+    again.close()
+    if restored:
+        assert after.to_dict() == kept.to_dict()
     else:
         assert after.values["error_rate"] == pytest.approx(62 / 200) and after.severity == 2
 

@@ -140,6 +140,10 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     st = engine.store
     st.write_judged([("global\x1f\x1f\x1f", int(T0 // 3600) - 5), ("global\x1f\x1f\x1f", int(T0 // 3600) - 5)])
     assert st.judged(0) == [("global\x1f\x1f\x1f", int(T0 // 3600) - 5)]    # a mark stored twice is one
+    h = int(T0 // 3600) - 5
+    st.write_judged([], [], [("openai", "gpt-4o", "retry", h, h * 3600.0 + 600, h * 3600.0 + 900)])
+    st.write_judged([], [], [("openai", "gpt-4o", "retry", h, h * 3600.0 + 300, h * 3600.0 + 700)])
+    assert st.drift_apart(0) == [("openai", "gpt-4o", "retry", h, h * 3600.0 + 300, h * 3600.0 + 900)]   # a span grows
     mins = lambda: sorted({b[0] for b in bucket_rows(st, 60, 0, T0 + 10**6)})      # noqa: E731
     hours = lambda: sorted({b[0] for b in bucket_rows(st, 3600, 0, T0 + 10**6)})   # noqa: E731
     assert mins() == [T0 - 5 * 3600, T0 - 600] and len(hours()) == 2
@@ -154,6 +158,7 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     clock.t = T0 + 3 * 86400
     engine.prune()
     assert mins() == [] and hours() == [] and remembered(st) == set() and st.judged(0) == []   # judged hours: 2 d
+    assert st.drift_apart(0) == []
     assert sum(c for _, _, c in st.daily_costs()) == pytest.approx(2.0)   # daily costs stay for forecasts
     engine.close()
 

@@ -645,13 +645,16 @@ class _Ring:
         self.size = min(cap, self.size + n)
         self.pushes += 1
 
-    def put_apart(self, app: int) -> None:
-        """Mark the failures of `app` held as that app's (`_APART`)."""
+    def put_apart(self, app: int, first: float = -math.inf, last: float = math.inf) -> np.ndarray:
+        """Mark the failures of `app` held (those from `first` to `last`) as that app's
+        (`_APART`); the times of the newly marked ones."""
         s = self.size
-        hit = (self.app[:s] == app) & ((self.flags[:s] & (_ERROR | _APART)) == _ERROR)
+        hit = ((self.app[:s] == app) & ((self.flags[:s] & (_ERROR | _APART)) == _ERROR)
+               & (self.ts[:s] >= first) & (self.ts[:s] <= last))
         if hit.any():
             self.flags[:s][hit] |= _APART
             self.marks += 1
+        return self.ts[:s][hit]
 
     def view(self) -> tuple[np.ndarray, ...]:
         s = self.size
@@ -771,6 +774,9 @@ class DriftDetector:
         self._memo: dict[tuple[str, str], tuple[Any, DriftResult]] = {}   # last verdict and what it rested on
         self._slots = math.ceil(settings.baseline_s / HOUR) + 1
         self.taint_version = 0                                 # bumped when an hour is newly marked drifting
+        # (provider, model, app, hour) -> [first, last] event times of the failures marked as the app's
+        self._apart: dict[tuple[str, str, str, int], list[float]] = {}
+        self.apart_version = 0                                 # bumped when failures are newly marked
 
     def observe(self, cols: RecordColumns) -> None:
         """Add a batch. Records go to their series in event-time order within the batch;
@@ -870,8 +876,44 @@ class DriftDetector:
         for provider, model, app in errors_apart:
             held, code = self._rings.get((provider, model)), self._app_codes.get(app)
             if held is not None and code is not None:
-                held.put_apart(code)
+                self._remember_apart(provider, model, app, held.put_apart(code))
+        self._forget_apart(cutoff)
         return out
+
+    def _remember_apart(self, provider: str, model: str, app: str, ts: np.ndarray) -> None:
+        """Note the span of the failures just marked as `app`'s, per clock hour, for the store."""
+        if not ts.size:
+            return
+        hours = np.floor(ts / HOUR).astype(np.int64)
+        for h in np.unique(hours).tolist():
+            inside = ts[hours == h]
+            span = self._apart.setdefault((provider, model, app, int(h)), [math.inf, -math.inf])
+            span[0], span[1] = min(span[0], float(inside.min())), max(span[1], float(inside.max()))
+        self.apart_version += 1
+
+    def _forget_apart(self, cutoff: float) -> None:
+        """Spans whose failures have all aged out of the windows, or whose series went."""
+        for k in [k for k, (_, last) in self._apart.items() if last < cutoff or k[:2] not in self._rings]:
+            del self._apart[k]
+
+    def apart_rows(self) -> list[tuple[str, str, str, int, float, float]]:
+        """(provider, model, app, hour, first, last) of the failures marked as an app's,
+        for the store: the windows count responses, so they can hold an app's storm after
+        the evaluator's verdict on it ended, and a restart then must not count it as the
+        model's again (the evaluator no longer says whose it was)."""
+        return [(*k, span[0], span[1]) for k, span in self._apart.items()]
+
+    def load_apart(self, rows: list[tuple[str, str, str, int, float, float]]) -> None:
+        """Marks stored from `apart_rows` (at start-up, after the raw records were
+        observed): the app's failures in each span are marked again. Unknown series and
+        apps are skipped."""
+        for provider, model, app, hour, first, last in rows:
+            held, code = self._rings.get((provider, model)), self._app_codes.get(app)
+            if held is None or code is None:
+                continue
+            held.put_apart(code, first, last)
+            span = self._apart.setdefault((provider, model, app, int(hour)), [math.inf, -math.inf])
+            span[0], span[1] = min(span[0], first), max(span[1], last)
 
     def _judge_series(self, key: tuple[str, str], cols: tuple[np.ndarray, ...], now: float,
                       tests: int, errors_apart: bool = False) -> DriftResult:

@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS slot_sizes (scope TEXT NOT NULL, hour INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS judged (scope TEXT NOT NULL, hour INTEGER NOT NULL, PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drift_tainted (provider TEXT NOT NULL, model TEXT NOT NULL, hour INTEGER NOT NULL,
   signal TEXT NOT NULL, PRIMARY KEY (provider, model, hour, signal)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drift_apart (provider TEXT NOT NULL, model TEXT NOT NULL, app TEXT NOT NULL,
+  hour INTEGER NOT NULL, first REAL NOT NULL, last REAL NOT NULL, PRIMARY KEY (provider, model, app, hour)) WITHOUT ROWID;
 """
 SCHEMA_VERSION = "3"     # 3: the tpot sketch column (added in place to older files)
 RESOLUTIONS = (60, 3600)
@@ -588,17 +590,23 @@ class Store:
                 self._failed(e, "storing burstiness in")
             self._committed()
 
-    def write_judged(self, rows: Sequence[tuple[str, int]], tainted: Sequence[tuple[str, str, int, str]] = ()) -> None:
+    def write_judged(self, rows: Sequence[tuple[str, int]], tainted: Sequence[tuple[str, str, int, str]] = (),
+                     apart: Sequence[tuple[str, str, str, int, float, float]] = ()) -> None:
         """Store the (scope key, hour) pairs whose cost or tokens a verdict judged anomalous
-        (the evaluator leaves those hours out of its size statistics), and the (provider,
+        (the evaluator leaves those hours out of its size statistics), the (provider,
         model, hour, signal) cells the drift detector found drifting (left out of that
-        signal's reference), so that a restart does not take a spike or a lasting fault
-        back into its baseline. Rows already stored are kept as they are."""
+        signal's reference), and the spans of a model's failures put on one of its apps
+        (left out of the model's error rate), so that a restart does not take a spike or a
+        lasting fault back into its baseline, nor an app's storm back into its model's
+        errors. Rows already stored are kept as they are; a span only grows."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT OR IGNORE INTO judged VALUES (?, ?)", rows)
                 self._db.executemany("INSERT OR IGNORE INTO drift_tainted VALUES (?, ?, ?, ?)", tainted)
+                self._db.executemany("INSERT INTO drift_apart VALUES (?, ?, ?, ?, ?, ?) "
+                                     "ON CONFLICT (provider, model, app, hour) DO UPDATE SET "
+                                     "first = min(first, excluded.first), last = max(last, excluded.last)", apart)
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._failed(e, "storing judged hours in")
@@ -611,6 +619,11 @@ class Store:
     def drift_tainted(self, since_hour: int) -> list[tuple[str, str, int, str]]:
         with self._lock, self._reading("reading drifting hours from"):
             return self._db.execute("SELECT provider, model, hour, signal FROM drift_tainted WHERE hour >= ?",
+                                    (since_hour,)).fetchall()
+
+    def drift_apart(self, since_hour: int) -> list[tuple[str, str, str, int, float, float]]:
+        with self._lock, self._reading("reading failures put on an app from"):
+            return self._db.execute("SELECT provider, model, app, hour, first, last FROM drift_apart WHERE hour >= ?",
                                     (since_hour,)).fetchall()
 
     def bursts(self, since_hour: int) -> list[tuple[str, int, float, float]]:
@@ -641,6 +654,7 @@ class Store:
                 self._db.execute("DELETE FROM slot_sizes WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM judged WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM drift_tainted WHERE hour < ?", (int((now - horizon) // 3600),))
+                self._db.execute("DELETE FROM drift_apart WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._failed(e, "pruning")
