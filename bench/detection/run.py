@@ -78,6 +78,7 @@ class Plan:
     weekend: float = 1.0                              # share of the sessions kept on weekends
     zone: str = ""                                    # the users' time zone ("": the traffic is UTC's)
     shift: float = 0.0                                # whole weeks the timeline moved by, for the zone's clock change
+    sessions: bool = True                             # False: the records carry no session id
 
     @property
     def scored_start(self) -> float:
@@ -129,6 +130,8 @@ def run_scenario(plan: Plan, kind_name: str | None, sets: dict[str, Any], signal
         kind = KIND_BY_NAME[kind_name]
         traffic, anomalies = inject(base, kind, plan.starts(kind), seed=plan.seed * 1000 + KINDS.index(kind))
     records = split_records(traffic.to_records(), split)
+    if not plan.sessions:                  # after the split, which places an app's copies by session
+        records = [replace(r, session_id=None) for r in records]
     col = Collector()
     backtest(make_settings(sets, signals), records, plan.scored_start, plan.scored_end, step, on_snapshot=col)
     return kind_name or "clean", col.result(), anomalies, time.perf_counter() - t0
@@ -502,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the users live in this time zone, e.g. Europe/Berlin: their days follow its clocks, and "
                          "the days are moved on by whole weeks so that its first daylight saving change falls just "
                          "before the scored week (the exporter learns in UTC unless --set timezone=IANA)")
+    ap.add_argument("--no-sessions", action="store_true",
+                    help="records without session ids, as a site that sends none (the split still places an app's "
+                         "copies by session)")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
@@ -553,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = replace(plan, zone=args.zone, shift=zone_shift(args.zone, plan.scored_start))
         except ValueError as e:
             raise SystemExit(f"--zone: {e}") from None
+    if args.no_sessions:
+        plan = replace(plan, sessions=False)
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
@@ -607,6 +615,7 @@ def default_path(plan: Plan, split: int, revision: str) -> Path:
     volume = f"-volume{plan.volume}" if plan.volume > 1 else ""
     weekend = f"-weekend{plan.weekend:g}" if plan.weekend < 1 else ""
     clock = "-" + re.sub(r"[^A-Za-z0-9]+", "-", plan.zone) if plan.zone else ""
+    clock += "" if plan.sessions else "-nosessions"
     return RESULTS / (f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}{clock}"
                       f"-{tag}.json")
 
@@ -631,6 +640,7 @@ def report(state: dict[str, Any], rules: dict[str, tuple[AlertRule, ...]], rules
         f"real days, seed {plan.seed}), Azure token sizes"
         + (f", each app split into {split} apps by session and each model into {split} deployments" if split > 1
            else "")
+        + ("" if plan.sessions else ", every session id dropped")
         + f"; {plan.history_days} days of history, {plan.scored_days} scored day(s), evaluated every "
         f"{step / 60:g} min; alerts as the rules in {rules_from} raise them. Settings: {sets or 'defaults'}; "
         f"signal overrides: {signals or 'none'}.", ""]
