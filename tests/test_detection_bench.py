@@ -173,6 +173,35 @@ def test_split_keeps_volume_and_sessions(base) -> None:
     assert split_records(recs, 1) is recs
 
 
+def test_thin_keeps_a_share_of_whole_sessions(base) -> None:
+    """`--thin`: a quieter site of the same apps keeps about that share of the sessions on
+    every day, each with all its requests or none."""
+    thin = build_traffic(PLAN.history_days + PLAN.scored_days + 1, PLAN.seed, share=0.2)
+    kept, every = set(thin.session.tolist()), set(base.session.tolist())
+    assert 0.15 < len(thin) / len(base) < 0.25 and 0.15 < len(kept) / len(every) < 0.25
+    assert kept <= every
+    count = lambda tr: dict(zip(*np.unique(tr.session.astype(str), return_counts=True)))   # noqa: E731
+    full, part = count(base), count(thin)
+    assert all(part[s] == full[s] for s in part)
+
+
+def test_no_sessions_drops_every_session_id_after_the_split() -> None:
+    """`--no-sessions`: the records name no session, and a split still places an app's
+    copies by session (the same apps' traffic as with them)."""
+    week = bench.Plan("week", history_days=1, scored_days=1, instance_slots=(), creep_slots=(), nab=(),
+                      sessions=False)
+    seen: list[Any] = []
+    real = bench.backtest
+    try:
+        bench.backtest = lambda settings, records, *a, **k: seen.extend(records)   # the records it would replay
+        bench.run_scenario(week, None, {}, {}, 3600.0, split=3)
+    finally:
+        bench.backtest = real
+    assert seen and all(r.session_id is None for r in seen)
+    with_ids = split_records(bench.base_traffic(week).to_records(), 3)
+    assert [(r.ts, r.app) for r in seen] == [(r.ts, r.app) for r in with_ids]
+
+
 def test_a_zone_moves_the_day_by_its_clocks() -> None:
     """`--zone`: the timeline moves on by whole weeks so that the zone's change of the clocks
     falls the night before the scored week (a Monday); before it the wall-clock traffic

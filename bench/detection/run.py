@@ -76,6 +76,7 @@ class Plan:
     seed: int = 7
     volume: int = 1                                   # arrival copies per app, times the base
     weekend: float = 1.0                              # share of the sessions kept on weekends
+    share: float = 1.0                                # share of the sessions kept on every day (--thin)
     zone: str = ""                                    # the users' time zone ("": the traffic is UTC's)
     shift: float = 0.0                                # whole weeks the timeline moved by, for the zone's clock change
     sessions: bool = True                             # False: the records carry no session id
@@ -107,9 +108,9 @@ _BASE: dict[tuple[int, int], Any] = {}
 
 
 def base_traffic(plan: Plan) -> Any:
-    key = (plan.history_days + plan.scored_days + 1, plan.seed, plan.volume, plan.weekend, plan.zone)
+    key = (plan.history_days + plan.scored_days + 1, plan.seed, plan.volume, plan.weekend, plan.zone, plan.share)
     if key not in _BASE:
-        tr = build_traffic(key[0], plan.seed, volume=plan.volume, weekend=plan.weekend)
+        tr = build_traffic(key[0], plan.seed, volume=plan.volume, weekend=plan.weekend, share=plan.share)
         _BASE[key] = in_zone(tr, plan.zone, plan.shift) if plan.zone else tr
     return _BASE[key]
 
@@ -501,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weekend", type=float, default=1.0, metavar="SHARE",
                     help="keep this share of the sessions on Saturdays and Sundays, e.g. 0.3 for a site used "
                          "at work (default 1: every day alike)")
+    ap.add_argument("--thin", type=float, default=1.0, metavar="SHARE",
+                    help="keep this share of the sessions on every day, e.g. 0.2 for a quieter site of the same "
+                         "apps (default 1)")
     ap.add_argument("--zone", default="", metavar="IANA",
                     help="the users live in this time zone, e.g. Europe/Berlin: their days follow its clocks, and "
                          "the days are moved on by whole weeks so that its first daylight saving change falls just "
@@ -554,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         # a day more of history, so that the weekly pattern holds two whole weeks before the
         # first scored hour (the first history day starts at 04:00, a quarter day late)
         plan = replace(plan, weekend=args.weekend, history_days=plan.history_days + 1)
+    if not 0.0 < args.thin <= 1.0:
+        raise SystemExit("--thin: a share of the sessions, above 0 and at most 1")
+    if args.thin < 1.0:
+        plan = replace(plan, share=args.thin)
     if args.zone:
         try:
             plan = replace(plan, zone=args.zone, shift=zone_shift(args.zone, plan.scored_start))
@@ -614,6 +622,7 @@ def default_path(plan: Plan, split: int, revision: str) -> Path:
     seed = f"-seed{plan.seed}" if plan.seed != FULL.seed else ""
     volume = f"-volume{plan.volume}" if plan.volume > 1 else ""
     weekend = f"-weekend{plan.weekend:g}" if plan.weekend < 1 else ""
+    weekend += f"-thin{plan.share:g}" if plan.share < 1 else ""
     clock = "-" + re.sub(r"[^A-Za-z0-9]+", "-", plan.zone) if plan.zone else ""
     clock += "" if plan.sessions else "-nosessions"
     return RESULTS / (f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}{clock}"
@@ -641,6 +650,7 @@ def report(state: dict[str, Any], rules: dict[str, tuple[AlertRule, ...]], rules
         + (f", each app split into {split} apps by session and each model into {split} deployments" if split > 1
            else "")
         + ("" if plan.sessions else ", every session id dropped")
+        + (f", {plan.share:g} of the sessions kept" if plan.share < 1 else "")
         + f"; {plan.history_days} days of history, {plan.scored_days} scored day(s), evaluated every "
         f"{step / 60:g} min; alerts as the rules in {rules_from} raise them. Settings: {sets or 'defaults'}; "
         f"signal overrides: {signals or 'none'}.", ""]

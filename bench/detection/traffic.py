@@ -300,12 +300,13 @@ def _requests(rng: np.random.Generator, ts: np.ndarray, app: AppProfile, session
 
 
 def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS, volume: int = 1,
-                  weekend: float = 1.0) -> Traffic:
+                  weekend: float = 1.0, share: float = 1.0) -> Traffic:
     """`days` synthetic days from EPOCH (each from 04:00 to 04:00), all apps, sorted by time.
     `volume` multiplies every app's RAGPulse arrival copies: a busier site of the same apps,
     each copy replaying its own seeded order of the real days. `weekend` is the share of
     the sessions kept on Saturdays and Sundays (EPOCH is a Monday): a site used at work,
-    whose weekends are quieter than its weekdays."""
+    whose weekends are quieter than its weekdays. `share` is the share of the sessions kept
+    on every day (times `weekend` on weekends): a quieter site of the same apps."""
     rp = ragpulse()
     day_idx = ragpulse_days()
     rng = np.random.default_rng(seed)
@@ -355,6 +356,9 @@ def build_traffic(days: int, seed: int = 7, apps: tuple[AppProfile, ...] = APPS,
     for p in parts[1:]:
         out = out.append(p)
     out = out.sorted()
+    if share < 1.0:        # after every other draw (its own generator): the full site's sessions, a share of them
+        names, inv = np.unique(out.session.astype(str), return_inverse=True)
+        out = out.select((np.random.default_rng([seed, 1]).random(names.size) < share)[inv])
     out.meta = {"days": days, "seed": seed, "start": EPOCH, "end": EPOCH + days * DAY + DAY_START_S}
     return out
 
