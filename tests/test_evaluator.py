@@ -32,6 +32,7 @@ from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
 from exporter.ingest.rejections import Rejections
+from exporter.anomaly import evaluator as evaluator_module
 from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Evaluator, Snapshot, _failures_are_the_apps, size_z
 from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
 
@@ -1030,6 +1031,26 @@ def test_a_runaway_session_does_not_lift_a_busy_hour_to_a_page(site: Site) -> No
     assert cost and all(severity == "warning" for _, _, severity, _ in cost), cost
 
 
+@pytest.mark.parametrize("sessions,guarded,flags", [(1, True, False), (90, True, True), (1, False, True)])
+def test_one_sessions_slow_calls_are_no_latency_anomaly(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                        sessions: int, guarded: bool, flags: bool) -> None:
+    """90 agent calls in the half hour from 14:00 whose first token comes eight times later
+    and whose answers take twice as long (the huge prompts of an agent loop that re-sends
+    its growing context). Made by one session they are one piece of evidence, the runaway
+    detector's and the size's: no latency or TTFT verdict on the agent app, its model or
+    all traffic. Made by 90 sessions, they are the model's slowness and are flagged; so
+    are the one session's with the guard taken out (`guarded` False: the test can fail)."""
+    if not guarded:
+        monkeypatch.setattr(evaluator_module, "_slow_without_top_session", lambda c, kind, z, *a: z)
+    base = site.traffic.take(site.traffic.where(S, S + HOUR, app="agent"))
+    run = slower(base.take(np.arange(90) % len(base)), np.ones(90, dtype=bool), ttft=8.0, generation=2.0)
+    run.ts = S + 20.0 * np.arange(90)
+    run.session = np.array([f"runaway-{i % sessions}" for i in range(90)], dtype=object)
+    snaps = live(site, Traffic.concat([site.traffic, run]), every(S, 60, step=5, first_minute=0))
+    slow = [f for signal in ("latency_p95", "ttft_p95") for f in flagged(snaps, signal)]
+    assert bool(slow) == flags, slow
+
+
 @pytest.mark.parametrize("hours_split", [True, False])
 def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monkeypatch: pytest.MonkeyPatch,
                                                                 hours_split: bool) -> None:
@@ -1114,6 +1135,40 @@ def test_whole_hours_split_by_session_bucket_add_up_to_the_hours() -> None:
     restored.history.add_hours(aggregate(traffic.columns(), np.ones(len(traffic), dtype=np.int64), traffic.cost,
                                          res=HOUR), {1: ("chat", "openai", MINI)})
     assert not restored.history.recent_hour_sessions(end, 2, np.arange(restored.history.size)).any()
+
+
+def test_timing_samples_split_by_session_bucket_add_up_to_the_window() -> None:
+    """The fine slots' timing samples per session bucket add up to the window's samples that
+    name a session, and those at or above the scope's threshold bin to the ones the
+    thresholds in force (the last evaluation's) put there; records without a session id
+    are in no bucket, and a batch fed before any evaluation counts none as slow."""
+    from exporter import sketch
+    from exporter.storage.buckets import SESSION_BUCKETS, SKETCHES
+    at = DAY0 + DAY + 13 * HOUR
+    traffic = generate(SITE, DAY0, at + HOUR, seed=6)
+    traffic.session[::4] = None
+    h = Harness().feed(traffic.take(traffic.ts < at))
+    h.evaluate(at)
+    thr = h.baseline_stats().threshold_bins
+    h.feed(traffic.take(traffic.ts >= at), batch=300)
+    t = at + 0.5 * HOUR - 1
+    rows = np.arange(h.history.size)
+    by = h.history.recent_slow(t, [30], rows)
+    assert by.shape == (len(rows), 1, SESSION_BUCKETS, len(SKETCHES), 2)
+    inside = traffic.take(traffic.where(at, t) & ~np.equal(traffic.session, None))
+    k = SKETCHES.index("latency")
+    checked = 0
+    for r, key in enumerate(h.history.keys):
+        if key[0] != "app":
+            continue
+        sel = inside.app == key[1]
+        bins = sketch.bin_index(inside.latency[sel])
+        assert by[r, 0, :, k, 0].sum() == (bins >= 0).sum(), key
+        assert thr[r, k] >= 0 and by[r, 0, :, k, 1].sum() == (bins >= thr[r, k]).sum(), key
+        checked += int((bins >= thr[r, k]).sum() > 0)
+    assert checked >= 2
+    fresh = Harness().feed(traffic.take(traffic.ts < DAY0 + 2 * HOUR))
+    assert fresh.history.recent_slow(DAY0 + 2 * HOUR - 1, [60], np.arange(fresh.history.size))[..., 1].sum() == 0
 
 
 def test_a_model_whose_traffic_streams_less_is_not_slower() -> None:

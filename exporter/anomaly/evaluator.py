@@ -1011,7 +1011,39 @@ def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.n
     has = c.base.threshold_bins[:, k] >= 0
     z = binomial_z(slow, total, TAIL[kind])
     z = np.where(has[:, None] & (total >= MIN_SAMPLES), z, np.nan)
+    with np.errstate(invalid="ignore"):
+        z = _slow_without_top_session(c, kind, z, slow, total, z >= c.zc)
     return z, slow, total
+
+
+def _slow_without_top_session(c: _Context, kind: str, z: np.ndarray, slow: np.ndarray, total: np.ndarray,
+                              passed: np.ndarray) -> np.ndarray:
+    """z of slow requests (S, W) that must survive leaving out the window's session bucket
+    with the most slow requests beyond its share, where that bucket holds most of the
+    window's excess of them: one session's requests are one piece of evidence (an agent
+    loop re-sending a huge context is slow on every call, and is the runaway detector's
+    and the size's to judge). A fault of the scope slows every session, so its rest is as
+    slow as the whole. The buckets count against the thresholds in force when the requests
+    came, the window against the current ones: the rest is clipped to what the window
+    holds. Read for the scopes whose evidence `passed` only."""
+    rows = np.flatnonzero(passed.any(axis=1))
+    if not rows.size:
+        return z
+    k, tail = KINDS.index(kind), TAIL[kind]
+    by = c.h.recent_slow(c.t, c.ev.fine_slots, rows)[:, :, :, k]                 # (R, W, buckets, 2)
+    samples = by[..., 0]
+    slow_by = samples - by[..., 1] if kind == "otps" else by[..., 1]
+    excess_by = slow_by - tail * samples
+    top = np.argmax(excess_by, axis=-1)[..., None]
+    top_excess = np.take_along_axis(excess_by, top, axis=-1)[..., 0]
+    slow_r, total_r = slow[rows], total[rows]
+    carried = passed[rows] & (top_excess > 0) & (top_excess > 0.5 * (slow_r - tail * total_r))
+    rest = np.maximum(total_r - np.take_along_axis(samples, top, axis=-1)[..., 0], 0.0)
+    rest_slow = np.clip(slow_r - np.take_along_axis(slow_by, top, axis=-1)[..., 0], 0.0, rest)
+    z_rest = np.where(rest >= MIN_SAMPLES, binomial_z(rest_slow, rest, tail), 0.0)
+    z = z.copy()
+    z[rows] = np.where(carried, np.fmin(z[rows], z_rest), z[rows])
+    return z
 
 
 def _quantile_effect(c: _Context, kind: str, passed: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import sketch
-from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES, TOKEN_FIELDS, F, Groups
+from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES, TOKEN_FIELDS, Bins, F, Groups
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
@@ -181,6 +181,11 @@ class ScopeHistory:
         # (`recent_hour_sessions`); batches only, so hours restored at start-up hold zeros
         self.session_hours = Ring(3600, SESSION_HOURS)
         self.hour_sessions = np.zeros((0, SESSION_HOURS, SESSION_BUCKETS * len(SESSION_FIELDS)))
+        # the fine slots' timing samples split by session bucket: per bucket and sketch kind,
+        # all samples and those at or above the scope's threshold bin in force when they
+        # came (`recent_slow`); batches only, like `fine_sessions`
+        self.fine_slow = np.zeros((0, self.fine_ring.n, SESSION_BUCKETS * len(SKETCHES) * 2), dtype=np.float32)
+        self._slow_thr = np.zeros((0, len(SKETCHES)), dtype=np.int64)   # the thresholds last read (`recent_exceedances`)
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
@@ -210,7 +215,7 @@ class ScopeHistory:
             out[: a.shape[0]] = a
             return out
         self.hour_add, self.fine_add, self.fine_sessions = g(self.hour_add), g(self.fine_add), g(self.fine_sessions)
-        self.hour_sessions = g(self.hour_sessions)
+        self.hour_sessions, self.fine_slow = g(self.hour_sessions), g(self.fine_slow)
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
@@ -277,8 +282,10 @@ class ScopeHistory:
             self._add_open(rows, rep, groups)
         adds = groups.adds[rep]
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0,
-                               self.fine_sessions)
+                               self.fine_sessions, self.fine_slow)
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
+        if groups.session_bins is not None:
+            self._add_slow(rows.reshape(-1, 3), slot.reshape(-1, 3)[:, 0], ok.reshape(-1, 3)[:, 0], groups.session_bins)
         if groups.sessions is not None:
             split = groups.sessions.reshape(len(groups), -1)[rep]
             _add_at_cells(self.fine_sessions, rows[ok], slot[ok], split[ok])
@@ -714,6 +721,43 @@ class ScopeHistory:
         back = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
         return back.reshape(len(rows), len(slot_counts), SESSION_BUCKETS, len(SESSION_FIELDS))
 
+    def _add_slow(self, rows: np.ndarray, slot: np.ndarray, ok: np.ndarray, bins: Bins) -> None:
+        """Count a batch's timing samples that name a session into `fine_slow`: per scope
+        row (`rows` (G, 3) per group, `slot` and `ok` its fine slot), session bucket and
+        kind, all samples and those at or above the scope's threshold bin (few: the bins
+        are summed per group and bucket first, and only those beyond a threshold kept)."""
+        n_thr, nk = self._slow_thr.shape[0], len(SKETCHES)
+        table = np.vstack([self._slow_thr, np.full((1, nk), -1, dtype=np.int64)])   # scopes newer than it: none
+        width, n_groups = self.fine_slow.shape[2], rows.shape[0]
+        base = (rows * self.fine_ring.n + slot[:, None]) * width                    # (G, 3) each row's slot
+        cells, values = [], []
+        for k, (cell, b, count) in enumerate(bins):
+            keep = ok[cell // SESSION_BUCKETS]
+            cell, b, count = cell[keep], b[keep], count[keep]
+            samples = np.bincount(cell, weights=count, minlength=n_groups * SESSION_BUCKETS)
+            at = np.flatnonzero(samples)
+            g, bucket = at // SESSION_BUCKETS, at % SESSION_BUCKETS
+            cells.append((base[g] + ((bucket * nk + k) * 2)[:, None]).reshape(-1))
+            values.append(np.repeat(samples[at], 3))
+            g, bucket = cell // SESSION_BUCKETS, cell % SESSION_BUCKETS
+            thr = table[np.minimum(rows[g], n_thr), k]                              # (E, 3)
+            e, j = np.nonzero((thr >= 0) & (b[:, None] >= thr))
+            cells.append(base[g[e], j] + (bucket[e] * nk + k) * 2 + 1)
+            values.append(count[e].astype(np.float64))
+        np.add.at(self.fine_slow.reshape(-1), np.concatenate(cells), np.concatenate(values).astype(np.float32))
+
+    def recent_slow(self, t: float, slot_counts: list[int], rows: np.ndarray) -> np.ndarray:
+        """(len(rows), W, SESSION_BUCKETS, len(SKETCHES), 2): the windows' timing samples of
+        the given scope rows per session bucket and kind, all and those at or above the
+        threshold bin in force when they came (read for the few scopes whose evidence passed)."""
+        k_max = max(slot_counts)
+        hi = math.floor(t / self.fine)
+        slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
+        data = self.fine_slow[rows][:, slot].astype(np.float64)
+        data[:, ~ok] = 0.0
+        back = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
+        return back.reshape(len(rows), len(slot_counts), SESSION_BUCKETS, len(SKETCHES), 2)
+
     def recent_hour_sessions(self, end: int, k: int, rows: np.ndarray) -> np.ndarray:
         """(len(rows), SESSION_BUCKETS, len(SESSION_FIELDS)): the sums of the k whole hours up
         to `end` (hours end+1-k .. end) of the given scope rows split by session bucket; zeros
@@ -744,6 +788,7 @@ class ScopeHistory:
         absolute = np.arange(hi - n_slots + 1, hi + 1)
         slot, ok = self.coarse_ring.slots_for(absolute)
         thr = np.clip(thresholds[:n], -1, nb)
+        self._slow_thr = thr.copy()
         for s in sorted({int(s) for s, o in zip(slot.tolist(), ok.tolist()) if o}):
             if self._exc_size != n or self._exc_tag[s] != self.coarse_ring.tag[s] or s in self.coarse_dirty:
                 # new scopes, or the slot changed: count all of it

@@ -18,7 +18,7 @@ from ..codes import is_none
 from ..ingest.dedupe import hash_ids
 from ..ingest.records import TOKEN_FIELDS, RecordColumns
 
-__all__ = ["F", "FIELDS", "SESSION_BUCKETS", "SESSION_FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse", "widen_adds"]
+__all__ = ["Bins", "F", "FIELDS", "SESSION_BUCKETS", "SESSION_FIELDS", "SKETCHES", "TOKEN_FIELDS", "Groups", "StoredRows", "aggregate", "merge", "sparse", "widen_adds"]
 # The sums kept per bucket, in this order in the stored `adds` blob (the order is the file format).
 # The last six describe request size: over successful requests that used tokens (that
 # cost something), their count and the sum and sum of squares of log(total tokens) (of
@@ -60,6 +60,9 @@ class Groups:
     sketches: dict[str, np.ndarray] | None
     bins: Bins | None = None
     sessions: np.ndarray | None = None   # (G, SESSION_BUCKETS, len(SESSION_FIELDS)), from a batch of records only
+    # per kind in SKETCHES order: (group x SESSION_BUCKETS + bucket, bin, count) of the
+    # records that name a session, from a batch of records only
+    session_bins: Bins | None = None
 
     def nonzero_bins(self) -> Bins:
         if self.bins is None:
@@ -123,10 +126,16 @@ def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: in
     uniq, inverse, order, first = _group(series.astype(np.int64), start)
     values = record_values(cols, cost)
     adds = np.add.reduceat(values[order], first, axis=0)
-    bins = [_sketch_bins(v, inverse)
-            for v in (cols.latency, cols.ttft, cols.output_tokens_per_second, cols.ms_per_output_token)]
-    split = _session_sums(values, inverse, session_buckets(cols), len(uniq)) if sessions else None
-    return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins, split)
+    idx = [sketch.bin_index(v) for v in (cols.latency, cols.ttft, cols.output_tokens_per_second, cols.ms_per_output_token)]
+    bins = [_sketch_bins(i, inverse) for i in idx]
+    if not sessions:
+        return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins)
+    bucket = session_buckets(cols)
+    named = bucket >= 0
+    cell = inverse * SESSION_BUCKETS + bucket
+    split = _session_sums(values, inverse, bucket, len(uniq))
+    return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins, split,
+                  [_sketch_bins(i[named], cell[named]) for i in idx])
 
 
 def session_buckets(cols: RecordColumns) -> np.ndarray:
@@ -169,9 +178,9 @@ def _group(series: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return k[first], inverse, order, first
 
 
-def _sketch_bins(values: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(group, bin, count) of the non-empty sketch bins of each group."""
-    idx = sketch.bin_index(values)
+def _sketch_bins(idx: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group, bin, count) of the non-empty sketch bins of each group, from each value's
+    bin (`sketch.bin_index`, -1 for none)."""
     keep = idx >= 0
     flat, counts = np.unique(group[keep] * sketch.NBINS + idx[keep], return_counts=True)
     return flat // sketch.NBINS, flat % sketch.NBINS, counts.astype(np.int64)
