@@ -6,7 +6,9 @@ moves on:
 
 - hourly sums (and hourly p95/p50 from sketches) over the horizon, for the baseline;
 - fine sums (1/60 of the window) and coarse sketches (1/12 of the window) for the window
-  under test.
+  under test; the fine sums and the timing samples beyond each scope's threshold are also
+  kept per session bucket (from batches of records only), so that a rise one session
+  carries can be left out.
 
 Everything is fed from `buckets.Groups` (already summed per series and fine slot), so the
 cost of an update scales with the distinct (series, slot) pairs of a batch. The layout is
