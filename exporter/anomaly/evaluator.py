@@ -479,6 +479,7 @@ class _Context:
         idx = np.array(ev.coarse_slots) - 1
         self.above, self.samples = ca[:, idx], ct[:, idx]          # (S, W, kinds)
         self._expected: np.ndarray | None = None
+        self._shares: np.ndarray | None = None                     # (S, k) `ScopeHistory.arrived_shares`
         self._whole: dict[int, np.ndarray] = {}
         self._whole_slots: dict[int, np.ndarray] = {}
 
@@ -491,14 +492,18 @@ class _Context:
 
     def expected(self, seasonal: Seasonal, slots: list[int] | np.ndarray) -> np.ndarray:
         """(S, len(slots)) expected totals of the windows of the last `slots` fine slots.
-        The current slot has only run for part of its length at `t`, so it is expected to
-        hold that part: counting it whole would read every window as short of its usual
-        level (10 % on a 5-minute window, on average), a bias towards drops."""
+        Each slot is expected to hold only the share of its records that has arrived by `t`
+        (`arrival`): the current slot has run for part of its length, and the newest slots'
+        slower requests are still running or on their way. Counting them whole would read
+        every window as short of its usual level (10 % on a 5-minute window for the current
+        slot alone, on average), a bias towards drops."""
         h = self.h
         out = np.zeros((self.n, len(slots)))
         t_end = math.floor(self.t / h.fine) * h.fine + h.fine          # windows end with the current slot
-        weight = np.ones(max(int(np.max(slots)), 1))
-        weight[0] = (self.t - (t_end - h.fine)) / h.fine                  # the part of the current slot gone by
+        k_max = max(int(np.max(slots)), *self.ev.fine_slots, 1)
+        if self._shares is None or self._shares.shape[1] < k_max:
+            self._shares = h.arrived_shares(self.t, k_max)
+        weight = self._shares
         for j, k in enumerate(slots):
             mids = t_end - (np.arange(k) + 0.5) * h.fine                 # slot centres
             pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
@@ -507,7 +512,7 @@ class _Context:
             v0 = seasonal.profile[:, self.ev.local(h0) % WEEK_HOURS]
             v1 = seasonal.profile[:, self.ev.local(h0 + 1) % WEEK_HOURS]
             per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
-            out[:, j] = (per_hour * weight[:k]).sum(axis=1) * h.fine / 3600.0
+            out[:, j] = (per_hour * weight[:, :k]).sum(axis=1) * h.fine / 3600.0
         return out
 
     def window_quantiles(self, kind: str, rows: np.ndarray, q: float) -> np.ndarray:

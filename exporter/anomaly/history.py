@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import sketch
+from . import arrival
 from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES, TOKEN_FIELDS, Bins, F, Groups
 
 SCOPES = ("global", "app", "model")
@@ -188,6 +189,10 @@ class ScopeHistory:
         # came (`recent_slow`); batches only, like `fine_sessions`
         self.fine_slow = np.zeros((0, self.fine_ring.n, SESSION_BUCKETS * len(SKETCHES) * 2), dtype=np.float32)
         self._slow_thr = np.zeros((0, len(SKETCHES)), dtype=np.int64)   # the thresholds last read (`recent_exceedances`)
+        # per scope: its records per arrival-lag bin, forgetting on event time (`arrival`);
+        # batches only, so a restart starts them empty
+        self.lag_hist = np.zeros((0, arrival.N_LAG_BINS))
+        self._lag_t = -math.inf                                # event time they were last decayed to
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
@@ -218,6 +223,7 @@ class ScopeHistory:
             return out
         self.hour_add, self.fine_add, self.fine_sessions = g(self.hour_add), g(self.fine_add), g(self.fine_sessions)
         self.hour_sessions, self.fine_slow = g(self.hour_sessions), g(self.fine_slow)
+        self.lag_hist = g(self.lag_hist)
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
@@ -286,6 +292,8 @@ class ScopeHistory:
         slot, ok = self._claim(self.fine_ring, np.repeat(groups.start // self.fine, 3), self.fine_add, 0.0,
                                self.fine_sessions, self.fine_slow)
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
+        if groups.lags is not None:
+            np.add.at(self.lag_hist, rows, groups.lags[rep])
         if groups.session_bins is not None:
             self._add_slow(rows.reshape(-1, 3), slot.reshape(-1, 3)[:, 0], ok.reshape(-1, 3)[:, 0], groups.session_bins)
         if groups.sessions is not None:
@@ -703,6 +711,23 @@ class ScopeHistory:
     def held_hours(self, hours: np.ndarray) -> np.ndarray:
         """Which of the given absolute hours the hourly ring holds."""
         return self.hours.slots_for(hours)[1]
+
+    def arrived_shares(self, t: float, k: int) -> np.ndarray:
+        """(S, k) the share of each of the last k fine slots' records (the slot holding t
+        first) that has arrived by t, from each scope's arrival lags (`arrival`); forgets
+        the lags down to t first."""
+        n = self.size
+        if t > self._lag_t:
+            if math.isfinite(self._lag_t):
+                self.lag_hist[:n] *= arrival.decay_factor(t - self._lag_t)
+            self._lag_t = t
+        hist = self.lag_hist[:n]
+        g = self._index.get(("global", "", "", ""))
+        total = float(hist[g].sum()) if g is not None else 0.0
+        cdf = arrival.lag_cdf(hist, hist[g] / total if g is not None and total > 0 else None)
+        t_end = math.floor(t / self.fine) * self.fine + self.fine        # the end of the slot holding t
+        i = np.arange(k)
+        return arrival.arrived_share(cdf, t - (t_end - (i + 1) * self.fine), t - (t_end - i * self.fine), self.fine)
 
     def recent_sums(self, t: float, slot_counts: list[int]) -> np.ndarray:
         """(S, W, F) sums over the last k fine slots up to the one holding t, for each k of

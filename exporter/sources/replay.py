@@ -94,6 +94,9 @@ def backtest(settings: Settings, records: list[UsageRecord], start: float | None
     The engine runs on an in-memory store with a clock that reads the step time, so this is
     exactly the code path of live serving, evaluated at historical times. Step times are
     aligned to multiples of `step` so that a live evaluation at the same instant agrees.
+    A record is dated when its request started but reaches a live exporter only when it has
+    ended, so each one is fed at its start plus its latency (`arrivals`), the earliest it
+    could have come.
     """
     if not records:
         return []
@@ -103,17 +106,21 @@ def backtest(settings: Settings, records: list[UsageRecord], start: float | None
     last = records[-1].ts + settings.window if end is None else end
     t = math.ceil(first / step) * step
     steps = max(int((last - t) // step) + 1, 0)
-    ts = np.fromiter((r.ts for r in records), dtype=np.float64, count=len(records))
+    came = arrivals(records)
+    order = np.argsort(came, kind="stable")
+    came = came[order]
+    by_arrival = [records[i] for i in order.tolist()]
     pos = 0
     state: dict[tuple[str, tuple[str, str, str, str]], int] = {}
     out: list[Transition] = []
     bar = Progress(steps, "backtest") if progress else None
     for n in range(steps):
         t_clock[0] = t
-        upto = int(np.searchsorted(ts, t, side="right"))
+        upto = int(np.searchsorted(came, t, side="right"))
         if upto > pos:
             for i in range(pos, upto, CHUNK):
-                engine.ingest_records(records[i:min(i + CHUNK, upto)], now=t)
+                j = min(i + CHUNK, upto)
+                engine.ingest_records(by_arrival[i:j], now=t)
             pos = upto
         snap = engine.evaluate(t)
         if snap is not None:
@@ -127,6 +134,14 @@ def backtest(settings: Settings, records: list[UsageRecord], start: float | None
         bar.close()
     engine.close()
     return out
+
+
+def arrivals(records: list[UsageRecord]) -> np.ndarray:
+    """When each record could first reach the exporter: its start plus its latency (a
+    record without one, or with a latency that is no number, at its start)."""
+    came = np.fromiter((r.ts + (r.latency_s or 0.0) for r in records), dtype=np.float64, count=len(records))
+    ts = np.fromiter((r.ts for r in records), dtype=np.float64, count=len(records))
+    return np.where(np.isfinite(came), came, ts)
 
 
 def _transitions(snap: Snapshot, state: dict[tuple[str, tuple[str, str, str, str]], int]) -> Iterator[Transition]:

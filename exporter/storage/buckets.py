@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import sketch
+from ..anomaly.arrival import N_LAG_BINS, lag_bins
 from ..codes import is_none
 from ..ingest.dedupe import hash_ids
 from ..ingest.records import TOKEN_FIELDS, RecordColumns
@@ -63,6 +64,8 @@ class Groups:
     # per kind in SKETCHES order: (group x SESSION_BUCKETS + bucket, bin, count) of the
     # records that name a session, from a batch of records only
     session_bins: Bins | None = None
+    # (G, arrival.N_LAG_BINS) records per arrival-lag bin, from a batch of records only
+    lags: np.ndarray | None = None
 
     def nonzero_bins(self) -> Bins:
         if self.bins is None:
@@ -120,8 +123,9 @@ def widen_adds(adds: np.ndarray) -> np.ndarray:
 def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: int = 60,
               sessions: bool = False) -> Groups:
     """Fold records into (series, bucket start) groups at resolution `res` seconds, with
-    sparse sketches (a batch fills a few bins of each group's sketch) and, if asked, the
-    size sums split by session bucket."""
+    sparse sketches (a batch fills a few bins of each group's sketch) and, if asked (a
+    batch of records), the size sums and timing samples split by session bucket and the
+    records per arrival-lag bin (`arrival`)."""
     start = (np.floor(cols.ts / res) * res).astype(np.int64)
     uniq, inverse, order, first = _group(series.astype(np.int64), start)
     values = record_values(cols, cost)
@@ -130,12 +134,20 @@ def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: in
     bins = [_sketch_bins(i, inverse) for i in idx]
     if not sessions:
         return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins)
+    lags = _lag_counts(inverse, lag_bins(cols.latency), len(uniq))
     bucket = session_buckets(cols)
     named = bucket >= 0
     cell = inverse * SESSION_BUCKETS + bucket
     split = _session_sums(values, inverse, bucket, len(uniq))
     return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins, split,
-                  [_sketch_bins(i[named], cell[named]) for i in idx])
+                  [_sketch_bins(i[named], cell[named]) for i in idx], lags)
+
+
+def _lag_counts(group: np.ndarray, lag_bin: np.ndarray, n_groups: int) -> np.ndarray:
+    """(G, N_LAG_BINS) records per group and arrival-lag bin."""
+    binned = lag_bin >= 0
+    cells = np.bincount(group[binned] * N_LAG_BINS + lag_bin[binned], minlength=n_groups * N_LAG_BINS)
+    return cells.reshape(n_groups, N_LAG_BINS).astype(np.float64)
 
 
 def session_buckets(cols: RecordColumns) -> np.ndarray:
