@@ -410,11 +410,13 @@ class Harness:
         assert self._evaluator is not None and self._evaluator._baseline is not None, "evaluate first"
         return self._evaluator._baseline
 
-    def run(self, traffic: Traffic, times: Sequence[float]) -> list[Snapshot]:
-        """Live operation: feed the requests up to each time, then evaluate there."""
+    def run(self, traffic: Traffic, times: Sequence[float], on_arrival: bool = False) -> list[Snapshot]:
+        """Live operation: feed the requests up to each time, then evaluate there
+        (`on_arrival`: a request only once it has ended, as a live exporter gets it)."""
         snaps, fed = [], -math.inf
+        came = traffic.ts + np.nan_to_num(traffic.latency) if on_arrival else traffic.ts
         for t in times:
-            self.feed(traffic.take((traffic.ts > fed) & (traffic.ts <= t)))
+            self.feed(traffic.take((came > fed) & (came <= t)))
             fed = t
             snaps.append(self.evaluate(t))
         return snaps

@@ -32,6 +32,7 @@ from exporter.ingest.batch import take
 from exporter.config import load_settings
 from exporter.engine import Engine
 from exporter.ingest.rejections import Rejections
+from exporter.anomaly import arrival
 from exporter.anomaly import evaluator as evaluator_module
 from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Evaluator, Snapshot, _failures_are_the_apps, size_z
 from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
@@ -92,6 +93,46 @@ def scaled(traffic: Traffic, sel: np.ndarray, factor: float, cost: bool = True) 
 
 
 # --- quiet when nothing is wrong -----------------------------------------------------------------
+
+REASONING = (Stream("chat", MINI, rate=600, session=3),
+             Stream("think", "o3", rate=3000, ttft=None, tokens=(2000, 8000), otps=40, session=2))
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_requests_still_running_are_no_fall(monkeypatch: pytest.MonkeyPatch, learned: bool) -> None:
+    """A reasoning model whose answers take about 200 s (100 to 400), fed as a live exporter
+    gets them: each request once it has ended. Two hours judged every 5 minutes: the newest
+    minutes hold only the requests that have ended, which the evaluator expects from the
+    model's latencies, so no request-rate verdict. With every request expected at once (the
+    latencies not learned: the test can fail) the model and its app read as falls."""
+    if not learned:
+        monkeypatch.setattr(arrival, "lag_cdf", lambda hist, prior=None: np.full((hist.shape[0], arrival.N_LAG_BINS + 1), np.nan))
+    traffic = generate(REASONING, DAY0, S + 3 * HOUR, seed=3)
+    harness = Harness().feed(traffic.take(traffic.ts < S))
+    snaps = harness.run(traffic.take(traffic.ts >= S), every(S, 120, step=5), on_arrival=True)
+    falls = flagged(snaps, "request_rate")
+    assert (falls == []) == learned, falls
+    if not learned:
+        assert {name for _, name, _, _ in falls} == {"app=think", "model=o3"}, falls
+
+
+def test_the_share_of_a_slot_in_follows_the_latencies() -> None:
+    """`arrival.arrived_share` against requests drawn at random: latencies uniform in the
+    bin [16 s, 32 s), starts uniform over a minute-long slot. Judged as the slot ends, 60 %
+    of them have ended ((8 + 28) / 60); judged 10 s into the slot, 0; a slot that ended a
+    minute ago, all. A scope with nothing learned reads the part of the slot gone by."""
+    lags = np.random.default_rng(5).uniform(16, 32, 200_000)
+    starts = np.random.default_rng(6).uniform(0, 60, lags.size)
+    hist = np.bincount(arrival.lag_bins(lags), minlength=arrival.N_LAG_BINS)[None, :].astype(float)
+    cdf = arrival.lag_cdf(np.vstack([hist, np.zeros_like(hist)]))
+    for start_age, end_age in ((60.0, 0.0), (10.0, 0.0), (120.0, 60.0), (80.0, 20.0)):
+        t = start_age                                        # the slot is [0, 60); judged at t
+        sampled = np.mean((starts <= t) & (starts + lags <= t))
+        got = arrival.arrived_share(cdf, np.array([start_age]), np.array([end_age]), 60.0)
+        assert got[0, 0] == pytest.approx(sampled, abs=0.005), (start_age, end_age)
+        assert got[1, 0] == pytest.approx((start_age - end_age) / 60.0)
+    assert arrival.arrived_share(cdf, np.array([60.0]), np.array([0.0]), 60.0)[0, 0] == pytest.approx(0.6, abs=1e-9)
+
 
 def test_a_clean_day_is_quiet_on_every_signal_and_scope(site: Site) -> None:
     """A whole day of the site's ordinary traffic (afternoon peak, night, morning ramp,

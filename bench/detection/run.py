@@ -80,6 +80,7 @@ class Plan:
     zone: str = ""                                    # the users' time zone ("": the traffic is UTC's)
     shift: float = 0.0                                # whole weeks the timeline moved by, for the zone's clock change
     sessions: bool = True                             # False: the records carry no session id
+    latency: float = 1.0                              # every request's duration and first token, times this
 
     @property
     def scored_start(self) -> float:
@@ -133,9 +134,19 @@ def run_scenario(plan: Plan, kind_name: str | None, sets: dict[str, Any], signal
     records = split_records(traffic.to_records(), split)
     if not plan.sessions:                  # after the split, which places an app's copies by session
         records = [replace(r, session_id=None) for r in records]
+    if plan.latency != 1.0:
+        records = slower(records, plan.latency)
     col = Collector()
     backtest(make_settings(sets, signals), records, plan.scored_start, plan.scored_end, step, on_snapshot=col)
     return kind_name or "clean", col.result(), anomalies, time.perf_counter() - t0
+
+
+def slower(records: list[Any], factor: float) -> list[Any]:
+    """Every request `factor` times as long, its first token too: a site of reasoning models
+    and agent steps, whose records reach the exporter minutes after their requests start."""
+    def times(v: float | None) -> float | None:
+        return None if v is None else v * factor
+    return [replace(r, latency_s=times(r.latency_s), ttft_s=times(r.ttft_s)) for r in records]
 
 
 def run_nab(file: str, sets: dict[str, Any], signals: dict[str, dict[str, float]], step: float
@@ -512,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sessions", action="store_true",
                     help="records without session ids, as a site that sends none (the split still places an app's "
                          "copies by session)")
+    ap.add_argument("--latency", type=float, default=1.0, metavar="FACTOR",
+                    help="every request FACTOR times as long (its first token too), e.g. 20 for a site of "
+                         "reasoning models whose records arrive minutes after their requests start (default 1)")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
@@ -569,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--zone: {e}") from None
     if args.no_sessions:
         plan = replace(plan, sessions=False)
+    if args.latency <= 0:
+        raise SystemExit("--latency: a factor above 0")
+    plan = replace(plan, latency=args.latency)
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
@@ -625,6 +642,7 @@ def default_path(plan: Plan, split: int, revision: str) -> Path:
     weekend += f"-thin{plan.share:g}" if plan.share < 1 else ""
     clock = "-" + re.sub(r"[^A-Za-z0-9]+", "-", plan.zone) if plan.zone else ""
     clock += "" if plan.sessions else "-nosessions"
+    clock += f"-latency{plan.latency:g}" if plan.latency != 1.0 else ""
     return RESULTS / (f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}{clock}"
                       f"-{tag}.json")
 
