@@ -770,3 +770,37 @@ def test_the_hourly_length_histograms_hold_every_answer_of_the_hours_kept() -> N
             assert (dense[s] == np.bincount(bins[held], minlength=LENGTH_BINS)).all(), (code, s)
         mask = rng.integers(0, 2, (3, slots)).astype(np.float64)
         assert np.array_equal(_masked_sum(mask, h.lengths[code]), mask @ dense)
+
+
+@pytest.mark.parametrize("ends_known", [True, False])
+def test_long_answers_still_running_are_no_collapse(ends_known: bool) -> None:
+    """A busy slow model: an answer every 2 s, its length log-normal around 1,000 tokens and
+    its duration the length at 10 tokens a second (100 s for the median answer, minutes for
+    the long ones), so about 50 run at once. Fed as a live exporter gets them, each once it has ended, and judged every
+    minute for two hours: the windows are the latest answers to end, a fair sample, and
+    nothing is flagged. Ordered by start (the records carry no latency, so their start is
+    all there is: the test can fail), the latest hold the short answers of the last minutes
+    without the long ones started with them, and read as a length collapse."""
+    rng = np.random.default_rng(3)
+    start = REF_END - 8 * HOUR
+    n = int((T0 + 2 * HOUR - start) / 2)
+    out = np.maximum(1, rng.lognormal(math.log(1000), 0.8, n)).astype(int)
+    ts = start + 2.0 * np.arange(n)
+    latency = out / 10.0
+    cols = batch(n, start=start, step=2.0, output_tokens=out.tolist(),
+                 session_id=[f"c{i}" for i in range(n)], **({"latency_s": latency.tolist()} if ends_known else {}))
+    det = DriftDetector(DriftSettings())
+    came = ts + latency
+    fed = -math.inf
+    flagged = []
+    for t in np.arange(T0, T0 + 2 * HOUR, 60.0):
+        det.observe(take_rows(cols, (came > fed) & (came <= t)))
+        fed = float(t)
+        r = only(det.evaluate(float(t)))
+        if r.severity:
+            flagged.append((float(t - T0), r.reasons))
+    assert (flagged == []) == ends_known, flagged[:3]
+
+
+def take_rows(cols: RecordColumns, sel: np.ndarray) -> RecordColumns:
+    return RecordColumns(**{f: getattr(cols, f)[sel] for f in RecordColumns.__slots__})

@@ -779,9 +779,16 @@ class DriftDetector:
         self.apart_version = 0                                 # bumped when failures are newly marked
 
     def observe(self, cols: RecordColumns) -> None:
-        """Add a batch. Records go to their series in event-time order within the batch;
-        a little overlap between batches does not matter, as the window is sorted by time
-        where order counts and the reference is kept per clock hour."""
+        """Add a batch. Records go to their series' windows in the order their requests
+        ended (start plus latency) and to the reference hours by their start; a little
+        overlap between batches does not matter, as the window is sorted by time where
+        order counts and the reference is kept per clock hour.
+
+        The windows are the latest responses by end, not by start: a response is seen only
+        once it has ended, and a long answer takes longer to end than a short one started
+        with it. The latest by start would hold the short answers of the last minutes and
+        miss their long ones, still running: a length collapse on every slow model. The
+        latest to end are a fair sample of the answers, as each request ends once."""
         n = len(cols)
         if n == 0:
             return
@@ -796,7 +803,8 @@ class DriftDetector:
         p_u, p_i = factorize(cols.provider)
         m_u, m_i = factorize(cols.model)
         code = p_i.astype(np.int64) * m_u.size + m_i
-        order = np.lexsort((cols.ts, code))
+        end = cols.ts + np.nan_to_num(np.maximum(cols.latency, 0.0))
+        order = np.lexsort((end, code))
         code_s = code[order]
         starts = np.flatnonzero(np.r_[True, code_s[1:] != code_s[:-1]])
         ends = np.r_[starts[1:], n]
@@ -808,7 +816,7 @@ class DriftDetector:
             if ring is None:
                 ring = self._rings[key] = _Ring(self.settings.window)
                 self._hours[key] = _Hours(self._slots)
-            ring.push(cols.ts[idx], cols.output_tokens[idx], flags[idx], app[idx], unit[idx])
+            ring.push(end[idx], cols.output_tokens[idx], flags[idx], app[idx], unit[idx])
             self._hours[key].add(cols.ts[idx], ind[idx], app[idx], answer[idx], bins[idx])
 
     def tainted_rows(self) -> list[tuple[str, str, int, str]]:
