@@ -270,8 +270,9 @@ class Engine:
         if not stored:
             return
         cols, _, _ = parse_batch(stored, self.newest_event_ts)
-        self._guard_now(cols)
+        series = self._guard_now(cols)
         self.detectors.observe(cols, budget=False)
+        self.history.add_lags(series, cols.latency, cols.ts, self.store.series_keys())
 
     # --- planning: pure functions of the batch and the current state --------------------
 

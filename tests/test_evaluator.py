@@ -116,6 +116,35 @@ def test_requests_still_running_are_no_fall(monkeypatch: pytest.MonkeyPatch, lea
         assert {name for _, name, _, _ in falls} == {"app=think", "model=o3"}, falls
 
 
+def test_the_latencies_learned_survive_a_restart(tmp_path: Path) -> None:
+    """Two hours of a slow model (a request every 10 s, 60 to 300 s each) through the engine
+    and its SQLite file, in 5-minute batches of what has ended: the share of the newest
+    minutes expected in is well below the part gone by. A restart re-reads the raw records
+    of the last day and learns the same latencies, so it expects the same shares (without
+    them it would read every slot as whole again, and the slow model's rate as a fall)."""
+    settings = settings_for(tmp_path)
+    t0 = DAY0 + 3 * DAY
+    ts = t0 + 10.0 * np.arange(720)
+    latency = np.random.default_rng(2).uniform(60, 300, ts.size)
+    items = [{"ts": float(a), "provider": "openai", "model": "o3", "app": "think", "latency_s": float(b),
+              "input_tokens": 500, "output_tokens": 2000} for a, b in zip(ts, latency)]
+    engine, clock = engine_at(settings, t0)
+    end = ts + latency
+    for t in np.arange(t0 + 300, t0 + 2 * HOUR + 1, 300):
+        clock.t = float(t)
+        batch = [d for d, e in zip(items, end) if t - 300 < e <= t]
+        assert not engine.ingest(batch).rejected
+    t = clock.t + 30
+    key = ("model", "", "openai", "o3")
+    before = engine.history.arrived_shares(t, 10)[engine.history._index[key]]
+    engine.close()
+    again, _ = engine_at(settings, t)
+    after = again.history.arrived_shares(t, 10)[again.history._index[key]]
+    again.close()
+    assert before[0] < 0.1 and before[2] < 0.6 and before[9] > 0.99, before
+    assert after == pytest.approx(before, rel=1e-6, abs=1e-9)
+
+
 def test_the_share_of_a_slot_in_follows_the_latencies() -> None:
     """`arrival.arrived_share` against requests drawn at random: latencies uniform in the
     bin [16 s, 32 s), starts uniform over a minute-long slot. Judged as the slot ends, 60 %

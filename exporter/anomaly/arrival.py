@@ -7,9 +7,10 @@ already ended. Judged against those minutes' whole expectation, every count woul
 fall, largest on the busiest scopes (the missing share is a fixed fraction of the count,
 the noise only its square root), and most on the models with the slowest requests.
 
-So each scope keeps a histogram of its requests' latencies in log-spaced bins, forgetting
-with a half-life of `HALF_LIFE` of event time, and the evaluator expects of each slot only
-the share that has ended by the time it judges:
+So each scope keeps, for each hour of the last day, a histogram of its requests'
+latencies in log-spaced bins; the hours are weighed by age (halved every
+`HALF_LIFE_HOURS`), and the evaluator expects of each slot only the share that has ended
+by the time it judges:
 
     share(slot) = (1 / slot length) * integral over the slot's times u of F(t - u) du
 
@@ -21,8 +22,8 @@ resends an hour of records after an outage, or a file followed again from where 
 stopped, would otherwise teach that records come an hour late, and every count after it
 would read as a rise until that was forgotten. The sender's own delay (an SDK's batching,
 a few seconds) is not modelled. A scope with few requests of its own borrows the shape of
-all traffic's latencies (`PRIOR_RECORDS` of weight); with none learned anywhere (the first
-minutes after a start) the share is the old one.
+all traffic's latencies (`PRIOR_RECORDS` of weight); with none learned anywhere the share
+is the old one. A restart learns the same hours again from the raw records of the last day.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 # evaluation window up to 4.5 h, and lags past the window are never binned
 LAG_EDGES = np.concatenate([[0.0], 2.0 ** np.arange(0, 15)])
 N_LAG_BINS = LAG_EDGES.size - 1
-HALF_LIFE = 3 * 3600.0       # event-time half-life of the histograms: a few hours of traffic
+LAG_HOURS = 24               # hours of lags kept per scope
+HALF_LIFE_HOURS = 3.0        # an hour's lags weigh half as much as those of three hours later
 PRIOR_RECORDS = 20.0         # weight of all traffic's lag shape in a scope's own
 
 
@@ -46,9 +48,11 @@ def lag_bins(latency: np.ndarray) -> np.ndarray:
     return np.where(b < N_LAG_BINS, b, -1).astype(np.int64)
 
 
-def decay_factor(elapsed: float) -> float:
-    """What a histogram keeps of its counts after `elapsed` seconds of event time."""
-    return float(0.5 ** (max(elapsed, 0.0) / HALF_LIFE))
+def hour_weights() -> np.ndarray:
+    """(LAG_HOURS,) the weight of each kept hour's lags, oldest first: halved every
+    HALF_LIFE_HOURS back from the current hour."""
+    age = np.arange(LAG_HOURS - 1, -1, -1, dtype=np.float64)
+    return np.asarray(0.5 ** (age / HALF_LIFE_HOURS))
 
 
 def lag_cdf(hist: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:

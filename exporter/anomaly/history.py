@@ -189,10 +189,10 @@ class ScopeHistory:
         # came (`recent_slow`); batches only, like `fine_sessions`
         self.fine_slow = np.zeros((0, self.fine_ring.n, SESSION_BUCKETS * len(SKETCHES) * 2), dtype=np.float32)
         self._slow_thr = np.zeros((0, len(SKETCHES)), dtype=np.int64)   # the thresholds last read (`recent_exceedances`)
-        # per scope: its records per arrival-lag bin, forgetting on event time (`arrival`);
-        # batches only, so a restart starts them empty
-        self.lag_hist = np.zeros((0, arrival.N_LAG_BINS))
-        self._lag_t = -math.inf                                # event time they were last decayed to
+        # per scope and hour of the last day: its requests per arrival-lag bin (`arrival`);
+        # from batches, and at start-up from the raw records of the last day
+        self.lag_hours = Ring(3600, arrival.LAG_HOURS)
+        self.hour_lags = np.zeros((0, arrival.LAG_HOURS, arrival.N_LAG_BINS))
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
@@ -223,7 +223,7 @@ class ScopeHistory:
             return out
         self.hour_add, self.fine_add, self.fine_sessions = g(self.hour_add), g(self.fine_add), g(self.fine_sessions)
         self.hour_sessions, self.fine_slow = g(self.hour_sessions), g(self.fine_slow)
-        self.lag_hist = g(self.lag_hist)
+        self.hour_lags = g(self.hour_lags)
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
@@ -293,7 +293,7 @@ class ScopeHistory:
                                self.fine_sessions, self.fine_slow)
         _add_at_cells(self.fine_add, rows[ok], slot[ok], adds[ok])
         if groups.lags is not None:
-            np.add.at(self.lag_hist, rows, groups.lags[rep])
+            self._add_lags(rows, rep, groups)
         if groups.session_bins is not None:
             self._add_slow(rows.reshape(-1, 3), slot.reshape(-1, 3)[:, 0], ok.reshape(-1, 3)[:, 0], groups.session_bins)
         if groups.sessions is not None:
@@ -712,16 +712,34 @@ class ScopeHistory:
         """Which of the given absolute hours the hourly ring holds."""
         return self.hours.slots_for(hours)[1]
 
+    def _add_lags(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
+        """A batch's requests per arrival-lag bin, into the hours they started in."""
+        assert groups.lags is not None
+        hslot, hok = self._claim(self.lag_hours, np.repeat(groups.start // 3600, 3), self.hour_lags, 0.0)
+        _add_at_cells(self.hour_lags, rows[hok], hslot[hok], groups.lags[rep][hok])
+
+    def add_lags(self, series: np.ndarray, latency: np.ndarray, ts: np.ndarray,
+                 series_keys: dict[int, tuple[str, str, str]]) -> None:
+        """Learn arrival lags from records re-read at start-up (the raw records of the last
+        day): the hours they fill are those the process held."""
+        bins = arrival.lag_bins(latency)
+        keep = bins >= 0
+        if not keep.any():
+            return
+        rows = self.scope_rows(series[keep], series_keys)                # (n, 3)
+        hslot, hok = self._claim(self.lag_hours, np.repeat(np.floor(ts[keep] / 3600).astype(np.int64), 3),
+                                 self.hour_lags, 0.0)
+        np.add.at(self.hour_lags, (rows.reshape(-1)[hok], hslot[hok], np.repeat(bins[keep], 3)[hok]), 1.0)
+
     def arrived_shares(self, t: float, k: int) -> np.ndarray:
         """(S, k) the share of each of the last k fine slots' records (the slot holding t
         first) that has arrived by t, from each scope's arrival lags (`arrival`); forgets
         the lags down to t first."""
         n = self.size
-        if t > self._lag_t:
-            if math.isfinite(self._lag_t):
-                self.lag_hist[:n] *= arrival.decay_factor(t - self._lag_t)
-            self._lag_t = t
-        hist = self.lag_hist[:n]
+        hour = math.floor(t / 3600)
+        slot, ok = self.lag_hours.slots_for(np.arange(hour - arrival.LAG_HOURS + 1, hour + 1))
+        weight = np.where(ok, arrival.hour_weights(), 0.0)                  # oldest first
+        hist = np.einsum("shb,h->sb", self.hour_lags[:n][:, slot], weight)
         g = self._index.get(("global", "", "", ""))
         total = float(hist[g].sum()) if g is not None else 0.0
         cdf = arrival.lag_cdf(hist, hist[g] / total if g is not None and total > 0 else None)
