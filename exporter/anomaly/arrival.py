@@ -30,22 +30,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# bin edges in seconds: [0, 1), [1, 2), [2, 4), ... [2**13, 2**14); the last edge passes any
-# evaluation window up to 4.5 h, and lags past the window are never binned
-LAG_EDGES = np.concatenate([[0.0], 2.0 ** np.arange(0, 15)])
-N_LAG_BINS = LAG_EDGES.size - 1
+from ..storage.buckets import LAG_EDGES, N_LAG_BINS, lag_bins
+
+__all__ = ["LAG_EDGES", "N_LAG_BINS", "lag_bins", "LAG_HOURS", "HALF_LIFE_HOURS", "PRIOR_RECORDS", "hour_weights",
+           "lag_cdf", "arrived_share"]
+
 LAG_HOURS = 24               # hours of lags kept per scope
 HALF_LIFE_HOURS = 3.0        # an hour's lags weigh half as much as those of three hours later
 PRIOR_RECORDS = 20.0         # weight of all traffic's lag shape in a scope's own
-
-
-def lag_bins(latency: np.ndarray) -> np.ndarray:
-    """Each record's arrival-lag bin, from its latency; -1 for a latency past the last edge
-    (such a request has left every window before it ends). A record without a latency is
-    taken to arrive at once."""
-    lag = np.nan_to_num(np.maximum(np.asarray(latency, dtype=np.float64), 0.0), nan=0.0)
-    b = np.searchsorted(LAG_EDGES, lag, side="right") - 1
-    return np.where(b < N_LAG_BINS, b, -1).astype(np.int64)
 
 
 def hour_weights() -> np.ndarray:
@@ -79,7 +71,8 @@ def _integral(cdf: np.ndarray, age: np.ndarray) -> np.ndarray:
     x = np.clip(a - e[j], 0.0, width[j])                                       # into that bin
     f0, f1 = cdf[:, j], cdf[:, j + 1]
     inside = at_edges[:, j] + x * f0 + x * x * (f1 - f0) / (2 * width[j])
-    return inside + np.maximum(a - e[-1], 0.0)                                 # F = 1 past the last edge
+    out: np.ndarray = inside + np.maximum(a - e[-1], 0.0)                      # F = 1 past the last edge
+    return out
 
 
 def arrived_share(cdf: np.ndarray, start_age: np.ndarray, end_age: np.ndarray, length: float) -> np.ndarray:

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from .. import sketch
-from . import arrival
 from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES, TOKEN_FIELDS, Bins, F, Groups
+from . import arrival
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""

@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 
 from .. import sketch
-from ..anomaly.arrival import N_LAG_BINS, lag_bins
 from ..codes import is_none
 from ..ingest.dedupe import hash_ids
 from ..ingest.records import TOKEN_FIELDS, RecordColumns
@@ -44,6 +43,21 @@ SESSION_FIELDS: tuple[str, ...] = ("requests", "sized_requests", "log_tokens", "
 
 
 Bins = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+# Latency bins, in seconds: [0, 1), [1, 2), [2, 4), ... [2**13, 2**14). A batch counts its
+# requests per bin and group, from which the evaluator learns how long a slot's requests
+# take to end and reach it (`anomaly.arrival`).
+LAG_EDGES = np.concatenate([[0.0], 2.0 ** np.arange(0, 15)])
+N_LAG_BINS = LAG_EDGES.size - 1
+
+
+def lag_bins(latency: np.ndarray) -> np.ndarray:
+    """Each request's latency bin; -1 for a latency past the last edge (such a request has
+    left every window before it ends). A record without a latency is taken to end at once."""
+    lag = np.nan_to_num(np.maximum(np.asarray(latency, dtype=np.float64), 0.0), nan=0.0)
+    b = np.searchsorted(LAG_EDGES, lag, side="right") - 1
+    out: np.ndarray = np.where(b < N_LAG_BINS, b, -1).astype(np.int64)
+    return out
 
 
 @dataclass(slots=True)
