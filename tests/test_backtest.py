@@ -54,11 +54,11 @@ def test_backtest_snapshot_matches_live_evaluation(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     steps = [T - 2 * HOUR + k * STEP for k in range(25)]
     live, clock = engine_at(settings, steps[0])
-    ingest_by_day(live, [d for d in items if d["ts"] <= steps[0]], now=steps[0])
+    ingest_by_day(live, [d for d in items if d["ts"] + d["latency_s"] <= steps[0]], now=steps[0])
     live_snap = None
     for prev, t in zip([steps[0]] + steps, steps):
         clock.t = t
-        arriving = [d for d in items if prev < d["ts"] <= t]
+        arriving = [d for d in items if prev < d["ts"] + d["latency_s"] <= t]     # once each has ended
         if arriving:
             assert not live.ingest(arriving, now=t).rejected
         live_snap = live.evaluate(t)
@@ -86,6 +86,22 @@ def test_backtest_snapshot_matches_live_evaluation(tmp_path: Path) -> None:
     assert ("latency_p95", "model", "anthropic/claude-3-5-haiku") in fired
     assert not any(t.at <= T0 for t in transitions)                          # quiet before the spike hour
     live.close()
+
+
+def test_backtest_feeds_each_record_when_it_has_ended(tmp_path: Path) -> None:
+    """A record is dated when its request started and reaches a live exporter only once the
+    request has ended: two requests of an app started 250 s before T, taking 200 and 400 s.
+    At T the backtest has the first only; a step later, both."""
+    slow = [{"ts": T - 250.0, "provider": "openai", "model": "o3", "app": "slow", "latency_s": lat,
+             "input_tokens": 100, "output_tokens": 100} for lat in (200.0, 400.0)]
+    path = write_jsonl(tmp_path / "history.jsonl", scenario() + slow)
+    records, _ = load_records([str(path)], now=T)
+    snaps: dict[float, Snapshot] = {}
+    backtest(settings_for(tmp_path), records, start=T - STEP, end=T + STEP, step=STEP,
+             on_snapshot=lambda s: snaps.__setitem__(s.t, s))
+    seen = {t: by_key(s)[("request_rate", "app", "slow", None, None)]["requests_in_window"]
+            for t, s in snaps.items() if ("request_rate", "app", "slow", None, None) in by_key(s)}
+    assert seen == {T: 1, T + STEP: 2}
 
 
 def test_backtest_of_nothing() -> None:
