@@ -776,11 +776,13 @@ def test_the_hourly_length_histograms_hold_every_answer_of_the_hours_kept() -> N
 def test_long_answers_still_running_are_no_collapse(ends_known: bool) -> None:
     """A busy slow model: an answer every 2 s, its length log-normal around 1,000 tokens and
     its duration the length at 10 tokens a second (100 s for the median answer, minutes for
-    the long ones), so about 50 run at once. Fed as a live exporter gets them, each once it has ended, and judged every
-    minute for two hours: the windows are the latest answers to end, a fair sample, and
-    nothing is flagged. Ordered by start (the records carry no latency, so their start is
-    all there is: the test can fail), the latest hold the short answers of the last minutes
-    without the long ones started with them, and read as a length collapse."""
+    the long ones), so about 50 run at once. Fed as a live exporter gets them, each once it
+    has ended, and judged every minute for two hours: the windows hold only requests that
+    started the model's 99th percentile latency ago or earlier, nearly all of which have
+    ended, and nothing is flagged. Without latencies in the records (so that nothing can
+    be known to be still running: the test can fail) the latest answers are the short ones
+    of the last minutes, without the long ones started with them, and read as a length
+    collapse."""
     rng = np.random.default_rng(3)
     start = REF_END - 8 * HOUR
     n = int((T0 + 2 * HOUR - start) / 2)

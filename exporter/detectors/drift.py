@@ -37,8 +37,10 @@ Every verdict needs two things, as the anomaly evaluator's do (see `evidence.py`
    0.93-0.98 on every window size (1.3-1.7 on sampling alone), and 0.92-1.02 on the
    12-answer window of lengths (seeds 7 and 11).
 
-The recent windows are the latest eighth, quarter, half and whole of a ring of the
-`window` most recent responses (25, 50, 100 and 200 by default), and for answer lengths
+The recent windows are the latest eighth, quarter, half and whole of the `window` most
+recent responses (25, 50, 100 and 200 by default) among the requests that started the
+series' 99th percentile latency ago or earlier (a long answer ends, and comes, later than
+a short one started with it: the latest answers to come are the short ones), and for answer lengths
 also its sixteenth (12): a collapse of every answer shows within a dozen responses, a
 subtler one on the larger windows. A length verdict needs its window's answers to come
 from several conversations (`effective_conversations`), since a window of a dozen can be
@@ -73,6 +75,12 @@ import numpy as np
 from exporter.codes import factorize
 from exporter.evidence import binomial_z, z_threshold
 from exporter.ingest.records import RecordColumns
+
+# Requests started within the series' 99th percentile latency of now are left out of the
+# windows until then (`_Ring.settled`); the ring holds twice the window, so that what they
+# push out is not the settled answers the window needs.
+SETTLE_QUANTILE = 0.99
+RING_SPARE = 2
 
 SIGNALS: tuple[str, ...] = (
     "empty_response_rate",
@@ -614,12 +622,14 @@ def judge(found: dict[str, int]) -> int:
 # --- the detector ---------------------------------------------------------------------
 
 class _Ring:
-    """A fixed-size ring of the most recent responses of one series."""
+    """A fixed-size ring of the most recent responses of one series (their start and
+    latency, length, flags, app and conversation)."""
 
-    __slots__ = ("ts", "out", "flags", "app", "unit", "head", "size", "pushes", "marks")
+    __slots__ = ("ts", "lat", "out", "flags", "app", "unit", "head", "size", "pushes", "marks")
 
     def __init__(self, capacity: int) -> None:
         self.ts = np.zeros(capacity, dtype=np.float64)
+        self.lat = np.zeros(capacity, dtype=np.float64)
         self.out = np.zeros(capacity, dtype=np.int64)
         self.flags = np.zeros(capacity, dtype=np.uint8)
         self.app = np.zeros(capacity, dtype=np.int32)
@@ -629,14 +639,16 @@ class _Ring:
         self.pushes = 0  # batches pushed: the ring's version ...
         self.marks = 0   # ... and marks set (`put_apart`)
 
-    def push(self, ts: np.ndarray, out: np.ndarray, flags: np.ndarray, app: np.ndarray, unit: np.ndarray) -> None:
+    def push(self, ts: np.ndarray, lat: np.ndarray, out: np.ndarray, flags: np.ndarray, app: np.ndarray,
+             unit: np.ndarray) -> None:
         cap = self.ts.shape[0]
         n = ts.shape[0]
         if n >= cap:
-            ts, out, flags, app, unit = ts[-cap:], out[-cap:], flags[-cap:], app[-cap:], unit[-cap:]
+            ts, lat, out, flags, app, unit = ts[-cap:], lat[-cap:], out[-cap:], flags[-cap:], app[-cap:], unit[-cap:]
             n = cap
         pos = (self.head + np.arange(n)) % cap
         self.ts[pos] = ts
+        self.lat[pos] = lat
         self.out[pos] = out
         self.flags[pos] = flags
         self.app[pos] = app
@@ -659,6 +671,19 @@ class _Ring:
     def view(self) -> tuple[np.ndarray, ...]:
         s = self.size
         return self.ts[:s], self.out[:s], self.flags[:s], self.app[:s], self.unit[:s]  # filled slots, any order
+
+    def settled(self, now: float, since: float, limit: int) -> np.ndarray:
+        """The slots (any order) of the latest `limit` responses that started from `since`
+        up to `now` less the series' SETTLE_QUANTILE latency: requests started later may
+        still be running, the long ones more often than the short ones, so the answers
+        among them that have come are no fair sample of their answers."""
+        s = self.size
+        ts = self.ts[:s]
+        lag = float(np.quantile(self.lat[:s], SETTLE_QUANTILE)) if s else 0.0
+        ok = np.flatnonzero((ts >= since) & (ts <= now - lag))
+        if ok.size > limit:
+            ok = ok[np.argsort(ts[ok], kind="stable")[-limit:]]
+        return ok
 
 
 class _Hours:
@@ -779,16 +804,12 @@ class DriftDetector:
         self.apart_version = 0                                 # bumped when failures are newly marked
 
     def observe(self, cols: RecordColumns) -> None:
-        """Add a batch. Records go to their series' windows in the order their requests
-        ended (start plus latency) and to the reference hours by their start; a little
-        overlap between batches does not matter, as the window is sorted by time where
-        order counts and the reference is kept per clock hour.
+        """Add a batch. Records go to their series in event-time order within the batch;
+        a little overlap between batches does not matter, as the window is sorted by time
+        where order counts and the reference is kept per clock hour.
 
-        The windows are the latest responses by end, not by start: a response is seen only
-        once it has ended, and a long answer takes longer to end than a short one started
-        with it. The latest by start would hold the short answers of the last minutes and
-        miss their long ones, still running: a length collapse on every slow model. The
-        latest to end are a fair sample of the answers, as each request ends once."""
+        Each response keeps its latency: the windows hold only requests that started long
+        enough ago for nearly all of their kind to have ended (`evaluate`)."""
         n = len(cols)
         if n == 0:
             return
@@ -803,8 +824,8 @@ class DriftDetector:
         p_u, p_i = factorize(cols.provider)
         m_u, m_i = factorize(cols.model)
         code = p_i.astype(np.int64) * m_u.size + m_i
-        end = cols.ts + np.nan_to_num(np.maximum(cols.latency, 0.0))
-        order = np.lexsort((end, code))
+        latency = np.nan_to_num(np.maximum(cols.latency, 0.0))
+        order = np.lexsort((cols.ts, code))
         code_s = code[order]
         starts = np.flatnonzero(np.r_[True, code_s[1:] != code_s[:-1]])
         ends = np.r_[starts[1:], n]
@@ -814,9 +835,9 @@ class DriftDetector:
             key = (str(p_u[c // m_u.size]), str(m_u[c % m_u.size]))
             ring = self._rings.get(key)
             if ring is None:
-                ring = self._rings[key] = _Ring(self.settings.window)
+                ring = self._rings[key] = _Ring(RING_SPARE * self.settings.window)
                 self._hours[key] = _Hours(self._slots)
-            ring.push(end[idx], cols.output_tokens[idx], flags[idx], app[idx], unit[idx])
+            ring.push(cols.ts[idx], latency[idx], cols.output_tokens[idx], flags[idx], app[idx], unit[idx])
             self._hours[key].add(cols.ts[idx], ind[idx], app[idx], answer[idx], bins[idx])
 
     def tainted_rows(self) -> list[tuple[str, str, int, str]]:
@@ -860,8 +881,8 @@ class DriftDetector:
         cutoff = now - s.max_age_s
         live: list[tuple[tuple[str, str], np.ndarray]] = []
         for key in sorted(self._rings):
-            keep = self._rings[key].view()[0] >= cutoff
-            if not keep.any():
+            keep = self._rings[key].settled(now, cutoff, s.window)
+            if not self._rings[key].size or not (self._rings[key].view()[0] >= cutoff).any():
                 del self._rings[key], self._hours[key]
                 self._memo.pop(key, None)
                 continue
@@ -870,9 +891,13 @@ class DriftDetector:
         out: list[DriftResult] = []
         for key, keep in live:
             ring, hours = self._rings[key], self._hours[key]
+            if not keep.size:                  # every response held may still have slower company running
+                if key in self._memo:
+                    out.append(self._memo[key][1])
+                continue
             # the verdict depends on the kept responses, the reference hours, the hour and the number of tests only
             apart = key in apart_models
-            state = (ring.pushes, ring.marks, int(keep.sum()), math.floor(now / HOUR), math.floor((now - s.baseline_s) / HOUR), tests,
+            state = (ring.pushes, ring.marks, keep.tobytes(), math.floor(now / HOUR), math.floor((now - s.baseline_s) / HOUR), tests,
                      hours.version, hours.hour.tobytes(), hours.tainted.tobytes(), apart)
             memo = self._memo.get(key)
             if memo is None or memo[0] != state:
