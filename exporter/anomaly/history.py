@@ -733,8 +733,8 @@ class ScopeHistory:
 
     def arrived_shares(self, t: float, k: int) -> np.ndarray:
         """(S, k) the share of each of the last k fine slots' records (the slot holding t
-        first) that has arrived by t, from each scope's arrival lags (`arrival`); forgets
-        the lags down to t first."""
+        first) that has arrived by t, from each scope's latencies over the hours of the
+        last day, weighed by age (`arrival`)."""
         n = self.size
         hour = math.floor(t / 3600)
         slot, ok = self.lag_hours.slots_for(np.arange(hour - arrival.LAG_HOURS + 1, hour + 1))
