@@ -162,8 +162,9 @@ def test_losing_a_replica_is_a_warning_not_a_page(ha: Scenario) -> None:
     assert not s.delivered(labels={"alertname": "LLMExporterDown"})
     assert not [a for a in s.vmalert_alerts() if a["labels"].get("alertname") == "LLMExporterDown"]
     # the alerts of the spike stay one per severity, without replica labels, while b is gone
+    # (the warning twin only until vmalert reads the page's ALERTS back and holds it)
     spike = [a for a in s.vmalert_alerts() if _same(a, {"alertname": "LLMCostSpike", "app": "spike-app"})]
-    assert sorted(a["labels"]["severity"] for a in spike) == ["critical", "warning"], spike
+    assert sorted(a["labels"]["severity"] for a in spike) in (["critical"], ["critical", "warning"]), spike
     assert not [a for a in s.vmalert_alerts() if "replica" in a["labels"] and a["labels"]["alertname"] != down["alertname"]]
 
 

@@ -29,8 +29,18 @@ SEVERITY_AT = {"warning": 1, "critical": 2}
 # the verdict judges (the exporter's default `window`). A burst that paged stays in that
 # window for this long after the page resolves, and the verdict decays through warning as
 # it leaves; that warning is the tail of the cause the page already reported.
+#
+# The twin is also held while its critical alert fires, unless the twin fired first (and so
+# was already notified). Alertmanager's inhibition alone is not enough: it mutes what it
+# sends, not what the group holds, so a twin firing unseen beneath the page resolves with
+# it and its "resolved" rides out in the next notification of its group (another warning
+# of the same app), about an alert the receiver never saw. A twin that did fire first keeps
+# firing through the page and after it until the verdict falls below warning: had it
+# resolved while the page muted it, its "resolved" would be muted too and the receiver
+# would hold an alert that never ends.
 QUIET_AFTER_PAGE = "1h"
 PAGE_ENDS = 13          # the generated test's page: severity 2 from minute 5 to 12, then 1
+ESCALATES = (12, 20)    # its escalation: severity 1 from minute 5, 2 from minute 12 to 19, then 1
 # the labels that name one alert's series (an HA pair's `replica` is already aggregated away)
 _ALERT_SERIES = "job, instance, signal, scope, app, provider, model"
 BEGIN = "      # --- anomaly signals: generated from the signal specs by `llm-usage-exporter rules`; do not edit ---\n"
@@ -46,10 +56,13 @@ HEADER = """\
 # (docs/tuning.md). These rules route the verdict:
 #   warning  fires at llm_anomaly_severity >= 1 held for {warning_for},
 #   critical fires at llm_anomaly_severity == 2 held for {critical_for}, and inhibits its warning twin;
-#   after a critical alert resolves, its warning twin stays quiet for {quiet_after} (the verdict's
-#   longest window, which still holds the burst as it decays through warning): the page's
-#   resolution is not followed by a warning about the same cause. The critical rule comes
-#   first in the group, so the warning reads the critical's state of the same evaluation;
+#   while a critical alert fires and for {quiet_after} after it resolves (the verdict's longest
+#   window, which still holds the burst as it decays through warning), its warning twin stays
+#   quiet unless the twin fired first: the page is not shadowed by a warning that would
+#   resolve unseen into the chat channel, nor followed by one about the same cause, and a
+#   warning that was sent before the page keeps firing until the verdict falls below warning,
+#   so its receiver sees it resolve. The critical rule comes first in the group, so the
+#   warning reads the critical's state of the same evaluation (and its own of the last);
 #   an anomaly that a narrower scope explains (llm_anomaly_explained == 1: the global echo
 #   of one app's spike, the app echo of one model's slowdown) stays quiet, so one cause
 #   pages once. Request rate moves both ways: the sign of llm_anomaly_zscore says which.
@@ -82,9 +95,10 @@ def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, da
         expr.append(f"    and llm_anomaly_zscore{sel} {'>' if direction == 'up' else '<'} 0")
     expr += [f"    unless llm_anomaly_explained{sel} == 1", ")"]
     if severity == "warning":
-        fired = f'ALERTS{{alertname="{name}", alertstate="firing", severity="critical"}}'
+        paged = f'ALERTS{{alertname="{name}", alertstate="firing", severity="critical"}}'
+        warned = f'ALERTS{{alertname="{name}", alertstate="firing", severity="warning"}}'
         expr += [f"  unless on({_ALERT_SERIES})",
-                 f"    (max_over_time({fired}[{QUIET_AFTER_PAGE}]) unless {fired})"]
+                 f"    (max_over_time({paged}[{QUIET_AFTER_PAGE}]) unless on({_ALERT_SERIES}) {warned})"]
     prefix, func, suffix = spec.text.value
     times = "x its baseline" if direction == "up" else " of its baseline"
     ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
@@ -204,18 +218,20 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
         "#\n",
         "# Per alert, on a one-minute grid, from minute 5 on:\n",
         "#   app=chat           severity 1 (warning)                  -> warning once held for its for:\n",
-        "#   model=openai/gpt-4o severity 2 (high), on two replicas   -> critical, and its warning twin, once\n",
+        "#   model=openai/gpt-4o severity 2 (high), on two replicas   -> critical; its warning twin held\n",
         "#   app=echo           severity 2 and explained              -> silent\n",
         "#   app=quiet          severity 0                            -> silent\n",
         "#   app=other-way      (request rate) severity 1, the other direction -> silent for this alert\n",
-        f"#   app=after-page     severity 2 until minute {PAGE_ENDS}, then 1          -> critical and its warning twin;\n",
-        f"#                      once the critical resolves, nothing for {QUIET_AFTER_PAGE}, then the warning again\n",
+        f"#   app=after-page     severity 2 until minute {PAGE_ENDS}, then 1          -> critical, its twin held;\n",
+        f"#                      once the critical resolves, nothing for {QUIET_AFTER_PAGE}, then the warning\n",
+        f"#   app=escalates      severity 1, 2 from minute {ESCALATES[0]} to {ESCALATES[1] - 1}, then 1 -> the warning,\n",
+        "#                      then the critical too; the warning fires on through the page and after it\n",
         "rule_files:\n  - ../rules/anomaly.yml\nevaluation_interval: 1m\ngroup_eval_order:\n  - llm-anomaly\ntests:\n",
     ]
     warn_for = int(FOR["warning"].rstrip("m"))
     crit_for = int(FOR["critical"].rstrip("m"))
     eval_min = 5 + max(warn_for, crit_for) + 1
-    assert eval_min < PAGE_ENDS
+    assert eval_min < PAGE_ENDS < ESCALATES[0] + crit_for < ESCALATES[1] and 5 + warn_for < ESCALATES[0]
     quiet = _minutes(QUIET_AFTER_PAGE)
     again = PAGE_ENDS - 1 + quiet + warn_for + 2     # the critical's last firing minute + the hold + the warning's for:
     steps = again + 2
@@ -225,7 +241,7 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             name, summary = spec.text.alerts[direction]
             current, baseline, ratio, z = _VALUES[direction]
             cases = {("app", "chat"): (1, 0, z), ("model", "gpt-4o"): (2, 0, z), ("app", "echo"): (2, 1, z),
-                     ("app", "quiet"): (0, 0, z), ("app", "after-page"): (-1, 0, z)}
+                     ("app", "quiet"): (0, 0, z), ("app", "after-page"): (-1, 0, z), ("app", "escalates"): (-2, 0, z)}
             if spec.direction == "both":
                 cases[("app", "other-way")] = (1, 0, -z)
             out.append(f"  - name: '{name} ({direction})'\n    interval: 1m\n    input_series:\n")
@@ -241,8 +257,13 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                                           ("explained", explained)):
                         out.append(f"      - series: 'llm_anomaly_{metric}{{{labels}}}'\n"
                                    f"        values: '{_num(value)}x{steps}'\n")
-                    values = (f"0x4 2x{PAGE_ENDS - 6} 1x{steps - PAGE_ENDS}" if sev < 0     # a page, then its tail
-                              else f"0x4 {sev}x{steps - 4}")
+                    if sev == -1:           # a page, then its tail
+                        values = f"0x4 2x{PAGE_ENDS - 6} 1x{steps - PAGE_ENDS}"
+                    elif sev == -2:         # a warning, then a page, then the warning's level again
+                        up, down = ESCALATES
+                        values = f"0x4 1x{up - 6} 2x{down - up - 1} 1x{steps - down}"
+                    else:
+                        values = f"0x4 {sev}x{steps - 4}"
                     out.append(f"      - series: 'llm_anomaly_severity{{{labels}}}'\n        values: '{values}'\n")
             out.append("    alert_rule_test:\n")
             ctx = _TestCase(spec, direction, name, summary, runbook_url, dashboard_url)
@@ -253,25 +274,34 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
             out.append("        exp_alerts:\n" + ctx.expect("critical", "model") + ctx.expect("critical", "app", "after-page")
                        if crit_for < warn_for else "        exp_alerts: []\n")
+            # the pages fire without their warning twins; the escalating warning has fired
             out.append(f"      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
             out.append(ctx.expect("warning", "app"))
-            out.append(ctx.expect("warning", "model"))
             out.append(ctx.expect("critical", "model"))
-            out.append(ctx.expect("warning", "app", "after-page"))
             out.append(ctx.expect("critical", "app", "after-page"))
-            # the page resolved: its warning twin resolves with it and stays quiet (the last
-            # check is just before the hold plus the warning's for: have passed) ...
+            out.append(ctx.expect("warning", "app", "escalates"))
+            # the escalation pages, and its warning fires on beneath the page
+            out.append(f"      - eval_time: {ESCALATES[0] + crit_for}m\n        alertname: {name}\n        exp_alerts:\n")
+            out.append(ctx.expect("warning", "app"))
+            out.append(ctx.expect("critical", "model"))
+            out.append(ctx.expect("warning", "app", "escalates"))
+            out.append(ctx.expect("critical", "app", "escalates"))
+            # the first page resolved and its twin stays quiet (the last check is just before
+            # the hold plus the warning's for: have passed); the escalation's page resolved and
+            # its warning, sent before the page, fires on until the verdict falls below warning ...
             for t in (PAGE_ENDS, PAGE_ENDS + quiet + warn_for - 1):
                 out.append(f"      - eval_time: {t}m\n        alertname: {name}\n        exp_alerts:\n")
                 out.append(ctx.expect("warning", "app"))
-                out.append(ctx.expect("warning", "model"))
                 out.append(ctx.expect("critical", "model"))
+                out.append(ctx.expect("warning", "app", "escalates"))
+                if ESCALATES[0] + crit_for <= t < ESCALATES[1]:
+                    out.append(ctx.expect("critical", "app", "escalates"))
             # ... and then a warning that is still there is sent
             out.append(f"      - eval_time: {again}m\n        alertname: {name}\n        exp_alerts:\n")
             out.append(ctx.expect("warning", "app"))
-            out.append(ctx.expect("warning", "model"))
             out.append(ctx.expect("critical", "model"))
             out.append(ctx.expect("warning", "app", "after-page"))
+            out.append(ctx.expect("warning", "app", "escalates"))
     out.append(_two_deployments_test(specs, runbook_url, dashboard_url, eval_min, steps))
     return "".join(out)
 
