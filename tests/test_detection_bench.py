@@ -21,7 +21,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "detection"
 sys.path.insert(0, str(BENCH))
 
 import run as bench  # noqa: E402
-from alerts import AlertRule, firing, load_rules, parse_duration, run_start, runs  # noqa: E402
+from alerts import (HOLD_AFTER, HOLD_UNLESS_FIRST, AlertRule, fired_within, firing, held_firing,  # noqa: E402
+                    load_rules, parse_duration, run_start, runs)
 from inject import GLOBAL, KIND_BY_NAME, app_scope, inject  # noqa: E402
 from score import (  # noqa: E402
     AFTER, Collector, Observations, alerts_per_instance, episodes, false_figures, key_name, raise_alerts, score_kind,
@@ -29,7 +30,7 @@ from score import (  # noqa: E402
 from traffic import DAY, HOUR, MissingData, build_traffic, in_zone, split_records, zone_shift  # noqa: E402
 
 from exporter.sources.replay import backtest  # noqa: E402
-from exporter.anomaly.rules import FOR  # noqa: E402
+from exporter.anomaly.rules import FOR, QUIET_AFTER_PAGE  # noqa: E402
 from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
 
 PLAN = bench.Plan("test", history_days=3, scored_days=1, instance_slots=((0, 14),), creep_slots=(), nab=(),
@@ -74,12 +75,16 @@ def row_scope(r: dict[str, Any]) -> str:
 def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
                      ) -> tuple[set[tuple[str, str, str, str, float]], dict[str, tuple[int, int]]]:
     """Walk the steps one by one as Prometheus evaluates a rule: pending from the first step
-    its condition holds, firing once it has held for `for:`, reset when it stops holding.
+    its condition holds, firing once it has held for `for:`, reset when it stops holding; a
+    warning's condition also fails where its critical twin's page holds it (the rule's
+    `hold`), judged after the critical rule of the same step.
     Returns (signal, direction, scope, severity, first firing time) of every alert, and per
     signal the number of runs of steps with some alert firing on a series, and of runs with
     a critical one firing (alerts and pages)."""
     out = set()
     pending: dict[tuple[str, str, str, str], float] = {}
+    fired: set[tuple[str, str, str, str]] = set()
+    paged_at: dict[tuple[str, str, str], float] = {}
     was: dict[tuple[str, str, str], tuple[bool, bool]] = {}
     counts: dict[str, list[int]] = {}
     for t, rows in steps:
@@ -92,16 +97,27 @@ def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
             for rule in RULES[r["signal"]]:
                 if level >= rule.level:
                     holds.add((r["signal"], direction, row_scope(r), rule.severity))
-        pending = {k: v for k, v in pending.items() if k in holds}
         now: dict[tuple[str, str, str], tuple[bool, bool]] = {}
-        for k in holds:
-            since = pending.setdefault(k, t)
+        fired_now, active = set(), set()
+        for k in sorted(holds, key=lambda k: k[3] != "critical"):       # the critical rule first
             rule = next(x for x in RULES[k[0]] if x.severity == k[3])
+            series = k[:3]
+            if rule.hold and not rule.pages:            # held by its twin's page, as its expression says
+                last = paged_at.get(series)
+                recent = last is not None and t - last < rule.hold_s
+                if recent and (k not in fired if rule.hold == HOLD_UNLESS_FIRST else last != t):
+                    continue
+            active.add(k)
+            since = pending.setdefault(k, t)
             if t - since >= rule.for_s:
-                series = k[:3]
                 now[series] = (True, now.get(series, (False, False))[1] or rule.pages)
+                fired_now.add(k)
+                if rule.pages:
+                    paged_at[series] = t
                 if not any(o[:4] == k and o[4] >= since for o in out):     # first firing of this run
                     out.add(k + (t,))
+        pending = {k: v for k, v in pending.items() if k in active}     # a held or lapsed run starts over
+        fired = fired_now
         for series, (fired_any, fired_page) in now.items():
             before_any, before_page = was.get(series, (False, False))
             c = counts.setdefault(series[0], [0, 0])
@@ -129,6 +145,31 @@ def test_for_logic_on_a_hand_made_matrix() -> None:
     assert parse_duration("5m") == 300 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
 
 
+def test_a_page_holds_its_warning_twin_as_the_rule_says() -> None:
+    t = np.arange(100) * 60.0
+    cond = np.zeros((100, 3), dtype=bool)
+    page = np.zeros((100, 3), dtype=bool)
+    # 0: the page comes first (its condition from step 2, firing 4..9); the twin's from 2 to 20
+    cond[2:21, 0] = True
+    page[4:10, 0] = True
+    # 1: the twin fires first (from step 7 on, held since 2), then the page fires 10..14
+    cond[2:30, 1] = True
+    page[10:15, 1] = True
+    # 2: a page 4..9, then a new warning run at 40 (held through 68: an hour after step 9, not at it)
+    cond[40:90, 2] = True
+    page[4:10, 2] = True
+    assert fired_within(t, page, 3600.0)[[3, 4, 68, 69], 2].tolist() == [False, True, True, False]
+    f = held_firing(t, cond, 300.0, page, 3600.0, HOLD_UNLESS_FIRST)
+    assert not f[:, 0].any()                               # held beneath its page and after it
+    assert np.flatnonzero(f[:, 1]).tolist() == list(range(7, 30))    # fires on through the page
+    assert np.flatnonzero(f[:, 2]).tolist() == list(range(74, 90))   # pending again from 69
+    # the older rules: the twin fires beneath the page, and is held only once it resolved
+    g = held_firing(t, cond, 300.0, page, 3600.0, HOLD_AFTER)
+    assert np.flatnonzero(g[:, 0]).tolist() == list(range(7, 10))
+    assert np.flatnonzero(g[:, 1]).tolist() == list(range(7, 15))
+    assert np.flatnonzero(g[:, 2]).tolist() == list(range(74, 90))
+
+
 def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files() -> None:
     t = np.arange(10) * 60.0
     keys = [GLOBAL, app_scope("a")]
@@ -153,6 +194,9 @@ def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files
         got = {(r.severity, r.level, r.for_s, r.explainable) for r in RULES[sig]}
         assert got == {("warning", 1, parse_duration(FOR["warning"]), True),
                        ("critical", 2, parse_duration(FOR["critical"]), True)}
+        # the warning is held by its page as the generator writes it
+        assert {(r.severity, r.hold, r.hold_s) for r in RULES[sig]} == {
+            ("warning", HOLD_UNLESS_FIRST, parse_duration(QUIET_AFTER_PAGE)), ("critical", "", 0.0)}
     assert {r.level for r in RULES["drift"]} == {1, 2}
     assert all(len(RULES[f"runaway.{x}"]) == 1 for x in ("chain_length", "token_burst", "session_cost",
                                                          "tool_repetition", "invocation"))

@@ -13,6 +13,11 @@ is pending from the first step its condition holds and fires at the first step a
 the condition has held at every step since a step at least `for:` earlier; it resolves at
 the first step the condition no longer holds. With one-minute steps that is within a
 minute of what the real rule evaluation (every 15-30 s) would do.
+
+An anomaly warning that its critical twin holds (the rule reads the twin's `ALERTS`) is
+held as the rule says: in the shipped rules, while the twin fires and for an hour after,
+unless the warning fired first, in which case it fires on while its condition holds;
+in older rules, only for the hour after the twin resolved.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 import yaml
 
 RUNAWAY_REASONS = ("chain_length", "token_burst", "session_cost", "tool_repetition")
+HOLD_UNLESS_FIRST = "unless_first"   # held while the twin fires and after, unless the warning fired first
+HOLD_AFTER = "after"                 # held only after the twin resolved (it fires beneath the page)
 LEVEL_OF_SEVERITY = {"warning": 1, "critical": 2}     # the exporter's severity a rule of that label routes
 PAGING = "critical"                                    # Alertmanager sends these to the pager
 
@@ -44,6 +51,8 @@ class AlertRule:
     level: int           # the verdict severity its condition needs (>=)
     for_s: float         # its `for:`
     explainable: bool    # the rule stays quiet while `explained` is set (anomaly rules)
+    hold_s: float = 0.0  # a warning held by its critical twin: for this long after the twin fired ...
+    hold: str = ""       # ... HOLD_UNLESS_FIRST (also while the twin fires) or HOLD_AFTER (only once it resolved)
 
     @property
     def pages(self) -> bool:
@@ -51,7 +60,7 @@ class AlertRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"alert": self.alert, "severity": self.severity, "level": self.level, "for_s": self.for_s,
-                "explainable": self.explainable}
+                "explainable": self.explainable, "hold_s": self.hold_s, "hold": self.hold}
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -87,9 +96,21 @@ def anomaly_rules(path: Path) -> list[AlertRule]:
         sev = str((r.get("labels") or {}).get("severity", "warning"))
         lv = re.search(r"llm_anomaly_severity\{[^}]*\}\s*>=\s*(\d+)", expr)
         level = int(lv.group(1)) if lv else LEVEL_OF_SEVERITY.get(sev, 1)
+        hold_s, hold = _hold(expr) if sev != PAGING else (0.0, "")
         out.append(AlertRule(str(r["alert"]), m.group(1), sev, level, parse_duration(r.get("for", "0s")),
-                             explainable="llm_anomaly_explained" in expr))
+                             explainable="llm_anomaly_explained" in expr, hold_s=hold_s, hold=hold))
     return out
+
+
+def _hold(expr: str) -> tuple[float, str]:
+    """How a warning's expression lets its critical twin hold it: `max_over_time` of the
+    twin's firing ALERTS over a range, excepted where the warning's own firing ALERTS are
+    (HOLD_UNLESS_FIRST) or where the twin still fires (HOLD_AFTER); (0, "") for none."""
+    m = re.search(r'max_over_time\(ALERTS\{[^}]*severity="critical"[^}]*\}\[(\w+)\]\)', expr)
+    if not m:
+        return 0.0, ""
+    mode = HOLD_UNLESS_FIRST if 'severity="warning"' in expr[m.end():] else HOLD_AFTER
+    return parse_duration(m.group(1)), mode
 
 
 def detector_rules(path: Path) -> list[AlertRule]:
@@ -188,6 +209,28 @@ def firing(times: np.ndarray, cond: np.ndarray, for_s: float) -> np.ndarray:
     rs = run_start(cond)
     held = times[:, None] - times[np.maximum(rs, 0)]
     return cond & (held >= for_s - 1e-6)
+
+
+def fired_within(times: np.ndarray, fired: np.ndarray, span_s: float) -> np.ndarray:
+    """(S, K) bool: where `fired` held at some step of the last `span_s` seconds, this step
+    included (`max_over_time(...[span])` at each step)."""
+    c = np.vstack([np.zeros((1,) + fired.shape[1:], np.int64), np.cumsum(fired, axis=0)])
+    lo = np.searchsorted(times, times - span_s, side="right")
+    return (c[1:] - c[lo]) > 0
+
+
+def held_firing(times: np.ndarray, cond: np.ndarray, for_s: float, page: np.ndarray, hold_s: float,
+                hold: str) -> np.ndarray:
+    """(S, K) bool: where a warning fires that its critical twin (firing where `page`)
+    holds as `hold` says. A warning not yet firing is held; under HOLD_UNLESS_FIRST one
+    already firing fires on while `cond` holds, the twin's page or not."""
+    recent = fired_within(times, page, hold_s)
+    if hold == HOLD_AFTER:
+        return firing(times, cond & ~(recent & ~page), for_s)
+    first = firing(times, cond & ~recent, for_s)
+    idx = np.arange(cond.shape[0])[:, None]
+    last_fired = np.maximum.accumulate(np.where(first, idx, -1), axis=0)
+    return cond & (last_fired >= run_start(cond))
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int, int]]:

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from alerts import RUNAWAY_REASONS, AlertRule, firing, run_start, runs
+from alerts import RUNAWAY_REASONS, AlertRule, firing, held_firing, run_start, runs
 from inject import Anomaly
 
 ScopeKey = tuple[str, str, str, str]
@@ -203,9 +203,15 @@ def raise_alerts(obs: Observations, rules: dict[str, tuple[AlertRule, ...]]) -> 
         dirs = (("up", obs.sign[sig] > 0), ("down", obs.sign[sig] < 0)) if both else (("", np.ones(shape, bool)),)
         a, p = np.zeros(shape, bool), np.zeros(shape, bool)
         for direction, mask in dirs:
-            for r in sig_rules:
+            page = never
+            for r in sorted(sig_rules, key=lambda x: not x.pages):    # the critical rule first, as in its group
                 cond = (m >= r.level) & mask & ~(quiet if r.explainable else never)
-                f = firing(t, cond, r.for_s)
+                if r.hold and not r.pages:
+                    f = held_firing(t, cond, r.for_s, page, r.hold_s, r.hold)
+                else:
+                    f = firing(t, cond, r.for_s)
+                if r.pages:
+                    page = f
                 a |= f
                 if r.pages:
                     p |= f
