@@ -376,7 +376,7 @@ def test_cost_spike_resolves_when_it_leaves_the_window(scenario: Scenario) -> No
     assert ratio and 0.5 <= float(ratio[0]["value"][1]) < 2
     # its warning twin never reached a receiver: not while the critical alert fired (held
     # beneath it), nor after it resolved while the verdict decayed through warning as the
-    # burst left the window (the warning rule stays quiet for an hour after its page); a
+    # burst left the window (the warning rule stays quiet for 9 hours after its page); a
     # leaked twin would go out within a group interval (5m, 5 s here) of the page resolving
     time.sleep(3 * 300 / sc.stack.time_scale)
     leaked = delivered(sc.stack, labels={**COST_APP_LABELS, "severity": "warning"})

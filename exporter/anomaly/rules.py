@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .evaluator import SUSTAINED_HOURS
 from .signals import SignalSpec
 
 RUNBOOK_URL = "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md"
@@ -26,9 +27,12 @@ DASHBOARD_URL = "http://localhost:3000/d/llm-anomalies"
 FOR = {"warning": "5m", "critical": "2m"}
 SEVERITY_AT = {"warning": 1, "critical": 2}
 # How long a warning twin stays quiet after its critical alert resolved: the longest window
-# the verdict judges (the exporter's default `window`). A burst that paged stays in that
-# window for this long after the page resolves, and the verdict decays through warning as
-# it leaves; that warning is the tail of the cause the page already reported.
+# the verdict judges, the held shift's last 8 whole hours, and the hour in progress. A burst
+# that paged stays in that window for this long after the page resolves, and the verdict
+# decays through warning as it leaves (first from the configured window, an hour by
+# default, then from the held ones); that warning is the tail of the cause the page
+# already reported. A new rise of the same alert and scope in that time pages if it is
+# severe; only its warning waits.
 #
 # The twin is also held while its critical alert fires, unless the twin fired first (and so
 # was already notified). Alertmanager's inhibition alone is not enough: it mutes what it
@@ -38,7 +42,7 @@ SEVERITY_AT = {"warning": 1, "critical": 2}
 # firing through the page and after it until the verdict falls below warning: had it
 # resolved while the page muted it, its "resolved" would be muted too and the receiver
 # would hold an alert that never ends.
-QUIET_AFTER_PAGE = "1h"
+QUIET_AFTER_PAGE = f"{max(SUSTAINED_HOURS) + 1}h"
 PAGE_ENDS = 13          # the generated test's page: severity 2 from minute 5 to 12, then 1
 ESCALATES = (12, 20)    # its escalation: severity 1 from minute 5, 2 from minute 12 to 19, then 1
 # the labels that name one alert's series (an HA pair's `replica` is already aggregated away)
@@ -57,7 +61,7 @@ HEADER = """\
 #   warning  fires at llm_anomaly_severity >= 1 held for {warning_for},
 #   critical fires at llm_anomaly_severity == 2 held for {critical_for}, and inhibits its warning twin;
 #   while a critical alert fires and for {quiet_after} after it resolves (the verdict's longest
-#   window, which still holds the burst as it decays through warning), its warning twin stays
+#   window, a held shift's, which still holds the burst as it decays through warning), its warning twin stays
 #   quiet unless the twin fired first: the page is not shadowed by a warning that would
 #   resolve unseen into the chat channel, nor followed by one about the same cause, and a
 #   warning that was sent before the page keeps firing until the verdict falls below warning,
