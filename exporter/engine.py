@@ -272,7 +272,7 @@ class Engine:
         cols, _, _ = parse_batch(stored, self.newest_event_ts)
         series = self._guard_now(cols)
         self.detectors.observe(cols, budget=False)
-        self.history.add_lags(series, cols.latency, cols.ts, self.store.series_keys())
+        self.history.add_lags(series, cols.latency, cols.is_error, cols.ts, self.store.series_keys())
 
     # --- planning: pure functions of the batch and the current state --------------------
 

@@ -34,6 +34,7 @@ from exporter.engine import Engine
 from exporter.ingest.rejections import Rejections
 from exporter.anomaly import arrival
 from exporter.anomaly import evaluator as evaluator_module
+from exporter.anomaly.history import ScopeHistory
 from exporter.anomaly.evaluator import SUSTAINED_HOURS, WINDOW_FRACTIONS, Evaluator, Snapshot, _failures_are_the_apps, size_z
 from exporter.anomaly.signals import DEFAULT_SIGNALS, SIGNAL_NAMES, signal_specs
 
@@ -114,6 +115,56 @@ def test_requests_still_running_are_no_fall(monkeypatch: pytest.MonkeyPatch, lea
     assert (falls == []) == learned, falls
     if not learned:
         assert {name for _, name, _, _ in falls} == {"app=think", "model=o3"}, falls
+
+
+FAST_FAILING = (Stream("chat", MINI, rate=600, session=3, error_rate=0.03),
+                Stream("think", "o3", rate=3000, ttft=None, tokens=(2000, 8000), otps=40, session=2, error_rate=0.03))
+
+
+def _failing_fast(traffic: Traffic) -> Traffic:
+    """Every failure comes back in half a second (a rejected or throttled call), whatever
+    the model's usual latency."""
+    return traffic.changed(traffic.is_error, latency=0.5)
+
+
+@pytest.mark.parametrize("apart", [True, False])
+def test_fast_failures_of_a_slow_model_are_no_error_storm(monkeypatch: pytest.MonkeyPatch, apart: bool) -> None:
+    """The reasoning model of `test_requests_still_running_are_no_fall` with 3 % of its
+    requests failing, each failure back in half a second while its successes take minutes,
+    fed as the requests end. The newest minutes hold nearly all of their failures and few
+    of their successes; the evaluator expects that from the latencies of each outcome, so
+    no error-rate verdict in two hours judged every 5 minutes. With the outcomes' latencies
+    taken as one (the test can fail) the model reads as a severe error storm."""
+    if not apart:
+        monkeypatch.setattr(ScopeHistory, "outcome_shares", lambda self, t, k: (self.arrived_shares(t, k),) * 2)
+    traffic = _failing_fast(generate(FAST_FAILING, DAY0, S + 3 * HOUR, seed=3))
+    harness = Harness().feed(traffic.take(traffic.ts < S))
+    snaps = harness.run(traffic.take(traffic.ts >= S), every(S, 120, step=5), on_arrival=True)
+    storms = flagged(snaps, "error_rate")
+    assert (storms == []) == apart, storms
+    if not apart:
+        assert ("high", "model=o3") in {(sev, name) for _, name, sev, _ in storms} | {
+            (sev, by) for _, _, sev, by in storms if by}, storms
+
+
+def test_a_storm_of_fast_failures_on_a_slow_model_is_caught() -> None:
+    """The same model, and from S on a third of its requests fail at once: judged against
+    the failures expected among what has arrived, the storm still warns within 5 minutes
+    and pages within 12 on the model. (Judged against the usual share, it warned in 2 and
+    paged in 3, but the fast failures alone page too: the test above.) The newest slots
+    tell little: nearly all of what has come of them is failures either way, so the
+    evidence grows as the storm's successes, fewer than usual, end."""
+    traffic = _failing_fast(generate(FAST_FAILING, DAY0, S + 3 * HOUR, seed=3))
+    rng = np.random.default_rng(8)
+    storm = traffic.where(S, S + HOUR, model="o3") & (rng.random(len(traffic)) < 0.33)
+    traffic = traffic.changed(storm, is_error=True, latency=0.5)
+    harness = Harness().feed(traffic.take(traffic.ts < S))
+    snaps = harness.run(traffic.take(traffic.ts >= S), every(S, 30, step=1), on_arrival=True)
+    verdicts = [(m, sev) for m, name, sev, by in flagged(snaps, "error_rate") if name == "model=o3" and by is None]
+    assert verdicts and verdicts[0][0] <= 5, verdicts
+    assert min(m for m, sev in verdicts if sev == "high") <= 12, verdicts
+    # the chat app's model (gpt-4o-mini) never joins in
+    assert not [x for x in flagged(snaps, "error_rate") if MINI in x[1] or x[1] == "app=chat"]
 
 
 def test_the_latencies_learned_survive_a_restart(tmp_path: Path) -> None:

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..storage.buckets import LAG_EDGES, N_LAG_BINS, lag_bins
+from ..storage.buckets import LAG_CELLS, LAG_EDGES, N_LAG_BINS, lag_bins, lag_cells
 
-__all__ = ["LAG_EDGES", "N_LAG_BINS", "lag_bins", "LAG_HOURS", "HALF_LIFE_HOURS", "PRIOR_RECORDS", "hour_weights",
-           "lag_cdf", "arrived_share"]
+__all__ = ["LAG_CELLS", "LAG_EDGES", "N_LAG_BINS", "lag_bins", "lag_cells", "LAG_HOURS", "HALF_LIFE_HOURS",
+           "PRIOR_RECORDS", "hour_weights", "lag_cdf", "arrived_share", "failure_share"]
 
 LAG_HOURS = 24               # hours of lags kept per scope
 HALF_LIFE_HOURS = 3.0        # an hour's lags weigh half as much as those of three hours later
@@ -87,3 +87,17 @@ def arrived_share(cdf: np.ndarray, start_age: np.ndarray, end_age: np.ndarray, l
         return np.array(plain)
     share = (_integral(np.nan_to_num(cdf), s) - _integral(np.nan_to_num(cdf), e)) / length
     return np.where(known[:, None], share, plain)
+
+
+def failure_share(usual: np.ndarray, ok_share: np.ndarray, failed_share: np.ndarray) -> np.ndarray:
+    """(S, A) the share of failures expected among the records of each slot that have
+    arrived, when `usual` (S,) of requests fail and the slot's successes and failures have
+    arrived in the shares `ok_share` and `failed_share` (S, A). Failures that come back at
+    once while successes run on make the newest slots' share larger than `usual`; where
+    nothing is expected in yet, `usual` itself."""
+    p = np.asarray(usual, dtype=np.float64)[:, None]
+    failed, ok = p * failed_share, (1.0 - p) * ok_share
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = failed / (failed + ok)
+    out: np.ndarray = np.where(failed + ok > 0, q, np.broadcast_to(p, q.shape))
+    return out

@@ -66,6 +66,7 @@ from .baseline import (
     weekly_profile,
     window_spread,
 )
+from .arrival import failure_share
 from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
 from .signals import Severity, SignalSpec
 
@@ -513,6 +514,22 @@ class _Context:
             v1 = seasonal.profile[:, self.ev.local(h0 + 1) % WEEK_HOURS]
             per_hour = (1 - frac) * v0 + frac * v1                      # (S, k) expected per hour at each slot
             out[:, j] = (per_hour * weight[:, :k]).sum(axis=1) * h.fine / 3600.0
+        return out
+
+    def expected_failure_share(self, usual: np.ndarray) -> np.ndarray:
+        """(S, W) the share of failures expected among each window's requests that have
+        arrived, when `usual` (S,) of requests fail. A slot's failures and successes arrive
+        as their own latencies let them (`arrival.failure_share`): where failures come back
+        at once and successes take minutes, the newest slots hold more failures than
+        `usual`, and judging them against `usual` would read every evaluation as a rise."""
+        k_max = max(self.ev.fine_slots)
+        ok, failed = self.h.outcome_shares(self.t, k_max)
+        q = failure_share(usual, ok, failed)
+        n = self.h.recent_slots(self.t, k_max, F["requests"])           # (S, k) arrived, newest first
+        idx = np.asarray(self.ev.fine_slots) - 1
+        in_n, in_q = np.cumsum(n, axis=1)[:, idx], np.cumsum(n * q, axis=1)[:, idx]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out: np.ndarray = np.where(in_n > 0, in_q / in_n, np.asarray(usual, dtype=np.float64)[:, None])
         return out
 
     def window_quantiles(self, kind: str, rows: np.ndarray, q: float) -> np.ndarray:
@@ -991,10 +1008,11 @@ def judge_tokens(spec: SignalSpec, c: _Context) -> Verdict:
 def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
     e, n = c.sums[..., F["errors"]], c.sums[..., F["requests"]]
     st = c.base.errors
-    z = binomial_z(e, n, st.ratio[:, None], st.dispersion[:, None])
+    usual = c.expected_failure_share(st.ratio)                       # (S, W) among what has arrived
+    z = binomial_z(e, n, usual, st.dispersion[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(n > 0, e / n, np.nan)
-        ratio = share / np.maximum(st.ratio[:, None], ERROR_RATIO_FLOOR)
+        ratio = share / np.maximum(usual, ERROR_RATIO_FLOOR)
         passed = c.ready(spec)[:, None] & (z >= c.zc) & (share >= spec.min_current)
     effects = Effects(_largest(ratio, passed), np.zeros(c.n), np.zeros(c.n), np.zeros(c.n))
     zs, win, _ = _strongest(np.where(c.ready(spec)[:, None], z, np.nan), c.zc, c.ev.window_s)
@@ -1002,7 +1020,7 @@ def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
     sd = np.sqrt(st.dispersion * baseline * (1 - baseline) / np.maximum(n[:, -1], 1))
     with np.errstate(invalid="ignore", divide="ignore"):
         lo, hi = np.maximum(baseline - c.zc[-1] * sd, 0), baseline + c.zc[-1] * sd
-    v = _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e - st.ratio[:, None] * n)
+    v = _verdict(c, spec, share[:, -1], baseline, zs, lo, hi, effects, win, excess=e - usual * n)
     v.counts = (e, n, st.ratio, st.dispersion)
     return v
 

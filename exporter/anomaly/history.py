@@ -189,10 +189,11 @@ class ScopeHistory:
         # came (`recent_slow`); batches only, like `fine_sessions`
         self.fine_slow = np.zeros((0, self.fine_ring.n, SESSION_BUCKETS * len(SKETCHES) * 2), dtype=np.float32)
         self._slow_thr = np.zeros((0, len(SKETCHES)), dtype=np.int64)   # the thresholds last read (`recent_exceedances`)
-        # per scope and hour of the last day: its requests per arrival-lag bin (`arrival`);
-        # from batches, and at start-up from the raw records of the last day
+        # per scope and hour of the last day: its requests per arrival-lag bin (`arrival`),
+        # successes and failures apart; from batches, and at start-up from the raw records
+        # of the last day
         self.lag_hours = Ring(3600, arrival.LAG_HOURS)
-        self.hour_lags = np.zeros((0, arrival.LAG_HOURS, arrival.N_LAG_BINS))
+        self.hour_lags = np.zeros((0, arrival.LAG_HOURS, arrival.LAG_CELLS))
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
@@ -718,11 +719,11 @@ class ScopeHistory:
         hslot, hok = self._claim(self.lag_hours, np.repeat(groups.start // 3600, 3), self.hour_lags, 0.0)
         _add_at_cells(self.hour_lags, rows[hok], hslot[hok], groups.lags[rep][hok])
 
-    def add_lags(self, series: np.ndarray, latency: np.ndarray, ts: np.ndarray,
+    def add_lags(self, series: np.ndarray, latency: np.ndarray, is_error: np.ndarray, ts: np.ndarray,
                  series_keys: dict[int, tuple[str, str, str]]) -> None:
         """Learn arrival lags from records re-read at start-up (the raw records of the last
         day): the hours they fill are those the process held."""
-        bins = arrival.lag_bins(latency)
+        bins = arrival.lag_cells(latency, is_error)
         keep = bins >= 0
         if not keep.any():
             return
@@ -735,17 +736,42 @@ class ScopeHistory:
         """(S, k) the share of each of the last k fine slots' records (the slot holding t
         first) that has arrived by t, from each scope's latencies over the hours of the
         last day, weighed by age (`arrival`)."""
-        n = self.size
+        hist = self._lag_hist(t)
+        n_bins = arrival.N_LAG_BINS
+        return self._shares(hist[:, :n_bins] + hist[:, n_bins:], t, k)
+
+    def outcome_shares(self, t: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(successes, failures), each (S, k): `arrived_shares` of each outcome apart, from
+        each outcome's own latencies (a scope with few failures borrows the shape of all
+        traffic's failures)."""
+        hist = self._lag_hist(t)
+        n_bins = arrival.N_LAG_BINS
+        return self._shares(hist[:, :n_bins], t, k), self._shares(hist[:, n_bins:], t, k)
+
+    def _lag_hist(self, t: float) -> np.ndarray:
+        """(S, LAG_CELLS) each scope's lag counts over the hours of the last day up to t,
+        weighed by age."""
         hour = math.floor(t / 3600)
         slot, ok = self.lag_hours.slots_for(np.arange(hour - arrival.LAG_HOURS + 1, hour + 1))
         weight = np.where(ok, arrival.hour_weights(), 0.0)                  # oldest first
-        hist = np.einsum("shb,h->sb", self.hour_lags[:n][:, slot], weight)
+        out: np.ndarray = np.einsum("shb,h->sb", self.hour_lags[:self.size][:, slot], weight)
+        return out
+
+    def _shares(self, hist: np.ndarray, t: float, k: int) -> np.ndarray:
+        """(S, k) the shares of the last k fine slots in by t, for lag histograms (S, N_LAG_BINS)."""
         g = self._index.get(("global", "", "", ""))
         total = float(hist[g].sum()) if g is not None else 0.0
         cdf = arrival.lag_cdf(hist, hist[g] / total if g is not None and total > 0 else None)
         t_end = math.floor(t / self.fine) * self.fine + self.fine        # the end of the slot holding t
         i = np.arange(k)
         return arrival.arrived_share(cdf, t - (t_end - (i + 1) * self.fine), t - (t_end - i * self.fine), self.fine)
+
+    def recent_slots(self, t: float, k: int, field: int) -> np.ndarray:
+        """(S, k) one field of each of the last k fine slots, the slot holding t first."""
+        hi = math.floor(t / self.fine)
+        slot, ok = self.fine_ring.slots_for(np.arange(hi - k + 1, hi + 1))
+        out: np.ndarray = np.where(ok, self.fine_add[:self.size][:, slot, field], 0.0)[:, ::-1]
+        return out
 
     def recent_sums(self, t: float, slot_counts: list[int]) -> np.ndarray:
         """(S, W, F) sums over the last k fine slots up to the one holding t, for each k of

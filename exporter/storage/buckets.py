@@ -49,6 +49,10 @@ Bins = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 # take to end and reach it (`anomaly.arrival`).
 LAG_EDGES = np.concatenate([[0.0], 2.0 ** np.arange(0, 15)])
 N_LAG_BINS = LAG_EDGES.size - 1
+# The counts keep successes and failures apart (the successes' bins, then the failures'):
+# a failure often comes back at once while a success takes the model's full latency, so
+# the newest minutes hold more than their share of failures.
+LAG_CELLS = 2 * N_LAG_BINS
 
 
 def lag_bins(latency: np.ndarray) -> np.ndarray:
@@ -78,7 +82,7 @@ class Groups:
     # per kind in SKETCHES order: (group x SESSION_BUCKETS + bucket, bin, count) of the
     # records that name a session, from a batch of records only
     session_bins: Bins | None = None
-    # (G, arrival.N_LAG_BINS) records per arrival-lag bin, from a batch of records only
+    # (G, LAG_CELLS) records per arrival-lag bin, successes then failures, from a batch of records only
     lags: np.ndarray | None = None
 
     def nonzero_bins(self) -> Bins:
@@ -148,7 +152,7 @@ def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: in
     bins = [_sketch_bins(i, inverse) for i in idx]
     if not sessions:
         return Groups(uniq >> 32, uniq & 0xFFFFFFFF, adds, None, bins)
-    lags = _lag_counts(inverse, lag_bins(cols.latency), len(uniq))
+    lags = _lag_counts(inverse, lag_cells(cols.latency, cols.is_error), len(uniq))
     bucket = session_buckets(cols)
     named = bucket >= 0
     cell = inverse * SESSION_BUCKETS + bucket
@@ -157,11 +161,19 @@ def aggregate(cols: RecordColumns, series: np.ndarray, cost: np.ndarray, res: in
                   [_sketch_bins(i[named], cell[named]) for i in idx], lags)
 
 
-def _lag_counts(group: np.ndarray, lag_bin: np.ndarray, n_groups: int) -> np.ndarray:
-    """(G, N_LAG_BINS) records per group and arrival-lag bin."""
-    binned = lag_bin >= 0
-    cells = np.bincount(group[binned] * N_LAG_BINS + lag_bin[binned], minlength=n_groups * N_LAG_BINS)
-    return cells.reshape(n_groups, N_LAG_BINS).astype(np.float64)
+def lag_cells(latency: np.ndarray, is_error: np.ndarray) -> np.ndarray:
+    """Each request's cell of the lag counts (`LAG_CELLS`): its latency bin, among the
+    failures' bins if it failed; -1 past the last edge."""
+    b = lag_bins(latency)
+    out: np.ndarray = np.where(b >= 0, b + N_LAG_BINS * np.asarray(is_error, dtype=np.int64), -1)
+    return out
+
+
+def _lag_counts(group: np.ndarray, lag_cell: np.ndarray, n_groups: int) -> np.ndarray:
+    """(G, LAG_CELLS) records per group and arrival-lag cell."""
+    binned = lag_cell >= 0
+    cells = np.bincount(group[binned] * LAG_CELLS + lag_cell[binned], minlength=n_groups * LAG_CELLS)
+    return cells.reshape(n_groups, LAG_CELLS).astype(np.float64)
 
 
 def session_buckets(cols: RecordColumns) -> np.ndarray:
