@@ -81,6 +81,7 @@ class Plan:
     shift: float = 0.0                                # whole weeks the timeline moved by, for the zone's clock change
     sessions: bool = True                             # False: the records carry no session id
     latency: float = 1.0                              # every request's duration and first token, times this
+    fail_fast: float = 0.0                            # > 0: every failed request takes this long (seconds)
 
     @property
     def scored_start(self) -> float:
@@ -136,6 +137,8 @@ def run_scenario(plan: Plan, kind_name: str | None, sets: dict[str, Any], signal
         records = [replace(r, session_id=None) for r in records]
     if plan.latency != 1.0:
         records = slower(records, plan.latency)
+    if plan.fail_fast > 0:
+        records = failing_fast(records, plan.fail_fast)
     col = Collector()
     backtest(make_settings(sets, signals), records, plan.scored_start, plan.scored_end, step, on_snapshot=col)
     return kind_name or "clean", col.result(), anomalies, time.perf_counter() - t0
@@ -147,6 +150,12 @@ def slower(records: list[Any], factor: float) -> list[Any]:
     def times(v: float | None) -> float | None:
         return None if v is None else v * factor
     return [replace(r, latency_s=times(r.latency_s), ttft_s=times(r.ttft_s)) for r in records]
+
+
+def failing_fast(records: list[Any], seconds: float) -> list[Any]:
+    """Every failed request back after `seconds` (and no first token): a rejected or
+    throttled call fails at once while a success takes the model's full latency."""
+    return [replace(r, latency_s=seconds, ttft_s=None) if r.status != "ok" else r for r in records]
 
 
 def run_nab(file: str, sets: dict[str, Any], signals: dict[str, dict[str, float]], step: float
@@ -526,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", type=float, default=1.0, metavar="FACTOR",
                     help="every request FACTOR times as long (its first token too), e.g. 20 for a site of "
                          "reasoning models whose records arrive minutes after their requests start (default 1)")
+    ap.add_argument("--fail-fast", type=float, default=0.0, metavar="SECONDS",
+                    help="every failed request, injected ones too, ends after SECONDS, whatever its latency "
+                         "(with --latency: a slow model whose failures come back at once)")
     ap.add_argument("--kinds", default="", help="comma-separated anomaly kinds to run (default: all)")
     ap.add_argument("--no-nab", action="store_true", help="skip the NAB series")
     ap.add_argument("--nab", default="", help="comma-separated NAB files (default: the plan's)")
@@ -585,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, sessions=False)
     if args.latency <= 0:
         raise SystemExit("--latency: a factor above 0")
-    plan = replace(plan, latency=args.latency)
+    if args.fail_fast < 0:
+        raise SystemExit("--fail-fast: seconds, 0 or more")
+    plan = replace(plan, latency=args.latency, fail_fast=args.fail_fast)
     step = parse_step(args.step) if args.step else plan.step
     split = max(1, args.split)
     sets = parse_sets(args.set)
@@ -643,6 +657,7 @@ def default_path(plan: Plan, split: int, revision: str) -> Path:
     clock = "-" + re.sub(r"[^A-Za-z0-9]+", "-", plan.zone) if plan.zone else ""
     clock += "" if plan.sessions else "-nosessions"
     clock += f"-latency{plan.latency:g}" if plan.latency != 1.0 else ""
+    clock += f"-failfast{plan.fail_fast:g}" if plan.fail_fast > 0 else ""
     return RESULTS / (f"detection-{plan.name}{f'-split{split}' if split > 1 else ''}{seed}{volume}{weekend}{clock}"
                       f"-{tag}.json")
 
