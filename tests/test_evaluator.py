@@ -136,7 +136,7 @@ def test_fast_failures_of_a_slow_model_are_no_error_storm(monkeypatch: pytest.Mo
     no error-rate verdict in two hours judged every 5 minutes. With the outcomes' latencies
     taken as one (the test can fail) the model reads as a severe error storm."""
     if not apart:
-        monkeypatch.setattr(ScopeHistory, "outcome_shares", lambda self, t, k: (self.arrived_shares(t, k),) * 2)
+        monkeypatch.setattr(ScopeHistory, "outcome_shares", lambda self, t, k: (self.arrived_shares(t, k),) * 3)
     traffic = _failing_fast(generate(FAST_FAILING, DAY0, S + 3 * HOUR, seed=3))
     harness = Harness().feed(traffic.take(traffic.ts < S))
     snaps = harness.run(traffic.take(traffic.ts >= S), every(S, 120, step=5), on_arrival=True)

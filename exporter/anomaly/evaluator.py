@@ -480,7 +480,7 @@ class _Context:
         idx = np.array(ev.coarse_slots) - 1
         self.above, self.samples = ca[:, idx], ct[:, idx]          # (S, W, kinds)
         self._expected: np.ndarray | None = None
-        self._shares: np.ndarray | None = None                     # (S, k) `ScopeHistory.arrived_shares`
+        self._shares: tuple[np.ndarray, ...] | None = None         # `ScopeHistory.outcome_shares`
         self._whole: dict[int, np.ndarray] = {}
         self._whole_slots: dict[int, np.ndarray] = {}
 
@@ -501,10 +501,7 @@ class _Context:
         h = self.h
         out = np.zeros((self.n, len(slots)))
         t_end = math.floor(self.t / h.fine) * h.fine + h.fine          # windows end with the current slot
-        k_max = max(int(np.max(slots)), *self.ev.fine_slots, 1)
-        if self._shares is None or self._shares.shape[1] < k_max:
-            self._shares = h.arrived_shares(self.t, k_max)
-        weight = self._shares
+        weight = self._arrivals(max(int(np.max(slots)), 1))[0]
         for j, k in enumerate(slots):
             mids = t_end - (np.arange(k) + 0.5) * h.fine                 # slot centres
             pos = mids / 3600.0 - 0.5                                    # in hours, from the first hour's centre
@@ -516,6 +513,14 @@ class _Context:
             out[:, j] = (per_hour * weight[:, :k]).sum(axis=1) * h.fine / 3600.0
         return out
 
+    def _arrivals(self, k: int) -> tuple[np.ndarray, ...]:
+        """`ScopeHistory.outcome_shares` for at least the last k fine slots (and the
+        configured windows'), read once per evaluation."""
+        k_max = max(k, *self.ev.fine_slots)
+        if self._shares is None or self._shares[0].shape[1] < k_max:
+            self._shares = self.h.outcome_shares(self.t, k_max)
+        return self._shares
+
     def expected_failure_share(self, usual: np.ndarray) -> np.ndarray:
         """(S, W) the share of failures expected among each window's requests that have
         arrived, when `usual` (S,) of requests fail. A slot's failures and successes arrive
@@ -523,7 +528,8 @@ class _Context:
         at once and successes take minutes, the newest slots hold more failures than
         `usual`, and judging them against `usual` would read every evaluation as a rise."""
         k_max = max(self.ev.fine_slots)
-        ok, failed = self.h.outcome_shares(self.t, k_max)
+        _, ok, failed = self._arrivals(k_max)
+        ok, failed = ok[:, :k_max], failed[:, :k_max]
         q = failure_share(usual, ok, failed)
         n = self.h.recent_slots(self.t, k_max, F["requests"])           # (S, k) arrived, newest first
         idx = np.asarray(self.ev.fine_slots) - 1

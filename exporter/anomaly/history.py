@@ -740,13 +740,14 @@ class ScopeHistory:
         n_bins = arrival.N_LAG_BINS
         return self._shares(hist[:, :n_bins] + hist[:, n_bins:], t, k)
 
-    def outcome_shares(self, t: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(successes, failures), each (S, k): `arrived_shares` of each outcome apart, from
-        each outcome's own latencies (a scope with few failures borrows the shape of all
-        traffic's failures)."""
+    def outcome_shares(self, t: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(all, successes, failures), each (S, k): `arrived_shares`, and the same for each
+        outcome apart, from its own latencies (a scope with few failures borrows the shape
+        of all traffic's failures)."""
         hist = self._lag_hist(t)
         n_bins = arrival.N_LAG_BINS
-        return self._shares(hist[:, :n_bins], t, k), self._shares(hist[:, n_bins:], t, k)
+        ok, failed = hist[:, :n_bins], hist[:, n_bins:]
+        return self._shares(ok + failed, t, k), self._shares(ok, t, k), self._shares(failed, t, k)
 
     def _lag_hist(self, t: float) -> np.ndarray:
         """(S, LAG_CELLS) each scope's lag counts over the hours of the last day up to t,
