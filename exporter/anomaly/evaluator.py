@@ -49,6 +49,7 @@ from .. import sketch
 from ..evidence import APART_EVIDENCE, apart_log_odds, binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
 from ..storage.buckets import SESSION_BUCKETS, SESSION_FIELDS, F
 from ..zones import local_hours
+from .arrival import failure_share
 from .baseline import (
     TAIL_SCALE_DF_PER_VALUE,
     WEEK_HOURS,
@@ -66,7 +67,6 @@ from .baseline import (
     weekly_profile,
     window_spread,
 )
-from .arrival import failure_share
 from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
 from .signals import Severity, SignalSpec
 
