@@ -194,6 +194,12 @@ class _TestCase:
     runbook_url: str
     dashboard_url: str
 
+    def check(self, t: int, *expected: tuple[str, ...]) -> str:
+        """One evaluation of this alert at minute t, expecting exactly these alerts, each
+        (severity, scope) or (severity, scope, app)."""
+        head = f"      - eval_time: {t}m\n        alertname: {self.name}\n        exp_alerts:\n"
+        return head + "".join(self.expect(e[0], e[1], e[2] if len(e) > 2 else "chat") for e in expected)
+
     def expect(self, severity: str, scope: str, app: str = "chat",
                lab: str = 'instance: "exporter:9473", job: llm-usage-exporter',
                values: tuple[float, float, float, float] | None = None) -> str:
@@ -278,34 +284,21 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
             out.append("        exp_alerts:\n" + ctx.expect("critical", "model") + ctx.expect("critical", "app", "after-page")
                        if crit_for < warn_for else "        exp_alerts: []\n")
+            steady = (("warning", "app"), ("critical", "model"))     # app=chat's warning, the model's page
             # the pages fire without their warning twins; the escalating warning has fired
-            out.append(f"      - eval_time: {eval_min}m\n        alertname: {name}\n        exp_alerts:\n")
-            out.append(ctx.expect("warning", "app"))
-            out.append(ctx.expect("critical", "model"))
-            out.append(ctx.expect("critical", "app", "after-page"))
-            out.append(ctx.expect("warning", "app", "escalates"))
+            out.append(ctx.check(eval_min, *steady, ("critical", "app", "after-page"), ("warning", "app", "escalates")))
             # the escalation pages, and its warning fires on beneath the page
-            out.append(f"      - eval_time: {ESCALATES[0] + crit_for}m\n        alertname: {name}\n        exp_alerts:\n")
-            out.append(ctx.expect("warning", "app"))
-            out.append(ctx.expect("critical", "model"))
-            out.append(ctx.expect("warning", "app", "escalates"))
-            out.append(ctx.expect("critical", "app", "escalates"))
+            out.append(ctx.check(ESCALATES[0] + crit_for, *steady, ("warning", "app", "escalates"),
+                                 ("critical", "app", "escalates")))
             # the first page resolved and its twin stays quiet (the last check is just before
             # the hold plus the warning's for: have passed); the escalation's page resolved and
             # its warning, sent before the page, fires on until the verdict falls below warning ...
             for t in (PAGE_ENDS, PAGE_ENDS + quiet + warn_for - 1):
-                out.append(f"      - eval_time: {t}m\n        alertname: {name}\n        exp_alerts:\n")
-                out.append(ctx.expect("warning", "app"))
-                out.append(ctx.expect("critical", "model"))
-                out.append(ctx.expect("warning", "app", "escalates"))
-                if ESCALATES[0] + crit_for <= t < ESCALATES[1]:
-                    out.append(ctx.expect("critical", "app", "escalates"))
+                paging = ESCALATES[0] + crit_for <= t < ESCALATES[1]
+                out.append(ctx.check(t, *steady, ("warning", "app", "escalates"),
+                                     *([("critical", "app", "escalates")] if paging else [])))
             # ... and then a warning that is still there is sent
-            out.append(f"      - eval_time: {again}m\n        alertname: {name}\n        exp_alerts:\n")
-            out.append(ctx.expect("warning", "app"))
-            out.append(ctx.expect("critical", "model"))
-            out.append(ctx.expect("warning", "app", "after-page"))
-            out.append(ctx.expect("warning", "app", "escalates"))
+            out.append(ctx.check(again, *steady, ("warning", "app", "after-page"), ("warning", "app", "escalates")))
     out.append(_two_deployments_test(specs, runbook_url, dashboard_url, eval_min, steps))
     return "".join(out)
 
