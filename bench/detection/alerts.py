@@ -15,9 +15,10 @@ the first step the condition no longer holds. With one-minute steps that is with
 minute of what the real rule evaluation (every 15-30 s) would do.
 
 An anomaly warning that its critical twin holds (the rule reads the twin's `ALERTS`) is
-held as the rule says: in the shipped rules, while the twin fires and for an hour after,
-unless the warning fired first, in which case it fires on while its condition holds;
-in older rules, only for the hour after the twin resolved.
+held as the rule says, for the range its expression names: in the shipped rules, while
+the twin fires and for 9 hours after, unless the warning fired first, in which case it
+fires on while its condition holds; in older rules, only for the hour after the twin
+resolved.
 """
 
 from __future__ import annotations
