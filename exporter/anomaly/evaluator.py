@@ -1059,7 +1059,7 @@ def _slow_without_top_session(c: _Context, kind: str, z: np.ndarray, slow: np.nd
     if not rows.size:
         return z
     k, tail = KINDS.index(kind), TAIL[kind]
-    by = c.h.recent_slow(c.t, c.ev.fine_slots, rows)[:, :, :, k]                 # (R, W, buckets, 2)
+    by = c.h.recent_slow(c.t, c.ev.fine_slots, rows, k)                          # (R, W, buckets, 2)
     samples = by[..., 0]
     slow_by = samples - by[..., 1] if kind == "otps" else by[..., 1]
     excess_by = slow_by - tail * samples

@@ -818,17 +818,19 @@ class ScopeHistory:
             values.append(count[e].astype(np.float64))
         np.add.at(self.fine_slow.reshape(-1), np.concatenate(cells), np.concatenate(values).astype(np.float32))
 
-    def recent_slow(self, t: float, slot_counts: list[int], rows: np.ndarray) -> np.ndarray:
-        """(len(rows), W, SESSION_BUCKETS, len(SKETCHES), 2): the windows' timing samples of
-        the given scope rows per session bucket and kind, all and those at or above the
-        threshold bin in force when they came (read for the few scopes whose evidence passed)."""
+    def recent_slow(self, t: float, slot_counts: list[int], rows: np.ndarray, kind: int) -> np.ndarray:
+        """(len(rows), W, SESSION_BUCKETS, 2): the windows' timing samples of one sketch kind
+        (its index in SKETCHES) of the given scope rows per session bucket, all and those at
+        or above the threshold bin in force when they came (read for the few scopes whose
+        evidence passed). Only that kind's cells are summed: the evaluation reads one kind
+        at a time, and summing all of them cost a quarter of a steady evaluation."""
         k_max = max(slot_counts)
         hi = math.floor(t / self.fine)
         slot, ok = self.fine_ring.slots_for(np.arange(hi - k_max + 1, hi + 1))
-        data = self.fine_slow[rows][:, slot].astype(np.float64)
+        cells = self.fine_slow[rows[:, None], slot[None, :]].reshape(len(rows), k_max, SESSION_BUCKETS, len(SKETCHES), 2)
+        data = cells[:, :, :, kind].astype(np.float64)
         data[:, ~ok] = 0.0
-        back = np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
-        return back.reshape(len(rows), len(slot_counts), SESSION_BUCKETS, len(SKETCHES), 2)
+        return np.cumsum(data[:, ::-1], axis=1)[:, np.asarray(slot_counts) - 1]
 
     def recent_hour_sessions(self, end: int, k: int, rows: np.ndarray) -> np.ndarray:
         """(len(rows), SESSION_BUCKETS, len(SESSION_FIELDS)): the sums of the k whole hours up
