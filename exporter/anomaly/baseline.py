@@ -221,6 +221,33 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
+def against_last_week(profile: np.ndarray, values: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """(S, WEEK_HOURS) the hourly expectation a fall of the request rate is judged against:
+    `profile` (the time of day, and of the week where two weeks agree), except for a scope
+    whose older week of `values` is less than half known. For such a scope the weekly
+    pattern cannot be read yet (`weekly_profile`), and a quiet weekend of a site used at
+    work, judged against the time of day alone, reads as a fall of every scope all weekend.
+    Its expectation is the smaller of the profile and the same hour of the week a week
+    before, so a fall must be one against both; and where that hour is unknown (the scope's
+    first week) it is NaN, so no fall is judged until a week has been seen. A rise is
+    judged against the profile as before.
+
+    `values` (S, H) are hourly request counts (NaN unknown) at the consecutive local
+    `hours`, the last two weeks up to the baseline's end; the newest WEEK_HOURS of them are
+    the week before every hour the windows cover."""
+    v, span = on_local_hours(values, hours)
+    older = v[:, : max(span.size - WEEK_HOURS, 0)]
+    weekless = np.sum(np.isfinite(older), axis=1) < WEEK_HOURS // 2
+    if not weekless.any():
+        return profile
+    last = np.full(profile.shape, np.nan)
+    newest = span[-WEEK_HOURS:]
+    last[:, newest % WEEK_HOURS] = v[:, -WEEK_HOURS:]
+    out = profile.copy()
+    out[weekless] = np.minimum(profile[weekless], last[weekless])      # NaN where the week before is unknown
+    return out
+
+
 def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
                    sampling: np.ndarray | float = 0.0) -> np.ndarray:
     """(S, WEEK_HOURS) expected value of each hour of the week, indexed by local hour

@@ -55,6 +55,7 @@ from .baseline import (
     WEEK_HOURS,
     ErrorStats,
     SizeStats,
+    against_last_week,
     burstiness,
     daily_profile,
     error_stats,
@@ -189,6 +190,7 @@ class Seasonal:
 class Baseline:
     end: int                                  # first hour not in the baseline (the window's first hour)
     requests: Seasonal
+    request_falls: Seasonal                   # what a fall of the request rate is judged against (`against_last_week`)
     cost: Seasonal
     tokens: Seasonal
     burstiness: np.ndarray                    # (S,) dispersion of request counts within an hour
@@ -298,9 +300,11 @@ class Evaluator:
         bins = np.where(np.isfinite(held.quantiles).sum(axis=1) >= MIN_QUANTILE_HOURS, bins, -1)
         expected0 = np.nan_to_num(expected_req)
         sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
+        requests = seasonal(req, "requests", 0.5, 1.0)
+        falls = against_last_week(req_profile, week_values["requests"], local_weeks)
         b = Baseline(
-            end=end, sustained=sustained,
-            requests=seasonal(req, "requests", 0.5, 1.0),
+            end=end, sustained=sustained, requests=requests,
+            request_falls=requests if falls is req_profile else Seasonal(falls, requests.level_sd, requests.level_df),
             cost=seasonal(cost, "cost", LOG_FLOOR["cost_per_hour"], sum_spread(costs)),
             tokens=seasonal(tokens, "tokens", LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
             burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
@@ -480,6 +484,7 @@ class _Context:
         idx = np.array(ev.coarse_slots) - 1
         self.above, self.samples = ca[:, idx], ct[:, idx]          # (S, W, kinds)
         self._expected: np.ndarray | None = None
+        self._expected_falls: np.ndarray | None = None
         self._shares: tuple[np.ndarray, ...] | None = None         # `ScopeHistory.outcome_shares`
         self._whole: dict[int, np.ndarray] = {}
         self._whole_slots: dict[int, np.ndarray] = {}
@@ -490,6 +495,15 @@ class _Context:
         if self._expected is None:
             self._expected = self.expected(self.base.requests, np.maximum(self.ev.fine_slots, 1))
         return self._expected
+
+    def expected_request_falls(self) -> np.ndarray:
+        """(S, W) the requests a fall is judged against (`Baseline.request_falls`): the same
+        as `expected_requests` but for scopes without two weeks of history."""
+        if self.base.request_falls is self.base.requests:
+            return self.expected_requests()
+        if self._expected_falls is None:
+            self._expected_falls = self.expected(self.base.request_falls, np.maximum(self.ev.fine_slots, 1))
+        return self._expected_falls
 
     def expected(self, seasonal: Seasonal, slots: list[int] | np.ndarray) -> np.ndarray:
         """(S, len(slots)) expected totals of the windows of the last `slots` fine slots.
@@ -675,13 +689,20 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
         ratio = (n + 0.5) / (expected + 0.5)
         z, ratio = _count_without_top_session(c, "requests", n, expected, z, ratio, z >= c.zc, args)
         rate, usual = n / c.window_min, expected / c.window_min
+    # a fall against what the scope's week leads to expect (`Baseline.request_falls`; the
+    # same expectation where two weeks of history are known)
+    expected_fall = c.expected_request_falls()
+    z_fall = z if expected_fall is expected else count_z(n, expected_fall, *args)
     ok = c.ready(spec)[:, None] & np.isfinite(expected)
+    ok_fall = c.ready(spec)[:, None] & np.isfinite(expected_fall)
     rising = ok & (z >= c.zc) & (rate >= spec.min_current)
-    falling = ok & (z <= -c.zc) & (usual >= spec.min_current)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        falling = ok_fall & (z_fall <= -c.zc) & (expected_fall / c.window_min >= spec.min_current)
     held_rise, held_fall, held_hours, held_excess = _held_requests(spec, c)
     with np.errstate(invalid="ignore", divide="ignore"):
-        e = Effects(_largest(ratio, rising), _largest(1.0 / ratio, falling), held_rise, held_fall)
-    zs, win, _ = _strongest(np.where(ok, z, np.nan), c.zc, c.ev.window_s)
+        e = Effects(_largest(ratio, rising), _largest((expected_fall + 0.5) / (n + 0.5), falling), held_rise, held_fall)
+        shown = np.where(z < 0, np.where(ok_fall, z_fall, np.nan), np.where(ok, z, np.nan))
+    zs, win, _ = _strongest(shown, c.zc, c.ev.window_s)
     current, baseline = rate[:, -1], usual[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
@@ -702,22 +723,29 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     hours, best = np.zeros(c.n, dtype=np.int64), np.zeros(c.n)
     excess = np.zeros((c.n, len(SUSTAINED_HOURS)))
     ready = c.ready(spec)
-    for j, k in enumerate(SUSTAINED_HOURS):
-        n = c.whole_hours(k)[:, F["requests"]]
-        expected = c.whole_hours_expected(b.requests, k)
-        excess[:, j] = n - expected
+
+    def held_z(n: np.ndarray, expected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
             z_level = np.log(ratio) / b.sustained[k].count_sd
         z_sampling = quasi_poisson_z(n, expected, b.burstiness)
-        z = np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling))
-        ok = ready & np.isfinite(expected)
+        return np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling)), ratio
+
+    for j, k in enumerate(SUSTAINED_HOURS):
+        n = c.whole_hours(k)[:, F["requests"]]
+        expected = c.whole_hours_expected(b.requests, k)
+        excess[:, j] = n - expected
+        z, ratio = held_z(n, expected, k)
+        # a fall against the scope's week, as on the short windows (`Baseline.request_falls`)
+        expected_fall = expected if b.request_falls is b.requests else c.whole_hours_expected(b.request_falls, k)
+        z_fall, ratio_fall = (z, ratio) if expected_fall is expected else held_z(n, expected_fall, k)
         with np.errstate(invalid="ignore", divide="ignore"):
-            up = ok & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
-            down = ok & (z <= -c.zc_long[j]) & (expected / (60.0 * k) >= spec.min_current)
+            up = ready & np.isfinite(expected) & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
+            down = (ready & np.isfinite(expected_fall) & (z_fall <= -c.zc_long[j])
+                    & (expected_fall / (60.0 * k) >= spec.min_current))
             rise = np.fmax(rise, np.where(up, ratio, 0.0))
-            fall = np.fmax(fall, np.where(down, 1.0 / ratio, 0.0))
-            rel = np.where(up | down, np.abs(z) / c.zc_long[j], 0.0)
+            fall = np.fmax(fall, np.where(down, 1.0 / ratio_fall, 0.0))
+            rel = np.where(up, z / c.zc_long[j], np.where(down, -z_fall / c.zc_long[j], 0.0))
         hours, best = np.where(rel > best, k, hours), np.fmax(rel, best)
     return rise, fall, hours, excess
 
