@@ -71,6 +71,68 @@ def test_one_weekend_is_not_yet_a_pattern(weeks: Traffic) -> None:
     assert ratio < 0.45, ratio
 
 
+def falls(snaps: Sequence[Snapshot]) -> list[tuple[str, str, str]]:
+    return [d for d in drops(snaps) if d[1] == "request_rate"]
+
+
+@pytest.fixture(scope="module")
+def young(weeks: Traffic) -> Traffic:
+    """The same site, first seen on a Monday: a deployment in its first two weeks."""
+    return weeks.take(weeks.ts >= MONDAY)
+
+
+def test_the_second_weekend_is_no_fall_against_the_first(young: Traffic) -> None:
+    """In a site's second week the weekly pattern cannot be read (it needs two weeks that
+    agree), and against the time of day alone its weekend reads as a fall of every scope
+    (`test_one_weekend_is_not_yet_a_pattern`). A fall is also judged against the same
+    hours a week before: the first weekend's rate, so the second weekend raises no
+    request-rate verdict. Without that, this weekend falls on every scope."""
+    assert falls(judge_weekend(young, Harness(), MONDAY + 12 * DAY)) == []
+
+
+def test_an_outage_in_the_second_week_is_still_a_fall(young: Traffic) -> None:
+    """The second Saturday afternoon at a twentieth of the first one's rate: a fall against
+    last week's same hours too, caught on all traffic."""
+    saturday = MONDAY + 12 * DAY
+    rng = np.random.default_rng(8)
+    outage = young.where(saturday + 12 * HOUR, saturday + 18 * HOUR) & (rng.random(len(young)) > 0.05)
+    snaps = judge_weekend(young.take(~outage), Harness(), saturday)
+    assert ("request_rate", "global:") in {(sig, scope) for _, sig, scope in falls(snaps)}, falls(snaps)
+
+
+def test_no_fall_is_judged_before_a_week_is_seen(young: Traffic) -> None:
+    """The first weekend has no week before it: no fall is judged at all, not even of an
+    outage (a rise still is). What a quiet weekend is cannot be told from a fall yet."""
+    saturday = MONDAY + 5 * DAY
+    harness = Harness()
+    snaps = judge_weekend(young, harness, saturday)
+    assert falls(snaps) == []
+    sunday_noon = next(s for s in snaps if s.t >= saturday + DAY + 12 * HOUR)
+    assert row(sunday_noon, "request_rate", "global")["ratio"] < 0.45      # far below the weekday rate
+
+
+def test_a_fall_is_judged_against_last_week_only_without_two_weeks() -> None:
+    """The pure function: a judged hour whose occurrence two weeks back is unknown expects
+    of a fall the smaller of the profile and its occurrence a week back (NaN where that is
+    unknown too); a judged hour with two weeks keeps its profile, and so does every hour
+    not judged."""
+    hours = np.arange(0, 2 * bl.WEEK_HOURS + 8) + 1000 * bl.WEEK_HOURS
+    judged = hours[-1] + 1 + np.arange(-8, 3)                   # the held windows' hours and the next two
+    profile = np.full((3, bl.WEEK_HOURS), 100.0)
+    values = np.full((3, hours.size), 100.0)
+    values[:, judged[4] - bl.WEEK_HOURS - hours[0]] = 20.0      # a week back, one judged hour ran at a fifth
+    values[:, judged[5] - bl.WEEK_HOURS - hours[0]] = 300.0     # and the next at three times
+    values[1, : bl.WEEK_HOURS] = np.nan                         # a scope in its second week
+    values[2, : judged[7] - bl.WEEK_HOURS - hours[0]] = np.nan  # one first seen a week before judged[7]
+    out = bl.against_last_week(profile, values, hours, judged)
+    np.testing.assert_array_equal(out[0], profile[0])
+    slot = judged % bl.WEEK_HOURS
+    assert out[1, slot[4]] == 20.0 and np.delete(out[1], slot[4]).tolist() == [100.0] * (bl.WEEK_HOURS - 1)
+    assert np.isnan(out[2, slot[:7]]).all() and (out[2, slot[7:]] == 100.0).all()
+    assert (np.delete(out[2], slot[:7]) == 100.0).all()
+    assert bl.against_last_week(profile, np.full((3, hours.size), 100.0), hours, judged) is profile
+
+
 def test_a_one_off_outage_is_not_learned_as_the_week(weeks: Traffic) -> None:
     """A Wednesday afternoon at a tenth of its rate in the second week is one week's, not
     the week's pattern: the next Wednesday afternoon at its usual rate is quiet, and the

@@ -221,30 +221,37 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
-def against_last_week(profile: np.ndarray, values: np.ndarray, hours: np.ndarray) -> np.ndarray:
+def against_last_week(profile: np.ndarray, values: np.ndarray, hours: np.ndarray, judged: np.ndarray) -> np.ndarray:
     """(S, WEEK_HOURS) the hourly expectation a fall of the request rate is judged against:
-    `profile` (the time of day, and of the week where two weeks agree), except for a scope
-    whose older week of `values` is less than half known. For such a scope the weekly
-    pattern cannot be read yet (`weekly_profile`), and a quiet weekend of a site used at
-    work, judged against the time of day alone, reads as a fall of every scope all weekend.
-    Its expectation is the smaller of the profile and the same hour of the week a week
-    before, so a fall must be one against both; and where that hour is unknown (the scope's
-    first week) it is NaN, so no fall is judged until a week has been seen. A rise is
+    `profile` (the time of day, and of the week where two weeks agree), except at the
+    `judged` hours whose occurrence two weeks back is unknown. There the weekly pattern
+    cannot be read (`weekly_profile` needs two weeks), and in a site's first two weeks a
+    quiet weekend, judged against the time of day alone, reads as a fall of every scope
+    all weekend. Such an hour expects the smaller of the profile and its occurrence a week
+    back, so a fall must be one against both; where that is unknown too (a scope's first
+    week) it is NaN, and no fall is judged until the scope has a week of history. A rise is
     judged against the profile as before.
 
     `values` (S, H) are hourly request counts (NaN unknown) at the consecutive local
-    `hours`, the last two weeks up to the baseline's end; the newest WEEK_HOURS of them are
-    the week before every hour the windows cover."""
+    `hours`, reaching two weeks back from the first `judged` local hour (the hours the
+    windows and the held windows cover, and the one after for interpolation); the profile
+    is indexed by local hour % WEEK_HOURS."""
     v, span = on_local_hours(values, hours)
-    older = v[:, : max(span.size - WEEK_HOURS, 0)]
-    weekless = np.sum(np.isfinite(older), axis=1) < WEEK_HOURS // 2
-    if not weekless.any():
+
+    def back(weeks: int) -> np.ndarray:
+        i = judged - weeks * WEEK_HOURS - span[0]
+        inside = (i >= 0) & (i < span.size)
+        out = np.full((v.shape[0], judged.size), np.nan)
+        out[:, inside] = v[:, i[inside]]
+        return out
+
+    last, older = back(1), back(2)
+    unread = np.isnan(older)
+    if not unread.any():
         return profile
-    last = np.full(profile.shape, np.nan)
-    newest = span[-WEEK_HOURS:]
-    last[:, newest % WEEK_HOURS] = v[:, -WEEK_HOURS:]
+    slots = judged % WEEK_HOURS
     out = profile.copy()
-    out[weekless] = np.minimum(profile[weekless], last[weekless])      # NaN where the week before is unknown
+    out[:, slots] = np.where(unread, np.minimum(profile[:, slots], last), profile[:, slots])   # NaN where unknown
     return out
 
 

@@ -265,10 +265,12 @@ class Evaluator:
         sizes, costs = (self._size_stats(adds, held.slots, kind, judged) for kind in ("tokens", "cost"))
         local = self.local(hours)
         how = local % WEEK_HOURS
-        # two weeks of totals for the weekly pattern: the baseline's own hours, and the ring's
-        # for those before them
-        weeks = np.arange(end - 2 * WEEK_HOURS, end)
+        # two weeks of totals for the weekly pattern (and the held windows' hours more, for
+        # what a fall is judged against): the baseline's own hours, and the ring's for those
+        # before them
+        weeks = np.arange(end - 2 * WEEK_HOURS - max(SUSTAINED_HOURS), end)
         local_weeks = self.local(weeks)
+        two_weeks = slice(max(SUSTAINED_HOURS), None)
         older = weeks[weeks < hours[0]] if hours.size else weeks
         recent = weeks.size - older.size
         gathered = h.volume_hours(older) if older.size else (np.zeros((h.size, 0)),) * 3
@@ -277,7 +279,8 @@ class Evaluator:
 
         def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
             return weekly_profile(daily_profile(*on_local_hours(values, local)),
-                                  *on_local_hours(week_values[name], local_weeks), floor, np.asarray(per_request) * disp)
+                                  *on_local_hours(week_values[name][:, two_weeks], local_weeks[two_weeks]), floor,
+                                  np.asarray(per_request) * disp)
 
         req_profile = profile_of(req, "requests", 0.5, 1.0)
         expected_req = req_profile[:, how]
@@ -301,7 +304,8 @@ class Evaluator:
         expected0 = np.nan_to_num(expected_req)
         sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
         requests = seasonal(req, "requests", 0.5, 1.0)
-        falls = against_last_week(req_profile, week_values["requests"], local_weeks)
+        falls = against_last_week(req_profile, week_values["requests"], local_weeks,
+                                  self.local(np.arange(end - max(SUSTAINED_HOURS), end + 3)))
         b = Baseline(
             end=end, sustained=sustained, requests=requests,
             request_falls=requests if falls is req_profile else Seasonal(falls, requests.level_sd, requests.level_df),
