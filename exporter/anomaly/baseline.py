@@ -8,7 +8,7 @@ favour clarity over the last microsecond.
 
 - Counts (requests) follow the time of day: the expected count of an hour is the median
   of the same hour on the baseline's days (`daily_profile`), scaled where the last two
-  weeks agree that a quarter of the week runs above or below it (`weekly_profile`: quiet
+  weeks agree that a quarter of the week runs above or below it (`weekly_reading`: quiet
   weekends). How far a day strays from that
   (`level_spread`) and how bursty requests arrive within an hour (`burstiness`) set the
   noise a window's count is judged against.
@@ -221,42 +221,38 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
-def against_last_week(profile: np.ndarray, values: np.ndarray, hours: np.ndarray, judged: np.ndarray) -> np.ndarray:
+def against_last_week(profile: np.ndarray, read: np.ndarray, values: np.ndarray, hours: np.ndarray,
+                      judged: np.ndarray) -> np.ndarray:
     """(S, WEEK_HOURS) the hourly expectation a fall of the request rate is judged against:
     `profile` (the time of day, and of the week where two weeks agree), except at the
-    `judged` hours whose occurrence two weeks back is unknown. There the weekly pattern
-    cannot be read (`weekly_profile` needs two weeks), and in a site's first two weeks a
-    quiet weekend, judged against the time of day alone, reads as a fall of every scope
-    all weekend. Such an hour expects the smaller of the profile and its occurrence a week
-    back, so a fall must be one against both; where that is unknown too (a scope's first
-    week) it is NaN, and no fall is judged until the scope has a week of history. A rise is
-    judged against the profile as before.
+    `judged` hours whose quarter day of the week the weekly pattern could not read (`read`
+    (S, WEEK_BLOCKS) from `weekly_reading`: it needs two weeks). In a site's first two
+    weeks a quiet weekend, judged against the time of day alone, reads as a fall of every
+    scope all weekend. Such an hour expects the smaller of the profile and its occurrence a
+    week back, so a fall must be one against both; where that is unknown too (a scope's
+    first week) it is NaN, and no fall is judged until the scope has a week of history. A
+    rise is judged against the profile as before.
 
     `values` (S, H) are hourly request counts (NaN unknown) at the consecutive local
-    `hours`, reaching two weeks back from the first `judged` local hour (the hours the
-    windows and the held windows cover, and the one after for interpolation); the profile
-    is indexed by local hour % WEEK_HOURS."""
-    v, span = on_local_hours(values, hours)
-
-    def back(weeks: int) -> np.ndarray:
-        i = judged - weeks * WEEK_HOURS - span[0]
-        inside = (i >= 0) & (i < span.size)
-        out = np.full((v.shape[0], judged.size), np.nan)
-        out[:, inside] = v[:, i[inside]]
-        return out
-
-    last, older = back(1), back(2)
-    unread = np.isnan(older)
+    `hours`, holding the week before every `judged` local hour (the hours the windows and
+    the held windows cover, and the one after for interpolation); the profile is indexed
+    by local hour % WEEK_HOURS."""
+    slots = judged % WEEK_HOURS
+    unread = ~read[:, _BLOCK_OF_HOUR[slots]]
     if not unread.any():
         return profile
-    slots = judged % WEEK_HOURS
+    v, span = on_local_hours(values, hours)
+    i = judged - WEEK_HOURS - span[0]
+    inside = (i >= 0) & (i < span.size)
+    last = np.full((v.shape[0], judged.size), np.nan)
+    last[:, inside] = v[:, i[inside]]
     out = profile.copy()
     out[:, slots] = np.where(unread, np.minimum(profile[:, slots], last), profile[:, slots])   # NaN where unknown
     return out
 
 
-def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
-                   sampling: np.ndarray | float = 0.0) -> np.ndarray:
+def weekly_reading(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
+                   sampling: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(S, WEEK_HOURS) expected value of each hour of the week, indexed by local hour
     number % WEEK_HOURS (`on_local_hours`; UTC's unless a time zone is set): the daily
     profile (S, 24), scaled in each quarter day of the week where the last two weeks agree
@@ -287,10 +283,12 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     the last two weeks or more; each quarter day of the week takes its two latest
     occurrences there with at least half their hours known (a block at the edge of `hours`
     may be partial), and a scope needs both occurrences of half the week's quarter days.
-    `floor` is added per hour to both sides of each log ratio."""
+    `floor` is added per hour to both sides of each log ratio. Also (S, WEEK_BLOCKS): the
+    quarter days whose pattern could be read (both weeks known, and the noise between
+    them), whether or not it found one."""
     s = daily.shape[0]
     if hours.size == 0:
-        return daily[:, _HOUR_OF_DAY]
+        return daily[:, _HOUR_OF_DAY], np.zeros((s, WEEK_BLOCKS), dtype=bool)
     # pad `hours` out to whole blocks (unknown hours count nothing), then sum each block's
     # hours in order
     lead = int(hours[0]) % WEEK_BLOCK_HOURS
@@ -329,7 +327,7 @@ def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
         alike = apart <= WEEK_PATTERN_Z * np.sqrt(2.0) * noise
     smaller = np.sign(older) * np.fmin(np.abs(older), np.abs(newer))
     factor = np.where(pattern, np.where(alike, (older + newer) / 2.0, smaller), 0.0)
-    return daily[:, _HOUR_OF_DAY] * np.exp(factor)[:, _BLOCK_OF_HOUR]
+    return daily[:, _HOUR_OF_DAY] * np.exp(factor)[:, _BLOCK_OF_HOUR], both & np.isfinite(noise)
 
 
 def burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int) -> np.ndarray:

@@ -65,7 +65,7 @@ from .baseline import (
     on_local_hours,
     size_stats,
     sum_spread,
-    weekly_profile,
+    weekly_reading,
     window_spread,
 )
 from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
@@ -179,7 +179,7 @@ def scope_name(key: ScopeKey) -> str:
 @dataclass(slots=True)
 class Seasonal:
     """An hourly quantity (requests, cost, tokens) against the same time of day, and of the
-    week where two weeks agree on a weekly pattern (`weekly_profile`)."""
+    week where two weeks agree on a weekly pattern (`weekly_reading`)."""
 
     profile: np.ndarray       # (S, 168) expected value of each hour of the week, by absolute hour % 168 (NaN: too little history)
     level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
@@ -265,24 +265,25 @@ class Evaluator:
         sizes, costs = (self._size_stats(adds, held.slots, kind, judged) for kind in ("tokens", "cost"))
         local = self.local(hours)
         how = local % WEEK_HOURS
-        # two weeks of totals for the weekly pattern (and the held windows' hours more, for
-        # what a fall is judged against): the baseline's own hours, and the ring's for those
-        # before them
-        weeks = np.arange(end - 2 * WEEK_HOURS - max(SUSTAINED_HOURS), end)
+        # two weeks of totals for the weekly pattern: the baseline's own hours, and the ring's
+        # for those before them
+        weeks = np.arange(end - 2 * WEEK_HOURS, end)
         local_weeks = self.local(weeks)
-        two_weeks = slice(max(SUSTAINED_HOURS), None)
         older = weeks[weeks < hours[0]] if hours.size else weeks
         recent = weeks.size - older.size
         gathered = h.volume_hours(older) if older.size else (np.zeros((h.size, 0)),) * 3
         week_values = {name: np.concatenate([g, v[:, v.shape[1] - recent:]], axis=1)
                        for name, g, v in zip(("requests", "cost", "tokens"), gathered, (req, cost, tokens))}
 
-        def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
-            return weekly_profile(daily_profile(*on_local_hours(values, local)),
-                                  *on_local_hours(week_values[name][:, two_weeks], local_weeks[two_weeks]), floor,
-                                  np.asarray(per_request) * disp)
+        def reading_of(values: np.ndarray, name: str, floor: float,
+                       per_request: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+            return weekly_reading(daily_profile(*on_local_hours(values, local)),
+                                  *on_local_hours(week_values[name], local_weeks), floor, np.asarray(per_request) * disp)
 
-        req_profile = profile_of(req, "requests", 0.5, 1.0)
+        def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
+            return reading_of(values, name, floor, per_request)[0]
+
+        req_profile, req_read = reading_of(req, "requests", 0.5, 1.0)
         expected_req = req_profile[:, how]
 
         def seasonal(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> Seasonal:
@@ -304,7 +305,7 @@ class Evaluator:
         expected0 = np.nan_to_num(expected_req)
         sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
         requests = seasonal(req, "requests", 0.5, 1.0)
-        falls = against_last_week(req_profile, week_values["requests"], local_weeks,
+        falls = against_last_week(req_profile, req_read, week_values["requests"], local_weeks,
                                   self.local(np.arange(end - max(SUSTAINED_HOURS), end + 3)))
         b = Baseline(
             end=end, sustained=sustained, requests=requests,
