@@ -519,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume", type=int, default=1, metavar="N",
                     help="N times the requests: every app replays N times as many copies of the real days "
                          "(clean weeks at the volume of a busier site)")
+    ap.add_argument("--history", type=int, default=None, metavar="DAYS",
+                    help="days of history before the scored week (default 14): 7 scores a site's second week, "
+                         "3 its first (from its fourth day), where the weekly pattern cannot be read yet")
     ap.add_argument("--weekend", type=float, default=1.0, metavar="SHARE",
                     help="keep this share of the sessions on Saturdays and Sundays, e.g. 0.3 for a site used "
                          "at work (default 1: every day alike)")
@@ -578,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--volume: a whole number of times the requests, at least 1")
     if args.volume > 1:
         plan = replace(plan, volume=args.volume)
+    if args.history is not None:
+        if args.history < 3:
+            raise SystemExit("--history: at least 3 days (the request rate's baseline needs 72 hours)")
+        plan = replace(plan, history_days=args.history)
     if not 0.0 < args.weekend <= 1.0:
         raise SystemExit("--weekend: a share of the sessions, above 0 and at most 1")
     if args.weekend < 1.0:
@@ -651,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
 def default_path(plan: Plan, split: int, revision: str) -> Path:
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", revision)
     seed = f"-seed{plan.seed}" if plan.seed != FULL.seed else ""
+    seed += f"-history{plan.history_days}" if plan.history_days not in (FULL.history_days, FULL.history_days + 1) else ""
     volume = f"-volume{plan.volume}" if plan.volume > 1 else ""
     weekend = f"-weekend{plan.weekend:g}" if plan.weekend < 1 else ""
     weekend += f"-thin{plan.share:g}" if plan.share < 1 else ""
