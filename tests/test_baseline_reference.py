@@ -63,18 +63,11 @@ def ref_daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
 
 def ref_weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
                        sampling: np.ndarray | float = 0.0) -> np.ndarray:
-    return ref_weekly_reading(daily, values, hours, floor, sampling)[0]
-
-
-def ref_weekly_reading(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
-                       sampling: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Each quarter day of the week, one at a time: its two latest occurrences in `hours`
     that are at least half inside them, their log ratios where half their hours are known,
     the noise from the median difference between the two weeks, and the mean of two ratios
-    that agree beyond it (the smaller where they differ by more than the noise). A quarter
-    day is read where both ratios are known and so is the noise."""
+    that agree beyond it (the smaller where they differ by more than the noise)."""
     s = daily.shape[0]
-    read = np.zeros((s, bl.WEEK_BLOCKS), dtype=bool)
     out = np.full((s, bl.WEEK_HOURS), np.nan)
     for i in range(bl.WEEK_HOURS):
         out[:, i] = daily[:, i % 24]
@@ -104,29 +97,29 @@ def ref_weekly_reading(daily: np.ndarray, values: np.ndarray, hours: np.ndarray,
             continue
         median_noise = float(np.median(apart)) / (bl.Q50_ABS_NORMAL * np.sqrt(2.0))
         for b, (x, y) in enumerate(shifts[r]):
-            read[r, b] = not np.isnan(x) and not np.isnan(y)
             noise = max(median_noise, float(np.sqrt(np.array([per[r] / totals[r, b]]))[0]))
             if x * y > 0 and abs(x) > bl.WEEK_PATTERN_Z * noise and abs(y) > bl.WEEK_PATTERN_Z * noise:
                 alike = abs(x - y) <= bl.WEEK_PATTERN_Z * np.sqrt(2.0) * noise
                 shift = (x + y) / 2.0 if alike else np.sign(x) * min(abs(x), abs(y))
                 for i in range(b * bl.WEEK_BLOCK_HOURS, (b + 1) * bl.WEEK_BLOCK_HOURS):
                     out[r, i] = daily[r, i % 24] * np.exp(np.array([shift]))[0]
-    return out, read
+    return out
 
 
-def ref_against_last_week(profile: np.ndarray, read: np.ndarray, values: np.ndarray, hours: np.ndarray,
-                          judged: np.ndarray) -> np.ndarray:
-    """Each judged hour of each scope, one at a time: where its quarter day was not read,
-    the smaller of the profile and the same hour a week back (unknown: NaN)."""
+def ref_against_last_week(profile: np.ndarray, first_hour: np.ndarray, short_horizon: bool, values: np.ndarray,
+                          hours: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """Each judged hour of each scope, one at a time: where it is less than two weeks after
+    the scope's first hour (or the horizon cannot hold two weeks), the smaller of the profile
+    and the same hour a week back (unknown: NaN)."""
     out = profile.copy()
     at = {int(h): j for j, h in enumerate(hours.tolist())}
     for r in range(profile.shape[0]):
         for hour in judged.tolist():
-            slot = hour % bl.WEEK_HOURS
-            if read[r, slot // bl.WEEK_BLOCK_HOURS]:
+            if not short_horizon and first_hour[r] <= hour - 2 * bl.WEEK_HOURS:
                 continue
             j = at.get(hour - bl.WEEK_HOURS)
             last = values[r, j] if j is not None else np.nan
+            slot = hour % bl.WEEK_HOURS
             out[r, slot] = np.nan if np.isnan(last) else min(profile[r, slot], last)
     return out
 
@@ -264,12 +257,12 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
     judged = (("requests", req, 0.5, 1.0),
               ("cost", cost, LOG_FLOOR["cost_per_hour"], bl.sum_spread(stats["cost"])),
               ("tokens", tokens, LOG_FLOOR["token_velocity"] * 60, bl.sum_spread(stats["tokens"])))
-    readings = [ref_weekly_reading(ref_daily_profile(values, hours), week, weeks, floor, np.asarray(per) * disp)
+    profiles = [ref_weekly_profile(ref_daily_profile(values, hours), week, weeks, floor, np.asarray(per) * disp)
                 for (_, values, floor, per), week in zip(judged, week_values)]
-    profiles = [profile for profile, _ in readings]
     req_profile = profiles[0]
-    out["request_falls.profile"] = ref_against_last_week(req_profile, readings[0][1], week_values[0], weeks,
-                                                         np.arange(end - max(SUSTAINED_HOURS), end + 3))
+    out["request_falls.profile"] = ref_against_last_week(
+        req_profile, h.first_hour[:n], h.hours.n - 2 < 2 * bl.WEEK_HOURS, week_values[0], weeks,
+        np.arange(end - max(SUSTAINED_HOURS), end + 3))
     for (name, values, floor, per), profile in zip(judged, profiles):
         with np.errstate(invalid="ignore", divide="ignore"):
             sampling = np.asarray(per)[..., None] * disp[:, None] / np.maximum(req_profile[:, hod], 0.5)
@@ -353,7 +346,7 @@ def test_profiles_and_spreads_equal_the_reference(h: int) -> None:
     np.testing.assert_array_equal(expected, ref_daily_profile(values, hours))
     for floor in (0.5, 0.01):
         for per in (0.0, rng.lognormal(0, 1, 120)):
-            np.testing.assert_array_equal(bl.weekly_reading(expected, values, hours, floor, per)[0],
+            np.testing.assert_array_equal(bl.weekly_profile(expected, values, hours, floor, per),
                                           ref_weekly_profile(expected, values, hours, floor, per))
     sampling = rng.lognormal(-3, 1, (120, h))
     sampling[rng.random(sampling.shape) < 0.02] = np.nan

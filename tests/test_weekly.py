@@ -1,7 +1,7 @@
 """A site used at work: quiet weekends are part of the usual traffic once two weeks agree.
 
 The expected count of an hour is the time of day's median, scaled where the last two
-weeks agree that a quarter day of the week runs above or below it (`weekly_reading`).
+weeks agree that a quarter day of the week runs above or below it (`weekly_profile`).
 These tests judge the real evaluator on weeks of generated traffic whose Saturdays and
 Sundays (UTC) carry a quarter of the weekday rate.
 """
@@ -112,10 +112,9 @@ def test_no_fall_is_judged_before_a_week_is_seen(young: Traffic) -> None:
 
 
 def test_a_fall_is_judged_against_last_week_only_without_two_weeks() -> None:
-    """The pure function: a judged hour whose quarter day the weekly pattern could not read
+    """The pure function: a young judged hour (less than two weeks after the scope's first)
     expects of a fall the smaller of the profile and the same hour a week back (NaN where
-    that is unknown); a judged hour of a quarter day read keeps its profile, and so does
-    every hour not judged."""
+    that is unknown); every other hour keeps its profile."""
     hours = np.arange(0, 2 * bl.WEEK_HOURS) + 1000 * bl.WEEK_HOURS
     judged = hours[-1] + 1 + np.arange(-8, 3)                   # the held windows' hours and the next two
     slot = judged % bl.WEEK_HOURS
@@ -124,14 +123,13 @@ def test_a_fall_is_judged_against_last_week_only_without_two_weeks() -> None:
     values[:, judged[4] - bl.WEEK_HOURS - hours[0]] = 20.0      # a week back, one judged hour ran at a fifth
     values[:, judged[5] - bl.WEEK_HOURS - hours[0]] = 300.0     # and the next at three times
     values[2, : judged[7] - bl.WEEK_HOURS - hours[0]] = np.nan  # first seen a week before judged[7]
-    read = np.zeros((3, bl.WEEK_BLOCKS), dtype=bool)
-    read[0] = True                                              # two weeks read
-    out = bl.against_last_week(profile, read, values, hours, judged)
+    young = np.zeros((3, judged.size), dtype=bool)
+    young[1:] = True                                            # scope 0 has two weeks
+    out = bl.against_last_week(profile, young, values, hours, judged)
     np.testing.assert_array_equal(out[0], profile[0])
     assert out[1, slot[4]] == 20.0 and (np.delete(out[1], slot[4]) == 100.0).all()
     assert np.isnan(out[2, slot[:7]]).all() and (np.delete(out[2], slot[:7]) == 100.0).all()
-    read[1:, bl._BLOCK_OF_HOUR[slot]] = True                    # the judged hours' quarter days read
-    assert bl.against_last_week(profile, read, values, hours, judged) is profile
+    assert bl.against_last_week(profile, np.zeros_like(young), values, hours, judged) is profile
 
 
 def test_a_one_off_outage_is_not_learned_as_the_week(weeks: Traffic) -> None:
@@ -171,7 +169,7 @@ def test_the_week_is_read_only_where_two_weeks_agree() -> None:
     values[3, block == 5] = np.where(first, 25.0, 101.0)      # one week within the noise: no shift
     values[4, block == 5] = np.where(first, 24.8, 25.2)       # both lower, alike within the noise: their mean
     values[0, block == 9] = np.where(first, 400.0, 150.0)      # both higher, one far more: the smaller
-    out = bl.weekly_reading(daily, values, hours, floor=0.0)[0]
+    out = bl.weekly_profile(daily, values, hours, floor=0.0)
     at = slice(5 * bl.WEEK_BLOCK_HOURS, 6 * bl.WEEK_BLOCK_HOURS)
     np.testing.assert_allclose(out[0, at], 50.0)
     np.testing.assert_allclose(out[1:4, at], 100.0)

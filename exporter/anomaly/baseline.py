@@ -8,7 +8,7 @@ favour clarity over the last microsecond.
 
 - Counts (requests) follow the time of day: the expected count of an hour is the median
   of the same hour on the baseline's days (`daily_profile`), scaled where the last two
-  weeks agree that a quarter of the week runs above or below it (`weekly_reading`: quiet
+  weeks agree that a quarter of the week runs above or below it (`weekly_profile`: quiet
   weekends). How far a day strays from that
   (`level_spread`) and how bursty requests arrive within an hour (`burstiness`) set the
   noise a window's count is judged against.
@@ -221,38 +221,37 @@ def daily_profile(values: np.ndarray, hours: np.ndarray) -> np.ndarray:
     return out
 
 
-def against_last_week(profile: np.ndarray, read: np.ndarray, values: np.ndarray, hours: np.ndarray,
+def against_last_week(profile: np.ndarray, young: np.ndarray, values: np.ndarray, hours: np.ndarray,
                       judged: np.ndarray) -> np.ndarray:
     """(S, WEEK_HOURS) the hourly expectation a fall of the request rate is judged against:
     `profile` (the time of day, and of the week where two weeks agree), except at the
-    `judged` hours whose quarter day of the week the weekly pattern could not read (`read`
-    (S, WEEK_BLOCKS) from `weekly_reading`: it needs two weeks). In a site's first two
-    weeks a quiet weekend, judged against the time of day alone, reads as a fall of every
-    scope all weekend. Such an hour expects the smaller of the profile and its occurrence a
-    week back, so a fall must be one against both; where that is unknown too (a scope's
-    first week) it is NaN, and no fall is judged until the scope has a week of history. A
-    rise is judged against the profile as before.
+    `judged` hours that are `young` (S, J): less than two weeks after the scope's first
+    hour, so the weekly pattern cannot have read them (`weekly_profile` needs two weeks).
+    In a site's first two weeks a quiet weekend, judged against the time of day alone,
+    reads as a fall of every scope all weekend. Such an hour expects the smaller of the
+    profile and its occurrence a week back, so a fall must be one against both; where that
+    is unknown too (a scope's first week) it is NaN, and no fall is judged until the scope
+    has a week of history. A rise is judged against the profile as before.
 
     `values` (S, H) are hourly request counts (NaN unknown) at the consecutive local
     `hours`, holding the week before every `judged` local hour (the hours the windows and
     the held windows cover, and the one after for interpolation); the profile is indexed
     by local hour % WEEK_HOURS."""
-    slots = judged % WEEK_HOURS
-    unread = ~read[:, _BLOCK_OF_HOUR[slots]]
-    if not unread.any():
+    if not young.any():
         return profile
     v, span = on_local_hours(values, hours)
     i = judged - WEEK_HOURS - span[0]
     inside = (i >= 0) & (i < span.size)
     last = np.full((v.shape[0], judged.size), np.nan)
     last[:, inside] = v[:, i[inside]]
+    slots = judged % WEEK_HOURS
     out = profile.copy()
-    out[:, slots] = np.where(unread, np.minimum(profile[:, slots], last), profile[:, slots])   # NaN where unknown
+    out[:, slots] = np.where(young, np.minimum(profile[:, slots], last), profile[:, slots])   # NaN where unknown
     return out
 
 
-def weekly_reading(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
-                   sampling: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def weekly_profile(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, floor: float,
+                   sampling: np.ndarray | float = 0.0) -> np.ndarray:
     """(S, WEEK_HOURS) expected value of each hour of the week, indexed by local hour
     number % WEEK_HOURS (`on_local_hours`; UTC's unless a time zone is set): the daily
     profile (S, 24), scaled in each quarter day of the week where the last two weeks agree
@@ -283,12 +282,10 @@ def weekly_reading(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
     the last two weeks or more; each quarter day of the week takes its two latest
     occurrences there with at least half their hours known (a block at the edge of `hours`
     may be partial), and a scope needs both occurrences of half the week's quarter days.
-    `floor` is added per hour to both sides of each log ratio. Also (S, WEEK_BLOCKS): the
-    quarter days whose pattern could be read (both weeks known, and the noise between
-    them), whether or not it found one."""
+    `floor` is added per hour to both sides of each log ratio."""
     s = daily.shape[0]
     if hours.size == 0:
-        return daily[:, _HOUR_OF_DAY], np.zeros((s, WEEK_BLOCKS), dtype=bool)
+        return daily[:, _HOUR_OF_DAY]
     # pad `hours` out to whole blocks (unknown hours count nothing), then sum each block's
     # hours in order
     lead = int(hours[0]) % WEEK_BLOCK_HOURS
@@ -327,7 +324,7 @@ def weekly_reading(daily: np.ndarray, values: np.ndarray, hours: np.ndarray, flo
         alike = apart <= WEEK_PATTERN_Z * np.sqrt(2.0) * noise
     smaller = np.sign(older) * np.fmin(np.abs(older), np.abs(newer))
     factor = np.where(pattern, np.where(alike, (older + newer) / 2.0, smaller), 0.0)
-    return daily[:, _HOUR_OF_DAY] * np.exp(factor)[:, _BLOCK_OF_HOUR], both & np.isfinite(noise)
+    return daily[:, _HOUR_OF_DAY] * np.exp(factor)[:, _BLOCK_OF_HOUR]
 
 
 def burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int) -> np.ndarray:

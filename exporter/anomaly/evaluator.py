@@ -65,7 +65,7 @@ from .baseline import (
     on_local_hours,
     size_stats,
     sum_spread,
-    weekly_reading,
+    weekly_profile,
     window_spread,
 )
 from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
@@ -179,7 +179,7 @@ def scope_name(key: ScopeKey) -> str:
 @dataclass(slots=True)
 class Seasonal:
     """An hourly quantity (requests, cost, tokens) against the same time of day, and of the
-    week where two weeks agree on a weekly pattern (`weekly_reading`)."""
+    week where two weeks agree on a weekly pattern (`weekly_profile`)."""
 
     profile: np.ndarray       # (S, 168) expected value of each hour of the week, by absolute hour % 168 (NaN: too little history)
     level_sd: np.ndarray      # (S,) how far an hour strays from its expectation beyond sampling noise (log)
@@ -275,15 +275,11 @@ class Evaluator:
         week_values = {name: np.concatenate([g, v[:, v.shape[1] - recent:]], axis=1)
                        for name, g, v in zip(("requests", "cost", "tokens"), gathered, (req, cost, tokens))}
 
-        def reading_of(values: np.ndarray, name: str, floor: float,
-                       per_request: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-            return weekly_reading(daily_profile(*on_local_hours(values, local)),
+        def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
+            return weekly_profile(daily_profile(*on_local_hours(values, local)),
                                   *on_local_hours(week_values[name], local_weeks), floor, np.asarray(per_request) * disp)
 
-        def profile_of(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> np.ndarray:
-            return reading_of(values, name, floor, per_request)[0]
-
-        req_profile, req_read = reading_of(req, "requests", 0.5, 1.0)
+        req_profile = profile_of(req, "requests", 0.5, 1.0)
         expected_req = req_profile[:, how]
 
         def seasonal(values: np.ndarray, name: str, floor: float, per_request: np.ndarray | float) -> Seasonal:
@@ -305,8 +301,13 @@ class Evaluator:
         expected0 = np.nan_to_num(expected_req)
         sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
         requests = seasonal(req, "requests", 0.5, 1.0)
-        falls = against_last_week(req_profile, req_read, week_values["requests"], local_weeks,
-                                  self.local(np.arange(end - max(SUSTAINED_HOURS), end + 3)))
+        # the hours the windows and the held windows judge, and which of them are less than
+        # two weeks after the scope's first hour (all, where the horizon cannot hold two weeks)
+        judged = np.arange(end - max(SUSTAINED_HOURS), end + 3)
+        young = h.first_hour[: h.size, None] > judged[None, :] - 2 * WEEK_HOURS
+        if h.hours.n - 2 < 2 * WEEK_HOURS:
+            young[:] = True
+        falls = against_last_week(req_profile, young, week_values["requests"], local_weeks, self.local(judged))
         b = Baseline(
             end=end, sustained=sustained, requests=requests,
             request_falls=requests if falls is req_profile else Seasonal(falls, requests.level_sd, requests.level_df),
