@@ -224,6 +224,7 @@ class Engine:
         cut = math.floor((newest - self.settings.window - 60) / coarse) * coarse
         self.history.load_bursts(self.store.bursts(int((now - self.settings.horizon) // 3600)))
         self.history.load_slot_sizes(self.store.slot_sizes(int((now - self.settings.horizon) // 3600)))
+        self.history.load_burst_blocks(self.store.burst_blocks(int((now - self.settings.horizon) // 3600)))
         self._bursts_through = int(self.store.get_meta("bursts_through") or 0)
         since = max(cut - min(self.settings.minute_retention, BURST_RESTORE), self._bursts_through * 3600)
         self.history.add_bursts(list(self.store.bucket_groups(60, since, cut)), keys)
@@ -487,7 +488,8 @@ class Engine:
             first = max(self._bursts_through, final - int(self.settings.horizon // 3600) - 2)
             try:
                 self.store.write_bursts(self.history.burst_rows(first, final), final,
-                                        self.history.slot_size_rows(first, final))
+                                        self.history.slot_size_rows(first, final),
+                                        self.history.burst_block_rows(first, final))
             except StoreError:
                 log.exception("storing burstiness failed; retried at the next evaluation")
                 return

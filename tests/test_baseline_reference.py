@@ -26,8 +26,10 @@ import pytest
 from helpers import DAY, HOUR, Harness, Stream, Traffic, generate
 
 from exporter.anomaly import baseline as bl
+from exporter.anomaly.baseline import BLOCK_SLOTS
 from exporter.evidence import binomial_z
-from exporter.anomaly.evaluator import LOG_FLOOR, SUSTAINED_HOURS, Baseline, Evaluator, KINDS, MIN_QUANTILE_HOURS, SIZE_FIELDS
+from exporter.anomaly.evaluator import (LOG_FLOOR, SUSTAINED_HOURS, WINDOW_FRACTIONS, Baseline, Evaluator, KINDS,
+                                        MIN_QUANTILE_HOURS, SIZE_FIELDS)
 from exporter.anomaly.history import SIZE_KINDS, ScopeHistory, _GatheredHours, token_sum
 from exporter.storage.buckets import F
 
@@ -156,6 +158,33 @@ def ref_burstiness(requests: np.ndarray, burst: np.ndarray, slots_per_hour: int)
     return np.maximum(np.where(np.sum(~np.isnan(disp), axis=1) >= bl.MIN_HOURS, q, bl.PRIOR_BURSTINESS), 1.0)
 
 
+def ref_window_dispersion(disp: np.ndarray, requests: np.ndarray, expected: np.ndarray, level_sd: np.ndarray,
+                          blocks: np.ndarray, per_hour: int, windows: list[int]) -> np.ndarray:
+    """Scope by scope and window by window: the slot's dispersion times the variance of the
+    ordinary whole hours' blocks of the longest measured length within the window, over
+    that length times the variance of their slots (both about the hours' lines, pooled),
+    at least 1 and at least a shorter length's."""
+    out = np.ones((requests.shape[0], len(windows)))
+    for i in range(requests.shape[0]):
+        whole = [j for j in range(requests.shape[1])
+                 if abs(blocks[i, j, 0] - requests[i, j]) <= 0.5 and requests[i, j] >= per_hour
+                 and np.isfinite(expected[i, j])
+                 and not abs(np.log((requests[i, j] + 0.5) / (expected[i, j] + 0.5))) > 3.0 * level_sd[i]]
+        factor = {1: 1.0}
+        if len(whole) >= bl.MIN_HOURS:
+            held = np.zeros(requests.shape[1], dtype=bool)
+            held[whole] = True
+            # numpy's pairwise sum over the row, as the evaluator adds
+            pooled = [float(np.sum(np.where(held, blocks[i, :, c], 0.0))) for c in range(blocks.shape[2])]
+            slot_var = pooled[1] / (per_hour - 2)
+            for c, k in enumerate(BLOCK_SLOTS[1:], start=1):
+                if per_hour // k >= bl.MIN_BLOCKS_PER_HOUR and slot_var > 0:
+                    factor[k] = pooled[1 + c] / (per_hour // k - 2) / (k * slot_var)
+        for w, length in enumerate(windows):
+            out[i, w] = disp[i] * max(1.0, *(f for k, f in factor.items() if k <= length))
+    return out
+
+
 def ref_size_stats(count: np.ndarray, total: np.ndarray, total_sq: np.ndarray, windows: np.ndarray) -> bl.SizeStats:
     ok = count >= 5
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -235,7 +264,8 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
     slot, ok = h.hours.slots_for(hours)
     adds, q = h.hour_add[:n][:, slot].copy(), h.hour_q[:n][:, slot].copy()
     burst, slots = h.hour_burst[:n][:, slot].copy(), h.hour_slots[:n][:, slot].copy()
-    adds[:, ~ok], q[:, ~ok], burst[:, ~ok], slots[:, ~ok] = 0.0, np.nan, 0.0, 0.0
+    blocks = h.hour_blocks[:n][:, slot].copy()
+    adds[:, ~ok], q[:, ~ok], burst[:, ~ok], slots[:, ~ok], blocks[:, ~ok] = 0.0, np.nan, 0.0, 0.0, 0.0
     unknown = ~ok[None, :] | (hours[None, :] < h.first_hour[:n, None])
     held = np.where(~unknown[..., None], adds, 0.0)
     req, cost, tokens = (np.where(unknown, np.nan, a) for a in (adds[..., F["requests"]], adds[..., F["cost"]], token_sum(adds)))
@@ -271,6 +301,9 @@ def reference_baseline(h: ScopeHistory, end: int, count: int) -> dict[str, np.nd
         out[f"{name}.level_df"] = bl.TAIL_SCALE_DF_PER_VALUE * np.sum(~np.isnan(values) & ~np.isnan(profile[:, hod]),
                                                                       axis=1)
     out["burstiness"] = disp
+    windows = [max(1, round(f * h.window / h.coarse)) for f in WINDOW_FRACTIONS]
+    out["window_burstiness"] = ref_window_dispersion(disp, np.nan_to_num(req), req_profile[:, hod],
+                                                     out["requests.level_sd"], blocks, h.slots_per_hour, windows)
     for attr, kind in (("sizes", "tokens"), ("costs", "cost")):
         for f in ("centre", "var", "dispersion", "hours", "seen", "spread", "within"):
             out[f"{attr}.{f}"] = getattr(stats[kind], f)
@@ -302,6 +335,7 @@ def flatten(b: Baseline) -> dict[str, np.ndarray]:
         out[f"{name}.profile"], out[f"{name}.level_sd"], out[f"{name}.level_df"] = s.profile, s.level_sd, s.level_df
     out["request_falls.profile"] = b.request_falls.profile
     out["burstiness"] = b.burstiness
+    out["window_burstiness"] = b.window_burstiness
     for attr in ("sizes", "costs"):
         st = getattr(b, attr)
         for f in ("centre", "var", "dispersion", "hours", "seen", "spread", "within"):
@@ -325,6 +359,7 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], where: 
 
 
 # --- the pure functions on random data ----------------------------------------------------------
+
 
 def ragged(rng: np.random.Generator, shape: tuple[int, int], scale: float = 40.0) -> np.ndarray:
     """Counts with NaN before each row's first hour (rows start at random hours, some never,

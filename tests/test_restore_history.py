@@ -248,6 +248,66 @@ def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
                                        (1 / n[some]).sum()], rtol=1e-9, atol=1e-9)
 
 
+def test_block_statistics_are_the_same_however_fed() -> None:
+    """The hours' block statistics (history.hour_blocks: the requests of an hour's coarse
+    slots, and for each block length the squares of its blocks' counts about their mean)
+    are what the hour's five-minute counts make them: the same whether the records come a
+    minute or an hour at a time, and again when a restart re-derives them from minute
+    buckets (`add_bursts`). Sessions of twenty calls a minute apart make 15-minute
+    blocks vary more, against their mean, than five-minute slots: `window_dispersion`
+    reads half as much again; calls that come one at a time read about the same."""
+    from helpers import Harness, Stream, generate
+
+    from exporter.anomaly.baseline import burstiness, window_dispersion
+    from exporter.anomaly.baseline import BLOCK_SLOTS
+    from exporter.storage.buckets import F, aggregate
+    site = (Stream("agent", "gpt-4o-mini", rate=600, session=20, gap=60), Stream("chat", "gpt-4o", rate=600))
+    day0 = T0 - T0 % DAY
+    traffic = generate(site, day0, day0 + DAY, seed=3)
+    minute, hourly = Harness().feed(traffic, batch=60), Harness().feed(traffic, batch=HOUR)
+    hours = np.arange(int(day0 // HOUR), minute.history.bursts_final_before())    # every slot handed on
+    assert hours.size >= 18
+    live = minute.history.baseline_hours(hours).blocks.copy()
+    np.testing.assert_array_equal(hourly.history.baseline_hours(hours).blocks, live)
+
+    restored = ScopeHistory(HOUR, 14 * DAY)
+    sids = np.array([minute.series[k] for k in zip(traffic.app.tolist(), traffic.provider.tolist(),
+                                                    traffic.model.tolist())])
+    cols = traffic.columns()
+    restored.add_hours(aggregate(cols, sids, cols.cost, res=3600), minute.series_keys)
+    restored.add_bursts([aggregate(cols, sids, cols.cost, res=60)], minute.series_keys)
+    rows = [restored.keys.index(k) for k in minute.history.keys]
+    np.testing.assert_array_equal(restored.baseline_hours(hours).blocks[rows], live)
+
+    # each app's hours, from its own five-minute counts
+    fives = aggregate(cols, sids, cols.cost, res=300)
+    for app in ("agent", "chat"):
+        r = minute.history.keys.index(("app", app, "", ""))
+        mine = np.array([minute.series_keys[int(x)][0] == app for x in fives.series])
+        for j, hour in enumerate(hours.tolist()):
+            counts = np.zeros(12)
+            at = mine & (fives.start // 3600 == hour)
+            np.add.at(counts, (fives.start[at] - hour * 3600) // 300, fives.adds[at, F["requests"]])
+            want = [counts.sum()]
+            for k in BLOCK_SLOTS:
+                b = counts.reshape(-1, k).sum(axis=1)
+                fit = np.polyval(np.polyfit(np.arange(b.size), b, 1), np.arange(b.size)) if b.size >= 4 else b
+                want.append(float(((b - fit) ** 2).sum()))
+            np.testing.assert_allclose(live[r, j], want, rtol=1e-12, atol=1e-9)
+
+    held = minute.history.baseline_hours(hours)
+    requests = held.adds[..., F["requests"]]
+    disp = burstiness(requests, held.bursts, 12)
+    usual = np.repeat(requests.mean(axis=1, keepdims=True), hours.size, axis=1)     # no hour strays (level sd inf)
+    by_length = window_dispersion(disp, requests, usual, np.full(len(disp), np.inf), held.blocks, 12, BLOCK_SLOTS)
+    growth = by_length / disp[:, None]
+    assert live[..., 1 + BLOCK_SLOTS.index(3)].sum() > 0 and not live[..., 1 + BLOCK_SLOTS.index(4):].any()
+    agent, chat = (minute.history.keys.index(("app", app, "", "")) for app in ("agent", "chat"))
+    assert growth[agent, BLOCK_SLOTS.index(3)] > 1.5                 # sessions span the slots
+    assert growth[chat, BLOCK_SLOTS.index(3)] < 1.2                  # one call each: about Poisson
+    assert np.all(np.diff(by_length, axis=1) >= 0)
+
+
 def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp_path: Path) -> None:
     """The hours' statistics of coarse-slot mean sizes (hour_slots) and burstiness sums
     (hour_burst) that a process stored in its SQLite file are what a restarted process's
@@ -275,8 +335,12 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     bursts = rng.lognormal(3, 1, (n,) + live.hour_burst.shape[1:])
     bursts[rng.random(bursts.shape[:2]) < 0.3] = 0.0                # hours without requests
     live.hour_burst[:n] = bursts
+    blocks = rng.lognormal(3, 1, (n,) + live.hour_blocks.shape[1:])
+    blocks[rng.random(blocks.shape[:2]) < 0.3] = 0.0                # hours without requests
+    live.hour_blocks[:n] = blocks
     store = Store(tmp_path / "usage.db")
-    store.write_bursts(live.burst_rows(hours[0], end), end, live.slot_size_rows(hours[0], end))
+    store.write_bursts(live.burst_rows(hours[0], end), end, live.slot_size_rows(hours[0], end),
+                       live.burst_block_rows(hours[0], end))
     blob = stats[0, 0].astype("<f8").tobytes()
     store.write_bursts([(scope_text(("app", "aged-out", "", "")), end - 30 * 24, 5.0, 25.0)], end,
                        [(scope_text(("app", "other-version", "", "")), end - 1, blob[:40]),
@@ -286,6 +350,7 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     again = Store(tmp_path / "usage.db")
     rows = again.slot_sizes(end - 40 * 24)
     burst_rows = again.bursts(end - 40 * 24)
+    block_rows = again.burst_blocks(end - 40 * 24)
     again.close()
     held = live.take_slot_sizes(np.array(hours))[..., 0].reshape(n, len(hours), -1)
     assert len(rows) == int((held.sum(axis=2) > 0).sum()) + 2
@@ -309,6 +374,9 @@ def test_slot_size_and_burst_statistics_come_back_from_the_store_bit_for_bit(tmp
     order = [twice.keys.index(k) for k in live.keys]
     assert np.array_equal(twice.take_bursts(span)[order], live.take_bursts(span))
     assert (live.take_bursts(span)[..., 0] > 0).sum() > 1000
+    twice.load_burst_blocks(block_rows + [(block_rows[0][0], block_rows[0][1], block_rows[0][2][:16])])   # another shape
+    assert np.array_equal(twice.baseline_hours(span).blocks[order], live.baseline_hours(span).blocks)
+    assert (live.baseline_hours(span).blocks[..., 0] > 0).sum() > 1000
 
     text, hour, first = next(row for row in rows if scope_key(row[0]) in live.keys)
     later = (np.frombuffer(first, dtype="<f8") * 2).astype("<f8").tobytes()

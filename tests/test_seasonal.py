@@ -128,6 +128,42 @@ def test_a_quiet_spell_at_a_third_of_the_usual_rate_stays_quiet(daily: tuple[Har
     assert flags(snaps, start) == []
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sessions_longer_than_a_slot_are_no_falls_or_surges(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent app whose runs last about twenty minutes (twenty calls a minute apart):
+    its quiet and busy stretches span several 5-minute slots, so a 15-minute window's count
+    varies half as much again as the slots' dispersion says. Judged with the dispersion of
+    counts of each window's own length (`baseline.window_dispersion`), a clean day raises no
+    request-rate verdict; judged with the slots' alone, the same day's lulls and bursts
+    read as falls and surges (9 and 6 flagged evaluations of the 720)."""
+    from exporter.anomaly import evaluator as ev
+    stream = Stream("agent", "gpt-4o-mini", rate=240, session=20, gap=60, day_sd=0.05, hour_sd=0.03)
+    start = DAY0 + 8 * DAY
+    traffic = generate([stream], DAY0, start + DAY, seed=seed)
+    times = list(np.arange(start + 60, start + DAY, 120.0))
+
+    def judged(h: Harness) -> int:
+        snaps = h.run(traffic.take(traffic.ts >= start), times)
+        return sum(int(np.sum(s.verdicts["request_rate"].severity >= 1)) for s in snaps)
+
+    history = Harness().feed(traffic.take(traffic.ts < start))
+    assert judged(history.copy()) == 0
+    b = history.copy()
+    b.evaluate(start)
+    app = b.history.keys.index(("app", "agent", "", ""))
+    window = b.baseline_stats().window_burstiness[app]
+    assert window[2] > 1.4 * window[0]                        # 15 minutes against 5
+
+    built = ev.Evaluator._baseline_at
+
+    def slots_only(self: ev.Evaluator, end: int) -> ev.Baseline:
+        base = built(self, end)
+        base.window_burstiness = np.repeat(base.burstiness[:, None], base.window_burstiness.shape[1], axis=1)
+        return base
+    monkeypatch.setattr(ev.Evaluator, "_baseline_at", slots_only)
+    assert judged(history.copy()) > 0
+
+
 def test_regular_traffic_reads_as_usual_at_any_second() -> None:
     """A request every three seconds for eight days, judged one second into a minute: the
     window holds what the time of day leads to expect, so the evidence is nil (|z| < 0.5)."""

@@ -51,6 +51,7 @@ from ..storage.buckets import SESSION_BUCKETS, SESSION_FIELDS, F
 from ..zones import local_hours
 from .arrival import failure_share
 from .baseline import (
+    BLOCK_SLOTS,
     TAIL_SCALE_DF_PER_VALUE,
     WEEK_HOURS,
     ErrorStats,
@@ -66,9 +67,19 @@ from .baseline import (
     size_stats,
     sum_spread,
     weekly_profile,
+    window_dispersion,
     window_spread,
 )
-from .history import QUANTILES, SIZE_KINDS, WINDOW_SLOTS, ScopeHistory, ScopeKey, WindowValues, scope_text, token_sum
+from .history import (
+    QUANTILES,
+    SIZE_KINDS,
+    WINDOW_SLOTS,
+    ScopeHistory,
+    ScopeKey,
+    WindowValues,
+    scope_text,
+    token_sum,
+)
 from .signals import Severity, SignalSpec
 
 SEVERITY_NAMES = {int(s): s.name.lower() for s in Severity}
@@ -194,6 +205,7 @@ class Baseline:
     cost: Seasonal
     tokens: Seasonal
     burstiness: np.ndarray                    # (S,) dispersion of request counts within an hour
+    window_burstiness: np.ndarray             # (S, W) that of each window's count (`window_dispersion`)
     size_spread: dict[str, np.ndarray]        # signal -> (S,) 1 + CV^2 of its request sizes: a sum of n varies this much more than n
     costs: SizeStats                          # log cost per request, as `sizes` is for log tokens
     sizes: SizeStats
@@ -301,6 +313,9 @@ class Evaluator:
         expected0 = np.nan_to_num(expected_req)
         sustained = {k: Sustained(sd) for k, sd in held_spreads(req0, expected0, SUSTAINED_HOURS).items()}
         requests = seasonal(req, "requests", 0.5, 1.0)
+        by_length = window_dispersion(disp, req0, expected_req, requests.level_sd, held.blocks, h.slots_per_hour,
+                                      BLOCK_SLOTS)
+        of_window = np.searchsorted(BLOCK_SLOTS, self.coarse_slots, side="right") - 1    # the longest length within it
         # the hours the windows and the held windows judge, and which of them are less than
         # two weeks after the scope's first hour (all, where the horizon cannot hold two weeks)
         judged = np.arange(end - max(SUSTAINED_HOURS), end + 3)
@@ -313,7 +328,7 @@ class Evaluator:
             request_falls=requests if falls is req_profile else Seasonal(falls, requests.level_sd, requests.level_df),
             cost=seasonal(cost, "cost", LOG_FLOOR["cost_per_hour"], sum_spread(costs)),
             tokens=seasonal(tokens, "tokens", LOG_FLOOR["token_velocity"] * 60, sum_spread(sizes)),
-            burstiness=disp, size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
+            burstiness=disp, window_burstiness=by_length[:, of_window], size_spread={"cost_per_hour": sum_spread(costs), "token_velocity": sum_spread(sizes)},
             sizes=sizes, costs=costs,
             errors=error_stats(adds[..., F["requests"]], adds[..., F["errors"]]),
             spending_share={f: spending_share(adds, f) for f in SPENDING.values()}, quantile=quantile, threshold_bins=bins)
@@ -689,7 +704,7 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     b = c.base
     n = c.sums[..., F["requests"]]
     expected = c.expected_requests()
-    args = (b.requests.level_sd[:, None], b.burstiness[:, None], b.requests.level_df[:, None])
+    args = (b.requests.level_sd[:, None], b.window_burstiness, b.requests.level_df[:, None])
     z = count_z(n, expected, *args)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (n + 0.5) / (expected + 0.5)
@@ -711,7 +726,7 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
     zs, win, _ = _strongest(shown, c.zc, c.ev.window_s)
     current, baseline = rate[:, -1], usual[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        band_sd = np.sqrt(b.requests.level_sd ** 2 + b.burstiness / np.maximum(expected[:, -1], 0.5))
+        band_sd = np.sqrt(b.requests.level_sd ** 2 + b.window_burstiness[:, -1] / np.maximum(expected[:, -1], 0.5))
     lo, hi = _band(baseline, band_sd, c.zc[-1])
     v = _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=np.hstack([n - expected, held_excess]))
     v.held_hours = _held_only(spec, e, held_hours)
@@ -969,7 +984,8 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     spent = SPENDING[spec.name]
     n_req, exp_req = c.sums[:, -1, F[spent]], c.expected_requests()[:, -1] * b.spending_share[spent]
     with np.errstate(invalid="ignore", divide="ignore"):
-        total_sd = np.sqrt(seasonal.level_sd ** 2 + b.size_spread[spec.name] * b.burstiness / np.maximum(exp_req, 0.5))
+        total_sd = np.sqrt(seasonal.level_sd ** 2
+                           + b.size_spread[spec.name] * b.window_burstiness[:, -1] / np.maximum(exp_req, 0.5))
         z_total = np.log((value + floor) / (expected + floor)) / total_sd
         rest, expected_rest = _total_without_top_session(c, "cost" if spec.name == "cost_per_hour" else "tokens",
                                                          value, expected, c.sums[:, -1, F["requests"]],
@@ -977,8 +993,8 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
         z_total = np.fmin(z_total, np.log((rest + floor) / (expected_rest + floor)) / total_sd)
         total_ratio = np.fmin(value / expected, rest / expected_rest)
         count_ratio = (n_req + 0.5) / (exp_req + 0.5)
-    args = (b.requests.level_sd[:, None], b.burstiness[:, None], b.requests.level_df[:, None])
-    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.burstiness, b.requests.level_df)
+    args = (b.requests.level_sd[:, None], b.window_burstiness[:, -1:], b.requests.level_df[:, None])
+    z_count = count_z(n_req, exp_req, b.requests.level_sd, b.window_burstiness[:, -1], b.requests.level_df)
     with np.errstate(invalid="ignore", divide="ignore"):
         z_c, ratio_c = _count_without_top_session(c, spent, n_req[:, None], exp_req[:, None], z_count[:, None],
                                                   count_ratio[:, None], (z_count >= c.zc[-1])[:, None], args, hour=True)

@@ -28,6 +28,7 @@ import numpy as np
 from .. import sketch
 from ..storage.buckets import FIELDS, SESSION_BUCKETS, SESSION_FIELDS, SKETCHES, TOKEN_FIELDS, Bins, F, Groups
 from . import arrival
+from .baseline import BLOCK_SLOTS, block_stats
 
 SCOPES = ("global", "app", "model")
 ScopeKey = tuple[str, str, str, str]   # (scope, app, provider, model); unused parts are ""
@@ -43,6 +44,7 @@ SIZE_KINDS = ("tokens", "cost")
 # coarse slot itself, whose sums are final when it is handed on whatever the batches.
 WINDOW_SLOTS = (1,)
 SESSION_HOURS = 10          # whole hours split by session bucket: the evaluator's longest held window, and more
+BURST_HOURS = 3             # hours whose slot counts are kept while their slots are handed on
 N_WINDOW_STATS = 6          # baseline.WINDOW_STATS
 
 
@@ -95,6 +97,7 @@ class BaselineHours:
     adds: np.ndarray          # (S, H, F) sums, each field stored contiguously (`_take_planes`)
     quantiles: np.ndarray     # (S, H, K) hourly quantiles, each kind contiguous
     bursts: np.ndarray        # (S, H, 2) burstiness sums as held (zero where the ring has none)
+    blocks: np.ndarray        # (S, H, 1 + BLOCK_SLOTS) the requests in the hour's blocks, and their spread per length
     slots: np.ndarray         # (S, H, WINDOW_SLOTS, SIZE_KINDS, N_WINDOW_STATS), each statistic contiguous
 
 
@@ -197,6 +200,13 @@ class ScopeHistory:
         self.coarse_sk = np.zeros((0, self.coarse_ring.n, nk, nb), dtype=np.int32)
         self.coarse_req = np.zeros((0, self.coarse_ring.n))    # requests per coarse slot
         self.hour_burst = np.zeros((0, self.hours.n, 2))       # per hour: sum and sum of squares of its coarse slots' requests
+        # per hour: the requests its blocks of BLOCK_SLOTS coarse slots hold, and for each
+        # length the squares of the blocks' counts about their mean (`block_stats`); from the
+        # slot counts of the last BURST_HOURS hours, kept while their slots are handed on
+        self.hour_blocks = np.zeros((0, self.hours.n, 1 + len(BLOCK_SLOTS)))
+        self.slots_per_hour = int(math.ceil(3600 / self.coarse))
+        self.burst_hours = Ring(3600, BURST_HOURS)
+        self.slot_counts = np.zeros((0, BURST_HOURS, self.slots_per_hour))
         self.coarse_size = np.zeros((0, self.coarse_ring.n, len(SLOT_SIZE_FIELDS)))   # sized requests and log sums per coarse slot
         # per hour: statistics of the mean log sizes of its coarse slots, per kind (see `_fold_slot_sizes`)
         self.hour_slots = np.zeros((0, self.hours.n, len(WINDOW_SLOTS), len(SIZE_KINDS), N_WINDOW_STATS))
@@ -228,6 +238,7 @@ class ScopeHistory:
         self.hour_q = g(self.hour_q, np.nan)
         self.open_sk, self.coarse_sk = g(self.open_sk), g(self.coarse_sk)
         self.coarse_req, self.hour_burst = g(self.coarse_req), g(self.hour_burst)
+        self.hour_blocks, self.slot_counts = g(self.hour_blocks), g(self.slot_counts)
         self.coarse_size, self.hour_slots = g(self.coarse_size), g(self.hour_slots)
         self.first_hour = g(self.first_hour, np.iinfo(np.int64).max)
         self._cap = cap
@@ -433,7 +444,25 @@ class ScopeHistory:
             self.hour_burst[:n, hslot, 0] += counts
             self.hour_burst[:n, hslot, 1] += counts * counts
             self._fold_slot_sizes(np.arange(n), np.full(n, hslot), values[:, None, 1:])
+            self._count_slots(np.arange(n), hour, hslot, (coarse_abs * self.coarse - hour * 3600) // self.coarse,
+                              counts)
             self._changed(hour)
+
+    def _count_slots(self, rows: np.ndarray, hour: int, hslot: int, index: int | np.ndarray,
+                     counts: np.ndarray) -> None:
+        """Add finished coarse slots' request counts (scope `rows`, the slot's `index` in
+        `hour`) to the hour's slot counts, and measure its blocks again from them. An hour
+        older than the last BURST_HOURS is left as it is: its blocks then hold fewer
+        requests than its slots, and `baseline.window_dispersion` leaves it out."""
+        bslot, ok, cleared = self.burst_hours.claim(np.array([hour]))
+        for c in cleared:
+            self.slot_counts[:, c] = 0.0
+        if not ok[0]:
+            return
+        b = int(bslot[0])
+        np.add.at(self.slot_counts[:, b], (rows, np.broadcast_to(np.asarray(index), rows.shape)), counts)
+        touched = np.unique(rows)
+        self.hour_blocks[touched, hslot] = block_stats(self.slot_counts[touched, b])
 
     def _fold_slot_sizes(self, rows: np.ndarray, hslots: np.ndarray, sums: np.ndarray) -> None:
         """Add finished windows (one set per entry: scope row, hour slot, (WINDOW_SLOTS,
@@ -476,6 +505,31 @@ class ScopeHistory:
             for r in rows.tolist():
                 out.append((scope_text(self.keys[r]), h, float(self.hour_burst[r, s, 0]), float(self.hour_burst[r, s, 1])))
         return out
+
+    def burst_block_rows(self, first: int, end: int) -> list[tuple[str, int, bytes]]:
+        """(scope key, hour, its block statistics as float64 bytes, 1 + BLOCK_SLOTS) of the
+        hours [first, end) the ring holds, for scopes that had requests in them."""
+        out = []
+        hours = np.arange(first, end)
+        slot, ok = self.hours.slots_for(hours)
+        n = self.size
+        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
+            for r in np.flatnonzero(self.hour_blocks[:n, s, 0] > 0).tolist():
+                out.append((scope_text(self.keys[r]), h, self.hour_blocks[r, s].astype("<f8").tobytes()))
+        return out
+
+    def load_burst_blocks(self, rows: list[tuple[str, int, bytes]]) -> None:
+        """Block statistics stored by `burst_block_rows`, for the hours the ring holds (at
+        start-up), as `load_slot_sizes`; a row of another shape (another version) is skipped,
+        and its hour's blocks then read as unknown."""
+        width = self.hour_blocks.shape[2]
+        blobs = list(map(itemgetter(2), rows))
+        fits = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) == 8 * width
+        cell, take = self._restored_cells(rows, fits)
+        if take.size:
+            data = np.frombuffer(b"".join([blobs[i] for i in take.tolist()]), dtype="<f8").reshape(-1, width)
+            self.hour_blocks.reshape(-1, width)[cell] = data     # a view: hour_blocks is contiguous
+            self._gathered = None
 
     def slot_size_rows(self, first: int, end: int) -> list[tuple[str, int, bytes]]:
         """(scope key, hour, statistics of its windows' mean sizes as float64 bytes,
@@ -562,6 +616,10 @@ class ScopeHistory:
         np.add.at(self.hour_burst, (row[ok], slot[ok], 0), counts[ok])
         np.add.at(self.hour_burst, (row[ok], slot[ok], 1), counts[ok] ** 2)
         self._fold_slot_sizes(row[ok], slot[ok], sizes[ok][:, None, :])
+        index = (coarse_abs * self.coarse - hour * 3600) // self.coarse
+        for h in np.unique(hour[ok]).tolist():          # oldest first: the newest stay in the slot counts
+            sel = ok & (hour == h)
+            self._count_slots(row[sel], h, int(self.hours.slots_for(np.array([h]))[0][0]), index[sel], counts[sel])
         self._gathered = None
 
     def _add_hourly(self, rows: np.ndarray, rep: np.ndarray, groups: Groups) -> None:
@@ -577,6 +635,7 @@ class ScopeHistory:
             self.hour_add[:, s] = 0.0
             self.hour_q[:, s] = np.nan
             self.hour_burst[:, s] = 0.0
+            self.hour_blocks[:, s] = 0.0
             self.hour_slots[:, s] = 0.0
         slot, ok = np.repeat(slot, 3), np.repeat(ok, 3)
         _add_at_cells(self.hour_add, rows[ok], slot[ok], groups.adds[rep][ok])
@@ -671,7 +730,7 @@ class ScopeHistory:
         first = int(hours[0]) if count else 0
         if count == 0 or not np.array_equal(hours, np.arange(first, first + count)):
             raise ValueError("baseline_hours: hours must be consecutive and ascending")
-        rings = (self.hour_add, self.hour_q, self.hour_burst, self.hour_slots)
+        rings = (self.hour_add, self.hour_q, self.hour_burst, self.hour_slots, self.hour_blocks)
         widths = tuple(math.prod(r.shape[2:]) for r in rings)
         g = self._gathered
         if g is None or g.rows != n or g.capacity < count + g.LEAD + g.SLACK:
@@ -684,16 +743,16 @@ class ScopeHistory:
             self._gather_into(g, cols[missing], hours[missing], rings)
         slot, ok = self.hours.slots_for(hours)
         early = hours[None, :] < self.first_hour[:n, None]
-        adds, q, bursts, slots = (g.view(k, cols) for k in range(len(rings)))
-        return BaselineHours(~ok[None, :] | early, adds, q, bursts,
+        adds, q, bursts, slots, blocks = (g.view(k, cols) for k in range(len(rings)))
+        return BaselineHours(~ok[None, :] | early, adds, q, bursts, blocks,
                              slots.reshape((n, count) + self.hour_slots.shape[2:]))
 
     def _gather_into(self, g: _GatheredHours, cols: np.ndarray, hours: np.ndarray,
                      rings: tuple[np.ndarray, ...]) -> None:
         """Copy the given absolute hours of every scope from the hourly rings into columns
         `cols` of `g`: zero (NaN for quantiles) where the ring no longer holds an hour, and
-        in the hours before a scope's first (its bursts as held: `burstiness` reads an hour
-        without requests as not seen whole)."""
+        in the hours before a scope's first (its bursts and blocks as held: `burstiness` and
+        `window_dispersion` read an hour without requests as not seen whole)."""
         n = g.rows
         slot, ok = self.hours.slots_for(hours)
         early = hours[None, :] < self.first_hour[:n, None]
@@ -704,7 +763,7 @@ class ScopeHistory:
             for a in range(0, n, block):          # a block of scopes at a time, transposed in cache
                 part = np.take(flat[a:a + block], slot, axis=1)
                 part[:, ~ok] = fill
-                if ring is not self.hour_burst:
+                if ring is not self.hour_burst and ring is not self.hour_blocks:
                     part[early[a:a + block]] = fill
                 plane[:, a:a + block, cols] = part.transpose(2, 0, 1)
         g.hour[cols] = hours

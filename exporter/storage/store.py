@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS bursts (scope TEXT NOT NULL, hour INTEGER NOT NULL, t
   PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slot_sizes (scope TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY (scope, hour)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS burst_blocks (scope TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS judged (scope TEXT NOT NULL, hour INTEGER NOT NULL, PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drift_tainted (provider TEXT NOT NULL, model TEXT NOT NULL, hour INTEGER NOT NULL,
   signal TEXT NOT NULL, PRIMARY KEY (provider, model, hour, signal)) WITHOUT ROWID;
@@ -572,18 +574,20 @@ class Store:
             self._committed()
 
     def write_bursts(self, rows: Sequence[tuple[str, int, float, float]], through: int,
-                     sizes: Sequence[tuple[str, int, bytes]] = ()) -> None:
+                     sizes: Sequence[tuple[str, int, bytes]] = (),
+                     blocks: Sequence[tuple[str, int, bytes]] = ()) -> None:
         """Store how bursty finished hours were, per scope (scope key, hour, sum and sum of
-        squares of its five-minute request counts), and how their five-minute mean request
-        sizes spread (`sizes`: scope key, hour, the history's statistics as bytes): derived
-        from minute buckets that the store keeps only for hours, so a restart can measure
-        both over the whole baseline. `through`: the hour after the last one written (kept
-        in meta)."""
+        squares of its five-minute request counts), how their counts over longer blocks
+        spread (`blocks`: scope key, hour, the history's block statistics as bytes), and how
+        their five-minute mean request sizes spread (`sizes`: likewise): derived from minute
+        buckets that the store keeps only for hours, so a restart can measure them over the
+        whole baseline. `through`: the hour after the last one written (kept in meta)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT OR REPLACE INTO bursts VALUES (?, ?, ?, ?)", rows)
                 self._db.executemany("INSERT OR REPLACE INTO slot_sizes VALUES (?, ?, ?)", sizes)
+                self._db.executemany("INSERT OR REPLACE INTO burst_blocks VALUES (?, ?, ?)", blocks)
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('bursts_through', ?)", (str(through),))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
@@ -630,6 +634,10 @@ class Store:
         with self._lock, self._reading("reading burstiness from"):
             return self._db.execute("SELECT scope, hour, total, squares FROM bursts WHERE hour >= ?", (since_hour,)).fetchall()
 
+    def burst_blocks(self, since_hour: int) -> list[tuple[str, int, bytes]]:
+        with self._lock, self._reading("reading burstiness from"):
+            return self._db.execute("SELECT scope, hour, data FROM burst_blocks WHERE hour >= ?", (since_hour,)).fetchall()
+
     def slot_sizes(self, since_hour: int) -> list[tuple[str, int, bytes]]:
         with self._lock, self._reading("reading request size spreads from"):
             return self._db.execute("SELECT scope, hour, data FROM slot_sizes WHERE hour >= ?", (since_hour,)).fetchall()
@@ -652,6 +660,7 @@ class Store:
                 self._db.execute("DELETE FROM daily_cost WHERE day < ?", (int(now // 86400) - 400,))
                 self._db.execute("DELETE FROM bursts WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM slot_sizes WHERE hour < ?", (int((now - horizon) // 3600),))
+                self._db.execute("DELETE FROM burst_blocks WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM judged WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM drift_tainted WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM drift_apart WHERE hour < ?", (int((now - horizon) // 3600),))
