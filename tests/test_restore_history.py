@@ -202,26 +202,20 @@ def test_codes_are_those_of_unique(bound: int) -> None:
     assert inverse.tolist() == want_inverse.reshape(values.shape).tolist()
 
 
-def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
-    """The hours' statistics of five-minute mean sizes (history.hour_slots) are handed on
-    by the coarse slots as they finish: the same whether the records come a minute or an
-    hour at a time, and the same again when a restart re-derives them from minute buckets
-    (`add_bursts`), but for the hours whose slots a running process still holds. They are
-    what the slots hold: per slot of log tokens, its mean, squared mean, squares about the
-    mean, requests less one and one over requests."""
-    from helpers import Harness, Stream, generate
+def fed_three_ways(site: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
+    """A day of `site`'s traffic fed a minute at a time and an hour at a time (two
+    `Harness`es), and restored from its hourly and minute buckets as a restart does
+    (`add_hours`, `add_bursts`); the restored history's rows in the minute-fed one's
+    order, the hours whose slots were all handed on, and the traffic, its series ids and
+    columns."""
+    from helpers import Harness, generate
 
-    from exporter.storage.buckets import F, aggregate
-    site = (Stream("chat", "gpt-4o-mini", rate=60, session=3), Stream("rare", "gpt-4o", rate=5, session=8))
+    from exporter.storage.buckets import aggregate
     day0 = T0 - T0 % DAY
-    traffic = generate(site, day0, day0 + DAY, seed=2)
+    traffic = generate(site, day0, day0 + DAY, seed=seed)
     minute, hourly = Harness().feed(traffic, batch=60), Harness().feed(traffic, batch=HOUR)
     hours = np.arange(int(day0 // HOUR), minute.history.bursts_final_before())    # every slot handed on
     assert hours.size >= 18
-    live = minute.history.take_slot_sizes(hours)
-    np.testing.assert_allclose(hourly.history.take_slot_sizes(hours), live, rtol=1e-12)
-    assert (live[..., 0] > 0).mean() > 0.5                   # most scopes sized requests in most hours
-
     restored = ScopeHistory(HOUR, 14 * DAY)
     sids = np.array([minute.series[k] for k in zip(traffic.app.tolist(), traffic.provider.tolist(),
                                                     traffic.model.tolist())])
@@ -229,6 +223,24 @@ def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
     restored.add_hours(aggregate(cols, sids, cols.cost, res=3600), minute.series_keys)
     restored.add_bursts([aggregate(cols, sids, cols.cost, res=60)], minute.series_keys)
     rows = [restored.keys.index(k) for k in minute.history.keys]
+    return minute, hourly, restored, rows, hours, traffic, sids, cols
+
+
+def test_five_minute_size_statistics_are_the_same_however_fed() -> None:
+    """The hours' statistics of five-minute mean sizes (history.hour_slots) are handed on
+    by the coarse slots as they finish: the same whether the records come a minute or an
+    hour at a time, and the same again when a restart re-derives them from minute buckets
+    (`add_bursts`), but for the hours whose slots a running process still holds. They are
+    what the slots hold: per slot of log tokens, its mean, squared mean, squares about the
+    mean, requests less one and one over requests."""
+    from helpers import Stream
+
+    from exporter.storage.buckets import F, aggregate
+    site = (Stream("chat", "gpt-4o-mini", rate=60, session=3), Stream("rare", "gpt-4o", rate=5, session=8))
+    minute, hourly, restored, rows, hours, traffic, sids, cols = fed_three_ways(site, seed=2)
+    live = minute.history.take_slot_sizes(hours)
+    np.testing.assert_allclose(hourly.history.take_slot_sizes(hours), live, rtol=1e-12)
+    assert (live[..., 0] > 0).mean() > 0.5                   # most scopes sized requests in most hours
     np.testing.assert_allclose(restored.take_slot_sizes(hours)[rows], live, rtol=1e-12)
 
     # the first hour of the rare app with requests, from its five-minute sums
@@ -256,27 +268,15 @@ def test_block_statistics_are_the_same_however_fed() -> None:
     buckets (`add_bursts`). Sessions of twenty calls a minute apart make 15-minute
     blocks vary more, against their mean, than five-minute slots: `window_dispersion`
     reads half as much again; calls that come one at a time read about the same."""
-    from helpers import Harness, Stream, generate
+    from helpers import Stream
 
     from exporter.anomaly.baseline import burstiness, window_dispersion
     from exporter.anomaly.baseline import BLOCK_SLOTS
     from exporter.storage.buckets import F, aggregate
     site = (Stream("agent", "gpt-4o-mini", rate=600, session=20, gap=60), Stream("chat", "gpt-4o", rate=600))
-    day0 = T0 - T0 % DAY
-    traffic = generate(site, day0, day0 + DAY, seed=3)
-    minute, hourly = Harness().feed(traffic, batch=60), Harness().feed(traffic, batch=HOUR)
-    hours = np.arange(int(day0 // HOUR), minute.history.bursts_final_before())    # every slot handed on
-    assert hours.size >= 18
+    minute, hourly, restored, rows, hours, traffic, sids, cols = fed_three_ways(site, seed=3)
     live = minute.history.baseline_hours(hours).blocks.copy()
     np.testing.assert_array_equal(hourly.history.baseline_hours(hours).blocks, live)
-
-    restored = ScopeHistory(HOUR, 14 * DAY)
-    sids = np.array([minute.series[k] for k in zip(traffic.app.tolist(), traffic.provider.tolist(),
-                                                    traffic.model.tolist())])
-    cols = traffic.columns()
-    restored.add_hours(aggregate(cols, sids, cols.cost, res=3600), minute.series_keys)
-    restored.add_bursts([aggregate(cols, sids, cols.cost, res=60)], minute.series_keys)
-    rows = [restored.keys.index(k) for k in minute.history.keys]
     np.testing.assert_array_equal(restored.baseline_hours(hours).blocks[rows], live)
 
     # each app's hours, from its own five-minute counts

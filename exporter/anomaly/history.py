@@ -509,54 +509,52 @@ class ScopeHistory:
     def burst_block_rows(self, first: int, end: int) -> list[tuple[str, int, bytes]]:
         """(scope key, hour, its block statistics as float64 bytes, 1 + BLOCK_SLOTS) of the
         hours [first, end) the ring holds, for scopes that had requests in them."""
-        out = []
-        hours = np.arange(first, end)
-        slot, ok = self.hours.slots_for(hours)
-        n = self.size
-        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
-            for r in np.flatnonzero(self.hour_blocks[:n, s, 0] > 0).tolist():
-                out.append((scope_text(self.keys[r]), h, self.hour_blocks[r, s].astype("<f8").tobytes()))
-        return out
+        return self._cell_rows(self.hour_blocks, first, end)
 
     def load_burst_blocks(self, rows: list[tuple[str, int, bytes]]) -> None:
         """Block statistics stored by `burst_block_rows`, for the hours the ring holds (at
         start-up), as `load_slot_sizes`; a row of another shape (another version) is skipped,
         and its hour's blocks then read as unknown."""
-        width = self.hour_blocks.shape[2]
-        blobs = list(map(itemgetter(2), rows))
-        fits = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) == 8 * width
-        cell, take = self._restored_cells(rows, fits)
-        if take.size:
-            data = np.frombuffer(b"".join([blobs[i] for i in take.tolist()]), dtype="<f8").reshape(-1, width)
-            self.hour_blocks.reshape(-1, width)[cell] = data     # a view: hour_blocks is contiguous
-            self._gathered = None
+        self._load_cells("hour_blocks", rows)
 
     def slot_size_rows(self, first: int, end: int) -> list[tuple[str, int, bytes]]:
         """(scope key, hour, statistics of its windows' mean sizes as float64 bytes,
         WINDOW_SLOTS x SIZE_KINDS x baseline.WINDOW_STATS) of the hours [first, end) the ring
         holds, for scopes that had sized requests in them."""
-        out = []
-        hours = np.arange(first, end)
-        slot, ok = self.hours.slots_for(hours)
-        n = self.size
-        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
-            rows = np.flatnonzero(self.hour_slots[:n, s, ..., 0].reshape(n, -1).sum(axis=1) > 0)
-            for r in rows.tolist():
-                out.append((scope_text(self.keys[r]), h, self.hour_slots[r, s].astype("<f8").tobytes()))
-        return out
+        return self._cell_rows(self.hour_slots, first, end)
 
     def load_slot_sizes(self, rows: list[tuple[str, int, bytes]]) -> None:
         """Slot size statistics stored by `slot_size_rows`, for the hours the ring holds (at
         start-up); a row of another shape (another version) is skipped. All rows at once
         (a row per scope and hour: 337,000 for 1,000 scopes and 14 days), into the array
         by index; scopes new to the history are numbered in the order their rows come."""
-        width = math.prod(self.hour_slots.shape[2:])
+        self._load_cells("hour_slots", rows)
+
+    def _cell_rows(self, array: np.ndarray, first: int, end: int) -> list[tuple[str, int, bytes]]:
+        """(scope key, hour, the scope's cell of the hourly `array` as float64 bytes) of the
+        hours [first, end) the ring holds, for the scopes whose cell counted something (the
+        statistics' first entries, counts, sum above 0)."""
+        out = []
+        hours = np.arange(first, end)
+        slot, ok = self.hours.slots_for(hours)
+        n = self.size
+        for h, s in zip(hours[ok].tolist(), slot[ok].tolist()):
+            rows = np.flatnonzero(array[:n, s, ..., 0].reshape(n, -1).sum(axis=1) > 0)
+            for r in rows.tolist():
+                out.append((scope_text(self.keys[r]), h, array[r, s].astype("<f8").tobytes()))
+        return out
+
+    def _load_cells(self, name: str, rows: list[tuple[str, int, bytes]]) -> None:
+        """Stored cells (`_cell_rows`) into the hourly array `name`, all rows at once, by
+        index; a row of another size is skipped. By name: a scope new to the history grows
+        (reallocates) every array."""
+        width = math.prod(getattr(self, name).shape[2:])
         blobs = list(map(itemgetter(2), rows))
         fits = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) == 8 * width
         cell, take = self._restored_cells(rows, fits)
         if take.size:
             data = np.frombuffer(b"".join([blobs[i] for i in take.tolist()]), dtype="<f8").reshape(-1, width)
-            self.hour_slots.reshape(-1, width)[cell] = data     # a view: hour_slots is contiguous
+            getattr(self, name).reshape(-1, width)[cell] = data     # a view: the hourly arrays are contiguous
             self._gathered = None
 
     def _restored_cells(self, rows: Sequence[tuple[Any, ...]], fits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
