@@ -169,7 +169,8 @@ def ref_window_dispersion(disp: np.ndarray, requests: np.ndarray, expected: np.n
         whole = [j for j in range(requests.shape[1])
                  if abs(blocks[i, j, 0] - requests[i, j]) <= 0.5 and requests[i, j] >= per_hour
                  and np.isfinite(expected[i, j])
-                 and not abs(np.log((requests[i, j] + 0.5) / (expected[i, j] + 0.5))) > 3.0 * level_sd[i]]
+                 and not abs(np.log((requests[i, j] + 0.5) / (expected[i, j] + 0.5)))
+                 > 3.0 * np.sqrt(level_sd[i] ** 2 + disp[i] / max(expected[i, j], 0.5))]
         factor = {1: 1.0}
         if len(whole) >= bl.MIN_HOURS:
             held = np.zeros(requests.shape[1], dtype=bool)

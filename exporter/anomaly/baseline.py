@@ -392,16 +392,18 @@ def window_dispersion(disp: np.ndarray, requests: np.ndarray, expected: np.ndarr
     the baseline's hours: a ratio of two variances of the same hours' counts, which is 1
     for independent slots whatever their distribution. Pooled over the hours seen whole
     (all their requests in their blocks; an hour restored without them is left out) and
-    ordinary: an hour whose total strays from its expectation by more than three times the
-    level spread (`level_sd`; `expected` (S, H)) held an outage or a storm, and one 30-minute
-    storm would outweigh a month of ordinary hours. A length the hour holds fewer than
+    ordinary: an hour whose total strays from its expectation (`expected` (S, H)) by more
+    than three times what the level spread (`level_sd`) and its sampling make likely (the
+    level z of `evidence.level_z`) held an outage or a storm, and one 30-minute storm would
+    outweigh a month of ordinary hours. A length the hour holds fewer than
     MIN_BLOCKS_PER_HOUR blocks of (20 minutes and more), or that fewer than MIN_HOURS such hours
     measured, takes the factor of the length below it; no length reads less than a shorter
     one, nor less than the slot."""
     total = blocks[..., 0]
     p = slots_per_hour
     with np.errstate(invalid="ignore", divide="ignore"):
-        strays = np.abs(np.log((requests + 0.5) / (expected + 0.5))) > 3.0 * level_sd[:, None]
+        spread = np.sqrt(level_sd[:, None] ** 2 + disp[:, None] / np.maximum(expected, 0.5))
+        strays = np.abs(np.log((requests + 0.5) / (expected + 0.5))) > 3.0 * spread
     whole = (np.abs(total - requests) <= 0.5) & (requests >= p) & np.isfinite(expected) & ~strays
     measured = np.sum(whole, axis=1) >= MIN_HOURS
     slot_var = np.where(whole, blocks[..., 1], 0.0).sum(axis=1) / max(p - 2, 1)
