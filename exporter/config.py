@@ -92,6 +92,7 @@ class Settings(BaseModel):
     baseline: Duration = Field(7 * 86400, gt=0, description="how far back the rolling baseline reaches")
     horizon: Duration = Field(14 * 86400, gt=0, description="how long hourly buckets are kept (at least the baseline; two weeks or more let a weekly pattern, such as quiet weekends, be learned)")
     alert_budget: float = Field(1.0, gt=0, description="false anomaly warnings a week the evaluator's evidence thresholds allow, over all signals and scopes together")
+    page_budget_share: float = Field(1.0, gt=0, le=1, description="share of the false-alarm budgets (alert_budget, and the drift preset's) that may page: a high verdict, a critical alert, needs evidence past the threshold of that smaller budget, else it is a warning; 1 asks of a page the evidence of a warning, 0.2 about 0.35 more in z (fewer false pages on quiet scopes, later pages on real ones: docs/tuning.md)")
     timezone: str = Field("UTC", description="IANA time zone of the people the traffic follows, e.g. Europe/Berlin: the baseline learns the hours of the day and week in their local time, so a daylight saving change does not read as a day shifted by an hour (also the budgets' days, unless budgets.timezone is set)")
     evaluation_interval: Duration = Field(30, gt=0, description="how often the evaluator recomputes the anomaly gauges")
     dedupe_window: Duration = Field(48 * 3600, ge=0, description="how long a request_id is remembered, so retries count once")

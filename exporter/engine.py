@@ -128,8 +128,10 @@ class Engine:
         self.counters_lock = threading.Lock()   # held briefly: counter updates and a scrape's copy
         self.usage = UsageMetrics(self.counters_lock)
         self.history = ScopeHistory(settings.window, settings.horizon)
-        self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.alert_budget, settings.timezone)
-        self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets, self.components)
+        self.evaluator = Evaluator(self.history, self.specs, settings.baseline, settings.alert_budget, settings.timezone,
+                                   settings.page_budget_share)
+        self.detectors = Detectors(settings.drift, settings.runaway, settings.budgets, self.components,
+                                   settings.page_budget_share)
         self.dedupe = DedupeIndex(settings.dedupe_window)
         self.snapshot: Snapshot | None = None
         self.lock = threading.RLock()

@@ -153,5 +153,17 @@ def z_threshold(window_s: float, tests: int, budget_per_week: float, windows: in
     return _NORMAL.inv_cdf(1.0 - min(max(per_test, 1e-15), 0.5))
 
 
+def page_evidence(severity: np.ndarray, z: np.ndarray, z_page: np.ndarray | float) -> np.ndarray:
+    """Severity (0 ok, 1 warning, 2 high) with a high one lowered to a warning where its
+    evidence |z| falls short of `z_page`, the threshold of the page budget (the setting
+    `page_budget_share` of the warnings' budget). At small counts any count that passes
+    the warning threshold is a large ratio, so the effect alone cannot tell a quiet scope's
+    rare false alarm from a page; stronger evidence can. Arrays broadcast alike; NaN
+    evidence never pages."""
+    with np.errstate(invalid="ignore"):
+        strong = np.abs(np.asarray(z, dtype=np.float64)) >= z_page
+    return np.where((severity >= 2) & ~strong, 1, severity).astype(np.asarray(severity).dtype)
+
+
 def normal_quantile(p: float) -> float:
     return _NORMAL.inv_cdf(p)

@@ -359,12 +359,13 @@ class Harness:
 
     def __init__(self, window: float = HOUR, baseline: float = 7 * DAY, horizon: float = 14 * DAY,
                  signals: dict[str, dict[str, float]] | None = None, alert_budget: float = 1.0,
-                 timezone: str = "UTC") -> None:
+                 timezone: str = "UTC", page_share: float = 1.0) -> None:
         self.history = ScopeHistory(window, horizon)
         self.baseline = baseline
         self.timezone = timezone
         self.specs: tuple[SignalSpec, ...] = signal_specs(signals)
         self.alert_budget = alert_budget
+        self.page_share = page_share
         self.series: dict[tuple[str, str, str], int] = {}
         self.series_keys: dict[int, tuple[str, str, str]] = {}
         self._evaluator: Evaluator | None = None
@@ -387,7 +388,8 @@ class Harness:
             self.history.add(aggregate(sub, sids[idx], sub.cost, res=self.history.fine, sessions=True), self.series_keys)
         return self
 
-    def copy(self, signals: dict[str, dict[str, float]] | None = None, alert_budget: float | None = None) -> "Harness":
+    def copy(self, signals: dict[str, dict[str, float]] | None = None, alert_budget: float | None = None,
+             page_share: float | None = None) -> "Harness":
         """An independent copy (its own evaluator), optionally judged with other settings."""
         evaluator, self._evaluator = self._evaluator, None
         try:
@@ -398,11 +400,14 @@ class Harness:
             out.specs = signal_specs(signals)
         if alert_budget is not None:
             out.alert_budget = alert_budget
+        if page_share is not None:
+            out.page_share = page_share
         return out
 
     def evaluate(self, t: float) -> Snapshot:
         if self._evaluator is None:
-            self._evaluator = Evaluator(self.history, self.specs, self.baseline, self.alert_budget, self.timezone)
+            self._evaluator = Evaluator(self.history, self.specs, self.baseline, self.alert_budget, self.timezone,
+                                        self.page_share)
         return self._evaluator.evaluate(t)
 
     def baseline_stats(self) -> Baseline:

@@ -103,6 +103,8 @@ def test_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
     ("port: 70000\n", "port from config file"),
     ("log_level: loud\n", "log_level from config file"),
     ("label_limit_model: 0\n", "label_limit_model from config file"),
+    ("page_budget_share: 1.5\n", "page_budget_share from config file"),
+    ("page_budget_share: 0\n", "page_budget_share from config file"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("port: [1\n", "is not valid YAML"),
 ])

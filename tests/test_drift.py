@@ -806,3 +806,25 @@ def test_long_answers_still_running_are_no_collapse(ends_known: bool) -> None:
 
 def take_rows(cols: RecordColumns, sel: np.ndarray) -> RecordColumns:
     return RecordColumns(**{f: getattr(cols, f)[sel] for f in RecordColumns.__slots__})
+
+
+def test_page_budget_share_asks_a_severe_level_for_more_evidence() -> None:
+    """Against a reference that already holds 7 % empty answers, 15 of the newest 50 are
+    empty: 30 %, past the severe limit (15 %), on evidence (z 4.3) that passes the preset's
+    threshold. At the default page share it is severe; with 0.2 it must also pass the
+    threshold of a fifth of the preset's budget, and is mild. 25 of 50 is severe either way."""
+    ref = history(hours=6, **mixed(720, 50, output_tokens=0))
+
+    def newest_50_empty(k: int, page_share: float) -> DriftResult:
+        idx = set(np.linspace(0, 49, k).round().astype(int).tolist())
+        det = DriftDetector(DriftSettings(), page_share)
+        det.observe(ref)
+        cols = batch(200, output_tokens=[300] * 150 + [0 if i in idx else 300 for i in range(50)])
+        det.observe(cols)
+        return only(det.evaluate(float(cols.ts.max()) + 1))
+
+    weak = newest_50_empty(15, 0.2)
+    assert weak.values["empty_response_rate"] == pytest.approx(0.30) and weak.windows["empty_response_rate"] == 50
+    assert weak.severity == 1 and weak.reasons[0].startswith("empty_response_rate 0.30 >= mild")
+    assert newest_50_empty(15, 1.0).severity == 2
+    assert newest_50_empty(25, 0.2).severity == 2

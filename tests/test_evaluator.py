@@ -838,6 +838,40 @@ def test_the_alert_budget_moves_the_threshold(borderline: tuple[Harness, Traffic
     assert row(many_scopes(base).copy(alert_budget=100.0).run(hour, [t_end])[-1], "error_rate", "app", "svc")["severity"] == "warning"
 
 
+QUIET = Stream("quiet", "m-quiet", rate=40, night=1.0, error_rate=0.02, day_sd=0.05)
+
+
+def test_page_budget_share_asks_a_page_for_more_evidence() -> None:
+    """A quiet app (40 requests an hour, 2 % errors) fails k of an hour's requests, spread
+    through it. Every k from 6 up is more than five times the usual share (the error rate's
+    high ratio), so the effect alone pages. With `page_budget_share` 0.2 a page also needs
+    its evidence past the threshold of a fifth of the budget (about 0.35 more in z):
+    between the two thresholds the verdict is a warning, past both it pages. At the default
+    (1) every one of them pages."""
+    traffic = generate([QUIET], DAY0, B_START + HOUR, seed=4)
+    base = Harness().feed(traffic.take(traffic.ts < B_START))
+    hour = traffic.take(traffic.ts >= B_START)
+    t_end = B_START + HOUR - 30
+    n_windows = len(WINDOW_FRACTIONS) + len(SUSTAINED_HOURS)
+    seen = set()
+    for k in range(6, 15):
+        after = hour.take(slice(None))
+        after.is_error[:] = False
+        after.is_error[np.linspace(0, len(after) - 1, k).round().astype(int)] = True
+        snap = base.copy(page_share=0.2).run(after, [t_end])[-1]
+        r = row(snap, "error_rate", "app", "quiet")
+        assert r["ratio"] >= 5.0, r
+        assert row(base.copy().run(after, [t_end])[-1], "error_rate", "app", "quiet")["severity"] == "high", k
+        tests = int(snap.active.sum()) * 7
+        z, w = abs(r["zscore"]), r["evidence_window_seconds"]
+        warn = evidence.z_threshold(w, tests, 1.0, n_windows)
+        page = evidence.z_threshold(w, tests, 0.2, n_windows)
+        assert z >= warn and page > warn + 0.25
+        assert r["severity"] == ("high" if z >= page else "warning"), (k, r)
+        seen.add(r["severity"])
+    assert seen == {"warning", "high"}        # both sides of the page threshold were met
+
+
 # --- configuration ---------------------------------------------------------------------------------
 
 def test_signal_overrides_change_verdicts(site: Site) -> None:
@@ -871,7 +905,7 @@ def test_bad_overrides_are_refused_naming_the_knob(tmp_path: Path, overrides: di
 
 def test_overrides_from_the_config_file_reach_the_evaluator(tmp_path: Path) -> None:
     cfg = tmp_path / "exporter.yaml"
-    cfg.write_text("alert_budget: 0.5\nsignals:\n  cost_per_hour: {warning_ratio: 2, high_ratio: 4}\n"
+    cfg.write_text("alert_budget: 0.5\npage_budget_share: 0.2\nsignals:\n  cost_per_hour: {warning_ratio: 2, high_ratio: 4}\n"
                    "  request_rate: {min_baseline_hours: 48}\n")
     engine = Engine(load_settings(cfg, flags={"db": str(tmp_path / "u.db")}, environ={}))
     try:
@@ -880,6 +914,7 @@ def test_overrides_from_the_config_file_reach_the_evaluator(tmp_path: Path) -> N
         assert specs["request_rate"].min_baseline_hours == 48
         assert specs["token_velocity"] == next(s for s in DEFAULT_SIGNALS if s.name == "token_velocity")
         assert engine.evaluator.alert_budget == 0.5
+        assert engine.evaluator.page_share == 0.2 and engine.detectors.drift.page_share == 0.2
     finally:
         engine.close()
 

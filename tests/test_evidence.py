@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from exporter import evidence
 from exporter.evidence import APART_EVIDENCE, apart_log_odds
 
 USUAL = 0.01          # the model's usual share of failing requests
@@ -57,3 +58,15 @@ def test_apart_log_odds_cases() -> None:
     # no other traffic, or nothing above the usual share: no evidence either way
     assert float(apart_log_odds(30, 60, 0, 0, USUAL)) == 0.0
     assert float(apart_log_odds(0, 60, 0, 40, USUAL)) == 0.0
+
+
+def test_a_high_severity_without_the_page_budgets_evidence_is_a_warning() -> None:
+    """`page_evidence` lowers a high verdict to a warning where |z| is short of the page
+    threshold, in either direction; warnings, quiet scopes and strong evidence are left
+    as they are, and NaN evidence never pages."""
+    sev = np.array([2, 2, 2, 2, 1, 0, 2])
+    z = np.array([4.2, -4.2, 4.6, -4.6, 3.0, 9.0, np.nan])
+    np.testing.assert_array_equal(evidence.page_evidence(sev, z, 4.5), [1, 1, 2, 2, 1, 0, 1])
+    # a fifth of the budget asks about a third of a z more at the scale of a site
+    warn, page = evidence.z_threshold(3600, 56, 1.0, 9), evidence.z_threshold(3600, 56, 0.2, 9)
+    assert 0.25 < page - warn < 0.45

@@ -46,7 +46,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import sketch
-from ..evidence import APART_EVIDENCE, apart_log_odds, binomial_z, count_z, mean_z, quasi_poisson_z, z_threshold
+from ..evidence import (
+    APART_EVIDENCE,
+    apart_log_odds,
+    binomial_z,
+    count_z,
+    mean_z,
+    page_evidence,
+    quasi_poisson_z,
+    z_threshold,
+)
 from ..storage.buckets import SESSION_BUCKETS, SESSION_FIELDS, F
 from ..zones import local_hours
 from .arrival import failure_share
@@ -229,11 +238,12 @@ class Evaluator:
     """Judges all signals over all scopes at a given event time."""
 
     def __init__(self, history: ScopeHistory, specs: tuple[SignalSpec, ...], baseline: float,
-                 alert_budget: float = 1.0, timezone: str = "UTC") -> None:
+                 alert_budget: float = 1.0, timezone: str = "UTC", page_share: float = 1.0) -> None:
         self.history = history
         self.specs = specs
         self.baseline_s = baseline
         self.alert_budget = alert_budget
+        self.page_share = page_share          # of the budget, for the evidence a high verdict needs
         self.timezone = timezone
         self._baseline: Baseline | None = None
         self._key: tuple[int, int] | None = None
@@ -456,8 +466,15 @@ class Evaluator:
         ctx = _Context(self, t, base, win, span, zc, zc_long, n)
         verdicts = {spec.name: JUDGES[spec.name](spec, ctx) for spec in self.specs}
         keys, pairs = h.keys[:n], h.app_model_pairs()
+        if self.page_share < 1.0:
+            zc_page = np.array([z_threshold(w, tests, self.alert_budget * self.page_share, n_windows)
+                                for w in self.window_s])
         for spec in self.specs:
             v = verdicts[spec.name]
+            if self.page_share < 1.0:
+                # a page needs its evidence past the page budget's threshold, on the window it was strongest on
+                at = np.clip(np.searchsorted(self.window_s, v.window), 0, len(self.window_s) - 1)
+                v.severity = page_evidence(v.severity, v.zscore, zc_page[at])
             v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t))
             v.severity = lift_to_parts(v.severity, v.explained, keys)
             self._remember_named(spec.name, v, t)

@@ -32,8 +32,8 @@ class Detectors:
     """Holds the three detectors of one engine."""
 
     def __init__(self, drift: DriftSettings, runaway: RunawaySettings, budgets: BudgetSettings,
-                 components: Components | None = None) -> None:
-        self.drift = DriftDetector(drift)
+                 components: Components | None = None, page_share: float = 1.0) -> None:
+        self.drift = DriftDetector(drift, page_share)
         self.runaway = RunawayDetector(runaway)
         self.budget = BudgetTracker(budgets)
         self.components = components or Components()

@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from exporter.codes import factorize
-from exporter.evidence import binomial_z, z_threshold
+from exporter.evidence import binomial_z, page_evidence, z_threshold
 from exporter.ingest.records import RecordColumns
 
 # Requests started within the series' 99th percentile latency of now are left out of the
@@ -790,8 +790,9 @@ class DriftDetector:
     or clock hour since its last verdict keeps that verdict without judging again.
     """
 
-    def __init__(self, settings: DriftSettings) -> None:
+    def __init__(self, settings: DriftSettings, page_share: float = 1.0) -> None:
         self.settings = settings
+        self.page_share = page_share     # of the preset's budget, for the evidence a severe level needs (`page_budget_share`)
         self._rings: dict[tuple[str, str], _Ring] = {}
         self._hours: dict[tuple[str, str], _Hours] = {}
         self._app_codes: dict[str, int] = {}
@@ -966,8 +967,9 @@ class DriftDetector:
         rate_rows, length_rows = np.searchsorted(windows, rate_w), np.searchsorted(windows, length_w)
         n_w = windows.shape[0]
         gap = (float(ts[-1]) - float(ts[0])) / (fill - 1) if fill > 1 else HOUR     # mean time between responses
-        zc = np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset], len(fractions))
-                        for fractions in (WINDOW_FRACTIONS, LENGTH_WINDOW_FRACTIONS)] for k in windows.tolist()])
+        zc, zc_page = (np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset] * share, len(fractions))
+                                  for fractions in (WINDOW_FRACTIONS, LENGTH_WINDOW_FRACTIONS)] for k in windows.tolist()])
+                       for share in (1.0, self.page_share))
         start = ts[fill - windows]
         # reference hours per window and signal: within baseline_s, complete before the window's first response
         in_range = ((hours.hour[None, :] >= math.floor((now - s.baseline_s) / HOUR))
@@ -994,7 +996,8 @@ class DriftDetector:
         found = (z_rate >= zc[rate_rows, 0][:, None]) & (x >= s.min_events)
         for i, (c, name) in enumerate(zip(rate_cols, RATES)):
             value[rate_rows, c], z[rate_rows, c] = rate_value[:, i], z_rate[:, i]
-            level[rate_rows, c] = np.where(found[:, i], levels(rate_value[:, i], limits[name]), 0)
+            level[rate_rows, c] = page_evidence(np.where(found[:, i], levels(rate_value[:, i], limits[name]), 0),
+                                                z_rate[:, i], zc_page[rate_rows, 0])
         # answer lengths
         j = SIGNALS.index("length_collapse_ratio")
         answer = (flags & (_ERROR | _EMPTY)) == 0
@@ -1014,7 +1017,9 @@ class DriftDetector:
         spread = effective_conversations(units[answer], age[answer], length_w) >= s.min_events
         value[length_rows, j] = np.where(enough, ratio, math.nan)
         z[length_rows, j] = np.where(enough & spread, z_len, 0.0)
-        level[length_rows, j] = np.where(enough & spread & (z_len <= -zc_len), levels(ratio, limits["length_collapse_ratio"]), 0)
+        level[length_rows, j] = page_evidence(
+            np.where(enough & spread & (z_len <= -zc_len), levels(ratio, limits["length_collapse_ratio"]), 0),
+            z_len, zc_page[length_rows, 1])
         if not ready:
             level[:] = 0
         # each signal's deciding window: the highest level, then the strongest evidence; the largest window without one
