@@ -330,7 +330,7 @@ class Evaluator:
         # two weeks after the scope's first hour (all, where the horizon cannot hold two weeks)
         judged = np.arange(end - max(SUSTAINED_HOURS), end + 3)
         young = h.first_hour[: h.size, None] > judged[None, :] - 2 * WEEK_HOURS
-        if h.hours.n - 2 < 2 * WEEK_HOURS:
+        if h.horizon_hours < 2 * WEEK_HOURS:
             young[:] = True
         falls = against_last_week(req_profile, young, week_values["requests"], local_weeks, self.local(judged))
         b = Baseline(

@@ -162,7 +162,8 @@ class ScopeHistory:
         self.fine = fine_resolution(window)
         coarse_slots = max(1, round(window / 12 / self.fine))
         self.coarse = self.fine * coarse_slots
-        self.hours = Ring(3600, int(math.ceil(horizon / 3600)) + 2)
+        self.horizon_hours = int(math.ceil(horizon / 3600))     # the whole hours kept; the ring holds two more
+        self.hours = Ring(3600, self.horizon_hours + 2)
         self.open = Ring(3600, OPEN_HOURS)
         self.fine_ring = Ring(self.fine, int(math.ceil(window / self.fine)) + 4)
         # one coarse slot beyond the window: an hour's slots leave the ring (and hand on their
