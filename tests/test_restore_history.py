@@ -268,7 +268,7 @@ def test_block_statistics_are_the_same_however_fed() -> None:
     buckets (`add_bursts`). Sessions of twenty calls a minute apart make 15-minute
     blocks vary more, against their mean, than five-minute slots: `window_dispersion`
     reads half as much again; calls that come one at a time read about the same."""
-    from helpers import Stream
+    from helpers import Harness, Stream
 
     from exporter.anomaly.baseline import burstiness, window_dispersion
     from exporter.anomaly.baseline import BLOCK_SLOTS
@@ -278,6 +278,10 @@ def test_block_statistics_are_the_same_however_fed() -> None:
     live = minute.history.baseline_hours(hours).blocks.copy()
     np.testing.assert_array_equal(hourly.history.baseline_hours(hours).blocks, live)
     np.testing.assert_array_equal(restored.baseline_hours(hours).blocks[rows], live)
+    # the whole day in one batch (a backfill): its hours leave the slot counts while it is
+    # handed on, each measured as it leaves, the last ones once the batch is in
+    whole_day = Harness().feed(traffic, batch=DAY).history
+    np.testing.assert_array_equal(whole_day.baseline_hours(hours).blocks[[whole_day.keys.index(k) for k in minute.history.keys]], live)
 
     # each app's hours, from its own five-minute counts
     fives = aggregate(cols, sids, cols.cost, res=300)
