@@ -82,7 +82,10 @@ def ha() -> Iterator[Scenario]:
         # a short retry budget: a dead replica must not hold the trickle up
         client = Exporters([[s.urls["exporter-a"], s.urls["exporter-b"]]], attempts=2, backoff=0.2, timeout=10)
         history = spike_history(time.time())
-        result = client.send(history)
+        # the history is one batch of some 18,000 records: on a loaded machine its POST can
+        # outlast the trickle's 10 s, and the retry is then answered "duplicate" (the first
+        # attempt was stored), so it gets a client that waits for it
+        result = Exporters([[s.urls["exporter-a"], s.urls["exporter-b"]]], timeout=120).send(history)
         assert [a["accepted"] for a in result.answers.values()] == [len(history)] * 2, result
         trickle = Trickle(client, history[-1]["ts"] + STEP_S)
         trickle.start()
