@@ -458,8 +458,8 @@ class ScopeHistory:
         """Add finished coarse slots' request counts (scope `rows`, the slot's `index` in
         `hour`) to the hour's slot counts; the caller then measures the hour's blocks again
         (`_measure_blocks`), once for all the slots it handed on: a batch of two days at a
-        one-minute window finishes some 35,000 slots, and measuring the hour at each of
-        them took two thirds of its ingest. An hour older than the last BURST_HOURS is left
+        one-minute window finishes some 18,000 slots, and measuring the hour at each of
+        them took about 60 % of its ingest. An hour older than the last BURST_HOURS is left
         as it is: its blocks then hold fewer requests than its slots, and
         `baseline.window_dispersion` leaves it out."""
         bslot, ok, cleared = self.burst_hours.claim(np.array([hour]))

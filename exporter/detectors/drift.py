@@ -967,9 +967,11 @@ class DriftDetector:
         rate_rows, length_rows = np.searchsorted(windows, rate_w), np.searchsorted(windows, length_w)
         n_w = windows.shape[0]
         gap = (float(ts[-1]) - float(ts[0])) / (fill - 1) if fill > 1 else HOUR     # mean time between responses
-        zc, zc_page = (np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset] * share, len(fractions))
-                                  for fractions in (WINDOW_FRACTIONS, LENGTH_WINDOW_FRACTIONS)] for k in windows.tolist()])
-                       for share in (1.0, self.page_share))
+        def thresholds(share: float) -> np.ndarray:
+            return np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset] * share, len(fractions))
+                              for fractions in (WINDOW_FRACTIONS, LENGTH_WINDOW_FRACTIONS)] for k in windows.tolist()])
+        zc = thresholds(1.0)
+        zc_page = zc if self.page_share == 1.0 else thresholds(self.page_share)     # a severe level's (`page_evidence`)
         start = ts[fill - windows]
         # reference hours per window and signal: within baseline_s, complete before the window's first response
         in_range = ((hours.hour[None, :] >= math.floor((now - s.baseline_s) / HOUR))
