@@ -27,7 +27,7 @@ from inject import GLOBAL, KIND_BY_NAME, app_scope, inject  # noqa: E402
 from score import (  # noqa: E402
     AFTER, Collector, Observations, alerts_per_instance, episodes, false_figures, key_name, raise_alerts, score_kind,
 )
-from traffic import DAY, HOUR, MissingData, build_traffic, in_zone, split_records, zone_shift  # noqa: E402
+from traffic import DAY, HOUR, MissingData, build_traffic, day_orders, in_zone, split_records, zone_shift  # noqa: E402
 
 from exporter.sources.replay import backtest  # noqa: E402
 from exporter.anomaly.rules import FOR, QUIET_AFTER_PAGE  # noqa: E402
@@ -261,6 +261,27 @@ def test_a_zone_moves_the_day_by_its_clocks() -> None:
     assert before.sum() > 10_000 and after.sum() > 1_000
     assert np.allclose(wall[before] - in_zone(tr.select(before), "Europe/Berlin", shift).ts, 3600)
     assert np.allclose(wall[after] - in_zone(tr.select(after), "Europe/Berlin", shift).ts, 7200)
+
+
+def test_apps_never_replay_the_same_real_day_on_the_same_date() -> None:
+    """The apps' own copies of the real days are distinct on every date, so the site's traffic
+    is the sum of independent apps; each copy still goes through every real day once a block,
+    and a volume copy is drawn freely."""
+    rng = np.random.default_rng(7)
+    copies = [2, 1, 1, 1]
+    orders = day_orders(rng, copies, 3, 22, 6)
+    assert [len(o) for o in orders] == [6, 3, 3, 3]
+    base = np.array([orders[a][c] for a, n in enumerate(copies) for c in range(n)])
+    assert base.shape == (5, 22)
+    assert all(len(set(base[:, d].tolist())) == 5 for d in range(22))
+    for row in base:
+        for b in range(3):
+            assert sorted(row[b * 6:(b + 1) * 6].tolist()) == list(range(6))
+    # free draws collide: among the 10 volume copies some share a date with a base copy
+    extra = np.array([orders[a][c] for a, n in enumerate(copies) for c in range(n, 3 * n)])
+    assert any((extra[:, d, None] == base[None, :, d]).any() for d in range(22))
+    with pytest.raises(ValueError, match="distinct days"):
+        day_orders(rng, [4, 3], 1, 7, 6)
 
 
 # --- through the backtest ------------------------------------------------------------------
