@@ -370,7 +370,7 @@ def day_orders(rng: np.random.Generator, copies: list[int], volume: int, days: i
     the same real day on the same date: such a pair would send the same conversations at
     the same second under two apps' names, so the site's traffic would vary as one user
     base's, not as the sum of independent ones (on the six real days, random orders put
-    such a pair on most dates, and the variance of all traffic's 5-minute counts was 1.4 to
+    such a pair on most dates, and the variance of all traffic's 5-minute counts was 1.3 to
     2.4 times the sum of its apps'). Each block's permutation is drawn again until it
     differs at every date from those already drawn; a Latin rectangle always extends, so a
     draw is found. The volume copies are drawn freely (each of their sessions is moved by
