@@ -1553,3 +1553,32 @@ def test_a_latency_anomaly_is_named_at_one_scope_for_its_whole_length(site: Site
     assert named and named[0][1] == f"model={HAIKU}", flagged(snaps, "latency_p95")
     first = named[0][0]
     assert {name for m, name in named if m >= first} == {f"model={HAIKU}"}, named
+
+
+QUIET_MIXED = (Stream("chat", "gpt-4o", rate=8, ttft=0.4, tokens=(1000, 150), otps=60),
+               Stream("code", "gpt-4o", rate=8, ttft=None, tokens=(3000, 400), otps=60))
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_quiet_model_pools_the_slow_requests_of_its_streamed_and_other_apps(monkeypatch: pytest.MonkeyPatch,
+                                                                              pooled: bool) -> None:
+    """A model serves about 16 requests an hour at its peak, half streamed (chat), half not
+    (code). From 14:00 it answers 2.5 times slower. The streamed half is late to the first
+    token and the other half late per output token: two kinds of timing, each with a few
+    slow requests. Counted together they warn within 20 minutes; each kind on its own has
+    too few (the pooling switched off: not within 30). The same hour at its usual speed
+    raises nothing either way."""
+    if not pooled:
+        monkeypatch.setattr(evaluator_module, "POOLED", ("ttft", "no such kind"))
+    traffic = generate(QUIET_MIXED, DAY0, S + HOUR, seed=23)
+    h = Harness().feed(traffic.take(traffic.ts < S))
+    after = traffic.take(traffic.ts >= S)
+    times = every(S, 60, step=1)
+    slow = h.copy().run(after.changed(after.where(S, S + HOUR), latency=lambda x: x * 2.5,
+                                      ttft=lambda x: x * 2.5), times)
+    first = first_flagged(slow, "latency_p95", "model", "gpt-4o")
+    if pooled:
+        assert first is not None and first - S <= 20 * 60, flagged(slow, "latency_p95")
+    else:
+        assert first is None or first - S > 30 * 60, flagged(slow, "latency_p95")
+    assert flagged(h.copy().run(after, times), "latency_p95") == []

@@ -98,6 +98,7 @@ JUDGED_BY_SIZE = ("cost_per_hour", "token_velocity")             # whose verdict
 TAIL = {"latency": 0.05, "ttft": 0.05, "otps": 0.5, "tpot": 0.05}   # share beyond the baseline quantile when normal
 KINDS = tuple(QUANTILES)                                        # latency, ttft, otps, tpot
 MIN_SAMPLES = 5
+POOLED = ("ttft", "tpot")       # disjoint requests (streamed, not streamed) timed against tails of one share
 MIN_QUANTILE_HOURS = 24       # baseline hours with a quantile before a sketch kind counts as evidence
 SIZE_FIELDS = {"tokens": ("sized_requests", "log_tokens", "log_tokens_sq"),
                "cost": ("costed_requests", "log_cost", "log_cost_sq")}
@@ -1098,22 +1099,28 @@ def judge_error_rate(spec: SignalSpec, c: _Context) -> Verdict:
     return v
 
 
-def _slow_evidence(c: _Context, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z, slow count, samples) per window of one sketch kind: samples beyond the
-    baseline's quantile against the share expected there."""
-    k = KINDS.index(kind)
-    above, total = c.above[..., k], c.samples[..., k]
-    slow = total - above if kind == "otps" else above
-    has = c.base.threshold_bins[:, k] >= 0
-    z = binomial_z(slow, total, TAIL[kind])
-    z = np.where(has[:, None] & (total >= MIN_SAMPLES), z, np.nan)
+def _slow_evidence(c: _Context, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, slow count, samples) per window of one sketch kind, or of several kinds that
+    share a tail and time disjoint requests, pooled: samples beyond the baseline's
+    quantile against the share expected there. A kind counts only where its baseline
+    knows its quantile."""
+    tail = TAIL[kinds[0]]
+    slow, total = np.zeros((c.n, len(c.zc))), np.zeros((c.n, len(c.zc)))
+    for kind in kinds:
+        k = KINDS.index(kind)
+        has = (c.base.threshold_bins[:, k] >= 0)[:, None]
+        above, samples = c.above[..., k], c.samples[..., k]
+        slow += np.where(has, samples - above if kind == "otps" else above, 0.0)
+        total += np.where(has, samples, 0.0)
+    z = binomial_z(slow, total, tail)
+    z = np.where(total >= MIN_SAMPLES, z, np.nan)
     with np.errstate(invalid="ignore"):
-        z = _slow_without_top_session(c, kind, z, slow, total, z >= c.zc)
+        z = _slow_without_top_session(c, kinds, z, slow, total, z >= c.zc)
     return z, slow, total
 
 
-def _slow_without_top_session(c: _Context, kind: str, z: np.ndarray, slow: np.ndarray, total: np.ndarray,
-                              passed: np.ndarray) -> np.ndarray:
+def _slow_without_top_session(c: _Context, kinds: tuple[str, ...], z: np.ndarray, slow: np.ndarray,
+                              total: np.ndarray, passed: np.ndarray) -> np.ndarray:
     """z of slow requests (S, W) that must survive leaving out the window's session bucket
     with the most slow requests beyond its share, where that bucket holds most of the
     window's excess of them: one session's requests are one piece of evidence (an agent
@@ -1125,10 +1132,14 @@ def _slow_without_top_session(c: _Context, kind: str, z: np.ndarray, slow: np.nd
     rows = np.flatnonzero(passed.any(axis=1))
     if not rows.size:
         return z
-    k, tail = KINDS.index(kind), TAIL[kind]
-    by = c.h.recent_slow(c.t, c.ev.fine_slots, rows, k)                          # (R, W, buckets, 2)
-    samples = by[..., 0]
-    slow_by = samples - by[..., 1] if kind == "otps" else by[..., 1]
+    tail = TAIL[kinds[0]]
+    reads = []
+    for kind in kinds:
+        k = KINDS.index(kind)
+        has = (c.base.threshold_bins[rows, k] >= 0)[:, None, None]
+        by = np.where(has[..., None], c.h.recent_slow(c.t, c.ev.fine_slots, rows, k), 0.0)   # (R, W, buckets, 2)
+        reads.append(np.stack([by[..., 0], by[..., 0] - by[..., 1] if kind == "otps" else by[..., 1]]))
+    samples, slow_by = np.sum(reads, axis=0)
     excess_by = slow_by - tail * samples
     top = np.argmax(excess_by, axis=-1)[..., None]
     top_excess = np.take_along_axis(excess_by, top, axis=-1)[..., 0]
@@ -1167,22 +1178,35 @@ def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown
     streamed chat app and a code app that sends long requests has more requests past its
     pooled p95 whenever the code app's share grows), while each other kind compares like
     with like. Its p95 still measures the effect on the windows where both its own tail
-    and another kind's evidence passed."""
+    and another kind's evidence passed.
+
+    A model that slows serves its streamed requests late to the first token and its other
+    requests late per output token. Those two kinds time disjoint requests against tails
+    of the same share, so their slow requests are also counted together (`POOLED`): a
+    model shared by a streamed app and one that does not stream then gathers the evidence
+    of all its requests, not of each half apart. The pooled test is one more reading of
+    the same requests, not an independent test, so it takes no share of the budget; its
+    effect is the larger p95 ratio of its kinds that have samples enough to read one."""
     ready = c.ready(spec)[:, None]
     effect = np.zeros(c.n)
     best = np.full((c.n, len(c.zc)), np.nan)
-    parts = [k for k in kinds if k != shown]
+    parts: list[tuple[str, ...]] = [(k,) for k in kinds if k != shown]
+    if all(k in kinds for k in POOLED):
+        parts.append(POOLED)
     known = np.zeros(c.n, dtype=bool)            # scopes with another kind's baseline tail
     part_passed = np.zeros((c.n, len(c.zc)), dtype=bool)
-    for kind in parts:
-        known |= c.base.threshold_bins[:, KINDS.index(kind)] >= 0
-        z, _, _ = _slow_evidence(c, kind)
+    for group in parts:
+        for kind in group:
+            known |= c.base.threshold_bins[:, KINDS.index(kind)] >= 0
+        z, _, _ = _slow_evidence(c, group)
         with np.errstate(invalid="ignore"):
             passed = ready & (z >= c.zc)
         part_passed |= passed
-        effect = np.fmax(effect, _largest(_quantile_effect(c, kind, passed), passed))
+        for kind in group:
+            read = passed & (c.samples[..., KINDS.index(kind)] >= MIN_SAMPLES) if len(group) > 1 else passed
+            effect = np.fmax(effect, _largest(_quantile_effect(c, kind, read), read))
         best = np.fmax(best, np.where(ready, z, np.nan))
-    z, slow, total = _slow_evidence(c, shown)
+    z, slow, total = _slow_evidence(c, (shown,))
     own = ready & ~known[:, None]                # where the whole duration is evidence
     with np.errstate(invalid="ignore"):
         passed = ready & (z >= c.zc) & (~known[:, None] | part_passed)
