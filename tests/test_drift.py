@@ -316,6 +316,42 @@ def test_short_answers_need_several_conversations() -> None:
     assert three.severity == 2 and three.windows["length_collapse_ratio"] == 12
 
 
+def test_a_collapse_shows_in_the_count_of_short_answers_where_the_rank_test_is_weak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app's answers are short replies (~100 tokens) or long ones (~420), and its hours
+    alternate between mostly short and mostly long: the rank index of an hour moves a
+    lot, so the rank test allows for that and a dozen collapsed answers are weak evidence
+    to it. Cut to a fifth, most of them fall below the lowest 5 % of the reference's
+    answers, where the share moves little from hour to hour: the count of short answers
+    finds the collapse on the 12-answer window in most samples, the rank test alone in
+    none. A window of the short hours' ordinary answers raises nothing."""
+    import exporter.detectors.drift as drift
+
+    def answers(n: int, seed: int, short: float = 0.6) -> list[int]:
+        rng = np.random.default_rng(seed)
+        is_short = rng.random(n) < short
+        return np.maximum(1, np.where(is_short, rng.lognormal(math.log(100), 0.35, n),
+                                      rng.lognormal(math.log(420), 0.1, n))).astype(int).tolist()
+
+    hours = 12
+    ref = history(hours=hours, output_tokens=[x for h in range(hours) for x in answers(120, h, 0.3 if h % 2 else 0.9)],
+                  session_id=[f"h{i // 3}" for i in range(120 * hours)])
+    sessions = [f"u{i}" for i in range(200)]
+
+    def found() -> int:
+        hits = 0
+        for seed in range(10):
+            out = answers(188, 100 + seed) + [max(1, x // 5) for x in answers(12, 200 + seed)]
+            r = run(batch(200, output_tokens=out, session_id=sessions), reference=ref)
+            hits += r.severity == 2 and r.windows["length_collapse_ratio"] == 12
+            quiet = run(batch(200, output_tokens=answers(200, 300 + seed, 0.9), session_id=sessions), reference=ref)
+            assert quiet.severity == 0, quiet.reasons
+        return hits
+
+    assert found() >= 7
+    monkeypatch.setattr(drift, "_short_z", lambda *a: np.zeros(a[-1]))
+    assert found() == 0
+
+
 def test_effective_conversations() -> None:
     unit = np.array([0, 0, 0, 0, 1, 2, 3, 3])
     age = np.arange(8)[::-1]                                 # the last entry is the newest

@@ -25,17 +25,21 @@ Every verdict needs two things, as the anomaly evaluator's do (see `evidence.py`
    model's reference hours by more than chance explains. Rates are tested with a
    binomial test conditional on the events of both periods (`evidence.binomial_z`), so a
    window of 25 answers needs more events than one of 200 and a model whose reference
-   holds few responses needs a bigger difference. Lengths are tested with a rank-sum test
-   per app, combined over the apps: it asks whether recent answers tend to be shorter
-   than the reference's, whatever the shape of the length distribution (answer lengths
-   are often bimodal, where a median of a few dozen answers jumps between the modes).
+   holds few responses needs a bigger difference. Lengths are tested twice, per app and
+   combined over the apps, each test at half the signal's budget: a rank-sum test asks
+   whether recent answers tend to be shorter than the reference's, whatever the shape of
+   the length distribution (answer lengths are often bimodal, where a median of a few
+   dozen answers jumps between the modes), and a count asks whether more of them than
+   chance explains fall below the reference's shortest 5 % (a collapse moves answers to
+   where the reference hardly has any; ranks do not see how far they moved).
    "Chance" is more than sampling: answers of one conversation are alike (a design
    effect, from the window and from the intraclass correlation of sessions), and a
    model's level moves from hour to hour with the time of day and bursts (a between-hour
    variance estimated from the reference hours). With both,
    the length z of the detection benchmark's clean week has a standard deviation of
    0.93-0.98 on every window size (1.3-1.7 on sampling alone), and 0.92-1.02 on the
-   12-answer window of lengths (seeds 7 and 11).
+   12-answer window of lengths (seeds 7 and 11). The short answers' count has 0.81-0.98
+   on every window size in the same weeks, and came no closer to its threshold than 0.17.
 
 The recent windows are the latest eighth, quarter, half and whole of the `window` most
 recent responses (25, 50, 100 and 200 by default) among the requests that started the
@@ -126,6 +130,16 @@ LENGTH_BINS = 20 * BINS_PER_OCTAVE
 # changed. Rates keep the larger windows, where `min_events` odd answers are a trend.
 WINDOW_FRACTIONS: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1.0)
 LENGTH_WINDOW_FRACTIONS: tuple[float, ...] = (1 / 16,) + WINDOW_FRACTIONS
+# Answer lengths are judged by two tests, each at half the length signal's share of the
+# budget: the rank-sum test (are recent answers shorter than the reference's?) and a count
+# of short answers, those below the lowest SHORT_SHARE of the app's reference answers (how
+# many moved to where the reference hardly has any?). The rank test sees a broad shift;
+# it cannot see how far answers moved, and on bimodal lengths a long answer cut to a fifth
+# still outranks the short mode, so a dozen collapsed answers stay under its threshold. A
+# collapse puts more than half of them below the reference's 5 % edge, which the count
+# sees within a dozen. The share is the latency tails' (`anomaly.signals.TAIL`).
+SHORT_SHARE = 0.05
+LENGTH_TESTS = 2
 HOUR = 3600.0
 
 
@@ -530,9 +544,30 @@ def length_level_variance(hours: np.ndarray, min_answers: int) -> float:
         return between_hour_variance(dev / pairs, var / pairs ** 2)
 
 
+def short_edges(ref: np.ndarray) -> np.ndarray:
+    """The short answers' bins of each reference histogram (rows of `ref`, (..., B)): the
+    answers in bins below the returned edge are short. The edge is the highest whose
+    bins below hold at most SHORT_SHARE of the reference, so the reference's own share
+    of short answers is at most that (0 where the lowest bin alone holds more)."""
+    total = ref.sum(axis=-1, keepdims=True)
+    return (np.cumsum(ref, axis=-1) <= SHORT_SHARE * total).sum(axis=-1)
+
+
+def short_level_variance(hours: np.ndarray, min_answers: int) -> float:
+    """Between-hour variance of one app's share of short answers (below the edge of its
+    whole reference, `short_edges`), from its histograms per reference hour (H, B) in
+    time order: an app whose short answers come in some hours more than in others needs
+    more of them in a window to count."""
+    if hours.shape[0] < 2:
+        return 0.0
+    edge = int(short_edges(hours.sum(axis=0)))
+    return rate_level_variance(hours[:, :edge].sum(axis=1), hours.sum(axis=1), min_answers)
+
+
 def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np.ndarray, windows: np.ndarray,
                     reference: dict[int, np.ndarray], level_var: dict[int, float], z_needed: np.ndarray,
-                    likeness: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    likeness: float = 0.0, short_var: dict[int, float] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(length ratio, z, answers) of each recent window's answers against the reference.
 
     `bins`, `app`, `unit` (small integer codes) describe the answers of the ring; `age` is
@@ -552,8 +587,17 @@ def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np
     conversations is two answers' worth of evidence when conversations are very alike.
     The between-hour variance of the reference hours' own theta is added
     (`between_hour_variance`). The apps are combined with inverse-variance weights, so
-    each contributes by its evidence and a change in the app mix is no collapse. The
-    ratio, 2 ** (Hodges-Lehmann shift in octaves, the apps weighted by their answers), is
+    each contributes by its evidence and a change in the app mix is no collapse.
+
+    The second test counts the window's short answers, those below the app's reference
+    edge (`short_edges`), against the reference's: given the short answers of both, the
+    window's share of them follows its share of the answers (as `rate_z`), summed over
+    the apps. Its dispersion is the same design effect, of the short answers, and the
+    between-hour variance of each app's short share, `short_var[app]`. The z returned is
+    the stronger of the two, signed as the rank test's (negative: shorter); `z_needed` is
+    the threshold of either, at its share of the budget (`LENGTH_TESTS`).
+
+    The ratio, 2 ** (Hodges-Lehmann shift in octaves, the apps weighted by their answers), is
     computed where the z reaches -`z_needed` and for the largest window (the published
     value), NaN elsewhere; NaN and z 0 without answers that have a reference."""
     n_w = windows.shape[0]
@@ -577,11 +621,15 @@ def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np
     d = mid[cell, bins[i_idx]]
     d = d - (np.bincount(cell, weights=d, minlength=n_cells) / np.maximum(q.sum(axis=1), 1.0))[cell]
     deff = design_effect(cell, unit[i_idx], d, n_cells)
+    alike = np.ones(n_cells)
     if likeness > 0 and cell.shape[0]:
         n_u = int(unit.max()) + 1
         sizes = np.bincount(cell * n_u + unit[i_idx], minlength=n_cells * n_u).reshape(n_cells, n_u).astype(np.float64)
         m = (sizes ** 2).sum(axis=1) / np.maximum(sizes.sum(axis=1), 1.0)
-        deff = np.maximum(deff, 1.0 + likeness * np.maximum(m - 1.0, 0.0))
+        alike = 1.0 + likeness * np.maximum(m - 1.0, 0.0)
+        deff = np.maximum(deff, alike)
+    z_short = _short_z(q, ref.reshape(n_cells, -1), cell, unit[i_idx], bins[i_idx], alike,
+                       np.repeat([(short_var or {}).get(c, 0.0) for c in codes], n_w), len(codes), n_w)
     tau2 = np.repeat([level_var.get(c, 0.0) for c in codes], n_w)
     good = pairs > 0
     safe = np.where(good, pairs, 1.0)
@@ -592,6 +640,7 @@ def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np
     inv_var = inv.reshape(len(codes), n_w).sum(axis=0)
     answers = q.sum(axis=1).reshape(len(codes), n_w).sum(axis=0).astype(np.int64)
     z = np.where(inv_var > 0, num / np.sqrt(np.where(inv_var > 0, inv_var, 1.0)), 0.0)
+    z = np.minimum(z, -z_short)
     ratio = np.full(n_w, math.nan)
     q3, ref3 = q.reshape(len(codes), n_w, -1), ref
     for w in range(n_w):
@@ -601,6 +650,30 @@ def length_evidence(bins: np.ndarray, app: np.ndarray, unit: np.ndarray, age: np
         shifts = np.asarray(shift_estimate(q3[took, w], ref3[took, w]))
         ratio[w] = 2.0 ** (float(np.average(shifts, weights=q3[took, w].sum(axis=1))) / BINS_PER_OCTAVE)
     return ratio, z, answers
+
+
+def _short_z(q: np.ndarray, ref: np.ndarray, cell: np.ndarray, unit: np.ndarray, bins: np.ndarray,
+             alike: np.ndarray, tau2: np.ndarray, n_apps: int, n_w: int) -> np.ndarray:
+    """(W,) z of the windows' short answers (`length_evidence`, its second test) from the
+    (app, window) cells' histograms `q` and references `ref` (cells, B), and the cell,
+    conversation and bin of each (window, answer) pair; positive: more short answers."""
+    n_cells = q.shape[0]
+    below = np.arange(q.shape[1])[None, :] < short_edges(ref)[:, None]
+    x, r = (q * below).sum(axis=1), (ref * below).sum(axis=1)
+    n, m = q.sum(axis=1), ref.sum(axis=1)
+    short = below[cell, bins].astype(np.float64)
+    d = short - (np.bincount(cell, weights=short, minlength=n_cells) / np.maximum(n, 1.0))[cell]
+    deff = np.maximum(design_effect(cell, unit, d, n_cells), alike)
+    valid = (n > 0) & (m > 0) & (x + r > 0)
+    share = np.where(valid, n / np.where(valid, n + m, 1.0), 0.0)
+    t = np.where(valid, x + r, 0.0)
+    binomial = t * share * (1.0 - share)
+    by_window = np.stack([v.reshape(n_apps, n_w).sum(axis=0) for v in
+                          (np.where(valid, x, 0.0), t, t * share, binomial, deff * binomial + n ** 2 * tau2 * valid)])
+    x_w, t_w, e_w, b_w, v_w = by_window
+    ok = (t_w > 0) & (b_w > 0)
+    p = np.where(ok, e_w / np.where(ok, t_w, 1.0), 0.5)
+    return np.where(ok, binomial_z(x_w, t_w, p, v_w / np.where(ok, b_w, 1.0)), 0.0)
 
 
 def levels(values: np.ndarray, th: Threshold) -> np.ndarray:
@@ -702,7 +775,7 @@ class _Hours:
         self.lengths: dict[int, dict[int, np.ndarray]] = {}
         self.tainted = np.zeros((slots, len(SIGNALS)), dtype=bool)
         self.version = 0                                       # bumped when an hour before the newest changes
-        self._cache: tuple[Any, np.ndarray, dict[int, float]] | None = None
+        self._cache: tuple[Any, np.ndarray, dict[int, float], dict[int, float]] | None = None
 
     def add(self, ts: np.ndarray, ind: np.ndarray, app: np.ndarray, answer: np.ndarray, bins: np.ndarray) -> None:
         slots = self.hour.shape[0]
@@ -749,23 +822,26 @@ class _Hours:
         self.tainted[cells, signal] = True
         return new
 
-    def level_variances(self, mask: np.ndarray, min_block: int) -> tuple[np.ndarray, dict[int, float]]:
+    def level_variances(self, mask: np.ndarray, min_block: int
+                        ) -> tuple[np.ndarray, dict[int, float], dict[int, float]]:
         """Between-hour variances over the reference hours in `mask` (signals, slots): of
-        each rate (in RATES order) and of each app's length index. They change only with the
-        reference hours, so they are kept until the mask, the hours or late data change them."""
+        each rate (in RATES order), of each app's length index and of each app's share of
+        short answers. They change only with the reference hours, so they are kept until
+        the mask, the hours or late data change them."""
         key = (self.version, mask.tobytes(), self.hour.tobytes(), min_block)
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
+            return self._cache[1], self._cache[2], self._cache[3]
         by_time = np.argsort(self.hour)
         rates = np.zeros(len(RATES))
         for i, (name, (e, t)) in enumerate(RATES.items()):
             rows = self.counts[by_time][mask[SIGNALS.index(name), by_time] > 0]
             rates[i] = rate_level_variance(rows[:, e], rows[:, t], min_block)
         j = SIGNALS.index("length_collapse_ratio")
-        lengths = {code: length_level_variance(self.length_hours(code)[by_time][mask[j, by_time] > 0], min_block)
-                   for code in self.lengths}
-        self._cache = (key, rates, lengths)
-        return rates, lengths
+        held = {code: self.length_hours(code)[by_time][mask[j, by_time] > 0] for code in self.lengths}
+        lengths = {code: length_level_variance(h, min_block) for code, h in held.items()}
+        short = {code: short_level_variance(h, min_block) for code, h in held.items()}
+        self._cache = (key, rates, lengths, short)
+        return rates, lengths, short
 
 
 def _masked_sum(mask: np.ndarray, rows: dict[int, np.ndarray]) -> np.ndarray:
@@ -968,8 +1044,12 @@ class DriftDetector:
         n_w = windows.shape[0]
         gap = (float(ts[-1]) - float(ts[0])) / (fill - 1) if fill > 1 else HOUR     # mean time between responses
         def thresholds(share: float) -> np.ndarray:
-            return np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset] * share, len(fractions))
-                              for fractions in (WINDOW_FRACTIONS, LENGTH_WINDOW_FRACTIONS)] for k in windows.tolist()])
+            """(W, 2) thresholds of the rates and of the length tests, each of these at its
+            share of the budget (`LENGTH_TESTS`)."""
+            return np.array([[z_threshold(max(float(k) * gap, 1.0), tests, PRESET_BUDGETS[preset] * share / split,
+                                          len(fractions))
+                              for fractions, split in ((WINDOW_FRACTIONS, 1), (LENGTH_WINDOW_FRACTIONS, LENGTH_TESTS))]
+                             for k in windows.tolist()])
         zc = thresholds(1.0)
         zc_page = zc if self.page_share == 1.0 else thresholds(self.page_share)     # a severe level's (`page_evidence`)
         start = ts[fill - windows]
@@ -991,7 +1071,7 @@ class DriftDetector:
         tr = [t for _, t in RATES.values()]
         ref = np.einsum("wrs,sc->wrc", ref_mask[rate_rows][:, rate_cols], hours.counts)          # (W, rates, counts)
         r = np.arange(len(RATES))
-        rate_var, length_var = hours.level_variances(ref_mask[-1], int(rate_w[0]))
+        rate_var, length_var, short_var = hours.level_variances(ref_mask[-1], int(rate_w[0]))
         x, n, z_rate = rate_evidence(ind[:, ev], ind[:, tr], units, age, rate_w, ref[:, r, ev], ref[:, r, tr], rate_var)
         min_n = np.array([s.min_signal_n if name == "tool_silence_rate" else 1 for name in RATES])
         rate_value = np.where(n >= min_n, x / np.maximum(n, 1.0), math.nan)
@@ -1012,7 +1092,7 @@ class DriftDetector:
         likeness = intraclass_correlation(logs - app_mean[app[older]], units[older]) if older.any() else 0.0
         zc_len = zc[length_rows, 1]
         ratio, z_len, answers = length_evidence(length_bins(out[answer]), app[answer], units[answer], age[answer],
-                                                length_w, reference, length_var, zc_len, likeness)
+                                                length_w, reference, length_var, zc_len, likeness, short_var)
         # the answers of fewer conversations than min_events are a value but no evidence: their
         # likeness cannot be measured
         enough = answers >= s.min_signal_n
