@@ -1406,13 +1406,42 @@ def test_the_scope_that_named_a_latency_anomaly_keeps_the_name() -> None:
     assert explain(spec, apart, keys, pairs, windows, named).tolist() == [-1, -1, -1]
 
 
+def test_a_model_flagged_before_its_app_is_named_at_the_app() -> None:
+    """A retry storm or one app's spike: the model's window holds the app's excess over
+    less noise than the app's own, so the model's evidence can pass first. Where the app
+    holds at least half of the model's excess, the usage anomaly is the app's: the model is
+    its echo from the first evaluation, and the app carries the model's severity (one page,
+    named at the app, not a page at the model and then one at the app). An app holding
+    less of it leaves the model its own; latency names models, so it is left alone; and an
+    app whose own verdict is a warning gets the model's page."""
+    from exporter.anomaly.evaluator import _echo_reading, explain, lift_to_roots
+    usage = next(s for s in DEFAULT_SIGNALS if s.name == "request_rate")
+    keys = [("global", "", "", ""), ("app", "support", "", ""), ("model", "", "anthropic", "haiku")]
+    pairs, windows = np.array([[1, 2]]), np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    v = _pair_verdict(excess_app=8.0, excess_model=10.0)
+    v.severity = np.array([0, 0, 2])                               # only the model's evidence passed
+    got = explain(usage, v, keys, pairs, windows)
+    assert got.tolist() == [-1, -1, 1]
+    assert lift_to_roots(v.severity, got, keys).tolist() == [0, 2, 2]   # the model's alert is quiet
+    v.explained, v.zscore = got, np.array([1.0, -0.7, 6.0])        # the app's own z is under the threshold
+    assert [x.tolist() for x in _echo_reading(v)] == [[0.0, 3600.0, 0.0], [0.0, 1.0, 0.0]]   # the app alerts up
+    v.severity = np.array([0, 1, 2])                               # the app warns, the model pages
+    assert lift_to_roots(v.severity, explain(usage, v, keys, pairs, windows), keys).tolist() == [0, 2, 2]
+    small = _pair_verdict(excess_app=3.0, excess_model=10.0)
+    small.severity = np.array([0, 0, 2])
+    assert explain(usage, small, keys, pairs, windows).tolist() == [-1, -1, -1]
+    latency = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
+    v.severity = np.array([0, 0, 2])
+    assert explain(latency, v, keys, pairs, windows).tolist() == [-1, -1, -1]
+
+
 def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     """All traffic falls and no app or model holds half of the global excess: the apps
     and models that fell too are parts of one event, which the global scope names. An app
     flagged higher than the global scope is a part too, and lifts the event's severity to
     its own (its page must not wait on a warning, and one outage pages once); an app that
     rose meanwhile is another event."""
-    from exporter.anomaly.evaluator import Verdict, explain, lift_to_parts
+    from exporter.anomaly.evaluator import Verdict, explain, lift_to_roots
     spec = next(s for s in DEFAULT_SIGNALS if s.name == "request_rate")
     keys = [("global", "", "", ""), ("app", "a", "", ""), ("app", "b", "", ""), ("app", "c", "", ""),
             ("model", "", "openai", "m")]
@@ -1428,10 +1457,10 @@ def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     pairs = np.array([[2, 4]])                   # b sends to m (and is its echo); a uses a model that held up
     got = explain(spec, verdict([2, 2, 1, 1, 2]), keys, pairs, windows).tolist()
     assert got == [-1, 0, 4, -1, 0]
-    assert lift_to_parts(np.array([2, 2, 1, 1, 2]), np.array(got), keys).tolist() == [2, 2, 1, 1, 2]
+    assert lift_to_roots(np.array([2, 2, 1, 1, 2]), np.array(got), keys).tolist() == [2, 2, 1, 1, 2]
     got = explain(spec, verdict([1, 2, 1, 1, 1]), keys, pairs, windows).tolist()
     assert got == [-1, 0, 4, -1, 0]           # app a is high while all traffic only warns ...
-    assert lift_to_parts(np.array([1, 2, 1, 1, 1]), np.array(got), keys).tolist() == [2, 2, 1, 1, 1]  # ... so it pages
+    assert lift_to_roots(np.array([1, 2, 1, 1, 1]), np.array(got), keys).tolist() == [2, 2, 1, 1, 1]  # ... so it pages
 
 
 def test_an_event_of_all_traffic_is_the_global_scopes_though_its_biggest_app_holds_half() -> None:
@@ -1474,7 +1503,7 @@ def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_pas
     and so does a rise on a short window (where the rest moves by half of a spike by
     chance), a model's rise that one app's requests over two models carry, a scope whose
     baseline is unknown, and a performance signal."""
-    from exporter.anomaly.evaluator import SUSTAINED_HOURS, Verdict, explain, lift_to_parts
+    from exporter.anomaly.evaluator import SUSTAINED_HOURS, Verdict, explain, lift_to_roots
     spec = next(s for s in DEFAULT_SIGNALS if s.name == "cost_per_hour")
     keys = [("global", "", "", ""), ("app", "big", "", ""), ("app", "mid", "", ""), ("app", "small", "", "")]
     windows = np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
@@ -1496,7 +1525,7 @@ def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_pas
     creep = verdict(usual * 1.3, [0, 1, 1, 0])
     got = explain(spec, creep, keys, no_pairs, windows)
     assert got.tolist() == [-1, 0, 0, -1]
-    assert lift_to_parts(creep.severity, got, keys).tolist() == [1, 1, 1, 0]       # the global scope warns
+    assert lift_to_roots(creep.severity, got, keys).tolist() == [1, 1, 1, 0]       # the global scope warns
     short = verdict(usual * 1.3, [0, 1, 1, 0])
     short.held_hours[:] = 0                                      # judged on the short windows: the big app's
     assert explain(spec, short, keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]
@@ -1509,7 +1538,8 @@ def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_pas
     # the big app's rise held over its two models, which it sends half of its requests each;
     # only the first model's evidence has passed. That model's rest holds the big app's
     # requests to the other model, so it moved with it, but the rest without the big app did
-    # not: the rise is the big app's, not all traffic's, and the model keeps it
+    # not: the rise is the big app's, not all traffic's. The big app holds the model's
+    # excess, so it takes the model's warning before its own evidence passes
     keys2 = keys + [("model", "", "openai", "m1"), ("model", "", "openai", "m2")]
     usual2 = np.append(usual, [5.0, 5.0])                         # m1: 3 of big's, 2 of mid's; m2: the rest
     spike = np.array([10.0 + 1.8, 6.0 * 1.3, 2.5, 1.5, 5.0 + 0.9, 5.0 + 0.9])
@@ -1518,7 +1548,9 @@ def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_pas
     one_app = Verdict(spike, usual2, spike / usual2, ones2 * 6, ones2, ones2, ones2, np.array([0, 0, 0, 0, 1, 0]),
                       np.full(len(keys2), 300.0), excess2)
     one_app.held_hours = np.array([0, 0, 0, 0, 4, 0])
-    assert explain(spec, one_app, keys2, np.array([[1, 4], [1, 5], [2, 4]]), windows).tolist() == [-1] * 6
+    got = explain(spec, one_app, keys2, np.array([[1, 4], [1, 5], [2, 4]]), windows)
+    assert got.tolist() == [-1, -1, -1, -1, 1, -1]
+    assert lift_to_roots(one_app.severity, got, keys2).tolist() == [0, 1, 0, 0, 1, 0]
 
 
 def test_an_outage_of_all_traffic_raises_one_alert() -> None:

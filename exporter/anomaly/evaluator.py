@@ -477,7 +477,12 @@ class Evaluator:
                 at = np.clip(np.searchsorted(self.window_s, v.window), 0, len(self.window_s) - 1)
                 v.severity = page_evidence(v.severity, v.zscore, zc_page[at])
             v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t))
-            v.severity = lift_to_parts(v.severity, v.explained, keys)
+            lifted = lift_to_roots(v.severity, v.explained, keys)
+            window, sign = _echo_reading(v)
+            from_none = (lifted > v.severity) & (v.severity == 0)
+            v.window = np.where(from_none, window, v.window)
+            v.zscore = np.where(from_none & (sign != 0), sign * np.abs(v.zscore), v.zscore)
+            v.severity = lifted
             self._remember_named(spec.name, v, t)
         self._remember_judged(verdicts, t)
         return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
@@ -1281,7 +1286,10 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     both anomalous are one event when each holds at least half of the other's excess; the
     alert then names the app for usage signals (an app sends the requests) and the model for
     performance signals (a model serves them). When only one holds half of the other's, the
-    other is its echo. `pairs` lists the (app scope, model scope) rows that share a series.
+    other is its echo. For usage signals, a flagged model is also the echo of an app that
+    holds half of its excess before the app's own evidence passes; the app then carries
+    the model's severity (`lift_to_roots`) and its direction (`_echo_reading`).
+    `pairs` lists the (app scope, model scope) rows that share a series.
     A model's fault shows on every app that sends to it: where a performance signal kept as
     counts (the error rate, `Verdict.counts`) shows that the model's other traffic went on
     at its usual rate while the app's moved (`_failures_are_the_apps`), the app is named
@@ -1291,7 +1299,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope (at the severity of its
-    most severe part: `lift_to_parts`). A shift held for hours is all traffic's already
+    most severe part: `lift_to_roots`). A shift held for hours is all traffic's already
     before the global scope's own evidence passes, when no app and no model holds it
     (`_no_part_holds`).
 
@@ -1352,6 +1360,23 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
                 echo, root = other, preferred
             if out[echo] < 0:
                 out[echo] = root
+    # a usage anomaly of a model that one of its apps holds is the app's, though the app's
+    # own evidence has not passed yet: the model's window holds the app's excess over less
+    # noise than the app's own (the other apps' ups and downs partly cancel), so it often
+    # passes a few minutes before it, and a page at the model then an alert at the app
+    # would name one cause twice. The app takes the name, and the model's severity with it
+    # (`lift_to_roots`). Performance signals name the model, so they do not need this.
+    if spec.family == "usage":
+        for m in models:
+            if out[m] >= 0:
+                continue
+            holders = [a for a, m_ in shared if m_ == m and sev[a] < 1 and covers(a, m)]
+            if holders:
+                a = max(holders, key=lambda i: abs(ex2[i, col[m]]))
+                out[m] = a
+                col[a] = col[m]               # the app is read on the model's window, which it holds
+                if a not in apps:
+                    apps.append(a)
     roots = [i for i in apps + models if out[i] < 0]
     for g in flagged.tolist():
         if kind[g] != "global":
@@ -1367,7 +1392,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             out[g] = best
     # an event of all traffic that no app or model explains (an outage upstream, a creep of
     # every app's spend) is the global scope's: the apps and models flagged the same way are
-    # its parts (and `lift_to_parts` gives it the severity of its most severe part: its page
+    # its parts (and `lift_to_roots` gives it the severity of its most severe part: its page
     # must not wait on a warning, and must not come twice). Usage signals only: their
     # excesses add up over the apps, while a latency excess is counted against each scope's
     # own p95, so a share of the global one means little.
@@ -1410,19 +1435,39 @@ def _no_part_holds(excess: np.ndarray, baseline: np.ndarray, kind: np.ndarray, g
     return True
 
 
-def lift_to_parts(severity: np.ndarray, explained: np.ndarray, keys: list[ScopeKey]) -> np.ndarray:
-    """Severity per scope, where the global scope names an event of all traffic whose parts
-    (the apps and models it explains) are flagged higher than it is: the event's severity
-    is its most severe part's. An outage reaches a tenth of the usual rate in one app or
-    model a few minutes before the global evidence says so; paged at the part and then at
-    the global scope, one outage would page twice."""
+def lift_to_roots(severity: np.ndarray, explained: np.ndarray, keys: list[ScopeKey]) -> np.ndarray:
+    """Severity per scope, where a scope names an anomaly that a scope it explains is
+    flagged higher for: the anomaly's severity is the highest of the scopes it shows on,
+    and it is named once. An outage reaches a tenth of the usual rate in one app or model a
+    few minutes before the global evidence says so (the global scope names it, and its
+    parts are explained); a model's page can come before the app that explains it warns.
+    Without the lift, the page would be kept quiet as an echo and only a warning would
+    come. The apps' and models' roots are lifted first, so a global event gets the
+    severity its parts were lifted to."""
     out = severity.copy()
     parts = np.flatnonzero(explained >= 0)
-    for i in parts.tolist():
-        g = int(explained[i])
-        if keys[g][0] == "global":
-            out[g] = max(out[g], severity[i])
+    for last in (False, True):
+        for i in parts.tolist():
+            g = int(explained[i])
+            if (keys[g][0] == "global") == last:
+                out[g] = max(out[g], out[i])
     return out
+
+
+def _echo_reading(v: Verdict) -> tuple[np.ndarray, np.ndarray]:
+    """Per scope, the deciding window and the direction (the sign of the z: the alerts
+    split on it) of its most severe echo, 0 where it explains none: a scope lifted from
+    no verdict of its own (`lift_to_roots`) rests on its echo's, and its own z, under the
+    threshold, can point either way."""
+    n = v.severity.shape[0]
+    window, sign, best = np.zeros(n), np.zeros(n), np.full(n, -1)
+    for e in np.flatnonzero(v.explained >= 0).tolist():
+        r = int(v.explained[e])
+        if v.severity[e] > best[r]:
+            best[r] = v.severity[e]
+            window[r] = float(np.nan_to_num(v.window[e], nan=0.0))
+            sign[r] = float(np.sign(v.zscore[e]))
+    return window, sign
 
 
 def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int,
