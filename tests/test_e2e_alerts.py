@@ -293,7 +293,7 @@ def test_critical_cost_alert_holds_its_warning_twin(scenario: Scenario) -> None:
     crit = s.wait_for(lambda: s.am_alerts(**COST_APP_LABELS, severity="critical"), timeout=60,
                       message="the critical LLMCostSpike of spike-app in Alertmanager")[0]
     assert crit["status"]["state"] == "active"
-    # the twin's own condition holds, and has for far longer than its `for:` (2m, 2 s here)
+    # the twin's own condition holds, and has for far longer than its `for:` (1m, 1 s here)
     time.sleep(2 * 300 / s.time_scale)
     assert s.prom_query('llm_anomaly_severity{signal="cost_per_hour", scope="app", app="spike-app"} >= 1')
     states = {a["labels"]["severity"]: a["state"] for a in s.prom_alerts()

@@ -25,13 +25,13 @@ from .signals import SignalSpec
 RUNBOOK_URL = "https://github.com/llm-usage-exporter/llm-usage-exporter/blob/main/docs/runbook.md"
 DASHBOARD_URL = "http://localhost:3000/d/llm-anomalies"
 # How long a verdict must hold before its alert fires. The verdict is already judged on
-# count-aware evidence against the weekly false-alarm budget, so `for:` only rides out a
-# verdict that lasts an evaluation or two, and a warning needs no longer hold than a page:
-# at 5 minutes the warnings of real anomalies that lapse and come back (a 2x cost spike,
-# a latency spike on a quiet model) started it again and alerted up to 25 minutes after
-# their verdicts, while on 24 clean weeks of the detection benchmark 2 minutes let through
-# 3 more false warning alerts, and no page (docs/tuning.md).
-FOR = {"warning": "2m", "critical": "2m"}
+# count-aware evidence against the weekly false-alarm budget, so `for:` only has to ride
+# out a verdict that does not survive the next evaluation (the exporter evaluates every
+# 30 s), and a warning needs no longer hold than a page. Every minute of hold is a minute
+# added to every alert's delay. On 24 clean weeks of the detection benchmark, 5 minutes ->
+# 2 let through 3 more false warning alerts and 2 -> 1 one more, and neither moved a page
+# (docs/tuning.md, "Alerts hold 1 minute").
+FOR = {"warning": "1m", "critical": "1m"}
 SEVERITY_AT = {"warning": 1, "critical": 2}
 # How long a warning twin stays quiet after its critical alert resolved: the longest window
 # the verdict judges, the held shift's last 8 whole hours, and the hour in progress. A burst
@@ -51,7 +51,7 @@ SEVERITY_AT = {"warning": 1, "critical": 2}
 # would hold an alert that never ends.
 QUIET_AFTER_PAGE = f"{max(SUSTAINED_HOURS) + 1}h"
 PAGE_ENDS = 13          # the generated test's page: severity 2 from minute 5 to 12, then 1
-ESCALATES = (12, 20)    # its escalation: severity 1 from minute 5, 2 from minute 12 to 19, then 1
+ESCALATES = (13, 20)    # its escalation: severity 1 from minute 5, 2 from minute 13 to 19, then 1
 # the labels that name one alert's series (an HA pair's `replica` is already aggregated away)
 _ALERT_SERIES = "job, instance, signal, scope, app, provider, model"
 BEGIN = "      # --- anomaly signals: generated from the signal specs by `llm-usage-exporter rules`; do not edit ---\n"
