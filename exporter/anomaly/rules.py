@@ -29,8 +29,10 @@ DASHBOARD_URL = "http://localhost:3000/d/llm-anomalies"
 # out a verdict that does not survive the next evaluation (the exporter evaluates every
 # 30 s), and a warning needs no longer hold than a page. Every minute of hold is a minute
 # added to every alert's delay. On 24 clean weeks of the detection benchmark, 5 minutes ->
-# 2 let through 3 more false warning alerts and 2 -> 1 one more, and neither moved a page
-# (docs/tuning.md, "Alerts hold 1 minute").
+# 2 let through 3 more false warning alerts and 2 -> 1 three more (drift warnings that
+# the second minute held back), and neither moved a page. One minute became enough once
+# an app takes its model's usage verdict from the start (docs/tuning.md, "Alerts hold 1
+# minute"): before, a retry storm's model paged before its app's verdict explained it.
 FOR = {"warning": "1m", "critical": "1m"}
 SEVERITY_AT = {"warning": 1, "critical": 2}
 # How long a warning twin stays quiet after its critical alert resolved: the longest window

@@ -137,7 +137,7 @@ LENGTH_WINDOW_FRACTIONS: tuple[float, ...] = (1 / 16,) + WINDOW_FRACTIONS
 # it cannot see how far answers moved, and on bimodal lengths a long answer cut to a fifth
 # still outranks the short mode, so a dozen collapsed answers stay under its threshold. A
 # collapse puts more than half of them below the reference's 5 % edge, which the count
-# sees within a dozen. The share is the latency tails' (`anomaly.signals.TAIL`).
+# sees within a dozen. The share is the latency tails' (`anomaly.evaluator.TAIL`).
 SHORT_SHARE = 0.05
 LENGTH_TESTS = 2
 HOUR = 3600.0
