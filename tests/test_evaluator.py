@@ -325,6 +325,43 @@ def test_a_shift_of_an_apps_requests_to_its_dearer_model_is_no_price_change() ->
     assert first_flagged(snaps, "cost_per_hour", "model", "gpt-4o") is not None, flagged(snaps, "cost_per_hour")
 
 
+def _cheap_minutes(monkeypatch: pytest.MonkeyPatch | None) -> list[Snapshot]:
+    """An app sends to a cheap and a dear model, another app to the cheap one. From 14:00
+    the first app's requests are five times as big, and for half an hour all of them go to
+    its cheap model: its spend in those minutes stays near its usual level (the dear
+    model's requests made most of it), while the cheap model's rises fivefold for that
+    app's part of it. With `monkeypatch`, `explain` compares the windows' totals again."""
+    def streams() -> tuple[Stream, ...]:
+        return (Stream("rag", MINI, rate=300, session=3, price=CHEAP),
+                Stream("rag", "gpt-4o", rate=60, session=3, price=DEAR),
+                Stream("chat", MINI, rate=300, session=3, price=CHEAP))
+    traffic = generate(streams(), DAY0, S + HOUR, seed=21)
+    h = Harness().feed(traffic.take(traffic.ts < S))
+    after = traffic.take(traffic.ts >= S)
+    after = after.take(~after.where(end=S + 30 * 60, app="rag", model="gpt-4o"))
+    after = scaled(after, after.where(app="rag"), 5.0)
+    if monkeypatch is not None:
+        def totals_only(spec: Any, c: Any) -> Any:
+            v = evaluator_module.judge_cost(spec, c)
+            v.by_size = None
+            return v
+        monkeypatch.setitem(evaluator_module.JUDGES, "cost_per_hour", totals_only)
+    return h.copy().run(after, every(S, 30))
+
+
+def test_a_size_rise_is_named_at_its_app_whichever_model_served_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app whose requests grew is named on cost, and its cheap model is its echo, from
+    the first verdict: `explain` compares the size rise's excess (the requests at their
+    usual amount, times the rise), not the windows' totals, which the mix of models moved
+    as much as the rise did. Compared on totals, the model is named in some minute."""
+    found = flagged(_cheap_minutes(None), "cost_per_hour")
+    assert any(name == "app=rag" for _, name, _, _ in found), found
+    assert all(by is None for _, name, _, by in found if name == "app=rag"), found
+    assert all(by == "app=rag" for _, name, _, by in found if name != "app=rag"), found
+    totals = flagged(_cheap_minutes(monkeypatch), "cost_per_hour")
+    assert any(name == f"model={MINI}" and by is None for _, name, _, by in totals), totals
+
+
 def test_a_tiny_absolute_cost_is_quiet(site: Site) -> None:
     """The tiny app ($0.002 an hour) sends requests ten times as big: its cost signal
     stays quiet because $0.02 an hour is below min_current ($0.10); with min_current 0 the

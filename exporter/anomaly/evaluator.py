@@ -125,7 +125,10 @@ class Verdict:
     compares excesses there. `counts` is kept for a
     ratio of counts (the error rate): events and trials, each (S, W), and the usual ratio
     and overdispersion per scope. It lets `explain` ask whether a model's other traffic
-    moved as one app's did."""
+    moved as one app's did. `size_excess`, kept for cost and tokens, is the excess of a
+    rise in request size in tokens, with `excess`'s columns (`size_baseline` the tokens
+    an hour usually holds), and `by_size` marks the (scope, window) whose evidence was the
+    size's: `explain` weighs a scope's anomaly on the excess of the evidence that found it."""
 
     current: np.ndarray
     baseline: np.ndarray
@@ -141,6 +144,9 @@ class Verdict:
     explained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     held_hours: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    size_excess: np.ndarray | None = None
+    size_baseline: np.ndarray | None = None
+    by_size: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -1069,11 +1075,45 @@ def _judge_usage(spec: SignalSpec, c: _Context, seasonal: Seasonal, value: np.nd
     win = np.where(use_total, c.ev.window_s[-1], win)
     lo, hi = _band(base_value, total_sd, c.zc[-1])
     per_window = c.sums[..., F["cost"]] if spec.name == "cost_per_hour" else token_sum(c.sums)
-    excess = per_window - c.expected(seasonal, c.ev.fine_slots)
+    expected_w = c.expected(seasonal, c.ev.fine_slots)
+    excess = per_window - expected_w
     excess[:, -1] = value - expected                 # the hour's own total, as judged above
+    # where bigger requests are the evidence, `explain` weighs the size's excess in tokens
+    # (`size_excess`), for cost too: an app's usual price per token is the mix of its
+    # models', so in USD its rise reads small beside a dear model's and large beside a
+    # cheap one's. All traffic's is its apps' summed, as the held shift's is (the size
+    # ratio of the mix of every app's requests does not add up over them)
+    by_size = ok[:, None] & (z_size >= c.zc)
+    by_size[:, -1] &= ~use_total                     # the hour's total decided: its total
+    usual_tokens = c.expected(b.tokens, c.ev.fine_slots)
+    grown = size_excess(c.sums[..., F["sized_requests"]], usual_tokens,
+                        c.expected_requests() * b.spending_share["sized_requests"][:, None], size_ratio)
+    if (scope == "app").any():
+        grown[scope == "global"] = grown[scope == "app"].sum(axis=0)
     v = _verdict(c, spec, current, base_value, zs, lo, hi, e, win, excess=np.hstack([excess, held_excess]))
+    v.size_excess = np.hstack([grown, np.zeros(held_excess.shape)])
+    v.size_baseline = usual_tokens[:, -1]
+    v.by_size = np.hstack([by_size, np.zeros(held_excess.shape, dtype=bool)])
     v.held_hours = _held_only(spec, e, held_hours)
     return v
+
+
+def size_excess(spent: np.ndarray, expected: np.ndarray, expected_spent: np.ndarray,
+                ratio: np.ndarray) -> np.ndarray:
+    """(S, W) the tokens a rise in request size added to each window: its requests that
+    carried tokens at the scope's usual tokens each (`expected` / `expected_spent`), times
+    the rise (`ratio` - 1, the size's ratio); 0 where the usual size is unknown.
+
+    A window's total is the wrong measure of a size rise for `explain`: over a few minutes
+    an app's total moves with how many requests came and with which of its models served
+    them (a cheap model's requests cost a fraction of a dear one's), by as much as the
+    rise itself. A 5x rise of one app's tokens was read as its model's anomaly because the
+    app's requests in those minutes went to its cheap model and its total stayed at its
+    usual level; its tokens per request, compared per request, do not depend on the mix."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        usual = expected / expected_spent
+        out = spent * usual * (ratio - 1.0)
+    return np.where(np.isfinite(out) & (expected_spent > 0), out, 0.0)
 
 
 def judge_cost(spec: SignalSpec, c: _Context) -> Verdict:
@@ -1315,7 +1355,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     hold it, and an hour's excess would still be mostly the ordinary ups and downs of the
     minutes before. A verdict that only a held shift carries is compared on its held
     window (`Verdict.held_hours`), whose excess follows the evaluation windows' in
-    `Verdict.excess`."""
+    `Verdict.excess`. And they are compared in the measure of the evidence that found the
+    explained scope's anomaly: where that was bigger requests, every scope is read by its
+    size's excess (`Verdict.size_excess`), else by its total's."""
     sev = v.severity
     col = np.minimum(np.searchsorted(windows, v.window), len(windows) - 1)
     ex2 = v.excess if v.excess.ndim == 2 else v.excess[:, None]
@@ -1329,8 +1371,14 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
         return out
     kind = np.array([k[0] for k in keys], dtype=object)
 
+    def table(b: int) -> np.ndarray:          # the excesses b's anomaly is weighed on
+        if v.size_excess is None or v.by_size is None or not v.by_size[b, col[b]]:
+            return ex2
+        return v.size_excess
+
     def covers(a: int, b: int) -> bool:       # a's excess explains at least EXPLAINS_SHARE of b's
-        ea, eb = ex2[a, col[b]], ex2[b, col[b]]
+        t = table(b)
+        ea, eb = t[a, col[b]], t[b, col[b]]
         return bool(ea * eb > 0 and abs(ea) >= EXPLAINS_SHARE * abs(eb))
 
     apps = [i for i in flagged.tolist() if kind[i] == "app"]
@@ -1372,7 +1420,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
                 continue
             holders = [a for a, m_ in shared if m_ == m and sev[a] < 1 and covers(a, m)]
             if holders:
-                a = max(holders, key=lambda i: abs(ex2[i, col[m]]))
+                a = max(holders, key=lambda i: abs(table(m)[i, col[m]]))
                 out[m] = a
                 col[a] = col[m]               # the app is read on the model's window, which it holds
                 if a not in apps:
@@ -1381,11 +1429,13 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     for g in flagged.tolist():
         if kind[g] != "global":
             continue
-        best = max(roots, key=lambda i: abs(ex2[i, col[g]]), default=None)
+        t = table(g)
+        best = max(roots, key=lambda i: abs(t[i, col[g]]), default=None)
         if best is None:
             continue
         if spec.family == "usage":
-            alone = _rest_moved_less(ex2[g, col[g]], ex2[best, col[g]], v.baseline[g], v.baseline[best])
+            base = v.size_baseline if t is v.size_excess and v.size_baseline is not None else v.baseline
+            alone = _rest_moved_less(t[g, col[g]], t[best, col[g]], base[g], base[best])
         else:
             alone = covers(best, g)
         if alone:
@@ -1411,7 +1461,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
         if spec.family != "usage" or out[g] >= 0:
             continue
         for i in roots:
-            if out[i] >= 0 or not ex2[i, col[i]] * ex2[g, col[i]] > 0:
+            if out[i] >= 0 or not table(i)[i, col[i]] * table(i)[g, col[i]] > 0:
                 continue
             if sev[g] >= 1 or (held[i] > 0 and _no_part_holds(ex2[:, col[i]], v.baseline, kind, g)):
                 out[i] = g
