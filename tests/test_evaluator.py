@@ -622,6 +622,41 @@ def test_the_echo_of_a_slow_model_in_its_app_is_explained(site: Site, factor: fl
         assert by == (None if name == f"model={HAIKU}" else f"model=anthropic/{HAIKU}"), (minute, name)
 
 
+def _slow_chat_beside_a_reasoning_model(monkeypatch: pytest.MonkeyPatch | None) -> list[Snapshot]:
+    """A chat app on gpt-4o-mini (streamed) and a reasoning app on o3 (minutes per request,
+    not streamed). From 14:00 gpt-4o-mini takes 2.5 times as long. All traffic's p95 of the
+    whole duration is o3's, so few of the slower chat requests pass it: all traffic is
+    flagged on its first tokens, while its count past its own p95 barely moves. With
+    `monkeypatch`, `explain` weighs that whole duration's count again."""
+    traffic = generate(REASONING, DAY0, S + HOUR, seed=22)
+    h = Harness().feed(traffic.take(traffic.ts < S))
+    after = traffic.take(traffic.ts >= S)
+    after = slower(after, after.where(model=MINI), ttft=2.5, generation=2.5)
+    if monkeypatch is not None:
+        judge = evaluator_module.judge_latency
+
+        def whole_duration(spec: Any, c: Any) -> Any:
+            v = judge(spec, c)
+            slow, total = c.above[..., 0], c.samples[..., 0]          # KINDS[0]: the whole duration
+            v.excess = slow - evaluator_module.TAIL["latency"] * total
+            return v
+        monkeypatch.setitem(evaluator_module.JUDGES, "latency_p95", whole_duration)
+    return h.copy().run(after, every(S, 30))
+
+
+def test_a_slower_model_explains_all_traffic_whose_p95_another_model_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The global scope, flagged on the timings of the slower model's requests, is that
+    model's echo whenever it is flagged: `explain` weighs the scopes by the slow requests
+    of the readings that find a slower model (first token, time per output token, token
+    speed), not by the whole duration's, whose tail the reasoning model sets. Weighed on
+    the whole duration, all traffic is named on its own in some minute."""
+    found = flagged(_slow_chat_beside_a_reasoning_model(None), "latency_p95")
+    assert any(name == "global" for _, name, _, _ in found), found
+    assert all(by == f"model=openai/{MINI}" for _, name, _, by in found if name != f"model={MINI}"), found
+    whole = flagged(_slow_chat_beside_a_reasoning_model(monkeypatch), "latency_p95")
+    assert any(name == "global" and by is None for _, name, _, by in whole), whole
+
+
 def test_ttft_3x_is_caught(site: Site) -> None:
     """The first token comes three times later on claude-3-5-haiku (generation as usual):
     TTFT p95 warns on the model within 10 minutes (3x: above 2x, below the 4x high ratio)."""

@@ -1240,10 +1240,12 @@ def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown
         parts.append(POOLED)
     known = np.zeros(c.n, dtype=bool)            # scopes with another kind's baseline tail
     part_passed = np.zeros((c.n, len(c.zc)), dtype=bool)
+    parts_excess = np.full((c.n, len(c.zc)), -np.inf)
     for group in parts:
         for kind in group:
             known |= c.base.threshold_bins[:, KINDS.index(kind)] >= 0
-        z, _, _ = _slow_evidence(c, group)
+        z, slow_g, total_g = _slow_evidence(c, group)
+        parts_excess = np.fmax(parts_excess, slow_g - TAIL[group[0]] * total_g)
         with np.errstate(invalid="ignore"):
             passed = ready & (z >= c.zc)
         part_passed |= passed
@@ -1267,7 +1269,16 @@ def _judge_quantile(spec: SignalSpec, c: _Context, kinds: tuple[str, ...], shown
     else:
         e = Effects(effect, zero, zero, zero.copy())
     lo, hi = baseline / spec.warning_ratio, baseline * spec.warning_ratio
-    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=slow - TAIL[shown] * total)
+    # `explain` weighs the scopes by the slow requests of the readings that find a slower
+    # model, where a scope knows them: the most that any of them shows beyond its usual
+    # share (a later first token and a later token per output are the pooled reading's,
+    # a slower stream the token speed's). The whole duration's tail moves with the mix of
+    # a scope's traffic: a global scope flagged on the timings often had fewer requests
+    # past its own p95 than usual, and was read as no model's echo
+    excess = slow - TAIL[shown] * total
+    if parts:
+        excess = np.where(known[:, None] & np.isfinite(parts_excess), parts_excess, excess)
+    return _verdict(c, spec, current, baseline, zs, lo, hi, e, win, excess=excess)
 
 
 def judge_latency(spec: SignalSpec, c: _Context) -> Verdict:
