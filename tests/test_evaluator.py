@@ -350,10 +350,11 @@ def _cheap_minutes(monkeypatch: pytest.MonkeyPatch | None) -> list[Snapshot]:
 
 
 def test_a_size_rise_is_named_at_its_app_whichever_model_served_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The app whose requests grew is named on cost, and its cheap model is its echo, from
-    the first verdict: `explain` compares the size rise's excess (the requests at their
-    usual amount, times the rise), not the windows' totals, which the mix of models moved
-    as much as the rise did. Compared on totals, the model is named in some minute."""
+    """The app whose requests grew is named on cost, and its cheap model and all traffic
+    are its echoes, from the first verdict: `explain` compares the tokens the rise added
+    (the requests at their usual tokens each, times the rise), not the windows' totals,
+    which the mix of models moved as much as the rise did. Compared on totals, the model
+    is named on its own."""
     found = flagged(_cheap_minutes(None), "cost_per_hour")
     assert any(name == "app=rag" for _, name, _, _ in found), found
     assert all(by is None for _, name, _, by in found if name == "app=rag"), found
