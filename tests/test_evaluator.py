@@ -1292,12 +1292,15 @@ def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monk
     windows a creep is judged on until 22:00, where it lifts the agent's mean request size
     far past the sustained ratio; left out with its session bucket, as on the short windows,
     nothing is flagged for cost or tokens in the six hours after. (`hours_split=False`: the
-    whole hours hold no session buckets, as the history had before; the test must catch it.)"""
+    whole hours hold no session buckets, as the history had before, and the hour that
+    carries the burst is not left out either (`top_hour`, which also keeps it quiet); the
+    test must catch it.)"""
     if not hours_split:
         from exporter.anomaly.history import ScopeHistory
         from exporter.storage.buckets import SESSION_BUCKETS, SESSION_FIELDS
         monkeypatch.setattr(ScopeHistory, "recent_hour_sessions",
                             lambda self, end, k, rows: np.zeros((len(rows), SESSION_BUCKETS, len(SESSION_FIELDS))))
+        monkeypatch.setattr(evaluator_module, "top_hour", _no_top_hour)
     base = site.traffic.take(site.traffic.where(S, S + HOUR, app="agent"))
     run = base.take(np.arange(90) % len(base))
     run.ts = S + 20.0 * np.arange(90)
@@ -1307,6 +1310,43 @@ def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monk
     snaps = live(site, Traffic.concat([site.traffic, run]), every(S, 6 * 60, step=10, first_minute=40))
     after = [f for signal in ("cost_per_hour", "token_velocity") for f in flagged(snaps, signal)]
     assert (after == []) == hours_split, after
+
+
+def _no_top_hour(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`top_hour` that never finds an hour carrying a held window's excess."""
+    return np.zeros(excess.shape[0], dtype=np.int64), np.zeros(excess.shape[0], dtype=bool)
+
+
+@pytest.mark.parametrize("kind", ["bigger", "more"])
+@pytest.mark.parametrize("guarded", [True, False])
+def test_an_hours_spike_is_no_shift_held_in_the_hours_after(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                            kind: str, guarded: bool) -> None:
+    """For one hour from 14:00 the chat app's requests are 2.5 times as big (`bigger`), or
+    four times as many, from new sessions (`more`). The hour's windows flag it; from 16:00,
+    when the hour window no longer holds it, nothing is flagged until 22:00, although the
+    2 to 8-hour windows that judge a shift held for hours hold the hour, at 1.75x and 2.5x
+    on two hours and 1.4x and 1.75x on four, above the sustained ratios (1.25x cost, 1.5x
+    tokens and requests). Their level is their other hours' where one hour carries most of
+    their excess (`top_hour`). (`guarded=False` keeps the whole window's level; the test
+    must catch it.)"""
+    if not guarded:
+        monkeypatch.setattr(evaluator_module, "top_hour", _no_top_hour)
+    hour = site.traffic.where(S, S + HOUR, app="chat")
+    if kind == "bigger":
+        traffic, signals = scaled(site.traffic, hour, 2.5), ("cost_per_hour", "token_velocity")
+    else:
+        copies = []
+        for i in range(3):
+            extra = site.traffic.take(hour)
+            extra.ts = extra.ts + 0.25 * (i + 1)
+            extra.session = np.array([None if x is None else f"{x}-{i}" for x in extra.sessions()], dtype=object)
+            copies.append(extra)
+        traffic, signals = Traffic.concat([site.traffic, *copies]), ("request_rate", "cost_per_hour", "token_velocity")
+    snaps = live(site, traffic, every(S, 8 * 60, step=10))
+    during = [f for f in flagged(snaps, signals[0]) if f[0] < 60 and f[1] == "app=chat"]
+    assert during, flagged(snaps, signals[0])
+    after = [(signal, f) for signal in signals for f in flagged(snaps, signal) if f[0] >= 125]
+    assert (after == []) == guarded, after
 
 
 def test_session_buckets_split_a_groups_sums_without_losing_any() -> None:
@@ -1565,6 +1605,39 @@ def test_an_event_of_all_traffic_is_the_global_scopes_though_its_biggest_app_hol
     assert explain(spec, apart, keys, no_pairs, windows).tolist() == [-1, -1, 0, -1]          # big fell: not it
     lat = next(s for s in DEFAULT_SIGNALS if s.name == "latency_p95")
     assert explain(lat, rise, keys, no_pairs, windows).tolist() == [1, -1, -1, -1]            # usage signals only
+
+
+def test_the_end_of_an_event_of_all_traffic_stays_all_traffics() -> None:
+    """All traffic's requests fell to a fifth for an hour and came back. Ten minutes later the
+    hour window holds 50 minutes of the fall: all traffic reads 4.9x, just under the 5x
+    warning ratio of a fall, and its biggest app 5.1x, just over. The global scope's own
+    evidence has passed the same way, and the rest of the traffic fell as much as the app:
+    the app is a part of all traffic's event, which no longer warns, not an alert of its own.
+    With the global scope's evidence not passed, or with the rest of the traffic where it
+    was (the app's own fall), the app warns on its own."""
+    from exporter.anomaly.evaluator import Effects, Verdict, explain
+    spec = next(s for s in DEFAULT_SIGNALS if s.name == "request_rate")
+    keys = [("global", "", "", ""), ("app", "big", "", ""), ("app", "mid", "", ""), ("app", "small", "", "")]
+    windows = np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    usual = np.array([100.0, 60.0, 25.0, 15.0])                  # requests / min
+    no_pairs = np.zeros((0, 2), dtype=np.int64)
+
+    def verdict(current: np.ndarray, global_passed: bool) -> Verdict:
+        excess = np.repeat(((current - usual) * 60)[:, None], len(windows), axis=1)
+        fall = usual / current
+        severity = (fall >= spec.drop_warning_ratio).astype(np.int64)
+        passed = np.where(severity > 0, fall, 0.0)
+        passed[0] = fall[0] if global_passed else 0.0
+        zeros, ones = np.zeros(len(keys)), np.ones(len(keys))
+        return Verdict(current, usual, current / usual, -ones * 8, ones, ones, ones, severity,
+                       np.full(len(keys), 3600.0), excess, Effects(zeros, passed, zeros, zeros))
+
+    tail = np.array([100.0 / 4.9, 60.0 / 5.1, 25.0 / 4.8, 15.0 / 4.8])
+    assert verdict(tail, True).severity.tolist() == [0, 1, 0, 0]
+    assert explain(spec, verdict(tail, True), keys, no_pairs, windows).tolist() == [-1, 0, -1, -1]
+    assert explain(spec, verdict(tail, False), keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]
+    own = np.array([100.0 - 60.0 * (1 - 1 / 5.1), 60.0 / 5.1, 25.0, 15.0])    # the big app's own fall
+    assert explain(spec, verdict(own, True), keys, no_pairs, windows).tolist() == [-1, -1, -1, -1]
 
 
 def test_parts_that_moved_with_the_rest_are_all_traffics_before_its_evidence_passes() -> None:

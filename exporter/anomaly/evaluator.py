@@ -536,6 +536,7 @@ class _Context:
         self._expected: np.ndarray | None = None
         self._expected_falls: np.ndarray | None = None
         self._shares: tuple[np.ndarray, ...] | None = None         # `ScopeHistory.outcome_shares`
+        self._hours: np.ndarray | None = None
         self._whole: dict[int, np.ndarray] = {}
         self._whole_slots: dict[int, np.ndarray] = {}
 
@@ -623,19 +624,30 @@ class _Context:
         """(len(rows), buckets, len(SESSION_FIELDS)) `whole_hours(k)` per session bucket."""
         return self.h.recent_hour_sessions(self.base.end, k, rows)
 
+    def hours(self, k: int) -> np.ndarray:
+        """(S, k, F) the sums of each of the k whole hours up to the baseline's end (hours
+        end+1-k .. end), oldest first; the longest held window's hours are read once."""
+        if self._hours is None:
+            last = max(SUSTAINED_HOURS)
+            self._hours, _ = self.h._take_hours(np.arange(self.base.end + 1 - last, self.base.end + 1))
+        return self._hours[:, self._hours.shape[1] - k:]
+
     def whole_hours(self, k: int) -> np.ndarray:
         """(S, F) sums over the k whole hours up to the baseline's end (hours end+1-k .. end)."""
         if k not in self._whole:
-            adds, _ = self.h._take_hours(np.arange(self.base.end + 1 - k, self.base.end + 1))
-            self._whole[k] = adds.sum(axis=1)
+            self._whole[k] = self.hours(k).sum(axis=1)
         return self._whole[k]
 
-    def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
-        """(S,) the seasonal expectation of the same k whole hours' total."""
+    def hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
+        """(S, k) the seasonal expectation of each of the same k whole hours."""
         if k not in self._whole_slots:
             end = self.base.end
             self._whole_slots[k] = self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS
-        return seasonal.profile[:, self._whole_slots[k]].sum(axis=1)
+        return seasonal.profile[:, self._whole_slots[k]]
+
+    def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
+        """(S,) the seasonal expectation of the same k whole hours' total."""
+        return self.hours_expected(seasonal, k).sum(axis=1)
 
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
@@ -781,14 +793,28 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
         z_sampling = quasi_poisson_z(n, expected, b.burstiness)
         return np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling)), ratio
 
+    def held_ratio(n_h: np.ndarray, e_h: np.ndarray, ratio: np.ndarray, sign: float) -> np.ndarray:
+        """The window's ratio, or where one hour carries its shift (`top_hour`), the ratio
+        of the rest: the level the window held, which a shift held for hours keeps."""
+        top, carried = top_hour(sign * (n_h - e_h))
+        n_top = np.take_along_axis(n_h, top[:, None], axis=1)[:, 0]
+        e_top = np.take_along_axis(e_h, top[:, None], axis=1)[:, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rest = (n_h.sum(axis=1) - n_top + 0.5) / (e_h.sum(axis=1) - e_top + 0.5)
+        return np.where(carried, (np.fmin if sign > 0 else np.fmax)(ratio, rest), ratio)
+
     for j, k in enumerate(SUSTAINED_HOURS):
+        n_h = c.hours(k)[..., F["requests"]]
         n = c.whole_hours(k)[:, F["requests"]]
-        expected = c.whole_hours_expected(b.requests, k)
+        e_h = c.hours_expected(b.requests, k)
+        expected = e_h.sum(axis=1)
         excess[:, j] = n - expected
         z, ratio = held_z(n, expected, k)
         # a fall against the scope's week, as on the short windows (`Baseline.request_falls`)
-        expected_fall = expected if b.request_falls is b.requests else c.whole_hours_expected(b.request_falls, k)
+        e_fall_h = e_h if b.request_falls is b.requests else c.hours_expected(b.request_falls, k)
+        expected_fall = expected if e_fall_h is e_h else e_fall_h.sum(axis=1)
         z_fall, ratio_fall = (z, ratio) if expected_fall is expected else held_z(n, expected_fall, k)
+        ratio, ratio_fall = held_ratio(n_h, e_h, ratio, 1.0), held_ratio(n_h, e_fall_h, ratio_fall, -1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             up = ready & np.isfinite(expected) & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
             down = (ready & np.isfinite(expected_fall) & (z_fall <= -c.zc_long[j])
@@ -900,12 +926,22 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
     the baseline; a rise that passed `zc` must survive leaving out the hours' session
     bucket that carries most of it, as on the evaluation windows (`without_top_session`).
     A runaway session's burst stays in the held windows for hours after it ended; it is
-    the runaway detector's to judge, and a creep moves every session alike."""
+    the runaway detector's to judge, and a creep moves every session alike. Where one
+    hour carries most of the rise (`top_hour`), the mean is the other hours': a spike of
+    an hour is the hour's windows' to judge, not a size held for hours."""
     n, s1, _ = SIZE_FIELDS[kind]
     m, total = sums[:, F[n]], sums[:, F[s1]]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / m
     z = mean_z(mean, m, st.centre, st.var, st.dispersion)
+    hours = c.hours(k)
+    m_h, total_h = hours[..., F[n]], hours[..., F[s1]]
+    top, carried = top_hour(total_h - m_h * st.centre[:, None])
+    m_rest = m - np.take_along_axis(m_h, top[:, None], axis=1)[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_rest = np.where(m_rest > 0, (total - np.take_along_axis(total_h, top[:, None], axis=1)[:, 0]) / m_rest,
+                             st.centre)
+    mean = np.where(carried, np.fmin(mean, mean_rest), mean)
     rows = np.flatnonzero(z >= zc)
     if rows.size:
         by = c.hour_sessions(k, rows)[:, None]                      # (R, 1, buckets, fields)
@@ -917,6 +953,22 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
             z[rows] = np.where(carried, np.fmax(np.fmin(z[rows], np.where(m_rest > 0, z_rest, 0.0)), 0.0), z[rows])
             mean[rows] = np.where(carried & (m_rest > 0), np.fmin(mean[rows], mean_rest), mean[rows])
     return z, mean
+
+
+def top_hour(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, carried) of the hour of a held window (`excess`, (S, k): each hour's excess
+    over its expectation, in the direction judged) that holds most of the window's excess,
+    and where it holds more than half of it. A shift held for hours shares its excess out
+    over them, about a k-th to each; an excess one hour carries is that hour's event, which
+    the hour's own windows judge at the short windows' ratios. Left in, it would keep the
+    held windows, whose ratio is lower, warning for hours after the event ended (a 2x hour
+    reads 1.5x on the two hours it is part of, 1.25x on four)."""
+    dev = np.where(np.isfinite(excess), excess, -np.inf)
+    top = np.argmax(dev, axis=1)
+    top_excess = np.take_along_axis(dev, top[:, None], axis=1)[:, 0]
+    total = np.where(np.isfinite(excess), excess, 0.0).sum(axis=1)
+    carried = (excess.shape[1] > 1) & (top_excess > 0.0) & (top_excess > 0.5 * total)
+    return top, carried
 
 
 def usual_bucket_share(n_by: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -1350,9 +1402,10 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope (at the severity of its
-    most severe part: `lift_to_roots`). A shift held for hours is all traffic's already
-    before the global scope's own evidence passes, when no app and no model holds it
-    (`_no_part_holds`).
+    most severe part: `lift_to_roots`). So are they where the global scope's own evidence
+    passed the same way below its warning ratio, as at the end of such an event, when no
+    part holds its move. A shift held for hours is all traffic's already before the global
+    scope's own evidence passes, when no app and no model holds it (`_no_part_holds`).
 
     `incumbent` marks the scopes that named this anomaly at the last evaluations. The scope
     the family points to keeps the name while it is incumbent, even where for a moment only
@@ -1466,15 +1519,26 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     # scope's, each app alerting on its own meanwhile. Both partitions are asked: a model's
     # rest holds the app's requests to its other models, so one app's spike over two models
     # moves a model's rest with it. Held shifts only: over a short window the rest of the
-    # traffic moves by half of a 2x spike by chance alone
+    # traffic moves by half of a 2x spike by chance alone.
+    # The same holds where the global scope's own evidence passed the same way below its
+    # warning ratio and the rest of the traffic without the part moved with it on the
+    # part's window (`_rest_moved_alike`): at the end of an event of all traffic, its ratio
+    # falls under the threshold a minute or two before some of its parts' do, and those
+    # parts would each alert on its own while the event's alert resolves
     held = v.held_hours if v.held_hours.size else np.zeros(sev.shape[0], dtype=np.int64)
+    e = v.effects
     for g in np.flatnonzero(kind == "global").tolist():
         if spec.family != "usage" or out[g] >= 0:
             continue
         for i in roots:
-            if out[i] >= 0 or not table(i)[i, col[i]] * table(i)[g, col[i]] > 0:
+            t = table(i)
+            if out[i] >= 0 or not t[i, col[i]] * t[g, col[i]] > 0:
                 continue
-            if sev[g] >= 1 or (held[i] > 0 and _no_part_holds(ex2[:, col[i]], v.baseline, kind, g)):
+            moved = e is not None and bool(e.rise[g] > 0 if t[i, col[i]] > 0 else e.fall[g] > 0)
+            if moved:
+                base = v.size_baseline if t is v.size_excess and v.size_baseline is not None else v.baseline
+                moved = _rest_moved_alike(t[g, col[i]], t[i, col[i]], base[g], base[i])
+            if sev[g] >= 1 or moved or (held[i] > 0 and _no_part_holds(ex2[:, col[i]], v.baseline, kind, g)):
                 out[i] = g
     return out
 
