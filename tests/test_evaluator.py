@@ -1313,7 +1313,7 @@ def test_a_runaway_sessions_hour_is_no_creep_in_the_hours_after(site: Site, monk
 
 
 def _no_top_hour(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`top_hour` that never finds an hour carrying a held window's excess."""
+    """`top_hour` that never leaves an hour out of a held window's level."""
     return np.zeros(excess.shape[0], dtype=np.int64), np.zeros(excess.shape[0], dtype=bool)
 
 
@@ -1326,9 +1326,9 @@ def test_an_hours_spike_is_no_shift_held_in_the_hours_after(site: Site, monkeypa
     when the hour window no longer holds it, nothing is flagged until 22:00, although the
     2 to 8-hour windows that judge a shift held for hours hold the hour, at 1.75x and 2.5x
     on two hours and 1.4x and 1.75x on four, above the sustained ratios (1.25x cost, 1.5x
-    tokens and requests). Their level is their other hours' where one hour carries most of
-    their excess (`top_hour`). (`guarded=False` keeps the whole window's level; the test
-    must catch it.)"""
+    tokens and requests). Their level is read without the hour that moved most
+    (`top_hour`). (`guarded=False` keeps the whole window's level; the test must catch
+    it.)"""
     if not guarded:
         monkeypatch.setattr(evaluator_module, "top_hour", _no_top_hour)
     hour = site.traffic.where(S, S + HOUR, app="chat")

@@ -794,14 +794,14 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
         return np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling)), ratio
 
     def held_ratio(n_h: np.ndarray, e_h: np.ndarray, ratio: np.ndarray, sign: float) -> np.ndarray:
-        """The window's ratio, or where one hour carries its shift (`top_hour`), the ratio
-        of the rest: the level the window held, which a shift held for hours keeps."""
-        top, carried = top_hour(sign * (n_h - e_h))
+        """The window's ratio, or if lower (for a fall: higher), the ratio of its hours
+        without the one that moved most (`top_hour`): the level the window held."""
+        top, found = top_hour(sign * (n_h - e_h))
         n_top = np.take_along_axis(n_h, top[:, None], axis=1)[:, 0]
         e_top = np.take_along_axis(e_h, top[:, None], axis=1)[:, 0]
         with np.errstate(invalid="ignore", divide="ignore"):
             rest = (n_h.sum(axis=1) - n_top + 0.5) / (e_h.sum(axis=1) - e_top + 0.5)
-        return np.where(carried, (np.fmin if sign > 0 else np.fmax)(ratio, rest), ratio)
+        return np.where(found, (np.fmin if sign > 0 else np.fmax)(ratio, rest), ratio)
 
     for j, k in enumerate(SUSTAINED_HOURS):
         n_h = c.hours(k)[..., F["requests"]]
@@ -926,9 +926,9 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
     the baseline; a rise that passed `zc` must survive leaving out the hours' session
     bucket that carries most of it, as on the evaluation windows (`without_top_session`).
     A runaway session's burst stays in the held windows for hours after it ended; it is
-    the runaway detector's to judge, and a creep moves every session alike. Where one
-    hour carries most of the rise (`top_hour`), the mean is the other hours': a spike of
-    an hour is the hour's windows' to judge, not a size held for hours."""
+    the runaway detector's to judge, and a creep moves every session alike. The mean is
+    at most the other hours' without the one whose requests grew most (`top_hour`): a
+    spike of an hour is the hour's windows' to judge, not a size held for hours."""
     n, s1, _ = SIZE_FIELDS[kind]
     m, total = sums[:, F[n]], sums[:, F[s1]]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -936,12 +936,12 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
     z = mean_z(mean, m, st.centre, st.var, st.dispersion)
     hours = c.hours(k)
     m_h, total_h = hours[..., F[n]], hours[..., F[s1]]
-    top, carried = top_hour(total_h - m_h * st.centre[:, None])
+    top, found = top_hour(total_h - m_h * st.centre[:, None])
     m_rest = m - np.take_along_axis(m_h, top[:, None], axis=1)[:, 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_rest = np.where(m_rest > 0, (total - np.take_along_axis(total_h, top[:, None], axis=1)[:, 0]) / m_rest,
                              st.centre)
-    mean = np.where(carried, np.fmin(mean, mean_rest), mean)
+    mean = np.where(found, np.fmin(mean, mean_rest), mean)
     rows = np.flatnonzero(z >= zc)
     if rows.size:
         by = c.hour_sessions(k, rows)[:, None]                      # (R, 1, buckets, fields)
@@ -956,19 +956,19 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
 
 
 def top_hour(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, carried) of the hour of a held window (`excess`, (S, k): each hour's excess
-    over its expectation, in the direction judged) that holds most of the window's excess,
-    and where it holds more than half of it. A shift held for hours shares its excess out
-    over them, about a k-th to each; an excess one hour carries is that hour's event, which
-    the hour's own windows judge at the short windows' ratios. Left in, it would keep the
-    held windows, whose ratio is lower, warning for hours after the event ended (a 2x hour
-    reads 1.5x on the two hours it is part of, 1.25x on four)."""
+    """(index, found) of the hour of a held window (`excess`, (S, k): each hour's excess
+    over its expectation, in the direction judged) that moved most, and where one did.
+    A held window's level is read without that hour: a shift held for hours moves every
+    hour alike, and loses little of its level with one hour left out (a steady creep's
+    window reads half an hour's growth lower), while an event of an hour is the hour's
+    own windows' to judge, at the short windows' ratios. Left in, it kept the held windows,
+    whose ratio is lower, warning for hours after it ended (a 2x hour reads 1.5x on the
+    two hours it is part of and 1.25x on four), or lifted a window whose other hours had
+    risen a little over the sustained ratio."""
     dev = np.where(np.isfinite(excess), excess, -np.inf)
     top = np.argmax(dev, axis=1)
     top_excess = np.take_along_axis(dev, top[:, None], axis=1)[:, 0]
-    total = np.where(np.isfinite(excess), excess, 0.0).sum(axis=1)
-    carried = (excess.shape[1] > 1) & (top_excess > 0.0) & (top_excess > 0.5 * total)
-    return top, carried
+    return top, (excess.shape[1] > 1) & (top_excess > 0.0)
 
 
 def usual_bucket_share(n_by: np.ndarray, n: np.ndarray) -> np.ndarray:
