@@ -777,7 +777,8 @@ def judge_request_rate(spec: SignalSpec, c: _Context) -> Verdict:
 def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A shift of the request rate held over the last 2, 4 or 8 whole hours: against the sum
     of those hours' seasonal expectations, judged by how much k-hour sums strayed from
-    theirs in the baseline (and by sampling noise, for quiet scopes). (rise, fall) effects,
+    theirs in the baseline (and by sampling noise, for quiet scopes), with and without the
+    hour that moved most (`top_hour`). (rise, fall) effects,
     the hours of the window a shift passed furthest on (0 where none), and the excess of
     requests on each of those windows (S, K)."""
     b = c.base
@@ -786,35 +787,36 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     excess = np.zeros((c.n, len(SUSTAINED_HOURS)))
     ready = c.ready(spec)
 
-    def held_z(n: np.ndarray, expected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def held_z(n: np.ndarray, expected: np.ndarray, k: int, hours: int) -> tuple[np.ndarray, np.ndarray]:
+        """(z, ratio) of `hours` whole hours of a k-hour window; the spread of k-hour sums
+        is widened for fewer hours as for independent hours (the most it can widen)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
-            z_level = np.log(ratio) / b.sustained[k].count_sd
+            z_level = np.log(ratio) / (b.sustained[k].count_sd * math.sqrt(k / hours))
         z_sampling = quasi_poisson_z(n, expected, b.burstiness)
         return np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling)), ratio
 
-    def held_ratio(n_h: np.ndarray, e_h: np.ndarray, ratio: np.ndarray, sign: float) -> np.ndarray:
-        """The window's ratio, or if lower (for a fall: higher), the ratio of its hours
-        without the one that moved most (`top_hour`): the level the window held."""
+    def trimmed(n_h: np.ndarray, e_h: np.ndarray, k: int, sign: float) -> tuple[np.ndarray, np.ndarray]:
+        """(z, ratio) of the window, or of its hours without the one that moved most
+        (`top_hour`) where that reads less of a shift: what the window held."""
+        n, e = n_h.sum(axis=1), e_h.sum(axis=1)
+        z, ratio = held_z(n, e, k, k)
         top, found = top_hour(sign * (n_h - e_h))
-        n_top = np.take_along_axis(n_h, top[:, None], axis=1)[:, 0]
-        e_top = np.take_along_axis(e_h, top[:, None], axis=1)[:, 0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rest = (n_h.sum(axis=1) - n_top + 0.5) / (e_h.sum(axis=1) - e_top + 0.5)
-        return np.where(found, (np.fmin if sign > 0 else np.fmax)(ratio, rest), ratio)
+        n_rest = n - np.take_along_axis(n_h, top[:, None], axis=1)[:, 0]
+        e_rest = e - np.take_along_axis(e_h, top[:, None], axis=1)[:, 0]
+        z_rest, ratio_rest = held_z(n_rest, e_rest, k, k - 1)
+        keep = np.fmin if sign > 0 else np.fmax
+        return np.where(found, keep(z, z_rest), z), np.where(found, keep(ratio, ratio_rest), ratio)
 
     for j, k in enumerate(SUSTAINED_HOURS):
         n_h = c.hours(k)[..., F["requests"]]
-        n = c.whole_hours(k)[:, F["requests"]]
         e_h = c.hours_expected(b.requests, k)
-        expected = e_h.sum(axis=1)
-        excess[:, j] = n - expected
-        z, ratio = held_z(n, expected, k)
         # a fall against the scope's week, as on the short windows (`Baseline.request_falls`)
         e_fall_h = e_h if b.request_falls is b.requests else c.hours_expected(b.request_falls, k)
-        expected_fall = expected if e_fall_h is e_h else e_fall_h.sum(axis=1)
-        z_fall, ratio_fall = (z, ratio) if expected_fall is expected else held_z(n, expected_fall, k)
-        ratio, ratio_fall = held_ratio(n_h, e_h, ratio, 1.0), held_ratio(n_h, e_fall_h, ratio_fall, -1.0)
+        n, expected, expected_fall = n_h.sum(axis=1), e_h.sum(axis=1), e_fall_h.sum(axis=1)
+        excess[:, j] = n - expected
+        z, ratio = trimmed(n_h, e_h, k, 1.0)
+        z_fall, ratio_fall = trimmed(n_h, e_fall_h, k, -1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             up = ready & np.isfinite(expected) & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
             down = (ready & np.isfinite(expected_fall) & (z_fall <= -c.zc_long[j])
@@ -926,9 +928,10 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
     the baseline; a rise that passed `zc` must survive leaving out the hours' session
     bucket that carries most of it, as on the evaluation windows (`without_top_session`).
     A runaway session's burst stays in the held windows for hours after it ended; it is
-    the runaway detector's to judge, and a creep moves every session alike. The mean is
-    at most the other hours' without the one whose requests grew most (`top_hour`): a
-    spike of an hour is the hour's windows' to judge, not a size held for hours."""
+    the runaway detector's to judge, and a creep moves every session alike. The z and the
+    mean are at most those of the other hours without the one whose requests grew most
+    (`top_hour`): a spike of an hour is the hour's windows' to judge, not a size held for
+    hours."""
     n, s1, _ = SIZE_FIELDS[kind]
     m, total = sums[:, F[n]], sums[:, F[s1]]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -941,7 +944,8 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_rest = np.where(m_rest > 0, (total - np.take_along_axis(total_h, top[:, None], axis=1)[:, 0]) / m_rest,
                              st.centre)
-    mean = np.where(found, np.fmin(mean, mean_rest), mean)
+    z_rest = mean_z(mean_rest, m_rest, st.centre, st.var, st.dispersion)
+    z, mean = np.where(found, np.fmin(z, z_rest), z), np.where(found, np.fmin(mean, mean_rest), mean)
     rows = np.flatnonzero(z >= zc)
     if rows.size:
         by = c.hour_sessions(k, rows)[:, None]                      # (R, 1, buckets, fields)
@@ -958,9 +962,9 @@ def _held_size_z(c: _Context, st: SizeStats, kind: str, k: int, sums: np.ndarray
 def top_hour(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(index, found) of the hour of a held window (`excess`, (S, k): each hour's excess
     over its expectation, in the direction judged) that moved most, and where one did.
-    A held window's level is read without that hour: a shift held for hours moves every
-    hour alike, and loses little of its level with one hour left out (a steady creep's
-    window reads half an hour's growth lower), while an event of an hour is the hour's
+    A held window is read without that hour too, its evidence and its level, and judged on
+    the lesser shift: a shift held for hours moves every hour alike, and loses little with
+    one hour left out (a steady creep's window reads half an hour's growth lower), while an event of an hour is the hour's
     own windows' to judge, at the short windows' ratios. Left in, it kept the held windows,
     whose ratio is lower, warning for hours after it ended (a 2x hour reads 1.5x on the
     two hours it is part of and 1.25x on four), or lifted a window whose other hours had
