@@ -638,16 +638,12 @@ class _Context:
             self._whole[k] = self.hours(k).sum(axis=1)
         return self._whole[k]
 
-    def hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
-        """(S, k) the seasonal expectation of each of the same k whole hours."""
+    def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
+        """(S,) the seasonal expectation of the same k whole hours' total."""
         if k not in self._whole_slots:
             end = self.base.end
             self._whole_slots[k] = self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS
-        return seasonal.profile[:, self._whole_slots[k]]
-
-    def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
-        """(S,) the seasonal expectation of the same k whole hours' total."""
-        return self.hours_expected(seasonal, k).sum(axis=1)
+        return seasonal.profile[:, self._whole_slots[k]].sum(axis=1)
 
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
