@@ -490,6 +490,21 @@ def test_an_apps_share_of_a_models_failures_is_bounded() -> None:
     assert _failures_are_the_apps((e, n - np.array([[50.0], [0.0], [0.0]]), usual, disp), 0, 1)
 
 
+def test_an_app_that_named_the_failures_keeps_them_until_the_model_is_shown_at_fault() -> None:
+    """An app of one model (scope 0; scope 1 is the model) with 100 of the model's 200
+    requests. 8 of the app's fail and 2 of the rest's (usual 1 %): the tail of the app's
+    burst, too weak to put the failures on the app (log odds about 0.8 against log 20),
+    strong enough to keep them there once it named them. When the rest fails as often as
+    the app, the model's fault shows, and the name moves to it even from the app."""
+    def counts(e_rest: float) -> tuple[np.ndarray, ...]:
+        e = np.array([[8.0], [8.0 + e_rest]])
+        n = np.array([[100.0], [200.0]])
+        return e, n, np.full(2, 0.01), np.ones(2)
+    assert not _failures_are_the_apps(counts(2.0), 0, 1)
+    assert _failures_are_the_apps(counts(2.0), 0, 1, named=True)
+    assert not _failures_are_the_apps(counts(8.0), 0, 1, named=True)
+
+
 def test_independent_errors_are_not_read_as_overdispersed() -> None:
     """Errors that fail independently (binomial) have dispersion 1, whatever their rate: a
     scope with one expected error an hour is judged as such."""

@@ -1445,7 +1445,8 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             preferred, other = (a, m) if spec.family == "usage" else (m, a)
             if a_m and m_a:
                 others = [x for x in models_of.get(a, ()) if x != m]
-                if preferred == m and v.counts is not None and _failures_are_the_apps(v.counts, a, m, others):
+                named = incumbent is not None and bool(incumbent[a])
+                if preferred == m and v.counts is not None and _failures_are_the_apps(v.counts, a, m, others, named):
                     preferred, other = a, m
                 echo, root = other, preferred
             elif a_m:
@@ -1582,11 +1583,21 @@ def _echo_reading(v: Verdict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int,
-                       others: Sequence[int] = ()) -> bool:
+                       others: Sequence[int] = (), named: bool = False) -> bool:
     """Whether the requests to model m other than app a's failed at the model's usual rate
     while app a's failed more, strongly enough (`evidence.APART_EVIDENCE`): then the
     failures are app a's, not the model's. `counts` holds events and trials per (scope,
     window), and the usual ratio and overdispersion per scope.
+
+    Where app a already names the anomaly (`named`: it did at the last evaluations), it
+    keeps it until the evidence points the other way as strongly (the log odds down to
+    -APART_EVIDENCE), as a sequential test's decision stands until the other boundary is
+    reached. As an app's burst of failures leaves the window, the window's share of them
+    shrinks towards the few failures the model's other traffic had by chance, the
+    evidence for the app falls under the threshold before the app's own evidence ends,
+    and the model, named for the last minutes of the event, paged for an event that was
+    the app's and was over (two retry storms of seven, a minute each, 58 minutes after
+    the storm).
 
     Judged on the configured window only, which holds all of an event's first hour: one
     sample that grows with the event, for which Wald's bound on wrongly reaching the
@@ -1602,7 +1613,8 @@ def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.
     e_other = float(sum(e[o] for o in others))
     e_r = min(e[m], max(e[m] - e[a] + e_other, 0.0))
     n_r = e_r + max((n[m] - e[m]) - (n[a] - e[a]), 0.0)
-    return bool(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]) >= APART_EVIDENCE)
+    odds = float(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]))
+    return odds > -APART_EVIDENCE if named else odds >= APART_EVIDENCE
 
 
 def _rest_moved_less(excess_g: float, excess_p: float, baseline_g: float, baseline_p: float) -> bool:
