@@ -401,6 +401,27 @@ def test_a_retry_storm_is_no_rise_in_spend(site: Site, failed: bool) -> None:
         assert first_flagged(snaps, "cost_per_hour", "app", "agent") is not None, flagged(snaps, "cost_per_hour")
 
 
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_burst_of_requests_is_no_shift_held_in_the_hours_after(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                                guarded: bool) -> None:
+    """Thirty more failing calls a minute from the agent app for half an hour (a retry
+    storm): its request rate is flagged while they come. From when the hour window no
+    longer holds them, nothing is flagged for the request rate until 22:00, although the
+    2 to 8-hour windows that judge a shift held for hours hold the burst: an hour that a
+    verdict of the evaluation windows judged is left out of them
+    (`Evaluator.judged_request_hours`). (`guarded=False` keeps every hour: the agent app
+    then warns from 100 to 170 minutes after the burst began; the test must catch it.)"""
+    if not guarded:
+        monkeypatch.setattr(Evaluator, "judged_request_hours",
+                            lambda self, hours, n: np.zeros((n, hours.shape[0]), dtype=bool))
+    traffic = Traffic.concat([site.traffic, extra_calls("agent", HAIKU, "anthropic", 30, 30, True)])
+    snaps = live(site, traffic, every(S, 8 * 60, step=10))
+    during = [f for f in flagged(snaps, "request_rate") if f[0] < 30]
+    assert any(name == "app=agent" for _, name, _, _ in during), during
+    after = [f for f in flagged(snaps, "request_rate") if f[0] >= 95]
+    assert (after == []) == guarded, after
+
+
 @pytest.mark.parametrize("factor,warns", [(1.3, True), (1.1, False)])
 def test_a_creep_in_request_size_warns_when_held(site: Site, factor: float, warns: bool) -> None:
     """Chat requests 30 % bigger from 14:00 on: below the 1.5x spike ratio, but above the

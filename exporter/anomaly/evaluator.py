@@ -259,6 +259,8 @@ class Evaluator:
         self._named: dict[str, np.ndarray] = {}
         # absolute hour -> (scopes,) whose cost or tokens a verdict judged anomalous in it
         self._judged: dict[int, np.ndarray] = {}
+        # absolute hour -> (scopes,) whose request rate a short window's verdict judged anomalous in it
+        self._judged_requests: dict[int, np.ndarray] = {}
         self.judged_version = 0                   # bumped when a mark is added: the engine stores them then
         h = history
         self.fine_slots = [max(1, round(f * h.window / h.fine)) for f in WINDOW_FRACTIONS]
@@ -410,7 +412,14 @@ class Evaluator:
         out of the size statistics, as the drift detector leaves its drifting hours out of
         its reference. Judged on event time, so a backtest marks the hours live evaluation
         would; the engine stores the marks (`judged_rows`), so a restart keeps them."""
-        flags = [verdicts[name] for name in JUDGED_BY_SIZE if name in verdicts]
+        self._mark(self._judged, [verdicts[name] for name in JUDGED_BY_SIZE if name in verdicts], t)
+        rate = verdicts.get("request_rate")
+        if rate is not None:
+            self._mark(self._judged_requests, [rate], t, short_only=True)
+
+    def _mark(self, marks: dict[int, np.ndarray], flags: list[Verdict], t: float, short_only: bool = False) -> None:
+        """Mark in `marks` the hours from each flagged scope's deciding window's start to t
+        (`short_only`: of the verdicts the evaluation windows carry, not a held shift alone)."""
         if not flags:
             return
         n = flags[0].severity.shape[0]
@@ -418,6 +427,8 @@ class Evaluator:
         start = np.full(n, t)
         for v in flags:
             on = v.severity >= 1
+            if short_only and v.held_hours.size:
+                on &= v.held_hours == 0
             hit |= on
             start = np.where(on, np.fmin(start, t - np.nan_to_num(v.window, nan=0.0)), start)
         if not hit.any():
@@ -425,10 +436,23 @@ class Evaluator:
         first, last = np.floor(start / 3600.0).astype(np.int64), math.floor(t / 3600.0)
         for h in range(int(first[hit].min()), last + 1):
             mark = hit & (first <= h)
-            got = self._marks(h, n)
+            got = self._marks(h, n, marks)
             if (mark & ~got).any():
                 got |= mark
                 self.judged_version += 1
+
+    def judged_request_hours(self, hours: np.ndarray, n: int) -> np.ndarray:
+        """(n, len(hours)) the given hours' request-rate marks (`_remember_judged`); marks
+        older than the first of them are dropped (the held windows read no further back)."""
+        for h in [h for h in self._judged_requests if h < int(hours[0])]:
+            del self._judged_requests[h]
+        out = np.zeros((n, hours.shape[0]), dtype=bool)
+        for j, h in enumerate(hours.tolist()):
+            got = self._judged_requests.get(h)
+            if got is not None:
+                m = min(n, got.shape[0])
+                out[:m, j] = got[:m]
+        return out
 
     def judged_rows(self) -> list[tuple[str, int]]:
         """Every (scope key, hour) mark held, for the store."""
@@ -444,14 +468,16 @@ class Evaluator:
             if i is not None:
                 self._marks(h, n)[i] = True
 
-    def _marks(self, h: int, n: int) -> np.ndarray:
-        """The (scopes,) marks of hour h, grown to n scopes (empty if it had none)."""
-        got = self._judged.get(h)
+    def _marks(self, h: int, n: int, marks: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """The (scopes,) marks of hour h (in `marks`, the size marks by default), grown to n
+        scopes (empty if it had none)."""
+        marks = self._judged if marks is None else marks
+        got = marks.get(h)
         if got is None or got.shape[0] < n:
             grown = np.zeros(n, dtype=bool)
             if got is not None:
                 grown[: got.shape[0]] = got
-            got = self._judged[h] = grown
+            got = marks[h] = grown
         return got
 
     # --- evaluation -------------------------------------------------------------------
@@ -638,6 +664,13 @@ class _Context:
             self._whole[k] = self.hours(k).sum(axis=1)
         return self._whole[k]
 
+    def hours_expected(self, seasonal: Seasonal, k: int, keep: np.ndarray) -> np.ndarray:
+        """(S,) the seasonal expectation of the total of the k whole hours up to the
+        baseline's end that `keep` (S, k) keeps."""
+        end = self.base.end
+        slots = self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS
+        return np.einsum("sk,sk->s", seasonal.profile[:, slots], keep)
+
     def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
         """(S,) the seasonal expectation of the same k whole hours' total."""
         if k not in self._whole_slots:
@@ -782,21 +815,27 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     excess = np.zeros((c.n, len(SUSTAINED_HOURS)))
     ready = c.ready(spec)
 
-    def held_z(n: np.ndarray, expected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def held_z(n: np.ndarray, expected: np.ndarray, k: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = (n + 0.5) / (expected + 0.5)
-            z_level = np.log(ratio) / b.sustained[k].count_sd
-        z_sampling = quasi_poisson_z(n, expected, b.burstiness)
-        return np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling)), ratio
+            z_level = np.log(ratio) / (b.sustained[k].count_sd * np.sqrt(k / np.maximum(kept, 1)))
+            z_sampling = quasi_poisson_z(n, expected, b.burstiness)
+            z = np.sign(z_level) * np.fmin(np.abs(z_level), np.abs(z_sampling))
+        return np.where(kept >= 2, z, 0.0), ratio
 
+    last = max(SUSTAINED_HOURS)
+    judged = c.ev.judged_request_hours(np.arange(b.end + 1 - last, b.end + 1), c.n)     # (S, last)
     for j, k in enumerate(SUSTAINED_HOURS):
-        n = c.whole_hours(k)[:, F["requests"]]
-        expected = c.whole_hours_expected(b.requests, k)
+        keep = ~judged[:, last - k:]
+        kept = keep.sum(axis=1)
+        n = np.einsum("sk,sk->s", c.hours(k)[..., F["requests"]], keep)
+        expected = c.hours_expected(b.requests, k, keep)
         excess[:, j] = n - expected
-        z, ratio = held_z(n, expected, k)
+        z, ratio = held_z(n, expected, k, kept)
         # a fall against the scope's week, as on the short windows (`Baseline.request_falls`)
-        expected_fall = expected if b.request_falls is b.requests else c.whole_hours_expected(b.request_falls, k)
-        z_fall, ratio_fall = (z, ratio) if expected_fall is expected else held_z(n, expected_fall, k)
+        expected_fall = (expected if b.request_falls is b.requests
+                         else c.hours_expected(b.request_falls, k, keep))
+        z_fall, ratio_fall = (z, ratio) if expected_fall is expected else held_z(n, expected_fall, k, kept)
         with np.errstate(invalid="ignore", divide="ignore"):
             up = ready & np.isfinite(expected) & (z >= c.zc_long[j]) & (n / (60.0 * k) >= spec.min_current)
             down = (ready & np.isfinite(expected_fall) & (z_fall <= -c.zc_long[j])
