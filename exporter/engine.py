@@ -183,11 +183,12 @@ class Engine:
                 return
             try:
                 rows, tainted, apart = self.evaluator.judged_rows(), drift.tainted_rows(), drift.apart_rows()
+                requests = self.evaluator.judged_request_rows()
             except Exception:   # a bug in either must not stop the evaluations; the marks stay in memory
                 log.exception("listing judged hours failed")
                 return
             try:
-                self.store.write_judged(rows, tainted, apart)
+                self.store.write_judged(rows, tainted, apart, requests)
             except StoreError:
                 log.exception("storing judged hours failed; retried at the next evaluation")
                 return
@@ -233,6 +234,7 @@ class Engine:
         for groups in self.store.bucket_groups(60, cut, newest + 60):
             self.history.add(groups, keys, hourly=False)
         self.evaluator.load_judged(self.store.judged(int((now - self.settings.horizon) // 3600)))
+        self.evaluator.load_judged_requests(self.store.judged_requests(int((now - self.settings.horizon) // 3600)))
         _release_freed_heap()
 
     def _fold_journal(self) -> None:

@@ -180,6 +180,42 @@ def test_hours_a_cost_verdict_judged_survive_restart(tmp_path: Path, monkeypatch
     assert same == restored, (kept, again)
 
 
+@pytest.mark.parametrize("restored", [True, False])
+def test_hours_a_request_rate_verdict_judged_survive_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             restored: bool) -> None:
+    """An hour of ten times the usual requests is flagged by the request rate's evaluation
+    windows, and its hour is left out of the held windows (2 to 8 hours) after it, which
+    would otherwise read it as a shift held for hours (400 + 2 x 40 requests against 120
+    on the 3 hours since: 4x). The marks are stored: a process restarted after the burst
+    stays as quiet two hours later as the process that kept running. (With the stored
+    marks ignored, `restored` False, the restarted process warns: the test can tell.)"""
+    if not restored:
+        monkeypatch.setattr(Evaluator, "load_judged_requests", lambda self, rows: None)
+    rng = np.random.default_rng(5)
+    before = steady_history(days=8) + steady_hour(T0, rng, n=400)
+    later = steady_hour(T0 + HOUR, rng) + steady_hour(T0 + 2 * HOUR, rng)
+    t, t2 = T0 + HOUR - 1, T0 + 3 * HOUR - 1
+    results = []
+    for name, restart in (("kept", False), ("restarted", True)):
+        settings = settings_for(tmp_path, name=f"{name}.db")
+        engine, clock = engine_at(settings, t)
+        ingest_by_day(engine, before, now=t)
+        flagged = {r["scope"] for r in engine.evaluate(t).rows() if r["signal"] == "request_rate" and r["severity"] != "ok"}
+        assert "global" in flagged
+        if restart:
+            engine.close()
+            engine, clock = engine_at(settings, t)
+            if restored:
+                assert (scope_text(("global", "", "", "")), int(T0 // HOUR)) in engine.evaluator.judged_request_rows()
+        clock.t = t2
+        ingest_by_day(engine, later, now=t2)
+        results.append({r["scope"]: r["severity"] for r in engine.evaluate(t2).rows() if r["signal"] == "request_rate"})
+        engine.close()
+    kept, again = results
+    assert kept["global"] == "ok", kept
+    assert (again == kept) == restored, (kept, again)
+
+
 # --- kill -9 ---------------------------------------------------------------------------------
 
 BATCH = 25

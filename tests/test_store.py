@@ -140,6 +140,9 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     st = engine.store
     st.write_judged([("global\x1f\x1f\x1f", int(T0 // 3600) - 5), ("global\x1f\x1f\x1f", int(T0 // 3600) - 5)])
     assert st.judged(0) == [("global\x1f\x1f\x1f", int(T0 // 3600) - 5)]    # a mark stored twice is one
+    st.write_judged([], requests=[("app\x1fchat\x1f\x1f", int(T0 // 3600) - 4)])
+    assert st.judged_requests(0) == [("app\x1fchat\x1f\x1f", int(T0 // 3600) - 4)]   # marks of their own
+    assert st.judged(0) == [("global\x1f\x1f\x1f", int(T0 // 3600) - 5)]
     h = int(T0 // 3600) - 5
     st.write_judged([], [], [("openai", "gpt-4o", "retry", h, h * 3600.0 + 600, h * 3600.0 + 900)])
     st.write_judged([], [], [("openai", "gpt-4o", "retry", h, h * 3600.0 + 300, h * 3600.0 + 700)])
@@ -158,6 +161,7 @@ def test_prune_drops_what_aged_out(tmp_path: Path) -> None:
     clock.t = T0 + 3 * 86400
     engine.prune()
     assert mins() == [] and hours() == [] and remembered(st) == set() and st.judged(0) == []   # judged hours: 2 d
+    assert st.judged_requests(0) == []
     assert st.drift_apart(0) == []
     assert sum(c for _, _, c in st.daily_costs()) == pytest.approx(2.0)   # daily costs stay for forecasts
     engine.close()

@@ -411,7 +411,11 @@ class Evaluator:
         level the scope has reached before. An hour that a verdict judged is therefore left
         out of the size statistics, as the drift detector leaves its drifting hours out of
         its reference. Judged on event time, so a backtest marks the hours live evaluation
-        would; the engine stores the marks (`judged_rows`), so a restart keeps them."""
+        would; the engine stores the marks (`judged_rows`), so a restart keeps them.
+
+        A request-rate verdict of the evaluation windows (not one that a shift held for
+        hours carries alone) marks its hours too, in marks of their own that the request
+        rate's held windows leave out (`judged_request_hours`, `judged_request_rows`)."""
         self._mark(self._judged, [verdicts[name] for name in JUDGED_BY_SIZE if name in verdicts], t)
         rate = verdicts.get("request_rate")
         if rate is not None:
@@ -455,18 +459,32 @@ class Evaluator:
         return out
 
     def judged_rows(self) -> list[tuple[str, int]]:
-        """Every (scope key, hour) mark held, for the store."""
+        """Every (scope key, hour) mark of the size statistics held, for the store."""
+        return self._rows(self._judged)
+
+    def judged_request_rows(self) -> list[tuple[str, int]]:
+        """Every (scope key, hour) mark of the request rate's held windows held, for the store."""
+        return self._rows(self._judged_requests)
+
+    def _rows(self, marks: dict[int, np.ndarray]) -> list[tuple[str, int]]:
         keys = self.history.keys
-        return [(scope_text(keys[i]), h) for h, got in self._judged.items() for i in np.flatnonzero(got).tolist()]
+        return [(scope_text(keys[i]), h) for h, got in marks.items() for i in np.flatnonzero(got).tolist()]
 
     def load_judged(self, rows: Sequence[tuple[str, int]]) -> None:
         """Marks stored from `judged_rows` (at start-up), for the scopes the history holds."""
+        self._load(rows, self._judged)
+
+    def load_judged_requests(self, rows: Sequence[tuple[str, int]]) -> None:
+        """Marks stored from `judged_request_rows` (at start-up)."""
+        self._load(rows, self._judged_requests)
+
+    def _load(self, rows: Sequence[tuple[str, int]], marks: dict[int, np.ndarray]) -> None:
         index = {scope_text(key): i for i, key in enumerate(self.history.keys)}
         n = len(self.history.keys)
         for text, h in rows:
             i = index.get(text)
             if i is not None:
-                self._marks(h, n)[i] = True
+                self._marks(h, n, marks)[i] = True
 
     def _marks(self, h: int, n: int, marks: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """The (scopes,) marks of hour h (in `marks`, the size marks by default), grown to n
@@ -808,7 +826,18 @@ def _held_requests(spec: SignalSpec, c: _Context) -> tuple[np.ndarray, np.ndarra
     of those hours' seasonal expectations, judged by how much k-hour sums strayed from
     theirs in the baseline (and by sampling noise, for quiet scopes). (rise, fall) effects,
     the hours of the window a shift passed furthest on (0 where none), and the excess of
-    requests on each of those windows (S, K)."""
+    requests on each of those windows (S, K).
+
+    The hours in which a verdict of the evaluation windows judged the scope's request rate
+    (`Evaluator.judged_request_hours`) are left out, with their expectation: a burst or an
+    outage of an hour is theirs to judge, and stayed in the held windows for up to 8 hours
+    after it ended, at a ratio their sustained ratio passes (a retry storm's all traffic
+    warned 90 minutes after it, an outage's app two hours after). A shift that only the
+    held windows find has no such hour, so it is judged as before: the level shifts of
+    NAB's series that a window read without its top hour found late or not at all. A
+    window with fewer hours left is read with a wider spread, sqrt(k / kept) times its
+    k-hour one (independent hours: the widest), and one with less than two hours left,
+    not at all (an hour is the evaluation windows')."""
     b = c.base
     rise, fall = np.zeros(c.n), np.zeros(c.n)
     hours, best = np.zeros(c.n, dtype=np.int64), np.zeros(c.n)
@@ -987,9 +1016,10 @@ def top_hour(excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     event of an hour is the hour's own windows' to judge, at the short windows' ratios.
     Left in, it kept the held windows, whose ratio is lower, warning for hours after it
     ended (a 2x hour reads 1.5x on the two hours it is part of and 1.25x on four). The
-    request rate's held windows keep every hour: read without the top hour, level shifts
+    request rate's held windows are not read so: read without the top hour, level shifts
     of NAB's series that only they find were found later or not at all (11 of 15 windows
-    to 9)."""
+    to 9). They leave out the hours the evaluation windows judged instead
+    (`_held_requests`)."""
     dev = np.where(np.isfinite(excess), excess, -np.inf)
     top = np.argmax(dev, axis=1)
     top_excess = np.take_along_axis(dev, top[:, None], axis=1)[:, 0]

@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS slot_sizes (scope TEXT NOT NULL, hour INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS burst_blocks (scope TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS judged (scope TEXT NOT NULL, hour INTEGER NOT NULL, PRIMARY KEY (scope, hour)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS judged_requests (scope TEXT NOT NULL, hour INTEGER NOT NULL,
+  PRIMARY KEY (scope, hour)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drift_tainted (provider TEXT NOT NULL, model TEXT NOT NULL, hour INTEGER NOT NULL,
   signal TEXT NOT NULL, PRIMARY KEY (provider, model, hour, signal)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drift_apart (provider TEXT NOT NULL, model TEXT NOT NULL, app TEXT NOT NULL,
@@ -595,9 +597,11 @@ class Store:
             self._committed()
 
     def write_judged(self, rows: Sequence[tuple[str, int]], tainted: Sequence[tuple[str, str, int, str]] = (),
-                     apart: Sequence[tuple[str, str, str, int, float, float]] = ()) -> None:
+                     apart: Sequence[tuple[str, str, str, int, float, float]] = (),
+                     requests: Sequence[tuple[str, int]] = ()) -> None:
         """Store the (scope key, hour) pairs whose cost or tokens a verdict judged anomalous
-        (the evaluator leaves those hours out of its size statistics), the (provider,
+        (the evaluator leaves those hours out of its size statistics), those whose request
+        rate a verdict of the evaluation windows judged (left out of the held windows), the (provider,
         model, hour, signal) cells the drift detector found drifting (left out of that
         signal's reference), and the spans of a model's failures put on one of its apps
         (left out of the model's error rate), so that a restart does not take a spike or a
@@ -607,6 +611,7 @@ class Store:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT OR IGNORE INTO judged VALUES (?, ?)", rows)
+                self._db.executemany("INSERT OR IGNORE INTO judged_requests VALUES (?, ?)", requests)
                 self._db.executemany("INSERT OR IGNORE INTO drift_tainted VALUES (?, ?, ?, ?)", tainted)
                 self._db.executemany("INSERT INTO drift_apart VALUES (?, ?, ?, ?, ?, ?) "
                                      "ON CONFLICT (provider, model, app, hour) DO UPDATE SET "
@@ -619,6 +624,10 @@ class Store:
     def judged(self, since_hour: int) -> list[tuple[str, int]]:
         with self._lock, self._reading("reading judged hours from"):
             return self._db.execute("SELECT scope, hour FROM judged WHERE hour >= ?", (since_hour,)).fetchall()
+
+    def judged_requests(self, since_hour: int) -> list[tuple[str, int]]:
+        with self._lock, self._reading("reading judged hours from"):
+            return self._db.execute("SELECT scope, hour FROM judged_requests WHERE hour >= ?", (since_hour,)).fetchall()
 
     def drift_tainted(self, since_hour: int) -> list[tuple[str, str, int, str]]:
         with self._lock, self._reading("reading drifting hours from"):
@@ -662,6 +671,7 @@ class Store:
                 self._db.execute("DELETE FROM slot_sizes WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM burst_blocks WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM judged WHERE hour < ?", (int((now - horizon) // 3600),))
+                self._db.execute("DELETE FROM judged_requests WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM drift_tainted WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("DELETE FROM drift_apart WHERE hour < ?", (int((now - horizon) // 3600),))
                 self._db.execute("COMMIT")
