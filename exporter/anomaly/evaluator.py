@@ -384,15 +384,7 @@ class Evaluator:
         (`_remember_judged`), None where there are none. A scope keeps its hours while they
         are under a quarter of its hours with sized requests: a level that lasts longer is
         its new one, and the baseline learns it."""
-        for h in [h for h in self._judged if h < int(hours[0])]:
-            del self._judged[h]
-        n = sized.shape[0]
-        out = np.zeros((n, hours.shape[0]), dtype=bool)
-        for j, h in enumerate(hours.tolist()):
-            got = self._judged.get(h)
-            if got is not None:
-                m = min(n, got.shape[0])
-                out[:m, j] = got[:m]
+        out = self._marked(self._judged, hours, sized.shape[0])
         if not out.any():
             return None
         brief = out.sum(axis=1) < 0.25 * np.sum(sized > 0, axis=1)
@@ -446,13 +438,18 @@ class Evaluator:
                 self.judged_version += 1
 
     def judged_request_hours(self, hours: np.ndarray, n: int) -> np.ndarray:
-        """(n, len(hours)) the given hours' request-rate marks (`_remember_judged`); marks
-        older than the first of them are dropped (the held windows read no further back)."""
-        for h in [h for h in self._judged_requests if h < int(hours[0])]:
-            del self._judged_requests[h]
+        """(n, len(hours)) the given hours' request-rate marks (`_remember_judged`)."""
+        return self._marked(self._judged_requests, hours, n)
+
+    @staticmethod
+    def _marked(marks: dict[int, np.ndarray], hours: np.ndarray, n: int) -> np.ndarray:
+        """(n, len(hours)) the marks of the given hours; marks older than the first of them
+        are dropped (no reader looks further back)."""
+        for h in [h for h in marks if h < int(hours[0])]:
+            del marks[h]
         out = np.zeros((n, hours.shape[0]), dtype=bool)
         for j, h in enumerate(hours.tolist()):
-            got = self._judged_requests.get(h)
+            got = marks.get(h)
             if got is not None:
                 m = min(n, got.shape[0])
                 out[:m, j] = got[:m]
@@ -682,19 +679,21 @@ class _Context:
             self._whole[k] = self.hours(k).sum(axis=1)
         return self._whole[k]
 
-    def hours_expected(self, seasonal: Seasonal, k: int, keep: np.ndarray) -> np.ndarray:
-        """(S,) the seasonal expectation of the total of the k whole hours up to the
-        baseline's end that `keep` (S, k) keeps."""
-        end = self.base.end
-        slots = self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS
-        return np.einsum("sk,sk->s", seasonal.profile[:, slots], keep)
-
     def whole_hours_expected(self, seasonal: Seasonal, k: int) -> np.ndarray:
         """(S,) the seasonal expectation of the same k whole hours' total."""
+        return seasonal.profile[:, self._week_slots(k)].sum(axis=1)
+
+    def hours_expected(self, seasonal: Seasonal, k: int, keep: np.ndarray) -> np.ndarray:
+        """(S,) the seasonal expectation of the total of those of the k whole hours that
+        `keep` (S, k) keeps."""
+        return np.einsum("sk,sk->s", seasonal.profile[:, self._week_slots(k)], keep)
+
+    def _week_slots(self, k: int) -> np.ndarray:
+        """The hours of the week of the k whole hours up to the baseline's end."""
         if k not in self._whole_slots:
             end = self.base.end
             self._whole_slots[k] = self.ev.local(np.arange(end + 1 - k, end + 1)) % WEEK_HOURS
-        return seasonal.profile[:, self._whole_slots[k]].sum(axis=1)
+        return self._whole_slots[k]
 
     def ready(self, spec: SignalSpec) -> np.ndarray:
         return self.span >= spec.min_baseline_hours
