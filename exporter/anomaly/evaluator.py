@@ -257,6 +257,8 @@ class Evaluator:
         # signal -> (scopes,) event time each scope last named an anomaly (flagged, not explained);
         # scope rows of the history never move, so the arrays only grow
         self._named: dict[str, np.ndarray] = {}
+        # signal -> (scopes,) event time each app last took a flagged model's anomaly (`_remember_apart`)
+        self._apart: dict[str, np.ndarray] = {}
         # absolute hour -> (scopes,) whose cost or tokens a verdict judged anomalous in it
         self._judged: dict[int, np.ndarray] = {}
         # absolute hour -> (scopes,) whose request rate a short window's verdict judged anomalous in it
@@ -523,7 +525,8 @@ class Evaluator:
                 # a page needs its evidence past the page budget's threshold, on the window it was strongest on
                 at = np.clip(np.searchsorted(self.window_s, v.window), 0, len(self.window_s) - 1)
                 v.severity = page_evidence(v.severity, v.zscore, zc_page[at])
-            v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t))
+            v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t),
+                                  self._incumbents(spec.name, n, t, self._apart))
             lifted = lift_to_roots(v.severity, v.explained, keys)
             window, sign = _echo_reading(v)
             from_none = (lifted > v.severity) & (v.severity == 0)
@@ -531,13 +534,16 @@ class Evaluator:
             v.zscore = np.where(from_none & (sign != 0), sign * np.abs(v.zscore), v.zscore)
             v.severity = lifted
             self._remember_named(spec.name, v, t)
+            if v.counts is not None:
+                self._remember_apart(spec.name, v, keys, t)
         self._remember_judged(verdicts, t)
         return Snapshot(t, list(h.keys[:n]), self.specs, verdicts, active, w_req)
 
-    def _incumbents(self, signal: str, n: int, t: float) -> np.ndarray:
-        """Scopes that named an anomaly of `signal` within the shortest evaluation window
-        before t (one evaluation's dip below the thresholds does not end an event)."""
-        last = self._named.get(signal)
+    def _incumbents(self, signal: str, n: int, t: float, named: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Scopes that named an anomaly of `signal` (in `named`: that took it from a model,
+        `_remember_apart`) within the shortest evaluation window before t (one
+        evaluation's dip below the thresholds does not end an event)."""
+        last = (self._named if named is None else named).get(signal)
         out = np.zeros(n, dtype=bool)
         if last is not None:
             m = min(n, last.shape[0])
@@ -545,14 +551,32 @@ class Evaluator:
         return out
 
     def _remember_named(self, signal: str, v: Verdict, t: float) -> None:
+        self._stamp(self._named, signal, (v.severity >= 1) & (v.explained < 0), t)
+
+    def _remember_apart(self, signal: str, v: Verdict, keys: list[ScopeKey], t: float) -> None:
+        """Stamp the apps that a flagged model's anomaly of a performance signal is put on
+        (the model explained by the app: `_failures_are_the_apps` decided it), so that
+        `explain` keeps the decision while the event lasts."""
         n = v.severity.shape[0]
-        last = self._named.get(signal)
+        models = np.flatnonzero((v.explained >= 0) & np.array([k[0] == "model" for k in keys[:n]], dtype=bool))
+        apps = v.explained[models]
+        apps = apps[np.array([keys[a][0] == "app" for a in apps.tolist()], dtype=bool)] if apps.size else apps
+        if apps.size or signal in self._apart:
+            hit = np.zeros(n, dtype=bool)
+            hit[apps] = True
+            self._stamp(self._apart, signal, hit, t)
+
+    @staticmethod
+    def _stamp(stamps: dict[str, np.ndarray], signal: str, hit: np.ndarray, t: float) -> None:
+        """Set t as the time of the scopes `hit` in `stamps[signal]`, grown to their number."""
+        n = hit.shape[0]
+        last = stamps.get(signal)
         if last is None or last.shape[0] < n:
             grown = np.full(n, -np.inf)
             if last is not None:
                 grown[: last.shape[0]] = last
-            last = self._named[signal] = grown
-        last[:n][(v.severity >= 1) & (v.explained < 0)] = t
+            last = stamps[signal] = grown
+        last[:n][hit] = t
 
 
 class _Context:
@@ -1429,7 +1453,8 @@ EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of 
 
 
 def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray,
-            windows: np.ndarray, incumbent: np.ndarray | None = None) -> np.ndarray:
+            windows: np.ndarray, incumbent: np.ndarray | None = None,
+            apart: np.ndarray | None = None) -> np.ndarray:
     """For each scope, the index of an anomalous narrower scope that explains its anomaly
     (of this signal), or -1.
 
@@ -1452,7 +1477,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     at its usual rate while the app's moved (`_failures_are_the_apps`), the app is named
     instead (its requests fail, not the model's: a retry storm, a bad request, its own
     quota). For an app that sends to several models, its share of the model's counts is
-    bounded (see there).
+    bounded (see there). `apart` marks the apps that took a model's anomaly so at the
+    last evaluations: they keep it until the model's other traffic shows the fault as
+    strongly (see there too).
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope (at the severity of its
@@ -1513,7 +1540,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             preferred, other = (a, m) if spec.family == "usage" else (m, a)
             if a_m and m_a:
                 others = [x for x in models_of.get(a, ()) if x != m]
-                named = incumbent is not None and bool(incumbent[a])
+                named = apart is not None and bool(apart[a])
                 if preferred == m and v.counts is not None and _failures_are_the_apps(v.counts, a, m, others, named):
                     preferred, other = a, m
                 echo, root = other, preferred
@@ -1657,15 +1684,17 @@ def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.
     failures are app a's, not the model's. `counts` holds events and trials per (scope,
     window), and the usual ratio and overdispersion per scope.
 
-    Where app a already names the anomaly (`named`: it did at the last evaluations), it
-    keeps it until the evidence points the other way as strongly (the log odds down to
-    -APART_EVIDENCE), as a sequential test's decision stands until the other boundary is
-    reached. As an app's burst of failures leaves the window, the window's share of them
-    shrinks towards the few failures the model's other traffic had by chance, the
-    evidence for the app falls under the threshold before the app's own evidence ends,
-    and the model, named for the last minutes of the event, paged for an event that was
-    the app's and was over (two retry storms of seven, a minute each, 58 minutes after
-    the storm).
+    Where app a already took the anomaly from the model so (`named`: it did at the last
+    evaluations), it keeps it until the evidence points the other way as strongly (the
+    log odds down to -APART_EVIDENCE), as a sequential test's decision stands until the
+    other boundary is reached. As an app's burst of failures leaves the window, the
+    window's share of them shrinks towards the few failures the model's other traffic had
+    by chance, the evidence for the app falls under the threshold before the app's own
+    evidence ends, and the model, named for the last minutes of the event, paged for an
+    event that was the app's and was over (two retry storms of seven, a minute each, 58
+    minutes after the storm). An app named only because its own evidence passed first
+    (the model not flagged yet) decided nothing: kept on it, a model's fault stayed its
+    busiest app's for 25 minutes, and the drift detector left the model's errors out.
 
     Judged on the configured window only, which holds all of an event's first hour: one
     sample that grows with the event, for which Wald's bound on wrongly reaching the
