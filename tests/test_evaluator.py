@@ -515,7 +515,7 @@ def test_an_app_that_named_the_failures_keeps_them_until_the_model_is_shown_at_f
     """An app of one model (scope 0; scope 1 is the model) with 100 of the model's 200
     requests. 8 of the app's fail and 2 of the rest's (usual 1 %): the tail of the app's
     burst, too weak to put the failures on the app (log odds about 0.8 against log 20),
-    strong enough to keep them there once it named them. When the rest fails as often as
+    strong enough to keep them there once the test had put them on it. When the rest fails as often as
     the app, the model's fault shows, and the name moves to it even from the app."""
     def counts(e_rest: float) -> tuple[np.ndarray, ...]:
         e = np.array([[8.0], [8.0 + e_rest]])
