@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -143,6 +143,36 @@ def test_five_minute_size_spreads_survive_restart(tmp_path: Path) -> None:
     again.close()
 
 
+def _kept_and_restarted(tmp_path: Path, spike: Callable[[np.random.Generator], list[dict[str, Any]]], signal: str,
+                        marks: str, restored: bool,
+                        read: Callable[[list[dict[str, Any]]], dict[Any, Any]]) -> list[dict[Any, Any]]:
+    """Eight steady days and the hour `spike` makes (from T0), which flags `signal` at all traffic;
+    then two steady hours, read at their end (`read` of the rows) by a process that kept
+    running and by one restarted right after the spike, whose evaluator holds the stored
+    mark of the spike's hour (`marks`: the evaluator's method that lists them) if `restored`."""
+    rng = np.random.default_rng(5)
+    before = steady_history(days=8) + spike(rng)
+    later = steady_hour(T0 + HOUR, rng) + steady_hour(T0 + 2 * HOUR, rng)
+    t, t2 = T0 + HOUR - 1, T0 + 3 * HOUR - 1
+    results = []
+    for name, restart in (("kept", False), ("restarted", True)):
+        settings = settings_for(tmp_path, name=f"{name}.db")
+        engine, clock = engine_at(settings, t)
+        ingest_by_day(engine, before, now=t)
+        flagged = {r["scope"] for r in engine.evaluate(t).rows() if r["signal"] == signal and r["severity"] != "ok"}
+        assert "global" in flagged
+        if restart:
+            engine.close()
+            engine, clock = engine_at(settings, t)
+            if restored:
+                assert (scope_text(("global", "", "", "")), int(T0 // HOUR)) in getattr(engine.evaluator, marks)()
+        clock.t = t2
+        ingest_by_day(engine, later, now=t2)
+        results.append(read(engine.evaluate(t2).rows()))
+        engine.close()
+    return results
+
+
 @pytest.mark.parametrize("restored", [True, False])
 def test_hours_a_cost_verdict_judged_survive_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      restored: bool) -> None:
@@ -154,28 +184,10 @@ def test_hours_a_cost_verdict_judged_survive_restart(tmp_path: Path, monkeypatch
     the verdicts differ: the test can tell.)"""
     if not restored:
         monkeypatch.setattr(Evaluator, "load_judged", lambda self, rows: None)
-    rng = np.random.default_rng(5)
-    before = steady_history(days=8) + steady_hour(T0, rng, cost=5.0, n=40)
-    later = steady_hour(T0 + HOUR, rng) + steady_hour(T0 + 2 * HOUR, rng)
-    t, t2 = T0 + HOUR - 1, T0 + 3 * HOUR - 1
-    results = []
-    for name, restart in (("kept", False), ("restarted", True)):
-        settings = settings_for(tmp_path, name=f"{name}.db")
-        engine, clock = engine_at(settings, t)
-        ingest_by_day(engine, before, now=t)
-        flagged = {r["scope"] for r in engine.evaluate(t).rows() if r["signal"] == "cost_per_hour" and r["severity"] != "ok"}
-        assert "global" in flagged
-        if restart:
-            engine.close()
-            engine, clock = engine_at(settings, t)
-            if restored:
-                assert (scope_text(("global", "", "", "")), int(T0 // HOUR)) in engine.evaluator.judged_rows()
-        clock.t = t2
-        ingest_by_day(engine, later, now=t2)
-        results.append({(r["signal"], r["scope"]): r["zscore"] for r in engine.evaluate(t2).rows()
-                        if r["signal"] in ("cost_per_hour", "token_velocity")})
-        engine.close()
-    kept, again = results
+    kept, again = _kept_and_restarted(
+        tmp_path, lambda rng: steady_hour(T0, rng, cost=5.0, n=40), "cost_per_hour", "judged_rows", restored,
+        lambda rows: {(r["signal"], r["scope"]): r["zscore"] for r in rows
+                      if r["signal"] in ("cost_per_hour", "token_velocity")})
     same = all(again[k] == close_to(z, rel=1e-9, abs=1e-9) for k, z in kept.items())
     assert same == restored, (kept, again)
 
@@ -191,27 +203,9 @@ def test_hours_a_request_rate_verdict_judged_survive_restart(tmp_path: Path, mon
     marks ignored, `restored` False, the restarted process warns: the test can tell.)"""
     if not restored:
         monkeypatch.setattr(Evaluator, "load_judged_requests", lambda self, rows: None)
-    rng = np.random.default_rng(5)
-    before = steady_history(days=8) + steady_hour(T0, rng, n=400)
-    later = steady_hour(T0 + HOUR, rng) + steady_hour(T0 + 2 * HOUR, rng)
-    t, t2 = T0 + HOUR - 1, T0 + 3 * HOUR - 1
-    results = []
-    for name, restart in (("kept", False), ("restarted", True)):
-        settings = settings_for(tmp_path, name=f"{name}.db")
-        engine, clock = engine_at(settings, t)
-        ingest_by_day(engine, before, now=t)
-        flagged = {r["scope"] for r in engine.evaluate(t).rows() if r["signal"] == "request_rate" and r["severity"] != "ok"}
-        assert "global" in flagged
-        if restart:
-            engine.close()
-            engine, clock = engine_at(settings, t)
-            if restored:
-                assert (scope_text(("global", "", "", "")), int(T0 // HOUR)) in engine.evaluator.judged_request_rows()
-        clock.t = t2
-        ingest_by_day(engine, later, now=t2)
-        results.append({r["scope"]: r["severity"] for r in engine.evaluate(t2).rows() if r["signal"] == "request_rate"})
-        engine.close()
-    kept, again = results
+    kept, again = _kept_and_restarted(
+        tmp_path, lambda rng: steady_hour(T0, rng, n=400), "request_rate", "judged_request_rows", restored,
+        lambda rows: {r["scope"]: r["severity"] for r in rows if r["signal"] == "request_rate"})
     assert kept["global"] == "ok", kept
     assert (again == kept) == restored, (kept, again)
 
