@@ -10,10 +10,11 @@ This script copies every rule file into prometheus/vmalert/ under a header sayin
 came from, without its `keep_firing_for:` lines. Nothing else changes: the same alerts
 fire on the same expressions, after the same `for:`. What vmalert 1.79 loses is the
 cooldown those lines give (LLMModelLatencyHigh and LLMModelThroughputLow: 10 minutes of
-firing after the condition clears, against flapping; LLMBackendDown: a minute, so one
-successful probe does not end a flickering outage); an alert hovering around its
-threshold there resolves and fires again instead, which Alertmanager's group_interval
-spaces out.
+firing after the condition clears, against flapping; the anomaly pages, severe drift and
+spending runaway sessions: 5 minutes, so a verdict that dips for a minute pages once;
+LLMBackendDown: a minute, so one successful probe does not end a flickering outage); an
+alert hovering around its threshold there resolves and fires again instead, which
+Alertmanager's group_interval spaces out.
 
     python3 prometheus/build_vmalert.py            # rewrite prometheus/vmalert/
     python3 prometheus/build_vmalert.py --check    # exit 1 and list the files that differ

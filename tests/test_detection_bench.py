@@ -30,7 +30,7 @@ from score import (  # noqa: E402
 from traffic import DAY, HOUR, MissingData, build_traffic, day_orders, in_zone, split_records, zone_shift  # noqa: E402
 
 from exporter.sources.replay import backtest  # noqa: E402
-from exporter.anomaly.rules import FOR, QUIET_AFTER_PAGE  # noqa: E402
+from exporter.anomaly.rules import FOR, KEEP_FIRING, QUIET_AFTER_PAGE  # noqa: E402
 from exporter.anomaly.signals import SIGNAL_NAMES  # noqa: E402
 
 PLAN = bench.Plan("test", history_days=3, scored_days=1, instance_slots=((0, 14),), creep_slots=(), nab=(),
@@ -75,9 +75,11 @@ def row_scope(r: dict[str, Any]) -> str:
 def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
                      ) -> tuple[set[tuple[str, str, str, str, float]], dict[str, tuple[int, int]]]:
     """Walk the steps one by one as Prometheus evaluates a rule: pending from the first step
-    its condition holds, firing once it has held for `for:`, reset when it stops holding; a
-    warning's condition also fails where its critical twin's page holds it (the rule's
-    `hold`), judged after the critical rule of the same step.
+    its condition holds, firing once it has held for `for:`, reset when it stops holding,
+    unless it was firing: then it fires on for its `keep_firing_for:` from the first step
+    without it, and through the condition's return meanwhile; a warning's condition also
+    fails where its critical twin's page holds it (the rule's `hold`), judged after the
+    critical rule of the same step.
     Returns (signal, direction, scope, severity, first firing time) of every alert, and per
     signal the number of runs of steps with some alert firing on a series, and of runs with
     a critical one firing (alerts and pages)."""
@@ -87,6 +89,7 @@ def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
     paged_at: dict[tuple[str, str, str], float] = {}
     was: dict[tuple[str, str, str], tuple[bool, bool]] = {}
     counts: dict[str, list[int]] = {}
+    keep_since: dict[tuple[str, str, str, str], float] = {}
     for t, rows in steps:
         holds = set()
         for r in rows:
@@ -99,9 +102,21 @@ def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
                     holds.add((r["signal"], direction, row_scope(r), rule.severity))
         now: dict[tuple[str, str, str], tuple[bool, bool]] = {}
         fired_now, active = set(), set()
-        for k in sorted(holds, key=lambda k: k[3] != "critical"):       # the critical rule first
+        kept = {k for k in fired if k not in holds and next(x for x in RULES[k[0]] if x.severity == k[3]).keep_s > 0}
+        for k in sorted(holds | kept, key=lambda k: k[3] != "critical"):       # the critical rule first
             rule = next(x for x in RULES[k[0]] if x.severity == k[3])
             series = k[:3]
+            if k in kept:                                # firing on without its condition
+                if t - keep_since.setdefault(k, t) >= rule.keep_s:
+                    keep_since.pop(k)
+                    continue
+                now[series] = (True, now.get(series, (False, False))[1] or rule.pages)
+                fired_now.add(k)
+                active.add(k)                            # the run goes on: its pending time stays
+                if rule.pages:
+                    paged_at[series] = t
+                continue
+            keep_since.pop(k, None)
             if rule.hold and not rule.pages:            # held by its twin's page, as its expression says
                 last = paged_at.get(series)
                 recent = last is not None and t - last < rule.hold_s
@@ -109,7 +124,7 @@ def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
                     continue
             active.add(k)
             since = pending.setdefault(k, t)
-            if t - since >= rule.for_s:
+            if t - since >= rule.for_s or k in fired:
                 now[series] = (True, now.get(series, (False, False))[1] or rule.pages)
                 fired_now.add(k)
                 if rule.pages:
@@ -143,6 +158,22 @@ def test_for_logic_on_a_hand_made_matrix() -> None:
     assert firing(t, cond, 0.0).tolist() == cond.tolist()
     assert runs(cond) == [(0, 2, 6), (1, 2, 7), (2, 1, 3), (2, 5, 9)]
     assert parse_duration("5m") == 300 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+
+
+def test_keep_firing_for_on_a_hand_made_matrix() -> None:
+    """`keep_firing_for: 3m` with `for: 2m`: a firing alert fires on for 3 steps after its
+    condition stops, and through a return of the condition within them (no second `for:`);
+    a longer gap resolves it, and a condition that never fired keeps nothing."""
+    t = np.arange(30) * 60.0
+    cond = np.zeros((30, 3), dtype=bool)
+    cond[[2, 3, 4, 5, 8, 9, 10], 0] = True       # fires 4..5, gap 6..7 (kept), on at once from 8
+    cond[[2, 3, 4, 5, 10, 11, 12, 13], 1] = True  # fires 4..5, kept 6..8, resolved; 10 is pending again
+    cond[[2, 3, 6, 7], 2] = True                  # never held 2 minutes: never fired, nothing kept
+    f = firing(t, cond, 120.0, 180.0)
+    assert np.flatnonzero(f[:, 0]).tolist() == list(range(4, 14))
+    assert np.flatnonzero(f[:, 1]).tolist() == [4, 5, 6, 7, 8, 12, 13, 14, 15, 16]
+    assert not f[:, 2].any()
+    assert (firing(t, cond, 120.0, 0.0) == firing(t, cond, 120.0)).all()
 
 
 def test_a_page_holds_its_warning_twin_as_the_rule_says() -> None:
@@ -197,6 +228,9 @@ def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files
         # the warning is held by its page as the generator writes it
         assert {(r.severity, r.hold, r.hold_s) for r in RULES[sig]} == {
             ("warning", HOLD_UNLESS_FIRST, parse_duration(QUIET_AFTER_PAGE)), ("critical", "", 0.0)}
+        # and the page fires on for the generator's keep_firing_for
+        assert {(r.severity, r.keep_s) for r in RULES[sig]} == {
+            ("warning", 0.0), ("critical", parse_duration(KEEP_FIRING["critical"]))}
     assert {r.level for r in RULES["drift"]} == {1, 2}
     assert all(len(RULES[f"runaway.{x}"]) == 1 for x in ("chain_length", "token_burst", "session_cost",
                                                          "tool_repetition", "invocation"))

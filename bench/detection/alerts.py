@@ -54,6 +54,7 @@ class AlertRule:
     explainable: bool    # the rule stays quiet while `explained` is set (anomaly rules)
     hold_s: float = 0.0  # a warning held by its critical twin: for this long after the twin fired ...
     hold: str = ""       # ... HOLD_UNLESS_FIRST (also while the twin fires) or HOLD_AFTER (only once it resolved)
+    keep_s: float = 0.0  # its `keep_firing_for:`
 
     @property
     def pages(self) -> bool:
@@ -61,7 +62,7 @@ class AlertRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"alert": self.alert, "severity": self.severity, "level": self.level, "for_s": self.for_s,
-                "explainable": self.explainable, "hold_s": self.hold_s, "hold": self.hold}
+                "explainable": self.explainable, "hold_s": self.hold_s, "hold": self.hold, "keep_s": self.keep_s}
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -99,7 +100,8 @@ def anomaly_rules(path: Path) -> list[AlertRule]:
         level = int(lv.group(1)) if lv else LEVEL_OF_SEVERITY.get(sev, 1)
         hold_s, hold = _hold(expr) if sev != PAGING else (0.0, "")
         out.append(AlertRule(str(r["alert"]), m.group(1), sev, level, parse_duration(r.get("for", "0s")),
-                             explainable="llm_anomaly_explained" in expr, hold_s=hold_s, hold=hold))
+                             explainable="llm_anomaly_explained" in expr, hold_s=hold_s, hold=hold,
+                             keep_s=parse_duration(r.get("keep_firing_for", "0s"))))
     return out
 
 
@@ -122,11 +124,12 @@ def detector_rules(path: Path) -> list[AlertRule]:
         expr = str(r.get("expr", ""))
         sev = str((r.get("labels") or {}).get("severity", "warning"))
         for_s = parse_duration(r.get("for", "0s"))
+        keep_s = parse_duration(r.get("keep_firing_for", "0s"))
         name = str(r["alert"])
         if "llm_drift_severity" in expr:
             # `llm_drift_severity >= N`, or `max without (replica) (llm_drift_severity) >= N`
             lv = re.search(r"llm_drift_severity(?:\{[^}]*\})?\)?\s*>=\s*(\d+)", expr)
-            out.append(AlertRule(name, "drift", sev, int(lv.group(1)) if lv else 1, for_s, False))
+            out.append(AlertRule(name, "drift", sev, int(lv.group(1)) if lv else 1, for_s, False, keep_s=keep_s))
         elif "llm_runaway_sessions" in expr:
             m = re.search(r'reason\s*(=~|!~|=|!=)\s*"([^"]*)"', expr)
             reasons: tuple[str, ...] = RUNAWAY_REASONS
@@ -134,9 +137,9 @@ def detector_rules(path: Path) -> list[AlertRule]:
                 listed = set(m.group(2).split("|"))
                 keep = m.group(1) in ("=~", "=")
                 reasons = tuple(x for x in RUNAWAY_REASONS if (x in listed) == keep)
-            out.extend(AlertRule(name, f"runaway.{x}", sev, 1, for_s, False) for x in reasons)
+            out.extend(AlertRule(name, f"runaway.{x}", sev, 1, for_s, False, keep_s=keep_s) for x in reasons)
         elif "llm_runaway_invocation_zscore" in expr:
-            out.append(AlertRule(name, "runaway.invocation", sev, 1, for_s, False))
+            out.append(AlertRule(name, "runaway.invocation", sev, 1, for_s, False, keep_s=keep_s))
     return out
 
 
@@ -203,13 +206,35 @@ def run_start(cond: np.ndarray) -> np.ndarray:
     return np.where(cond, np.maximum.accumulate(marks, axis=0), -1)
 
 
-def firing(times: np.ndarray, cond: np.ndarray, for_s: float) -> np.ndarray:
-    """(S, K) bool: where an alert with this condition and `for:` is firing."""
+def firing(times: np.ndarray, cond: np.ndarray, for_s: float, keep_s: float = 0.0) -> np.ndarray:
+    """(S, K) bool: where an alert with this condition, `for:` and `keep_firing_for:` is
+    firing. As Prometheus keeps it: a firing alert whose condition stops holding fires on
+    while less than `keep_s` has passed since the first step without it, and, where the
+    condition comes back meanwhile, fires on through it with no new `for:`; a pending
+    alert is dropped at once."""
     if cond.size == 0:
         return cond.copy()
     rs = run_start(cond)
     held = times[:, None] - times[np.maximum(rs, 0)]
-    return cond & (held >= for_s - 1e-6)
+    fired = cond & (held >= for_s - 1e-6)
+    if keep_s <= 0.0 or not fired.any():
+        return fired
+    out = fired.copy()
+    n = cond.shape[0]
+    for k in np.flatnonzero(fired.any(axis=0)).tolist():
+        spans = runs(cond[:, k:k + 1])
+        active = False                      # firing as the run begins (kept through the gap before it)
+        for i, (_, a, b) in enumerate(spans):
+            if active:
+                out[a:b + 1, k] = True
+            elif not fired[a:b + 1, k].any():
+                continue
+            gap = b + 1                     # the first step without the condition
+            end = spans[i + 1][1] if i + 1 < len(spans) else n
+            kept = gap + int(np.searchsorted(times[gap:end], times[gap] + keep_s - 1e-6)) if gap < n else gap
+            out[gap:kept, k] = True
+            active = gap < n and kept >= end and end < n
+    return out
 
 
 def fired_within(times: np.ndarray, fired: np.ndarray, span_s: float) -> np.ndarray:

@@ -209,7 +209,7 @@ def raise_alerts(obs: Observations, rules: dict[str, tuple[AlertRule, ...]]) -> 
                 if r.hold and not r.pages:
                     f = held_firing(t, cond, r.for_s, page, r.hold_s, r.hold)
                 else:
-                    f = firing(t, cond, r.for_s)
+                    f = firing(t, cond, r.for_s, r.keep_s)
                 if r.pages:
                     page = f
                 a |= f
