@@ -10,8 +10,8 @@ This script copies every rule file into prometheus/vmalert/ under a header sayin
 came from, without its `keep_firing_for:` lines. Nothing else changes: the same alerts
 fire on the same expressions, after the same `for:`. What vmalert 1.79 loses is the
 cooldown those lines give (LLMModelLatencyHigh and LLMModelThroughputLow: 10 minutes of
-firing after the condition clears, against flapping; the anomaly pages, severe drift and
-spending runaway sessions: 5 minutes, so a verdict that dips for a minute pages once;
+firing after the condition clears, against flapping; the anomaly, drift, runaway and
+invocation alerts: 5 minutes, so a verdict that dips for a minute alerts once;
 LLMBackendDown: a minute, so one successful probe does not end a flickering outage); an
 alert hovering around its threshold there resolves and fires again instead, which
 Alertmanager's group_interval spaces out.

@@ -228,9 +228,9 @@ def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files
         # the warning is held by its page as the generator writes it
         assert {(r.severity, r.hold, r.hold_s) for r in RULES[sig]} == {
             ("warning", HOLD_UNLESS_FIRST, parse_duration(QUIET_AFTER_PAGE)), ("critical", "", 0.0)}
-        # and the page fires on for the generator's keep_firing_for
+        # and each fires on for the generator's keep_firing_for
         assert {(r.severity, r.keep_s) for r in RULES[sig]} == {
-            ("warning", 0.0), ("critical", parse_duration(KEEP_FIRING["critical"]))}
+            (sev, parse_duration(KEEP_FIRING[sev])) for sev in ("warning", "critical")}
     assert {r.level for r in RULES["drift"]} == {1, 2}
     assert all(len(RULES[f"runaway.{x}"]) == 1 for x in ("chain_length", "token_burst", "session_cost",
                                                          "tool_repetition", "invocation"))

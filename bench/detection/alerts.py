@@ -216,7 +216,12 @@ def firing(times: np.ndarray, cond: np.ndarray, for_s: float, keep_s: float = 0.
         return cond.copy()
     rs = run_start(cond)
     held = times[:, None] - times[np.maximum(rs, 0)]
-    fired = cond & (held >= for_s - 1e-6)
+    return kept_firing(times, cond, cond & (held >= for_s - 1e-6), keep_s)
+
+
+def kept_firing(times: np.ndarray, cond: np.ndarray, fired: np.ndarray, keep_s: float) -> np.ndarray:
+    """`fired` (where the rule's expression fires an alert, each run of it ending with its
+    run of `cond`) with `keep_firing_for: keep_s` applied (see `firing`)."""
     if keep_s <= 0.0 or not fired.any():
         return fired
     out = fired.copy()
@@ -246,17 +251,19 @@ def fired_within(times: np.ndarray, fired: np.ndarray, span_s: float) -> np.ndar
 
 
 def held_firing(times: np.ndarray, cond: np.ndarray, for_s: float, page: np.ndarray, hold_s: float,
-                hold: str) -> np.ndarray:
+                hold: str, keep_s: float = 0.0) -> np.ndarray:
     """(S, K) bool: where a warning fires that its critical twin (firing where `page`)
     holds as `hold` says. A warning not yet firing is held; under HOLD_UNLESS_FIRST one
     already firing fires on while `cond` holds, the twin's page or not."""
     recent = fired_within(times, page, hold_s)
     if hold == HOLD_AFTER:
-        return firing(times, cond & ~(recent & ~page), for_s)
+        return firing(times, cond & ~(recent & ~page), for_s, keep_s)
     first = firing(times, cond & ~recent, for_s)
     idx = np.arange(cond.shape[0])[:, None]
     last_fired = np.maximum.accumulate(np.where(first, idx, -1), axis=0)
-    return cond & (last_fired >= run_start(cond))
+    # a firing warning is not held (its own ALERTS series excepts it), so what keeps it
+    # firing through a gap also keeps it firing as the condition returns
+    return kept_firing(times, cond, cond & (last_fired >= run_start(cond)), keep_s)
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int, int]]:

@@ -207,7 +207,7 @@ def raise_alerts(obs: Observations, rules: dict[str, tuple[AlertRule, ...]]) -> 
             for r in sorted(sig_rules, key=lambda x: not x.pages):    # the critical rule first, as in its group
                 cond = (m >= r.level) & mask & ~(quiet if r.explainable else never)
                 if r.hold and not r.pages:
-                    f = held_firing(t, cond, r.for_s, page, r.hold_s, r.hold)
+                    f = held_firing(t, cond, r.for_s, page, r.hold_s, r.hold, r.keep_s)
                 else:
                     f = firing(t, cond, r.for_s, r.keep_s)
                 if r.pages:
