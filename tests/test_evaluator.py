@@ -1573,6 +1573,37 @@ def test_a_model_flagged_before_its_app_is_named_at_the_app() -> None:
     assert explain(latency, v, keys, pairs, windows).tolist() == [-1, -1, -1]
 
 
+def test_an_app_slower_before_its_model_is_named_at_the_model() -> None:
+    """The mirror for performance signals, which name the model: an app's requests slow
+    first where they are the model's slowest, so the app's evidence can pass before the
+    model's. Where the model holds at least half of the app's excess, the slowdown is the
+    model's from the first evaluation, and the model carries the app's severity (one
+    warning at the model, not one at the app and then one at the model). A model holding
+    less of it leaves the app its own; usage signals name the app, so they are left
+    alone; and the error rate is left to the test of the model's other traffic."""
+    from exporter.anomaly.evaluator import explain, lift_to_roots
+    keys = [("global", "", "", ""), ("app", "rag", "", ""), ("model", "", "openai", "gpt-4o-mini")]
+    pairs, windows = np.array([[1, 2]]), np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    for name in ("latency_p95", "ttft_p95", "output_tokens_per_second"):
+        spec = next(s for s in DEFAULT_SIGNALS if s.name == name)
+        v = _pair_verdict(excess_app=8.0, excess_model=10.0)
+        v.severity = np.array([0, 1, 0])                           # only the app's evidence passed
+        got = explain(spec, v, keys, pairs, windows)
+        assert got.tolist() == [-1, 2, -1], name
+        assert lift_to_roots(v.severity, got, keys).tolist() == [0, 1, 1]    # the app's alert is quiet
+        small = _pair_verdict(excess_app=8.0, excess_model=3.0)
+        small.severity = np.array([0, 1, 0])
+        assert explain(spec, small, keys, pairs, windows).tolist() == [-1, -1, -1], name
+    v = _pair_verdict(excess_app=8.0, excess_model=10.0)
+    v.severity = np.array([0, 1, 0])
+    usage = next(s for s in DEFAULT_SIGNALS if s.name == "cost_per_hour")
+    assert explain(usage, v, keys, pairs, windows).tolist() == [-1, -1, -1]
+    errors = next(s for s in DEFAULT_SIGNALS if s.name == "error_rate")
+    e, n = np.array([[8.0], [8.0], [8.0]]), np.array([[100.0], [100.0], [100.0]])
+    v.counts = (e, n, np.full(3, 0.01), np.ones(3))
+    assert explain(errors, v, keys, pairs, windows).tolist() == [-1, -1, -1]
+
+
 def test_an_event_of_all_traffic_is_named_at_the_global_scope() -> None:
     """All traffic falls and no app or model holds half of the global excess: the apps
     and models that fell too are parts of one event, which the global scope names. An app

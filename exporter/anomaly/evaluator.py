@@ -1512,7 +1512,7 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             col = np.where(v.held_hours == k, len(windows) + j, col)
     out = np.full(sev.shape[0], -1, dtype=np.int64)
     flagged = np.flatnonzero(sev >= 1)
-    if flagged.size < (1 if spec.family == "usage" else 2):
+    if flagged.size < (1 if spec.family == "usage" or v.counts is None else 2):
         return out
     kind = np.array([k[0] for k in keys], dtype=object)
 
@@ -1571,6 +1571,23 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
                 col[a] = col[m]               # the app is read on the model's window, which it holds
                 if a not in apps:
                     apps.append(a)
+    # the other way round for performance signals, which name the model: an app's slowdown
+    # that its model holds is the model's, though the model's own evidence has not passed
+    # yet. The app's requests slow first where they are the model's slowest (its longest
+    # answers, its streamed ones), so its evidence passes a few minutes before the model's,
+    # and a warning at the app then one at the model would name one cause twice. Not the
+    # error rate: there the model's other traffic decides (`_failures_are_the_apps`).
+    if spec.family != "usage" and v.counts is None:
+        for a in apps:
+            if out[a] >= 0:
+                continue
+            holders = [m for a_, m in shared if a_ == a and sev[m] < 1 and covers(m, a)]
+            if holders:
+                m = max(holders, key=lambda i: abs(table(a)[i, col[a]]))
+                out[a] = m
+                col[m] = col[a]               # the model is read on the app's window, which holds it
+                if m not in models:
+                    models.append(m)
     roots = [i for i in apps + models if out[i] < 0]
     for g in flagged.tolist():
         if kind[g] != "global":
