@@ -1559,35 +1559,30 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     # noise than the app's own (the other apps' ups and downs partly cancel), so it often
     # passes a few minutes before it, and a page at the model then an alert at the app
     # would name one cause twice. The app takes the name, and the model's severity with it
-    # (`lift_to_roots`). Performance signals name the model, so they do not need this.
+    # (`lift_to_roots`). The other way round for performance signals, which name the
+    # model: an app's slowdown that its model holds is the model's, though the model's own
+    # evidence has not passed yet (the app's requests slow first where they are the
+    # model's slowest: its longest answers, its streamed ones). Not the error rate: there
+    # the model's other traffic decides (`_failures_are_the_apps`).
+    def adopt(echoes: list[int], partners: dict[int, list[int]], roots: list[int]) -> None:
+        for e in echoes:
+            if out[e] >= 0:
+                continue
+            holders = [r for r in partners.get(e, ()) if sev[r] < 1 and covers(r, e)]
+            if holders:
+                r = max(holders, key=lambda i: abs(table(e)[i, col[e]]))
+                out[e] = r
+                col[r] = col[e]               # the root is read on the echo's window, which it holds
+                if r not in roots:
+                    roots.append(r)
+
     if spec.family == "usage":
-        for m in models:
-            if out[m] >= 0:
-                continue
-            holders = [a for a, m_ in shared if m_ == m and sev[a] < 1 and covers(a, m)]
-            if holders:
-                a = max(holders, key=lambda i: abs(table(m)[i, col[m]]))
-                out[m] = a
-                col[a] = col[m]               # the app is read on the model's window, which it holds
-                if a not in apps:
-                    apps.append(a)
-    # the other way round for performance signals, which name the model: an app's slowdown
-    # that its model holds is the model's, though the model's own evidence has not passed
-    # yet. The app's requests slow first where they are the model's slowest (its longest
-    # answers, its streamed ones), so its evidence passes a few minutes before the model's,
-    # and a warning at the app then one at the model would name one cause twice. Not the
-    # error rate: there the model's other traffic decides (`_failures_are_the_apps`).
-    if spec.family != "usage" and v.counts is None:
-        for a in apps:
-            if out[a] >= 0:
-                continue
-            holders = [m for a_, m in shared if a_ == a and sev[m] < 1 and covers(m, a)]
-            if holders:
-                m = max(holders, key=lambda i: abs(table(a)[i, col[a]]))
-                out[a] = m
-                col[m] = col[a]               # the model is read on the app's window, which holds it
-                if m not in models:
-                    models.append(m)
+        apps_of: dict[int, list[int]] = {}
+        for a_, m_ in shared:
+            apps_of.setdefault(m_, []).append(a_)
+        adopt(models, apps_of, apps)
+    elif v.counts is None:
+        adopt(apps, models_of, models)
     roots = [i for i in apps + models if out[i] < 0]
     for g in flagged.tolist():
         if kind[g] != "global":
