@@ -1470,7 +1470,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     performance signals (a model serves them). When only one holds half of the other's, the
     other is its echo. For usage signals, a flagged model is also the echo of an app that
     holds half of its excess before the app's own evidence passes; the app then carries
-    the model's severity (`lift_to_roots`) and its direction (`_echo_reading`).
+    the model's severity (`lift_to_roots`) and its direction (`_echo_reading`). For the
+    other performance signals than the error rate, the other way round: a flagged app is
+    the echo of a model that holds half of its excess before the model's own passes.
     `pairs` lists the (app scope, model scope) rows that share a series.
     A model's fault shows on every app that sends to it: where a performance signal kept as
     counts (the error rate, `Verdict.counts`) shows that the model's other traffic went on
