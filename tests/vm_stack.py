@@ -134,7 +134,11 @@ class VMStack:
                            f"-datasource.url={self.urls['vm']}", f"-remoteWrite.url={self.urls['vm']}",
                            f"-remoteRead.url={self.urls['vm']}", f"-notifier.url={self.urls['alertmanager']}",
                            f"-evaluationInterval={interval}", f"-remoteWrite.flushInterval={interval}",
-                           *(["-datasource.queryStep=5s"] if self.fast else []),
+                           # fast mode: a firing alert is resent every 5 s, and Alertmanager holds it
+                           # for 20 s (vmalert 1.79: 4 x max(interval, resend delay)). With the default
+                           # delay (none) it held it for 4 s: vmalert stopped for 6 s resolved a page
+                           # that was still firing, and lifted its inhibition of the warning twin
+                           *(["-datasource.queryStep=5s", "-rule.resendDelay=5s"] if self.fast else []),
                            f"-external.url={self.urls['vmalert']}",
                            f"-httpListenAddr=127.0.0.1:{self.ports['vmalert']}", "-loggerLevel=WARN"]
         return cmds
