@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -259,6 +259,10 @@ class Evaluator:
         self._named: dict[str, np.ndarray] = {}
         # signal -> (scopes,) event time each app last took a flagged model's anomaly (`_remember_apart`)
         self._apart: dict[str, np.ndarray] = {}
+        # signal -> (scopes,) event time each scope's own verdict of a count signal was last
+        # raised, and since when it has been raised without a gap (`_raised_since`)
+        self._raised: dict[str, np.ndarray] = {}
+        self._since: dict[str, np.ndarray] = {}
         # absolute hour -> (scopes,) whose cost or tokens a verdict judged anomalous in it
         self._judged: dict[int, np.ndarray] = {}
         # absolute hour -> (scopes,) whose request rate a short window's verdict judged anomalous in it
@@ -525,8 +529,9 @@ class Evaluator:
                 # a page needs its evidence past the page budget's threshold, on the window it was strongest on
                 at = np.clip(np.searchsorted(self.window_s, v.window), 0, len(self.window_s) - 1)
                 v.severity = page_evidence(v.severity, v.zscore, zc_page[at])
+            samples = self._event_samples(spec.name, v, pairs, t) if v.counts is not None else None
             v.explained = explain(spec, v, keys, pairs, self.window_s, self._incumbents(spec.name, n, t),
-                                  self._incumbents(spec.name, n, t, self._apart))
+                                  self._incumbents(spec.name, n, t, self._apart), samples)
             lifted = lift_to_roots(v.severity, v.explained, keys)
             window, sign = _echo_reading(v)
             from_none = (lifted > v.severity) & (v.severity == 0)
@@ -549,6 +554,54 @@ class Evaluator:
             m = min(n, last.shape[0])
             out[:m] = (last[:m] >= t - float(self.window_s[0])) & (last[:m] < t)
         return out
+
+    def _raised_since(self, signal: str, raised: np.ndarray, t: float) -> np.ndarray:
+        """(scopes,) since when each scope's own verdict of `signal` has been raised, as of
+        t (-inf where it is not raised now). A dip shorter than the shortest evaluation
+        window does not end an event, as for `_incumbents`."""
+        n = raised.shape[0]
+        for stamps in (self._raised, self._since):
+            self._stamp(stamps, signal, np.zeros(n, dtype=bool), t)     # grown to n scopes
+        last, since = self._raised[signal][:n], self._since[signal][:n]
+        ongoing = raised & (last >= t - float(self.window_s[0])) & (last <= t)
+        since[raised & ~ongoing] = t
+        last[raised] = t
+        return np.where(raised, since, -np.inf)
+
+    def _event_samples(self, signal: str, v: Verdict, pairs: np.ndarray,
+                       t: float) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """For each (app, model) pair whose own verdicts of a count signal are both raised:
+        every scope's events and trials since the earlier of the two was raised, where that
+        is less than the configured window ago (`_failures_are_the_apps` reads these).
+
+        The window holds up to an hour before the event, when the app and the rest of the
+        model's traffic both failed at their usual rates: early in an event that dilutes
+        the app's failures, so the test's alternative (both failing alike) sits close to
+        the usual rate and its evidence grows slowly. An app's own retry storm at a fifth
+        of its requests, raised a few minutes before its model, was named at the model
+        for 6 to 24 minutes before the test put it back on the app. From the first
+        verdict on, the sample holds the event alone, and grows with it: an accumulating
+        sample with a start fixed before its data is read, as Wald's bound asks. The
+        start is a verdict's, not a guess of when the event began: an earlier start would
+        take in minutes in which the model's other traffic had not failed yet, and a
+        model's fault would lean towards its app."""
+        raised = v.severity >= 1
+        since = self._raised_since(signal, raised, t)
+        h = self.history
+        hi, k_max = math.floor(t / h.fine), self.fine_slots[-1]
+        want: dict[tuple[int, int], int] = {}
+        for a, m in pairs.tolist():
+            if a < raised.shape[0] and m < raised.shape[0] and raised[a] and raised[m]:
+                k = hi - math.floor(min(since[a], since[m]) / h.fine) + 1
+                if k < k_max:
+                    want[(int(a), int(m))] = k
+        if not want:
+            return {}
+        ks = sorted(set(want.values()))
+        sums = h.recent_sums(t, ks)
+        e, n = sums[..., F["errors"]], sums[..., F["requests"]]
+        col = {k: j for j, k in enumerate(ks)}
+        return {pair: (e[:, col[k]], n[:, col[k]]) for pair, k in want.items()}
 
     def _remember_named(self, signal: str, v: Verdict, t: float) -> None:
         self._stamp(self._named, signal, (v.severity >= 1) & (v.explained < 0), t)
@@ -1454,7 +1507,8 @@ EXPLAINS_SHARE = 0.5     # a narrower anomaly that holds at least this share of 
 
 def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarray,
             windows: np.ndarray, incumbent: np.ndarray | None = None,
-            apart: np.ndarray | None = None) -> np.ndarray:
+            apart: np.ndarray | None = None,
+            samples: Mapping[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """For each scope, the index of an anomalous narrower scope that explains its anomaly
     (of this signal), or -1.
 
@@ -1481,7 +1535,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     quota). For an app that sends to several models, its share of the model's counts is
     bounded (see there). `apart` marks the apps that took a model's anomaly so at the
     last evaluations: they keep it until the model's other traffic shows the fault as
-    strongly (see there too).
+    strongly (see there too). `samples` holds, per (app, model) pair, every scope's
+    events and trials since the pair's event began, which the test reads instead of the
+    configured window's where given (`Evaluator._event_samples`).
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope (at the severity of its
@@ -1543,7 +1599,10 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             if a_m and m_a:
                 others = [x for x in models_of.get(a, ()) if x != m]
                 named = apart is not None and bool(apart[a])
-                if preferred == m and v.counts is not None and _failures_are_the_apps(v.counts, a, m, others, named):
+                counts = v.counts
+                if counts is not None and samples is not None and (a, m) in samples:
+                    counts = (*samples[(a, m)], counts[2], counts[3])
+                if preferred == m and counts is not None and _failures_are_the_apps(counts, a, m, others, named):
                     preferred, other = a, m
                 echo, root = other, preferred
             elif a_m:
@@ -1710,10 +1769,12 @@ def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.
     (the model not flagged yet) decided nothing: kept on it, a model's fault stayed its
     busiest app's for 25 minutes, and the drift detector left the model's errors out.
 
-    Judged on the configured window only, which holds all of an event's first hour: one
-    sample that grows with the event, for which Wald's bound on wrongly reaching the
-    evidence holds. (Every shorter window at every evaluation would be a test of its own:
-    a model's fault would be put on one of its apps far more often than the bound says.)
+    Judged on one sample that grows with the event, for which Wald's bound on wrongly
+    reaching the evidence holds: the requests since the app's or the model's verdict was
+    first raised (`Evaluator._event_samples`), and once that is longer ago than the
+    configured window, that window. (Every shorter evaluation window at every evaluation
+    would be a test of its own: a model's fault would be put on one of its apps far more
+    often than the bound says.) `counts` then holds that sample's events and trials.
 
     The history keeps an app's counts over all its models, not per model. For an app that
     also sends to `others`, its share of m's counts is bounded instead: the rest of m has
