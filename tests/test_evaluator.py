@@ -526,6 +526,60 @@ def test_an_app_that_named_the_failures_keeps_them_until_the_model_is_shown_at_f
     assert not _failures_are_the_apps(counts(8.0), 0, 1, named=True)
 
 
+def test_the_apart_test_reads_the_event_since_its_first_verdict() -> None:
+    """An app of one model (scope 1; scope 2 is the model), both raised for errors (the
+    global scope is not). Over
+    the hour the app's burst is diluted by its usual minutes: 12 of its 300 requests
+    failed and 3 of the rest's 300 (usual 1 %), log odds about 1.6, short of log 20, so
+    the model is named. Since the first verdict (`samples`) the app failed 10 times in 40
+    and the rest not once in 60: the failures are the app's. Had the rest failed alike
+    since then (6 of 60), the model keeps them."""
+    from exporter.anomaly.evaluator import explain
+    spec = next(s for s in DEFAULT_SIGNALS if s.name == "error_rate")
+    keys = [("global", "", "", ""), ("app", "agent", "", ""), ("model", "", "anthropic", "haiku")]
+    pairs, windows = np.array([[1, 2]]), np.array([300.0 * k for k in (1, 2, 3, 4, 6, 12)])
+    v = _pair_verdict(excess_app=8.0, excess_model=8.0)
+    v.counts = (np.array([[15.0], [12.0], [15.0]]), np.array([[600.0], [300.0], [600.0]]), np.full(3, 0.01), np.ones(3))
+    assert explain(spec, v, keys, pairs, windows).tolist() == [-1, 2, -1]          # the hour: the model's
+    own = {(1, 2): (np.array([10.0, 10.0, 10.0]), np.array([100.0, 40.0, 100.0]))}
+    assert explain(spec, v, keys, pairs, windows, samples=own).tolist() == [-1, -1, 1]
+    alike = {(1, 2): (np.array([16.0, 10.0, 16.0]), np.array([100.0, 40.0, 100.0]))}
+    assert explain(spec, v, keys, pairs, windows, samples=alike).tolist() == [-1, 2, -1]
+
+
+@pytest.mark.parametrize("where", ["agent", "model"])
+def test_an_apps_failures_are_put_on_it_sooner_from_the_first_verdict(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                                      where: str) -> None:
+    """A fifth of the agent app's requests to claude-3-5-haiku fail from 14:00 (its own
+    retry storm), or of every request to the model (the model's fault). Both scopes are
+    raised within minutes, and once both are, the model is named (nothing yet says the
+    failures are the app's alone). Read since the first verdict, the search app's requests
+    to the model, which go on failing at their usual rate, hand the storm back to the
+    agent app sooner than on the hour window, which holds the hour before the storm too
+    (here after 5 minutes at the model instead of 10). The model's own fault stays the
+    model's either way."""
+    rng = np.random.default_rng(20)
+    sel = site.traffic.where(model=HAIKU) if where == "model" else site.traffic.where(app="agent", model=HAIKU)
+    traffic = site.traffic.changed(sel, is_error=lambda x: x | (rng.random(x.size) < 0.2))
+
+    def named_at(snaps: list[Snapshot], name: str) -> list[float]:
+        return [m for m, n, _, by in flagged(snaps, "error_rate") if n == name and by is None]
+
+    sample = live(site, traffic, every(S, 30, 1))
+    monkeypatch.setattr(Evaluator, "_event_samples", lambda self, signal, v, pairs, t: {})
+    hour = live(site, traffic, every(S, 30, 1))
+    if where == "model":
+        for snaps in (sample, hour):
+            assert named_at(snaps, "app=agent") == [] and len(named_at(snaps, f"model={HAIKU}")) >= 20
+        return
+
+    def taken_back(snaps: list[Snapshot]) -> float:        # the app names it again, after the model did
+        model = named_at(snaps, f"model={HAIKU}")
+        return min((m for m in named_at(snaps, "app=agent") if model and m > min(model)), default=math.inf)
+    assert taken_back(sample) < taken_back(hour) <= 30, (taken_back(sample), taken_back(hour))
+    assert 0 < len(named_at(sample, f"model={HAIKU}")) < len(named_at(hour, f"model={HAIKU}"))
+
+
 def test_independent_errors_are_not_read_as_overdispersed() -> None:
     """Errors that fail independently (binomial) have dispersion 1, whatever their rate: a
     scope with one expected error an hour is judged as such."""
