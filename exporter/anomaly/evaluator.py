@@ -1599,11 +1599,12 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
             if a_m and m_a:
                 others = [x for x in models_of.get(a, ()) if x != m]
                 named = apart is not None and bool(apart[a])
-                counts = v.counts
-                if counts is not None and samples is not None and (a, m) in samples:
-                    counts = (*samples[(a, m)], counts[2], counts[3])
-                if preferred == m and counts is not None and _failures_are_the_apps(counts, a, m, others, named):
-                    preferred, other = a, m
+                if preferred == m and v.counts is not None:
+                    tests = [v.counts]
+                    if samples is not None and (a, m) in samples:
+                        tests.append((*samples[(a, m)], v.counts[2], v.counts[3]))
+                    if any(_failures_are_the_apps(c, a, m, others, named) for c in tests):
+                        preferred, other = a, m
                 echo, root = other, preferred
             elif a_m:
                 echo, root = m, a
