@@ -533,7 +533,8 @@ def test_the_apart_test_reads_the_event_since_its_first_verdict() -> None:
     failed and 3 of the rest's 300 (usual 1 %), log odds about 1.6, short of log 20, so
     the model is named. Since the first verdict (`samples`) the app failed 10 times in 40
     and the rest not once in 60: the failures are the app's. Had the rest failed alike
-    since then (6 of 60), the model keeps them."""
+    since then (6 of 60), the model keeps them. The hour decides only where the event's
+    sample reaches neither boundary."""
     from exporter.anomaly.evaluator import explain
     spec = next(s for s in DEFAULT_SIGNALS if s.name == "error_rate")
     keys = [("global", "", "", ""), ("app", "agent", "", ""), ("model", "", "anthropic", "haiku")]
@@ -544,6 +545,14 @@ def test_the_apart_test_reads_the_event_since_its_first_verdict() -> None:
     own = {(1, 2): (np.array([10.0, 10.0, 10.0]), np.array([100.0, 40.0, 100.0]))}
     assert explain(spec, v, keys, pairs, windows, samples=own).tolist() == [-1, -1, 1]
     alike = {(1, 2): (np.array([16.0, 10.0, 16.0]), np.array([100.0, 40.0, 100.0]))}
+    assert explain(spec, v, keys, pairs, windows, samples=alike).tolist() == [-1, 2, -1]
+    # an hour in which the rest did not fail once in 400 requests (log odds about 4.7) puts
+    # them on the app where the rest sent too little since the first verdict to tell; it
+    # held the hour before the event, when the rest failed as usual whatever the cause, and
+    # where since then the rest failed as the app did, the event's own sample decides
+    v.counts = (np.array([[15.0], [15.0], [15.0]]), np.array([[700.0], [300.0], [700.0]]), np.full(3, 0.01), np.ones(3))
+    quiet = {(1, 2): (np.array([6.0, 6.0, 6.0]), np.array([25.0, 20.0, 25.0]))}
+    assert explain(spec, v, keys, pairs, windows, samples=quiet).tolist() == [-1, -1, 1]
     assert explain(spec, v, keys, pairs, windows, samples=alike).tolist() == [-1, 2, -1]
 
 

@@ -109,6 +109,10 @@ LOG_FLOOR = {"cost_per_hour": 0.01, "token_velocity": 1.0}     # keeps log ratio
 SPENDING = {"cost_per_hour": "costed_requests", "token_velocity": "sized_requests"}
 
 
+# events, trials (each per scope and window, or per scope), usual ratio and overdispersion per scope
+Counts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 @dataclass(slots=True)
 class Verdict:
     """One signal judged over all scopes; every field is an array with one entry per scope.
@@ -143,7 +147,7 @@ class Verdict:
     effects: "Effects | None" = None
     explained: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     held_hours: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    counts: Counts | None = None
     size_excess: np.ndarray | None = None
     size_baseline: np.ndarray | None = None
     by_size: np.ndarray | None = None
@@ -1600,10 +1604,10 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
                 others = [x for x in models_of.get(a, ()) if x != m]
                 named = apart is not None and bool(apart[a])
                 if preferred == m and v.counts is not None:
-                    tests = [v.counts]
+                    event = None
                     if samples is not None and (a, m) in samples:
-                        tests.append((*samples[(a, m)], v.counts[2], v.counts[3]))
-                    if any(_failures_are_the_apps(c, a, m, others, named) for c in tests):
+                        event = (*samples[(a, m)], v.counts[2], v.counts[3])
+                    if _failures_are_the_apps(v.counts, a, m, others, named, event):
                         preferred, other = a, m
                 echo, root = other, preferred
             elif a_m:
@@ -1751,8 +1755,8 @@ def _echo_reading(v: Verdict) -> tuple[np.ndarray, np.ndarray]:
     return window, sign
 
 
-def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], a: int, m: int,
-                       others: Sequence[int] = (), named: bool = False) -> bool:
+def _failures_are_the_apps(counts: Counts, a: int, m: int, others: Sequence[int] = (), named: bool = False,
+                           event: Counts | None = None) -> bool:
     """Whether the requests to model m other than app a's failed at the model's usual rate
     while app a's failed more, strongly enough (`evidence.APART_EVIDENCE`): then the
     failures are app a's, not the model's. `counts` holds events and trials per (scope,
@@ -1770,24 +1774,39 @@ def _failures_are_the_apps(counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.
     (the model not flagged yet) decided nothing: kept on it, a model's fault stayed its
     busiest app's for 25 minutes, and the drift detector left the model's errors out.
 
-    Judged on one sample that grows with the event, for which Wald's bound on wrongly
-    reaching the evidence holds: the requests since the app's or the model's verdict was
-    first raised (`Evaluator._event_samples`), and once that is longer ago than the
-    configured window, that window. (Every shorter evaluation window at every evaluation
-    would be a test of its own: a model's fault would be put on one of its apps far more
-    often than the bound says.) `counts` then holds that sample's events and trials.
+    Judged first on the requests since the app's or the model's verdict was first raised
+    (`event`, `Evaluator._event_samples`, while that is less than the configured window
+    ago): one sample that grows with the event, for which Wald's bound on wrongly reaching
+    the evidence holds. Where it reaches either boundary it decides: the rest of the model
+    failed as usual, or as the app did. Where it reaches neither (the model's other
+    traffic sent too little since), the configured window decides as it did alone: it
+    holds the hour before the event too, whose requests of the rest failed at the usual
+    rate under either cause, so it leans towards the app where the rest is quiet during
+    the event, and the event's own sample, once it speaks, overrules it. (Every shorter
+    evaluation window at every evaluation would be a test of its own: a model's fault
+    would be put on one of its apps far more often than the bound says.)
 
     The history keeps an app's counts over all its models, not per model. For an app that
     also sends to `others`, its share of m's counts is bounded instead: the rest of m has
     at most m's failures less the app's failures not on the other models, and at least
     m's successes less all of the app's. Both bounds lean towards the model's fault; for
     an app of one model they are its exact counts."""
+    if event is not None:
+        odds = _apart_odds(event, a, m, others)
+        if abs(odds) >= APART_EVIDENCE:
+            return odds > 0
+    odds = _apart_odds(counts, a, m, others)
+    return odds > -APART_EVIDENCE if named else odds >= APART_EVIDENCE
+
+
+def _apart_odds(counts: Counts, a: int, m: int, others: Sequence[int]) -> float:
+    """`evidence.apart_log_odds` of app a against the rest of model m, on the last window
+    of `counts` (see `_failures_are_the_apps` for the bounds where a sends to `others`)."""
     e, n, usual, disp = (x[..., -1] if x.ndim == 2 else x for x in counts)
     e_other = float(sum(e[o] for o in others))
     e_r = min(e[m], max(e[m] - e[a] + e_other, 0.0))
     n_r = e_r + max((n[m] - e[m]) - (n[a] - e[a]), 0.0)
-    odds = float(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]))
-    return odds > -APART_EVIDENCE if named else odds >= APART_EVIDENCE
+    return float(apart_log_odds(e[m] - e_r, n[m] - n_r, e_r, n_r, usual[m], disp[m]))
 
 
 def _rest_moved_less(excess_g: float, excess_p: float, baseline_g: float, baseline_p: float) -> bool:
