@@ -592,20 +592,23 @@ class Evaluator:
         raised = v.severity >= 1
         since = self._raised_since(signal, raised, t)
         h = self.history
-        hi, k_max = math.floor(t / h.fine), self.fine_slots[-1]
-        want: dict[tuple[int, int], int] = {}
-        for a, m in pairs.tolist():
-            if a < raised.shape[0] and m < raised.shape[0] and raised[a] and raised[m]:
-                k = hi - math.floor(min(since[a], since[m]) / h.fine) + 1
-                if k < k_max:
-                    want[(int(a), int(m))] = k
-        if not want:
+        a, m = (pairs[:, 0], pairs[:, 1]) if pairs.size else (np.zeros(0, dtype=np.int64),) * 2
+        both = (a < raised.shape[0]) & (m < raised.shape[0])
+        a, m = a[both], m[both]
+        both = raised[a] & raised[m]
+        a, m = a[both], m[both]
+        if not a.size:
             return {}
-        ks = sorted(set(want.values()))
-        sums = h.recent_sums(t, ks)
+        start = np.floor(np.minimum(since[a], since[m]) / h.fine).astype(np.int64)
+        k = math.floor(t / h.fine) - start + 1                   # fine slots since the first verdict
+        young = k < self.fine_slots[-1]
+        if not young.any():
+            return {}
+        ks = np.unique(k[young])
+        sums = h.recent_sums(t, ks.tolist())
         e, n = sums[..., F["errors"]], sums[..., F["requests"]]
-        col = {k: j for j, k in enumerate(ks)}
-        return {pair: (e[:, col[k]], n[:, col[k]]) for pair, k in want.items()}
+        col = np.searchsorted(ks, k[young])
+        return {(int(x), int(y)): (e[:, j], n[:, j]) for x, y, j in zip(a[young], m[young], col.tolist())}
 
     def _remember_named(self, signal: str, v: Verdict, t: float) -> None:
         self._stamp(self._named, signal, (v.severity >= 1) & (v.explained < 0), t)
