@@ -582,13 +582,13 @@ class Evaluator:
         model's traffic both failed at their usual rates: early in an event that dilutes
         the app's failures, so the test's alternative (both failing alike) sits close to
         the usual rate and its evidence grows slowly. An app's own retry storm at a fifth
-        of its requests, raised a few minutes before its model, was named at the model
-        for 6 to 24 minutes before the test put it back on the app. From the first
-        verdict on, the sample holds the event alone, and grows with it: an accumulating
-        sample with a start fixed before its data is read, as Wald's bound asks. The
-        start is a verdict's, not a guess of when the event began: an earlier start would
-        take in minutes in which the model's other traffic had not failed yet, and a
-        model's fault would lean towards its app."""
+        of its requests was named at its model for 10 minutes before the hour window put
+        it back on the app (5 on this sample). From the first verdict on, the sample holds
+        the event alone, and grows with it: an accumulating sample with a start fixed
+        before its data is read, as Wald's bound asks. The start is a verdict's, not a
+        guess of when the event began: an earlier start would take in minutes in which
+        the model's other traffic had not failed yet, and a model's fault would lean
+        towards its app."""
         raised = v.severity >= 1
         since = self._raised_since(signal, raised, t)
         h = self.history
@@ -1543,8 +1543,9 @@ def explain(spec: SignalSpec, v: Verdict, keys: list[ScopeKey], pairs: np.ndarra
     bounded (see there). `apart` marks the apps that took a model's anomaly so at the
     last evaluations: they keep it until the model's other traffic shows the fault as
     strongly (see there too). `samples` holds, per (app, model) pair, every scope's
-    events and trials since the pair's event began, which the test reads instead of the
-    configured window's where given (`Evaluator._event_samples`).
+    events and trials since the pair's first verdict, which the test reads first, the
+    configured window deciding where they reach neither boundary
+    (`Evaluator._event_samples`).
     The other way round, for usage signals, where the global scope is anomalous and no
     narrower scope explains it, its flagged apps and models that moved the same way are
     parts of one event of all traffic, named at the global scope (at the severity of its
