@@ -136,7 +136,8 @@ def test_fast_failures_of_a_slow_model_are_no_error_storm(monkeypatch: pytest.Mo
     no error-rate verdict in two hours judged every 5 minutes. With the outcomes' latencies
     taken as one (the test can fail) the model reads as a severe error storm."""
     if not apart:
-        monkeypatch.setattr(ScopeHistory, "outcome_shares", lambda self, t, k: (self.arrived_shares(t, k),) * 3)
+        shares = ScopeHistory.outcome_shares
+        monkeypatch.setattr(ScopeHistory, "outcome_shares", lambda self, t, k: (shares(self, t, k)[0],) * 3)
     traffic = _failing_fast(generate(FAST_FAILING, DAY0, S + 3 * HOUR, seed=3))
     harness = Harness().feed(traffic.take(traffic.ts < S))
     snaps = harness.run(traffic.take(traffic.ts >= S), every(S, 120, step=5), on_arrival=True)
@@ -187,10 +188,10 @@ def test_the_latencies_learned_survive_a_restart(tmp_path: Path) -> None:
         assert not engine.ingest(batch).rejected
     t = clock.t + 30
     key = ("model", "", "openai", "o3")
-    before = engine.history.arrived_shares(t, 10)[engine.history._index[key]]
+    before = engine.history.outcome_shares(t, 10)[0][engine.history._index[key]]
     engine.close()
     again, _ = engine_at(settings, t)
-    after = again.history.arrived_shares(t, 10)[again.history._index[key]]
+    after = again.history.outcome_shares(t, 10)[0][again.history._index[key]]
     again.close()
     assert before[0] < 0.1 and before[2] < 0.6 and before[9] > 0.99, before
     assert after == pytest.approx(before, rel=1e-6, abs=1e-9)

@@ -811,18 +811,12 @@ class ScopeHistory:
                                  self.hour_lags, 0.0)
         np.add.at(self.hour_lags, (rows.reshape(-1)[hok], hslot[hok], np.repeat(bins[keep], 3)[hok]), 1.0)
 
-    def arrived_shares(self, t: float, k: int) -> np.ndarray:
-        """(S, k) the share of each of the last k fine slots' records (the slot holding t
-        first) that has arrived by t, from each scope's latencies over the hours of the
-        last day, weighed by age (`arrival`)."""
-        hist = self._lag_hist(t)
-        n_bins = arrival.N_LAG_BINS
-        return self._shares(hist[:, :n_bins] + hist[:, n_bins:], t, k)
-
     def outcome_shares(self, t: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(all, successes, failures), each (S, k): `arrived_shares`, and the same for each
-        outcome apart, from its own latencies (a scope with few failures borrows the shape
-        of all traffic's failures)."""
+        """(all, successes, failures), each (S, k): the share of each of the last k fine
+        slots' records (the slot holding t first) that has arrived by t, from each scope's
+        latencies over the hours of the last day, weighed by age (`arrival`); and the same
+        for each outcome apart, from its own latencies (a scope with few failures borrows
+        the shape of all traffic's failures)."""
         hist = self._lag_hist(t)
         n_bins = arrival.N_LAG_BINS
         ok, failed = hist[:, :n_bins], hist[:, n_bins:]
