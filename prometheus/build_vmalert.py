@@ -6,24 +6,16 @@ One field does not: `keep_firing_for`, which vmalert 1.79 (Debian 12's
 `victoria-metrics` package) refuses as an unknown field, so it would load no file that has
 it. Later vmalert releases read it and can load prometheus/rules/ as it is.
 
-The other difference is where an anomaly warning learns that its critical twin fires.
-The warning is held back by reading its twin's `ALERTS` series, which Prometheus writes
-before the next rule of the group reads it. vmalert writes `ALERTS` through remote write
-and reads it back from the store an evaluation, a flush and the store's latency offset
-(30 s by default) later. Both twins go pending on the same verdict and fire after the same
-`for:`, so on vmalert the warning always fired beneath its page, unseen (Alertmanager
-inhibits it), and kept firing through the page (the hold keeps a twin that fired first).
-When the page resolved while the verdict decayed through warning, the inhibition lifted
-and chat was told of the tail of a cause the pager had already reported. The copies
-therefore also hold the warning while its page's own condition holds, read from the
-exporter's gauges in the same evaluation as the page, so the hold no longer waits for the
-read-back; a twin that did fire first (a verdict at warning for a `for:` before it rose
-to critical) still keeps firing, as in Prometheus.
+vmalert also keeps the alerts' own state differently: it writes `ALERTS` through remote
+write and reads it back from the store an evaluation, a flush and the store's latency
+offset later, where Prometheus' next rule of the group reads it at once. The rules do not
+depend on that read-back where it matters: an anomaly warning is held by its critical
+twin's own condition on the verdicts, not only by the twin's `ALERTS`, so it does not fire
+beneath a page that vmalert has not read back yet (exporter/anomaly/rules.py).
 
 This script copies every rule file into prometheus/vmalert/ under a header saying where it
-came from, without its `keep_firing_for:` lines, and with that second hold in the anomaly
-warnings. Nothing else changes: the same alerts fire on the same expressions, after the
-same `for:`. What vmalert 1.79 loses is the
+came from, without its `keep_firing_for:` lines. Nothing else changes: the same alerts
+fire on the same expressions, after the same `for:`. What vmalert 1.79 loses is the
 cooldown those lines give (LLMModelLatencyHigh and LLMModelThroughputLow: 10 minutes of
 firing after the condition clears, against flapping; the anomaly, drift, runaway and
 invocation alerts: 5 minutes, so a verdict that dips for a minute alerts once;
@@ -43,11 +35,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import textwrap
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "rules"
@@ -55,9 +43,6 @@ OUT = HERE / "vmalert"
 # rule fields vmalert 1.79 does not know; each is dropped with its line
 UNKNOWN_FIELDS = ("keep_firing_for",)
 _UNKNOWN = re.compile(r"^\s+(?:%s):.*\n?" % "|".join(UNKNOWN_FIELDS), re.M)
-# a warning's hold on its critical twin's ALERTS (exporter/anomaly/rules.py writes it)
-_TWIN_HOLD = re.compile(r'max_over_time\(ALERTS\{alertname="(?P<alert>\w+)", alertstate="firing", '
-                        r'severity="critical"\}\[\w+\]\)')
 
 HEADER = """\
 # Generated from ../rules/{name} by prometheus/build_vmalert.py for vmalert 1.79, which does
@@ -66,43 +51,13 @@ HEADER = """\
 """
 
 
-def twin_holds(doc: Any) -> dict[str, tuple[str, str]]:
-    """Alert name -> (the warning's hold on its page's `ALERTS`, that hold widened by the
-    page's own condition), for every warning of the rule file `doc` that holds on its twin.
-
-    The page's condition is its expression on one line; `or` keeps the label sets of both
-    sides, and the hold is matched `on` the series' labels, which both carry."""
-    holds: dict[str, tuple[str, str]] = {}
-    for group in (doc or {}).get("groups") or []:
-        rules = [r for r in group.get("rules") or [] if r.get("alert")]
-        pages = {r["alert"]: r["expr"] for r in rules if (r.get("labels") or {}).get("severity") == "critical"}
-        for rule in rules:
-            name = rule["alert"]
-            if (rule.get("labels") or {}).get("severity") != "warning" or name not in pages:
-                continue
-            m = _TWIN_HOLD.search(rule["expr"])
-            if m and m.group("alert") == name:
-                page = re.sub(r"\(\s+", "(", re.sub(r"\s+\)", ")", " ".join(pages[name].split())))
-                holds[name] = (m.group(0), f"({m.group(0)} or ({page}))")
-    return holds
-
-
 def convert(name: str, text: str) -> str:
     """The vmalert copy of one rule file's text."""
     dropped = sorted({m.group(0).split(":")[0].strip() for m in _UNKNOWN.finditer(text)})
-    out = _UNKNOWN.sub("", text)
-    holds = twin_holds(yaml.safe_load(text))
-    for old, new in holds.values():
-        assert out.count(old) == 1, old
-        out = out.replace(old, new)
-    differences = ["no " + ", ".join(f"`{f}`" for f in dropped) + " (its cooldown does not apply)"] if dropped else []
-    if holds:
-        differences.append("each anomaly warning is also held while its page's own condition holds "
-                           "(vmalert reads `ALERTS` back late)")
+    differences = ("none" if not dropped else
+                   "no " + ", ".join(f"`{f}`" for f in dropped) + " (its cooldown does not apply)")
     fields = " or ".join(f"`{f}`" for f in UNKNOWN_FIELDS)
-    said = HEADER.format(name=name, fields=fields, differences="; ".join(differences) or "none")
-    return re.sub(r"^# Differences.*$", lambda m: textwrap.fill(m.group(0), 92, subsequent_indent="# "),
-                  said, flags=re.M) + out
+    return HEADER.format(name=name, fields=fields, differences=differences) + _UNKNOWN.sub("", text)
 
 
 def expected(rules_dir: Path = RULES) -> dict[str, str]:

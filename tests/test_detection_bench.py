@@ -122,6 +122,8 @@ def reference_alerts(steps: list[tuple[float, list[dict[str, Any]]]]
                 recent = last is not None and t - last < rule.hold_s
                 if recent and (k not in fired if rule.hold == HOLD_UNLESS_FIRST else last != t):
                     continue
+                if rule.hold_cond and series + ("critical",) in holds and k not in fired:
+                    continue                             # the page's own condition holds it too
             active.add(k)
             since = pending.setdefault(k, t)
             if t - since >= rule.for_s or k in fired:
@@ -199,6 +201,24 @@ def test_a_page_holds_its_warning_twin_as_the_rule_says() -> None:
     assert np.flatnonzero(g[:, 0]).tolist() == list(range(7, 10))
     assert np.flatnonzero(g[:, 1]).tolist() == list(range(7, 15))
     assert np.flatnonzero(g[:, 2]).tolist() == list(range(74, 90))
+    # held by the page's own condition too: column 1's twin, pending since 2, would fire at
+    # 7 but the page's condition begins at 6, so it never fires (the page's hold then takes
+    # over); column 0 as before; a page condition that never fires still restarts the
+    # twin's pending time (column 2: 40..44, then pending again from 45, firing from 50)
+    page_cond = np.zeros((100, 3), dtype=bool)
+    page_cond[2:10, 0] = True
+    page_cond[6:15, 1] = True
+    page_cond[40:45, 2] = True
+    page2 = page.copy()
+    page2[:, 2] = False
+    h = held_firing(t, cond, 300.0, page2, 3600.0, HOLD_UNLESS_FIRST, page_cond=page_cond)
+    assert not h[:, 0].any() and not h[:, 1].any()
+    assert np.flatnonzero(h[:, 2]).tolist() == list(range(50, 90))
+    # a twin that fired before the page's condition began fires on through it
+    late = np.zeros((100, 3), dtype=bool)
+    late[12:15, 1] = True
+    assert np.flatnonzero(held_firing(t, cond, 300.0, page, 3600.0, HOLD_UNLESS_FIRST, page_cond=late)[:, 1]
+                          ).tolist() == list(range(7, 30))
 
 
 def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files() -> None:
@@ -226,8 +246,8 @@ def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files
         assert got == {("warning", 1, parse_duration(FOR["warning"]), True),
                        ("critical", 2, parse_duration(FOR["critical"]), True)}
         # the warning is held by its page as the generator writes it
-        assert {(r.severity, r.hold, r.hold_s) for r in RULES[sig]} == {
-            ("warning", HOLD_UNLESS_FIRST, parse_duration(QUIET_AFTER_PAGE)), ("critical", "", 0.0)}
+        assert {(r.severity, r.hold, r.hold_s, r.hold_cond) for r in RULES[sig]} == {
+            ("warning", HOLD_UNLESS_FIRST, parse_duration(QUIET_AFTER_PAGE), True), ("critical", "", 0.0, False)}
         # and each fires on for the generator's keep_firing_for
         assert {(r.severity, r.keep_s) for r in RULES[sig]} == {
             (sev, parse_duration(KEEP_FIRING[sev])) for sev in ("warning", "critical")}

@@ -55,6 +55,7 @@ class AlertRule:
     hold_s: float = 0.0  # a warning held by its critical twin: for this long after the twin fired ...
     hold: str = ""       # ... HOLD_UNLESS_FIRST (also while the twin fires) or HOLD_AFTER (only once it resolved)
     keep_s: float = 0.0  # its `keep_firing_for:`
+    hold_cond: bool = False   # held too while the twin's own condition holds (pending or firing), unless it fired first
 
     @property
     def pages(self) -> bool:
@@ -62,7 +63,8 @@ class AlertRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"alert": self.alert, "severity": self.severity, "level": self.level, "for_s": self.for_s,
-                "explainable": self.explainable, "hold_s": self.hold_s, "hold": self.hold, "keep_s": self.keep_s}
+                "explainable": self.explainable, "hold_s": self.hold_s, "hold": self.hold, "keep_s": self.keep_s,
+                "hold_cond": self.hold_cond}
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -98,22 +100,25 @@ def anomaly_rules(path: Path) -> list[AlertRule]:
         sev = str((r.get("labels") or {}).get("severity", "warning"))
         lv = re.search(r"llm_anomaly_severity\{[^}]*\}\s*>=\s*(\d+)", expr)
         level = int(lv.group(1)) if lv else LEVEL_OF_SEVERITY.get(sev, 1)
-        hold_s, hold = _hold(expr) if sev != PAGING else (0.0, "")
+        hold_s, hold, hold_cond = _hold(expr) if sev != PAGING else (0.0, "", False)
         out.append(AlertRule(str(r["alert"]), m.group(1), sev, level, parse_duration(r.get("for", "0s")),
                              explainable="llm_anomaly_explained" in expr, hold_s=hold_s, hold=hold,
-                             keep_s=parse_duration(r.get("keep_firing_for", "0s"))))
+                             keep_s=parse_duration(r.get("keep_firing_for", "0s")), hold_cond=hold_cond))
     return out
 
 
-def _hold(expr: str) -> tuple[float, str]:
+def _hold(expr: str) -> tuple[float, str, bool]:
     """How a warning's expression lets its critical twin hold it: `max_over_time` of the
     twin's firing ALERTS over a range, excepted where the warning's own firing ALERTS are
-    (HOLD_UNLESS_FIRST) or where the twin still fires (HOLD_AFTER); (0, "") for none."""
+    (HOLD_UNLESS_FIRST) or where the twin still fires (HOLD_AFTER), and whether the twin's
+    own condition (`... or <the verdict at the critical level>`) holds it too; (0, "",
+    False) for none."""
     m = re.search(r'max_over_time\(ALERTS\{[^}]*severity="critical"[^}]*\}\[(\w+)\]\)', expr)
     if not m:
-        return 0.0, ""
+        return 0.0, "", False
     mode = HOLD_UNLESS_FIRST if 'severity="warning"' in expr[m.end():] else HOLD_AFTER
-    return parse_duration(m.group(1)), mode
+    cond = re.match(r"\s*or\s+max without \(replica\) \(\s*llm_anomaly_ratio", expr[m.end():]) is not None
+    return parse_duration(m.group(1)), mode, cond
 
 
 def detector_rules(path: Path) -> list[AlertRule]:
@@ -251,13 +256,17 @@ def fired_within(times: np.ndarray, fired: np.ndarray, span_s: float) -> np.ndar
 
 
 def held_firing(times: np.ndarray, cond: np.ndarray, for_s: float, page: np.ndarray, hold_s: float,
-                hold: str, keep_s: float = 0.0) -> np.ndarray:
+                hold: str, keep_s: float = 0.0, page_cond: np.ndarray | None = None) -> np.ndarray:
     """(S, K) bool: where a warning fires that its critical twin (firing where `page`)
     holds as `hold` says. A warning not yet firing is held; under HOLD_UNLESS_FIRST one
-    already firing fires on while `cond` holds, the twin's page or not."""
+    already firing fires on while `cond` holds, the twin's page or not. `page_cond`: where
+    the twin's own condition holds, which holds a warning not yet firing too (its pending
+    time starts over, as the page's begins)."""
     recent = fired_within(times, page, hold_s)
     if hold == HOLD_AFTER:
         return firing(times, cond & ~(recent & ~page), for_s, keep_s)
+    if page_cond is not None:
+        recent = recent | page_cond
     first = firing(times, cond & ~recent, for_s)
     idx = np.arange(cond.shape[0])[:, None]
     last_fired = np.maximum.accumulate(np.where(first, idx, -1), axis=0)

@@ -203,15 +203,16 @@ def raise_alerts(obs: Observations, rules: dict[str, tuple[AlertRule, ...]]) -> 
         dirs = (("up", obs.sign[sig] > 0), ("down", obs.sign[sig] < 0)) if both else (("", np.ones(shape, bool)),)
         a, p = np.zeros(shape, bool), np.zeros(shape, bool)
         for direction, mask in dirs:
-            page = never
+            page = page_cond = never
             for r in sorted(sig_rules, key=lambda x: not x.pages):    # the critical rule first, as in its group
                 cond = (m >= r.level) & mask & ~(quiet if r.explainable else never)
                 if r.hold and not r.pages:
-                    f = held_firing(t, cond, r.for_s, page, r.hold_s, r.hold, r.keep_s)
+                    f = held_firing(t, cond, r.for_s, page, r.hold_s, r.hold, r.keep_s,
+                                    page_cond if r.hold_cond else None)
                 else:
                     f = firing(t, cond, r.for_s, r.keep_s)
                 if r.pages:
-                    page = f
+                    page, page_cond = f, cond
                 a |= f
                 if r.pages:
                     p |= f

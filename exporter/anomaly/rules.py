@@ -65,6 +65,20 @@ SEVERITY_AT = {"warning": 1, "critical": 2}
 # firing through the page and after it until the verdict falls below warning: had it
 # resolved while the page muted it, its "resolved" would be muted too and the receiver
 # would hold an alert that never ends.
+#
+# And the twin is held while its critical alert's own condition holds, read from the
+# verdicts as the critical rule reads it, so also while the page is pending. Two reasons.
+# A verdict at warning for a minute before it rises to critical would otherwise send the
+# warning a minute ahead of its page (the warning's `for:` passes while the page's is still
+# running): two notifications for one cause. (A warning that fired a minute or more before
+# the page's condition began is the escalation's first word, and keeps firing.) And an
+# engine that writes ALERTS through its store and reads it back an evaluation, a flush and
+# the store's latency offset later (vmalert on VictoriaMetrics) sees the page's ALERTS only
+# after both twins, pending on the same verdict for the same `for:`, have fired: the twin
+# would fire beneath every page, unseen, and fire on after it where the verdict decays
+# through warning, into the chat channel. The condition needs no read-back. The price: a
+# verdict that flickers between warning and critical at every evaluation keeps restarting
+# the warning's `for:` as it does the page's.
 QUIET_AFTER_PAGE = f"{max(SUSTAINED_HOURS) + 1}h"
 PAGE_ENDS = 13          # the generated test's page: severity 2 from minute 5 to 12, then 1 ...
 PAGE_DIPS = 9           # ... but for one minute of 1 at minute 9
@@ -86,13 +100,16 @@ HEADER = """\
 #   critical fires at llm_anomaly_severity == 2 held for {critical_for}, and inhibits its warning twin;
 #   each fires on for {keep} after the verdict falls below its level (keep_firing_for), so a
 #     verdict hovering at its ratio alerts once, not again at every dip;
-#   while a critical alert fires and for {quiet_after} after it resolves (the verdict's longest
-#   window, a held shift's, which still holds the burst as it decays through warning), its warning twin stays
-#   quiet unless the twin fired first: the page is not shadowed by a warning that would
-#   resolve unseen into the chat channel, nor followed by one about the same cause, and a
-#   warning that was sent before the page keeps firing until the verdict falls below warning,
-#   so its receiver sees it resolve. The critical rule comes first in the group, so the
-#   warning reads the critical's state of the same evaluation (and its own of the last);
+#   while a critical alert's own condition holds (pending or firing), while it fires and for
+#   {quiet_after} after it resolves (the verdict's longest window, a held shift's, which still
+#   holds the burst as it decays through warning), its warning twin stays quiet unless the
+#   twin fired first: the page is not shadowed by a warning that would resolve unseen into
+#   the chat channel, nor preceded by one a minute ahead of it, nor followed by one about
+#   the same cause, and a warning that was sent before the page keeps firing until the
+#   verdict falls below warning, so its receiver sees it resolve. The critical rule comes
+#   first in the group, so the warning reads the critical's state of the same evaluation
+#   (and its own of the last); the page's condition is read from the verdicts themselves,
+#   so an engine that reads ALERTS back from its store late (vmalert) holds the twin too;
 #   an anomaly that a narrower scope explains (llm_anomaly_explained == 1: the global echo
 #   of one app's spike, the app echo of one model's slowdown) stays quiet, so one cause
 #   pages once. Request rate moves both ways: the sign of llm_anomaly_zscore says which.
@@ -115,20 +132,32 @@ def _gauge(name: str, prefix: str, func: str, suffix: str) -> str:
             f'{{{{ else }}}}?{{{{ end }}}}{suffix}')
 
 
-def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, dashboard_url: str) -> str:
-    assert spec.text is not None
-    name, summary = spec.text.alerts[direction]
+def _condition(spec: SignalSpec, direction: str, severity: str) -> list[str]:
+    """The lines of the verdict's own condition for an alert of this severity: the
+    strongest replica at the severity's level, in the direction, not explained."""
     sel = f'{{signal="{spec.name}"}}'
     expr = ["max without (replica) (", f"  llm_anomaly_ratio{sel}",
             f"    and llm_anomaly_severity{sel} >= {SEVERITY_AT[severity]}"]
     if spec.direction == "both":
         expr.append(f"    and llm_anomaly_zscore{sel} {'>' if direction == 'up' else '<'} 0")
-    expr += [f"    unless llm_anomaly_explained{sel} == 1", ")"]
+    return expr + [f"    unless llm_anomaly_explained{sel} == 1", ")"]
+
+
+def _alert(spec: SignalSpec, direction: str, severity: str, runbook_url: str, dashboard_url: str) -> str:
+    assert spec.text is not None
+    name, summary = spec.text.alerts[direction]
+    expr = _condition(spec, direction, severity)
     if severity == "warning":
         paged = f'ALERTS{{alertname="{name}", alertstate="firing", severity="critical"}}'
         warned = f'ALERTS{{alertname="{name}", alertstate="firing", severity="warning"}}'
+        page = " ".join(line.strip() for line in _condition(spec, direction, "critical"))
+        page = page.replace("( ", "(").replace(" )", ")")
         expr += [f"  unless on({_ALERT_SERIES})",
-                 f"    (max_over_time({paged}[{QUIET_AFTER_PAGE}]) unless on({_ALERT_SERIES}) {warned})"]
+                 "    (",
+                 f"        (max_over_time({paged}[{QUIET_AFTER_PAGE}])",
+                 f"          or {page})",
+                 f"      unless on({_ALERT_SERIES}) {warned}",
+                 "    )"]
     prefix, func, suffix = spec.text.value
     times = "x its baseline" if direction == "up" else " of its baseline"
     ratio = '{{ $value | printf "%.1f" }}' if direction == "up" else "{{ $value | humanizePercentage }}"
@@ -267,6 +296,9 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
         f"#                      {KEEP_FIRING['critical']} past minute {PAGE_ENDS} it resolves; then nothing for {QUIET_AFTER_PAGE}, then the warning\n",
         f"#   app=escalates      severity 1, 2 from minute {ESCALATES[0]} to {ESCALATES[1] - 1}, then 1 -> the warning,\n",
         "#                      then the critical too; the warning fires on through the page and after it\n",
+        "#   app=rises          severity 1 for one minute, then 2    -> critical only: its warning, pending\n",
+        "#                      as the page's condition begins, is held by that condition, not sent a\n",
+        "#                      minute before the page\n",
         "#   (the model's page fires throughout)\n",
         "rule_files:\n  - ../rules/anomaly.yml\nevaluation_interval: 1m\ngroup_eval_order:\n  - llm-anomaly\ntests:\n",
     ]
@@ -289,6 +321,8 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             out.append(("critical", "app", "escalates"))
         if t >= again:
             out.append(("warning", "app", "after-page"))
+        if t >= 6 + crit_for:
+            out.append(("critical", "app", "rises"))
         return out
 
     for spec in specs:
@@ -297,7 +331,8 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             name, summary = spec.text.alerts[direction]
             current, baseline, ratio, z = _VALUES[direction]
             cases = {("app", "chat"): (-3, 0, z), ("model", "gpt-4o"): (2, 0, z), ("app", "echo"): (2, 1, z),
-                     ("app", "quiet"): (0, 0, z), ("app", "after-page"): (-1, 0, z), ("app", "escalates"): (-2, 0, z)}
+                     ("app", "quiet"): (0, 0, z), ("app", "after-page"): (-1, 0, z), ("app", "escalates"): (-2, 0, z),
+                     ("app", "rises"): (-4, 0, z)}
             if spec.direction == "both":
                 cases[("app", "other-way")] = (1, 0, -z)
             out.append(f"  - name: '{name} ({direction})'\n    interval: 1m\n    input_series:\n")
@@ -317,6 +352,8 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
                         values = f"0x4 2x{PAGE_DIPS - 6} 1 2x{PAGE_ENDS - PAGE_DIPS - 2} 1x{steps - PAGE_ENDS}"
                     elif sev == -3:         # a warning (with a dip) that ends with the page
                         values = f"0x4 1x{PAGE_DIPS - 6} 0 1x{PAGE_ENDS - PAGE_DIPS - 2} 0x{steps - PAGE_ENDS}"
+                    elif sev == -4:         # a minute at warning, then a page
+                        values = f"0x4 1 2x{steps - 6}"
                     elif sev == -2:         # a warning, then a page, then the warning's level again
                         up, down = ESCALATES
                         values = f"0x4 1x{up - 6} 2x{down - up - 1} 1x{steps - down}"
@@ -332,7 +369,9 @@ def anomaly_tests(specs: tuple[SignalSpec, ...], runbook_url: str = RUNBOOK_URL,
             out.append(f"      - eval_time: {early}m\n        alertname: {name}\n")
             out.append("        exp_alerts:\n" + ctx.expect("critical", "model") + ctx.expect("critical", "app", "after-page")
                        if crit_for < warn_for else "        exp_alerts: []\n")
-            # the pages fire without their warning twins; the escalating warning has fired
+            # the warnings a minute at their level fire, but not the one whose page's condition
+            # began meanwhile (app=rises, still pending); then the pages fire without their twins
+            out.append(ctx.check(5 + warn_for, *firing(5 + warn_for)))
             out.append(ctx.check(eval_min, *firing(eval_min)))
             # the first page and app=chat's warning fire on through their verdicts' dips, and at
             # once as the verdicts are back (no new `for:`): one alert each, not two
