@@ -252,6 +252,9 @@ def test_explained_verdicts_raise_no_alert_and_rules_come_from_the_shipped_files
         assert {(r.severity, r.keep_s) for r in RULES[sig]} == {
             (sev, parse_duration(KEEP_FIRING[sev])) for sev in ("warning", "critical")}
     assert {r.level for r in RULES["drift"]} == {1, 2}
+    # the drift page holds its warning twin as the anomaly pages do, for drift.max_age_s after
+    assert {(r.severity, r.hold, r.hold_s, r.hold_cond) for r in RULES["drift"]} == {
+        ("warning", HOLD_UNLESS_FIRST, 6 * 3600.0, True), ("critical", "", 0.0, False)}
     assert all(len(RULES[f"runaway.{x}"]) == 1 for x in ("chain_length", "token_burst", "session_cost",
                                                          "tool_repetition", "invocation"))
     assert RULES["runaway.token_burst"][0].pages and not RULES["runaway.chain_length"][0].pages

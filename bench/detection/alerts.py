@@ -117,7 +117,7 @@ def _hold(expr: str) -> tuple[float, str, bool]:
     if not m:
         return 0.0, "", False
     mode = HOLD_UNLESS_FIRST if 'severity="warning"' in expr[m.end():] else HOLD_AFTER
-    cond = re.match(r"\s*or\s+max without \(replica\) \(\s*llm_anomaly_ratio", expr[m.end():]) is not None
+    cond = re.match(r"\s*or\s+max without \(replica\) \(\s*llm_(anomaly_ratio|drift_severity)", expr[m.end():]) is not None
     return parse_duration(m.group(1)), mode, cond
 
 
@@ -133,8 +133,11 @@ def detector_rules(path: Path) -> list[AlertRule]:
         name = str(r["alert"])
         if "llm_drift_severity" in expr:
             # `llm_drift_severity >= N`, or `max without (replica) (llm_drift_severity) >= N`
+            # (the first; a warning's hold names its page's condition after it)
             lv = re.search(r"llm_drift_severity(?:\{[^}]*\})?\)?\s*>=\s*(\d+)", expr)
-            out.append(AlertRule(name, "drift", sev, int(lv.group(1)) if lv else 1, for_s, False, keep_s=keep_s))
+            hold_s, hold, hold_cond = _hold(expr) if sev != PAGING else (0.0, "", False)
+            out.append(AlertRule(name, "drift", sev, int(lv.group(1)) if lv else 1, for_s, False, hold_s=hold_s,
+                                 hold=hold, keep_s=keep_s, hold_cond=hold_cond))
         elif "llm_runaway_sessions" in expr:
             m = re.search(r'reason\s*(=~|!~|=|!=)\s*"([^"]*)"', expr)
             reasons: tuple[str, ...] = RUNAWAY_REASONS
