@@ -9,19 +9,22 @@ it. Later vmalert releases read it and can load prometheus/rules/ as it is.
 vmalert also keeps the alerts' own state differently: it writes `ALERTS` through remote
 write and reads it back from the store an evaluation, a flush and the store's latency
 offset later, where Prometheus' next rule of the group reads it at once. The rules do not
-depend on that read-back where it matters: an anomaly warning is held by its critical
-twin's own condition on the verdicts, not only by the twin's `ALERTS`, so it does not fire
-beneath a page that vmalert has not read back yet (exporter/anomaly/rules.py).
+depend on that read-back where it matters: an anomaly warning (and the drift and
+error-ratio warnings) is held by its critical twin's own condition, not only by the twin's
+`ALERTS`, so it does not fire beneath a page that vmalert has not read back yet
+(exporter/anomaly/rules.py, detectors.yml, performance.yml).
 
 This script copies every rule file into prometheus/vmalert/ under a header saying where it
 came from, without its `keep_firing_for:` lines. Nothing else changes: the same alerts
 fire on the same expressions, after the same `for:`. What vmalert 1.79 loses is the
-cooldown those lines give (LLMModelLatencyHigh and LLMModelThroughputLow: 10 minutes of
-firing after the condition clears, against flapping; the anomaly, drift, runaway and
-invocation alerts: 5 minutes, so a verdict that dips for a minute alerts once;
-LLMBackendDown: a minute, so one successful probe does not end a flickering outage); an
-alert hovering around its threshold there resolves and fires again instead, which
-Alertmanager's group_interval spaces out.
+cooldown those lines give (LLMModelLatencyHigh, LLMModelThroughputLow and
+LLMErrorRatioHigh: 10 minutes of firing after the condition clears, against flapping;
+the anomaly, drift, runaway and invocation alerts: 5 minutes, so a verdict that dips for
+a minute alerts once; LLMBackendDown: a minute, so one successful probe does not end a
+flickering outage); an alert hovering around its threshold there resolves and fires
+again instead, which Alertmanager's group_interval spaces out. (Without the error-ratio
+page's cooldown, its warning twin is held only while the page's condition holds or it
+fires.)
 
     python3 prometheus/build_vmalert.py            # rewrite prometheus/vmalert/
     python3 prometheus/build_vmalert.py --check    # exit 1 and list the files that differ

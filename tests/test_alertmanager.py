@@ -557,7 +557,7 @@ def test_each_deployment_gets_its_own_notifications(alertmanager: RunningAlertma
     am.post([a for job in ("prod", "staging") for a in (
         alert("LLMCostSpike", "critical", signal="cost_per_hour", job=job, **app),
         alert("LLMTokenVelocitySpike", "critical", signal="token_velocity", job=job, **app),
-        alert("LLMModelLatencyHigh", "warning", job=job, **model),
+        shipped("LLMModelLatencyHigh", "warning", job=job, **model),
     )])
     cap = am.captured
 
@@ -577,7 +577,7 @@ def test_each_deployment_gets_its_own_notifications(alertmanager: RunningAlertma
     chats = notes("chat")
     assert sorted(str(n["groupLabels"].get("job")) for n in chats) == ["prod", "staging"]
     for n in chats:
-        assert n["groupLabels"] == {"alertname": "LLMModelLatencyHigh", "job": n["groupLabels"]["job"], **model}
+        assert n["groupLabels"] == {"category": "anomaly", "job": n["groupLabels"]["job"], "scope": "model", **model}
         assert [a["labels"]["job"] for a in n["alerts"]] == [n["groupLabels"]["job"]]
 
 
@@ -593,13 +593,15 @@ def shipped(alertname: str, severity: str, **labels: str) -> dict[str, Any]:
 def test_a_scopes_detector_alerts_join_its_anomaly_notification(alertmanager: RunningAlertmanager) -> None:
     """An app's retry storm: its request-rate spike and error-rate anomaly (the exporter
     names the app: the model's other traffic did not fail), its invocation spike and its
-    runaway sessions. A model's error storm: its error-rate anomaly and its quality drift.
+    runaway sessions. A model's error storm: its error-rate anomaly, its quality drift and
+    its fixed error ratio (LLMErrorRatioHigh), with its latency above the fixed threshold.
     Each scope's alerts, with their labels from the shipped rules (the anomaly alerts take
-    `scope` from their series, the detectors' rules set it), arrive in one page; the
-    warnings of a scope with a critical anomaly wait."""
+    `scope` from their series, the detectors' and performance rules set it), arrive in one
+    page; the warnings of a scope with a critical anomaly wait."""
     am = alertmanager
     app = {"app": "support-chat", **EXP}
     model = {"provider": "anthropic", "model": "claude-3-5-haiku", **EXP}
+    deployment_model = {k: v for k, v in model.items() if k != "instance"}
     am.post([
         shipped("LLMRequestRateSpike", "critical", signal="request_rate", scope="app", **app),
         shipped("LLMErrorRateSpike", "critical", signal="error_rate", scope="app", **app),
@@ -608,6 +610,9 @@ def test_a_scopes_detector_alerts_join_its_anomaly_notification(alertmanager: Ru
         shipped("LLMErrorRateSpike", "critical", signal="error_rate", scope="model", **model),
         shipped("LLMQualityDrift", "critical", **model),
         shipped("LLMQualityDrift", "warning", **model),
+        # the fixed per-model alerts read sums over the deployment's exporters: no instance
+        shipped("LLMErrorRatioHigh", "critical", **deployment_model),
+        shipped("LLMModelLatencyHigh", "warning", **deployment_model),
     ])
     cap = am.captured
 
@@ -624,10 +629,11 @@ def test_a_scopes_detector_alerts_join_its_anomaly_notification(alertmanager: Ru
         (("app", "support-chat"), ("category", "anomaly"), ("job", EXP["job"]), ("scope", "app")):
             ["LLMErrorRateSpike", "LLMRequestRateSpike", "LLMRunawaySessions"],
         (("category", "anomaly"), ("job", EXP["job"]), ("model", "claude-3-5-haiku"), ("provider", "anthropic"),
-         ("scope", "model")): ["LLMErrorRateSpike", "LLMQualityDrift"],
+         ("scope", "model")): ["LLMErrorRateSpike", "LLMErrorRatioHigh", "LLMQualityDrift"],
     }
     # the warnings wait on their scope's page
     assert am.inhibited()[("LLMInvocationSpike", "warning|support-chat")]
+    assert am.inhibited()[("LLMModelLatencyHigh", "warning|")]
     assert not cap.webhook_alerts("chat")
 
 

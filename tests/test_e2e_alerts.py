@@ -276,9 +276,11 @@ def test_one_cause_pages_once(scenario: Scenario) -> None:
     pages = [n for n, _ in delivered(s, receiver=RECEIVER["critical"], status="firing")
              if n["groupLabels"].get("category") == "anomaly"]
     assert {tuple(sorted(n["groupLabels"].items())) for n in pages} == {tuple(sorted(app.items()))}
-    # (the runaway app's own warning shares the anomaly category, about another app)
+    # no warning about the burst's app, model or all traffic (the runaway app's own warning
+    # and slow-model's latency share the anomaly category, about other things)
     assert not [a for _, a in delivered(s, receiver=RECEIVER["warning"], labels={"category": "anomaly"})
-                if a["labels"].get("app") != "runaway-app"]
+                if a["labels"].get("app") == "spike-app" or a["labels"].get("model") == "gpt-4o-mini"
+                or a["labels"].get("scope") == "global"]
 
 
 def test_critical_cost_alert_holds_its_warning_twin(scenario: Scenario) -> None:
@@ -310,8 +312,9 @@ def test_model_latency_above_threshold_reaches_chat(scenario: Scenario) -> None:
                              receiver=RECEIVER["warning"], status="firing", labels=labels)
     note, alert = hits[0]
     # the recording rules aggregate by provider and model, within the exporter's job: nothing else is left
-    assert alert["labels"] == {**labels, "job": _exporter_labels(sc)["job"]}
-    assert note["groupLabels"] == {"alertname": "LLMModelLatencyHigh", "provider": "openai", "model": "slow-model",
+    assert alert["labels"] == {**labels, "category": "anomaly", "scope": "model", "job": _exporter_labels(sc)["job"]}
+    # it travels with the model's anomaly alerts, if any: one message per model
+    assert note["groupLabels"] == {"category": "anomaly", "scope": "model", "provider": "openai", "model": "slow-model",
                                   "job": "llm-usage-exporter"}
     _check_annotations(alert, "LLMModelLatencyHigh")
     desc = " ".join(alert["annotations"]["description"].split())

@@ -186,7 +186,7 @@ def _healthy(url: str) -> bool:
 
 
 EXPECTED = {("LLMCostSpike", "app"), ("LLMTokenVelocitySpike", "app"), ("LLMLatencySpike", "model"),
-            ("LLMThroughputDrop", "model"), ("LLMModelThroughputLow", None)}
+            ("LLMThroughputDrop", "model"), ("LLMModelThroughputLow", "model")}
 
 
 def test_the_same_alerts_fire_on_shards_as_on_one_exporter(layouts: Layouts) -> None:
