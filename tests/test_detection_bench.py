@@ -420,3 +420,33 @@ def test_clean_day_false_figures_match_the_transitions(base) -> None:
     weeks = (PLAN.scored_end + 1 - PLAN.scored_start) / (7 * DAY)
     assert ff["total"]["warnings_per_week"] == pytest.approx(ff["total"]["warnings"] / weeks, rel=1e-3)
     assert ff["total"]["warnings"] == sum(d["warnings"] for d in ff["signals"].values())
+
+
+# --- the fixed error ratio (error_ratio.py) -------------------------------------------------
+
+def test_error_ratio_reads_the_shipped_rule() -> None:
+    """The shipped LLMErrorRatioHigh as error_ratio.py models it: the levels, minimum and z
+    of thresholds.yml, the lower bound, the cooldown and the warning's hold of performance.yml."""
+    import error_ratio
+    levels, min_requests, z = error_ratio.load(error_ratio.RULES)
+    assert (levels["warning"].ratio, levels["critical"].ratio, min_requests, z) == (0.05, 0.25, 10.0, 1.645)
+    assert levels["critical"].for_min == 2 and levels["warning"].for_min == 5
+    assert all(lvl.bounded and lvl.keep_min == 10 for lvl in levels.values())
+    assert levels["warning"].held and not levels["critical"].held
+
+
+def test_error_ratio_bound_and_firing() -> None:
+    """The lower bound is the recording rule's (the value usage_test.yml expects); firing
+    waits `for:`, keeps firing through the cooldown, and a held warning fires only where
+    it fired before its page's condition began."""
+    import error_ratio
+    lb = error_ratio.wilson_lower(np.array([225.0, 0.0, 2.0]), np.array([900.0, 300.0, 20.0]), 1.645)
+    assert lb[0] == pytest.approx(0.22702966315259546) and lb[1] == pytest.approx(0.0) and lb[2] < 0.05
+    cond = np.array([0, 1, 1, 1, 0, 0, 0, 1, 0, 0], dtype=bool)
+    assert error_ratio.fire(cond, 2, 0).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert error_ratio.fire(cond, 2, 3).tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
+    warn = np.ones(10, dtype=bool)
+    page_late = np.array([0] * 6 + [1] * 4, dtype=bool)     # the warning fired at 2, before the page's condition
+    assert error_ratio.fire(warn, 2, 0, page_late).tolist() == [0, 0] + [1] * 8
+    page_early = np.array([0, 1] + [1] * 4 + [0] * 4, dtype=bool)   # held from the start: fires only after
+    assert error_ratio.fire(warn, 2, 0, page_early).tolist() == [0] * 8 + [1] * 2
