@@ -433,6 +433,7 @@ def test_error_ratio_reads_the_shipped_rule() -> None:
     assert levels["critical"].for_min == 2 and levels["warning"].for_min == 5
     assert all(lvl.bounded and lvl.keep_min == 10 for lvl in levels.values())
     assert levels["warning"].held and not levels["critical"].held
+    assert levels["warning"].apart and levels["critical"].apart    # quiet where the exporter names an app
 
 
 def test_error_ratio_bound_and_firing() -> None:

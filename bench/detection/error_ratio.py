@@ -2,6 +2,8 @@
 
     python bench/detection/error_ratio.py                     # clean weeks of seeds 7-12, storms of seed 7 and 8
     python bench/detection/error_ratio.py --rules OLD/prometheus/rules   # another checkout's rules
+    python bench/detection/error_ratio.py --runs 7=r7.runs.pickle.gz --runs 8=r8.runs.pickle.gz
+        # with the verdicts of `run.py --seed 7 --kinds retry_storm,error_storm --no-nab --out r7.json`
 
 The detection benchmark scores the rules built on the exporter's verdicts (anomaly.yml,
 detectors.yml). `LLMErrorRatioHigh` (performance.yml) is computed by Prometheus from the
@@ -11,7 +13,9 @@ last 5 minutes (counted when a record arrives: its start plus its latency), the 
 minimum request count and confidence from `thresholds.yml`, the `for:`,
 `keep_firing_for:` and the warning's hold on its page from `performance.yml`. A rule
 whose expression does not name `ratio_lower_bound5m` compares the bare ratio (an older
-checkout's rule).
+checkout's rule). A rule that reads the exporter's `llm_anomaly_explained` (quiet while
+the exporter finds the model's failures one app's) needs the exporter's verdicts on the
+same traffic: a detection run's pickle of that seed (`--runs SEED=PICKLE`).
 
 Printed: the alerts a clean week raises (warnings and pages, each seed), and for each
 anomaly instance of the kinds that make calls fail, the alerts that start between its
@@ -21,11 +25,14 @@ onset and an hour after its end, as severity, model and minutes after the onset.
 from __future__ import annotations
 
 import argparse
+import gzip
 import math
+import pickle
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -52,6 +59,7 @@ class Level:
     keep_min: int
     bounded: bool                  # compares the lower end of the Wilson interval, not the ratio
     held: bool                     # a warning held while its page's condition holds or it fires
+    apart: bool                    # quiet while the exporter finds the model's failures one app's
 
 
 def _minutes(d: str) -> int:
@@ -85,7 +93,7 @@ def load(rules: Path) -> tuple[dict[str, Level], float, float]:
                 raise SystemExit(f"error_ratio: no llm:error_threshold:ratio for {sev} in {rules}")
             levels[sev] = Level(sev, ratio, _minutes(r["for"]), _minutes(r.get("keep_firing_for", "0s")),
                                 "ratio_lower_bound5m" in r["expr"], 'severity="critical"}' in r["expr"]
-                                and sev == "warning")
+                                and sev == "warning", "llm_anomaly_explained" in r["expr"])
     min_requests = _threshold(th, "llm:error_threshold:min_requests")
     z = _threshold(th, "llm:error_threshold:z") or 0.0
     return levels, float(min_requests or 0), z
@@ -137,19 +145,40 @@ def fire(cond: np.ndarray, for_min: int, keep_min: int, hold: np.ndarray | None 
     return out
 
 
+def apart_minutes(obs: Any, model: str, first_min: int, n_min: int) -> np.ndarray:
+    """Per minute, whether the exporter's verdicts (a backtest's Observations) mark the
+    model's error-rate anomaly as explained by an app: what `llm_anomaly_explained` says
+    between two evaluations."""
+    out = np.zeros(n_min, dtype=bool)
+    keys = [i for i, k in enumerate(obs.keys) if k[0] == "model" and k[3] == model]
+    if not keys or "error_rate" not in obs.explained:
+        return out
+    expl = obs.explained["error_rate"][:, keys[0]] & (obs.severity["error_rate"][:, keys[0]] >= 1)
+    step = np.floor(obs.times / 60).astype(np.int64) - first_min
+    nxt = np.append(step[1:], n_min)
+    for s, e in zip(step[expl], nxt[expl]):
+        out[max(s, 0):max(min(e, n_min), 0)] = True
+    return out
+
+
 def alerts(tr: Traffic, lo: float, hi: float, levels: dict[str, Level], min_requests: float,
-           z: float) -> list[tuple[str, str, float]]:
-    """(severity, model, start time) of every alert that starts in [lo, hi)."""
+           z: float, obs: Any = None) -> list[tuple[str, str, float]]:
+    """(severity, model, start time) of every alert that starts in [lo, hi). `obs`: the
+    backtest's verdicts of the same traffic, for a rule that reads the exporter's
+    `llm_anomaly_explained` (without them, it is taken as never set)."""
     first = int(lo // 60) - 30
     n = int(hi // 60) - first
     out = []
     for model in np.unique(tr.model):
         req, err = window_counts(tr, str(model), first, n)
+        apart = apart_minutes(obs, str(model), first, n) if obs is not None else np.zeros(n, dtype=bool)
         page_cond = condition(req, err, levels["critical"], min_requests, z)
+        page_cond &= ~apart if levels["critical"].apart else True
         page = fire(page_cond, levels["critical"].for_min, levels["critical"].keep_min)
         warn_lvl = levels["warning"]
-        warn = fire(condition(req, err, warn_lvl, min_requests, z), warn_lvl.for_min, warn_lvl.keep_min,
-                    (page_cond | page) if warn_lvl.held else None)
+        warn_cond = condition(req, err, warn_lvl, min_requests, z)
+        warn_cond &= ~apart if warn_lvl.apart else True
+        warn = fire(warn_cond, warn_lvl.for_min, warn_lvl.keep_min, (page_cond | page) if warn_lvl.held else None)
         for sev, f in (("critical", page), ("warning", warn)):
             starts = np.flatnonzero(f & ~np.concatenate([[False], f[:-1]]))
             out += [(sev, str(model), (first + int(s)) * 60.0) for s in starts if lo <= (first + s) * 60 < hi]
@@ -161,9 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="7,8,9,10,11,12", help="clean weeks")
     ap.add_argument("--kinds", default="retry_storm,error_storm", help="anomaly kinds, on the first two seeds")
     ap.add_argument("--rules", type=Path, default=RULES, help="the prometheus/rules directory to read")
+    ap.add_argument("--runs", action="append", default=[], metavar="SEED=PICKLE",
+                    help="a detection run's verdicts of that seed (run.py --out X.json writes X.runs.pickle.gz), "
+                         "for a rule that reads the exporter's llm_anomaly_explained")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     levels, min_requests, z = load(args.rules)
+    verdicts = {}
+    for item in args.runs:
+        seed_s, _, path = item.partition("=")
+        with gzip.open(path, "rb") as f:
+            verdicts[int(seed_s)] = pickle.load(f)["runs"]
     plan = FULL
     days = plan.history_days + plan.scored_days + 1
     lo, hi = plan.scored_start, plan.scored_start + plan.scored_days * DAY
@@ -172,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{v.severity} {v.ratio:g} (for {v.for_min} min, keep {v.keep_min} min)" for v in levels.values())
           + f", at least {min_requests:g} requests, "
           + (f"lower end of the Wilson interval at z {z:g}" if z and levels["critical"].bounded else "the bare ratio")
-          + (", the warning held by its page" if levels["warning"].held else "") + "\n")
+          + (", the warning held by its page" if levels["warning"].held else "")
+          + (", quiet while the exporter finds the failures one app's" if levels["critical"].apart else "") + "\n")
     clean = {seed: build_traffic(days, seed) for seed in seeds}
     print("| clean week (seed) | warnings a week | pages a week |\n|---|---|---|")
     totals = np.zeros(2)
@@ -189,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         onsets = plan.starts(kind)
         for seed in seeds[:2]:
             hit, anomalies = inject(clean[seed], kind, onsets, seed=seed * 1000 + KINDS.index(kind))
-            found = alerts(hit, lo, hi, levels, min_requests, z)
+            obs = verdicts.get(seed, {}).get(name, (None, None))[0]
+            if obs is None and any(lvl.apart for lvl in levels.values()):
+                print(f"| {name} ({seed}) | no verdicts (--runs {seed}=...): the exporter's attribution not modelled |")
+            found = alerts(hit, lo, hi, levels, min_requests, z, obs)
             cells = []
             for a in anomalies:
                 near = [f"{sev[0].upper()} {model} @{(t - a.start) / 60:.0f}" for sev, model, t in found
