@@ -1144,9 +1144,15 @@ def performance() -> Board:
                           f"(provider_model:llm_requests:increase5m{{{UM}}} >= on () group_left () "
                           "llm:error_threshold:min_requests)", "provider, model"), "{{provider}}/{{model}}", "A"),
         target('llm:error_threshold:ratio{severity="warning"}', "warning threshold", "B"),
-        target('llm:error_threshold:ratio{severity="critical"}', "critical threshold", "C")], "percentunit",
-        "Failed requests divided by requests of each model over 5 minutes, as LLMErrorRatioHigh judges it (gaps: "
-        "too few requests). Dashed: its warning and critical ratios.", fill=0, min_=0, overrides=[
+        target('llm:error_threshold:ratio{severity="critical"}', "critical threshold", "C"),
+        target(of_traffic(f"provider_model:llm_request_errors:ratio_lower_bound5m{{{UM}}} and on (job, provider, model) "
+                          f"(provider_model:llm_requests:increase5m{{{UM}}} >= on () group_left () "
+                          "llm:error_threshold:min_requests)", "provider, model"), "at least {{provider}}/{{model}}",
+               "D")], "percentunit",
+        "Failed requests divided by requests of each model over 5 minutes (gaps: too few requests), and how "
+        "high that ratio is at least, at 95 % confidence (\"at least\"): LLMErrorRatioHigh fires where the "
+        "latter reaches a dashed line, its warning and critical ratios, so a few requests of a quiet model "
+        "need a higher ratio.", fill=0, min_=0, overrides=[
             threshold_line({"id": "byName", "options": "warning threshold"}, "orange"),
             threshold_line({"id": "byName", "options": "critical threshold"}, "red")],
         links=runbook("LLMErrorRatioHigh"), data_links=series_links("provider", "model")), 12, 8)
