@@ -637,6 +637,41 @@ def test_a_scopes_detector_alerts_join_its_anomaly_notification(alertmanager: Ru
     assert not cap.webhook_alerts("chat")
 
 
+@pytest.mark.e2e
+@needs_alertmanager
+def test_a_cost_page_holds_the_budget_burn_it_explains(alertmanager: RunningAlertmanager) -> None:
+    """An app's runaway spend pages as its cost anomaly; the burn-rate alerts of its own
+    budget and of the overall budget wait on that page. Another app's burn, and another
+    deployment's, still page."""
+    am = alertmanager
+    job = EXP["job"]
+    am.post([
+        shipped("LLMCostSpike", "critical", signal="cost_per_hour", scope="app", app="agent", **EXP),
+        shipped("LLMBudgetBurnRate", "critical", app="agent", job=job),
+        shipped("LLMBudgetBurnRate", "warning", app="agent", job=job),
+        shipped("LLMBudgetBurnRate", "critical", job=job),
+        shipped("LLMBudgetBurnRate", "critical", app="search", job=job),
+        shipped("LLMBudgetBurnRate", "critical", job="staging"),
+    ])
+    wait_for(lambda: am.inhibited().get(("LLMBudgetBurnRate", "critical|")) is not None
+             and any(a["status"]["inhibitedBy"] for a in am.alerts()), "the inhibitions")
+    time.sleep(2.5)
+    held = {(a["labels"]["alertname"], a["labels"]["severity"], a["labels"].get("app", ""), a["labels"]["job"]):
+            bool(a["status"]["inhibitedBy"]) for a in am.alerts()}
+    assert held == {
+        ("LLMCostSpike", "critical", "agent", job): False,
+        ("LLMBudgetBurnRate", "critical", "agent", job): True,
+        ("LLMBudgetBurnRate", "warning", "agent", job): True,
+        ("LLMBudgetBurnRate", "critical", "", job): True,
+        ("LLMBudgetBurnRate", "critical", "search", job): False,
+        ("LLMBudgetBurnRate", "critical", "", "staging"): False,
+    }
+    pages = {(a["labels"]["alertname"], a["labels"].get("app", ""), a["labels"]["job"])
+             for a in am.captured.webhook_alerts("pager")}
+    assert pages == {("LLMCostSpike", "agent", job), ("LLMBudgetBurnRate", "search", job),
+                     ("LLMBudgetBurnRate", "", "staging")}
+
+
 BACKEND = {"job": "llm-backends", "kind": "vllm"}
 
 
